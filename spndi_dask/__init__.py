@@ -1,0 +1,25 @@
+"""spndi_dask: distributed processing of scanning probe nano-diffraction (SPNDI) beamtimes."""
+
+from spndi_dask._version import __version__
+from spndi_dask.config import Manifest, ManifestError, load_manifest
+from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
+from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.io.raw_store import open_raw
+from spndi_dask.simulate import SimulationConfig, preset, simulate_beamtime
+
+__all__ = [
+    "Geometry",
+    "IngestError",
+    "Manifest",
+    "ManifestError",
+    "SimulationConfig",
+    "__version__",
+    "crystal_frame",
+    "ingest",
+    "load_manifest",
+    "open_raw",
+    "preset",
+    "q_sample",
+    "simulate_beamtime",
+    "strain_tilt",
+]

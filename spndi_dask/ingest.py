@@ -1,0 +1,473 @@
+"""Raw files (one HDF5 or TIFF stack per rocking angle) -> ``<output>/raw.zarr``.
+
+Parallel (one dask task per shard: an angle's scan tile; plus one task per angle that records
+monitor, XRF, validity and then marks the angle done), shard-aligned, bit-exact and resumable:
+an angle counts as done only once all of its shards and per-point arrays are written, and only
+while its source file keeps the fingerprint it had (path, size, mtime, dataset names, layout).
+A re-run writes only angles that are not done. Every input is checked before anything is
+written; one bad particle does not stop the others.
+
+Examples
+--------
+>>> import tempfile
+>>> from spndi_dask.simulate import preset, simulate_beamtime
+>>> m = simulate_beamtime(tempfile.mkdtemp(), preset("tiny", n_particles=1, n_angles=3))
+>>> summary = ingest(m)
+>>> summary["p1"]["status"], summary["p1"]["angles_written"]
+('ingested', 3)
+>>> ingest(m)["p1"]["status"]
+'up to date'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+
+from spndi_dask._version import __version__
+from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
+from spndi_dask.io.sources import (
+    SourceError,
+    SourceInfo,
+    file_fingerprint,
+    probe_source,
+    read_points,
+    read_vector,
+    sha256_file,
+)
+
+__all__ = ["IngestError", "IngestPlan", "ingest", "plan_particle"]
+
+logger = logging.getLogger(__name__)
+
+
+class IngestError(ValueError):
+    """An input problem that stops a particle's ingest; the message names the file and the fix."""
+
+
+@dataclass
+class IngestPlan:
+    """What ingesting one particle will do (built and checked before anything is written)."""
+
+    particle: ParticleSettings
+    root: Path
+    sources: list[SourceInfo]
+    layout: RawLayout
+    fingerprints: list[int]
+    todo: list[int]
+    allow_incomplete: bool
+    bad_values: str
+    checksum: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = True
+
+    @property
+    def name(self) -> str:
+        """Particle name."""
+        return self.particle.name
+
+    @property
+    def group_url(self) -> str:
+        """Path of the particle's group in ``raw.zarr``."""
+        return str(self.root / self.particle.name)
+
+
+def _prefix(p: ParticleSettings) -> str:
+    return f"particle '{p.name}'"
+
+
+def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool = False) -> IngestPlan:
+    """Check every angle file of a particle and decide which angles still need writing.
+
+    Raises
+    ------
+    IngestError
+        Missing files (all listed), unreadable files, missing datasets (existing ones listed),
+        detector shape or dtype changing between angles, scans with too many points, or too
+        few without ``allow_incomplete``.
+    """
+    p = particle
+    paths = p.frame_paths(manifest.base_dir)
+    missing = [str(x) for x in paths if not x.exists()]
+    if missing:
+        shown = "\n    ".join(missing[:10]) + (f"\n    ... {len(missing) - 10} more"
+                                                 if len(missing) > 10 else "")
+        raise IngestError(
+            f"{_prefix(p)}: {len(missing)} of {len(paths)} angle files are missing:\n    {shown}\n"
+            "copy them, or list only the measured angles in angles_deg/frames"
+        )
+    infos = []
+    for path in paths:
+        try:
+            infos.append(probe_source(path, p.dataset))
+        except SourceError as exc:
+            raise IngestError(f"{_prefix(p)}: {exc}") from None
+    first = infos[0]
+    for a, info in enumerate(infos[1:], start=1):
+        if info.detector_shape != first.detector_shape or info.dtype != first.dtype:
+            raise IngestError(
+                f"{_prefix(p)}: angle file {info.path} (index {a}) has frames "
+                f"{info.detector_shape} {info.dtype}, but {first.path} (index 0) has "
+                f"{first.detector_shape} {first.dtype}; all angles of a particle must use one "
+                "detector setting: split the particle into two manifest entries"
+            )
+    settings = manifest.ingest
+    allow = p.allow_incomplete if p.allow_incomplete is not None else settings.allow_incomplete
+    ny, nx = p.scan_shape
+    for a, info in enumerate(infos):
+        if info.n_points > p.n_points:
+            raise IngestError(
+                f"{_prefix(p)}: angle file {info.path} has {info.n_points} frames, scan_shape "
+                f"{ny}×{nx} needs {p.n_points}; correct scan_shape"
+            )
+        if info.n_points < p.n_points and not allow:
+            raise IngestError(
+                f"{_prefix(p)}: angle file {info.path} has {info.n_points} frames, scan_shape "
+                f"{ny}×{nx} needs {p.n_points}; set `allow_incomplete = true` to fill missing "
+                "points"
+            )
+    for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
+        if ds is not None:
+            for info in infos:
+                try:
+                    vec = read_vector(info.path, ds, what)
+                except SourceError as exc:
+                    raise IngestError(f"{_prefix(p)}: {exc} (manifest key `{what}`)") from None
+                if vec.size < info.n_points:
+                    raise IngestError(
+                        f"{_prefix(p)}: {info.path}:{ds} ({what}) has {vec.size} values for "
+                        f"{info.n_points} frames; fix the file or remove `{what}`"
+                    )
+
+    layout = RawLayout(
+        (len(paths), ny, nx, *first.detector_shape), first.dtype,
+        scan_chunk=settings.scan_chunk, scan_shard=settings.scan_shard,
+        detector_chunk=settings.detector_chunk, compressor=settings.compressor,
+        clevel=settings.clevel,
+    )
+    layout_key = json.dumps(layout.describe(), sort_keys=True)
+    fingerprints = [
+        file_fingerprint(path, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
+        for path in paths
+    ]
+    root = raw_path(manifest.output_dir)
+    todo = list(range(len(paths)))
+    fresh = True
+    existing = root / p.name / "zarr.json"
+    if existing.exists() and not force:
+        group = zarr.open_group(str(root / p.name), mode="r")
+        if group.attrs.get("layout") == layout.describe():
+            done = np.asarray(group["done"][:])
+            todo = [a for a in todo if int(done[a]) != fingerprints[a]]
+            fresh = False
+    attrs = {
+        "spndi_dask": {"kind": "raw", "version": __version__},
+        "particle": p.name,
+        "angles_deg": [float(a) for a in p.angles],
+        "scan_shape": list(p.scan_shape),
+        "scan_step_um": list(p.scan_step_um),
+        "scan_order": p.scan_order,
+        "geometry": manifest.geometry_for(p).to_dict(),
+        "detector_shape": list(first.detector_shape),
+        "dtype": first.dtype,
+        "layout": layout.describe(),
+        "dataset": p.dataset,
+        "monitor_dataset": p.monitor,
+        "xrf_dataset": p.xrf,
+        "manifest_hash": manifest.manifest_hash,
+        "manifest": manifest.source,
+    }
+    return IngestPlan(
+        particle=p, root=root, sources=infos, layout=layout, fingerprints=fingerprints,
+        todo=todo, allow_incomplete=allow, bad_values=settings.bad_values,
+        checksum=settings.checksum, attrs=attrs, fresh=fresh,
+    )
+
+
+# -- tasks (module level: they run on dask workers) -------------------------------------------
+def _point_index(ys: slice, xs: slice, nx: int, order: str) -> np.ndarray:
+    """Acquisition index of every scan point of a tile, shape (len(ys), len(xs))."""
+    y = np.arange(ys.start, ys.stop)[:, None]
+    x = np.arange(xs.start, xs.stop)[None, :]
+    if order == "snake":
+        x = np.where(y % 2 == 1, nx - 1 - x, x)
+    return y * nx + x
+
+
+def _to_grid(vec: np.ndarray, scan_shape: tuple[int, int], order: str, fill: float) -> np.ndarray:
+    ny, nx = scan_shape
+    idx = _point_index(slice(0, ny), slice(0, nx), nx, order)
+    out = np.full((ny, nx), fill, dtype=np.float64)
+    ok = idx < vec.size
+    out[ok] = vec[idx[ok]]
+    return out
+
+
+def _write_tile(
+    frames_url: str,
+    src: str,
+    dataset: str,
+    angle: int,
+    ys: slice,
+    xs: slice,
+    scan_shape: tuple[int, int],
+    order: str,
+    n_avail: int,
+    bad_values: str,
+    particle: str,
+) -> int:
+    """Read one shard's scan points of one angle file and write them; returns values zeroed."""
+    nx = scan_shape[1]
+    idx = _point_index(ys, xs, nx, order)
+    lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
+    arr = zarr.open_array(frames_url, mode="r+")
+    block = np.zeros((*idx.shape, *arr.shape[3:]), dtype=arr.dtype)
+    if hi > lo:
+        frames = read_points(src, dataset, lo, hi)
+        ok = idx < n_avail
+        block[ok] = frames[idx[ok] - lo]
+    n_bad = 0
+    if block.dtype.kind in "fi":
+        bad = block < 0
+        if block.dtype.kind == "f":
+            bad |= ~np.isfinite(block)
+        n_bad = int(bad.sum())
+        if n_bad:
+            if bad_values == "error":
+                first = int(idx.reshape(-1)[np.flatnonzero(bad.reshape(len(idx.reshape(-1)), -1)
+                                                           .any(axis=1))[0]])
+                raise IngestError(
+                    f"particle '{particle}': {src} has {n_bad} NaN/infinite or negative values "
+                    f"in scan points {lo}-{hi - 1} (first at point {first}); fix the file, or "
+                    "set [ingest] bad_values = 'zero' to replace them with 0"
+                )
+            block[bad] = 0
+    arr[angle : angle + 1, ys, xs] = block[None]
+    return n_bad
+
+
+def _finish_angle(
+    group_url: str,
+    src: str,
+    angle: int,
+    monitor: str | None,
+    xrf: str | None,
+    scan_shape: tuple[int, int],
+    order: str,
+    n_avail: int,
+    fingerprint: int,
+    checksum: str,
+    *tile_results: int,
+) -> dict[str, Any]:
+    """After all shards of an angle: per-point arrays, then the done mark (last)."""
+    group = zarr.open_group(group_url, mode="r+")
+    valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
+    group["valid"][angle] = valid
+    if monitor:
+        io = _to_grid(read_vector(src, monitor, "monitor")[:n_avail], scan_shape, order, 1.0)
+        group["monitor"][angle] = io
+    if xrf:
+        group["xrf"][angle] = _to_grid(read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order,
+                                       np.nan)
+    st = Path(src).stat()
+    record = {
+        "path": src,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": sha256_file(src) if checksum == "sha256" else None,
+        "n_points": n_avail,
+        "zeroed_values": int(sum(tile_results)),
+    }
+    group["done"][angle] = np.uint64(fingerprint)
+    return record
+
+
+# -- orchestration ----------------------------------------------------------------------------
+def _tasks(plan: IngestPlan) -> list[Any]:
+    p = plan.particle
+    frames_url = f"{plan.group_url}/frames"
+    out = []
+    for a in plan.todo:
+        src = plan.sources[a]
+        tiles = [
+            dask.delayed(_write_tile, pure=False)(
+                frames_url, src.path, p.dataset, a, ys, xs, p.scan_shape, p.scan_order,
+                src.n_points, plan.bad_values, p.name,
+                dask_key_name=f"ingest-{p.name}-{a}-{ys.start}-{xs.start}",
+            )
+            for ys, xs in plan.layout.tiles()
+        ]
+        out.append(
+            dask.delayed(_finish_angle, pure=False)(
+                plan.group_url, src.path, a, p.monitor, p.xrf, p.scan_shape, p.scan_order,
+                src.n_points, plan.fingerprints[a], plan.checksum, *tiles,
+                dask_key_name=f"ingest-{p.name}-{a}-done",
+            )
+        )
+    return out
+
+
+def _compute(tasks: list[Any], progress: bool) -> list[Any]:
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        client = None
+    if client is not None:
+        futures = client.compute(tasks)
+        if progress:
+            from distributed import progress as show_progress
+
+            show_progress(futures)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*tasks))
+    return list(dask.compute(*tasks))
+
+
+def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
+    group = zarr.open_group(plan.group_url, mode="r+")
+    old = dict(group.attrs).get("sources") or [None] * len(plan.sources)
+    sources = list(old) if len(old) == len(plan.sources) else [None] * len(plan.sources)
+    for a, rec in zip(plan.todo, records, strict=True):
+        sources[a] = rec
+    done = np.asarray(group["done"][:])
+    complete = all(int(d) == f for d, f in zip(done, plan.fingerprints, strict=True))
+    incomplete = [a for a, s in enumerate(plan.sources) if s.n_points < plan.particle.n_points]
+    zeroed = sum((r or {}).get("zeroed_values", 0) for r in sources)
+    attrs = {
+        **plan.attrs,
+        "sources": sources,
+        "incomplete_angles": incomplete,
+        "zeroed_values": zeroed,
+        "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    attrs["spndi_dask"] = {**plan.attrs["spndi_dask"], "complete": bool(complete)}
+    group.attrs.put(attrs)
+    if incomplete:
+        logger.warning(
+            "particle '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
+            "and marked invalid in `valid`", plan.name, len(incomplete), incomplete,
+        )
+    if zeroed:
+        logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
+    return attrs
+
+
+def ingest(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Ingest the raw frames of a beamtime into ``<output>/raw.zarr``.
+
+    Runs on the active ``distributed`` client if there is one, else on dask's default
+    scheduler.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    particles : list of str, optional
+        Only these particles (default: all).
+    force : bool
+        Rewrite every angle even where the store is up to date.
+    progress : bool
+        Show a progress bar (for the CLI).
+
+    Returns
+    -------
+    dict
+        Per particle: ``status`` ('ingested', 'up to date' or 'failed'), ``angles_written``,
+        ``seconds``, ``raw_bytes`` and ``error`` for failures.
+
+    Raises
+    ------
+    IngestError
+        After all good particles are ingested, if any particle failed (the message lists each).
+    """
+    selected = [manifest.particle(n) for n in particles] if particles else manifest.particles
+    summary: dict[str, dict[str, Any]] = {}
+    plans: list[IngestPlan] = []
+    for p in selected:
+        try:
+            plans.append(plan_particle(manifest, p, force=force))
+        except IngestError as exc:
+            logger.error("%s", exc)
+            summary[p.name] = {"status": "failed", "angles_written": 0, "error": str(exc)}
+    raw_path(manifest.output_dir).mkdir(parents=True, exist_ok=True)
+    work: list[tuple[IngestPlan, int, int]] = []
+    tasks: list[Any] = []
+    for plan in plans:
+        if not plan.todo:
+            summary[plan.name] = {"status": "up to date", "angles_written": 0, "seconds": 0.0}
+            continue
+        if plan.fresh:
+            create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
+        else:  # resuming: the store is not complete while angles are rewritten
+            group = zarr.open_group(plan.group_url, mode="r+")
+            group.attrs.put({**dict(group.attrs),
+                             "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}})
+        t = _tasks(plan)
+        work.append((plan, len(tasks), len(tasks) + len(t)))
+        tasks.extend(t)
+        logger.info("particle '%s': writing %d of %d angles", plan.name, len(plan.todo),
+                    len(plan.sources))
+    if tasks:
+        start = time.perf_counter()
+        try:
+            results = _compute(tasks, progress)
+        except (IngestError, SourceError) as exc:
+            # a data problem found while reading: report it per particle, keep the others
+            results = None
+            error = exc
+        seconds = time.perf_counter() - start
+        if results is None:
+            # re-run per particle so that good particles still complete
+            for plan, _, _ in work:
+                try:
+                    recs = _compute(_tasks(plan), False)
+                    _finalize(plan, recs)
+                    summary[plan.name] = _ok(plan, seconds)
+                except (IngestError, SourceError) as exc:
+                    msg = str(exc) if isinstance(exc, IngestError) else f"particle '{plan.name}': {exc}"
+                    logger.error("%s", msg)
+                    summary[plan.name] = {"status": "failed", "angles_written": 0, "error": msg}
+            logger.debug("first failure was: %s", error)
+        else:
+            for plan, lo, hi in work:
+                _finalize(plan, results[lo:hi])
+                summary[plan.name] = _ok(plan, seconds)
+    failed = {k: v for k, v in summary.items() if v["status"] == "failed"}
+    if failed:
+        err = IngestError(
+            f"ingest failed for {len(failed)} of {len(selected)} particle(s):\n"
+            + "\n".join(f"  - {v['error']}" for v in failed.values())
+        )
+        err.summary = summary
+        raise err
+    return summary
+
+
+def _ok(plan: IngestPlan, seconds: float) -> dict[str, Any]:
+    return {
+        "status": "ingested",
+        "angles_written": len(plan.todo),
+        "seconds": seconds,
+        "raw_bytes": int(np.prod(plan.layout.shape)) * plan.layout.dtype.itemsize,
+    }

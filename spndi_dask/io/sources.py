@@ -1,0 +1,189 @@
+"""Readers for raw detector files (HDF5 beamline files, TIFF stacks): metadata and point ranges.
+
+Pure I/O helpers with no dask: :func:`probe_source` inspects one angle file (shape, dtype,
+datasets present) and :func:`read_points` reads a range of scan points. Every failure is an
+:class:`SourceError` that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SourceError",
+    "SourceInfo",
+    "file_fingerprint",
+    "is_tiff",
+    "list_hdf5_datasets",
+    "probe_source",
+    "read_points",
+    "read_vector",
+    "sha256_file",
+]
+
+
+class SourceError(ValueError):
+    """A raw input file is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What one angle file holds."""
+
+    path: str
+    n_points: int
+    detector_shape: tuple[int, int]
+    dtype: str
+    size: int
+    mtime_ns: int
+
+
+def is_tiff(path: str | Path) -> bool:
+    """True for ``.tif``/``.tiff`` files (a TIFF stack: one page per scan point)."""
+    return str(path).lower().endswith((".tif", ".tiff"))
+
+
+def _h5py():
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/Blosc/... filters)
+
+    return h5py
+
+
+def list_hdf5_datasets(path: str | Path) -> list[str]:
+    """Paths of every dataset in an HDF5 file, with shapes, e.g. ``'/entry/data (10, 4, 4)'``."""
+    h5py = _h5py()
+    found: list[str] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: found.append(f"/{name} {obj.shape}")
+            if isinstance(obj, h5py.Dataset)
+            else None
+        )
+    return found
+
+
+def _open_error(path: str | Path, exc: Exception) -> SourceError:
+    return SourceError(
+        f"{path} cannot be read as HDF5 ({exc}); the file is truncated or corrupt: copy it "
+        "again from the beamline, or remove the angle from the manifest"
+    )
+
+
+def _dataset(f: Any, path: str | Path, name: str, what: str) -> Any:
+    if name not in f:
+        existing = []
+        f.visititems(
+            lambda n, o: existing.append(f"/{n} {o.shape}") if hasattr(o, "shape") else None
+        )
+        listing = "\n    ".join(existing) or "(none)"
+        raise SourceError(
+            f"{path} has no dataset {name!r} ({what}); set the manifest key to one of the "
+            f"datasets that exist:\n    {listing}"
+        )
+    return f[name]
+
+
+def probe_source(path: str | Path, dataset: str) -> SourceInfo:
+    """Inspect one angle file without reading its frames.
+
+    Raises
+    ------
+    SourceError
+        Missing file, unreadable file, missing dataset, or a dataset that is not 3-D.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist") from None
+    if is_tiff(path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tf:
+                pages = len(tf.pages)
+                page = tf.pages[0]
+                shape, dtype = tuple(page.shape), str(page.dtype)
+        except Exception as exc:  # tifffile raises many kinds
+            raise SourceError(
+                f"{path} cannot be read as TIFF ({exc}); copy it again or remove the angle"
+            ) from None
+        if len(shape) != 2:
+            raise SourceError(f"{path}: TIFF pages have shape {shape}; expected 2-D frames")
+        return SourceInfo(str(path), pages, shape, dtype, st.st_size, st.st_mtime_ns)
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            d = _dataset(f, path, dataset, "frames")
+            if d.ndim != 3:
+                raise SourceError(
+                    f"{path}:{dataset} has shape {d.shape}; expected (n_points, det_rows, "
+                    "det_cols): set `dataset` to the frame stack"
+                )
+            return SourceInfo(
+                str(path), int(d.shape[0]), tuple(d.shape[1:]), str(d.dtype), st.st_size,
+                st.st_mtime_ns,
+            )
+    except SourceError:
+        raise
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+
+
+def read_points(path: str | Path, dataset: str, start: int, stop: int) -> np.ndarray:
+    """Frames of scan points ``start:stop`` as ``(n, det_rows, det_cols)``."""
+    try:
+        if is_tiff(path):
+            import tifffile
+
+            out = tifffile.imread(path, key=range(start, stop))
+            return out.reshape(stop - start, *out.shape[-2:])
+        h5py = _h5py()
+        with h5py.File(path, "r") as f:
+            return f[dataset][start:stop]
+    except OSError as exc:
+        raise SourceError(
+            f"{path}: reading scan points {start}-{stop - 1} of {dataset} failed ({exc}); the "
+            "file is truncated or corrupt: copy it again from the beamline"
+        ) from None
+
+
+def read_vector(path: str | Path, dataset: str, what: str) -> np.ndarray:
+    """A 1-D per-point dataset (monitor, XRF) as float64."""
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            d = _dataset(f, path, dataset, what)
+            out = np.asarray(d[()], dtype=np.float64).reshape(-1)
+    except SourceError:
+        raise
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    return out
+
+
+def sha256_file(path: str | Path, *, block: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path, *extra: Any) -> int:
+    """Stable non-zero 63-bit fingerprint of a file's path, size and mtime (plus ``extra``).
+
+    Cheap (no read); used to tell whether an ingested angle still matches its source file.
+    """
+    st = os.stat(path)
+    key = repr((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)).encode()
+    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return value or 1
