@@ -404,8 +404,10 @@ class Manifest(_Model):
                             f"[geometry] or in [particles.geometry] of particle '{p.name}'"
                         )
                     else:
-                        where = f"particles[{i}] ('{p.name}').geometry" if key in p.geometry else (
-                            "geometry"
+                        where = (
+                            f"particles[{i}] ('{p.name}').geometry"
+                            if key in p.geometry
+                            else ("geometry")
                         )
                         lines.append(
                             f"{where}.{key} = {err['input']!r}: {err['msg']}"

@@ -93,7 +93,9 @@ def wavelength_angstrom(energy_kev: float) -> float:
     1.0
     """
     if not energy_kev > 0:
-        raise ValueError(f"energy_kev = {energy_kev!r} must be > 0 (photon energy in keV, e.g. 9.0)")
+        raise ValueError(
+            f"energy_kev = {energy_kev!r} must be > 0 (photon energy in keV, e.g. 9.0)"
+        )
     return HC_KEV_ANGSTROM / energy_kev
 
 
@@ -360,8 +362,6 @@ def q_from_strain_tilt(strain: Any, tilt_x: Any, tilt_y: Any, frame: CrystalFram
     strain, tx, ty = np.broadcast_arrays(
         np.asarray(strain, float), np.asarray(tilt_x, float), np.asarray(tilt_y, float)
     )
-    direction = (
-        np.tan(tx)[..., None] * frame.x + np.tan(ty)[..., None] * frame.y + frame.z
-    )
+    direction = np.tan(tx)[..., None] * frame.x + np.tan(ty)[..., None] * frame.y + frame.z
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
     return (np.linalg.norm(frame.h) / (1.0 + strain))[..., None] * direction

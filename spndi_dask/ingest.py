@@ -86,7 +86,9 @@ def _prefix(p: ParticleSettings) -> str:
     return f"particle '{p.name}'"
 
 
-def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool = False) -> IngestPlan:
+def plan_particle(
+    manifest: Manifest, particle: ParticleSettings, *, force: bool = False
+) -> IngestPlan:
     """Check every angle file of a particle and decide which angles still need writing.
 
     Raises
@@ -100,8 +102,9 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool
     paths = p.frame_paths(manifest.base_dir)
     missing = [str(x) for x in paths if not x.exists()]
     if missing:
-        shown = "\n    ".join(missing[:10]) + (f"\n    ... {len(missing) - 10} more"
-                                                 if len(missing) > 10 else "")
+        shown = "\n    ".join(missing[:10]) + (
+            f"\n    ... {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
         raise IngestError(
             f"{_prefix(p)}: {len(missing)} of {len(paths)} angle files are missing:\n    {shown}\n"
             "copy them, or list only the measured angles in angles_deg/frames"
@@ -124,7 +127,7 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool
     settings = manifest.ingest
     allow = p.allow_incomplete if p.allow_incomplete is not None else settings.allow_incomplete
     ny, nx = p.scan_shape
-    for a, info in enumerate(infos):
+    for info in infos:
         if info.n_points > p.n_points:
             raise IngestError(
                 f"{_prefix(p)}: angle file {info.path} has {info.n_points} frames, scan_shape "
@@ -150,9 +153,12 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool
                     )
 
     layout = RawLayout(
-        (len(paths), ny, nx, *first.detector_shape), first.dtype,
-        scan_chunk=settings.scan_chunk, scan_shard=settings.scan_shard,
-        detector_chunk=settings.detector_chunk, compressor=settings.compressor,
+        (len(paths), ny, nx, *first.detector_shape),
+        first.dtype,
+        scan_chunk=settings.scan_chunk,
+        scan_shard=settings.scan_shard,
+        detector_chunk=settings.detector_chunk,
+        compressor=settings.compressor,
         clevel=settings.clevel,
     )
     layout_key = json.dumps(layout.describe(), sort_keys=True)
@@ -188,9 +194,17 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings, *, force: bool
         "manifest": manifest.source,
     }
     return IngestPlan(
-        particle=p, root=root, sources=infos, layout=layout, fingerprints=fingerprints,
-        todo=todo, allow_incomplete=allow, bad_values=settings.bad_values,
-        checksum=settings.checksum, attrs=attrs, fresh=fresh,
+        particle=p,
+        root=root,
+        sources=infos,
+        layout=layout,
+        fingerprints=fingerprints,
+        todo=todo,
+        allow_incomplete=allow,
+        bad_values=settings.bad_values,
+        checksum=settings.checksum,
+        attrs=attrs,
+        fresh=fresh,
     )
 
 
@@ -244,8 +258,11 @@ def _write_tile(
         n_bad = int(bad.sum())
         if n_bad:
             if bad_values == "error":
-                first = int(idx.reshape(-1)[np.flatnonzero(bad.reshape(len(idx.reshape(-1)), -1)
-                                                           .any(axis=1))[0]])
+                first = int(
+                    idx.reshape(-1)[
+                        np.flatnonzero(bad.reshape(len(idx.reshape(-1)), -1).any(axis=1))[0]
+                    ]
+                )
                 raise IngestError(
                     f"particle '{particle}': {src} has {n_bad} NaN/infinite or negative values "
                     f"in scan points {lo}-{hi - 1} (first at point {first}); fix the file, or "
@@ -277,8 +294,9 @@ def _finish_angle(
         io = _to_grid(read_vector(src, monitor, "monitor")[:n_avail], scan_shape, order, 1.0)
         group["monitor"][angle] = io
     if xrf:
-        group["xrf"][angle] = _to_grid(read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order,
-                                       np.nan)
+        group["xrf"][angle] = _to_grid(
+            read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order, np.nan
+        )
     st = Path(src).stat()
     record = {
         "path": src,
@@ -301,16 +319,34 @@ def _tasks(plan: IngestPlan) -> list[Any]:
         src = plan.sources[a]
         tiles = [
             dask.delayed(_write_tile, pure=False)(
-                frames_url, src.path, p.dataset, a, ys, xs, p.scan_shape, p.scan_order,
-                src.n_points, plan.bad_values, p.name,
+                frames_url,
+                src.path,
+                p.dataset,
+                a,
+                ys,
+                xs,
+                p.scan_shape,
+                p.scan_order,
+                src.n_points,
+                plan.bad_values,
+                p.name,
                 dask_key_name=f"ingest-{p.name}-{a}-{ys.start}-{xs.start}",
             )
             for ys, xs in plan.layout.tiles()
         ]
         out.append(
             dask.delayed(_finish_angle, pure=False)(
-                plan.group_url, src.path, a, p.monitor, p.xrf, p.scan_shape, p.scan_order,
-                src.n_points, plan.fingerprints[a], plan.checksum, *tiles,
+                plan.group_url,
+                src.path,
+                a,
+                p.monitor,
+                p.xrf,
+                p.scan_shape,
+                p.scan_order,
+                src.n_points,
+                plan.fingerprints[a],
+                plan.checksum,
+                *tiles,
                 dask_key_name=f"ingest-{p.name}-{a}-done",
             )
         )
@@ -361,7 +397,10 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     if incomplete:
         logger.warning(
             "particle '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
-            "and marked invalid in `valid`", plan.name, len(incomplete), incomplete,
+            "and marked invalid in `valid`",
+            plan.name,
+            len(incomplete),
+            incomplete,
         )
     if zeroed:
         logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
@@ -421,13 +460,15 @@ def ingest(
             create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
         else:  # resuming: the store is not complete while angles are rewritten
             group = zarr.open_group(plan.group_url, mode="r+")
-            group.attrs.put({**dict(group.attrs),
-                             "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}})
+            group.attrs.put(
+                {**dict(group.attrs), "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}}
+            )
         t = _tasks(plan)
         work.append((plan, len(tasks), len(tasks) + len(t)))
         tasks.extend(t)
-        logger.info("particle '%s': writing %d of %d angles", plan.name, len(plan.todo),
-                    len(plan.sources))
+        logger.info(
+            "particle '%s': writing %d of %d angles", plan.name, len(plan.todo), len(plan.sources)
+        )
     if tasks:
         start = time.perf_counter()
         try:
@@ -445,7 +486,11 @@ def ingest(
                     _finalize(plan, recs)
                     summary[plan.name] = _ok(plan, seconds)
                 except (IngestError, SourceError) as exc:
-                    msg = str(exc) if isinstance(exc, IngestError) else f"particle '{plan.name}': {exc}"
+                    msg = (
+                        str(exc)
+                        if isinstance(exc, IngestError)
+                        else f"particle '{plan.name}': {exc}"
+                    )
                     logger.error("%s", msg)
                     summary[plan.name] = {"status": "failed", "angles_written": 0, "error": msg}
             logger.debug("first failure was: %s", error)

@@ -87,7 +87,7 @@ class SimulationConfig:
     d0_angstrom: float = 4.683  # LiCoO2 (003)
     delta_deg: float = 4.0
     beam_center_offset: tuple[float, float] = (1.3, -0.7)
-    # domains: one row per type, shared by all particles (strain, tilt_x rad, tilt_y rad, sigma_q 1/Å)
+    # domain types shared by all particles: (strain, tilt_x rad, tilt_y rad, sigma_q 1/Å)
     domain_types: tuple[tuple[float, float, float, float], ...] = (
         (0.0, 0.0, 0.0, 1.2e-3),
         (1.2e-3, 1.0e-3, -0.6e-3, 1.6e-3),
@@ -176,22 +176,43 @@ class SimulationConfig:
 #: (≥ 10 GB raw, 4× apart) are for benchmarks; ``small`` and ``tiny`` for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        n_particles=2, objects_per_scan=(1, 2), scan_shape=(12, 14), n_angles=9,
-        angle_step_deg=0.1, detector_shape=(32, 32), pixel_size_m=110e-6, pupil_rings=2,
+        n_particles=2,
+        objects_per_scan=(1, 2),
+        scan_shape=(12, 14),
+        n_angles=9,
+        angle_step_deg=0.1,
+        detector_shape=(32, 32),
+        pixel_size_m=110e-6,
+        pupil_rings=2,
         block_points=64,
     ),
     "small": dict(
-        n_particles=2, objects_per_scan=(1, 2), scan_shape=(20, 24), n_angles=15,
-        angle_step_deg=0.07, detector_shape=(40, 40), pixel_size_m=82.5e-6,
+        n_particles=2,
+        objects_per_scan=(1, 2),
+        scan_shape=(20, 24),
+        n_angles=15,
+        angle_step_deg=0.07,
+        detector_shape=(40, 40),
+        pixel_size_m=82.5e-6,
     ),
     "demo": {},
     "medium": dict(
-        n_particles=2, objects_per_scan=(1, 2), scan_shape=(36, 72), n_angles=31,
-        angle_step_deg=0.035, detector_shape=(128, 128), block_points=96,
+        n_particles=2,
+        objects_per_scan=(1, 2),
+        scan_shape=(36, 72),
+        n_angles=31,
+        angle_step_deg=0.035,
+        detector_shape=(128, 128),
+        block_points=96,
     ),
     "large": dict(
-        n_particles=2, objects_per_scan=(1, 2), scan_shape=(72, 72), n_angles=31,
-        angle_step_deg=0.035, detector_shape=(128, 128), block_points=96,
+        n_particles=2,
+        objects_per_scan=(1, 2),
+        scan_shape=(72, 72),
+        n_angles=31,
+        angle_step_deg=0.035,
+        detector_shape=(128, 128),
+        block_points=96,
     ),
 }
 
@@ -283,8 +304,10 @@ def make_particle(
         order = np.argsort(d, axis=-1)
         inside = objects == obj
         grain[inside] = len(grain_type) + order[inside, 0]
-        ds = np.take_along_axis(d, order[..., :2], axis=-1) if n_g > 1 else np.concatenate(
-            [d, np.full_like(d, np.inf)], axis=-1
+        ds = (
+            np.take_along_axis(d, order[..., :2], axis=-1)
+            if n_g > 1
+            else np.concatenate([d, np.full_like(d, np.inf)], axis=-1)
         )
         # second-nearest seed of a *different type* decides whether this is a boundary
         other = np.full((ny, nx), np.inf)
@@ -295,7 +318,7 @@ def make_particle(
         ds[..., 1] = other
         dist_sorted[inside] = ds[inside]
         grain_type.extend(int(t) for t in types)
-    domain = np.where(grain >= 0, np.asarray(grain_type + [0])[grain], -1)
+    domain = np.where(grain >= 0, np.asarray([*grain_type, 0])[grain], -1)
     # perpendicular distance to the bisector between nearest and other-type seed ≈ (d2-d1)/2
     with np.errstate(invalid="ignore"):  # inf - inf outside the particles
         gap = np.nan_to_num((dist_sorted[..., 1] - dist_sorted[..., 0]) / 2, nan=np.inf)
@@ -316,7 +339,9 @@ def make_particle(
     strain = strain + ramp
     tilt_x = tilt_x + rng.normal(0, config.particle_tilt_spread)
     tilt_y = tilt_y + rng.normal(0, config.particle_tilt_spread)
-    sigma_q = sigma_q * (1 + config.boundary_broadening * np.exp(-(np.minimum(gap / sig, 30.0) ** 2)) * mask)
+    sigma_q = sigma_q * (
+        1 + config.boundary_broadening * np.exp(-(np.minimum(gap / sig, 30.0) ** 2)) * mask
+    )
     frame = crystal_frame(frame_h, config.geometry().rocking_axis)
     G = q_from_strain_tilt(strain, tilt_x, tilt_y, frame)
 
@@ -327,9 +352,20 @@ def make_particle(
     for a in (strain, tilt_x, tilt_y):
         a[nan_out] = np.nan
     return SimulatedParticle(
-        name=f"p{index + 1}", thickness=thickness, particle_mask=mask, objects=objects,
-        domain=domain, grain=grain, boundary=boundary, strain=strain, tilt_x=tilt_x,
-        tilt_y=tilt_y, sigma_q=sigma_q, G=G, drift=drift, xrf_yield=xrf_yield,
+        name=f"p{index + 1}",
+        thickness=thickness,
+        particle_mask=mask,
+        objects=objects,
+        domain=domain,
+        grain=grain,
+        boundary=boundary,
+        strain=strain,
+        tilt_x=tilt_x,
+        tilt_y=tilt_y,
+        sigma_q=sigma_q,
+        G=G,
+        drift=drift,
+        xrf_yield=xrf_yield,
     )
 
 
@@ -510,7 +546,10 @@ def _write_angle_file(
     total_counts = 0
     with h5py.File(tmp, "w") as f:
         dset = f.create_dataset(
-            FRAMES_DATASET, shape=(ny * nx, *shape), dtype=dtype, chunks=(1, *shape),
+            FRAMES_DATASET,
+            shape=(ny * nx, *shape),
+            dtype=dtype,
+            chunks=(1, *shape),
             **_h5_compression(config),
         )
         for start in range(0, ny * nx, config.block_points):
@@ -537,8 +576,9 @@ def _write_angle_file(
             total_counts += int(counts.sum())
             dset[start:stop] = counts.astype(dtype).reshape(stop - start, *shape)
         f.create_dataset(MONITOR_DATASET, data=io.astype(np.float64))
-        xrf_counts = rng.poisson(config.xrf_counts * xrf * io / config.monitor_counts
-                                 + config.xrf_background)
+        xrf_counts = rng.poisson(
+            config.xrf_counts * xrf * io / config.monitor_counts + config.xrf_background
+        )
         f.create_dataset(XRF_DATASET, data=xrf_counts.astype(np.float64))
         f.create_dataset(THETA_DATASET, data=angle)
         f.attrs["energy_kev"] = config.energy_kev
@@ -593,10 +633,13 @@ def simulate_beamtime(
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     geometry = config.geometry()
     angles = config.angles()
-    nr, nc = config.detector_shape
     # reference G0: Bragg condition on the arm-axis pixel at the centre angle
-    g0 = q_sample(geometry, [angles[config.n_angles // 2]],
-                  rows=[geometry.beam_center[0]], cols=[geometry.beam_center[1]])[0, 0, 0]
+    g0 = q_sample(
+        geometry,
+        [angles[config.n_angles // 2]],
+        rows=[geometry.beam_center[0]],
+        cols=[geometry.beam_center[1]],
+    )[0, 0, 0]
     hot, dead, dark = _detector_defects(config)
     sigma_ref = float(np.median(np.asarray(config.domain_types)[:, 3]))
 
@@ -605,11 +648,21 @@ def simulate_beamtime(
     for i in range(config.n_particles):
         rng = np.random.default_rng([config.seed, i, 0])
         sp = make_particle(config, i, g0, rng=rng)
-        sp.save(out / "ground_truth" / f"{sp.name}.npz", angles=angles, G0=g0,
-                d0=2 * np.pi / np.linalg.norm(g0))
+        sp.save(
+            out / "ground_truth" / f"{sp.name}.npz",
+            angles=angles,
+            G0=g0,
+            d0=2 * np.pi / np.linalg.norm(g0),
+        )
         fields = {
-            "thickness": sp.thickness, "G": sp.G, "sigma_q": sp.sigma_q, "drift": sp.drift,
-            "xrf_yield": sp.xrf_yield, "hot": hot, "dead": dead, "dark": dark,
+            "thickness": sp.thickness,
+            "G": sp.G,
+            "sigma_q": sp.sigma_q,
+            "drift": sp.drift,
+            "xrf_yield": sp.xrf_yield,
+            "hot": hot,
+            "dead": dead,
+            "dark": dark,
             "sigma_ref": sigma_ref,
         }
         for a in range(config.n_angles):
@@ -639,7 +692,9 @@ def simulate_beamtime(
             scheduler = None  # use the active client
         except ValueError:
             scheduler = "processes" if config.raw_bytes > 2**28 else "threads"
-    logger.info("simulating %d files (%.2f GB raw) into %s", len(tasks), config.raw_bytes / 1e9, out)
+    logger.info(
+        "simulating %d files (%.2f GB raw) into %s", len(tasks), config.raw_bytes / 1e9, out
+    )
     results = dask.compute(*tasks, scheduler=scheduler) if scheduler else dask.compute(*tasks)
 
     data = {
@@ -657,11 +712,12 @@ def simulate_beamtime(
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
         "G0": g0.tolist(),
         "d0_angstrom": float(2 * np.pi / np.linalg.norm(g0)),
-        "domain_types": [dict(zip(("strain", "tilt_x", "tilt_y", "sigma_q"), row, strict=True))
-                         for row in config.domain_types],
+        "domain_types": [
+            dict(zip(("strain", "tilt_x", "tilt_y", "sigma_q"), row, strict=True))
+            for row in config.domain_types
+        ],
         "total_counts": int(sum(r["counts"] for r in results)),
         "raw_bytes": config.raw_bytes,
     }
     (out / "ground_truth" / "truth.json").write_text(json.dumps(truth, indent=2))
     return Manifest.from_toml(out / "beamtime.toml")
-

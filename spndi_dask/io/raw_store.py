@@ -116,17 +116,31 @@ def create_particle_store(
     for child in list(group.keys()):
         del group[child]
     group.create_array(
-        "frames", shape=layout.shape, dtype=layout.dtype, chunks=layout.chunks,
-        shards=layout.shards, compressors=layout.codecs(), fill_value=0,
+        "frames",
+        shape=layout.shape,
+        dtype=layout.dtype,
+        chunks=layout.chunks,
+        shards=layout.shards,
+        compressors=layout.codecs(),
+        fill_value=0,
         dimension_names=FRAME_DIMS,
     )
-    per_angle = {"shape": (n_angle, ny, nx), "chunks": (1, ny, nx),
-                 "dimension_names": ("angle", "y", "x")}
+    per_angle = {
+        "shape": (n_angle, ny, nx),
+        "chunks": (1, ny, nx),
+        "dimension_names": ("angle", "y", "x"),
+    }
     group.create_array("monitor", dtype="float64", fill_value=1.0, **per_angle)
     group.create_array("xrf", dtype="float64", fill_value=float("nan"), **per_angle)
     group.create_array("valid", dtype="bool", fill_value=False, **per_angle)
-    group.create_array("done", shape=(n_angle,), chunks=(1,), dtype="uint64", fill_value=0,
-                       dimension_names=("angle",))
+    group.create_array(
+        "done",
+        shape=(n_angle,),
+        chunks=(1,),
+        dtype="uint64",
+        fill_value=0,
+        dimension_names=("angle",),
+    )
     group.attrs.put({**attrs, "spndi_dask": {**attrs.get("spndi_dask", {}), "complete": False}})
     return group
 
@@ -161,9 +175,11 @@ def open_raw(
     if root.suffix != ".zarr":
         root = raw_path(root)
     if not (root / particle / "zarr.json").exists():
-        have = sorted(p.name for p in root.iterdir() if (p / "zarr.json").exists()) if (
-            root.exists()
-        ) else []
+        have = (
+            sorted(p.name for p in root.iterdir() if (p / "zarr.json").exists())
+            if (root.exists())
+            else []
+        )
         raise FileNotFoundError(
             f"no ingested particle {particle!r} in {root} (have: {have or 'none'}); run "
             "`spndi ingest beamtime.toml` first"
@@ -183,8 +199,11 @@ def open_raw(
     n_angle, ny, nx = frames.shape[:3]
     step = attrs.get("scan_step_um", [1.0, 1.0])
     coords = {
-        "angle": ("angle", np.asarray(attrs.get("angles_deg", np.arange(n_angle)), float),
-                  {"units": "deg"}),
+        "angle": (
+            "angle",
+            np.asarray(attrs.get("angles_deg", np.arange(n_angle)), float),
+            {"units": "deg"},
+        ),
         "y": ("y", np.arange(ny) * step[0], {"units": "µm"}),
         "x": ("x", np.arange(nx) * step[1], {"units": "µm"}),
         "det_row": np.arange(frames.shape[3]),

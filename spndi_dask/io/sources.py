@@ -62,9 +62,9 @@ def list_hdf5_datasets(path: str | Path) -> list[str]:
     found: list[str] = []
     with h5py.File(path, "r") as f:
         f.visititems(
-            lambda name, obj: found.append(f"/{name} {obj.shape}")
-            if isinstance(obj, h5py.Dataset)
-            else None
+            lambda name, obj: (
+                found.append(f"/{name} {obj.shape}") if isinstance(obj, h5py.Dataset) else None
+            )
         )
     return found
 
@@ -128,7 +128,11 @@ def probe_source(path: str | Path, dataset: str) -> SourceInfo:
                     "det_cols): set `dataset` to the frame stack"
                 )
             return SourceInfo(
-                str(path), int(d.shape[0]), tuple(d.shape[1:]), str(d.dtype), st.st_size,
+                str(path),
+                int(d.shape[0]),
+                tuple(d.shape[1:]),
+                str(d.dtype),
+                st.st_size,
                 st.st_mtime_ns,
             )
     except SourceError:

@@ -1,0 +1,194 @@
+"""``spndi`` command line: argument parsing and console output only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--scheduler", metavar="ADDRESS", help="connect to a running dask scheduler (tcp://...)"
+    )
+    g.add_argument("--workers", type=int, help="LocalCluster worker processes (default: cores)")
+    g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from spndi_dask import __version__
+    from spndi_dask.simulate import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="spndi",
+        description="Scanning probe nano-diffraction beamtimes: ingest raw frames into Zarr, "
+        "reduce them to strain and tilt maps, and cluster lattice defects with dask.",
+    )
+    parser.add_argument("--version", action="version", version=f"spndi_dask {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="simulate a beamtime and run every stage on it",
+        description="Simulate a small multi-particle beamtime (beamline HDF5 layout) and run "
+        "every available stage on it on a LocalCluster.",
+    )
+    p.add_argument("out", nargs="?", default="spndi-demo", help="directory (default: spndi-demo)")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="simulation size")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "simulate",
+        help="write a simulated beamtime (HDF5 per angle, beamtime.toml, ground truth)",
+        description="Write a physics-based simulated beamtime with ground truth.",
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="simulation size")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--particles", type=int, help="number of particles (default: preset)")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "ingest",
+        help="raw frames -> <output>/raw.zarr (parallel, resumable)",
+        description="Ingest the raw frames of a beamtime manifest into <output>/raw.zarr.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+    p.add_argument("--force", action="store_true", help="rewrite even what is up to date")
+    _add_cluster_args(p)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    """Our messages at INFO (DEBUG with -vv); dask's own only from WARNING (INFO with -vv)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(
+        level=logging.INFO if verbose > 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("spndi_dask").setLevel(level)
+    if verbose < 2:
+        import distributed  # noqa: F401  (creates its loggers with their own levels)
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _client(args: argparse.Namespace):
+    from spndi_dask.cluster_setup import start_client
+
+    return start_client(
+        args.scheduler, n_workers=args.workers, threads_per_worker=args.threads_per_worker
+    )
+
+
+def _print_ingest(summary: dict[str, dict[str, Any]], raw_zarr: Path) -> None:
+    print(f"\n{'particle':<16}{'status':<14}{'angles':>8}{'raw GB':>10}")
+    for name, s in summary.items():
+        raw = s.get("raw_bytes", 0) / 1e9
+        print(f"{name:<16}{s['status']:<14}{s.get('angles_written', 0):>8}{raw:>10.3f}")
+    print(f"raw.zarr: {raw_zarr} ({_du(raw_zarr) / 1e6:.1f} MB on disk)")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from spndi_dask.simulate import preset, simulate_beamtime
+
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if getattr(args, "particles", None):
+        overrides["n_particles"] = args.particles
+    cfg = preset(args.preset, **overrides)
+    t0 = time.perf_counter()
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        manifest = simulate_beamtime(args.out, cfg)
+    out = Path(args.out)
+    print(
+        f"simulated {cfg.n_particles} particles × {cfg.n_angles} angles × "
+        f"{cfg.scan_shape[0]}×{cfg.scan_shape[1]} points × {cfg.detector_shape[0]}×"
+        f"{cfg.detector_shape[1]} pixels ({cfg.raw_bytes / 1e9:.2f} GB raw, "
+        f"{_du(out / 'raw') / 1e6:.1f} MB as compressed HDF5) in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"manifest: {out / 'beamtime.toml'}\nground truth: {out / 'ground_truth'}")
+    return 0 if manifest else 1
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.ingest import IngestError, ingest
+    from spndi_dask.io.raw_store import raw_path
+
+    manifest = load_manifest(args.manifest)
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        try:
+            summary = ingest(manifest, particles=args.particles, force=args.force, progress=True)
+        except IngestError as exc:
+            _print_ingest(getattr(exc, "summary", {}), raw_path(manifest.output_dir))
+            print(f"\nerror: {exc}", file=sys.stderr)
+            return 1
+    _print_ingest(summary, raw_path(manifest.output_dir))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.ingest import ingest
+    from spndi_dask.io.raw_store import raw_path
+    from spndi_dask.simulate import preset, simulate_beamtime
+
+    out = Path(args.out)
+    cfg = preset(args.preset, seed=args.seed)
+    t0 = time.perf_counter()
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        print(f"[1/2] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        simulate_beamtime(out, cfg)
+        t1 = time.perf_counter()
+        print(f"[2/2] ingest -> {raw_path(out / 'results')}")
+        manifest = load_manifest(out / "beamtime.toml")
+        summary = ingest(manifest, progress=True)
+        t2 = time.perf_counter()
+    _print_ingest(summary, raw_path(manifest.output_dir))
+    print(
+        f"\ndemo done in {t2 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s)\n"
+        f"  manifest:     {out / 'beamtime.toml'}\n"
+        f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
+        f"  ground truth: {out / 'ground_truth'}\n"
+        f"  Zarr store:   {raw_path(manifest.output_dir)}  "
+        f"(open with spndi_dask.open_raw('{manifest.output_dir}', 'p1'))"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spndi`` command."""
+    from spndi_dask.config import ManifestError
+
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    commands = {"demo": _cmd_demo, "simulate": _cmd_simulate, "ingest": _cmd_ingest}
+    try:
+        return commands[args.command](args)
+    except (ManifestError, ConnectionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
