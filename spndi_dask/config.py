@@ -36,6 +36,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -379,19 +380,47 @@ class Manifest(_Model):
 
     @field_validator("geometry")
     @classmethod
-    def _geometry_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return ParticleSettings._geometry_keys(v)
+    def _geometry_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        ParticleSettings._geometry_keys(v)
+        # check the values given here on their own (particles may add the missing keys)
+        stand_in = {
+            "energy_kev": 1.0,
+            "detector_distance_m": 1.0,
+            "pixel_size_m": 1.0,
+            "beam_center": (0.0, 0.0),
+        }
+        try:
+            GeometrySettings(**{**stand_in, **v})
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["loc"]:
+                    key = err["loc"][0]
+                    lines.append(
+                        f"geometry.{key} = {err['input']!r}: {msg}{_hint(('geometry', key))}"
+                    )
+                else:
+                    lines.append(f"geometry: {msg}")
+            raise ValueError("\n".join(lines)) from None
+        return v
 
-    @model_validator(mode="after")
-    def _particles_ok(self) -> Manifest:
-        names = [p.name for p in self.particles]
+    @field_validator("particles")
+    @classmethod
+    def _particles_ok(
+        cls, particles: list[ParticleSettings], info: ValidationInfo
+    ) -> list[ParticleSettings]:
+        names = [p.name for p in particles]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"particle names must be unique; repeated: {dupes}")
+        if "geometry" not in info.data:  # [geometry] itself is invalid: reported there
+            return particles
+        default_geometry = info.data["geometry"]
         lines: list[str] = []
-        for i, p in enumerate(self.particles):
+        for i, p in enumerate(particles):
             try:
-                GeometrySettings(**{**self.geometry, **p.geometry})
+                GeometrySettings(**{**default_geometry, **p.geometry})
             except ValidationError as exc:
                 for err in exc.errors():
                     key = err["loc"][0] if err["loc"] else None
@@ -415,7 +444,7 @@ class Manifest(_Model):
                         )
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))
-        return self
+        return particles
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -567,7 +596,7 @@ def _format_errors(
             "AngleRange" in tags and isinstance(value, list)
         ):
             continue  # the other member of the angles_deg union applies
-        if not loc:
+        if not loc or (loc == ("geometry",) and msg.startswith("geometry")):
             lines.extend(msg.split("\n"))
         elif err["type"] == "extra_forbidden":
             parent = loc[:-1]

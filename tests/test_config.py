@@ -1,0 +1,209 @@
+import copy
+
+import numpy as np
+import pytest
+
+from spndi_dask.config import Manifest, ManifestError, load_manifest
+
+DESIGN_EXAMPLE = '''
+name = "lco-2024-07"
+output = "results"
+
+[geometry]
+energy_kev = 9.0
+detector_distance_m = 0.5
+pixel_size_m = 55e-6
+gamma_deg = 28.5
+delta_deg = 18.1
+beam_center = [256.0, 256.0]
+row_direction = "y-"
+col_direction = "x+"
+rocking_axis = "y+"
+
+[[particles]]
+name = "bare_LCO_p1"
+frames = "raw/p1/angle_{index:03d}.h5"
+dataset = "/entry/instrument/detector/data"
+monitor = "/entry/instrument/monitor/Io"
+xrf = "/entry/instrument/xrf/Co_K"
+angles_deg = [-39.7, -39.6, -39.5]
+scan_shape = [140, 200]
+scan_step_um = [0.05, 0.05]
+
+[[particles]]
+name = "cycled_p2"
+frames = ["a.h5", "b.h5"]
+angles_deg = { start = -38.0, stop = -37.9, num = 2 }
+scan_shape = [10, 12]
+scan_step_um = [0.1, 0.1]
+[particles.geometry]
+energy_kev = 10.0
+'''
+
+
+@pytest.fixture
+def base():
+    return {
+        "name": "bt",
+        "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5, "pixel_size_m": 55e-6,
+                     "beam_center": [32, 32]},
+        "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
+                       "angles_deg": [1.0, 1.1, 1.2], "scan_shape": [4, 5],
+                       "scan_step_um": [0.05, 0.05]}],
+    }
+
+
+def errors(data):
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(data, source="bt.toml")
+    return str(info.value)
+
+
+def test_design_example_loads(tmp_path):
+    path = tmp_path / "beamtime.toml"
+    path.write_text(DESIGN_EXAMPLE)
+    m = load_manifest(path)
+    p1, p2 = m.particles
+    assert p1.angles.tolist() == [-39.7, -39.6, -39.5]
+    assert p1.n_points == 28000
+    assert p1.frame_paths(m.base_dir)[2] == tmp_path / "raw/p1/angle_002.h5"
+    assert p2.frame_paths(m.base_dir) == [tmp_path / "a.h5", tmp_path / "b.h5"]
+    assert p2.angles == pytest.approx([-38.0, -37.9])
+    assert m.output_dir == tmp_path / "results"
+    # per-particle override merged onto the default geometry
+    assert m.geometry_for("bare_LCO_p1").energy_kev == 9.0
+    g2 = m.geometry_for("cycled_p2")
+    assert (g2.energy_kev, g2.gamma_deg) == (10.0, 28.5)
+    # processing defaults are filled in
+    assert m.reduce.pattern_grid == 32 and m.cluster.init == "k-means||"
+
+
+def test_toml_round_trip_and_hash(tmp_path, base):
+    m = Manifest.from_dict(base, base_dir=tmp_path)
+    path = tmp_path / "again.toml"
+    path.write_text(m.to_toml())
+    again = load_manifest(path)
+    assert again.to_dict() == m.to_dict()
+    assert again.manifest_hash == m.manifest_hash
+    changed = copy.deepcopy(base)
+    changed["reduce"] = {"pattern_grid": 24}
+    assert Manifest.from_dict(changed).manifest_hash != m.manifest_hash
+
+
+def test_unknown_keys_named_with_allowed_ones(base):
+    base["colour"] = "blue"
+    base["particles"][0]["scan_shap"] = [1, 2]
+    base["reduce"] = {"pattern_gird": 3}
+    msg = errors(base)
+    assert "unknown key 'colour'" in msg
+    assert "unknown key 'scan_shap' in particles[0] ('p1')" in msg and "scan_shape" in msg
+    assert "unknown key 'pattern_gird' in reduce" in msg and "pattern_grid" in msg
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("energy_kev", 0.0, "geometry.energy_kev = 0.0"),
+        ("energy_kev", -9.0, "photon energy in keV"),
+        ("detector_distance_m", 0, "geometry.detector_distance_m = 0"),
+        ("pixel_size_m", float("inf"), "geometry.pixel_size_m"),
+        ("rocking_axis", "w+", "one of x+"),
+    ],
+)
+def test_nonsense_geometry(base, key, value, expected):
+    base["geometry"][key] = value
+    assert expected in errors(base)
+
+
+def test_particle_geometry_override_errors_name_the_particle(base):
+    base["particles"][0]["geometry"] = {"energy_kev": -1.0}
+    assert "particles[0] ('p1').geometry.energy_kev = -1.0" in errors(base)
+    base["particles"][0]["geometry"] = {"energy_ev": 9000}
+    assert "unknown geometry key(s) ['energy_ev']" in errors(base)
+    del base["geometry"]["energy_kev"]
+    base["particles"][0]["geometry"] = {}
+    assert "geometry.energy_kev is required" in errors(base)
+
+
+@pytest.mark.parametrize(
+    "angles,expected",
+    [
+        ([1.0, 1.1, 1.1, 1.2], "angle 1.1 at index 2 is duplicated"),
+        ([1.0, 1.2, 1.1, 1.3], "strictly monotonic; angle 1.1 at index 2"),
+        ([1.0], "at least 2"),
+        ({"start": 0, "stop": 1, "num": 1}, "num = 1"),
+        ({"start": 0, "stop": 1, "num": 5, "step": 2}, "unknown key 'step'"),
+    ],
+)
+def test_bad_angles(base, angles, expected):
+    base["particles"][0]["angles_deg"] = angles
+    assert expected in errors(base)
+
+
+def test_descending_angles_are_fine(base):
+    base["particles"][0]["angles_deg"] = [1.2, 1.1, 1.0]
+    assert Manifest.from_dict(base).particles[0].angles.tolist() == [1.2, 1.1, 1.0]
+
+
+def test_frames_and_names(base):
+    d = copy.deepcopy(base)
+    d["particles"][0]["frames"] = ["a.h5", "b.h5"]
+    assert "lists 2 files but angles_deg has 3 angles" in errors(d)
+    d = copy.deepcopy(base)
+    d["particles"][0]["frames"] = "one.h5"
+    assert "no {index} placeholder" in errors(d)
+    d = copy.deepcopy(base)
+    d["particles"].append(copy.deepcopy(d["particles"][0]))
+    assert "repeated: ['p1']" in errors(d)
+    d = copy.deepcopy(base)
+    d["particles"][0]["name"] = "p 1/x"
+    assert "particles[0] ('p 1/x').name" in errors(d)
+    d = copy.deepcopy(base)
+    d["particles"][0]["scan_shape"] = [0, 5]
+    assert "scan_shape[0] = 0" in errors(d)
+
+
+def test_settings_cross_checks(base):
+    d = copy.deepcopy(base)
+    d["reduce"] = {"strain_reference": "d0"}
+    assert "needs d0_angstrom" in errors(d)
+    d["reduce"] = {"roi": [10, 5, 0, 4]}
+    assert "roi = [10, 5, 0, 4]" in errors(d)
+    d = copy.deepcopy(base)
+    d["ingest"] = {"scan_chunk": [8, 8], "scan_shard": [12, 16]}
+    assert "multiple of scan_chunk" in errors(d)
+    d["ingest"] = {"compressor": "snappy"}
+    assert "ingest.compressor = 'snappy'" in errors(d)
+
+
+def test_all_problems_reported_at_once(base):
+    base["geometry"]["energy_kev"] = -1
+    base["particles"][0]["angles_deg"] = [1, 1]
+    base["bogus"] = 1
+    msg = errors(base)
+    assert msg.count("\n  - ") == 3
+    assert msg.startswith("bt.toml: invalid manifest")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ManifestError, match="not valid TOML"):
+        load_manifest(bad)
+
+
+def test_version_checked(base):
+    base["manifest_version"] = 2
+    assert "manifest_version" in errors(base)
+
+
+def test_angle_range_values():
+    m = Manifest.from_dict({
+        "name": "x", "geometry": {"energy_kev": 9, "detector_distance_m": 1, "pixel_size_m": 1e-4,
+                                  "beam_center": [0, 0]},
+        "particles": [{"name": "a", "frames": "f{index}.h5", "scan_shape": [1, 1],
+                       "scan_step_um": [1, 1], "angles_deg": {"start": 1, "stop": 0, "num": 11}}],
+    })
+    assert m.particles[0].angles == pytest.approx(np.linspace(1, 0, 11))
