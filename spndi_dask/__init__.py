@@ -1,9 +1,13 @@
-"""spndi_dask: distributed processing of scanning probe nano-diffraction (SPNDI) beamtimes."""
+"""spndi_dask: distributed processing of scanning probe nano-diffraction (SPNDI) beamtimes.
+
+Stages live in modules named after them (``spndi_dask.ingest.ingest``, ...); the names here are
+the entry points most sessions need.
+"""
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest, ManifestError, load_manifest
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
-from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.ingest import IngestError
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.simulate import SimulationConfig, preset, simulate_beamtime
 
@@ -15,7 +19,6 @@ __all__ = [
     "SimulationConfig",
     "__version__",
     "crystal_frame",
-    "ingest",
     "load_manifest",
     "open_raw",
     "preset",

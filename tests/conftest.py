@@ -57,7 +57,9 @@ def write_angle_files(
         path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(path, "w") as f:
             f.create_dataset(
-                dataset, data=grid.reshape(ny * nx, *frames.shape[3:]), chunks=(1, *frames.shape[3:]),
+                dataset,
+                data=grid.reshape(ny * nx, *frames.shape[3:]),
+                chunks=(1, *frames.shape[3:]),
                 **hdf5plugin.Bitshuffle(cname="lz4"),
             )
             if monitor is not None:
@@ -89,7 +91,9 @@ def handmade(tmp_path):
     xrf = rng.uniform(0, 10, size=frames.shape[:3])
     write_angle_files(tmp_path, frames, monitor=monitor, xrf=xrf)
     data = manifest_dict(
-        n_angles=5, scan_shape=(6, 7), monitor="/entry/instrument/monitor/Io",
+        n_angles=5,
+        scan_shape=(6, 7),
+        monitor="/entry/instrument/monitor/Io",
         xrf="/entry/instrument/xrf/Co_K",
     )
     # small chunks so the 6x7 scan and 9x10 detector span several shards and tiles

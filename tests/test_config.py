@@ -5,7 +5,7 @@ import pytest
 
 from spndi_dask.config import Manifest, ManifestError, load_manifest
 
-DESIGN_EXAMPLE = '''
+DESIGN_EXAMPLE = """
 name = "lco-2024-07"
 output = "results"
 
@@ -38,18 +38,28 @@ scan_shape = [10, 12]
 scan_step_um = [0.1, 0.1]
 [particles.geometry]
 energy_kev = 10.0
-'''
+"""
 
 
 @pytest.fixture
 def base():
     return {
         "name": "bt",
-        "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5, "pixel_size_m": 55e-6,
-                     "beam_center": [32, 32]},
-        "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
-                       "angles_deg": [1.0, 1.1, 1.2], "scan_shape": [4, 5],
-                       "scan_step_um": [0.05, 0.05]}],
+        "geometry": {
+            "energy_kev": 9.0,
+            "detector_distance_m": 0.5,
+            "pixel_size_m": 55e-6,
+            "beam_center": [32, 32],
+        },
+        "particles": [
+            {
+                "name": "p1",
+                "frames": "raw/p1/angle_{index:03d}.h5",
+                "angles_deg": [1.0, 1.1, 1.2],
+                "scan_shape": [4, 5],
+                "scan_step_um": [0.05, 0.05],
+            }
+        ],
     }
 
 
@@ -200,10 +210,24 @@ def test_version_checked(base):
 
 
 def test_angle_range_values():
-    m = Manifest.from_dict({
-        "name": "x", "geometry": {"energy_kev": 9, "detector_distance_m": 1, "pixel_size_m": 1e-4,
-                                  "beam_center": [0, 0]},
-        "particles": [{"name": "a", "frames": "f{index}.h5", "scan_shape": [1, 1],
-                       "scan_step_um": [1, 1], "angles_deg": {"start": 1, "stop": 0, "num": 11}}],
-    })
+    m = Manifest.from_dict(
+        {
+            "name": "x",
+            "geometry": {
+                "energy_kev": 9,
+                "detector_distance_m": 1,
+                "pixel_size_m": 1e-4,
+                "beam_center": [0, 0],
+            },
+            "particles": [
+                {
+                    "name": "a",
+                    "frames": "f{index}.h5",
+                    "scan_shape": [1, 1],
+                    "scan_step_um": [1, 1],
+                    "angles_deg": {"start": 1, "stop": 0, "num": 11},
+                }
+            ],
+        }
+    )
     assert m.particles[0].angles == pytest.approx(np.linspace(1, 0, 11))

@@ -15,8 +15,14 @@ from spndi_dask.geometry import (
 
 
 def geom(**kw):
-    base = dict(energy_kev=9.0, detector_distance_m=0.5, pixel_size_m=55e-6,
-                gamma_deg=16.0, delta_deg=4.0, beam_center=(30.5, 20.25))
+    base = dict(
+        energy_kev=9.0,
+        detector_distance_m=0.5,
+        pixel_size_m=55e-6,
+        gamma_deg=16.0,
+        delta_deg=4.0,
+        beam_center=(30.5, 20.25),
+    )
     return Geometry(**{**base, **kw})
 
 
@@ -94,11 +100,21 @@ def test_against_xrayutilities():
     g = geom(gamma_deg=28.5, delta_deg=18.1, beam_center=(20.3, 11.7))
     nr, nc = 40, 30
     qc = xu.experiment.QConversion(["y+"], ["y+", "x-"], [0, 0, 1])
-    qc.init_area("y-", "x+", cch1=g.beam_center[0], cch2=g.beam_center[1], Nch1=nr, Nch2=nc,
-                 distance=g.detector_distance_m, pwidth1=g.pixel_size_m, pwidth2=g.pixel_size_m)
+    qc.init_area(
+        "y-",
+        "x+",
+        cch1=g.beam_center[0],
+        cch2=g.beam_center[1],
+        Nch1=nr,
+        Nch2=nc,
+        distance=g.detector_distance_m,
+        pwidth1=g.pixel_size_m,
+        pwidth2=g.pixel_size_m,
+    )
     angles = np.array([-3.0, 0.5, 7.0])
-    qx, qy, qz = qc.area(angles, np.full(3, g.gamma_deg), np.full(3, g.delta_deg),
-                         en=g.energy_kev * 1000)
+    qx, qy, qz = qc.area(
+        angles, np.full(3, g.gamma_deg), np.full(3, g.delta_deg), en=g.energy_kev * 1000
+    )
     ours = q_sample(g, angles, rows=np.arange(nr), cols=np.arange(nc))
     assert np.stack([qx, qy, qz], -1) == pytest.approx(ours, abs=1e-12)
 

@@ -1,0 +1,270 @@
+import logging
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+import spndi_dask.ingest as ingest_mod
+from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.io.raw_store import IncompleteError, open_raw
+from spndi_dask.io.sources import sha256_file
+
+from .conftest import load, manifest_dict, write_angle_files
+
+
+def test_round_trip_is_bit_exact_with_metadata(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    m = load(tmp, data)
+    summary = ingest(m)
+    assert summary["p1"]["status"] == "ingested" and summary["p1"]["angles_written"] == 5
+    ds = open_raw(m.output_dir, "p1")
+    assert ds.frames.dims == ("angle", "y", "x", "det_row", "det_col")
+    assert ds.frames.dtype == np.uint16
+    assert ds.frames.data.chunksize == (1, 4, 4, 9, 10)  # one shard, never the inner chunks
+    assert np.array_equal(ds.frames.values, frames)
+    assert np.array_equal(ds.monitor.values, monitor)
+    assert np.array_equal(ds.xrf.values, xrf)
+    assert ds.valid.values.all()
+    assert ds.angle.values == pytest.approx(np.linspace(8.0, 8.2, 5))
+    assert ds.x.values == pytest.approx(np.arange(7) * 0.05)
+    attrs = ds.attrs
+    assert attrs["spndi_dask"]["complete"] is True
+    assert attrs["geometry"]["gamma_deg"] == 16.0
+    assert attrs["manifest_hash"] == m.manifest_hash
+    src = attrs["sources"][2]
+    assert src["path"].endswith("angle_002.h5") and src["sha256"] == sha256_file(src["path"])
+
+
+def test_open_raw_is_lazy(handmade, raise_if_computes):
+    tmp, data, *_ = handmade
+    m = load(tmp, data)
+    import dask
+
+    with dask.config.set(scheduler="sync"):
+        ingest(m)
+    ds = open_raw(m.output_dir, "p1", chunks=(5, 4, 4, 9, 10))
+    total = ds.frames.astype("float64").sum(("det_row", "det_col"))  # builds a graph only
+    assert total.chunks is not None
+    assert ds.frames.data.chunksize == (5, 4, 4, 9, 10)
+
+
+def test_shards_never_span_angles_and_are_aligned(handmade):
+    tmp, data, *_ = handmade
+    m = load(tmp, data)
+    ingest(m)
+    arr = zarr.open_array(str(m.output_dir / "raw.zarr" / "p1" / "frames"), mode="r")
+    assert arr.shards == (1, 4, 4, 12, 12) and arr.chunks == (1, 2, 2, 4, 4)
+    assert arr.metadata.dimension_names == ("angle", "y", "x", "det_row", "det_col")
+
+
+def test_snake_scans_are_unfolded(tmp_path):
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 60000, size=(3, 5, 4, 6, 6), dtype=np.uint16)
+    write_angle_files(tmp_path, frames, order="snake")
+    m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(5, 4), scan_order="snake"))
+    ingest(m)
+    assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, frames)
+
+
+def test_float_frames_and_bad_values(tmp_path):
+    frames = np.random.default_rng(2).random((3, 2, 3, 4, 4)).astype(np.float32)
+    frames[1, 1, 2, 0, 0] = np.nan
+    frames[2, 0, 0, 1, 1] = -1.0
+    write_angle_files(tmp_path, frames)
+    data = manifest_dict(n_angles=3, scan_shape=(2, 3))
+    with pytest.raises(
+        IngestError, match=r"angle_00[12].h5 has 1 NaN.*first at point [05].*bad_values"
+    ):
+        ingest(load(tmp_path, data))
+    data["ingest"] = {"bad_values": "zero"}
+    ingest(load(tmp_path, data), force=True)
+    out = open_raw(load(tmp_path, data).output_dir, "p1")
+    expected = np.nan_to_num(frames).clip(0)
+    assert np.array_equal(out.frames.values, expected)
+    assert out.attrs["zeroed_values"] == 2
+
+
+def test_resume_redoes_only_unfinished_angles(handmade, monkeypatch):
+    tmp, data, frames, *_ = handmade
+    m = load(tmp, data)
+    real = ingest_mod._write_tile
+
+    def dies_on_angle_3(*args, **kwargs):
+        if args[3] == 3:
+            raise OSError("worker killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_mod, "_write_tile", dies_on_angle_3)
+    import dask
+
+    with dask.config.set(scheduler="sync"), pytest.raises(OSError, match="worker killed"):
+        ingest(m)
+    with pytest.raises(IncompleteError, match=r"angle indices \[.*3.*\] not ingested"):
+        open_raw(m.output_dir, "p1")
+    done = zarr.open_array(str(m.output_dir / "raw.zarr/p1/done"), mode="r")[:]
+    assert done[3] == 0 and (done != 0).sum() >= 1  # the angles written before the crash count
+    monkeypatch.setattr(ingest_mod, "_write_tile", real)
+    summary = ingest(m)
+    assert summary["p1"]["angles_written"] == (done == 0).sum()
+    assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, frames)
+    assert ingest(m)["p1"]["status"] == "up to date"
+
+
+def test_half_written_angle_never_counts_as_done(handmade):
+    tmp, data, frames, *_ = handmade
+    m = load(tmp, data)
+    ingest(m)
+    group = zarr.open_group(str(m.output_dir / "raw.zarr" / "p1"), mode="r+")
+    # simulate a crash after some shards of angle 2 were overwritten but before its done mark
+    group["frames"][2, :4, :4] = 999
+    group["done"][2] = 0
+    assert ingest(m)["p1"]["angles_written"] == 1
+    assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, frames)
+
+
+def test_changed_source_file_is_reingested(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    m = load(tmp, data)
+    ingest(m)
+    new = frames.copy()
+    new[4] += 1
+    write_angle_files(tmp, new[4:5], name="tmp", monitor=monitor[4:5], xrf=xrf[4:5])
+    shutil.copy(tmp / "raw/tmp/angle_000.h5", tmp / "raw/p1/angle_004.h5")
+    st = os.stat(tmp / "raw/p1/angle_004.h5")
+    os.utime(tmp / "raw/p1/angle_004.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert ingest(m)["p1"]["angles_written"] == 1
+    assert np.array_equal(open_raw(m.output_dir, "p1").frames.values[4], new[4])
+
+
+def test_aborted_scan(tmp_path, caplog):
+    frames = np.random.default_rng(0).integers(1, 9, size=(3, 3, 4, 5, 5), dtype=np.uint16)
+    write_angle_files(tmp_path, frames)
+    with h5py.File(tmp_path / "raw/p1/angle_001.h5", "r+") as f:  # aborted after 10 of 12 points
+        d = f["/entry/instrument/detector/data"][:10]
+        del f["/entry/instrument/detector/data"]
+        f.create_dataset("/entry/instrument/detector/data", data=d)
+    data = manifest_dict(n_angles=3, scan_shape=(3, 4))
+    with pytest.raises(
+        IngestError,
+        match=r"angle_001.h5 has 10 frames, scan_shape 3×4 needs 12; "
+        r"set `allow_incomplete = true`",
+    ):
+        ingest(load(tmp_path, data))
+    data["particles"][0]["allow_incomplete"] = True
+    with caplog.at_level(logging.WARNING, logger="spndi_dask"):
+        ingest(load(tmp_path, data))
+    assert "aborted scans" in caplog.text
+    ds = open_raw(load(tmp_path, data).output_dir, "p1")
+    valid = ds.valid.values
+    assert valid[1].sum() == 10 and not valid[1, 2, 2:].any() and valid[[0, 2]].all()
+    assert (ds.frames.values[1, 2, 2:] == 0).all()
+    assert np.array_equal(
+        ds.frames.values[1].reshape(12, 5, 5)[:10], frames[1].reshape(12, 5, 5)[:10]
+    )
+    assert ds.attrs["incomplete_angles"] == [1]
+
+
+def test_missing_angle_files_are_all_listed(handmade):
+    tmp, data, *_ = handmade
+    (tmp / "raw/p1/angle_001.h5").unlink()
+    (tmp / "raw/p1/angle_003.h5").unlink()
+    with pytest.raises(
+        IngestError, match=r"2 of 5 angle files are missing:\n.*angle_001.h5\n.*angle_003"
+    ):
+        ingest(load(tmp, data))
+
+
+def test_wrong_dataset_lists_existing(handmade):
+    tmp, data, *_ = handmade
+    data["particles"][0]["dataset"] = "/entry/data/data"
+    with pytest.raises(
+        IngestError,
+        match=r"no dataset '/entry/data/data'.*\n.*"
+        r"/entry/instrument/detector/data \(42, 9, 10\)",
+    ):
+        ingest(load(tmp, data))
+    data["particles"][0]["dataset"] = "/entry/instrument/detector/data"
+    data["particles"][0]["monitor"] = "/entry/Io"
+    with pytest.raises(IngestError, match=r"no dataset '/entry/Io' \(monitor\)"):
+        ingest(load(tmp, data))
+
+
+def test_detector_shape_or_dtype_change(tmp_path):
+    frames = np.ones((3, 2, 2, 4, 4), np.uint16)
+    write_angle_files(tmp_path, frames)
+    write_angle_files(tmp_path, np.ones((1, 2, 2, 4, 5), np.uint16), name="odd")
+    shutil.copy(tmp_path / "raw/odd/angle_000.h5", tmp_path / "raw/p1/angle_002.h5")
+    data = manifest_dict(n_angles=3, scan_shape=(2, 2))
+    with pytest.raises(IngestError, match=r"angle_002.h5 \(index 2\) has frames \(4, 5\) uint16"):
+        ingest(load(tmp_path, data))
+    write_angle_files(tmp_path, np.ones((1, 2, 2, 4, 4), np.uint32), name="odd")
+    shutil.copy(tmp_path / "raw/odd/angle_000.h5", tmp_path / "raw/p1/angle_002.h5")
+    with pytest.raises(IngestError, match=r"\(4, 4\) uint32, but .*angle_000.h5 \(index 0\)"):
+        ingest(load(tmp_path, data))
+
+
+def test_truncated_file(handmade):
+    tmp, data, *_ = handmade
+    path = tmp / "raw/p1/angle_002.h5"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(
+        IngestError, match=r"angle_002.h5 cannot be read as HDF5.*truncated or corrupt"
+    ):
+        ingest(load(tmp, data))
+
+
+def test_corrupt_frame_data_fails_that_particle_only(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 50, size=(2, 4, 4, 16, 16), dtype=np.uint16)
+    write_angle_files(tmp_path, frames, name="good")
+    write_angle_files(tmp_path, frames, name="bad")
+    path = tmp_path / "raw/bad/angle_001.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["/entry/instrument/detector/data"].id.get_chunk_info(3).byte_offset
+    with open(path, "r+b") as fh:  # scribble over one compressed frame
+        fh.seek(offset)
+        fh.write(b"\xff" * 64)
+    good = manifest_dict("good", n_angles=2, scan_shape=(4, 4))
+    bad = manifest_dict("bad", n_angles=2, scan_shape=(4, 4))
+    data = {**good, "particles": good["particles"] + bad["particles"]}
+    with pytest.raises(IngestError, match=r"1 of 2 particle\(s\).*\n.*bad.*angle_001.h5") as info:
+        ingest(load(tmp_path, data))
+    assert info.value.summary["good"]["status"] == "ingested"
+    assert np.array_equal(open_raw(tmp_path / "results", "good").frames.values, frames)
+
+
+def test_tiff_stacks(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    frames = np.random.default_rng(4).integers(0, 1000, size=(3, 3, 5, 8, 6), dtype=np.uint16)
+    for a in range(3):
+        (tmp_path / "tif").mkdir(exist_ok=True)
+        tifffile.imwrite(tmp_path / f"tif/a{a}.tif", frames[a].reshape(15, 8, 6))
+    data = manifest_dict(n_angles=3, scan_shape=(3, 5))
+    data["particles"][0]["frames"] = "tif/a{index}.tif"
+    ingest(load(tmp_path, data))
+    assert np.array_equal(open_raw(tmp_path / "results", "p1").frames.values, frames)
+
+
+def test_open_raw_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="spndi ingest"):
+        open_raw(tmp_path, "p9")
+
+
+def test_simulated_beamtime_round_trip(tiny_beamtime, tmp_path):
+    out, manifest = tiny_beamtime
+    data = manifest.to_dict()
+    data["output"] = str(tmp_path / "results")
+    m = load(out, data)
+    ingest(m)
+    import hdf5plugin  # noqa: F401
+
+    p = m.particles[1]
+    ds = open_raw(m.output_dir, p.name)
+    with h5py.File(p.frame_paths(m.base_dir)[4]) as f:
+        src = f["/entry/instrument/detector/data"][:]
+        io = f["/entry/instrument/monitor/Io"][:]
+    assert np.array_equal(ds.frames.values[4].reshape(src.shape), src)
+    assert np.array_equal(ds.monitor.values[4].reshape(-1), io)
