@@ -199,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(
         n_particles=2,
         objects_per_scan=(1, 2),
-        scan_shape=(36, 72),
+        scan_shape=(36, 36),
         n_angles=31,
         angle_step_deg=0.035,
         detector_shape=(128, 128),
