@@ -9,8 +9,9 @@ from spndi_dask.io.raw_store import open_raw
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "spndi_dask.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "spndi_dask.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_lists_subcommands():

@@ -29,7 +29,7 @@ def test_beamline_layout_and_manifest(tiny_beamtime):
 
 
 def test_reference_satisfies_bragg_and_truth_is_consistent(tiny_beamtime):
-    out, m = tiny_beamtime
+    out, _ = tiny_beamtime
     gt = np.load(out / "ground_truth/p1.npz")
     g0 = gt["G0"]
     assert 2 * np.pi / np.linalg.norm(g0) == pytest.approx(preset("tiny").d0_angstrom, rel=1e-9)
@@ -48,8 +48,9 @@ def test_deterministic_per_seed(tmp_path):
     cfg = preset("tiny", n_particles=1, n_angles=3)
     a = simulate_beamtime(tmp_path / "a", cfg, scheduler="sync")
     b = simulate_beamtime(tmp_path / "b", cfg, scheduler="threads")
-    c = simulate_beamtime(tmp_path / "c", preset("tiny", n_particles=1, n_angles=3, seed=1),
-                          scheduler="sync")
+    c = simulate_beamtime(
+        tmp_path / "c", preset("tiny", n_particles=1, n_angles=3, seed=1), scheduler="sync"
+    )
     read = lambda m: h5py.File(m.particles[0].frame_paths(m.base_dir)[1])[FRAMES][:]  # noqa: E731
     assert np.array_equal(read(a), read(b))
     assert not np.array_equal(read(a), read(c))
@@ -58,7 +59,7 @@ def test_deterministic_per_seed(tmp_path):
 def test_ring_average_is_exact():
     """The closed-form pupil ring average equals a brute-force average over azimuths."""
     rng = np.random.default_rng(0)
-    q = rng.normal(0, 4e-3, (200, 3)) + [0.1, 0.0, 1.3]
+    q = rng.normal(0, 4e-3, (200, 3)) + np.array([0.1, 0.0, 1.3])
     G = np.array([[0.1, 0.001, 1.3], [0.102, -0.002, 1.299]])
     sigma = np.array([1.5e-3, 2.5e-3])
     beam = rotation_matrix("y+", 0.15)[2]
@@ -82,16 +83,28 @@ def test_pupil_rings_cover_the_annulus():
     k = cfg.geometry().k
     assert rings[:, 2].sum() == pytest.approx(1.0)
     alpha = np.arcsin(rings[:, 0] / k)
-    assert (alpha > cfg.pupil_inner_mrad * 1e-3).all() and (alpha < cfg.pupil_outer_mrad * 1e-3).all()
+    assert (alpha > cfg.pupil_inner_mrad * 1e-3).all() and (
+        alpha < cfg.pupil_outer_mrad * 1e-3
+    ).all()
     assert pupil_rings(preset("tiny", pupil=False)).tolist() == [[0.0, 0.0, 1.0]]
 
 
 def test_centre_of_mass_of_clean_frames_is_G(tmp_path):
     """Without noise sources, pupil or drift, each pixel's intensity-weighted q is its G."""
     cfg = preset(
-        "tiny", n_particles=1, pupil=False, background=0.0, hot_fraction=0.0, dead_fraction=0.0,
-        drift_step_px=0.0, monitor_noise=0.0, monitor_decay=0.0, peak_counts=5000.0,
-        n_angles=21, angle_step_deg=0.05, detector_shape=(48, 48),
+        "tiny",
+        n_particles=1,
+        pupil=False,
+        background=0.0,
+        hot_fraction=0.0,
+        dead_fraction=0.0,
+        drift_step_px=0.0,
+        monitor_noise=0.0,
+        monitor_decay=0.0,
+        peak_counts=5000.0,
+        n_angles=21,
+        angle_step_deg=0.05,
+        detector_shape=(48, 48),
     )
     m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
     p = m.particles[0]
