@@ -128,8 +128,8 @@ def main() -> None:
         nr, nc = preset(args.preset).detector_shape
         roi = (slice(nr // 2 - 24, nr // 2 + 24), slice(nc // 2 - 24, nc // 2 + 24))
         candidates = [
-            ("scan 8x8, det 64x64, lz4 (default)", [8, 8], [64, 64], "lz4", 5),
-            ("scan 8x8, det 32x32, lz4", [8, 8], [32, 32], "lz4", 5),
+            ("scan 8x8, det 32x32, lz4 (default)", [8, 8], [32, 32], "lz4", 5),
+            ("scan 8x8, det 64x64, lz4", [8, 8], [64, 64], "lz4", 5),
             ("scan 16x16, det whole, lz4", [16, 16], [nr, nc], "lz4", 5),
             ("scan 4x4, det 64x64, lz4", [4, 4], [64, 64], "lz4", 5),
             ("scan 8x8, det 64x64, zstd-3", [8, 8], [64, 64], "zstd", 3),

@@ -246,7 +246,7 @@ class IngestSettings(_Model):
         (8, 8), description="scan points (y, x) per Zarr chunk, e.g. [8, 8]"
     )
     detector_chunk: tuple[PositiveInt, PositiveInt] = Field(
-        (64, 64), description="detector pixels (rows, cols) per Zarr chunk, e.g. [64, 64]"
+        (32, 32), description="detector pixels (rows, cols) per Zarr chunk, e.g. [32, 32]"
     )
     scan_shard: tuple[PositiveInt, PositiveInt] = Field(
         (16, 16), description="scan points (y, x) per shard (a multiple of scan_chunk)"

@@ -245,11 +245,19 @@ def _write_tile(
     idx = _point_index(ys, xs, nx, order)
     lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
     arr = zarr.open_array(frames_url, mode="r+")
-    block = np.zeros((*idx.shape, *arr.shape[3:]), dtype=arr.dtype)
-    if hi > lo:
-        frames = read_points(src, dataset, lo, hi)
-        ok = idx < n_avail
-        block[ok] = frames[idx[ok] - lo]
+    frames = read_points(src, dataset, lo, hi) if hi > lo else None
+    if (
+        frames is not None
+        and hi - lo == idx.size
+        and order == "raster"
+        and xs.stop - xs.start == nx
+    ):
+        block = frames.reshape(*idx.shape, *frames.shape[1:])  # whole rows in order: no copy
+    else:
+        block = np.zeros((*idx.shape, *arr.shape[3:]), dtype=arr.dtype)
+        if frames is not None:
+            ok = idx < n_avail
+            block[ok] = frames[idx[ok] - lo]
     n_bad = 0
     if block.dtype.kind in "fi":
         bad = block < 0
@@ -268,7 +276,7 @@ def _write_tile(
                     f"in scan points {lo}-{hi - 1} (first at point {first}); fix the file, or "
                     "set [ingest] bad_values = 'zero' to replace them with 0"
                 )
-            block[bad] = 0
+            block = np.where(bad, 0, block).astype(block.dtype)
     arr[angle : angle + 1, ys, xs] = block[None]
     return n_bad
 

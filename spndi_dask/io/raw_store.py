@@ -85,14 +85,20 @@ class RawLayout:
             return None
         return [BloscCodec(cname=self.compressor, clevel=self.clevel, shuffle="bitshuffle")]
 
-    def tiles(self) -> list[tuple[slice, slice]]:
-        """``(y, x)`` slices of every shard of one angle (the unit of an ingest task)."""
+    def tiles(self, max_bytes: int = 256 * 2**20) -> list[tuple[slice, slice]]:
+        """``(y, x)`` regions of one angle, each a whole number of shards (one ingest task).
+
+        A region is a band of shard rows spanning as many shard columns as fit in ``max_bytes``
+        (the whole scan width when possible, so the source file is read once, in order).
+        """
         ny, nx = self.shape[1:3]
         sy, sx = self.shards[1:3]
+        shard_bytes = sy * sx * self.shape[3] * self.shape[4] * self.dtype.itemsize
+        step = max(1, max_bytes // shard_bytes) * sx
         return [
-            (slice(y, min(y + sy, ny)), slice(x, min(x + sx, nx)))
+            (slice(y, min(y + sy, ny)), slice(x, min(x + step, nx)))
             for y in range(0, ny, sy)
-            for x in range(0, nx, sx)
+            for x in range(0, nx, step)
         ]
 
     def describe(self) -> dict[str, Any]:
