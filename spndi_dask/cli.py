@@ -21,6 +21,12 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
 
 
+def _add_simulation_args(p: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
+    p.add_argument("--preset", default="demo", choices=list(presets), help="simulation size")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_cluster_args(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     from spndi_dask import __version__
     from spndi_dask.simulate import PRESETS
@@ -42,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "every available stage on it on a LocalCluster.",
     )
     p.add_argument("out", nargs="?", default="spndi-demo", help="directory (default: spndi-demo)")
-    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="simulation size")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    _add_cluster_args(p)
+    _add_simulation_args(p, PRESETS)
 
     p = sub.add_parser(
         "simulate",
@@ -52,10 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a physics-based simulated beamtime with ground truth.",
     )
     p.add_argument("out", help="output directory")
-    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="simulation size")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--particles", type=int, help="number of particles (default: preset)")
-    _add_cluster_args(p)
+    _add_simulation_args(p, PRESETS)
 
     p = sub.add_parser(
         "ingest",
