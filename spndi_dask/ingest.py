@@ -481,10 +481,9 @@ def ingest(
         start = time.perf_counter()
         try:
             results = _compute(tasks, progress)
-        except (IngestError, SourceError) as exc:
+        except (IngestError, SourceError):
             # a data problem found while reading: report it per particle, keep the others
             results = None
-            error = exc
         seconds = time.perf_counter() - start
         if results is None:
             # re-run per particle so that good particles still complete
@@ -501,7 +500,6 @@ def ingest(
                     )
                     logger.error("%s", msg)
                     summary[plan.name] = {"status": "failed", "angles_written": 0, "error": msg}
-            logger.debug("first failure was: %s", error)
         else:
             for plan, lo, hi in work:
                 _finalize(plan, results[lo:hi])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,6 @@ class SimulationConfig:
     compression: str = "bitshuffle-lz4"
     block_points: int = 128
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.objects_per_scan) < self.n_particles:
@@ -709,7 +708,7 @@ def simulate_beamtime(
         + manifest.to_toml()
     )
     truth = {
-        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "config": asdict(config),
         "G0": g0.tolist(),
         "d0_angstrom": float(2 * np.pi / np.linalg.norm(g0)),
         "domain_types": [
