@@ -6,10 +6,11 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psutil
 
-__all__ = ["local_cluster_size", "start_client"]
+__all__ = ["compute", "local_cluster_size", "start_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +76,30 @@ def start_client(
     finally:
         client.close()
         cluster.close()
+
+
+def compute(collections: list[Any], progress: bool = False) -> list[Any]:
+    """Compute dask collections on the active distributed client if any, else locally.
+
+    With ``progress`` a progress bar is shown (distributed's, or dask's local one).
+    """
+    import dask
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        client = None
+    if client is not None:
+        futures = client.compute(collections)
+        if progress:
+            from distributed import progress as show_progress
+
+            show_progress(futures)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return list(dask.compute(*collections))
+    return list(dask.compute(*collections))

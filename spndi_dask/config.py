@@ -290,6 +290,39 @@ class ReduceSettings(_Model):
         None, description="reference d-spacing in Å (required when strain_reference = 'd0')"
     )
     pattern_grid: PositiveInt = Field(32, description="points per axis of the common q grid")
+    pattern_extent: Literal["auto"] | tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        "auto",
+        description="'auto' or half-widths [x, y, z] (1/Å) of the common q grid along the crystal "
+        "axes; 'auto' takes pattern_extent_sigma × the beamtime's mean peak widths",
+    )
+    pattern_extent_sigma: PositiveFloat = Field(
+        3.5, description="half-width of the automatic q grid in standard deviations of the peak"
+    )
+    registration: Literal["auto", "xrf", "intensity", "none"] = Field(
+        "auto",
+        description="drift registration: 'xrf' (fluorescence maps), 'intensity' (the ROI "
+        "intensity maps of neighbouring angles, chained), 'none', or 'auto' (xrf when recorded)",
+    )
+    registration_upsample: PositiveInt = Field(
+        20, description="sub-pixel precision of the registration: 1/upsample scan pixels"
+    )
+    min_snr: PositiveFloat = Field(
+        5.0, description="a scan pixel is valid when its ROI signal exceeds min_snr × its noise"
+    )
+    saturation: Literal["auto"] | PositiveFloat = Field(
+        "auto",
+        description="counts at or above which a detector value is saturated and masked ('auto': "
+        "the maximum of an integer detector dtype)",
+    )
+    hot_sigma: PositiveFloat = Field(
+        10.0, description="a pixel is hot when this many sigma above its neighbours at most angles"
+    )
+    detector_mask: str | None = Field(
+        None, description="user detector mask (TIFF, .npy or HDF5 /mask), nonzero = bad pixel"
+    )
+    flat: str | None = Field(
+        None, description="flat field (TIFF, .npy or HDF5 /flat): relative pixel efficiency"
+    )
 
     @model_validator(mode="after")
     def _d0_given(self) -> ReduceSettings:

@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from spndi_dask._version import __version__
+from spndi_dask.cluster_setup import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
 from spndi_dask.io.sources import (
@@ -239,8 +240,13 @@ def _write_tile(
     n_avail: int,
     bad_values: str,
     particle: str,
-) -> int:
-    """Read one shard's scan points of one angle file and write them; returns values zeroed."""
+) -> tuple[int, np.ndarray]:
+    """Read one band of scan points of one angle file and write it.
+
+    Returns the number of values zeroed and the band's detector projection (sum over its scan
+    points, float64), from which ``reduce`` finds hot/dead pixels and the Bragg ROI without
+    reading the frames again.
+    """
     nx = scan_shape[1]
     idx = _point_index(ys, xs, nx, order)
     lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
@@ -278,7 +284,8 @@ def _write_tile(
                 )
             block = np.where(bad, 0, block).astype(block.dtype)
     arr[angle : angle + 1, ys, xs] = block[None]
-    return n_bad
+    projection = block.reshape(-1, *block.shape[2:]).sum(axis=0, dtype=np.float64)
+    return n_bad, projection
 
 
 def _finish_angle(
@@ -292,10 +299,11 @@ def _finish_angle(
     n_avail: int,
     fingerprint: int,
     checksum: str,
-    *tile_results: int,
+    *tile_results: tuple[int, np.ndarray],
 ) -> dict[str, Any]:
     """After all shards of an angle: per-point arrays, then the done mark (last)."""
     group = zarr.open_group(group_url, mode="r+")
+    group["det_sum"][angle] = sum(t[1] for t in tile_results)
     valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
     group["valid"][angle] = valid
     if monitor:
@@ -312,7 +320,7 @@ def _finish_angle(
         "mtime_ns": st.st_mtime_ns,
         "sha256": sha256_file(src) if checksum == "sha256" else None,
         "n_points": n_avail,
-        "zeroed_values": int(sum(tile_results)),
+        "zeroed_values": int(sum(t[0] for t in tile_results)),
     }
     group["done"][angle] = np.uint64(fingerprint)
     return record
@@ -359,28 +367,6 @@ def _tasks(plan: IngestPlan) -> list[Any]:
             )
         )
     return out
-
-
-def _compute(tasks: list[Any], progress: bool) -> list[Any]:
-    from distributed import get_client
-
-    try:
-        client = get_client()
-    except ValueError:
-        client = None
-    if client is not None:
-        futures = client.compute(tasks)
-        if progress:
-            from distributed import progress as show_progress
-
-            show_progress(futures)
-        return client.gather(futures)
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar():
-            return list(dask.compute(*tasks))
-    return list(dask.compute(*tasks))
 
 
 def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -480,7 +466,7 @@ def ingest(
     if tasks:
         start = time.perf_counter()
         try:
-            results = _compute(tasks, progress)
+            results = compute(tasks, progress)
         except (IngestError, SourceError):
             # a data problem found while reading: report it per particle, keep the others
             results = None
@@ -489,7 +475,7 @@ def ingest(
             # re-run per particle so that good particles still complete
             for plan, _, _ in work:
                 try:
-                    recs = _compute(_tasks(plan), False)
+                    recs = compute(_tasks(plan), False)
                     _finalize(plan, recs)
                     summary[plan.name] = _ok(plan, seconds)
                 except (IngestError, SourceError) as exc:

@@ -6,6 +6,8 @@ Layout, one group per particle::
                        /monitor  (angle, y, x) float64   incident flux (1 where none recorded)
                        /xrf      (angle, y, x) float64   fluorescence (NaN where none recorded)
                        /valid    (angle, y, x) bool      False for points an aborted scan lacks
+                       /det_sum  (angle, det_row, det_col) float64  detector projection: the sum of
+                                                         an angle's frames over all scan points
                        /done     (angle,)      uint64    source fingerprint once an angle is
                                                          completely written, else 0
 
@@ -104,6 +106,7 @@ class RawLayout:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (compared on resume)."""
         return {
+            "format": 2,  # 2: with det_sum
             "shape": list(self.shape),
             "dtype": self.dtype.str,
             "chunks": list(self.chunks),
@@ -140,6 +143,14 @@ def create_particle_store(
     group.create_array("xrf", dtype="float64", fill_value=float("nan"), **per_angle)
     group.create_array("valid", dtype="bool", fill_value=False, **per_angle)
     group.create_array(
+        "det_sum",
+        shape=(n_angle, *layout.shape[3:]),
+        chunks=(1, *layout.shape[3:]),
+        dtype="float64",
+        fill_value=0.0,
+        dimension_names=("angle", "det_row", "det_col"),
+    )
+    group.create_array(
         "done",
         shape=(n_angle,),
         chunks=(1,),
@@ -175,7 +186,8 @@ def open_raw(
     -------
     xarray.Dataset
         ``frames(angle, y, x, det_row, det_col)`` (dask), ``monitor``, ``xrf``, ``valid``; coords
-        ``angle`` (deg), ``y``/``x`` (µm); provenance in ``attrs``.
+        ``angle`` (deg), ``y``/``x`` (µm); ``det_sum(angle, det_row, det_col)`` (the detector
+        projection recorded at ingest, when the store has it); provenance in ``attrs``.
     """
     root = Path(output_dir)
     if root.suffix != ".zarr":
@@ -222,4 +234,7 @@ def open_raw(
         "xrf": (("angle", "y", "x"), da.from_zarr(group["xrf"], chunks=per_angle)),
         "valid": (("angle", "y", "x"), da.from_zarr(group["valid"], chunks=per_angle)),
     }
+    if "det_sum" in group:
+        det = group["det_sum"]
+        data["det_sum"] = (("angle", "det_row", "det_col"), da.from_zarr(det, chunks=det.shape))
     return xr.Dataset(data, coords=coords, attrs=attrs)

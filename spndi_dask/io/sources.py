@@ -22,6 +22,7 @@ __all__ = [
     "is_tiff",
     "list_hdf5_datasets",
     "probe_source",
+    "read_detector_image",
     "read_points",
     "read_vector",
     "sha256_file",
@@ -191,3 +192,47 @@ def file_fingerprint(path: str | Path, *extra: Any) -> int:
     key = repr((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)).encode()
     value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
     return value or 1
+
+
+def read_detector_image(
+    path: str | Path, *, what: str, shape: tuple[int, int], dataset: str | None = None
+) -> np.ndarray:
+    """A detector-sized image (mask, flat field) or the mean of a stack of frames (dark).
+
+    ``.npy``, TIFF, or HDF5 (``dataset``, else the only 2-D/3-D dataset in the file). A stack
+    ``(n, rows, cols)`` is averaged over its first axis. The shape must match the detector.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{what} file {path} does not exist; fix the path in the manifest")
+    try:
+        if path.suffix == ".npy":
+            image = np.load(path, allow_pickle=False)
+        elif is_tiff(path):
+            import tifffile
+
+            image = tifffile.imread(path)
+        else:
+            h5py = _h5py()
+            with h5py.File(path, "r") as f:
+                if dataset is None or dataset not in f:
+                    names = [n for n in list_hdf5_datasets(path) if f[n].ndim in (2, 3)]
+                    if dataset is None and len(names) == 1:
+                        dataset = names[0]
+                    else:
+                        raise SourceError(
+                            f"{what} file {path} has no dataset {dataset!r} (it has "
+                            f"{names or 'no image datasets'}); store the {what} there"
+                        )
+                image = f[dataset][()]
+    except (OSError, ValueError) as exc:
+        raise _open_error(path, exc) from None
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 3:
+        image = image.mean(axis=0)
+    if image.shape != tuple(shape):
+        raise SourceError(
+            f"{what} file {path} has shape {list(image.shape)} but the detector frames are "
+            f"{list(shape)}; use a {what} made for this detector"
+        )
+    return image

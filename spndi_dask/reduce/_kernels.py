@@ -1,0 +1,562 @@
+"""Pure NumPy kernels of the reduction (no dask, no I/O): each is testable on hand-made arrays.
+
+Conventions: a block of frames is ``(angle, y, x, det_row, det_col)`` restricted to the ROI;
+``dq`` are voxel momentum transfers minus a reference vector (1/Å, sample frame); the moment
+channels of :data:`MOMENTS` are additive over voxels, scan points and angles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, sparse
+
+from spndi_dask.geometry import Geometry, axis_vector, rotation_matrix
+
+__all__ = [
+    "MOMENTS",
+    "bad_pixels",
+    "corrected",
+    "find_roi",
+    "grid_operator",
+    "maps_from_moments",
+    "moment_sums",
+    "parabolic_peak",
+    "patterns_block",
+    "register_chain",
+    "register_to_reference",
+    "shift_bilinear",
+    "shift_maps",
+    "solve_rocking_angle",
+]
+
+#: Channels of the per-(angle, y, x) moment sums. ``w`` is the corrected intensity of a voxel,
+#: ``dq`` its q minus the reference, ``row``/``col`` its detector pixel, ``var`` the Poisson
+#: variance of ``w`` (for the signal-to-noise test).
+MOMENTS = (
+    "w",
+    "w_dqx",
+    "w_dqy",
+    "w_dqz",
+    "w_dqxx",
+    "w_dqyy",
+    "w_dqzz",
+    "w_dqxy",
+    "w_dqxz",
+    "w_dqyz",
+    "w_row",
+    "w_col",
+    "var",
+)
+_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+# -- detector ---------------------------------------------------------------------------------
+def bad_pixels(
+    det_sum: np.ndarray,
+    *,
+    hot_sigma: float = 10.0,
+    hot_ratio: float = 3.0,
+    hot_fraction: float = 0.8,
+    min_expected: float = 20.0,
+    size: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hot and dead pixels from the per-angle detector projections.
+
+    A pixel is *hot* when, in at least ``hot_fraction`` of the angles, its projection exceeds the
+    ``size × size`` median of its neighbourhood by ``hot_sigma`` Poisson standard deviations and
+    by a factor ``hot_ratio`` (a Bragg peak spans many pixels and moves with the rocking angle;
+    a hot pixel is a lone outlier at every angle). It is *dead* when it counted nothing over all
+    angles where its neighbourhood median expected at least ``min_expected`` counts.
+
+    Parameters
+    ----------
+    det_sum : array (n_angle, n_row, n_col)
+        Sum of each angle's frames over the scan points.
+
+    Returns
+    -------
+    hot, dead : bool arrays (n_row, n_col)
+
+    Examples
+    --------
+    >>> s = np.full((3, 9, 9), 50.0); s[:, 4, 4] = 5000.0; s[:, 1, 1] = 0.0
+    >>> hot, dead = bad_pixels(s)
+    >>> np.argwhere(hot).tolist(), np.argwhere(dead).tolist()
+    ([[4, 4]], [[1, 1]])
+    """
+    det_sum = np.asarray(det_sum, dtype=np.float64)
+    med = ndimage.median_filter(det_sum, size=(1, size, size), mode="nearest")
+    excess = det_sum - med
+    outlier = (excess > hot_sigma * np.sqrt(med + 1.0)) & (det_sum > hot_ratio * (med + 1.0))
+    hot = outlier.mean(axis=0) >= hot_fraction
+    total = det_sum.sum(axis=0)
+    med_total = ndimage.median_filter(total, size=size, mode="nearest")
+    dead = (total <= 1e-3 * med_total) & (med_total >= min_expected) & ~hot
+    return hot, dead
+
+
+def find_roi(
+    projection: np.ndarray,
+    bad: np.ndarray | None = None,
+    *,
+    padding: int = 8,
+    n_sigma: float = 5.0,
+    min_pixels: int = 3,
+) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """Bragg-peak region of interest from the detector projection (summed over angles and scan).
+
+    Bad pixels are replaced by their neighbourhood median; the background level and noise are
+    the median and the MAD of the projection; pixels ``n_sigma`` above it form the peak (groups
+    of fewer than ``min_pixels`` are dropped as noise). The bounding box, padded by ``padding``
+    and clipped to the detector, is returned as ``(row_start, row_stop, col_start, col_stop)``.
+
+    Returns
+    -------
+    roi : tuple or None
+        None when no pixel stands out (no Bragg signal).
+    at_edge : bool
+        The padded ROI touches the detector edge (the peak may be cut off).
+
+    Examples
+    --------
+    >>> p = np.random.default_rng(0).poisson(100.0, (64, 64)).astype(float)
+    >>> p[20:26, 30:34] += 5000.0
+    >>> find_roi(p, padding=2)
+    ((18, 28, 28, 36), False)
+    """
+    proj = np.asarray(projection, dtype=np.float64).copy()
+    if bad is not None and bad.any():
+        proj[bad] = ndimage.median_filter(proj, size=5, mode="nearest")[bad]
+    level = np.median(proj)
+    noise = max(1.4826 * np.median(np.abs(proj - level)), math.sqrt(max(level, 1.0)))
+    peak = proj > level + n_sigma * noise
+    labels, n = ndimage.label(peak)
+    if n == 0:
+        return None, False
+    sizes = ndimage.sum_labels(peak, labels, index=np.arange(1, n + 1))
+    keep = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
+    if not keep.any():
+        return None, False
+    rows, cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+    nr, nc = proj.shape
+    r0, r1 = max(rows[0] - padding, 0), min(rows[-1] + 1 + padding, nr)
+    c0, c1 = max(cols[0] - padding, 0), min(cols[-1] + 1 + padding, nc)
+    at_edge = r0 == 0 or c0 == 0 or r1 == nr or c1 == nc
+    return (int(r0), int(r1), int(c0), int(c1)), bool(at_edge)
+
+
+def corrected(
+    frames: np.ndarray,
+    *,
+    scale: np.ndarray,
+    background: np.ndarray,
+    dark: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
+    bad: np.ndarray | None = None,
+    saturation: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Corrected intensities of a block of frames and their Poisson variance.
+
+    ``w = (frames − dark) / flat · scale − background``, with masked voxels (bad pixels,
+    saturated or non-finite values, invalid points where ``scale == 0``) set to 0.
+
+    Parameters
+    ----------
+    frames : array (n_angle, ny, nx, n_row, n_col)
+    scale : array (n_angle, ny, nx)
+        Monitor normalisation per point (mean monitor / monitor); 0 for invalid points.
+    background : array (n_angle,)
+        Background per pixel and frame after normalisation.
+    dark, flat, bad : arrays (n_row, n_col), optional
+    saturation : float, optional
+
+    Returns
+    -------
+    w, var : float32 arrays like ``frames``
+    """
+    w = frames.astype(np.float32)
+    masked = ~np.isfinite(w)
+    if saturation is not None:
+        masked |= w >= saturation
+    if dark is not None:
+        w -= dark.astype(np.float32)
+    var = np.maximum(w, 0.0)
+    s = scale.astype(np.float32)[..., None, None]
+    if flat is not None:
+        gain = (1.0 / flat).astype(np.float32)
+        w *= gain
+        var *= gain * gain
+    w *= s
+    var *= s * s
+    w -= background.astype(np.float32)[:, None, None, None, None]
+    if bad is not None:
+        masked |= bad
+    masked |= s == 0
+    w[masked] = 0.0
+    var[masked] = 0.0
+    return w, var
+
+
+# -- moments ----------------------------------------------------------------------------------
+def moment_sums(
+    w: np.ndarray, var: np.ndarray, dq: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """Moment sums of :data:`MOMENTS` per (angle, y, x) over the detector ROI.
+
+    Parameters
+    ----------
+    w, var : arrays (n_angle, ny, nx, n_row, n_col)
+        From :func:`corrected`.
+    dq : array (n_angle, n_row, n_col, 3)
+        Voxel q minus the reference vector.
+    rows, cols : arrays (n_row,), (n_col,)
+        Detector indices of the ROI.
+
+    Returns
+    -------
+    numpy.ndarray (n_angle, ny, nx, 13), float64
+
+    Examples
+    --------
+    One voxel of weight 2 at dq = (1, 2, 3):
+
+    >>> w = np.zeros((1, 1, 1, 2, 2), np.float32); w[0, 0, 0, 1, 0] = 2
+    >>> dq = np.zeros((1, 2, 2, 3)); dq[0, 1, 0] = [1, 2, 3]
+    >>> m = moment_sums(w, w, dq, np.arange(2), np.arange(2))
+    >>> m[0, 0, 0].tolist()
+    [2.0, 2.0, 4.0, 6.0, 2.0, 8.0, 18.0, 4.0, 6.0, 12.0, 2.0, 0.0, 2.0]
+    """
+    na, ny, nx, nr, nc = w.shape
+    v = nr * nc
+    d = dq.reshape(na, v, 3)
+    rc = np.broadcast_to(
+        np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(1, v, 2), (na, v, 2)
+    )
+    feats = np.concatenate(
+        [np.ones((na, v, 1)), d, np.stack([d[..., i] * d[..., j] for i, j in _PAIRS], -1), rc],
+        axis=-1,
+    ).astype(np.float32)
+    out = np.empty((na, ny * nx, len(MOMENTS)), dtype=np.float64)
+    out[..., :-1] = np.matmul(w.reshape(na, ny * nx, v), feats)
+    out[..., -1] = var.reshape(na, ny * nx, v).sum(axis=-1, dtype=np.float64)
+    return out.reshape(na, ny, nx, len(MOMENTS))
+
+
+def maps_from_moments(
+    m: np.ndarray, h_ref: np.ndarray, axes: np.ndarray, *, min_snr: float = 5.0
+) -> dict[str, np.ndarray]:
+    """Per-pixel maps from angle-summed moments.
+
+    Parameters
+    ----------
+    m : array (..., 13)
+        Moment sums (:data:`MOMENTS`), summed over angles.
+    h_ref : array (3,)
+        The vector the moments' ``dq`` are relative to.
+    axes : array (3, 3)
+        Rows ``x̂_c, ŷ_c, ẑ_c`` of the crystal frame for the widths.
+    min_snr : float
+        Valid when ``Σw > min_snr · sqrt(Σvar)``.
+
+    Returns
+    -------
+    dict
+        ``valid``, ``intensity``, ``q_com (..., 3)``, ``width_x/y/z`` (1/Å standard deviations
+        along the crystal axes), ``det_row``/``det_col`` (detector centre of mass); NaN where not
+        valid.
+    """
+    s = m[..., 0]
+    valid = (s > 0) & (s > min_snr * np.sqrt(np.maximum(m[..., 12], 0.0)))
+    safe = np.where(valid, s, np.nan)
+    mean = m[..., 1:4] / safe[..., None]
+    cov = np.empty((*s.shape, 3, 3))
+    for k, (i, j) in enumerate(_PAIRS):
+        c = m[..., 4 + k] / safe - mean[..., i] * mean[..., j]
+        cov[..., i, j] = c
+        cov[..., j, i] = c
+    var_axes = np.einsum("ki,...ij,kj->...k", axes, cov, axes)
+    widths = np.sqrt(np.maximum(var_axes, 0.0))
+    return {
+        "valid": valid,
+        "intensity": np.where(valid, s, np.nan),
+        "q_com": h_ref + mean,
+        "width_x": widths[..., 0],
+        "width_y": widths[..., 1],
+        "width_z": widths[..., 2],
+        "det_row": m[..., 10] / safe,
+        "det_col": m[..., 11] / safe,
+    }
+
+
+def parabolic_peak(curves: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Angle of the maximum of each rocking curve, refined by a parabola through 3 points.
+
+    Parameters
+    ----------
+    curves : array (n_angle, ...)
+    angles : array (n_angle,), increasing
+
+    Examples
+    --------
+    >>> a = np.linspace(-1, 1, 21)
+    >>> round(float(parabolic_peak(np.exp(-((a - 0.13) ** 2) / 0.1), a)), 3)
+    0.13
+    """
+    c = np.nan_to_num(np.asarray(curves, dtype=np.float64), nan=-np.inf)
+    n = c.shape[0]
+    i = np.argmax(c, axis=0)
+    im, ip = np.clip(i - 1, 0, n - 1), np.clip(i + 1, 0, n - 1)
+    y0 = np.take_along_axis(c, im[None], 0)[0]
+    y1 = np.take_along_axis(c, i[None], 0)[0]
+    y2 = np.take_along_axis(c, ip[None], 0)[0]
+    denom = y0 - 2 * y1 + y2
+    inner = (i > 0) & (i < n - 1) & np.isfinite(denom) & (denom < 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        off = np.where(inner, 0.5 * (y0 - y2) / np.where(inner, denom, 1.0), 0.0)
+    return np.interp(i + np.clip(off, -0.5, 0.5), np.arange(n), angles)
+
+
+# -- drift ------------------------------------------------------------------------------------
+def _prepare(image: np.ndarray) -> np.ndarray:
+    # median-subtracted and zero-padded (no wrap-around of content shifted across the scan
+    # edge); no apodising window: a fixed window under moving content biases the shift
+    im = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=np.nanmedian(image))
+    pad = max(im.shape) // 4 + 1
+    return np.pad(im - np.median(im), pad)
+
+
+def register_to_reference(images: np.ndarray, *, reference: int, upsample: int = 20) -> np.ndarray:
+    """Sub-pixel shift of each image relative to ``images[reference]`` (phase correlation).
+
+    Returns the displacement ``d`` of each image's content (content at ``p`` in the reference
+    appears at ``p + d``), shape ``(n, 2)`` in scan pixels (y, x); 0 for the reference.
+    """
+    from skimage.registration import phase_cross_correlation
+
+    ref = _prepare(images[reference])
+    out = np.zeros((len(images), 2))
+    for a, im in enumerate(images):
+        if a == reference or not np.any(np.nan_to_num(im)):
+            continue
+        shift, _, _ = phase_cross_correlation(
+            ref, _prepare(im), upsample_factor=upsample, normalization=None
+        )
+        out[a] = -shift
+    return out
+
+
+def register_chain(images: np.ndarray, *, reference: int, upsample: int = 20) -> np.ndarray:
+    """Displacements by registering each image to its neighbour and chaining from ``reference``.
+
+    For maps that change slowly with angle (ROI intensity: domains diffract at different angles)
+    neighbouring angles are similar where distant ones are not; the chained shifts are summed
+    outward from the reference. An image without signal takes its neighbour's displacement.
+    """
+    n = len(images)
+    out = np.zeros((n, 2))
+    for a in range(reference + 1, n):
+        pair = np.stack([images[a - 1], images[a]])
+        out[a] = out[a - 1] + register_to_reference(pair, reference=0, upsample=upsample)[1]
+    for a in range(reference - 1, -1, -1):
+        pair = np.stack([images[a + 1], images[a]])
+        out[a] = out[a + 1] + register_to_reference(pair, reference=0, upsample=upsample)[1]
+    return out
+
+
+def shift_bilinear(
+    block: np.ndarray, dy: float, dx: float, *, halo: int, out_shape: tuple[int, int]
+) -> np.ndarray:
+    """Sample ``block`` (y, x, ...) at ``(y + halo + dy, x + halo + dx)`` for the core points.
+
+    ``block`` holds ``halo`` extra points on every side of the ``out_shape`` core; the result is
+    the content displaced by ``(dy, dx)`` brought back to its reference position (bilinear).
+
+    Examples
+    --------
+    >>> b = np.arange(25.0).reshape(5, 5)
+    >>> shift_bilinear(b, 0.5, -1.0, halo=1, out_shape=(3, 3)).tolist()
+    [[8.5, 9.5, 10.5], [13.5, 14.5, 15.5], [18.5, 19.5, 20.5]]
+    """
+    ty, tx = out_shape
+    iy, ix = math.floor(dy), math.floor(dx)
+    fy, fx = dy - iy, dx - ix
+    if max(abs(iy), abs(iy + 1 if fy else iy)) > halo or max(abs(ix), abs(ix + 1 if fx else ix)) > (
+        halo
+    ):
+        raise ValueError(f"shift ({dy:.2f}, {dx:.2f}) exceeds the halo of {halo} points")
+    y0, x0 = halo + iy, halo + ix
+    out = None
+    for oy, wy in ((0, 1 - fy), (1, fy)):
+        for ox, wx in ((0, 1 - fx), (1, fx)):
+            if wy * wx == 0:
+                continue
+            part = block[y0 + oy : y0 + oy + ty, x0 + ox : x0 + ox + tx]
+            term = part * np.asarray(wy * wx, dtype=block.dtype)
+            out = term if out is None else out + term
+    return out
+
+
+def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.ndarray:
+    """Bring per-angle maps ``(angle, y, x, ...)`` back to the reference scan grid (bilinear).
+
+    ``out[a, y, x] = maps[a, y + drift[a, 0], x + drift[a, 1]]``; points that fall outside the
+    scan take ``fill``.
+    """
+    maps = np.asarray(maps)
+    halo = int(np.ceil(np.abs(drift).max())) + 1 if len(drift) else 1
+    pad = [(0, 0), (halo, halo), (halo, halo)] + [(0, 0)] * (maps.ndim - 3)
+    padded = np.pad(maps, pad, constant_values=fill)
+    return np.stack(
+        [
+            shift_bilinear(padded[a], dy, dx, halo=halo, out_shape=maps.shape[1:3])
+            for a, (dy, dx) in enumerate(drift)
+        ]
+    )
+
+
+# -- common q grid ----------------------------------------------------------------------------
+def solve_rocking_angle(
+    q: np.ndarray, geometry: Geometry, near_deg: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rocking angle at which sample-frame vectors ``q`` satisfy the Bragg condition.
+
+    Solves ``|R(a, θ) q + k ẑ| = k``, i.e. ``ẑ·R(a, θ) q = −|q|²/2k`` (Rodrigues' formula gives
+    ``A cos θ + B sin θ = D``); of the two solutions the one nearest ``near_deg`` is returned.
+
+    Returns
+    -------
+    theta_deg : array (n,)
+        NaN where no angle reaches ``q``.
+    q_lab : array (n, 3)
+    """
+    a = axis_vector(geometry.rocking_axis)
+    z = np.array([0.0, 0.0, 1.0])
+    aq = q @ a
+    coef_a = q @ z - (a @ z) * aq
+    coef_b = np.cross(a, q) @ z
+    coef_c = (a @ z) * aq
+    rhs = -np.einsum("ni,ni->n", q, q) / (2 * geometry.k) - coef_c
+    amp = np.hypot(coef_a, coef_b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        base = np.arctan2(coef_b, coef_a)
+        spread = np.arccos(rhs / amp)
+    near = np.deg2rad(near_deg)
+    cands = np.stack([base + spread, base - spread])
+    cands = near + (cands - near + np.pi) % (2 * np.pi) - np.pi  # wrap to near ± π
+    pick = np.argmin(np.abs(cands - near), axis=0)
+    theta = np.take_along_axis(cands, pick[None], 0)[0]
+    rot = rotation_matrix(a, np.nan_to_num(theta))
+    q_lab = np.einsum("nij,nj->ni", rot, q)
+    return np.rad2deg(theta), q_lab
+
+
+def _detector_pixel(q_lab: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Fractional detector (row, col) hit by ``k_f = q_lab + k ẑ`` (NaN when it misses)."""
+    kf = q_lab + np.array([0.0, 0.0, geometry.k])
+    local = kf @ geometry.detector_rotation()  # components in the unrotated detector frame
+    e_row = axis_vector(geometry.row_direction)
+    e_col = axis_vector(geometry.col_direction)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = geometry.detector_distance_m / local[:, 2]
+    t = np.where(t > 0, t, np.nan)
+    pos = local * t[:, None]
+    rows = geometry.beam_center[0] + (pos @ e_row) / geometry.pixel_size_m
+    cols = geometry.beam_center[1] + (pos @ e_col) / geometry.pixel_size_m
+    return rows, cols
+
+
+def grid_operator(
+    geometry: Geometry,
+    angles_deg: np.ndarray,
+    roi: tuple[int, int, int, int],
+    grid_q: np.ndarray,
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Sparse trilinear interpolation from measured voxels onto arbitrary q points.
+
+    Each q point (sample frame) is traced back to the fractional (angle, row, col) at which it
+    was measured (:func:`solve_rocking_angle`, then the detector pixel its ``k_f`` hits) and
+    interpolated from the 8 surrounding voxels of the ``(angle, ROI row, ROI col)`` lattice.
+
+    Parameters
+    ----------
+    geometry : Geometry
+    angles_deg : array (n_angle,)
+        Rocking angles in storage order (any monotonic order).
+    roi : (row_start, row_stop, col_start, col_stop)
+    grid_q : array (n_points, 3)
+
+    Returns
+    -------
+    operator : scipy.sparse.csr_matrix (n_points, n_angle · n_row · n_col), float32
+        ``operator @ voxels`` with voxels flattened in (angle, row, col) order.
+    covered : bool array (n_points,)
+        q points inside the measured range (rows of the operator that are not empty).
+    """
+    angles = np.asarray(angles_deg, dtype=np.float64)
+    na = len(angles)
+    r0, r1, c0, c1 = roi
+    nr, nc = r1 - r0, c1 - c0
+    theta, q_lab = solve_rocking_angle(grid_q, geometry, float(np.mean(angles)))
+    rows, cols = _detector_pixel(q_lab, geometry)
+    order = np.argsort(angles)
+    fa = np.interp(theta, angles[order], np.arange(na), left=np.nan, right=np.nan)
+    frac = np.stack([fa, rows - r0, cols - c0], -1)
+    size = np.array([na, nr, nc])
+    covered = np.all(np.isfinite(frac), axis=1)
+    tol = 1e-6
+    covered &= np.all((frac >= -tol) & (frac <= size - 1 + tol), axis=1)
+    pts = np.flatnonzero(covered)
+    f = np.clip(frac[pts], 0, size - 1)
+    base = np.minimum(np.floor(f).astype(np.int64), np.maximum(size - 2, 0))
+    t = f - base
+    data, cols_idx, rows_idx = [], [], []
+    for corner in range(8):
+        off = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = np.minimum(base + off, size - 1)
+        weight = np.prod(np.where(off, t, 1 - t), axis=1)
+        keep = weight > 0
+        a_idx = order[idx[keep, 0]]
+        data.append(weight[keep])
+        cols_idx.append((a_idx * nr + idx[keep, 1]) * nc + idx[keep, 2])
+        rows_idx.append(pts[keep])
+    op = sparse.csr_matrix(
+        (np.concatenate(data), (np.concatenate(rows_idx), np.concatenate(cols_idx))),
+        shape=(len(grid_q), na * nr * nc),
+        dtype=np.float32,
+    )
+    op.sum_duplicates()
+    return op, covered
+
+
+def patterns_block(
+    w: np.ndarray, drift: np.ndarray, operator: Any, *, halo: int, out_shape: tuple[int, int]
+) -> np.ndarray:
+    """Drift-corrected 3D patterns on the q grid for the core points of a block.
+
+    Parameters
+    ----------
+    w : array (n_angle, ty + 2 halo, tx + 2 halo, n_row, n_col)
+        Corrected intensities with a halo of scan points.
+    drift : array (n_angle, 2)
+        Content displacement per angle (scan pixels).
+    operator : sparse (n_grid, n_angle · n_row · n_col)
+        From :func:`grid_operator`.
+
+    Returns
+    -------
+    numpy.ndarray (ty, tx, n_grid), float32, clipped at 0
+    """
+    na = w.shape[0]
+    ty, tx = out_shape
+    v = w.shape[3] * w.shape[4]
+    cols = np.empty((na, ty * tx, v), dtype=np.float32)
+    for a in range(na):
+        core = shift_bilinear(w[a], drift[a, 0], drift[a, 1], halo=halo, out_shape=out_shape)
+        cols[a] = core.reshape(ty * tx, v)
+    x = cols.transpose(0, 2, 1).reshape(na * v, ty * tx)
+    out = np.asarray(operator @ x, dtype=np.float32).T
+    np.maximum(out, 0.0, out=out)
+    return out.reshape(ty, tx, -1)
