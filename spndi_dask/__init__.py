@@ -9,6 +9,7 @@ from spndi_dask.config import Manifest, ManifestError, load_manifest
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.ingest import IngestError
 from spndi_dask.io.raw_store import open_raw
+from spndi_dask.reduce import ReduceError, open_results
 from spndi_dask.simulate import SimulationConfig, preset, simulate_beamtime
 
 __all__ = [
@@ -16,11 +17,13 @@ __all__ = [
     "IngestError",
     "Manifest",
     "ManifestError",
+    "ReduceError",
     "SimulationConfig",
     "__version__",
     "crystal_frame",
     "load_manifest",
     "open_raw",
+    "open_results",
     "preset",
     "q_sample",
     "simulate_beamtime",

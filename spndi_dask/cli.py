@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
     p.add_argument("--force", action="store_true", help="rewrite even what is up to date")
     _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "reduce",
+        help="raw.zarr -> results.zarr: maps, rocking curves, q-grid patterns",
+        description="Reduce the ingested frames of a beamtime into <output>/results.zarr "
+        "(d-spacing, strain, tilt, widths, rocking curves, drift, 3D patterns).",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+    p.add_argument("--force", action="store_true", help="recompute even what is up to date")
+    _add_cluster_args(p)
     return parser
 
 
@@ -106,6 +117,32 @@ def _print_ingest(summary: dict[str, dict[str, Any]], raw_zarr: Path) -> None:
         raw = s.get("raw_bytes", 0) / 1e9
         print(f"{name:<16}{s['status']:<14}{s.get('angles_written', 0):>8}{raw:>10.3f}")
     print(f"raw.zarr: {raw_zarr} ({_du(raw_zarr) / 1e6:.1f} MB on disk)")
+
+
+def _print_reduce(summary: dict[str, dict[str, Any]], results: Path) -> None:
+    print(f"\n{'particle':<16}{'status':<14}{'valid px':>9}{'drift':>11}{'seconds':>9}  ROI")
+    for name, s in summary.items():
+        print(
+            f"{name:<16}{s['status']:<14}{s.get('valid_pixels', ''):>9}"
+            f"{s.get('drift_method', ''):>11}{s.get('seconds', ''):>9}  {s.get('roi', '')}"
+        )
+        for w in s.get("warnings", []):
+            print(f"  warning: {w}")
+        if "error" in s:
+            print(f"  error: {s['error']}")
+    print(f"results: {results} (open with xarray.open_datatree(path, engine='zarr'))")
+
+
+def _cmd_reduce(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.reduce import reduce, results_path
+
+    manifest = load_manifest(args.manifest)
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        summary = reduce(manifest, particles=args.particles, force=args.force, progress=True)
+    _print_reduce(summary, results_path(manifest.output_dir))
+    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -152,6 +189,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.ingest import ingest
     from spndi_dask.io.raw_store import raw_path
+    from spndi_dask.reduce import reduce, results_path
     from spndi_dask.simulate import preset, simulate_beamtime
 
     out = Path(args.out)
@@ -159,23 +197,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _client(args) as client:
         print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/2] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        print(f"[1/3] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
         simulate_beamtime(out, cfg)
         t1 = time.perf_counter()
-        print(f"[2/2] ingest -> {raw_path(out / 'results')}")
+        print(f"[2/3] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
         summary = ingest(manifest, progress=True)
         t2 = time.perf_counter()
-    _print_ingest(summary, raw_path(manifest.output_dir))
+        _print_ingest(summary, raw_path(manifest.output_dir))
+        print(f"[3/3] reduce -> {results_path(manifest.output_dir)}")
+        reduced = reduce(manifest, progress=True)
+        t3 = time.perf_counter()
+    _print_reduce(reduced, results_path(manifest.output_dir))
     print(
-        f"\ndemo done in {t2 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s)\n"
+        f"\ndemo done in {t3 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
+        f"reduce {t3 - t2:.1f} s)\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
         f"  Zarr store:   {raw_path(manifest.output_dir)}  "
-        f"(open with spndi_dask.open_raw('{manifest.output_dir}', 'p1'))"
+        f"(open with spndi_dask.open_raw('{manifest.output_dir}', 'p1'))\n"
+        f"  results:      {results_path(manifest.output_dir)}  "
+        f"(open with spndi_dask.open_results('{manifest.output_dir}'))"
     )
-    return 0
+    return 0 if all(s["status"] != "failed" for s in reduced.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    commands = {"demo": _cmd_demo, "simulate": _cmd_simulate, "ingest": _cmd_ingest}
+    commands = {
+        "demo": _cmd_demo,
+        "simulate": _cmd_simulate,
+        "ingest": _cmd_ingest,
+        "reduce": _cmd_reduce,
+    }
     try:
         return commands[args.command](args)
     except (ManifestError, ConnectionError, FileNotFoundError) as exc:

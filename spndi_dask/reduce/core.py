@@ -305,17 +305,35 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
             f"particle '{name}': [reduce] registration = 'xrf' but no XRF was recorded; set "
             f"`xrf` for the particle in the manifest or use registration = 'intensity'"
         )
+    plan.drift_method = method
     if method == "xrf":
         images = np.where(good, xrf * scale, np.nan)
-        plan.drift = K.register_to_reference(
-            images, reference=plan.reference_angle, upsample=settings.registration_upsample
+        plan.drift = _checked_drift(
+            plan,
+            K.register_to_reference(
+                images, reference=plan.reference_angle, upsample=settings.registration_upsample
+            ),
         )
     elif method == "none":
         plan.drift = np.zeros((na, 2))
-    plan.drift_method = method
     for w in warnings:
         logger.warning("particle '%s': %s", name, w)
     return plan
+
+
+def _checked_drift(plan: ParticlePlan, drift: np.ndarray) -> np.ndarray:
+    """Drift limited to a quarter of the scan (larger means registration failed), warned."""
+    ny, nx = plan.scale.shape[1:]
+    limit = np.array([max(ny // 4, 1), max(nx // 4, 1)], dtype=float)
+    if np.any(np.abs(drift) > limit):
+        msg = (
+            f"registration ({plan.drift_method}) gave drifts up to "
+            f"{np.abs(drift).max(axis=0).round(2).tolist()} scan pixels, more than a quarter of "
+            "the scan: clipped; check the maps or set [reduce] registration"
+        )
+        plan.warnings.append(msg)
+        logger.warning("particle '%s': %s", plan.name, msg)
+    return np.clip(drift, -limit, limit)
 
 
 @dataclass(frozen=True)
@@ -507,9 +525,16 @@ def _pattern_graph(plan: ParticlePlan, ctx: Any, grid: BeamtimeGrid) -> da.Array
     halo = int(np.ceil(np.abs(plan.drift).max())) + 1
     frames = roi_frames(plan, halo=halo)
     scale = da.from_array(plan.scale.astype(np.float32), chunks=frames.chunks[:3])
-    depth = {0: 0, 1: halo, 2: halo}
-    frames_h = da.overlap.overlap(frames, depth={**depth, 3: 0, 4: 0}, boundary=0)
-    scale_h = da.overlap.overlap(scale, depth=depth, boundary=0)
+    if halo <= min(min(frames.chunks[1]), min(frames.chunks[2])):
+        # neighbours' edges are shared in memory: every voxel is still read once
+        depth = {0: 0, 1: halo, 2: halo}
+        frames_h = da.overlap.overlap(frames, depth={**depth, 3: 0, 4: 0}, boundary=0)
+        scale_h = da.overlap.overlap(scale, depth=depth, boundary=0)
+    else:  # a scan smaller than the drift: one block, zero-padded
+        frames = frames.rechunk({1: -1, 2: -1})
+        pad = ((0, 0), (halo, halo), (halo, halo))
+        frames_h = da.pad(frames, (*pad, (0, 0), (0, 0)), mode="constant")
+        scale_h = da.pad(scale.rechunk({1: -1, 2: -1}), pad, mode="constant")
     n = grid.n
     return da.blockwise(
         _patterns_task,
@@ -957,10 +982,13 @@ def reduce(
                 (values,) = compute(
                     [_moment_graph(plan, dask.delayed(_context(plan, None)))], progress
                 )
-                plan.drift = K.register_chain(
-                    values[..., 0],
-                    reference=plan.reference_angle,
-                    upsample=settings.registration_upsample,
+                plan.drift = _checked_drift(
+                    plan,
+                    K.register_chain(
+                        values[..., 0],
+                        reference=plan.reference_angle,
+                        upsample=settings.registration_upsample,
+                    ),
                 )
                 moments = da.from_array(values, chunks=values.shape)
             ds = reduce_particle(

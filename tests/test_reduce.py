@@ -1,0 +1,405 @@
+"""Reduce: kernels against hand-worked cases, laziness, results layout, accuracy, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from spndi_dask.config import Manifest
+from spndi_dask.geometry import crystal_frame, q_sample, strain_tilt
+from spndi_dask.ingest import ingest
+from spndi_dask.reduce import (
+    ReduceError,
+    beamtime_grid,
+    open_results,
+    plan_particle,
+    reduce,
+    reduce_particle,
+)
+from spndi_dask.reduce import _kernels as K
+from spndi_dask.simulate import preset, simulate_beamtime
+
+from .conftest import load, manifest_dict, write_angle_files
+
+
+def _ready(tmp_path, config, **reduce_settings) -> Manifest:
+    m = simulate_beamtime(tmp_path, config, scheduler="sync")
+    if reduce_settings:
+        d = m.to_dict()
+        d["reduce"] = reduce_settings
+        m = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
+    ingest(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_reduce")
+    m = _ready(out, preset("tiny"))
+    summary = reduce(m)
+    return out, m, summary
+
+
+def _errors(ds: xr.Dataset, truth_file) -> dict[str, float]:
+    """RMSE of d-spacing (relative) and tilts (rad, in the truth frame) inside the particle."""
+    gt = np.load(truth_file)
+    frame = crystal_frame(gt["G0"], "y+")
+    ours = strain_tilt(ds["q_com"].values, frame)
+    true = strain_tilt(gt["G"], frame)
+    inside = gt["particle_mask"] & ds["valid"].values
+    d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
+    rel = (ds["d_spacing"].values - d_true) / d_true
+    rms = lambda e: float(np.sqrt(np.mean(e[inside] ** 2)))  # noqa: E731
+    return {
+        "d": rms(rel),
+        "tilt_x": rms(ours["tilt_x"] - true["tilt_x"]),
+        "tilt_y": rms(ours["tilt_y"] - true["tilt_y"]),
+        "drift": float(np.abs(ds["drift"].values - gt["drift"]).max()),
+        "coverage": inside.sum() / gt["particle_mask"].sum(),
+    }
+
+
+# -- kernels ----------------------------------------------------------------------------------
+def test_moments_of_a_sampled_gaussian_give_its_centre_and_width():
+    g = np.linspace(-0.01, 0.01, 41)
+    dq = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1)  # (41, 41, 41, 3): angle, row, col
+    centre, sigma = np.array([1e-3, -2e-3, 5e-4]), np.array([1.5e-3, 1e-3, 2e-3])
+    w = np.exp(-0.5 * (((dq - centre) / sigma) ** 2).sum(-1)).astype(np.float32)
+    m = K.moment_sums(w[:, None, None], w[:, None, None], dq, np.arange(41), np.arange(41))
+    maps = K.maps_from_moments(m.sum(axis=0), np.zeros(3), np.eye(3))
+    np.testing.assert_allclose(maps["q_com"][0, 0], centre, atol=1e-7)
+    got = [maps[f"width_{a}"][0, 0] for a in "xyz"]
+    np.testing.assert_allclose(got, sigma, rtol=1e-3)
+    assert maps["det_row"][0, 0] == pytest.approx(20 + centre[1] / 5e-4, abs=1e-3)
+
+
+def test_no_signal_is_nan_and_invalid_never_inf():
+    m = np.zeros((2, 3, len(K.MOMENTS)))
+    m[0, 0, 0], m[0, 0, 12] = 100.0, 100.0  # SNR 10: valid
+    m[0, 1, 0], m[0, 1, 12] = 10.0, 100.0  # SNR 1: not valid
+    m[1, 0, 0] = -5.0  # negative after background subtraction
+    maps = K.maps_from_moments(m, np.array([0.0, 0.0, 1.0]), np.eye(3))
+    assert maps["valid"].tolist() == [[True, False, False], [False, False, False]]
+    for key in ("intensity", "width_x", "det_row"):
+        assert not np.isinf(maps[key]).any()
+        assert np.isnan(maps[key][~maps["valid"]]).all()
+
+
+def test_corrections_dark_flat_monitor_background_masks():
+    frames = np.full((1, 1, 2, 2, 2), 10, dtype=np.uint16)
+    frames[0, 0, 1, 1, 1] = 65535  # saturated
+    scale = np.array([[[2.0, 0.0]]])  # second point invalid
+    bad = np.array([[False, True], [False, False]])
+    w, var = K.corrected(
+        frames,
+        scale=scale,
+        background=np.array([1.0]),
+        dark=np.full((2, 2), 2.0),
+        flat=np.full((2, 2), 0.5),
+        bad=bad,
+        saturation=65535,
+    )
+    # (10 - 2) / 0.5 * 2 - 1 = 31
+    assert w[0, 0, 0].tolist() == [[31.0, 0.0], [31.0, 31.0]]
+    assert (w[0, 0, 1] == 0).all() and (var[0, 0, 1] == 0).all()
+    assert var[0, 0, 0, 0, 0] == pytest.approx(8 / 0.25 * 4)
+
+
+def test_registration_recovers_subpixel_shifts():
+    rng = np.random.default_rng(3)
+    from scipy import ndimage
+
+    # a particle-like XRF map: compact blobs on a flat background
+    yy, xx = np.mgrid[:40, :48]
+    base = sum(
+        a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+        for a, cy, cx, s in ((5, 18, 20, 5), (3, 25, 30, 3), (2, 12, 28, 2))
+    )
+    base = base + 0.01 * ndimage.gaussian_filter(rng.random((40, 48)), 1.0)
+    truth = np.array([[0.0, 0.0], [0.6, -1.3], [-2.25, 0.4]])
+    images = np.stack([ndimage.shift(base, d, order=3, mode="nearest") for d in truth])
+    got = K.register_to_reference(images, reference=0, upsample=50)
+    np.testing.assert_allclose(got, truth, atol=0.06)
+    chained = K.register_chain(images, reference=0, upsample=50)
+    np.testing.assert_allclose(chained, truth, atol=0.1)
+    # shifting the maps back puts every image on the reference grid
+    back = K.shift_maps(images[..., None], got, fill=np.nan)[..., 0]
+    core = (slice(4, -4), slice(4, -4))
+    assert np.nanmax(np.abs(back[2][core] - base[core])) < 0.02 * np.ptp(base)
+
+
+def test_grid_operator_traces_q_back_to_the_measured_voxel():
+    cfg = preset("demo")
+    g, angles = cfg.geometry(), cfg.angles()
+    roi = (10, 50, 20, 60)
+    voxels = q_sample(g, angles, rows=np.arange(10, 50), cols=np.arange(20, 60))
+    # an off-lattice point measured at a fractional angle and pixel
+    target = q_sample(g, [angles[7] + 0.021], rows=[30.4], cols=[33.3]).reshape(1, 3)
+    theta, _ = K.solve_rocking_angle(target, g, float(angles.mean()))
+    assert theta[0] == pytest.approx(angles[7] + 0.021, abs=1e-9)
+    op, covered = K.grid_operator(g, angles, roi, np.vstack([target, target * 1.1]))
+    assert covered.tolist() == [True, False]  # 10 % longer q is not on the detector ROI
+    assert op[0].nnz == 8 and op[0].sum() == pytest.approx(1.0, abs=1e-6)
+    interp = [op[0] @ voxels[..., k].ravel() for k in range(3)]
+    np.testing.assert_allclose(np.concatenate(interp), target[0], atol=2e-7)
+
+
+def test_bad_pixels_and_roi_on_a_simulated_projection(tiny):
+    _out, m, _ = tiny
+    plan = plan_particle(m, m.particles[0])
+    cfg = preset("tiny")
+    rng = np.random.default_rng([cfg.seed, 7919])
+    npix = int(np.prod(cfg.detector_shape))
+    hot = (rng.random(npix) < cfg.hot_fraction).reshape(cfg.detector_shape)
+    # every simulated hot pixel found; nothing else flagged hot
+    assert plan.n_hot == hot.sum() and plan.bad[hot].all()
+    r0, r1, c0, c1 = plan.roi
+    peak = q_sample(
+        cfg.geometry(),
+        cfg.angles()[[4]],
+        rows=[cfg.geometry().beam_center[0]],
+        cols=[cfg.geometry().beam_center[1]],
+    )
+    assert peak.shape == (1, 1, 1, 3)
+    br, bc = cfg.geometry().beam_center
+    assert r0 < br < r1 and c0 < bc < c1
+
+
+# -- the lazy graph and the results layout ----------------------------------------------------
+def test_building_the_graph_computes_nothing(tiny, raise_if_computes):
+    _out, m, _ = tiny
+    plans = [plan_particle(m, p) for p in m.particles]
+    grid = beamtime_grid(m, plans)
+    ds = reduce_particle(plans[0], grid)
+    for name in ("pattern", "strain", "rocking_curve", "q_com", "reference_q"):
+        assert isinstance(ds[name].data, da.Array), name
+    assert ds["pattern"].dims == ("y", "x", "dq_x", "dq_y", "dq_z")
+    assert ds["pattern"].shape[2:] == (32, 32, 32)
+
+
+def test_results_open_as_a_datatree_with_units_and_provenance(tiny):
+    out, m, summary = tiny
+    assert {s["status"] for s in summary.values()} == {"reduced"}
+    tree = xr.open_datatree(
+        str(out / "results" / "results.zarr"), engine="zarr", consolidated=False
+    )
+    assert set(tree.children) == {"p1", "p2"}
+    ds = tree["p1"].to_dataset()
+    for var in (
+        "intensity",
+        "d_spacing",
+        "strain",
+        "tilt_x",
+        "tilt_y",
+        "width_x",
+        "width_y",
+        "width_z",
+        "peak_angle",
+        "det_row_com",
+        "det_col_com",
+        "valid",
+        "quality",
+    ):
+        assert ds[var].dims == ("y", "x"), var
+    assert ds["rocking_curve"].dims == ("angle", "y", "x")
+    assert ds["q_com"].dims == ("y", "x", "component")
+    assert ds["drift"].dims == ("angle", "axis")
+    assert ds["d_spacing"].attrs["units"] == "Å" and ds["tilt_x"].attrs["units"] == "rad"
+    assert ds["y"].attrs["units"] == "µm" and ds["angle"].attrs["units"] == "deg"
+    meta = ds.attrs["spndi_dask"]
+    assert meta["complete"] and meta["kind"] == "reduce"
+    assert ds.attrs["manifest_hash"] == m.manifest_hash and ds.attrs["raw_sources"]
+    # patterns are chunked for per-pixel access and the common grid is the same for all
+    assert zarr.open_array(str(out / "results/results.zarr/p1/pattern")).chunks[:2] == (8, 8)
+    assert tree["p1"].attrs["q_grid"] == tree["p2"].attrs["q_grid"]
+    # NaN exactly where not valid; never inf
+    valid = ds["valid"].values
+    assert valid.sum() > 20
+    for var in ("d_spacing", "strain", "tilt_x", "width_z", "peak_angle"):
+        v = ds[var].values
+        assert np.isfinite(v[valid]).all() and np.isnan(v[~valid]).all(), var
+
+
+def test_particle_mean_reference_has_zero_mean_strain_and_tilt(tiny):
+    out, _m, _ = tiny
+    ds = open_results(out / "results", "p1").compute()
+    w = np.where(ds["valid"], ds["intensity"], 0.0)
+    for var in ("strain", "tilt_x", "tilt_y"):
+        mean = np.nansum(w * ds[var].values) / w.sum()
+        assert abs(mean) < 5e-5, var  # weighted mean of a nonlinear map: ≈ 0, not exactly
+    # strain and d-spacing agree: strain = d / d_ref − 1
+    d_ref = 2 * np.pi / np.linalg.norm(ds["reference_q"].values)
+    np.testing.assert_allclose(ds["strain"], ds["d_spacing"] / d_ref - 1, atol=1e-12)
+
+
+def test_patterns_centre_of_mass_matches_the_maps(tiny):
+    out, _m, _ = tiny
+    ds = open_results(out / "results", "p1").compute()
+    grid = ds.attrs["q_grid"]
+    axes, h = np.asarray(grid["axes"]), np.asarray(grid["h"])
+    p = ds["pattern"].values
+    valid = ds["valid"].values & (ds["intensity"].values > np.nanpercentile(ds["intensity"], 50))
+    offsets = [ds[d].values for d in ("dq_x", "dq_y", "dq_z")]
+    total = p.sum(axis=(2, 3, 4))
+    com = (
+        np.stack(
+            [
+                np.einsum("yxijk,i->yx", p, offsets[0]),
+                np.einsum("yxijk,j->yx", p, offsets[1]),
+                np.einsum("yxijk,k->yx", p, offsets[2]),
+            ],
+            -1,
+        )
+        / total[..., None]
+    )
+    expected = (ds["q_com"].values - h) @ axes.T
+    err = np.abs(com - expected)[valid]
+    # clipping at 0 and the grid's finite extent cost a little; far below the voxel size
+    assert np.median(err) < 2e-4 and err.max() < 1e-3
+
+
+def test_rerun_is_up_to_date_and_force_recomputes(tiny):
+    _out, m, _ = tiny
+    assert {s["status"] for s in reduce(m).values()} == {"up to date"}
+    s = reduce(m, particles=["p2"], force=True)
+    assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
+    with pytest.raises(ReduceError, match="not in the manifest"):
+        reduce(m, particles=["nope"])
+
+
+def test_d0_and_beamtime_median_references(tmp_path):
+    m = _ready(tmp_path, preset("tiny"), strain_reference="d0", d0_angstrom=4.70)
+    reduce(m)
+    ds = open_results(tmp_path / "results", "p1").compute()
+    np.testing.assert_allclose(ds["strain"], ds["d_spacing"] / 4.70 - 1, atol=1e-12)
+    d = m.to_dict()
+    d["reduce"] = {"strain_reference": "beamtime_median"}
+    m2 = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
+    reduce(m2)
+    a = open_results(tmp_path / "results", "p1").compute()
+    b = open_results(tmp_path / "results", "p2").compute()
+    np.testing.assert_array_equal(a["reference_q"], b["reference_q"])
+    pooled = np.concatenate([a["d_spacing"].values[a["valid"]], b["d_spacing"].values[b["valid"]]])
+    d_ref = 2 * np.pi / np.linalg.norm(a["reference_q"].values)
+    assert abs(np.median(pooled) - d_ref) / d_ref < 2e-5
+
+
+# -- accuracy against simulated ground truth --------------------------------------------------
+@pytest.mark.slow
+def test_accuracy_on_the_demo_with_and_without_drift_correction(tmp_path):
+    m = _ready(tmp_path, preset("demo", n_particles=1))
+    reduce(m)
+    ok = _errors(
+        open_results(tmp_path / "results", "p1").compute(), tmp_path / "ground_truth" / "p1.npz"
+    )
+    assert ok["coverage"] > 0.99
+    assert ok["d"] <= 1e-4, ok
+    assert ok["tilt_x"] <= 1e-4 and ok["tilt_y"] <= 1e-4, ok
+    assert ok["drift"] < 0.2, ok
+    d = m.to_dict()
+    d["reduce"] = {"registration": "none"}
+    m2 = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
+    reduce(m2)
+    bad = _errors(
+        open_results(tmp_path / "results", "p1").compute(), tmp_path / "ground_truth" / "p1.npz"
+    )
+    assert bad["d"] > 3 * ok["d"] and bad["tilt_x"] > 3 * ok["tilt_x"], (ok, bad)
+    # the fallback without XRF (chained intensity maps) still beats no correction
+    d["reduce"] = {"registration": "intensity"}
+    m3 = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
+    reduce(m3)
+    chained = _errors(
+        open_results(tmp_path / "results", "p1").compute(), tmp_path / "ground_truth" / "p1.npz"
+    )
+    assert chained["d"] < bad["d"], (chained, bad)
+
+
+# -- bad input --------------------------------------------------------------------------------
+def test_all_zero_particle_is_flagged_not_a_crash(tmp_path, caplog):
+    frames = np.zeros((3, 5, 6, 16, 16), dtype=np.uint16)
+    write_angle_files(tmp_path, frames)
+    m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(5, 6)))
+    ingest(m)
+    with caplog.at_level(logging.WARNING):
+        s = reduce(m)
+    assert s["p1"]["status"] == "reduced" and s["p1"]["valid_pixels"] == 0
+    assert "no Bragg signal" in caplog.text
+    ds = open_results(tmp_path / "results", "p1").compute()
+    assert not ds["valid"].any() and np.isnan(ds["d_spacing"]).all()
+    assert (ds["quality"] & 1).all()
+
+
+def test_angle_without_signal_and_nan_voxels(tiny, tmp_path):
+    import shutil
+
+    out, m, _ = tiny
+    shutil.copytree(out, tmp_path / "b")
+    m2 = Manifest.from_dict(
+        m.to_dict(), base_dir=tmp_path / "b", source=str(tmp_path / "b" / "beamtime.toml")
+    )
+    g = zarr.open_group(str(tmp_path / "b/results/raw.zarr/p1"), mode="r+")
+    g["frames"][0] = 0  # no signal at the first angle
+    g["det_sum"][0] = 0
+    s = reduce(m2, force=True)
+    assert s["p1"]["status"] == "reduced"
+    ds = open_results(tmp_path / "b" / "results", "p1").compute()
+    assert float(np.abs(ds["rocking_curve"][0]).max()) < 5.0  # background only
+    assert ds["valid"].sum() > 20 and np.isfinite(ds["d_spacing"].values[ds["valid"]]).all()
+
+    # NaN voxels in a float raw store are masked, the rest reduces
+    frames = np.random.default_rng(0).poisson(1.0, (3, 4, 5, 16, 16)).astype(np.float32)
+    frames[:, :, :, 6:10, 6:10] += 200.0
+    write_angle_files(tmp_path / "c", frames)
+    mc = load(tmp_path / "c", manifest_dict(n_angles=3, scan_shape=(4, 5)))
+    ingest(mc)
+    arr = zarr.open_array(str(tmp_path / "c/results/raw.zarr/p1/frames"), mode="r+")
+    arr[1, 2, 3] = np.nan
+    sc = reduce(mc)
+    assert sc["p1"]["status"] == "reduced"
+    dc = open_results(tmp_path / "c" / "results", "p1").compute()
+    assert dc["valid"].all() and np.isfinite(dc["d_spacing"]).all()
+
+
+def test_peak_outside_the_rocking_range_warns_and_flags(tmp_path, caplog):
+    cfg = preset("tiny", n_particles=1)
+    m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
+    d = m.to_dict()
+    p = d["particles"][0]
+    p["frames"] = [f"raw/p1/angle_{i:03d}.h5" for i in range(3)]  # angles before the peak
+    p["angles_deg"] = p["angles_deg"][:3]
+    m = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
+    ingest(m)
+    with caplog.at_level(logging.WARNING):
+        s = reduce(m)
+    assert s["p1"]["status"] == "reduced"
+    assert "outside the rocking range" in caplog.text
+    ds = open_results(tmp_path / "results", "p1").compute()
+    assert ((ds["quality"].values & 2) > 0).sum() > 0.5 * ds["valid"].sum()
+
+
+def test_roi_touching_the_detector_edge_is_flagged(tmp_path, caplog):
+    m = _ready(tmp_path, preset("tiny", n_particles=1, beam_center_offset=(13.0, 0.0)))
+    with caplog.at_level(logging.WARNING):
+        reduce(m)
+    assert "touches the detector edge" in caplog.text
+    ds = open_results(tmp_path / "results", "p1").compute()
+    assert ds.attrs["roi_at_detector_edge"] and ((ds["quality"].values & 8) > 0).all()
+
+
+def test_bad_settings_and_files_name_the_fix(tiny, tmp_path):
+    out, m, _ = tiny
+    d = m.to_dict()
+    d["reduce"] = {"roi": [0, 100, 0, 8]}
+    bad_roi = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
+    s = reduce(bad_roi, particles=["p1"])
+    assert s["p1"]["status"] == "failed" and "beyond the detector" in s["p1"]["error"]
+    np.save(tmp_path / "mask.npy", np.zeros((5, 5)))
+    d["reduce"] = {"detector_mask": str(tmp_path / "mask.npy")}
+    bad_mask = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
+    s = reduce(bad_mask, particles=["p1"])
+    assert "[5, 5]" in s["p1"]["error"] and "[32, 32]" in s["p1"]["error"]
