@@ -445,7 +445,7 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
         (reader.shape[3],),
         (reader.shape[4],),
     )
-    token = dask.base.tokenize(url, plan.roi, frames.shape, plan.raw.attrs.get("sources"))
+    token = dask.base.tokenize(url, plan.roi, chunks, plan.raw.attrs.get("sources"))
     return da.from_array(
         reader, chunks=chunks, lock=False, fancy=False, name=f"raw-roi-{plan.name}-{token}"
     )
