@@ -213,7 +213,6 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
             f"the Bragg ROI {list(roi)} touches the detector edge: the peak may be cut off "
             "(flag 'roi_at_detector_edge' in `quality`)"
         )
-    n_sat = 0
     dtype = raw["frames"].dtype
     if settings.saturation == "auto":
         saturation = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
@@ -294,7 +293,6 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
         weight_projection=total,
         warnings=warnings,
     )
-    del n_sat
     method = settings.registration
     xrf = _small(raw, "xrf")
     has_xrf = bool(np.isfinite(xrf).any())
@@ -659,7 +657,8 @@ def reduce_particle(
     """
     if plan.drift is None:
         raise ReduceError(f"particle '{plan.name}': the drift is not known yet")
-    ctx = dask.delayed(_context(plan, grid), pure=True, name=f"reduce-ctx-{plan.name}")
+    context = _context(plan, grid)
+    ctx = dask.delayed(context, pure=True, name=f"reduce-ctx-{plan.name}")
     if moments is None:
         moments = _moment_graph(plan, ctx)
     na, ny, nx = moments.shape[:3]
@@ -742,7 +741,7 @@ def reduce_particle(
     coords["axis"] = np.array(["y", "x"], dtype=object)
     if grid is not None:
         patterns = _pattern_graph(plan, ctx, grid)
-        _, covered = K.grid_operator(plan.geometry, plan.angles, plan.roi, grid.points())
+        covered = context["covered"]
         dims = ("y", "x", "dq_x", "dq_y", "dq_z")
         data["pattern"] = (
             dims,
