@@ -22,6 +22,7 @@ __all__ = [
     "find_roi",
     "grid_operator",
     "maps_from_moments",
+    "moment_features",
     "moment_sums",
     "parabolic_peak",
     "patterns_block",
@@ -30,6 +31,7 @@ __all__ = [
     "shift_bilinear",
     "shift_maps",
     "solve_rocking_angle",
+    "used_voxels",
 ]
 
 #: Channels of the per-(angle, y, x) moment sums. ``w`` is the corrected intensity of a voxel,
@@ -201,6 +203,26 @@ def corrected(
 
 
 # -- moments ----------------------------------------------------------------------------------
+def moment_features(dq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Per-voxel factors of the first 12 :data:`MOMENTS` (all but ``var``).
+
+    Returns
+    -------
+    numpy.ndarray (n_angle, n_row · n_col, 12), float32
+        ``1, dq, dq_i·dq_j (pairs as MOMENTS), row, col``: moment sums are ``w @ features``.
+    """
+    na, nr, nc = dq.shape[:3]
+    v = nr * nc
+    d = dq.reshape(na, v, 3)
+    rc = np.broadcast_to(
+        np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(1, v, 2), (na, v, 2)
+    )
+    return np.concatenate(
+        [np.ones((na, v, 1)), d, np.stack([d[..., i] * d[..., j] for i, j in _PAIRS], -1), rc],
+        axis=-1,
+    ).astype(np.float32)
+
+
 def moment_sums(
     w: np.ndarray, var: np.ndarray, dq: np.ndarray, rows: np.ndarray, cols: np.ndarray
 ) -> np.ndarray:
@@ -231,14 +253,7 @@ def moment_sums(
     """
     na, ny, nx, nr, nc = w.shape
     v = nr * nc
-    d = dq.reshape(na, v, 3)
-    rc = np.broadcast_to(
-        np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(1, v, 2), (na, v, 2)
-    )
-    feats = np.concatenate(
-        [np.ones((na, v, 1)), d, np.stack([d[..., i] * d[..., j] for i, j in _PAIRS], -1), rc],
-        axis=-1,
-    ).astype(np.float32)
+    feats = moment_features(dq, rows, cols)
     out = np.empty((na, ny * nx, len(MOMENTS)), dtype=np.float64)
     out[..., :-1] = np.matmul(w.reshape(na, ny * nx, v), feats)
     out[..., -1] = var.reshape(na, ny * nx, v).sum(axis=-1, dtype=np.float64)
@@ -529,6 +544,26 @@ def grid_operator(
     )
     op.sum_duplicates()
     return op, covered
+
+
+def used_voxels(operator: Any, n_angle: int) -> tuple[Any, list[np.ndarray]]:
+    """The operator restricted to the voxels it reads, and those voxels per angle.
+
+    Voxels outside the q grid's extent (often half of an ROI) need not be corrected, shifted
+    or multiplied.
+
+    Returns
+    -------
+    operator : scipy.sparse.csr_matrix (n_points, n_used)
+    voxels : list of int arrays
+        Per angle, the used ROI voxels (``row · n_col + col``), sorted; columns of the
+        restricted operator follow them angle by angle.
+    """
+    used = np.unique(operator.indices)
+    per_angle = operator.shape[1] // max(n_angle, 1)
+    angle = used // per_angle
+    voxels = [used[angle == a] - a * per_angle for a in range(n_angle)]
+    return operator[:, used].tocsr(), voxels
 
 
 def patterns_block(

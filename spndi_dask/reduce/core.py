@@ -39,6 +39,7 @@ from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.io.raw_store import open_raw, raw_path
 from spndi_dask.io.sources import SourceError, read_detector_image
+from spndi_dask.reduce import _fused as F
 from spndi_dask.reduce import _kernels as K
 
 __all__ = [
@@ -450,96 +451,88 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
 
 
 def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
+    """Per-particle constants of the block tasks (shipped to each worker once)."""
     r, c = plan.roi_slices
     rows, cols = np.arange(r.start, r.stop), np.arange(c.start, c.stop)
     q = q_sample(plan.geometry, plan.angles, rows=rows, cols=cols)
-    ctx = {
-        "dq": q - plan.h_projection,
-        "rows": rows,
-        "cols": cols,
+    offset, gain = F.correction_tables(
+        (len(rows), len(cols)),
+        dark=None if plan.dark is None else plan.dark[r, c],
+        flat=None if plan.flat is None else plan.flat[r, c],
+        bad=plan.bad[r, c],
+    )
+    ctx: dict[str, Any] = {
+        "features": K.moment_features(q - plan.h_projection, rows, cols),
+        "offset": offset,
+        "gain": gain,
         "background": plan.background,
-        "dark": None if plan.dark is None else plan.dark[r, c],
-        "flat": None if plan.flat is None else plan.flat[r, c],
-        "bad": plan.bad[r, c],
         "saturation": plan.saturation,
     }
     if grid is not None:
         op, covered = K.grid_operator(plan.geometry, plan.angles, plan.roi, grid.points())
-        ctx["operator"], ctx["covered"] = op, covered
+        ctx["operator"], ctx["voxels"] = K.used_voxels(op, len(plan.angles))
+        ctx["covered"], ctx["n"] = covered, grid.n
     return ctx
 
 
-def _correct(frames: np.ndarray, scale: np.ndarray, ctx: dict[str, Any]) -> tuple[Any, Any]:
-    return K.corrected(
+def _block_task(
+    frames: np.ndarray, scale: np.ndarray, ctx: dict[str, Any], drift: Any, halo: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Moments and (with a q grid) patterns of the core points of one block of frames."""
+    moments, patterns = F.block_reduce(
         frames,
-        scale=scale,
+        scale,
+        drift,
+        offset=ctx["offset"],
+        gain=ctx["gain"],
         background=ctx["background"],
-        dark=ctx["dark"],
-        flat=ctx["flat"],
-        bad=ctx["bad"],
         saturation=ctx["saturation"],
+        features=ctx["features"],
+        operator=ctx.get("operator"),
+        voxels=ctx.get("voxels"),
+        halo=halo,
     )
+    if patterns is None:
+        return moments, None
+    n, (ty, tx) = ctx["n"], moments.shape[1:3]
+    return moments, patterns.reshape(ty, tx, n, n, n)
 
 
-def _moments_task(frames: np.ndarray, scale: np.ndarray, ctx: dict[str, Any]) -> np.ndarray:
-    w, var = _correct(frames, scale, ctx)
-    return K.moment_sums(w, var, ctx["dq"], ctx["rows"], ctx["cols"])
+def _pick(blocks: tuple[np.ndarray, ...], index: int) -> np.ndarray:
+    return blocks[index]
 
 
-def _patterns_task(
-    frames: np.ndarray,
-    scale: np.ndarray,
-    ctx: dict[str, Any],
-    drift: np.ndarray,
-    halo: int,
-    n: int,
-) -> np.ndarray:
-    w, _ = _correct(frames, scale, ctx)
-    out_shape = (frames.shape[1] - 2 * halo, frames.shape[2] - 2 * halo)
-    p = K.patterns_block(w, drift, ctx["operator"], halo=halo, out_shape=out_shape)
-    return p.reshape(*out_shape, n, n, n)
+def _block_graph(
+    plan: ParticlePlan, ctx: Any, grid: BeamtimeGrid | None
+) -> tuple[da.Array, da.Array | None]:
+    """Lazy per-angle moment sums and (with a grid) drift-corrected patterns of a particle.
 
-
-def _moment_graph(plan: ParticlePlan, ctx: Any) -> da.Array:
-    frames = roi_frames(plan)
+    One task per scan tile reads the tile's ROI voxels once and produces both. With a drift,
+    the tiles are extended by a halo of scan points shared in memory with their neighbours
+    (``da.overlap``: every voxel is still read once).
+    """
+    halo = 0
+    if grid is not None and plan.drift is not None and len(plan.drift):
+        halo = int(np.ceil(np.abs(plan.drift).max()))
+    frames = roi_frames(plan, halo=halo)
+    na = frames.shape[0]
+    ychunks, xchunks = frames.chunks[1], frames.chunks[2]
     scale = da.from_array(plan.scale.astype(np.float32), chunks=frames.chunks[:3])
-    return da.blockwise(
-        _moments_task,
-        "ayxk",
+    if halo and halo <= min(min(ychunks), min(xchunks)):
+        depth = {0: 0, 1: halo, 2: halo}
+        frames = da.overlap.overlap(frames, depth={**depth, 3: 0, 4: 0}, boundary=0)
+        scale = da.overlap.overlap(scale, depth=depth, boundary=0)
+    elif halo:  # a scan smaller than the drift: one block, zero-padded
+        ychunks, xchunks = (sum(ychunks),), (sum(xchunks),)
+        pad = ((0, 0), (halo, halo), (halo, halo))
+        frames = da.pad(frames.rechunk({1: -1, 2: -1}), (*pad, (0, 0), (0, 0)))
+        scale = da.pad(scale.rechunk({1: -1, 2: -1}), pad)
+    blocks = da.blockwise(
+        _block_task,
+        "yx",
         frames,
         "ayxrc",
         scale,
-        "ayx",
-        ctx,
-        None,
-        new_axes={"k": len(K.MOMENTS)},
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0, 0), np.float64),
-    )
-
-
-def _pattern_graph(plan: ParticlePlan, ctx: Any, grid: BeamtimeGrid) -> da.Array:
-    halo = int(np.ceil(np.abs(plan.drift).max())) + 1
-    frames = roi_frames(plan, halo=halo)
-    scale = da.from_array(plan.scale.astype(np.float32), chunks=frames.chunks[:3])
-    if halo <= min(min(frames.chunks[1]), min(frames.chunks[2])):
-        # neighbours' edges are shared in memory: every voxel is still read once
-        depth = {0: 0, 1: halo, 2: halo}
-        frames_h = da.overlap.overlap(frames, depth={**depth, 3: 0, 4: 0}, boundary=0)
-        scale_h = da.overlap.overlap(scale, depth=depth, boundary=0)
-    else:  # a scan smaller than the drift: one block, zero-padded
-        frames = frames.rechunk({1: -1, 2: -1})
-        pad = ((0, 0), (halo, halo), (halo, halo))
-        frames_h = da.pad(frames, (*pad, (0, 0), (0, 0)), mode="constant")
-        scale_h = da.pad(scale.rechunk({1: -1, 2: -1}), pad, mode="constant")
-    n = grid.n
-    return da.blockwise(
-        _patterns_task,
-        "yxPQR",
-        frames_h,
-        "ayxrc",
-        scale_h,
         "ayx",
         ctx,
         None,
@@ -547,14 +540,32 @@ def _pattern_graph(plan: ParticlePlan, ctx: Any, grid: BeamtimeGrid) -> da.Array
         None,
         halo,
         None,
-        n,
-        None,
-        new_axes={"P": n, "Q": n, "R": n},
-        adjust_chunks={"y": frames.chunks[1], "x": frames.chunks[2]},
+        adjust_chunks={"y": ychunks, "x": xchunks},
         concatenate=True,
+        meta=np.empty((0, 0), object),
+    )
+    moments = da.map_blocks(
+        _pick,
+        blocks,
+        0,
+        new_axis=[0, 3],
+        chunks=((na,), ychunks, xchunks, (len(K.MOMENTS),)),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0), np.float64),
+    )
+    if grid is None:
+        return moments, None
+    n = grid.n
+    patterns = da.map_blocks(
+        _pick,
+        blocks,
+        1,
+        new_axis=[2, 3, 4],
+        chunks=(ychunks, xchunks, (n,), (n,), (n,)),
         dtype=np.float32,
         meta=np.empty((0, 0, 0, 0, 0), np.float32),
     )
+    return moments, patterns
 
 
 def _finish_maps(
@@ -631,7 +642,6 @@ def reduce_particle(
     min_snr: float = 5.0,
     reference: np.ndarray | None = None,
     d0: float | None = None,
-    moments: da.Array | None = None,
 ) -> xr.Dataset:
     """The lazy reduce results of one particle (nothing is computed).
 
@@ -647,8 +657,6 @@ def reduce_particle(
         Reference vector for strain and tilt; default the particle's mean q.
     d0 : float, optional
         Reference d-spacing (Å): ``|h| = 2π/d0`` along the reference direction.
-    moments : dask array, optional
-        Per-angle moment sums already computed (intensity registration).
 
     Returns
     -------
@@ -658,9 +666,9 @@ def reduce_particle(
     if plan.drift is None:
         raise ReduceError(f"particle '{plan.name}': the drift is not known yet")
     context = _context(plan, grid)
-    ctx = dask.delayed(context, pure=True, name=f"reduce-ctx-{plan.name}")
-    if moments is None:
-        moments = _moment_graph(plan, ctx)
+    token = dask.base.tokenize(plan.name, plan.roi, grid.to_dict() if grid else None)
+    ctx = dask.delayed(context, pure=True, name=f"reduce-ctx-{plan.name}-{token}")
+    moments, patterns = _block_graph(plan, ctx, grid)
     na, ny, nx = moments.shape[:3]
     small = moments.rechunk((na, ny, nx, len(K.MOMENTS)))
     missing = (plan.scale == 0).any(axis=0)
@@ -739,8 +747,7 @@ def reduce_particle(
     )
     coords["component"] = np.array(["qx", "qy", "qz"], dtype=object)
     coords["axis"] = np.array(["y", "x"], dtype=object)
-    if grid is not None:
-        patterns = _pattern_graph(plan, ctx, grid)
+    if patterns is not None:
         covered = context["covered"]
         dims = ("y", "x", "dq_x", "dq_y", "dq_z")
         data["pattern"] = (
@@ -976,10 +983,9 @@ def reduce(
             reduced.append(name)
             continue
         try:
-            moments = None
             if plan.drift is None:  # register the ROI intensity maps: needs the moments first
                 (values,) = compute(
-                    [_moment_graph(plan, dask.delayed(_context(plan, None)))], progress
+                    [_block_graph(plan, dask.delayed(_context(plan, None)), None)[0]], progress
                 )
                 plan.drift = _checked_drift(
                     plan,
@@ -989,13 +995,11 @@ def reduce(
                         upsample=settings.registration_upsample,
                     ),
                 )
-                moments = da.from_array(values, chunks=values.shape)
             ds = reduce_particle(
                 plan,
                 grid,
                 min_snr=settings.min_snr,
                 d0=settings.d0_angstrom if settings.strain_reference == "d0" else None,
-                moments=moments,
             )
             attrs = {
                 **base,

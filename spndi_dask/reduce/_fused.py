@@ -1,0 +1,247 @@
+"""Fused numba kernels: one pass over a raw block of frames, corrections applied on the fly.
+
+The NumPy kernels of :mod:`._kernels` (:func:`~._kernels.corrected`,
+:func:`~._kernels.moment_sums`, :func:`~._kernels.patterns_block`) define the results; these
+compute the same numbers without materialising the corrected float32 block, its variance, masks
+and transposed copies (five to six block-sized temporaries), which made the reduction several
+times slower than reading the frames and its memory grow with the block size. The tests compare
+both paths on the same blocks.
+
+Corrections (as :func:`~._kernels.corrected`): ``w = (raw − offset) · gain · scale − bg``,
+``var = max(raw − offset, 0) · (gain · scale)²``, with 0 where the point is invalid
+(``scale == 0``), the pixel is masked (``gain == 0``) or the value is saturated or not finite.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["block_reduce", "correction_tables"]
+
+# no 'nnan'/'ninf': the saturation test must see NaN voxels
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+def correction_tables(
+    shape: tuple[int, int],
+    *,
+    dark: np.ndarray | None,
+    flat: np.ndarray | None,
+    bad: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(offset, gain)`` per ROI pixel (float32): dark, and 1/flat with 0 at masked pixels."""
+    offset = np.zeros(shape, np.float32) if dark is None else np.asarray(dark, np.float32)
+    gain = np.ones(shape, np.float32) if flat is None else (1.0 / flat).astype(np.float32)
+    if bad is not None:
+        gain = np.where(bad, np.float32(0), gain)
+    gain = np.where(np.isfinite(gain), gain, np.float32(0))
+    return np.ascontiguousarray(offset), np.ascontiguousarray(gain)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _correct_angle(raw, a, scale, offset, gain, b, sat, slot, w_out, var_out, w_t):
+    """Corrected intensities of angle ``a``: ``w_out (y, x, row, col)``, Σ var per point, and
+    the voxels with ``slot[row, col] >= 0`` transposed into ``w_t[slot, y·nx + x]``."""
+    _, ny, nx, nr, nc = raw.shape
+    zero = np.float32(0)
+    for y in range(ny):
+        for x in range(nx):
+            s = scale[a, y, x]
+            p = y * nx + x
+            vs = zero
+            for r in range(nr):
+                for c in range(nc):
+                    v = np.float32(raw[a, y, x, r, c])
+                    g = gain[r, c] * s
+                    ok = (v < sat) & (g != zero)
+                    d = v - offset[r, c]
+                    w_out[y, x, r, c] = d * g - b if ok else zero
+                    vs += max(d, zero) * g * g if ok else zero
+            var_out[y, x] = vs
+            if w_t.shape[0]:
+                for r in range(nr):
+                    for c in range(nc):
+                        j = slot[r, c]
+                        if j >= 0:
+                            w_t[j, p] = w_out[y, x, r, c]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _shift_rows(w_t, iy, ix, fy, fx, halo, ty, tx, out):  # pragma: no cover
+    """``out[v, y·tx + x] = Σ bilinear w_t[v, (halo + y + dy)·nx + halo + x + dx]``.
+
+    Unused taps have weight 0 and offset 0 (an in-range read).
+    """
+    nv, nyx = w_t.shape
+    nx = nyx // (ty + 2 * halo)
+    wts = np.zeros(4, np.float32)
+    offs = np.zeros(4, np.int64)
+    k = 0
+    for oy in range(2):
+        for ox in range(2):
+            wt = (fy if oy else 1 - fy) * (fx if ox else 1 - fx)
+            if wt != 0:
+                wts[k], offs[k] = wt, (halo + iy + oy) * nx + halo + ix + ox
+                k += 1
+    w0, w1, w2, w3 = wts[0], wts[1], wts[2], wts[3]
+    for v in range(nv):
+        row = w_t[v]
+        for y in range(ty):
+            b0, b1, b2, b3 = offs[0] + y * nx, offs[1] + y * nx, offs[2] + y * nx, offs[3] + y * nx
+            o = y * tx
+            for x in range(tx):
+                out[v, o + x] = (
+                    w0 * row[b0 + x] + w1 * row[b1 + x] + w2 * row[b2 + x] + w3 * row[b3 + x]
+                )
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _apply_operator_t(indptr, indices, data, columns, out):  # pragma: no cover
+    """``out = max(operator @ columns, 0).T`` for a CSR operator, without temporaries."""
+    n_rows, n_points = indptr.shape[0] - 1, columns.shape[1]
+    step = 16
+    tmp = np.empty((step, n_points), np.float32)
+    for g0 in range(0, n_rows, step):
+        g1 = min(g0 + step, n_rows)
+        tmp[:] = 0
+        for g in range(g0, g1):
+            for k in range(indptr[g], indptr[g + 1]):
+                d = data[k]
+                col = indices[k]
+                for p in range(n_points):
+                    tmp[g - g0, p] += d * columns[col, p]
+        for p in range(n_points):
+            for g in range(g0, g1):
+                v = tmp[g - g0, p]
+                out[p, g] = v if v > 0 else np.float32(0)
+
+
+_LOCAL = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """A scratch array kept per thread and reused across blocks.
+
+    dask workers release freed memory to the system eagerly (``MALLOC_TRIM_THRESHOLD_``), so
+    allocating block-sized temporaries anew for every block costs page faults that doubled the
+    time of a block; the scratch arrays are allocated once per worker thread instead.
+    """
+    cache = _LOCAL.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buf = cache.get(name)
+    if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+        buf = cache[name] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+def block_reduce(
+    raw: np.ndarray,
+    scale: np.ndarray,
+    drift: np.ndarray | None,
+    *,
+    offset: np.ndarray,
+    gain: np.ndarray,
+    background: np.ndarray,
+    saturation: float | None,
+    features: np.ndarray,
+    operator: Any = None,
+    voxels: list[np.ndarray] | None = None,
+    halo: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Moment sums and drift-corrected q-grid patterns of the core points of a raw block.
+
+    Parameters
+    ----------
+    raw : array (n_angle, ty + 2 halo, tx + 2 halo, n_row, n_col), any real dtype
+    scale : array (n_angle, ty + 2 halo, tx + 2 halo)
+        Monitor normalisation per point, 0 for invalid points (and outside the scan).
+    drift : array (n_angle, 2) or None
+        Content displacement per angle (needed with ``operator``).
+    offset, gain : arrays (n_row, n_col)
+        From :func:`correction_tables`.
+    background : array (n_angle,)
+    saturation : float or None
+    features : array (n_angle, n_row · n_col, 12)
+        From :func:`~._kernels.moment_features`.
+    operator : scipy.sparse.csr_matrix (n_grid, n_voxel), optional
+        q-grid operator over ``voxels`` (:func:`~._kernels.used_voxels`); None skips patterns.
+    voxels : list of int arrays, optional
+        Per angle, the ROI voxels (``row · n_col + col``) the operator's columns refer to;
+        default all voxels.
+    halo : int
+        Scan points around the core (read for the drift shift only).
+
+    Returns
+    -------
+    moments : numpy.ndarray (n_angle, ty, tx, 13), float64
+        As :func:`~._kernels.moment_sums` of the (unshifted) core.
+    patterns : numpy.ndarray (ty · tx, n_grid), float32, or None
+        As :func:`~._kernels.patterns_block`: corrected voxels shifted back by the drift
+        (bilinear), interpolated onto the grid, clipped at 0.
+    """
+    na, ny, nx, nr, nc = raw.shape
+    ty, tx, nv = ny - 2 * halo, nx - 2 * halo, nr * nc
+    scale = np.ascontiguousarray(scale, np.float32)
+    background = np.asarray(background, np.float32)
+    sat = np.float32(np.inf if saturation is None else saturation)
+    moments = np.empty((na, ty, tx, 13), np.float64)
+    columns = None
+    if operator is not None:
+        if drift is None:
+            raise ValueError("patterns need the drift")
+        drift = np.asarray(drift, np.float64)
+        shift_i = np.floor(drift).astype(np.int64)
+        shift_f = drift - shift_i
+        reach = np.maximum(np.abs(shift_i), np.abs(shift_i + (shift_f > 0)))
+        if len(reach) and reach.max() > halo:
+            a = int(np.argmax(reach.max(axis=1)))
+            raise ValueError(
+                f"shift {tuple(np.round(drift[a], 2))} at angle {a} exceeds the halo of {halo}"
+            )
+        if voxels is None:
+            voxels = [np.arange(nv)] * na
+        starts = np.cumsum([0, *map(len, voxels)])
+        if operator.shape[1] != starts[-1]:
+            raise ValueError(f"operator has {operator.shape[1]} columns for {starts[-1]} voxels")
+        columns = _workspace("columns", (int(starts[-1]), ty * tx))
+        w_t = _workspace("w_t", (max(map(len, voxels)), ny * nx))
+        slots = np.full((na, nv), -1, np.int64)
+        for a, vox in enumerate(voxels):
+            slots[a, vox] = np.arange(len(vox))
+        slots = slots.reshape(na, nr, nc)
+    else:
+        w_t, slots = np.empty((0, 0), np.float32), np.full((na, nr, nc), -1, np.int64)
+    w = _workspace("w", (ny, nx, nr, nc))
+    var = _workspace("var", (ny, nx))
+    m12 = _workspace("m12", (ty, tx, 12))
+    core = (slice(halo, ny - halo), slice(halo, nx - halo))
+    for a in range(na):
+        part = w_t[: len(voxels[a])] if columns is not None else w_t
+        _correct_angle(raw, a, scale, offset, gain, background[a], sat, slots[a], w, var, part)
+        np.matmul(w[core].reshape(ty, tx, nv), features[a], out=m12)
+        moments[a, ..., :12] = m12
+        moments[a, ..., 12] = var[core]
+        if columns is not None and len(voxels[a]):
+            _shift_rows(
+                part,
+                shift_i[a, 0],
+                shift_i[a, 1],
+                np.float32(shift_f[a, 0]),
+                np.float32(shift_f[a, 1]),
+                halo,
+                ty,
+                tx,
+                columns[starts[a] : starts[a + 1]],
+            )
+    if columns is None:
+        return moments, None
+    patterns = np.empty((ty * tx, operator.shape[0]), np.float32)
+    _apply_operator_t(
+        operator.indptr, operator.indices, operator.data.astype(np.float32), columns, patterns
+    )
+    return moments, patterns
