@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
     p.add_argument("--force", action="store_true", help="recompute even what is up to date")
     _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "stats",
+        help="results.zarr -> particle labels, particles.csv, figures",
+        description="Segment every reduced scan into particles (or use the manifest's masks), "
+        "write label to results.zarr, per-particle statistics to <output>/particles.csv and "
+        "figures to <output>/figures/.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    p.add_argument("--force", action="store_true", help="redo even what is up to date")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    _add_cluster_args(p)
     return parser
 
 
@@ -145,6 +158,34 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
 
 
+def _print_stats(summary: dict[str, dict[str, Any]], output: Path) -> None:
+    print(f"\n{'particle':<16}{'status':<14}{'labels':>7}  method")
+    for name, s in summary.items():
+        print(f"{name:<16}{s['status']:<14}{s.get('labels', ''):>7}  {s.get('method', '')}")
+        for key in ("warning", "error"):
+            if key in s:
+                print(f"  {key}: {s[key]}")
+    print(f"table: {output / 'particles.csv'}\nfigures: {output / 'figures'}")
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.particles import ParticleError, stats
+
+    manifest = load_manifest(args.manifest)
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        try:
+            summary = stats(
+                manifest, particles=args.particles, force=args.force, figures=not args.no_figures
+            )
+        except ParticleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    _print_stats(summary, manifest.output_dir)
+    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from spndi_dask.simulate import preset, simulate_beamtime
 
@@ -189,6 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.ingest import ingest
     from spndi_dask.io.raw_store import raw_path
+    from spndi_dask.particles import stats
     from spndi_dask.reduce import reduce, results_path
     from spndi_dask.simulate import preset, simulate_beamtime
 
@@ -197,21 +239,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _client(args) as client:
         print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/3] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        print(f"[1/4] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
         simulate_beamtime(out, cfg)
         t1 = time.perf_counter()
-        print(f"[2/3] ingest -> {raw_path(out / 'results')}")
+        print(f"[2/4] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
         summary = ingest(manifest, progress=True)
         t2 = time.perf_counter()
         _print_ingest(summary, raw_path(manifest.output_dir))
-        print(f"[3/3] reduce -> {results_path(manifest.output_dir)}")
+        print(f"[3/4] reduce -> {results_path(manifest.output_dir)}")
         reduced = reduce(manifest, progress=True)
         t3 = time.perf_counter()
-    _print_reduce(reduced, results_path(manifest.output_dir))
+        _print_reduce(reduced, results_path(manifest.output_dir))
+        print(f"[4/4] stats -> {manifest.output_dir / 'particles.csv'}, figures")
+        particles = stats(manifest)
+        t4 = time.perf_counter()
+    _print_stats(particles, manifest.output_dir)
     print(
-        f"\ndemo done in {t3 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
-        f"reduce {t3 - t2:.1f} s)\n"
+        f"\ndemo done in {t4 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
+        f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s)\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
@@ -220,7 +266,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  results:      {results_path(manifest.output_dir)}  "
         f"(open with spndi_dask.open_results('{manifest.output_dir}'))"
     )
-    return 0 if all(s["status"] != "failed" for s in reduced.values()) else 1
+    failed = [s for s in (*reduced.values(), *particles.values()) if s["status"] == "failed"]
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": _cmd_simulate,
         "ingest": _cmd_ingest,
         "reduce": _cmd_reduce,
+        "stats": _cmd_stats,
     }
     try:
         return commands[args.command](args)

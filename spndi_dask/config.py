@@ -339,10 +339,31 @@ class ReduceSettings(_Model):
 
 
 class SegmentSettings(_Model):
-    """``[segment]``: particle segmentation."""
+    """``[segment]``: particle segmentation (``spndi stats``).
 
+    A particle's ``mask`` in the manifest (TIFF/.npy) replaces the automatic segmentation.
+    """
+
+    source: Literal["intensity", "xrf"] = Field(
+        "intensity",
+        description="image segmented: 'intensity' (ROI-integrated Bragg intensity, default) or "
+        "'xrf' (drift-registered fluorescence, needs xrf in the manifest)",
+    )
     method: Literal["otsu", "li", "triangle"] = Field(
         "otsu", description="threshold method: 'otsu', 'li' or 'triangle'"
+    )
+    smooth_sigma: float = Field(
+        0.5, ge=0, description="Gaussian smoothing (scan pixels) before thresholding"
+    )
+    edge_fraction: float | None = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="outline level as a fraction of the particle's median level above the "
+        "background (probe-blurred edges); null: the threshold itself",
+    )
+    split_touching: bool = Field(
+        True, description="split touching particles at the neck of their distance transform"
     )
     min_size: PositiveInt = Field(20, description="smallest particle kept (scan pixels)")
     erosion: int = Field(0, ge=0, description="erosion margin in scan pixels")

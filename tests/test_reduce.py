@@ -110,7 +110,6 @@ def test_corrections_dark_flat_monitor_background_masks():
     assert var[0, 0, 0, 0, 0] == pytest.approx(8 / 0.25 * 4)
 
 
-
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_fused_block_kernel_equals_the_numpy_reference(dtype):
     """The numba one-pass block kernel reproduces corrected → moment_sums / patterns_block."""
@@ -187,6 +186,7 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
             voxels=voxels,
             halo=halo,
         )
+
 
 def test_registration_recovers_subpixel_shifts():
     rng = np.random.default_rng(3)

@@ -1,0 +1,206 @@
+"""Figures (matplotlib, PNG) from computed results: no computation beyond what is plotted.
+
+Per particle scan (``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing
+and intensity maps (µm axes, scale bar, background masked, diverging maps centred at zero with
+limits shared across all scans), the rocking curve of every particle label, and the joint
+density (Gaussian KDE) of strain vs tilt as the original study plotted. For the beamtime
+(``beamtime_overview.png``): violins of strain, tilt_x, tilt_y and d-spacing per particle, in
+manifest order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+__all__ = ["beamtime_overview", "map_limits", "particle_figures"]
+
+logger = logging.getLogger(__name__)
+
+#: Maps of the per-particle map figure: (variable, label, colour map, diverging).
+MAP_PANELS = (
+    ("strain", "strain", "RdBu_r", True),
+    ("tilt_x", "tilt_x (mrad)", "PuOr_r", True),
+    ("tilt_y", "tilt_y (mrad)", "PuOr_r", True),
+    ("d_spacing", "d-spacing (Å)", "viridis", False),
+    ("intensity", "intensity (counts)", "magma", False),
+)
+_SCALE = {"tilt_x": 1e3, "tilt_y": 1e3}  # radians -> mrad on the figures
+
+
+def _masked(ds: xr.Dataset, name: str) -> np.ndarray:
+    v = np.asarray(ds[name].values, np.float64) * _SCALE.get(name, 1.0)
+    inside = np.asarray(ds["label"].values) > 0
+    return np.where(inside & np.isfinite(v), v, np.nan)
+
+
+def map_limits(datasets: dict[str, xr.Dataset]) -> dict[str, tuple[float, float]]:
+    """Colour limits per map shared by all scans: ±99th percentile of |v| for diverging maps,
+    1st–99th percentiles otherwise (over the particle pixels of every scan)."""
+    limits = {}
+    for name, _, _, diverging in MAP_PANELS:
+        values = np.concatenate([_masked(ds, name).ravel() for ds in datasets.values()])
+        values = values[np.isfinite(values)]
+        if not values.size:
+            limits[name] = (-1.0, 1.0) if diverging else (0.0, 1.0)
+        elif diverging:
+            m = float(np.percentile(np.abs(values), 99)) or 1e-12
+            limits[name] = (-m, m)
+        else:
+            lo, hi = np.percentile(values, [1, 99])
+            limits[name] = (float(lo), float(hi) if hi > lo else float(lo) + 1e-12)
+    return limits
+
+
+def _nice_length(span: float) -> float:
+    """A round scale-bar length near a fifth of ``span``."""
+    target = span / 5
+    if target <= 0:
+        return 1.0
+    p = 10 ** np.floor(np.log10(target))
+    return float(min((1, 2, 5, 10), key=lambda m: abs(m * p - target)) * p)
+
+
+def _extent(ds: xr.Dataset) -> tuple[float, float, float, float]:
+    y, x = np.asarray(ds["y"].values), np.asarray(ds["x"].values)
+    dy = float(np.median(np.diff(y))) if len(y) > 1 else 1.0
+    dx = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
+    return (x[0] - dx / 2, x[-1] + dx / 2, y[-1] + dy / 2, y[0] - dy / 2)
+
+
+def _scale_bar(ax: Any, ds: xr.Dataset) -> None:
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    x0, x1, _, _ = _extent(ds)
+    length = _nice_length(abs(x1 - x0))
+    bar = AnchoredSizeBar(
+        ax.transData,
+        length,
+        f"{length:g} µm",
+        "lower right",
+        pad=0.3,
+        frameon=False,
+        size_vertical=0,
+    )
+    ax.add_artist(bar)
+
+
+def _map_figure(name: str, ds: xr.Dataset, limits: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(MAP_PANELS), figsize=(4 * len(MAP_PANELS), 3.6))
+    for ax, (var, label, cmap, _) in zip(axes, MAP_PANELS, strict=True):
+        lo, hi = limits[var]
+        cm = plt.get_cmap(cmap).with_extremes(bad="0.85")
+        im = ax.imshow(_masked(ds, var), cmap=cm, vmin=lo, vmax=hi, extent=_extent(ds))
+        ax.set_title(label)
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
+        _scale_bar(ax, ds)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{name}: maps (grey = background)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path:
+    angles = np.asarray(ds["angle"].values)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k, c in enumerate(curves, start=1):
+        ax.plot(angles, c, marker="o", ms=3, label=f"particle {k}")
+    ax.set_xlabel("rocking angle (deg)")
+    ax.set_ylabel("integrated intensity (counts)")
+    ax.set_title(f"{name}: rocking curves")
+    if curves:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000) -> Path:
+    from scipy.stats import gaussian_kde
+
+    strain = _masked(ds, "strain").ravel()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, tilt in zip(axes, ("tilt_x", "tilt_y"), strict=True):
+        t = _masked(ds, tilt).ravel()
+        ok = np.isfinite(strain) & np.isfinite(t)
+        s_ok, t_ok = strain[ok], t[ok]
+        if len(s_ok) > max_points:
+            pick = np.random.default_rng(0).choice(len(s_ok), max_points, replace=False)
+            s_ok, t_ok = s_ok[pick], t_ok[pick]
+        ax.set_xlabel("strain")
+        ax.set_ylabel(f"{tilt} (mrad)")
+        if len(s_ok) >= 5 and np.std(s_ok) > 0 and np.std(t_ok) > 0:
+            kde = gaussian_kde(np.vstack([s_ok, t_ok]))
+            xs = np.linspace(s_ok.min(), s_ok.max(), 80)
+            ys = np.linspace(t_ok.min(), t_ok.max(), 80)
+            gx, gy = np.meshgrid(xs, ys)
+            dens = kde(np.vstack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+            ax.contourf(gx, gy, dens, levels=12, cmap="Blues")
+            ax.scatter(s_ok, t_ok, s=1, c="k", alpha=0.15)
+        else:
+            ax.text(0.5, 0.5, "not enough pixels", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"{name}: strain vs tilt (joint density)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def beamtime_overview(datasets: dict[str, xr.Dataset], path: Path) -> Path:
+    """Violins of strain, tilt_x, tilt_y and d-spacing per particle label, in manifest order."""
+    panels = ("strain", "tilt_x", "tilt_y", "d_spacing")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(5, 1.2 * len(datasets) + 3), 9))
+    for ax, var in zip(axes, panels, strict=True):
+        data, names = [], []
+        for name, ds in datasets.items():
+            labels = np.asarray(ds["label"].values)
+            v = np.asarray(ds[var].values, np.float64) * _SCALE.get(var, 1.0)
+            for k in range(1, int(labels.max()) + 1):
+                vals = v[(labels == k) & np.isfinite(v)]
+                if vals.size >= 2:
+                    data.append(vals)
+                    names.append(name if labels.max() == 1 else f"{name}#{k}")
+        if data:
+            ax.violinplot(data, showmedians=True)
+            ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
+        ax.set_ylabel(dict((p[0], p[1]) for p in MAP_PANELS)[var])
+    axes[0].set_title("beamtime overview: per-particle distributions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> list[Path]:
+    """All figures of ``stats`` for the given scans (datasets with ``label``), in manifest order.
+
+    Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {n: ds for n, ds in datasets.items() if "label" in ds}
+    if not datasets:
+        return []
+    limits = map_limits(datasets)
+    written = []
+    for name, ds in datasets.items():
+        curves = ds.attrs.get("particles", {}).get("rocking_curves", [])
+        written.append(_map_figure(name, ds, limits, out_dir / f"{name}_maps.png"))
+        written.append(_rocking_figure(name, ds, curves, out_dir / f"{name}_rocking_curve.png"))
+        written.append(_kde_figure(name, ds, out_dir / f"{name}_strain_tilt_kde.png"))
+    written.append(beamtime_overview(datasets, out_dir / "beamtime_overview.png"))
+    logger.info("wrote %d figures to %s", len(written), out_dir)
+    return written
