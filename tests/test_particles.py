@@ -168,3 +168,20 @@ def test_segmentation_noise_touching_and_irregular_shapes():
     # erosion margin
     eroded = segment_image(100.0 * blob, erosion=2)
     assert 0 < (eroded > 0).sum() < (labels > 0).sum()
+
+
+def test_statistics_of_all_scans_are_one_dask_computation(small, monkeypatch):
+    """The per-scan summaries are lazy and computed together (one graph for the beamtime)."""
+    import spndi_dask.cluster_setup as cs
+
+    _, m, _ = small
+    calls = []
+    real = cs.compute
+
+    def spy(collections, progress=False):
+        calls.append([c.__dask_graph__() is not None for c in collections])
+        return real(collections, progress)
+
+    monkeypatch.setattr(cs, "compute", spy)
+    stats(m, force=True, figures=False)
+    assert calls == [[True, True]]
