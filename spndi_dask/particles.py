@@ -563,5 +563,5 @@ def stats(
             fig_dir,
         )
         for name in summary:
-            summary[name].setdefault("figures", len([p for p in written if name in p.name]))
+            summary[name].setdefault("figures", sum(p.name.startswith(f"{name}_") for p in written))
     return summary

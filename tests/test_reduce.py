@@ -154,10 +154,7 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
     offset, gain = F.correction_tables((nr, nc), dark=dark, flat=flat, bad=bad)
     used_op, voxels = K.used_voxels(op, na)
     assert used_op.shape[1] < nv
-    moments, patterns = F.block_reduce(
-        raw,
-        scale,
-        drift,
+    kwargs = dict(
         offset=offset,
         gain=gain,
         background=background,
@@ -167,25 +164,14 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
         voxels=voxels,
         halo=halo,
     )
+    moments, patterns = F.block_reduce(raw, scale, drift, **kwargs)
     scale_m = np.abs(want_m).max(axis=(0, 1, 2))
     np.testing.assert_allclose(moments / scale_m, want_m / scale_m, atol=2e-6)
     np.testing.assert_allclose(patterns.reshape(want_p.shape), want_p, rtol=1e-5, atol=1e-3)
     assert np.isfinite(moments).all() and np.isfinite(patterns).all()
     # a drift beyond the halo is refused, not silently wrapped
     with pytest.raises(ValueError, match="exceeds the halo"):
-        F.block_reduce(
-            raw,
-            scale,
-            drift * 3,
-            offset=offset,
-            gain=gain,
-            background=background,
-            saturation=65535,
-            features=K.moment_features(dq, rows, cols),
-            operator=used_op,
-            voxels=voxels,
-            halo=halo,
-        )
+        F.block_reduce(raw, scale, drift * 3, **kwargs)
 
 
 def test_registration_recovers_subpixel_shifts():
