@@ -92,6 +92,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo even what is up to date")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "train",
+        help="train the autoencoder on a sample of all particles -> <output>/features/model",
+        description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
+        "across all particles of the beamtime; write weights + JSON metadata.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
+    p.add_argument("--force", action="store_true", help="retrain even if up to date")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "encode",
+        help="encode every pixel on the dask workers -> latent(y, x, feature)",
+        description="Encode the pattern of every pixel with signal into latent vectors with a "
+        "trained checkpoint (distributed; CPU or GPU workers).",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    p.add_argument("--checkpoint", help="default: [features] checkpoint or <output>/features/model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
+    p.add_argument("--force", action="store_true", help="re-encode even if up to date")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
+        "export-ply",
+        help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
+        description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
+        "(crystal-frame q offsets in 1/Å, intensity property).",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("particle", help="particle scan name")
+    p.add_argument(
+        "--pixel", nargs=2, type=int, action="append", metavar=("Y", "X"), help="scan pixel"
+    )
+    p.add_argument("--label", type=int, action="append", help="mean pattern of this label")
+    p.add_argument("--threshold", type=float, default=0.05, help="fraction of the max (0.05)")
+    p.add_argument("-o", "--out", help="directory (default <output>/ply)")
     return parser
 
 
@@ -186,6 +226,105 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
 
 
+def _print_epoch(row: dict[str, Any]) -> None:
+    print(
+        f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
+        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s)",
+        flush=True,
+    )
+
+
+def _print_train(s: dict[str, Any]) -> None:
+    if s["status"] == "up to date":
+        print(f"model up to date: {s['checkpoint']}")
+        return
+    print(
+        f"trained on {s['n_train']} patterns (+{s['n_val']} validation), {s['epochs']} epochs, "
+        f"best validation loss {s['best_val_loss']:.4g} at epoch {s['best_epoch']}, "
+        f"{s['seconds']} s on {s['device']}\ncheckpoint: {s['checkpoint']}"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.features import CheckpointError, FeatureError, train
+
+    manifest = load_manifest(args.manifest)
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        try:
+            s = train(
+                manifest,
+                particles=args.particles,
+                force=args.force,
+                device=args.device,
+                progress=True,
+                callback=_print_epoch,
+            )
+        except (FeatureError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    _print_train(s)
+    return 0
+
+
+def _print_encode(summary: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{'particle':<16}{'status':<14}{'pixels':>8}{'seconds':>9}")
+    for name, s in summary.items():
+        print(f"{name:<16}{s['status']:<14}{s.get('pixels', ''):>8}{s.get('seconds', ''):>9}")
+        for key in ("warning", "error"):
+            if key in s:
+                print(f"  {key}: {s[key]}")
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.features import CheckpointError, FeatureError, encode
+
+    manifest = load_manifest(args.manifest)
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        try:
+            summary = encode(
+                manifest,
+                particles=args.particles,
+                checkpoint=args.checkpoint,
+                device=args.device,
+                force=args.force,
+                progress=True,
+            )
+        except (FeatureError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    _print_encode(summary)
+    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+
+
+def _cmd_export_ply(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.features.ply import export_ply
+
+    manifest = load_manifest(args.manifest)
+    if not args.pixel and not args.label:
+        print("error: give --pixel Y X and/or --label L", file=sys.stderr)
+        return 2
+    try:
+        paths = export_ply(
+            manifest,
+            args.particle,
+            pixels=[tuple(p) for p in args.pixel or []],
+            labels=args.label,
+            threshold=args.threshold,
+            out_dir=args.out,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from spndi_dask.simulate import preset, simulate_beamtime
 
@@ -228,6 +367,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
+    from spndi_dask.features import checkpoint_path, encode, train
     from spndi_dask.ingest import ingest
     from spndi_dask.io.raw_store import raw_path
     from spndi_dask.particles import stats
@@ -239,25 +379,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _client(args) as client:
         print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/4] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        print(f"[1/6] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
         simulate_beamtime(out, cfg)
         t1 = time.perf_counter()
-        print(f"[2/4] ingest -> {raw_path(out / 'results')}")
+        print(f"[2/6] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
         summary = ingest(manifest, progress=True)
         t2 = time.perf_counter()
         _print_ingest(summary, raw_path(manifest.output_dir))
-        print(f"[3/4] reduce -> {results_path(manifest.output_dir)}")
+        print(f"[3/6] reduce -> {results_path(manifest.output_dir)}")
         reduced = reduce(manifest, progress=True)
         t3 = time.perf_counter()
         _print_reduce(reduced, results_path(manifest.output_dir))
-        print(f"[4/4] stats -> {manifest.output_dir / 'particles.csv'}, figures")
+        print(f"[4/6] stats -> {manifest.output_dir / 'particles.csv'}, figures")
         particles = stats(manifest)
         t4 = time.perf_counter()
-    _print_stats(particles, manifest.output_dir)
+        _print_stats(particles, manifest.output_dir)
+        print(f"[5/6] train {manifest.features.model} -> {checkpoint_path(manifest)}")
+        _print_train(train(manifest, callback=_print_epoch))
+        t5 = time.perf_counter()
+        print("[6/6] encode -> latent(y, x, feature)")
+        encoded = encode(manifest, progress=True)
+        t6 = time.perf_counter()
+    _print_encode(encoded)
     print(
-        f"\ndemo done in {t4 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
-        f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s)\n"
+        f"\ndemo done in {t6 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
+        f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s, train {t5 - t4:.1f} s, "
+        f"encode {t6 - t5:.1f} s)\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
@@ -266,7 +414,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  results:      {results_path(manifest.output_dir)}  "
         f"(open with spndi_dask.open_results('{manifest.output_dir}'))"
     )
-    failed = [s for s in (*reduced.values(), *particles.values()) if s["status"] == "failed"]
+    stages = (*reduced.values(), *particles.values(), *encoded.values())
+    failed = [s for s in stages if s["status"] == "failed"]
     return 1 if failed else 0
 
 
@@ -282,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         "ingest": _cmd_ingest,
         "reduce": _cmd_reduce,
         "stats": _cmd_stats,
+        "train": _cmd_train,
+        "encode": _cmd_encode,
+        "export-ply": _cmd_export_ply,
     }
     try:
         return commands[args.command](args)

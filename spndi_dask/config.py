@@ -370,16 +370,50 @@ class SegmentSettings(_Model):
 
 
 class FeatureSettings(_Model):
-    """``[features]``: autoencoder."""
+    """``[features]``: autoencoder training and encoding."""
 
     model: Literal["conv3d", "foldingnet"] = Field(
         "conv3d", description="'conv3d' (default) or 'foldingnet'"
     )
-    latent_dim: PositiveInt = Field(32, description="latent size of the conv3d model")
-    n_points: PositiveInt = Field(2048, description="points per cloud for foldingnet")
-    checkpoint: str | None = Field(None, description="trained checkpoint to use instead")
+    latent_dim: Literal["auto"] | PositiveInt = Field(
+        "auto", description="latent size; 'auto' = 32 for conv3d, 512 for foldingnet"
+    )
+    n_points: int = Field(2048, ge=16, description="points per cloud for foldingnet")
+    k_neighbours: int = Field(16, ge=2, description="k of the foldingnet k-NN graph")
+    cloud_threshold: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="foldingnet: voxels below this fraction of the max are left out",
+    )
+    checkpoint: str | None = Field(
+        None, description="trained checkpoint to encode with (default <output>/features/model)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto', 'cpu' or 'cuda'")
     seed: int = Field(0, description="random seed for sampling and training")
+    sample_size: PositiveInt = Field(
+        8192, description="training patterns drawn across all particles of the beamtime"
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="held-out share")
+    max_epochs: PositiveInt = Field(40, description="upper bound on training epochs")
+    patience: PositiveInt = Field(
+        5, description="stop after this many epochs without a better validation loss"
+    )
+    min_improvement: float = Field(
+        0.002, ge=0, lt=1, description="relative validation-loss gain that resets patience"
+    )
+    batch_size: PositiveInt = Field(64, description="training minibatch")
+    learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate")
+    block: PositiveInt = Field(
+        16, description="inference task = block × block scan pixels (one batch per task)"
+    )
+
+    @property
+    def latent_size(self) -> int:
+        """The latent size of the chosen model."""
+        if self.latent_dim == "auto":
+            return 32 if self.model == "conv3d" else 512
+        return int(self.latent_dim)
 
 
 class ClusterSettings(_Model):

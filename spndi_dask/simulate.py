@@ -109,6 +109,8 @@ class SimulationConfig:
     background: float = 0.02
     dark_counts: float = 0.0
     hot_fraction: float = 2e-4
+    # written to the manifest's [features] table: a short training for demos and tests
+    train_epochs: int = 15
     hot_counts: float = 3000.0
     dead_fraction: float = 5e-4
     monitor_counts: float = 1e5
@@ -701,6 +703,7 @@ def simulate_beamtime(
         "output": "results",
         "geometry": geometry.to_dict(),
         "particles": particles_toml,
+        "features": {"max_epochs": config.train_epochs},
     }
     manifest = Manifest.from_dict(data, base_dir=out, source=str(out / "beamtime.toml"))
     (out / "beamtime.toml").write_text(

@@ -6,6 +6,7 @@ import pytest
 
 from spndi_dask.cli import main
 from spndi_dask.io.raw_store import open_raw
+from spndi_dask.reduce import open_results
 
 
 def run(*args):
@@ -17,7 +18,7 @@ def run(*args):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "simulate", "ingest"):
+    for cmd in ("demo", "simulate", "ingest", "reduce", "stats", "train", "encode", "export-ply"):
         assert cmd in out.stdout
 
 
@@ -41,3 +42,21 @@ def test_demo_end_to_end(tmp_path):
     again = run("ingest", str(tmp_path / "demo/beamtime.toml"), "--workers", "1")
     assert again.returncode == 0 and again.stdout.count("up to date") == 2
     assert np.array_equal(open_raw(tmp_path / "demo/results", "p2").frames.values, ds.frames.values)
+    # the demo trained a model and encoded every pixel with signal
+    res = open_results(tmp_path / "demo/results", "p1")
+    assert res["latent"].dims == ("y", "x", "feature")
+    assert np.isfinite(res["latent"].values[res["valid"].values]).all()
+    manifest = str(tmp_path / "demo/beamtime.toml")
+    again = run("train", manifest, "--workers", "1")
+    assert again.returncode == 0 and "model up to date" in again.stdout, again.stderr
+    again = run("encode", manifest, "--workers", "1")
+    assert again.returncode == 0 and again.stdout.count("up to date") == 2, again.stderr
+    y, x = np.argwhere(res["valid"].values)[0]
+    ply = run("export-ply", manifest, "p1", "--pixel", str(y), str(x), "--label", "1")
+    assert ply.returncode == 0, ply.stderr
+    assert ply.stdout.split() == [
+        str(tmp_path / f"demo/results/ply/p1_y{y}_x{x}.ply"),
+        str(tmp_path / "demo/results/ply/p1_label1.ply"),
+    ]
+    bad = run("encode", manifest, "--checkpoint", str(tmp_path / "nothing.pt"))
+    assert bad.returncode == 2 and "nothing.pt does not exist" in bad.stderr

@@ -1,0 +1,134 @@
+"""Pure NumPy kernels of the feature stage: pattern normalisation and point clouds.
+
+No torch, no dask, no I/O.
+
+Normalisation of a pattern ``I`` on an ``n³`` grid (``unit_sum_log1p``)::
+
+    p = I / ΣI                      # shape only: the scan's intensity map carries the amount
+    x = log1p(n³ · p) / log1p(n³)   # log scale; a flat pattern gives log1p(1) / log1p(n³)
+
+``x`` lies in [0, 1] (1 only if all intensity is in one voxel). Patterns with a non-finite
+voxel (masked pixels) or no positive intensity are not usable and are never encoded.
+
+Point clouds (FoldingNet): the voxels above ``threshold × max`` are drawn ``n_points`` times
+with probability ∝ intensity, each point placed uniformly inside its voxel; coordinates are the
+crystal-frame offsets (1/Å). For the model a cloud is centred on its mean and divided by a scale
+(the grid half-extent per axis for patterns, or the cloud's largest radius for raw clouds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "cloud_from_pattern",
+    "normalise_cloud",
+    "normalise_patterns",
+    "pixel_rng",
+    "usable_patterns",
+]
+
+
+def usable_patterns(patterns: np.ndarray) -> np.ndarray:
+    """Bool ``(...)`` of patterns ``(..., n, n, n)`` that are finite and have positive sum.
+
+    Examples
+    --------
+    >>> p = np.ones((3, 2, 2, 2)); p[1, 0, 0, 0] = np.nan; p[2] = 0
+    >>> usable_patterns(p).tolist()
+    [True, False, False]
+    """
+    axes = (-3, -2, -1)
+    finite = np.isfinite(patterns).all(axis=axes)
+    total = np.where(np.isfinite(patterns), patterns, 0).sum(axis=axes)
+    return finite & (total > 0)
+
+
+def normalise_patterns(patterns: np.ndarray) -> np.ndarray:
+    """``unit_sum_log1p`` normalisation (module docstring) as float32; unusable patterns → 0.
+
+    Examples
+    --------
+    >>> x = normalise_patterns(np.ones((1, 4, 4, 4)))
+    >>> bool(np.allclose(x, np.log1p(1) / np.log1p(64)))
+    True
+    >>> one_voxel = np.zeros((1, 4, 4, 4)); one_voxel[0, 1, 2, 3] = 7.0
+    >>> float(normalise_patterns(one_voxel).max())
+    1.0
+    """
+    p = np.asarray(patterns, dtype=np.float64)
+    n3 = p.shape[-1] * p.shape[-2] * p.shape[-3]
+    ok = usable_patterns(p)
+    p = np.where(ok[..., None, None, None], np.clip(p, 0, None), 0.0)
+    total = p.sum(axis=(-3, -2, -1), keepdims=True)
+    total[total == 0] = 1.0
+    return (np.log1p(n3 * p / total) / np.log1p(n3)).astype(np.float32)
+
+
+def pixel_rng(seed: int, y: int, x: int) -> np.random.Generator:
+    """The random generator of scan pixel (y, x): the same however the scan is blocked."""
+    return np.random.default_rng([int(seed), int(y), int(x)])
+
+
+def cloud_from_pattern(
+    pattern: np.ndarray,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    n_points: int = 2048,
+    threshold: float = 0.1,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Point cloud ``(n_points, 3)`` (1/Å offsets) drawn from the voxels of a 3D pattern.
+
+    Parameters
+    ----------
+    pattern : ndarray (nx, ny, nz)
+        Intensities on the grid (finite, positive sum).
+    offsets : tuple of three 1D arrays
+        Grid coordinates along each axis (1/Å), evenly spaced.
+    n_points : int
+        Points to draw.
+    threshold : float
+        Voxels below ``threshold × max`` are left out.
+    rng : numpy.random.Generator
+
+    Examples
+    --------
+    >>> p = np.zeros((4, 4, 4)); p[1, 2, 3] = 5.0
+    >>> ax = np.arange(4.0)
+    >>> c = cloud_from_pattern(p, (ax, ax, ax), n_points=10, rng=np.random.default_rng(0))
+    >>> c.shape, bool(np.all(np.abs(c - [1, 2, 3]) <= 0.5))
+    ((10, 3), True)
+    """
+    w = np.clip(np.asarray(pattern, dtype=np.float64), 0, None)
+    peak = w.max()
+    if not np.isfinite(peak) or peak <= 0:
+        raise ValueError("the pattern has no positive finite intensity")
+    w = np.where(w >= threshold * peak, w, 0.0).ravel()
+    cells = rng.choice(w.size, size=n_points, p=w / w.sum())
+    idx = np.unravel_index(cells, pattern.shape)
+    pts = np.empty((n_points, 3), dtype=np.float64)
+    for a in range(3):
+        ax = np.asarray(offsets[a], dtype=np.float64)
+        step = ax[1] - ax[0] if ax.size > 1 else 0.0
+        pts[:, a] = ax[idx[a]] + (rng.random(n_points) - 0.5) * step
+    return pts
+
+
+def normalise_cloud(points: np.ndarray, scale: np.ndarray | float | None = None) -> np.ndarray:
+    """Cloud(s) ``(..., n, 3)`` centred on their mean and divided by ``scale`` (float32).
+
+    ``scale=None`` divides each cloud by its largest distance from the centre (unit sphere).
+
+    Examples
+    --------
+    >>> c = normalise_cloud(np.array([[0.0, 0, 0], [2, 0, 0]]))
+    >>> c.tolist()
+    [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    """
+    p = np.asarray(points, dtype=np.float64)
+    p = p - p.mean(axis=-2, keepdims=True)
+    if scale is None:
+        r = np.sqrt((p**2).sum(axis=-1)).max(axis=-1)[..., None, None]
+        scale = np.where(r > 0, r, 1.0)
+    return (p / np.asarray(scale, dtype=np.float64)).astype(np.float32)

@@ -1,0 +1,369 @@
+"""Distributed encoding of every pixel's pattern into ``latent(y, x, feature)``.
+
+The lazy layer is :func:`latent_array`: ``map_blocks`` over ``block × block`` pixel tiles of the
+``pattern`` array. A task carries only the checkpoint's path; each worker process loads the
+model once (:class:`ModelPlugin` at registration, or the per-process cache on first use) and
+keeps it. Torch threads per worker are set so that threads × worker threads ≤ cores of the
+host; CUDA is used where a worker sees a GPU (``device='auto'``) and tasks are routed to
+workers that declare a ``GPU`` resource when there are any.
+
+Pixels whose pattern is masked (NaN) or empty, and pixels without signal, are not encoded and
+stay NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from spndi_dask._version import __version__
+from spndi_dask.cluster_setup import compute
+from spndi_dask.config import Manifest
+from spndi_dask.features import _kernels as K
+from spndi_dask.features.checkpoint import check_grid, file_digest, load_checkpoint
+from spndi_dask.features.train import (
+    FeatureError,
+    checkpoint_path,
+    known_particles,
+    model_inputs,
+    resolve_device,
+)
+
+__all__ = [
+    "ModelPlugin",
+    "cached_model",
+    "encode",
+    "encode_patterns",
+    "latent_array",
+    "torch_threads",
+]
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[Any, ...], tuple[nn.Module, dict[str, Any], torch.device]] = {}
+_LOCK = threading.Lock()
+
+
+def cached_model(checkpoint: str, device: str = "auto") -> tuple[nn.Module, dict[str, Any], Any]:
+    """``(model, metadata, torch.device)`` of a checkpoint, loaded once per process.
+
+    Keyed by path, modification time and size: a retrained checkpoint is loaded again.
+    """
+    p = Path(checkpoint)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size, device)
+    with _LOCK:
+        if key not in _CACHE:
+            dev = resolve_device(device)
+            model, meta = load_checkpoint(p, device=dev)
+            _CACHE.clear()
+            _CACHE[key] = (model, meta, dev)
+            logger.debug("pid %d loaded %s on %s", os.getpid(), p, dev)
+        return _CACHE[key]
+
+
+def _encode_inputs(model: nn.Module, inputs: np.ndarray, device: Any, batch: int) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(inputs), batch):
+            xb = torch.from_numpy(np.ascontiguousarray(inputs[i : i + batch])).to(device)
+            out.append(model.encode(xb).float().cpu().numpy())
+    return np.concatenate(out, axis=0)
+
+
+def encode_patterns(
+    patterns: np.ndarray,
+    model: nn.Module,
+    meta: dict[str, Any],
+    *,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    mask: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
+    batch: int = 256,
+    device: Any = "cpu",
+) -> np.ndarray:
+    """Latent vectors ``(ty, tx, latent_dim)`` of a tile of patterns ``(ty, tx, n, n, n)``.
+
+    The single-process reference of :func:`latent_array`. Pixels outside ``mask`` or with an
+    unusable pattern (NaN, empty) are NaN. ``origin`` is the tile's first scan pixel (it seeds
+    the point clouds of FoldingNet).
+    """
+    ty, tx = patterns.shape[:2]
+    f = int(meta["hyper"]["latent_dim"])
+    out = np.full((ty, tx, f), np.nan, dtype=np.float32)
+    ok = K.usable_patterns(patterns)
+    if mask is not None:
+        ok &= np.asarray(mask, dtype=bool).reshape(ty, tx)
+    iy, ix = np.nonzero(ok)
+    if not len(iy):
+        return out
+    if offsets is None and meta["normalisation"]["patterns"] != "unit_sum_log1p":
+        raise ValueError("point-cloud models need the grid offsets")
+    yx = np.stack([iy + origin[0], ix + origin[1]], axis=1)
+    inputs = model_inputs(patterns[iy, ix], meta, yx=yx, offsets=offsets)  # type: ignore[arg-type]
+    out[iy, ix] = _encode_inputs(model, inputs, device, batch)
+    return out
+
+
+def _encode_block(
+    patterns: np.ndarray,
+    mask: np.ndarray,
+    *,
+    checkpoint: str,
+    device: str,
+    batch: int,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    model, meta, dev = cached_model(checkpoint, device)
+    loc = block_info[0]["array-location"] if block_info else [(0, 0), (0, 0)]
+    return encode_patterns(
+        patterns,
+        model,
+        meta,
+        offsets=offsets,
+        mask=mask[:, :, 0, 0, 0],
+        origin=(loc[0][0], loc[1][0]),
+        batch=batch,
+        device=dev,
+    )
+
+
+def latent_array(
+    patterns: da.Array,
+    mask: da.Array,
+    checkpoint: str | Path,
+    *,
+    latent_dim: int,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    device: str = "auto",
+    block: int = 16,
+    batch: int = 256,
+) -> da.Array:
+    """Lazy ``latent (y, x, latent_dim)`` float32 of lazy ``patterns (y, x, n, n, n)``.
+
+    ``mask (y, x)`` selects the pixels to encode. One task per ``block × block`` tile; the
+    task holds the checkpoint's path, never the model.
+    """
+    ny, nx = patterns.shape[:2]
+    chunks = (min(block, ny), min(block, nx))
+    patterns = patterns.rechunk((*chunks, -1, -1, -1))
+    mask = mask.astype(bool)[:, :, None, None, None].rechunk((*chunks, 1, 1, 1))
+    return da.map_blocks(
+        _encode_block,
+        patterns,
+        mask,
+        checkpoint=str(checkpoint),
+        device=device,
+        batch=batch,
+        offsets=tuple(np.asarray(o) for o in offsets),
+        drop_axis=[2, 3, 4],
+        new_axis=[2],
+        chunks=(*patterns.chunks[:2], (latent_dim,)),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        name="encode-" + dask.base.tokenize(patterns, mask, str(checkpoint), device, batch),
+    )
+
+
+# -- workers ------------------------------------------------------------------------------------
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def torch_threads(client: Any) -> dict[str, int]:
+    """Torch threads per worker address: the host's cores ÷ the worker threads on that host."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cores = client.run(_cores)
+    per_host: dict[str, int] = defaultdict(int)
+    for w in workers.values():
+        per_host[w["host"]] += int(w["nthreads"])
+    return {
+        addr: max(1, int(cores.get(addr, 1)) // max(1, per_host[w["host"]]))
+        for addr, w in workers.items()
+    }
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover
+    _WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class ModelPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Worker plugin: set torch threads and load the checkpoint once in every worker process."""
+
+    name = "spndi-features-model"
+
+    def __init__(self, checkpoint: str, device: str, threads: dict[str, int]) -> None:
+        self.checkpoint, self.device, self.threads = str(checkpoint), device, threads
+
+    def setup(self, worker: Any) -> None:
+        n = self.threads.get(worker.address)
+        if n:
+            torch.set_num_threads(n)
+        cached_model(self.checkpoint, self.device)
+
+
+def _client() -> Any:
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _gpu_workers(client: Any) -> bool:
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return any(w.get("resources", {}).get("GPU") for w in workers)
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def _fingerprint(ds: Any, digest: str) -> str:
+    reduce_fp = ds.attrs.get("spndi_dask", {}).get("fingerprint")
+    return dask.base.tokenize(reduce_fp, digest, __version__)
+
+
+def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: int) -> zarr.Array:
+    """An empty (NaN) ``latent`` array in a particle's node; the node's features attrs dropped."""
+    group = zarr.open_group(str(node), mode="r+")
+    attrs = dict(group.attrs)
+    attrs.pop("features", None)  # not complete while rewriting
+    group.attrs.put(attrs)
+    if "latent" in group:
+        del group["latent"]
+    arr = group.create_array(
+        "latent",
+        shape=(*shape, latent_dim),
+        dtype=np.float32,
+        chunks=(min(block, shape[0]), min(block, shape[1]), latent_dim),
+        dimension_names=["y", "x", "feature"],
+        fill_value=np.nan,
+    )
+    arr.attrs.update({"long_name": "autoencoder latent vector (NaN = not encoded)", "units": "1"})
+    return arr
+
+
+def encode(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Encode every pixel with signal of every (or the named) reduced scan; write ``latent``.
+
+    All scans are encoded in one distributed computation (on the active dask client if any).
+
+    Returns
+    -------
+    dict
+        Per particle: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
+        ``seconds``, and ``warning`` / ``error``.
+    """
+    from spndi_dask.reduce import open_results, results_path
+
+    settings = manifest.features
+    device = device or settings.device
+    ckpt = Path(checkpoint) if checkpoint else checkpoint_path(manifest)
+    _, meta = load_checkpoint(ckpt)
+    root = results_path(manifest.output_dir)
+    grid = dict(zarr.open_group(str(root), mode="r").attrs).get("q_grid")
+    if not grid:
+        raise FeatureError(f"{root} has no q grid: reduce with patterns before encoding")
+    check_grid(meta, grid, checkpoint=ckpt, results=root)
+    digest = file_digest(ckpt)
+    latent_dim = int(meta["hyper"]["latent_dim"])
+    names = known_particles(manifest, particles)
+    summary: dict[str, dict[str, Any]] = {}
+    jobs: list[tuple[str, Any, Any, str, int]] = []
+    for name in names:
+        try:
+            ds = open_results(root, name)
+        except (FileNotFoundError, RuntimeError) as exc:
+            summary[name] = {"status": "failed", "error": str(exc)}
+            continue
+        if "pattern" not in ds:
+            summary[name] = {"status": "failed", "error": f"particle '{name}' has no patterns"}
+            continue
+        fp = _fingerprint(ds, digest)
+        done = ds.attrs.get("features", {})
+        if not force and done.get("fingerprint") == fp and "latent" in ds:
+            summary[name] = {"status": "up to date", "pixels": done.get("pixels"), "seconds": 0.0}
+            continue
+        mask = ds["valid"].data
+        n_mask = int(np.asarray(ds["valid"].values).sum())
+        arr = _prepare_node(root / name, ds["valid"].shape, latent_dim, settings.block)
+        if n_mask == 0:
+            logger.warning("particle '%s' has no pixels with signal; latent stays NaN", name)
+            summary[name] = {"warning": "no pixels with signal: latent is all NaN"}
+            jobs.append((name, None, arr, fp, 0))
+            continue
+        lat = latent_array(
+            ds["pattern"].data,
+            mask,
+            ckpt,
+            latent_dim=latent_dim,
+            offsets=tuple(np.asarray(ds[d].values) for d in ("dq_x", "dq_y", "dq_z")),
+            device=device,
+            block=settings.block,
+            batch=settings.block * settings.block,
+        )
+        jobs.append((name, lat, arr, fp, n_mask))
+    if not jobs:
+        return summary
+    client = _client()
+    annotations: dict[str, Any] = {}
+    if client is None:
+        resolve_device(device)  # 'cuda' without a GPU: say so before any work
+    else:
+        if device == "cuda" and not any(client.run(torch.cuda.is_available).values()):
+            raise FeatureError(
+                "device 'cuda' was asked for but no dask worker sees a CUDA GPU; use "
+                "--device cpu or auto, or start GPU workers (cluster_configs/slurm-gpu.yaml)"
+            )
+        client.register_plugin(ModelPlugin(str(ckpt), device, torch_threads(client)))
+        if device != "cpu" and _gpu_workers(client):
+            annotations["resources"] = {"GPU": 1}
+    t0 = time.perf_counter()
+    with dask.annotate(**annotations):
+        stores = [
+            da.store(lat, arr, lock=False, compute=False)
+            for _, lat, arr, _, _ in jobs
+            if lat is not None
+        ]
+    compute(stores, progress)
+    seconds = round(time.perf_counter() - t0, 2)
+    for name, lat, arr, fp, _ in jobs:
+        encoded = 0
+        if lat is not None:
+            encoded = int(np.isfinite(arr[:, :, 0]).sum())
+        info = {
+            "fingerprint": fp,
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": digest,
+            "model": meta["kind"],
+            "latent_dim": latent_dim,
+            "pixels": encoded,
+            "device": device,
+            "version": __version__,
+        }
+        zarr.open_group(str(root / name), mode="r+").attrs.update({"features": info})
+        summary[name] = {**summary.get(name, {}), "status": "encoded", "pixels": encoded}
+        summary[name]["seconds"] = seconds
+    return summary

@@ -1,0 +1,476 @@
+"""Training the autoencoder on a sample of pixels drawn across all particles of a beamtime.
+
+``train(manifest)`` draws ``[features] sample_size`` pixels (inside segmented particles when
+``spndi stats`` has run, else all pixels with signal) from every reduced scan, in proportion to
+their number, reads only their patterns (one dask computation), fits the model with Adam on a
+seeded train/validation split with early stopping, and writes the best weights with their
+metadata to ``<output>/features/model.safetensors`` (+ ``model.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+from torch import nn
+
+from spndi_dask._version import __version__
+from spndi_dask.cluster_setup import compute
+from spndi_dask.config import FeatureSettings, Manifest
+from spndi_dask.features import _kernels as K
+from spndi_dask.features.checkpoint import file_digest, load_checkpoint, save_checkpoint
+from spndi_dask.features.model import build_model
+
+__all__ = [
+    "FeatureError",
+    "TrainingResult",
+    "checkpoint_path",
+    "fit",
+    "model_inputs",
+    "resolve_device",
+    "sample_patterns",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class FeatureError(RuntimeError):
+    """The feature stage cannot run on these results (nothing to train on, no patterns...)."""
+
+
+def checkpoint_path(manifest: Manifest) -> Path:
+    """The checkpoint ``encode`` uses: ``[features] checkpoint`` or ``<output>/features/model``."""
+    if manifest.features.checkpoint:
+        return manifest.resolve(manifest.features.checkpoint)
+    return manifest.output_dir / "features" / "model.safetensors"
+
+
+def known_particles(manifest: Manifest, particles: list[str] | None) -> list[str]:
+    """The named particle scans (default all); names not in the manifest raise."""
+    names = [p.name for p in manifest.particles]
+    unknown = sorted(set(particles or []) - set(names))
+    if unknown:
+        raise FeatureError(f"particles {unknown} are not in the manifest (it has {names})")
+    return list(particles) if particles else names
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when this process sees a GPU, else CPU; ``cuda`` without a GPU raises."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FeatureError(
+            "device 'cuda' was asked for but torch sees no CUDA GPU here; use --device cpu or auto"
+        )
+    return torch.device(device)
+
+
+def hyper_parameters(settings: FeatureSettings, grid_n: int) -> dict[str, Any]:
+    """Constructor arguments of the configured model."""
+    if settings.model == "conv3d":
+        return {"grid": grid_n, "latent_dim": settings.latent_size}
+    return {
+        "n_points": settings.n_points,
+        "latent_dim": settings.latent_size,
+        "k": settings.k_neighbours,
+    }
+
+
+def normalisation(settings: FeatureSettings, grid: dict[str, Any]) -> dict[str, Any]:
+    """How patterns become model inputs (stored with the model; see ``features/_kernels.py``)."""
+    if settings.model == "conv3d":
+        return {"patterns": "unit_sum_log1p", "n": grid["n"]}
+    return {
+        "patterns": "point_cloud",
+        "n_points": settings.n_points,
+        "threshold": settings.cloud_threshold,
+        "centre": "mean",
+        "scale": [float(e) for e in grid["extent"]],
+        "seed": settings.seed,
+    }
+
+
+def model_inputs(
+    patterns: np.ndarray,
+    meta: dict[str, Any],
+    *,
+    yx: np.ndarray,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Model inputs of usable patterns ``(k, n, n, n)`` as the checkpoint ``meta`` prescribes.
+
+    ``yx`` (k, 2) are the pixels' scan indices: the point cloud of a pixel is drawn with its own
+    seeded generator, so it is the same however the scan is split into tasks.
+    """
+    norm = meta["normalisation"]
+    if norm["patterns"] == "unit_sum_log1p":
+        return K.normalise_patterns(patterns)
+    clouds = np.empty((len(patterns), norm["n_points"], 3), dtype=np.float32)
+    for i, (p, (y, x)) in enumerate(zip(patterns, yx, strict=True)):
+        c = K.cloud_from_pattern(
+            p,
+            offsets,
+            n_points=norm["n_points"],
+            threshold=norm["threshold"],
+            rng=K.pixel_rng(norm["seed"], y, x),
+        )
+        clouds[i] = K.normalise_cloud(c, np.asarray(norm["scale"]))
+    return clouds
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`fit` returns: the best model (by validation loss) and the loss history."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _mean_loss(model: nn.Module, data: torch.Tensor, batch: int, device: torch.device) -> float:
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            xb = data[i : i + batch].to(device)
+            total += float(model.loss(xb)) * len(xb)
+    return total / max(1, len(data))
+
+
+def fit(
+    model: nn.Module,
+    data: np.ndarray | torch.Tensor,
+    *,
+    validation_fraction: float = 0.1,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    max_epochs: int = 40,
+    patience: int = 5,
+    min_improvement: float = 0.002,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    callback: EpochCallback | None = None,
+) -> TrainingResult:
+    """Fit ``model`` (its ``loss(x)``) with Adam; keep the weights of the best validation epoch.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model of :mod:`spndi_dask.features.model`.
+    data : array (n, ...)
+        Model inputs. A seeded ``validation_fraction`` of them (at least one) is held out;
+        with ``validation_fraction=0`` the training loss decides (over-fitting on purpose).
+    max_epochs, patience : int
+        Stop after ``max_epochs`` or after ``patience`` epochs in which the validation loss did
+        not improve on the best by more than ``min_improvement`` (relative).
+    callback : callable, optional
+        Called after every epoch with ``{"epoch", "max_epochs", "train_loss", "val_loss",
+        "seconds"}`` (progress display).
+
+    Examples
+    --------
+    >>> from spndi_dask.features.model import Conv3dAutoencoder
+    >>> x = np.random.default_rng(0).random((20, 8, 8, 8), dtype=np.float32)
+    >>> r = fit(Conv3dAutoencoder(grid=8, latent_dim=4), x, max_epochs=3)
+    >>> len(r.history), r.best_val_loss < r.history[0]["val_loss"] * 1.0001
+    (3, True)
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    data = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    order = torch.as_tensor(rng.permutation(len(data)))
+    n_val = round(validation_fraction * len(data))
+    if validation_fraction > 0:
+        n_val = min(max(1, n_val), len(data) - 1)
+    val, trn = data[order[:n_val]], data[order[n_val:]]
+    if len(trn) == 0:
+        raise FeatureError("no training data: the sample is empty")
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    result = TrainingResult(model=model)
+    best_state = copy.deepcopy(model.state_dict())
+    since_best = 0
+    for epoch in range(1, max_epochs + 1):
+        te = time.perf_counter()
+        model.train()
+        total = 0.0
+        for idx in torch.randperm(len(trn), generator=gen).split(batch_size):
+            xb = trn[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = model.loss(xb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        train_loss = total / len(trn)
+        val_loss = _mean_loss(model, val, 4 * batch_size, device) if n_val else train_loss
+        row = {
+            "epoch": epoch,
+            "max_epochs": max_epochs,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "seconds": time.perf_counter() - te,
+        }
+        result.history.append(row)
+        logger.debug(
+            "epoch %d/%d: train %.4g, validation %.4g (%.1f s)",
+            epoch,
+            max_epochs,
+            train_loss,
+            val_loss,
+            row["seconds"],
+        )
+        if callback is not None:
+            callback(row)
+        if val_loss < result.best_val_loss:
+            better = val_loss < result.best_val_loss * (1 - min_improvement)
+            result.best_val_loss, result.best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+            since_best = 0 if better else since_best + 1
+        else:
+            since_best += 1
+        if since_best >= patience:
+            result.stopped_early = epoch < max_epochs
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    logger.info(
+        "trained %d epochs in %.1f s; best validation loss %.4g at epoch %d",
+        len(result.history),
+        result.seconds,
+        result.best_val_loss,
+        result.best_epoch,
+    )
+    return result
+
+
+# -- beamtime sample ----------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """Patterns drawn for training and where they come from."""
+
+    patterns: np.ndarray  # (k, n, n, n) float32, all usable
+    scans: list[str]
+    index: np.ndarray  # (k, 3) int: scan number, y, x
+    grid: dict[str, Any]
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray]
+    candidates: dict[str, int]
+    source: str  # 'label' or 'valid'
+    fingerprint: str
+
+
+def _scan_candidates(ds: Any) -> tuple[np.ndarray, str]:
+    valid = np.asarray(ds["valid"].values, dtype=bool)
+    if "label" in ds and ds.attrs.get("particles"):
+        return (np.asarray(ds["label"].values) > 0) & valid, "label"
+    return valid, "valid"
+
+
+def sample_patterns(
+    manifest: Manifest,
+    *,
+    size: int | None = None,
+    seed: int | None = None,
+    particles: list[str] | None = None,
+    progress: bool = False,
+) -> Sample:
+    """Draw up to ``size`` pixels across all (or the named) reduced scans; read their patterns.
+
+    Pixels come from segmented particles (``label > 0``) where ``spndi stats`` ran, else from
+    every pixel with signal (``valid``); each scan contributes in proportion to its candidates.
+    Only the drawn patterns are read (``vindex`` on the lazy arrays, one computation).
+    """
+    from spndi_dask.reduce import open_results, results_path
+
+    settings = manifest.features
+    size = settings.sample_size if size is None else size
+    seed = settings.seed if seed is None else seed
+    root = results_path(manifest.output_dir)
+    names = known_particles(manifest, particles)
+    rng = np.random.default_rng(seed)
+    cands: dict[str, np.ndarray] = {}
+    datasets: dict[str, Any] = {}
+    sources = set()
+    for name in names:
+        try:
+            ds = open_results(root, name)
+        except FileNotFoundError:
+            logger.warning("particle '%s' has no reduce result; left out of training", name)
+            continue
+        if "pattern" not in ds:
+            raise FeatureError(
+                f"particle '{name}' in {root} has no q-grid patterns; reduce with patterns "
+                "(`spndi reduce`) before training"
+            )
+        mask, source = _scan_candidates(ds)
+        sources.add(source)
+        cands[name], datasets[name] = np.flatnonzero(mask), ds
+    total = sum(len(c) for c in cands.values())
+    if total == 0:
+        raise FeatureError(
+            f"no pixels with signal in any reduced particle of {root}: nothing to train on"
+        )
+    # proportional allocation (largest remainder), then a seeded draw within each scan
+    share = {n: len(c) * min(1.0, size / total) for n, c in cands.items()}
+    take = {n: int(np.floor(s)) for n, s in share.items()}
+    for n in sorted(share, key=lambda n: share[n] - take[n], reverse=True)[
+        : min(size, total) - sum(take.values())
+    ]:
+        take[n] += 1
+    graphs, index, scans = [], [], []
+    for name, c in cands.items():
+        if not take[name]:
+            continue
+        flat = np.sort(rng.choice(c, size=take[name], replace=False))
+        ys, xs = np.unravel_index(flat, datasets[name]["valid"].shape)
+        graphs.append(datasets[name]["pattern"].data.vindex[ys, xs])
+        index.append(np.stack([np.full(len(ys), len(scans)), ys, xs], axis=1))
+        scans.append(name)
+    patterns = np.concatenate(compute(graphs, progress), axis=0).astype(np.float32, copy=False)
+    index = np.concatenate(index, axis=0)
+    ok = K.usable_patterns(patterns)
+    if not ok.all():
+        logger.info("%d drawn patterns are masked (NaN) or empty; left out", int((~ok).sum()))
+    patterns, index = patterns[ok], index[ok]
+    if not len(patterns):
+        raise FeatureError(f"all drawn patterns in {root} are masked or empty")
+    first = datasets[scans[0]]
+    grid = dict(first.attrs["q_grid"])
+    offsets = tuple(np.asarray(first[d].values) for d in ("dq_x", "dq_y", "dq_z"))
+    key = {
+        "reduce": {n: datasets[n].attrs.get("spndi_dask", {}).get("fingerprint") for n in scans},
+        "pixels": dask.base.tokenize(index.tobytes(), scans),
+    }
+    return Sample(
+        patterns=patterns,
+        scans=scans,
+        index=index,
+        grid=grid,
+        offsets=offsets,  # type: ignore[arg-type]
+        candidates={n: len(c) for n, c in cands.items()},
+        source="label" if sources == {"label"} else "valid" if sources == {"valid"} else "mixed",
+        fingerprint=dask.base.tokenize(json.dumps(key, sort_keys=True)),
+    )
+
+
+def _training_key(settings: FeatureSettings, sample: Sample) -> str:
+    fields = settings.model_dump(mode="json")
+    fields.pop("checkpoint", None)
+    fields.pop("device", None)
+    fields.pop("block", None)
+    return dask.base.tokenize(sample.fingerprint, json.dumps(fields, sort_keys=True), __version__)
+
+
+def train(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = False,
+    callback: EpochCallback | None = None,
+) -> dict[str, Any]:
+    """Train the ``[features]`` model on a beamtime sample; write ``<output>/features/model``.
+
+    Returns a summary: ``status`` ('trained' or 'up to date'), ``checkpoint``, ``n_train``,
+    ``n_val``, ``epochs``, ``best_val_loss``, ``seconds``, ``device``.
+    A checkpoint trained on the same sample with the same settings is kept unless ``force``.
+    """
+    settings = manifest.features
+    dev = resolve_device(device or settings.device)
+    t0 = time.perf_counter()
+    sample = sample_patterns(manifest, particles=particles, progress=progress)
+    out = manifest.output_dir / "features" / "model.safetensors"
+    key = _training_key(settings, sample)
+    if not force and out.exists():
+        try:
+            _, meta = load_checkpoint(out)
+            if meta.get("training", {}).get("key") == key:
+                return {"status": "up to date", "checkpoint": str(out), "seconds": 0.0}
+        except (ValueError, OSError) as exc:  # unreadable: retrain over it
+            logger.warning("existing checkpoint %s is unusable (%s); retraining", out, exc)
+    hyper = hyper_parameters(settings, sample.grid["n"])
+    norm = normalisation(settings, sample.grid)
+    meta: dict[str, Any] = {"kind": settings.model, "hyper": hyper, "normalisation": norm}
+    inputs = model_inputs(sample.patterns, meta, yx=sample.index[:, 1:], offsets=sample.offsets)
+    model = build_model(settings.model, **hyper)
+    logger.info(
+        "training %s on %d patterns from %d scans (%s) on %s",
+        settings.model,
+        len(inputs),
+        len(sample.scans),
+        sample.source,
+        dev,
+    )
+    result = fit(
+        model,
+        inputs,
+        validation_fraction=settings.validation_fraction,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        max_epochs=settings.max_epochs,
+        patience=settings.patience,
+        min_improvement=settings.min_improvement,
+        seed=settings.seed,
+        device=dev,
+        callback=callback,
+    )
+    n_val = min(max(1, round(settings.validation_fraction * len(inputs))), len(inputs) - 1)
+    meta.update(
+        {
+            "grid": sample.grid,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "training": {
+                "key": key,
+                "fingerprint": sample.fingerprint,
+                "scans": {
+                    n: int((sample.index[:, 0] == i).sum()) for i, n in enumerate(sample.scans)
+                },
+                "candidates": sample.candidates,
+                "source": sample.source,
+                "n_train": len(inputs) - n_val,
+                "n_val": n_val,
+                "epochs": len(result.history),
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "stopped_early": result.stopped_early,
+                "history": result.history,
+                "seed": settings.seed,
+                "device": str(dev),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "settings": settings.model_dump(mode="json"),
+            },
+        }
+    )
+    path = save_checkpoint(result.model, out, meta)
+    return {
+        "status": "trained",
+        "checkpoint": str(path),
+        "sha256": file_digest(path),
+        "n_train": meta["training"]["n_train"],
+        "n_val": n_val,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "device": str(dev),
+    }
