@@ -18,6 +18,9 @@ crystal-frame offsets (1/Å). For the model a cloud is centred on its mean and d
 
 from __future__ import annotations
 
+from typing import Any
+
+import numba
 import numpy as np
 
 __all__ = [
@@ -44,8 +47,36 @@ def usable_patterns(patterns: np.ndarray) -> np.ndarray:
     return finite & (total > 0)
 
 
-def normalise_patterns(patterns: np.ndarray) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _normalise_rows(src: np.ndarray, out: np.ndarray, ok: np.ndarray) -> None:  # pragma: no cover
+    """Two passes per pattern (check + sum, then write): no temporaries."""
+    n3 = src.shape[1]
+    inv = 1.0 / np.log1p(n3)
+    for i in range(src.shape[0]):
+        total = 0.0
+        good = True
+        for j in range(n3):
+            v = src[i, j]
+            if not np.isfinite(v):
+                good = False
+                break
+            if v > 0:
+                total += v
+        if not good or total <= 0:
+            ok[i] = False
+            out[i, :] = 0.0
+            continue
+        ok[i] = True
+        s = n3 / total
+        for j in range(n3):
+            v = src[i, j]
+            out[i, j] = np.log1p(v * s) * inv if v > 0 else 0.0
+
+
+def normalise_patterns(patterns: np.ndarray, *, return_usable: bool = False) -> Any:
     """``unit_sum_log1p`` normalisation (module docstring) as float32; unusable patterns → 0.
+
+    With ``return_usable`` also returns :func:`usable_patterns` (computed in the same pass).
 
     Examples
     --------
@@ -56,13 +87,17 @@ def normalise_patterns(patterns: np.ndarray) -> np.ndarray:
     >>> float(normalise_patterns(one_voxel).max())
     1.0
     """
-    p = np.asarray(patterns, dtype=np.float64)
-    n3 = p.shape[-1] * p.shape[-2] * p.shape[-3]
-    ok = usable_patterns(p)
-    p = np.where(ok[..., None, None, None], np.clip(p, 0, None), 0.0)
-    total = p.sum(axis=(-3, -2, -1), keepdims=True)
-    total[total == 0] = 1.0
-    return (np.log1p(n3 * p / total) / np.log1p(n3)).astype(np.float32)
+    p = np.asarray(patterns)
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float32)
+    shape = p.shape
+    n3 = shape[-1] * shape[-2] * shape[-3]
+    src = np.ascontiguousarray(p.reshape(-1, n3))
+    out = np.empty(src.shape, dtype=np.float32)
+    ok = np.empty(src.shape[0], dtype=np.bool_)
+    _normalise_rows(src, out, ok)
+    out = out.reshape(shape)
+    return (out, ok.reshape(shape[:-3])) if return_usable else out
 
 
 def pixel_rng(seed: int, y: int, x: int) -> np.random.Generator:

@@ -102,47 +102,65 @@ def encode_patterns(
     """
     ty, tx = patterns.shape[:2]
     f = int(meta["hyper"]["latent_dim"])
-    out = np.full((ty, tx, f), np.nan, dtype=np.float32)
-    ok = K.usable_patterns(patterns)
+    out = np.full((ty * tx, f), np.nan, dtype=np.float32)
+    flat = patterns.reshape(ty * tx, *patterns.shape[2:])
+    grid_input = meta["normalisation"]["patterns"] == "unit_sum_log1p"
+    if grid_input:
+        x, ok = K.normalise_patterns(flat, return_usable=True)
+    else:
+        ok = K.usable_patterns(flat)
     if mask is not None:
-        ok &= np.asarray(mask, dtype=bool).reshape(ty, tx)
-    iy, ix = np.nonzero(ok)
-    if not len(iy):
-        return out
-    if offsets is None and meta["normalisation"]["patterns"] != "unit_sum_log1p":
-        raise ValueError("point-cloud models need the grid offsets")
-    yx = np.stack([iy + origin[0], ix + origin[1]], axis=1)
-    inputs = model_inputs(patterns[iy, ix], meta, yx=yx, offsets=offsets)  # type: ignore[arg-type]
-    out[iy, ix] = _encode_inputs(model, inputs, device, batch)
-    return out
+        ok &= np.asarray(mask, dtype=bool).reshape(ty * tx)
+    sel = np.flatnonzero(ok)
+    if len(sel):
+        if grid_input:
+            inputs = x if len(sel) == len(x) else x[sel]
+        else:
+            if offsets is None:
+                raise ValueError("point-cloud models need the grid offsets")
+            yx = np.stack([sel // tx + origin[0], sel % tx + origin[1]], axis=1)
+            inputs = model_inputs(flat[sel], meta, yx=yx, offsets=offsets)
+        out[sel] = _encode_inputs(model, inputs, device, batch)
+    return out.reshape(ty, tx, f)
 
 
 def _encode_block(
-    patterns: np.ndarray,
+    patterns: np.ndarray | None,
     mask: np.ndarray,
     *,
     checkpoint: str,
     device: str,
     batch: int,
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    source: zarr.Array | None = None,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
+    """Encode one tile; with ``source`` the tile's patterns are read here (no transfer)."""
     model, meta, dev = cached_model(checkpoint, device)
-    loc = block_info[0]["array-location"] if block_info else [(0, 0), (0, 0)]
+    loc = (
+        block_info[0]["array-location"] if block_info else [(0, mask.shape[0]), (0, mask.shape[1])]
+    )
+    (y0, y1), (x0, x1) = loc[0], loc[1]
+    if source is not None:
+        patterns = source[y0:y1, x0:x1]
     return encode_patterns(
-        patterns,
+        patterns,  # type: ignore[arg-type]
         model,
         meta,
         offsets=offsets,
-        mask=mask[:, :, 0, 0, 0],
-        origin=(loc[0][0], loc[1][0]),
+        mask=mask.reshape(mask.shape[0], mask.shape[1]),
+        origin=(y0, x0),
         batch=batch,
         device=dev,
     )
 
 
+def _encode_with_source(mask: np.ndarray, **kwargs: Any) -> np.ndarray:
+    return _encode_block(None, mask, **kwargs)
+
+
 def latent_array(
-    patterns: da.Array,
+    patterns: da.Array | zarr.Array,
     mask: da.Array,
     checkpoint: str | Path,
     *,
@@ -152,29 +170,52 @@ def latent_array(
     block: int = 16,
     batch: int = 256,
 ) -> da.Array:
-    """Lazy ``latent (y, x, latent_dim)`` float32 of lazy ``patterns (y, x, n, n, n)``.
+    """Lazy ``latent (y, x, latent_dim)`` float32 of ``patterns (y, x, n, n, n)``.
 
+    ``patterns`` is a lazy dask array, or a ``zarr.Array`` that each task reads its tile of
+    itself (one task per tile, no pattern bytes between workers: what :func:`encode` uses).
     ``mask (y, x)`` selects the pixels to encode. One task per ``block × block`` tile; the
     task holds the checkpoint's path, never the model.
     """
     ny, nx = patterns.shape[:2]
     chunks = (min(block, ny), min(block, nx))
+    common = {
+        "checkpoint": str(checkpoint),
+        "device": device,
+        "batch": batch,
+        "offsets": tuple(np.asarray(o) for o in offsets),
+    }
+    name = "encode-" + dask.base.tokenize(
+        patterns if isinstance(patterns, da.Array) else (str(patterns.store), patterns.path),
+        mask,
+        common,
+        block,
+    )
+    mask = mask.astype(bool).rechunk(chunks)
+    if not isinstance(patterns, da.Array):
+        return da.map_blocks(
+            _encode_with_source,
+            mask,
+            source=patterns,
+            **common,
+            new_axis=[2],
+            chunks=(*mask.chunks, (latent_dim,)),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+            name=name,
+        )
     patterns = patterns.rechunk((*chunks, -1, -1, -1))
-    mask = mask.astype(bool)[:, :, None, None, None].rechunk((*chunks, 1, 1, 1))
     return da.map_blocks(
         _encode_block,
         patterns,
-        mask,
-        checkpoint=str(checkpoint),
-        device=device,
-        batch=batch,
-        offsets=tuple(np.asarray(o) for o in offsets),
+        mask[:, :, None, None, None],
+        **common,
         drop_axis=[2, 3, 4],
         new_axis=[2],
         chunks=(*patterns.chunks[:2], (latent_dim,)),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
-        name="encode-" + dask.base.tokenize(patterns, mask, str(checkpoint), device, batch),
+        name=name,
     )
 
 
@@ -315,7 +356,7 @@ def encode(
             jobs.append((name, None, arr, fp, 0))
             continue
         lat = latent_array(
-            ds["pattern"].data,
+            zarr.open_array(str(root / name / "pattern"), mode="r"),
             mask,
             ckpt,
             latent_dim=latent_dim,
