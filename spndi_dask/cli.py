@@ -198,13 +198,36 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
 
 
+def _print_notes(s: dict[str, Any]) -> None:
+    for key in ("warning", "error"):
+        if key in s:
+            print(f"  {key}: {s[key]}")
+
+
+class _StageFailed(Exception):
+    """A stage refused its input (message already printed)."""
+
+
+def _on_client(args: argparse.Namespace, run: Any, errors: tuple[type[Exception], ...]) -> Any:
+    """``run()`` under the command's dask client; ``errors`` print and raise _StageFailed."""
+    with _client(args) as client:
+        print(f"dask dashboard: {client.dashboard_link}")
+        try:
+            return run()
+        except errors as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise _StageFailed from None
+
+
+def _exit_code(summary: dict[str, dict[str, Any]]) -> int:
+    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+
+
 def _print_stats(summary: dict[str, dict[str, Any]], output: Path) -> None:
     print(f"\n{'particle':<16}{'status':<14}{'labels':>7}  method")
     for name, s in summary.items():
         print(f"{name:<16}{s['status']:<14}{s.get('labels', ''):>7}  {s.get('method', '')}")
-        for key in ("warning", "error"):
-            if key in s:
-                print(f"  {key}: {s[key]}")
+        _print_notes(s)
     print(f"table: {output / 'particles.csv'}\nfigures: {output / 'figures'}")
 
 
@@ -213,17 +236,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from spndi_dask.particles import ParticleError, stats
 
     manifest = load_manifest(args.manifest)
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
-        try:
-            summary = stats(
-                manifest, particles=args.particles, force=args.force, figures=not args.no_figures
-            )
-        except ParticleError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    summary = _on_client(
+        args,
+        lambda: stats(
+            manifest, particles=args.particles, force=args.force, figures=not args.no_figures
+        ),
+        (ParticleError,),
+    )
     _print_stats(summary, manifest.output_dir)
-    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+    return _exit_code(summary)
 
 
 def _print_epoch(row: dict[str, Any]) -> None:
@@ -250,20 +271,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from spndi_dask.features import CheckpointError, FeatureError, train
 
     manifest = load_manifest(args.manifest)
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
-        try:
-            s = train(
-                manifest,
-                particles=args.particles,
-                force=args.force,
-                device=args.device,
-                progress=True,
-                callback=_print_epoch,
-            )
-        except (FeatureError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    s = _on_client(
+        args,
+        lambda: train(
+            manifest,
+            particles=args.particles,
+            force=args.force,
+            device=args.device,
+            progress=True,
+            callback=_print_epoch,
+        ),
+        (FeatureError, CheckpointError),
+    )
     _print_train(s)
     return 0
 
@@ -272,9 +291,7 @@ def _print_encode(summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{'particle':<16}{'status':<14}{'pixels':>8}{'seconds':>9}")
     for name, s in summary.items():
         print(f"{name:<16}{s['status']:<14}{s.get('pixels', ''):>8}{s.get('seconds', ''):>9}")
-        for key in ("warning", "error"):
-            if key in s:
-                print(f"  {key}: {s[key]}")
+        _print_notes(s)
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -282,22 +299,20 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from spndi_dask.features import CheckpointError, FeatureError, encode
 
     manifest = load_manifest(args.manifest)
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
-        try:
-            summary = encode(
-                manifest,
-                particles=args.particles,
-                checkpoint=args.checkpoint,
-                device=args.device,
-                force=args.force,
-                progress=True,
-            )
-        except (FeatureError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    summary = _on_client(
+        args,
+        lambda: encode(
+            manifest,
+            particles=args.particles,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            force=args.force,
+            progress=True,
+        ),
+        (FeatureError, CheckpointError),
+    )
     _print_encode(summary)
-    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+    return _exit_code(summary)
 
 
 def _cmd_export_ply(args: argparse.Namespace) -> int:
@@ -437,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
+    except _StageFailed:
+        return 2
     except (ManifestError, ConnectionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

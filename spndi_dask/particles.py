@@ -39,11 +39,11 @@ from typing import Any
 import dask
 import numpy as np
 import xarray as xr
-import zarr
 from scipy import ndimage
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest, SegmentSettings
+from spndi_dask.io.results_store import mark_complete, replace_array
 from spndi_dask.io.sources import SourceError
 
 __all__ = [
@@ -407,23 +407,19 @@ def _fingerprint(manifest: Manifest, name: str, ds: xr.Dataset) -> str:
 
 def _write_labels(node: Path, labels: np.ndarray, info: dict[str, Any]) -> None:
     """Add ``label(y, x)`` to a particle's results node; the info attrs mark it complete."""
-    group = zarr.open_group(str(node), mode="r+")
-    attrs = dict(group.attrs)
-    attrs.pop("particles", None)  # not complete while rewriting
-    group.attrs.put(attrs)
-    if "label" in group:
-        del group["label"]
-    arr = group.create_array(
+    arr = replace_array(
+        node,
         "label",
+        stage="particles",
+        dims=["y", "x"],
+        long_name="particle label (0 = background)",
         shape=labels.shape,
         dtype=np.int32,
         chunks=labels.shape,
-        dimension_names=["y", "x"],
         fill_value=0,
     )
     arr[:] = labels.astype(np.int32)
-    arr.attrs.update({"long_name": "particle label (0 = background)", "units": "1"})
-    group.attrs.update({"particles": info})
+    mark_complete(node, "particles", info)
 
 
 def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:

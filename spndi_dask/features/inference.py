@@ -40,6 +40,7 @@ from spndi_dask.features.train import (
     model_inputs,
     resolve_device,
 )
+from spndi_dask.io.results_store import mark_complete, replace_array
 
 __all__ = [
     "ModelPlugin",
@@ -280,22 +281,17 @@ def _fingerprint(ds: Any, digest: str) -> str:
 
 def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: int) -> zarr.Array:
     """An empty (NaN) ``latent`` array in a particle's node; the node's features attrs dropped."""
-    group = zarr.open_group(str(node), mode="r+")
-    attrs = dict(group.attrs)
-    attrs.pop("features", None)  # not complete while rewriting
-    group.attrs.put(attrs)
-    if "latent" in group:
-        del group["latent"]
-    arr = group.create_array(
+    return replace_array(
+        node,
         "latent",
+        stage="features",
+        dims=["y", "x", "feature"],
+        long_name="autoencoder latent vector (NaN = not encoded)",
         shape=(*shape, latent_dim),
         dtype=np.float32,
         chunks=(min(block, shape[0]), min(block, shape[1]), latent_dim),
-        dimension_names=["y", "x", "feature"],
         fill_value=np.nan,
     )
-    arr.attrs.update({"long_name": "autoencoder latent vector (NaN = not encoded)", "units": "1"})
-    return arr
 
 
 def encode(
@@ -404,7 +400,7 @@ def encode(
             "device": device,
             "version": __version__,
         }
-        zarr.open_group(str(root / name), mode="r+").attrs.update({"features": info})
+        mark_complete(root / name, "features", info)
         summary[name] = {**summary.get(name, {}), "status": "encoded", "pixels": encoded}
         summary[name]["seconds"] = seconds
     return summary
