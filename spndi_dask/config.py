@@ -429,6 +429,14 @@ class ClusterSettings(_Model):
         "minmax", description="'minmax' (as the original study) or 'zscore'"
     )
     seed: int = Field(0, description="random seed")
+    elbow_fraction: float = Field(
+        0.95, gt=0, le=1, description="elbow: smallest K explaining this share of the inertia drop"
+    )
+    silhouette_sample: PositiveInt = Field(
+        5000, description="pixels drawn for the silhouette score of each K"
+    )
+    max_iter: PositiveInt = Field(300, description="Lloyd iterations per restart")
+    tol: float = Field(1e-4, gt=0, description="convergence tolerance of k-means")
 
 
 class Manifest(_Model):

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-__all__ = ["beamtime_overview", "map_limits", "particle_figures"]
+__all__ = ["beamtime_overview", "cluster_figures", "map_limits", "particle_figures"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +204,70 @@ def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> li
     written.append(beamtime_overview(datasets, out_dir / "beamtime_overview.png"))
     logger.info("wrote %d figures to %s", len(written), out_dir)
     return written
+
+
+def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
+    """Inertia and its explained share vs K (elbow), and the silhouette score per K."""
+    inertia = {int(k): v for k, v in info["inertia_by_k"].items()}
+    sil = {int(k): v for k, v in info["silhouette_by_k"].items()}
+    ks = sorted(inertia)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].plot(ks, [inertia[k] for k in ks], "o-")
+    axes[0].axvline(info["k"], color="C3", ls="--", label=f"K = {info['k']} ({info['k_source']})")
+    axes[0].set_xlabel("K")
+    axes[0].set_ylabel("inertia (scaled features)")
+    axes[0].legend()
+    if len(ks) > 1:
+        drop = inertia[ks[0]] - inertia[ks[-1]]
+        share = [(inertia[ks[0]] - inertia[k]) / drop if drop > 0 else 1.0 for k in ks]
+        twin = axes[0].twinx()
+        twin.plot(ks, share, "s:", color="C1")
+        twin.set_ylabel("explained share of the drop", color="C1")
+    if sil:
+        axes[1].plot(sorted(sil), [sil[k] for k in sorted(sil)], "o-", color="C2")
+    axes[1].set_xlabel("K")
+    axes[1].set_ylabel("silhouette (sample)")
+    fig.suptitle("choosing K")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
+    """The combined cluster map, then each cluster highlighted on the grey particle."""
+    lab = np.asarray(ds["cluster"].values)
+    inside = np.asarray(ds["label"].values) > 0
+    colours = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    fig, axes = plt.subplots(1, k + 1, figsize=(3.2 * (k + 1), 3.2), squeeze=False)
+    axes = axes[0]
+    rgb = np.ones((*lab.shape, 3))
+    rgb[inside] = 0.7
+    for c in range(k):
+        rgb[lab == c] = colours(c % colours.N)[:3]
+    axes[0].imshow(rgb, extent=_extent(ds))
+    axes[0].set_title(f"{name}: clusters")
+    for c in range(k):
+        img = np.ones((*lab.shape, 3))
+        img[inside] = 0.75
+        img[lab == c] = colours(c % colours.N)[:3]
+        axes[c + 1].imshow(img, extent=_extent(ds))
+        axes[c + 1].set_title(f"cluster {c} ({int((lab == c).sum())} px)")
+    for ax in axes:
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
+    _scale_bar(axes[0], ds)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.Dataset]) -> list:
+    """K selection (``clusters_k.png``) and per scan ``<particle>_clusters.png``."""
+    out = Path(manifest.output_dir) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_k_selection_figure(info, out / "clusters_k.png")]
+    for name, ds in datasets.items():
+        paths.append(_cluster_map_figure(name, ds, info["k"], out / f"{name}_clusters.png"))
+    return paths

@@ -36,9 +36,8 @@ from spndi_dask.particles import stats
 from spndi_dask.reduce import open_results, reduce
 from spndi_dask.simulate import preset, simulate_beamtime
 
-SEEDS = sorted(glob.glob(str(Path(__file__).parents[2] / "shared/data/seed_pointclouds/*.npy")))
-if not SEEDS:  # a checkout next to ../shared, or the data copied into the repository
-    SEEDS = sorted(glob.glob(str(Path(__file__).parents[1] / "data/seed_pointclouds/*.npy")))
+# measured point clouds of the original study (copied from ../shared/data/seed_pointclouds)
+SEEDS = sorted(glob.glob(str(Path(__file__).parent / "data" / "seed_pointclouds" / "*.npy")))
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +94,8 @@ def test_conv3d_handles_grids_that_are_not_multiples_of_eight():
         assert torch.allclose(m.encode(x)[1:2], m.encode(x[1:2]), atol=1e-6)
 
 
-@pytest.mark.skipif(len(SEEDS) < 2, reason="../shared/data/seed_pointclouds not present")
 def test_foldingnet_loads_and_encodes_the_measured_point_clouds():
+    assert len(SEEDS) == 2, "tests/data/seed_pointclouds is missing"
     clouds = np.stack([K.normalise_cloud(load_point_cloud(p)) for p in SEEDS])
     assert clouds.shape == (len(SEEDS), 2048, 3)
     m = FoldingNet()  # the original study's configuration: 2048 points, 512-d codeword
@@ -108,7 +107,6 @@ def test_foldingnet_loads_and_encodes_the_measured_point_clouds():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(len(SEEDS) < 2, reason="../shared/data/seed_pointclouds not present")
 def test_foldingnet_learns_to_reconstruct_the_measured_point_clouds():
     rng = np.random.default_rng(0)
     n = 512  # a random subset of each measured cloud keeps the test short on 2 cores

@@ -1,0 +1,453 @@
+"""k-means over the latent vectors of all particles of a beamtime at once (dask-ml).
+
+The latent vectors of every pixel inside a segmented particle (``label > 0``) of every selected
+scan form one matrix, so cluster identities are shared across particles. Features are scaled
+(min–max, as the original study, or z-score), then clustered with ``dask_ml.cluster.KMeans``:
+
+* ``init = "k-means||"`` (default): dask-ml's scalable k-means++;
+* ``init = "k-means++"``: seeds from ``sklearn.cluster.kmeans_plusplus`` on a sample, passed to
+  dask-ml as ``init`` (dask-ml's own k-means++ path fails with scikit-learn ≥ 1.3).
+
+``n_init`` restarts (seeds ``seed, seed+1, ...``); the lowest inertia is kept, the inertia being
+recomputed here as the sum of squared distances to the nearest centre (dask-ml's attribute is
+not always that).
+
+Choosing K (``k = "auto"``): the original elbow rule — the smallest K whose share of the inertia
+drop from K=1 to ``k_max`` reaches ``elbow_fraction`` (0.95) — with the silhouette score of each
+K on a seeded sample reported beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+
+from spndi_dask._version import __version__
+from spndi_dask.cluster_setup import compute
+from spndi_dask.config import ClusterSettings, Manifest
+from spndi_dask.io.results_store import mark_complete, replace_array
+
+__all__ = [
+    "ClusterError",
+    "KMeansFit",
+    "assign",
+    "choose_k",
+    "cluster",
+    "elbow_k",
+    "fit_kmeans",
+    "inertia",
+    "scaling",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterError(ValueError):
+    """Clustering cannot run on these inputs (no latent vectors, K too large...)."""
+
+
+# -- kernels ------------------------------------------------------------------------------------
+def _nearest(block: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centre, squared distance to it) of each row."""
+    b = np.asarray(block, dtype=np.float64)
+    d = (b**2).sum(1)[:, None] - 2 * b @ centers.T + (centers**2).sum(1)[None, :]
+    idx = d.argmin(axis=1)
+    return idx, np.maximum(d[np.arange(len(b)), idx], 0.0)
+
+
+def elbow_k(inertias: dict[int, float], fraction: float = 0.95) -> int:
+    """Smallest K whose share of the inertia drop (K=1 → largest K) reaches ``fraction``.
+
+    Examples
+    --------
+    >>> elbow_k({1: 100.0, 2: 40.0, 3: 12.0, 4: 10.0, 5: 9.0}, 0.95)
+    4
+    >>> elbow_k({1: 100.0, 2: 40.0, 3: 12.0, 4: 10.0, 5: 9.0}, 0.9)
+    3
+    """
+    ks = sorted(inertias)
+    top = inertias[ks[0]] - inertias[ks[-1]]
+    if top <= 0:
+        return ks[0]
+    for k in ks:
+        if (inertias[ks[0]] - inertias[k]) / top >= fraction - 1e-12:
+            return k
+    return ks[-1]
+
+
+# -- lazy layer ---------------------------------------------------------------------------------
+def scaling(x: da.Array, kind: Literal["minmax", "zscore"]) -> tuple[np.ndarray, np.ndarray]:
+    """``(offset, scale)`` per feature so that ``(x - offset) / scale`` is min–max or z-score."""
+    if kind == "minmax":
+        lo, hi = compute([x.min(axis=0), x.max(axis=0)])
+        offset, scale = np.asarray(lo, float), np.asarray(hi, float) - np.asarray(lo, float)
+    else:
+        mean, std = compute([x.mean(axis=0), x.std(axis=0)])
+        offset, scale = np.asarray(mean, float), np.asarray(std, float)
+    scale = np.where(scale > 0, scale, 1.0)
+    return offset, scale
+
+
+def assign(x: da.Array, centers: np.ndarray) -> da.Array:
+    """Lazy index of the nearest centre of every row of ``x``."""
+    c = np.asarray(centers, dtype=np.float64)
+    return x.map_blocks(
+        lambda b: _nearest(b, c)[0].astype(np.int32),
+        drop_axis=1,
+        dtype=np.int32,
+        meta=np.empty((0,), np.int32),
+    )
+
+
+def inertia(x: da.Array, centers: np.ndarray) -> da.Array:
+    """Lazy sum of squared distances of the rows of ``x`` to their nearest centre."""
+    c = np.asarray(centers, dtype=np.float64)
+    per_row = x.map_blocks(
+        lambda b: _nearest(b, c)[1], drop_axis=1, dtype=np.float64, meta=np.empty((0,))
+    )
+    return per_row.sum()
+
+
+@dataclass
+class KMeansFit:
+    """The kept restart of a k-means fit (centres in the scaled feature space)."""
+
+    k: int
+    centers: np.ndarray
+    inertia: float
+    n_iter: int
+    seed: int
+    restarts: list[float] = field(default_factory=list)  # inertia of every restart
+
+
+def fit_kmeans(
+    x: da.Array,
+    k: int,
+    *,
+    init: Literal["k-means||", "k-means++"] = "k-means||",
+    n_init: int = 4,
+    seed: int = 0,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    sample_size: int = 10_000,
+) -> KMeansFit:
+    """k-means of the rows of ``x`` with dask-ml; ``n_init`` restarts, lowest inertia kept.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> pts = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(3, 0.1, (50, 2))])
+    >>> fit = fit_kmeans(da.from_array(pts, chunks=25), 2, init="k-means++", n_init=2)
+    >>> sorted(np.round(fit.centers[:, 0]).tolist())
+    [0.0, 3.0]
+    """
+    from dask_ml.cluster import KMeans
+
+    n = x.shape[0]
+    if k > n:
+        raise ClusterError(f"K = {k} clusters need at least {k} latent vectors; there are {n}")
+    best: KMeansFit | None = None
+    restarts = []
+    for r in range(n_init):
+        rs = seed + r
+        if init == "k-means++":
+            from sklearn.cluster import kmeans_plusplus
+
+            rng = np.random.default_rng(rs)
+            idx = np.sort(rng.choice(n, size=min(n, max(sample_size, k)), replace=False))
+            (sample,) = compute([x[idx]])
+            start, _ = kmeans_plusplus(np.asarray(sample, float), k, random_state=rs)
+            model = KMeans(n_clusters=k, init=start, max_iter=max_iter, tol=tol, random_state=rs)
+        else:
+            model = KMeans(
+                n_clusters=k, init="k-means||", max_iter=max_iter, tol=tol, random_state=rs
+            )
+        model.fit(x)
+        centers = np.asarray(model.cluster_centers_, dtype=np.float64)
+        (value,) = compute([inertia(x, centers)])
+        restarts.append(float(value))
+        if best is None or value < best.inertia:
+            best = KMeansFit(k, centers, float(value), int(getattr(model, "n_iter_", 0)), rs)
+    assert best is not None
+    best.restarts = restarts
+    return best
+
+
+def choose_k(
+    x: da.Array, settings: ClusterSettings, *, sample: np.ndarray | None = None
+) -> tuple[int, dict[int, KMeansFit], dict[int, float]]:
+    """Fit K = 1..k_max; ``(elbow K, fits, silhouette per K ≥ 2 on the sample)``."""
+    from sklearn.metrics import silhouette_score
+
+    k_max = min(settings.k_max, x.shape[0])
+    fits = {}
+    for k in range(1, k_max + 1):
+        fits[k] = fit_kmeans(
+            x,
+            k,
+            init=settings.init,
+            n_init=settings.n_init,
+            seed=settings.seed,
+            max_iter=settings.max_iter,
+            tol=settings.tol,
+        )
+        logger.info("K = %d: inertia %.6g", k, fits[k].inertia)
+    sil = {}
+    if sample is not None and len(sample) > 2:
+        for k in range(2, k_max + 1):
+            lab = _nearest(sample, fits[k].centers)[0]
+            if 1 < len(np.unique(lab)) < len(sample):
+                sil[k] = float(silhouette_score(sample, lab))
+    k = elbow_k({k: f.inertia for k, f in fits.items()}, settings.elbow_fraction)
+    return k, fits, sil
+
+
+# -- orchestration ------------------------------------------------------------------------------
+STAT_MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y")
+
+
+def _table(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(rows[0]) if rows else ["particle", "cluster", "pixels"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp.replace(path)
+
+
+def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) -> list[dict]:
+    rows = []
+    n_all = int((labels >= 0).sum())
+    for c in range(k):
+        sel = labels == c
+        row: dict[str, Any] = {
+            "particle": name,
+            "cluster": c,
+            "pixels": int(sel.sum()),
+            "fraction": float(sel.sum() / n_all) if n_all else float("nan"),
+        }
+        for key in STAT_MAPS:
+            v = maps[key][sel]
+            v = v[np.isfinite(v)]
+            row[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
+            row[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def cluster(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    k: int | None = None,
+    force: bool = False,
+    figures: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Cluster the latent vectors of all (or the named) particle scans jointly.
+
+    Writes ``cluster(y, x)`` (−1 outside particles or where a pixel has no latent vector) to
+    every scan's node, the centres and the K selection to the root attrs, ``<output>/clusters.csv``
+    (pixels, fraction and strain/tilt/d statistics of every cluster in every scan, then pooled
+    as particle ``all``) and, with ``figures``, the K-selection and cluster-map figures.
+
+    Returns
+    -------
+    dict
+        ``status`` ('clustered' or 'up to date'), ``k``, ``k_source`` ('manifest', 'argument',
+        'elbow'), ``inertia``, ``silhouette``, ``pixels`` per scan, ``seconds``, ``warnings``.
+    """
+    import zarr
+
+    from spndi_dask.features.train import known_particles
+    from spndi_dask.reduce import open_results, results_path
+
+    t0 = time.perf_counter()
+    settings = manifest.cluster
+    root = results_path(manifest.output_dir)
+    names = known_particles(manifest, particles)
+    warnings: list[str] = []
+    datasets, index, blocks = {}, {}, []
+    for name in names:
+        try:
+            ds = open_results(root, name)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ClusterError(f"particle '{name}': {exc}") from None
+        if "latent" not in ds or not ds.attrs.get("features"):
+            raise ClusterError(f"particle '{name}' has no latent vectors; run `spndi encode` first")
+        if "label" not in ds or not ds.attrs.get("particles"):
+            raise ClusterError(f"particle '{name}' has no labels; run `spndi stats` first")
+        datasets[name] = ds
+    masks = compute(
+        [
+            (ds["label"].data > 0) & da.isfinite(ds["latent"].data).all(axis=-1)
+            for ds in datasets.values()
+        ]
+    )
+    for (name, ds), mask in zip(datasets.items(), masks, strict=True):
+        flat = np.flatnonzero(mask)
+        if not len(flat):
+            warnings.append(
+                f"particle '{name}' has no pixel with a latent vector inside a particle"
+            )
+            logger.warning(warnings[-1])
+        index[name] = flat
+        f = ds.sizes["feature"]
+        if len(flat):
+            blocks.append(ds["latent"].data.reshape(-1, f)[flat])
+    total = sum(len(v) for v in index.values())
+    if total == 0:
+        raise ClusterError("no latent vectors inside particles in any scan: nothing to cluster")
+    x = da.concatenate(blocks, axis=0).astype(np.float64)
+    x = (
+        x.rechunk((min(50_000, total), -1)).persist()
+        if _on_cluster()
+        else x.rechunk((min(50_000, total), -1))
+    )
+    key = dask.base.tokenize(
+        {n: datasets[n].attrs["features"].get("fingerprint") for n in names},
+        {n: datasets[n].attrs["particles"].get("fingerprint") for n in names},
+        settings.model_dump(mode="json"),
+        k,
+        __version__,
+    )
+    meta = dict(zarr.open_group(str(root), mode="r").attrs).get("clusters", {})
+    if (
+        not force
+        and meta.get("fingerprint") == key
+        and all(datasets[n].attrs.get("cluster", {}).get("fingerprint") == key for n in names)
+    ):
+        return {"status": "up to date", "k": meta.get("k"), "seconds": 0.0}
+    offset, scale = scaling(x, settings.standardize)
+    xs = (x - offset) / scale
+    rng = np.random.default_rng(settings.seed)
+    s_idx = np.sort(rng.choice(total, size=min(total, settings.silhouette_sample), replace=False))
+    (sample,) = compute([xs[s_idx]])
+    fixed = k if k is not None else (None if settings.k == "auto" else int(settings.k))
+    sil: dict[int, float] = {}
+    fits: dict[int, KMeansFit] = {}
+    if fixed is None:
+        chosen, fits, sil = choose_k(xs, settings, sample=np.asarray(sample))
+        source = "elbow"
+    else:
+        if fixed > total:
+            raise ClusterError(
+                f"K = {fixed} clusters but only {total} pixels have latent vectors inside "
+                "particles; lower [cluster] k (or use k = 'auto')"
+            )
+        chosen = fixed
+        fits[chosen] = fit_kmeans(
+            xs,
+            chosen,
+            init=settings.init,
+            n_init=settings.n_init,
+            seed=settings.seed,
+            max_iter=settings.max_iter,
+            tol=settings.tol,
+        )
+        source = "argument" if k is not None else "manifest"
+    best = fits[chosen]
+    (labels,) = compute([assign(xs, best.centers)], progress)
+    labels = np.asarray(labels)
+    info_root = {
+        "fingerprint": key,
+        "k": chosen,
+        "k_source": source,
+        "init": settings.init,
+        "n_init": settings.n_init,
+        "seed": best.seed,
+        "standardize": settings.standardize,
+        "offset": offset.tolist(),
+        "scale": scale.tolist(),
+        "centers_scaled": best.centers.tolist(),
+        "centers": (best.centers * scale + offset).tolist(),
+        "inertia": best.inertia,
+        "restart_inertias": best.restarts,
+        "inertia_by_k": {str(kk): f.inertia for kk, f in fits.items()},
+        "silhouette_by_k": {str(kk): v for kk, v in sil.items()},
+        "particles": names,
+        "pixels": total,
+        "version": __version__,
+    }
+    rows: list[dict[str, Any]] = []
+    pooled_maps: dict[str, list[np.ndarray]] = {m: [] for m in STAT_MAPS}
+    pooled_labels = []
+    start = 0
+    summary_pixels = {}
+    for name, ds in datasets.items():
+        flat = index[name]
+        shape = ds["valid"].shape
+        lab = np.full(int(np.prod(shape)), -1, dtype=np.int32)
+        lab[flat] = labels[start : start + len(flat)]
+        start += len(flat)
+        lab = lab.reshape(shape)
+        arr = replace_array(
+            root / name,
+            "cluster",
+            stage="cluster",
+            dims=["y", "x"],
+            long_name="k-means cluster of the latent vector (-1 = outside particles)",
+            shape=shape,
+            dtype=np.int32,
+            chunks=shape,
+            fill_value=-1,
+        )
+        arr[:] = lab
+        counts = np.bincount(lab[lab >= 0], minlength=chosen)
+        mark_complete(
+            root / name,
+            "cluster",
+            {"fingerprint": key, "k": chosen, "pixels": counts.tolist(), "version": __version__},
+        )
+        maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
+        rows += _rows(name, lab, maps, chosen)
+        for m in STAT_MAPS:
+            pooled_maps[m].append(maps[m].ravel())
+        pooled_labels.append(lab.ravel())
+        summary_pixels[name] = int((lab >= 0).sum())
+    rows += _rows(
+        "all",
+        np.concatenate(pooled_labels),
+        {m: np.concatenate(v) for m, v in pooled_maps.items()},
+        chosen,
+    )
+    out = Path(manifest.output_dir)
+    _table(out / "clusters.csv", rows)
+    zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
+    if figures:
+        from spndi_dask import plot
+
+        plot.cluster_figures(manifest, info_root, {n: open_results(root, n) for n in names})
+    logger.info("k-means K=%d (%s) over %d pixels of %d scans", chosen, source, total, len(names))
+    return {
+        "status": "clustered",
+        "k": chosen,
+        "k_source": source,
+        "inertia": best.inertia,
+        "silhouette": sil,
+        "inertia_by_k": {kk: f.inertia for kk, f in fits.items()},
+        "pixels": summary_pixels,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "warnings": warnings,
+        "table": str(out / "clusters.csv"),
+    }
+
+
+def _on_cluster() -> bool:
+    try:
+        from distributed import get_client
+
+        get_client()
+        return True
+    except (ImportError, ValueError):
+        return False
