@@ -119,6 +119,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
 
     p = sub.add_parser(
+        "cluster",
+        help="k-means over the latent vectors of all particles -> cluster, clusters.csv",
+        description="Cluster the latent vectors of every pixel inside a particle of all scans "
+        "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
+        "maps, <output>/clusters.csv and figures.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
+    p.add_argument("--force", action="store_true", help="recluster even if up to date")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
         "export-ply",
         help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
         description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
@@ -315,6 +329,45 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return _exit_code(summary)
 
 
+def _print_cluster(s: dict[str, Any], output: Path) -> None:
+    if s["status"] == "up to date":
+        print(f"clusters up to date (K = {s['k']})")
+        return
+    sil = s.get("silhouette", {})
+    print(
+        f"K = {s['k']} ({s['k_source']}), inertia {s['inertia']:.4g}"
+        + (f", silhouette {sil[s['k']]:.3f}" if s["k"] in sil else "")
+        + f", {sum(s['pixels'].values())} pixels, {s['seconds']} s"
+    )
+    print(f"\n{'particle':<16}{'pixels':>8}")
+    for name, n in s["pixels"].items():
+        print(f"{name:<16}{n:>8}")
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}")
+    print(f"table: {output / 'clusters.csv'}\nfigures: {output / 'figures'}")
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from spndi_dask.cluster import ClusterError, cluster
+    from spndi_dask.config import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    s = _on_client(
+        args,
+        lambda: cluster(
+            manifest,
+            particles=args.particles,
+            k=args.k,
+            force=args.force,
+            figures=not args.no_figures,
+            progress=True,
+        ),
+        (ClusterError,),
+    )
+    _print_cluster(s, manifest.output_dir)
+    return 0
+
+
 def _cmd_export_ply(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.features.ply import export_ply
@@ -381,6 +434,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from spndi_dask.cluster import cluster
     from spndi_dask.config import load_manifest
     from spndi_dask.features import checkpoint_path, encode, train
     from spndi_dask.ingest import ingest
@@ -394,33 +448,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _client(args) as client:
         print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/6] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        print(f"[1/7] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
         simulate_beamtime(out, cfg)
         t1 = time.perf_counter()
-        print(f"[2/6] ingest -> {raw_path(out / 'results')}")
+        print(f"[2/7] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
         summary = ingest(manifest, progress=True)
         t2 = time.perf_counter()
         _print_ingest(summary, raw_path(manifest.output_dir))
-        print(f"[3/6] reduce -> {results_path(manifest.output_dir)}")
+        print(f"[3/7] reduce -> {results_path(manifest.output_dir)}")
         reduced = reduce(manifest, progress=True)
         t3 = time.perf_counter()
         _print_reduce(reduced, results_path(manifest.output_dir))
-        print(f"[4/6] stats -> {manifest.output_dir / 'particles.csv'}, figures")
+        print(f"[4/7] stats -> {manifest.output_dir / 'particles.csv'}, figures")
         particles = stats(manifest)
         t4 = time.perf_counter()
         _print_stats(particles, manifest.output_dir)
-        print(f"[5/6] train {manifest.features.model} -> {checkpoint_path(manifest)}")
+        print(f"[5/7] train {manifest.features.model} -> {checkpoint_path(manifest)}")
         _print_train(train(manifest, callback=_print_epoch))
         t5 = time.perf_counter()
-        print("[6/6] encode -> latent(y, x, feature)")
+        print("[6/7] encode -> latent(y, x, feature)")
         encoded = encode(manifest, progress=True)
         t6 = time.perf_counter()
-    _print_encode(encoded)
+        _print_encode(encoded)
+        print(f"[7/7] cluster -> cluster(y, x), {manifest.output_dir / 'clusters.csv'}")
+        clustered = cluster(manifest)
+        t7 = time.perf_counter()
+    _print_cluster(clustered, manifest.output_dir)
     print(
-        f"\ndemo done in {t6 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
+        f"\ndemo done in {t7 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
         f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s, train {t5 - t4:.1f} s, "
-        f"encode {t6 - t5:.1f} s)\n"
+        f"encode {t6 - t5:.1f} s, cluster {t7 - t6:.1f} s)\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
@@ -448,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "stats": _cmd_stats,
         "train": _cmd_train,
         "encode": _cmd_encode,
+        "cluster": _cmd_cluster,
         "export-ply": _cmd_export_ply,
     }
     try:

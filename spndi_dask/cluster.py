@@ -184,7 +184,11 @@ def fit_kmeans(
 def choose_k(
     x: da.Array, settings: ClusterSettings, *, sample: np.ndarray | None = None
 ) -> tuple[int, dict[int, KMeansFit], dict[int, float]]:
-    """Fit K = 1..k_max; ``(elbow K, fits, silhouette per K ≥ 2 on the sample)``."""
+    """Fit K = 1..k_max; ``(elbow K, fits, silhouette per K ≥ 2 on the sample)``.
+
+    Each K of the scan gets ``scan_restarts`` restarts; the chosen K is refitted with
+    ``n_init``.
+    """
     from sklearn.metrics import silhouette_score
 
     k_max = min(settings.k_max, x.shape[0])
@@ -194,7 +198,7 @@ def choose_k(
             x,
             k,
             init=settings.init,
-            n_init=settings.n_init,
+            n_init=settings.scan_restarts,
             seed=settings.seed,
             max_iter=settings.max_iter,
             tol=settings.tol,
@@ -207,6 +211,16 @@ def choose_k(
             if 1 < len(np.unique(lab)) < len(sample):
                 sil[k] = float(silhouette_score(sample, lab))
     k = elbow_k({k: f.inertia for k, f in fits.items()}, settings.elbow_fraction)
+    if settings.n_init > settings.scan_restarts:  # the chosen K gets all its restarts
+        fits[k] = fit_kmeans(
+            x,
+            k,
+            init=settings.init,
+            n_init=settings.n_init,
+            seed=settings.seed,
+            max_iter=settings.max_iter,
+            tol=settings.tol,
+        )
     return k, fits, sil
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import zarr
 
+from spndi_dask.config import Manifest
 from spndi_dask.features import (
     CheckpointError,
     Conv3dAutoencoder,
@@ -263,6 +264,12 @@ def test_distributed_encoding_equals_single_process(trained):
     block = pat[y, x]
     block[0, 0, 0] = np.nan
     pat[y, x] = block
+    # tiles of 4 x 4 pixels: many tasks per scan, each reading its own tile of the store
+    m = Manifest.from_dict(
+        {**m.to_dict(), "features": {**m.features.model_dump(mode="json"), "block": 4}},
+        base_dir=m.base_dir,
+        source=m.source,
+    )
     with start_client(n_workers=2, threads_per_worker=1) as client:
         res = encode(m)
         assert {s["status"] for s in res.values()} == {"encoded"}

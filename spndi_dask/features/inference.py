@@ -156,8 +156,12 @@ def _encode_block(
     )
 
 
-def _encode_with_source(mask: np.ndarray, **kwargs: Any) -> np.ndarray:
-    return _encode_block(None, mask, **kwargs)
+def _encode_with_source(
+    mask: np.ndarray, *, block_info: dict[Any, Any] | None = None, **kwargs: Any
+) -> np.ndarray:
+    if block_info is None:  # dask passes it only to functions that name it
+        raise RuntimeError("reading a tile from the pattern store needs dask's block_info")
+    return _encode_block(None, mask, block_info=block_info, **kwargs)
 
 
 def latent_array(
