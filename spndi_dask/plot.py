@@ -37,6 +37,13 @@ MAP_PANELS = (
 _SCALE = {"tilt_x": 1e3, "tilt_y": 1e3}  # radians -> mrad on the figures
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _masked(ds: xr.Dataset, name: str) -> np.ndarray:
     v = np.asarray(ds[name].values, np.float64) * _SCALE.get(name, 1.0)
     inside = np.asarray(ds["label"].values) > 0
@@ -106,10 +113,7 @@ def _map_figure(name: str, ds: xr.Dataset, limits: dict, path: Path) -> Path:
         _scale_bar(ax, ds)
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{name}: maps (grey = background)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path:
@@ -122,10 +126,7 @@ def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path
     ax.set_title(f"{name}: rocking curves")
     if curves:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000) -> Path:
@@ -153,10 +154,7 @@ def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000
         else:
             ax.text(0.5, 0.5, "not enough pixels", ha="center", transform=ax.transAxes)
     fig.suptitle(f"{name}: strain vs tilt (joint density)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def beamtime_overview(datasets: dict[str, xr.Dataset], path: Path) -> Path:
@@ -178,10 +176,7 @@ def beamtime_overview(datasets: dict[str, xr.Dataset], path: Path) -> Path:
             ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
         ax.set_ylabel(dict((p[0], p[1]) for p in MAP_PANELS)[var])
     axes[0].set_title("beamtime overview: per-particle distributions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> list[Path]:
@@ -228,10 +223,7 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
     axes[1].set_xlabel("K")
     axes[1].set_ylabel("silhouette (sample)")
     fig.suptitle("choosing K")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
@@ -257,10 +249,7 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
         ax.set_xlabel("x (µm)")
         ax.set_ylabel("y (µm)")
     _scale_bar(axes[0], ds)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.Dataset]) -> list:
