@@ -133,6 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
 
     p = sub.add_parser(
+        "analyze",
+        help="cluster rocking curves, mean patterns, domains vs boundaries",
+        description="Per-cluster rocking curves and mean 3D patterns, domains vs boundaries "
+        "between clusters: <output>/analysis.zarr, region(y, x), regions.csv, figures.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    p.add_argument(
+        "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
+    )
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    _add_cluster_args(p)
+
+    p = sub.add_parser(
         "export-ply",
         help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
         description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
@@ -368,6 +382,33 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_analyze(s: dict[str, Any]) -> None:
+    print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
+    for name, (dom, bnd) in s["regions"].items():
+        print(f"{name:<16}{dom:>10}{bnd:>12}")
+    print(f"analysis: {s['analysis']}\ntable: {s['table']}")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from spndi_dask.analysis import AnalysisError, analyze
+    from spndi_dask.config import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    s = _on_client(
+        args,
+        lambda: analyze(
+            manifest,
+            particles=args.particles,
+            boundary_width=args.boundary_width,
+            figures=not args.no_figures,
+            progress=True,
+        ),
+        (AnalysisError,),
+    )
+    _print_analyze(s)
+    return 0
+
+
 def _cmd_export_ply(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.features.ply import export_ply
@@ -434,6 +475,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from spndi_dask.analysis import analyze
     from spndi_dask.cluster import cluster
     from spndi_dask.config import load_manifest
     from spndi_dask.features import checkpoint_path, encode, train
@@ -448,37 +490,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _client(args) as client:
         print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/7] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+        print(f"[1/8] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
         simulate_beamtime(out, cfg)
         t1 = time.perf_counter()
-        print(f"[2/7] ingest -> {raw_path(out / 'results')}")
+        print(f"[2/8] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
         summary = ingest(manifest, progress=True)
         t2 = time.perf_counter()
         _print_ingest(summary, raw_path(manifest.output_dir))
-        print(f"[3/7] reduce -> {results_path(manifest.output_dir)}")
+        print(f"[3/8] reduce -> {results_path(manifest.output_dir)}")
         reduced = reduce(manifest, progress=True)
         t3 = time.perf_counter()
         _print_reduce(reduced, results_path(manifest.output_dir))
-        print(f"[4/7] stats -> {manifest.output_dir / 'particles.csv'}, figures")
+        print(f"[4/8] stats -> {manifest.output_dir / 'particles.csv'}, figures")
         particles = stats(manifest)
         t4 = time.perf_counter()
         _print_stats(particles, manifest.output_dir)
-        print(f"[5/7] train {manifest.features.model} -> {checkpoint_path(manifest)}")
+        print(f"[5/8] train {manifest.features.model} -> {checkpoint_path(manifest)}")
         _print_train(train(manifest, callback=_print_epoch))
         t5 = time.perf_counter()
-        print("[6/7] encode -> latent(y, x, feature)")
+        print("[6/8] encode -> latent(y, x, feature)")
         encoded = encode(manifest, progress=True)
         t6 = time.perf_counter()
         _print_encode(encoded)
-        print(f"[7/7] cluster -> cluster(y, x), {manifest.output_dir / 'clusters.csv'}")
+        print(f"[7/8] cluster -> cluster(y, x), {manifest.output_dir / 'clusters.csv'}")
         clustered = cluster(manifest)
         t7 = time.perf_counter()
-    _print_cluster(clustered, manifest.output_dir)
+        _print_cluster(clustered, manifest.output_dir)
+        print(f"[8/8] analyze -> {manifest.output_dir / 'analysis.zarr'}, regions.csv")
+        analyzed = analyze(manifest)
+        t8 = time.perf_counter()
+    _print_analyze(analyzed)
     print(
-        f"\ndemo done in {t7 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
+        f"\ndemo done in {t8 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
         f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s, train {t5 - t4:.1f} s, "
-        f"encode {t6 - t5:.1f} s, cluster {t7 - t6:.1f} s)\n"
+        f"encode {t6 - t5:.1f} s, cluster {t7 - t6:.1f} s, analyze {t8 - t7:.1f} s)\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
@@ -507,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _cmd_train,
         "encode": _cmd_encode,
         "cluster": _cmd_cluster,
+        "analyze": _cmd_analyze,
         "export-ply": _cmd_export_ply,
     }
     try:

@@ -19,7 +19,6 @@ K on a seeded sample reported beside it.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 from spndi_dask._version import __version__
 from spndi_dask.cluster_setup import compute
 from spndi_dask.config import ClusterSettings, Manifest
-from spndi_dask.io.results_store import mark_complete, replace_array
+from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
 
 __all__ = [
     "ClusterError",
@@ -222,17 +221,6 @@ def choose_k(
 
 # -- orchestration ------------------------------------------------------------------------------
 STAT_MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y")
-
-
-def _table(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols = list(rows[0]) if rows else ["particle", "cluster", "pixels"]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
 
 
 def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) -> list[dict]:
@@ -424,7 +412,7 @@ def cluster(
         chosen,
     )
     out = Path(manifest.output_dir)
-    _table(out / "clusters.csv", rows)
+    write_csv(out / "clusters.csv", rows)
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:
         from spndi_dask import plot

@@ -22,7 +22,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-__all__ = ["beamtime_overview", "cluster_figures", "map_limits", "particle_figures"]
+__all__ = [
+    "analysis_figures",
+    "beamtime_overview",
+    "cluster_figures",
+    "map_limits",
+    "particle_figures",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -259,4 +265,57 @@ def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.
     paths = [_k_selection_figure(info, out / "clusters_k.png")]
     for name, ds in datasets.items():
         paths.append(_cluster_map_figure(name, ds, info["k"], out / f"{name}_clusters.png"))
+    return paths
+
+
+def _projections(ax_row: Any, pattern: np.ndarray, ds: xr.Dataset, title: str) -> None:
+    names = ("dq_x", "dq_y", "dq_z")
+    for axis, ax in enumerate(ax_row):
+        keep = [d for i, d in enumerate(names) if i != axis]
+        proj = np.nansum(pattern, axis=axis)
+        a, b = ds[keep[0]].values * 1e3, ds[keep[1]].values * 1e3
+        ax.imshow(proj.T, origin="lower", extent=(a[0], a[-1], b[0], b[-1]), aspect="auto")
+        ax.set_xlabel(f"{keep[0]} (1e-3/Å)")
+        ax.set_ylabel(f"{keep[1]} (1e-3/Å)")
+        ax.set_title(f"{title}: sum over {names[axis]}", fontsize=9)
+
+
+def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
+    """Cluster rocking curves, pattern projections per cluster, domains vs boundaries."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    k = ds.sizes["cluster"]
+    if "cluster_rocking_curve" in ds:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for c in range(k):
+            axes[0].plot(ds["angle"], ds["cluster_rocking_curve_pooled"][c], label=f"cluster {c}")
+        axes[0].set_title("rocking curve per cluster (all scans)")
+        for r, region in enumerate(ds["region"].values):
+            for p, name in enumerate(ds["particle"].values):
+                axes[1].plot(
+                    ds["angle"],
+                    ds["region_rocking_curve"][p, r],
+                    ls="-" if r == 0 else "--",
+                    color=f"C{p}",
+                    label=f"{name} {region}",
+                )
+        axes[1].set_title("domains (solid) vs boundaries (dashed)")
+        for ax in axes:
+            ax.set_xlabel("angle (deg)")
+            ax.set_ylabel("mean intensity per pixel")
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "cluster_rocking_curves.png"))
+    for key, dim, name in (
+        ("cluster_pattern", "cluster", "cluster_patterns.png"),
+        ("region_pattern", "region", "region_patterns.png"),
+    ):
+        if key not in ds:
+            continue
+        rows = ds.sizes[dim]
+        fig, axes = plt.subplots(rows, 3, figsize=(10, 3 * rows), squeeze=False)
+        for i in range(rows):
+            label = f"{dim} {ds[dim].values[i]}"
+            _projections(axes[i], np.asarray(ds[key][i].values), ds, label)
+        paths.append(_save(fig, out / name))
     return paths

@@ -18,7 +18,8 @@ def run(*args):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "simulate", "ingest", "reduce", "stats", "train", "encode", "export-ply"):
+    commands = "demo simulate ingest reduce stats train encode cluster analyze export-ply"
+    for cmd in commands.split():
         assert cmd in out.stdout
 
 

@@ -8,10 +8,12 @@ import itertools
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from spndi_dask.analysis import analyze
 from spndi_dask.cluster import ClusterError, cluster, elbow_k, fit_kmeans
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import ingest
@@ -141,3 +143,42 @@ def test_bad_input(encoded):
             cluster(m, k=2, force=True)
     finally:
         encode(m, particles=["p2"], force=True)
+
+
+def test_analysis_curves_patterns_and_regions(encoded):
+    out, m = encoded
+    cluster(m, k=3)
+    s = analyze(m, boundary_width=1.0)
+    res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
+    pats, labs, regions, truth_b = [], [], [], []
+    for p in m.particles:
+        ds = open_results(m.output_dir, p.name)
+        lab, region = ds["cluster"].values, ds["region"].values
+        assert ((region >= 0) == (lab >= 0)).all()
+        # per-scan rocking curve of a cluster = mean of its pixels' drift-corrected curves
+        i = list(res["particle"].values).index(p.name)
+        rc = ds["rocking_curve"].values[:, lab == 1]
+        assert np.allclose(res["cluster_rocking_curve"][i, 1], rc.mean(axis=1), rtol=1e-9)
+        pats.append(ds["pattern"].values[lab >= 0])
+        labs.append(lab[lab >= 0])
+        regions.append(region[lab >= 0])
+        truth_b.append(np.load(out / "ground_truth" / f"{p.name}.npz")["boundary"][lab >= 0])
+    pats, labs, regions, truth_b = map(np.concatenate, (pats, labs, regions, truth_b))
+    usable = np.isfinite(pats).all(axis=(1, 2, 3))
+    for c in range(3):
+        sel = usable & (labs == c)
+        assert np.allclose(res["cluster_pattern"][c], pats[sel].mean(axis=0), rtol=1e-5, atol=1e-7)
+        assert int(res["cluster_pattern_pixels"][c]) == sel.sum()
+    # pixels flagged as boundaries between clusters are mostly the true grain boundaries
+    assert truth_b[regions == 1].mean() > 3 * truth_b[regions == 0].mean()
+    with open(m.output_dir / "regions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert np.isclose(
+            float(r["diff_strain_mean"]),
+            float(r["boundary_strain_mean"]) - float(r["domain_strain_mean"]),
+            rtol=1e-4,
+            atol=1e-9,
+        )
+    for name in ("cluster_rocking_curves.png", "cluster_patterns.png", "region_patterns.png"):
+        assert (m.output_dir / "figures" / name).stat().st_size > 5000

@@ -7,12 +7,13 @@ never reads as complete.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-__all__ = ["mark_complete", "replace_array"]
+__all__ = ["mark_complete", "replace_array", "write_csv"]
 
 
 def replace_array(
@@ -42,3 +43,16 @@ def replace_array(
 def mark_complete(node: str | Path, stage: str, info: dict[str, Any]) -> None:
     """Record a stage as complete in a results node (``attrs[stage] = info``)."""
     zarr.open_group(str(node), mode="r+").attrs.update({stage: info})
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows (floats as 6 significant digits) to ``path``, replacing it in one move."""
+    path = Path(path)
+    cols = list(rows[0]) if rows else ["particle"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp.replace(path)

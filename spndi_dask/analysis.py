@@ -1,0 +1,288 @@
+"""Cluster analysis: rocking curves and mean 3D patterns per cluster; domains vs boundaries.
+
+After ``spndi cluster`` every particle pixel has a cluster shared across the beamtime. Here:
+
+* **rocking curves** per cluster: the mean drift-corrected ``rocking_curve`` over the cluster's
+  pixels, per scan and pooled over the scans that share the same angles;
+* **mean 3D patterns** per cluster on the common q grid (pooled over all scans; patterns with a
+  masked voxel are left out) and their three projections;
+* **domains vs boundaries**: a particle pixel is a *boundary* pixel when a pixel of another
+  cluster lies within ``boundary_width`` scan pixels (Euclidean), else a *domain* pixel. Their
+  mean patterns and rocking curves, and per scan the mean and std of strain and tilt in each and
+  the differences boundary − domain.
+
+All pattern sums come from one dask pass over the pattern arrays (per block: one-hot cluster
+matrix × patterns). Results: ``<output>/analysis.zarr`` (xarray Dataset), ``region(y, x)`` in
+each scan's node (−1 outside particles, 0 domain, 1 boundary), ``<output>/regions.csv`` and
+figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from scipy import ndimage
+
+from spndi_dask._version import __version__
+from spndi_dask.cluster_setup import compute
+from spndi_dask.config import Manifest
+from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
+
+__all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
+
+logger = logging.getLogger(__name__)
+
+STAT_MAPS = ("strain", "tilt_x", "tilt_y")
+
+
+class AnalysisError(ValueError):
+    """The analysis cannot run (no clusters yet...)."""
+
+
+# -- kernels ------------------------------------------------------------------------------------
+def boundary_mask(clusters: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Pixels (cluster ≥ 0) with a pixel of another cluster within ``width`` pixels.
+
+    Examples
+    --------
+    >>> c = np.array([[0, 0, 0, 1, 1, 1]])
+    >>> boundary_mask(c, 1).astype(int).tolist()
+    [[0, 0, 1, 1, 0, 0]]
+    >>> boundary_mask(np.array([[0, 0, -1, 1, 1]]), 1).astype(int).tolist()  # -1 is not a cluster
+    [[0, 0, 0, 0, 0]]
+    """
+    r = int(np.floor(width))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (yy**2 + xx**2) <= width**2 + 1e-9
+    out = np.zeros(clusters.shape, dtype=bool)
+    inside = clusters >= 0
+    for c in np.unique(clusters[inside]):
+        own = clusters == c
+        others = inside & ~own
+        out |= own & ndimage.binary_dilation(others, structure=disk)
+    return out
+
+
+def _block_sums(patterns: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(1, 1, n_groups, n³ + 1)``: per group Σ pattern and (last column) the pixel count."""
+    g = np.asarray(groups).reshape(-1)
+    flat = patterns.reshape(len(g), -1)
+    ok = (g >= 0) & np.isfinite(flat).all(axis=1)
+    out = np.zeros((n_groups, flat.shape[1] + 1))
+    if ok.any():
+        onehot = np.zeros((n_groups, len(g)))
+        onehot[g[ok], np.flatnonzero(ok)] = 1.0
+        out[:, :-1] = onehot[:, ok] @ flat[ok].astype(np.float64)
+        out[:, -1] = onehot.sum(axis=1)
+    return out[None, None]
+
+
+def group_sums(patterns: da.Array, groups: da.Array, n_groups: int) -> da.Array:
+    """Lazy ``(n_groups, n³ + 1)``: Σ of the usable patterns of each group and their count.
+
+    ``groups (y, x)`` holds a group index per pixel (−1 = none). One task per pattern block.
+    """
+    groups = groups.rechunk(patterns.chunks[:2])
+    n_vox = int(np.prod(patterns.shape[2:]))
+    parts = da.map_blocks(
+        _block_sums,
+        patterns,
+        groups[:, :, None, None, None],
+        n_groups=n_groups,
+        drop_axis=[2, 3, 4],
+        new_axis=[2, 3],
+        chunks=(
+            (1,) * len(patterns.chunks[0]),
+            (1,) * len(patterns.chunks[1]),
+            (n_groups,),
+            (n_vox + 1,),
+        ),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0)),
+    )
+    return parts.sum(axis=(0, 1))
+
+
+def _curve_means(curves: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(n_groups, angle)`` mean rocking curve of each group's pixels (NaN if none)."""
+    out = np.full((n_groups, curves.shape[0]), np.nan)
+    for g in range(n_groups):
+        sel = (groups == g) & np.isfinite(curves).all(axis=0)
+        if sel.any():
+            out[g] = curves[:, sel].mean(axis=1)
+    return out
+
+
+def _stats(maps: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for key in STAT_MAPS:
+        v = maps[key][sel]
+        v = v[np.isfinite(v)]
+        row[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
+        row[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
+    return row
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def analyze(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    boundary_width: float = 1.0,
+    figures: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Cluster rocking curves, mean patterns, domains vs boundaries for all clustered scans.
+
+    Returns a summary: ``k``, ``pixels`` per scan and region, ``seconds``, output paths.
+    """
+    from spndi_dask.features.train import known_particles
+    from spndi_dask.reduce import open_results, results_path
+
+    t0 = time.perf_counter()
+    root = results_path(manifest.output_dir)
+    names = known_particles(manifest, particles)
+    meta = (
+        dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")
+        if (root / "zarr.json").exists()
+        else None
+    )
+    if not meta:
+        raise AnalysisError(f"no clusters in {root}; run `spndi cluster` first")
+    k = int(meta["k"])
+    datasets = {}
+    for name in names:
+        ds = open_results(root, name)
+        if "cluster" not in ds or ds.attrs.get("cluster", {}).get("fingerprint") != meta.get(
+            "fingerprint"
+        ):
+            raise AnalysisError(
+                f"particle '{name}' has no clusters of the current clustering; run "
+                "`spndi cluster` on these particles first"
+            )
+        datasets[name] = ds
+    # groups per scan: clusters 0..k-1, then domain (k) and boundary (k+1)
+    regions, sums, curves, rows = {}, [], {}, []
+    for name, ds in datasets.items():
+        lab = np.asarray(ds["cluster"].values)
+        bnd = boundary_mask(lab, boundary_width)
+        region = np.where(lab >= 0, bnd.astype(np.int8), np.int8(-1))
+        regions[name] = region
+        if "pattern" in ds:
+            pat = ds["pattern"].data
+            sums.append(group_sums(pat, da.from_array(lab), k))
+            sums.append(group_sums(pat, da.from_array(region.astype(np.int32)), 2))
+        rc = np.asarray(ds["rocking_curve"].values, dtype=float)
+        curves[name] = (
+            _curve_means(rc, lab, k),
+            _curve_means(rc, region, 2),
+            np.asarray(ds["angle"].values),
+        )
+        maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
+        dom, bd = _stats(maps, region == 0), _stats(maps, region == 1)
+        row: dict[str, Any] = {
+            "particle": name,
+            "domain_pixels": int((region == 0).sum()),
+            "boundary_pixels": int((region == 1).sum()),
+        }
+        row.update({f"domain_{a}": b for a, b in dom.items()})
+        row.update({f"boundary_{a}": b for a, b in bd.items()})
+        row.update({f"diff_{a}": bd[a] - dom[a] for a in dom})
+        rows.append(row)
+    totals = compute(sums, progress) if sums else []
+    cluster_sum = region_sum = None
+    for i in range(0, len(totals), 2):
+        cs, rs = np.asarray(totals[i]), np.asarray(totals[i + 1])
+        cluster_sum = cs if cluster_sum is None else cluster_sum + cs
+        region_sum = rs if region_sum is None else region_sum + rs
+    first = next(iter(datasets.values()))
+    data: dict[str, Any] = {}
+    coords: dict[str, Any] = {
+        "cluster": np.arange(k),
+        "region": np.array(["domain", "boundary"], dtype=object),
+    }
+    if cluster_sum is not None:
+        shape = (first.sizes["dq_x"], first.sizes["dq_y"], first.sizes["dq_z"])
+        dims = ("dq_x", "dq_y", "dq_z")
+        for key, total, dim in (
+            ("cluster_pattern", cluster_sum, "cluster"),
+            ("region_pattern", region_sum, "region"),
+        ):
+            count = total[:, -1]
+            mean = total[:, :-1] / np.where(count > 0, count, np.nan)[:, None]
+            data[key] = ((dim, *dims), mean.reshape(-1, *shape), {"long_name": f"mean {key}"})
+            data[f"{key}_pixels"] = ((dim,), count.astype(np.int64))
+        for d in dims:
+            coords[d] = first[d].values
+    angle_sets = {tuple(np.round(c[2], 9)) for c in curves.values()}
+    coords["particle"] = np.array(names, dtype=object)
+    if len(angle_sets) == 1:
+        coords["angle"] = next(iter(curves.values()))[2]
+        data["cluster_rocking_curve"] = (
+            ("particle", "cluster", "angle"),
+            np.stack([curves[nm][0] for nm in names]),
+        )
+        data["region_rocking_curve"] = (
+            ("particle", "region", "angle"),
+            np.stack([curves[nm][1] for nm in names]),
+        )
+        weights = np.array(
+            [[(datasets[nm]["cluster"].values == c).sum() for c in range(k)] for nm in names],
+            dtype=float,
+        )
+        pooled = np.nansum(data["cluster_rocking_curve"][1] * weights[:, :, None], axis=0)
+        data["cluster_rocking_curve_pooled"] = (
+            ("cluster", "angle"),
+            pooled / np.where(weights.sum(0) > 0, weights.sum(0), np.nan)[:, None],
+        )
+    else:
+        logger.warning("scans have different angles: pooled rocking curves are not formed")
+    ds_out = xr.Dataset(
+        data,
+        coords=coords,
+        attrs={"k": k, "boundary_width": boundary_width, "version": __version__},
+    )
+    out = Path(manifest.output_dir)
+    path = out / "analysis.zarr"
+    tmp = out / ".tmp" / "analysis.zarr"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ds_out.to_zarr(str(tmp), mode="w", consolidated=False, zarr_format=3)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.replace(path)
+    for name, region in regions.items():
+        arr = replace_array(
+            root / name,
+            "region",
+            stage="analysis",
+            dims=["y", "x"],
+            long_name="-1 outside particles, 0 domain, 1 boundary between clusters",
+            shape=region.shape,
+            dtype=np.int8,
+            chunks=region.shape,
+            fill_value=-1,
+        )
+        arr[:] = region
+        mark_complete(root / name, "analysis", {"boundary_width": boundary_width, "k": k})
+    write_csv(out / "regions.csv", rows)
+    if figures:
+        from spndi_dask import plot
+
+        plot.analysis_figures(out / "figures", ds_out)
+    return {
+        "k": k,
+        "regions": {r["particle"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
+        "analysis": str(path),
+        "table": str(out / "regions.csv"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
