@@ -15,7 +15,8 @@ Measured side by side in one run:
 (3) GPU (only when ``torch.cuda.is_available()``): single-process batched encoding on the GPU
     and the GPU/CPU patterns/s ratio.
 
-Usage: ``python scripts/bench_features.py [--dir /tmp/spndi-bench-features] [--pixels 4096]``
+Usage: ``python scripts/bench_features.py [--dir /tmp/spndi-bench-features] [--pixels 16384]
+[--block 16]``
 """
 
 from __future__ import annotations
@@ -77,20 +78,22 @@ def _tiled_patterns(m, root: Path, pixels: int):
     return arr, ds
 
 
-def _distributed(arr, ds, ckpt: str, n_workers: int, pin_threads: bool) -> float:
+def _distributed(arr, ds, ckpt: str, n_workers: int, pin_threads: bool, block: int) -> float:
     import dask.array as da
 
     from spndi_dask.cluster_setup import start_client
     from spndi_dask.features.inference import ModelPlugin, latent_array, torch_threads
 
-    mask = da.ones(arr.shape[:2], dtype=bool, chunks=(16, 16))
+    mask = da.ones(arr.shape[:2], dtype=bool, chunks=(block, block))
     offsets = tuple(ds[d].values for d in ("dq_x", "dq_y", "dq_z"))
     with start_client(n_workers=n_workers, threads_per_worker=1) as client:
         threads = torch_threads(client)
         if pin_threads:
             threads = dict.fromkeys(threads, 1)
         client.register_plugin(ModelPlugin(ckpt, "cpu", threads))
-        lat = latent_array(arr, mask, ckpt, latent_dim=32, offsets=offsets, device="cpu")
+        lat = latent_array(
+            arr, mask, ckpt, latent_dim=32, offsets=offsets, device="cpu", block=block
+        )
         best = float("inf")
         for _ in range(2):  # the first run also warms the workers (imports, oneDNN kernels)
             t0 = time.perf_counter()
@@ -124,7 +127,8 @@ def _single_process(arr, model, batch: int, limit: int | None = None) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dir", default="/tmp/spndi-bench-features")
-    ap.add_argument("--pixels", type=int, default=4096, help="patterns encoded (square scan)")
+    ap.add_argument("--pixels", type=int, default=16384, help="patterns encoded (square scan)")
+    ap.add_argument("--block", type=int, default=16, help="tile side of an encode task")
     args = ap.parse_args()
 
     import torch
@@ -149,9 +153,9 @@ def main() -> None:
     arr, ds = _tiled_patterns(m, root, args.pixels)
     n = arr.shape[0] * arr.shape[1]
 
-    t1 = _distributed(arr, ds, ckpt, 1, pin_threads=True)
-    t2 = _distributed(arr, ds, ckpt, 2, pin_threads=True)
-    t_auto = _distributed(arr, ds, ckpt, cores, pin_threads=False)
+    t1 = _distributed(arr, ds, ckpt, 1, pin_threads=True, block=args.block)
+    t2 = _distributed(arr, ds, ckpt, 2, pin_threads=True, block=args.block)
+    t_auto = _distributed(arr, ds, ckpt, cores, pin_threads=False, block=args.block)
     torch.set_num_threads(cores)
     t_batch, _ = _single_process(arr, model, 256)
     t_loop, n_loop = _single_process(arr, model, 1, limit=min(n, 1024))
