@@ -95,23 +95,26 @@ def scaling(x: da.Array, kind: Literal["minmax", "zscore"]) -> tuple[np.ndarray,
     return offset, scale
 
 
+def _labels(block: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    return _nearest(block, centers)[0].astype(np.int32)
+
+
+def _sq_dist(block: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    return _nearest(block, centers)[1]
+
+
 def assign(x: da.Array, centers: np.ndarray) -> da.Array:
     """Lazy index of the nearest centre of every row of ``x``."""
-    c = np.asarray(centers, dtype=np.float64)
+    c = np.asarray(centers, dtype=np.float64)  # an argument, so it is part of the task key
     return x.map_blocks(
-        lambda b: _nearest(b, c)[0].astype(np.int32),
-        drop_axis=1,
-        dtype=np.int32,
-        meta=np.empty((0,), np.int32),
+        _labels, centers=c, drop_axis=1, dtype=np.int32, meta=np.empty((0,), np.int32)
     )
 
 
 def inertia(x: da.Array, centers: np.ndarray) -> da.Array:
     """Lazy sum of squared distances of the rows of ``x`` to their nearest centre."""
     c = np.asarray(centers, dtype=np.float64)
-    per_row = x.map_blocks(
-        lambda b: _nearest(b, c)[1], drop_axis=1, dtype=np.float64, meta=np.empty((0,))
-    )
+    per_row = x.map_blocks(_sq_dist, centers=c, drop_axis=1, dtype=np.float64, meta=np.empty((0,)))
     return per_row.sum()
 
 

@@ -14,7 +14,14 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from spndi_dask.analysis import analyze
-from spndi_dask.cluster import ClusterError, cluster, elbow_k, fit_kmeans
+from spndi_dask.cluster import (
+    ClusterError,
+    assign,
+    cluster,
+    elbow_k,
+    fit_kmeans,
+    inertia,
+)
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import ingest
 from spndi_dask.particles import stats
@@ -115,6 +122,12 @@ def test_kmeans_plus_plus_init_is_seeded_and_inertia_is_squared():
     d2 = ((pts[:, None] - a.centers[None]) ** 2).sum(-1).min(axis=1).sum()
     assert np.isclose(a.inertia, d2) and a.inertia == min(a.restarts)
     assert sorted(np.round(a.centers[:, 0]).tolist()) == [0.0, 2.0, 5.0]
+    # the centres are part of the task keys: two inertias never share a key on a scheduler
+    other = a.centers + 1.0
+    assert inertia(x, a.centers).name != inertia(x, other).name
+    assert assign(x, a.centers).name != assign(x, other).name
+    d2_other = ((pts[:, None] - other[None]) ** 2).sum(-1).min(axis=1).sum()
+    assert np.isclose(inertia(x, other).compute(), d2_other)
     with pytest.raises(ClusterError, match="K = 700 clusters need at least 700"):
         fit_kmeans(x, 700)
 
