@@ -93,6 +93,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument(
+        "--limit-mb", type=int, default=450, help="worker memory limit of (3), below the data"
+    )
+    ap.add_argument("--only-limited", action="store_true", help="run (3) only")
     args = ap.parse_args()
     from sklearn.metrics import adjusted_rand_score
 
@@ -100,6 +104,10 @@ def main() -> None:
     print(
         f"{args.rows} x {DIM} float64 vectors ({gb:.2f} GB), K = {args.k}, {args.restarts} restarts"
     )
+    if args.only_limited:
+        s, rss, f, _, limit = _ours(args.rows, args.k, args.restarts, f"{args.limit_mb}MB")
+        print(f"(3) limit {limit / 1e6:.0f} MB: {s:.1f} s, peak RSS {rss:.0f} MB, {f.inertia:.6g}")
+        return
     q = mp.get_context("spawn").Queue()
     p = mp.get_context("spawn").Process(target=_sklearn, args=(args.rows, args.k, args.restarts, q))
     p.start()
@@ -108,9 +116,8 @@ def main() -> None:
     print(f"scikit-learn: {sk_s:.1f} s, peak RSS {sk_rss:.0f} MB", flush=True)
     ours_s, ours_rss, fit, labels, _ = _ours(args.rows, args.k, args.restarts, None)
     print(f"ours: {ours_s:.1f} s, peak RSS per worker {ours_rss:.0f} MB", flush=True)
-    limit_mb = int(gb * 1e3 * 0.8)  # below the data, above a worker's ~220 MB baseline
     small_s, small_rss, small_fit, _, limit = _ours(
-        args.rows, args.k, args.restarts, f"{limit_mb}MB"
+        args.rows, args.k, args.restarts, f"{args.limit_mb}MB"
     )
     print(f"{'':<44}{'seconds':>9}{'peak RSS MB':>13}{'inertia':>14}")
     print(
