@@ -140,6 +140,7 @@ def fit_kmeans(
     max_iter: int = 300,
     tol: float = 1e-4,
     sample_size: int = 10_000,
+    init_rounds: int = 5,
 ) -> KMeansFit:
     """k-means of the rows of ``x`` with dask-ml; ``n_init`` restarts, lowest inertia kept.
 
@@ -170,7 +171,12 @@ def fit_kmeans(
             model = KMeans(n_clusters=k, init=start, max_iter=max_iter, tol=tol, random_state=rs)
         else:
             model = KMeans(
-                n_clusters=k, init="k-means||", max_iter=max_iter, tol=tol, random_state=rs
+                n_clusters=k,
+                init="k-means||",
+                init_max_iter=init_rounds,
+                max_iter=max_iter,
+                tol=tol,
+                random_state=rs,
             )
         model.fit(x)
         centers = np.asarray(model.cluster_centers_, dtype=np.float64)
@@ -192,6 +198,7 @@ def _fit(x: da.Array, k: int, settings: ClusterSettings, n_init: int) -> KMeansF
         seed=settings.seed,
         max_iter=settings.max_iter,
         tol=settings.tol,
+        init_rounds=settings.init_rounds,
     )
 
 

@@ -425,6 +425,9 @@ class ClusterSettings(_Model):
         "k-means||", description="'k-means||' (default) or 'k-means++'"
     )
     n_init: PositiveInt = Field(4, description="restarts, the lowest inertia is kept")
+    init_rounds: PositiveInt = Field(
+        5, description="k-means|| oversampling rounds (5 suffice, Bahmani et al. 2012)"
+    )
     scan_restarts: PositiveInt = Field(
         1, description="restarts per K while choosing K (the chosen K gets n_init)"
     )
