@@ -144,12 +144,11 @@ def analyze(
 
     Returns a summary: ``k``, ``pixels`` per scan and region, ``seconds``, output paths.
     """
-    from spndi_dask.features.train import known_particles
     from spndi_dask.reduce import open_results, results_path
 
     t0 = time.perf_counter()
     root = results_path(manifest.output_dir)
-    names = known_particles(manifest, particles)
+    names = manifest.select_particles(particles, error=AnalysisError)
     meta = (
         dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")
         if (root / "zarr.json").exists()

@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.cluster_setup import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
 
@@ -277,13 +277,12 @@ def cluster(
     """
     import zarr
 
-    from spndi_dask.features.train import known_particles
     from spndi_dask.reduce import open_results, results_path
 
     t0 = time.perf_counter()
     settings = manifest.cluster
     root = results_path(manifest.output_dir)
-    names = known_particles(manifest, particles)
+    names = manifest.select_particles(particles, error=ClusterError)
     warnings: list[str] = []
     datasets, index, blocks = {}, {}, []
     for name in names:
@@ -316,12 +315,9 @@ def cluster(
     total = sum(len(v) for v in index.values())
     if total == 0:
         raise ClusterError("no latent vectors inside particles in any scan: nothing to cluster")
-    x = da.concatenate(blocks, axis=0).astype(np.float64)
-    x = (
-        x.rechunk((min(50_000, total), -1)).persist()
-        if _on_cluster()
-        else x.rechunk((min(50_000, total), -1))
-    )
+    x = da.concatenate(blocks, axis=0).astype(np.float64).rechunk((min(50_000, total), -1))
+    if active_client() is not None:
+        x = x.persist()
     key = dask.base.tokenize(
         {n: datasets[n].attrs["features"].get("fingerprint") for n in names},
         {n: datasets[n].attrs["particles"].get("fingerprint") for n in names},
@@ -441,13 +437,3 @@ def cluster(
         "warnings": warnings,
         "table": str(out / "clusters.csv"),
     }
-
-
-def _on_cluster() -> bool:
-    try:
-        from distributed import get_client
-
-        get_client()
-        return True
-    except (ImportError, ValueError):
-        return False

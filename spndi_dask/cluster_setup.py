@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["compute", "local_cluster_size", "start_client"]
+__all__ = ["active_client", "compute", "local_cluster_size", "start_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,24 @@ def start_client(
         cluster.close()
 
 
+def active_client() -> Any:
+    """The distributed ``Client`` this process works under, or None."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def compute(collections: list[Any], progress: bool = False) -> list[Any]:
     """Compute dask collections on the active distributed client if any, else locally.
 
     With ``progress`` a progress bar is shown (distributed's, or dask's local one).
     """
     import dask
-    from distributed import get_client
 
-    try:
-        client = get_client()
-    except ValueError:
-        client = None
+    client = active_client()
     if client is not None:
         futures = client.compute(collections)
         if progress:

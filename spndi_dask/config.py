@@ -616,6 +616,19 @@ class Manifest(_Model):
             f"no particle {name!r} in {self.source}; particles: {[p.name for p in self.particles]}"
         )
 
+    def select_particles(
+        self, names: list[str] | None, *, error: type[Exception] = ValueError
+    ) -> list[str]:
+        """The named particle scans in the given order (default: all, manifest order).
+
+        Names not in the manifest raise ``error`` naming them and the manifest's particles.
+        """
+        order = [p.name for p in self.particles]
+        unknown = sorted(set(names or []) - set(order))
+        if unknown:
+            raise error(f"particles {unknown} are not in the manifest (it has {order})")
+        return list(names) if names else order
+
     def geometry_for(self, particle: str | ParticleSettings) -> Geometry:
         """Geometry of a particle: ``[geometry]`` with its own overrides applied."""
         p = self.particle(particle) if isinstance(particle, str) else particle

@@ -478,10 +478,7 @@ def stats(
 
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]
-    wanted = particles or order
-    unknown = sorted(set(wanted) - set(order))
-    if unknown:
-        raise ParticleError(f"particles {unknown} are not in the manifest (it has {order})")
+    wanted = manifest.select_particles(particles, error=ParticleError)
     table_path = Path(manifest.output_dir) / "particles.csv"
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}

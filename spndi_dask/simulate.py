@@ -38,6 +38,7 @@ import dask
 import numpy as np
 from scipy import ndimage
 
+from spndi_dask.cluster_setup import active_client
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import (
     Geometry,
@@ -685,14 +686,8 @@ def simulate_beamtime(
     if config.dark_counts > 0:
         _write_dark(out / "raw" / "dark.h5", config, dark)
 
-    if scheduler is None:
-        from distributed import get_client
-
-        try:
-            get_client()
-            scheduler = None  # use the active client
-        except ValueError:
-            scheduler = "processes" if config.raw_bytes > 2**28 else "threads"
+    if scheduler is None and active_client() is None:  # else: use the active client
+        scheduler = "processes" if config.raw_bytes > 2**28 else "threads"
     logger.info(
         "simulating %d files (%.2f GB raw) into %s", len(tasks), config.raw_bytes / 1e9, out
     )

@@ -29,14 +29,13 @@ import zarr
 from torch import nn
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.cluster_setup import active_client, compute
 from spndi_dask.config import Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import check_grid, file_digest, load_checkpoint
 from spndi_dask.features.train import (
     FeatureError,
     checkpoint_path,
-    known_particles,
     model_inputs,
     resolve_device,
 )
@@ -263,15 +262,6 @@ class ModelPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
         cached_model(self.checkpoint, self.device)
 
 
-def _client() -> Any:
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def _gpu_workers(client: Any) -> bool:
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return any(w.get("resources", {}).get("GPU") for w in workers)
@@ -330,7 +320,7 @@ def encode(
     check_grid(meta, grid, checkpoint=ckpt, results=root)
     digest = file_digest(ckpt)
     latent_dim = int(meta["hyper"]["latent_dim"])
-    names = known_particles(manifest, particles)
+    names = manifest.select_particles(particles, error=FeatureError)
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:
@@ -368,7 +358,7 @@ def encode(
         jobs.append((name, lat, arr, fp, n_mask))
     if not jobs:
         return summary
-    client = _client()
+    client = active_client()
     annotations: dict[str, Any] = {}
     if client is None:
         resolve_device(device)  # 'cuda' without a GPU: say so before any work

@@ -58,15 +58,6 @@ def checkpoint_path(manifest: Manifest) -> Path:
     return manifest.output_dir / "features" / "model.safetensors"
 
 
-def known_particles(manifest: Manifest, particles: list[str] | None) -> list[str]:
-    """The named particle scans (default all); names not in the manifest raise."""
-    names = [p.name for p in manifest.particles]
-    unknown = sorted(set(particles or []) - set(names))
-    if unknown:
-        raise FeatureError(f"particles {unknown} are not in the manifest (it has {names})")
-    return list(particles) if particles else names
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when this process sees a GPU, else CPU; ``cuda`` without a GPU raises."""
     if device == "auto":
@@ -305,7 +296,7 @@ def sample_patterns(
     size = settings.sample_size if size is None else size
     seed = settings.seed if seed is None else seed
     root = results_path(manifest.output_dir)
-    names = known_particles(manifest, particles)
+    names = manifest.select_particles(particles, error=FeatureError)
     rng = np.random.default_rng(seed)
     cands: dict[str, np.ndarray] = {}
     datasets: dict[str, Any] = {}

@@ -944,13 +944,7 @@ def reduce(
     'up to date'
     """
     settings = manifest.reduce
-    wanted = particles or [p.name for p in manifest.particles]
-    unknown = sorted(set(wanted) - {p.name for p in manifest.particles})
-    if unknown:
-        raise ReduceError(
-            f"particles {unknown} are not in the manifest (it has "
-            f"{[p.name for p in manifest.particles]})"
-        )
+    wanted = manifest.select_particles(particles, error=ReduceError)
     root = results_path(manifest.output_dir)
     summary: dict[str, dict[str, Any]] = {}
     plans: dict[str, ParticlePlan] = {}
