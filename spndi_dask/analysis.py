@@ -5,7 +5,7 @@ After ``spndi cluster`` every particle pixel has a cluster shared across the bea
 * **rocking curves** per cluster: the mean drift-corrected ``rocking_curve`` over the cluster's
   pixels, per scan and pooled over the scans that share the same angles;
 * **mean 3D patterns** per cluster on the common q grid (pooled over all scans; patterns with a
-  masked voxel are left out) and their three projections;
+  masked voxel or no intensity are left out) and their three projections;
 * **domains vs boundaries**: a particle pixel is a *boundary* pixel when a pixel of another
   cluster lies within ``boundary_width`` scan pixels (Euclidean), else a *domain* pixel. Their
   mean patterns and rocking curves, and per scan the mean and std of strain and tilt in each and
@@ -32,9 +32,11 @@ import zarr
 from scipy import ndimage
 
 from spndi_dask._version import __version__
+from spndi_dask.cluster import map_stats
 from spndi_dask.cluster_setup import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
+from spndi_dask.reduce._kernels import usable_patterns
 
 __all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
 
@@ -75,7 +77,7 @@ def _block_sums(patterns: np.ndarray, groups: np.ndarray, n_groups: int) -> np.n
     """``(1, 1, n_groups, n³ + 1)``: per group Σ pattern and (last column) the pixel count."""
     g = np.asarray(groups).reshape(-1)
     flat = patterns.reshape(len(g), -1)
-    ok = (g >= 0) & np.isfinite(flat).all(axis=1)
+    ok = (g >= 0) & usable_patterns(patterns.reshape(len(g), *patterns.shape[-3:]))
     out = np.zeros((n_groups, flat.shape[1] + 1))
     if ok.any():
         onehot = np.zeros((n_groups, len(g)))
@@ -121,16 +123,6 @@ def _curve_means(curves: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nd
     return out
 
 
-def _stats(maps: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
-    row: dict[str, float] = {}
-    for key in STAT_MAPS:
-        v = maps[key][sel]
-        v = v[np.isfinite(v)]
-        row[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
-        row[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
-    return row
-
-
 # -- orchestration ------------------------------------------------------------------------------
 def analyze(
     manifest: Manifest,
@@ -169,9 +161,10 @@ def analyze(
             )
         datasets[name] = ds
     # groups per scan: clusters 0..k-1, then domain (k) and boundary (k+1)
-    regions, sums, curves, rows = {}, [], {}, []
+    regions, sums, curves, rows, counts = {}, [], {}, [], {}
     for name, ds in datasets.items():
         lab = np.asarray(ds["cluster"].values)
+        counts[name] = np.bincount(lab[lab >= 0], minlength=k)
         bnd = boundary_mask(lab, boundary_width)
         region = np.where(lab >= 0, bnd.astype(np.int8), np.int8(-1))
         regions[name] = region
@@ -186,7 +179,7 @@ def analyze(
             np.asarray(ds["angle"].values),
         )
         maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
-        dom, bd = _stats(maps, region == 0), _stats(maps, region == 1)
+        dom, bd = map_stats(maps, region == 0, STAT_MAPS), map_stats(maps, region == 1, STAT_MAPS)
         row: dict[str, Any] = {
             "particle": name,
             "domain_pixels": int((region == 0).sum()),
@@ -233,10 +226,7 @@ def analyze(
             ("particle", "region", "angle"),
             np.stack([curves[nm][1] for nm in names]),
         )
-        weights = np.array(
-            [[(datasets[nm]["cluster"].values == c).sum() for c in range(k)] for nm in names],
-            dtype=float,
-        )
+        weights = np.stack([counts[nm] for nm in names]).astype(float)
         pooled = np.nansum(data["cluster_rocking_curve"][1] * weights[:, :, None], axis=0)
         data["cluster_rocking_curve_pooled"] = (
             ("cluster", "angle"),

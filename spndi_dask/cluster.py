@@ -233,6 +233,19 @@ def choose_k(
 STAT_MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y")
 
 
+def map_stats(
+    maps: dict[str, np.ndarray], sel: np.ndarray, keys: tuple[str, ...] = STAT_MAPS
+) -> dict[str, float]:
+    """``<map>_mean`` and ``<map>_std`` over the finite values of each map where ``sel``."""
+    row: dict[str, float] = {}
+    for key in keys:
+        v = maps[key][sel]
+        v = v[np.isfinite(v)]
+        row[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
+        row[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
+    return row
+
+
 def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) -> list[dict]:
     rows = []
     n_all = int((labels >= 0).sum())
@@ -243,12 +256,8 @@ def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) ->
             "cluster": c,
             "pixels": int(sel.sum()),
             "fraction": float(sel.sum() / n_all) if n_all else float("nan"),
+            **map_stats(maps, sel),
         }
-        for key in STAT_MAPS:
-            v = maps[key][sel]
-            v = v[np.isfinite(v)]
-            row[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
-            row[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
         rows.append(row)
     return rows
 

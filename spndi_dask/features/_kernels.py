@@ -23,6 +23,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from spndi_dask.reduce._kernels import usable_patterns  # re-exported: part of this API
+
 __all__ = [
     "cloud_from_pattern",
     "normalise_cloud",
@@ -30,21 +32,6 @@ __all__ = [
     "pixel_rng",
     "usable_patterns",
 ]
-
-
-def usable_patterns(patterns: np.ndarray) -> np.ndarray:
-    """Bool ``(...)`` of patterns ``(..., n, n, n)`` that are finite and have positive sum.
-
-    Examples
-    --------
-    >>> p = np.ones((3, 2, 2, 2)); p[1, 0, 0, 0] = np.nan; p[2] = 0
-    >>> usable_patterns(p).tolist()
-    [True, False, False]
-    """
-    axes = (-3, -2, -1)
-    finite = np.isfinite(patterns).all(axis=axes)
-    total = np.where(np.isfinite(patterns), patterns, 0).sum(axis=axes)
-    return finite & (total > 0)
 
 
 @numba.njit(cache=True, nogil=True)

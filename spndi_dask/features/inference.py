@@ -337,8 +337,9 @@ def encode(
         if not force and done.get("fingerprint") == fp and "latent" in ds:
             summary[name] = {"status": "up to date", "pixels": done.get("pixels"), "seconds": 0.0}
             continue
-        mask = ds["valid"].data
-        n_mask = int(np.asarray(ds["valid"].values).sum())
+        valid = np.asarray(ds["valid"].values)
+        mask = da.from_array(valid)
+        n_mask = int(valid.sum())
         arr = _prepare_node(root / name, ds["valid"].shape, latent_dim, settings.block)
         if n_mask == 0:
             logger.warning("particle '%s' has no pixels with signal; latent stays NaN", name)

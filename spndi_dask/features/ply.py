@@ -140,8 +140,8 @@ def export_ply(
     """
     import dask.array as da
 
+    from spndi_dask.analysis import group_sums
     from spndi_dask.cluster_setup import compute
-    from spndi_dask.features._kernels import usable_patterns
     from spndi_dask.reduce import open_results, results_path
 
     root = results_path(manifest.output_dir)
@@ -169,18 +169,19 @@ def export_ply(
         if "label" not in ds:
             raise ValueError(f"particle '{particle}' has no labels; run `spndi stats` first")
         lab = np.asarray(ds["label"].values)
-        pat = ds["pattern"].data
-        ok = da.map_blocks(usable_patterns, pat, drop_axis=[2, 3, 4], dtype=bool)
-        sums = []
         for L in labels:
-            sel = da.from_array((lab == L), chunks=pat.chunks[:2]) & ok
             if not (lab == L).any():
                 raise ValueError(
                     f"particle '{particle}' has no label {L} (labels 1..{int(lab.max())})"
                 )
-            w = sel[:, :, None, None, None]
-            sums.append((da.where(w, pat, 0).sum(axis=(0, 1)), sel.sum()))
-        for L, (total, count) in zip(labels, compute(sums), strict=True):
+        # group g = the g-th requested label; one pass over the patterns for all of them
+        groups = np.full(lab.shape, -1, dtype=np.int32)
+        for g, L in enumerate(labels):
+            groups[lab == L] = g
+        (sums,) = compute([group_sums(ds["pattern"].data, da.from_array(groups), len(labels))])
+        shape = ds["pattern"].shape[2:]
+        for L, row in zip(labels, np.asarray(sums), strict=True):
+            total, count = row[:-1].reshape(shape), row[-1]
             if not count:
                 raise ValueError(f"particle '{particle}', label {L}: no usable pattern")
             pts, w = pattern_vertices(total / count, offsets, threshold=threshold)  # type: ignore[arg-type]

@@ -130,6 +130,8 @@ class TrainingResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_loss: float = float("inf")
+    n_train: int = 0
+    n_val: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
 
@@ -197,7 +199,7 @@ def fit(
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     gen = torch.Generator().manual_seed(seed)
-    result = TrainingResult(model=model)
+    result = TrainingResult(model=model, n_train=len(trn), n_val=n_val)
     best_state = copy.deepcopy(model.state_dict())
     since_best = 0
     for epoch in range(1, max_epochs + 1):
@@ -425,7 +427,7 @@ def train(
         device=dev,
         callback=callback,
     )
-    n_val = min(max(1, round(settings.validation_fraction * len(inputs))), len(inputs) - 1)
+    n_val = result.n_val
     meta.update(
         {
             "grid": sample.grid,
@@ -438,7 +440,7 @@ def train(
                 },
                 "candidates": sample.candidates,
                 "source": sample.source,
-                "n_train": len(inputs) - n_val,
+                "n_train": result.n_train,
                 "n_val": n_val,
                 "epochs": len(result.history),
                 "best_epoch": result.best_epoch,

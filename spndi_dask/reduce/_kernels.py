@@ -31,6 +31,7 @@ __all__ = [
     "shift_bilinear",
     "shift_maps",
     "solve_rocking_angle",
+    "usable_patterns",
     "used_voxels",
 ]
 
@@ -595,3 +596,18 @@ def patterns_block(
     out = np.asarray(operator @ x, dtype=np.float32).T
     np.maximum(out, 0.0, out=out)
     return out.reshape(ty, tx, -1)
+
+
+def usable_patterns(patterns: np.ndarray) -> np.ndarray:
+    """Bool ``(...)`` of patterns ``(..., n, n, n)`` that are finite and have positive sum.
+
+    Examples
+    --------
+    >>> p = np.ones((3, 2, 2, 2)); p[1, 0, 0, 0] = np.nan; p[2] = 0
+    >>> usable_patterns(p).tolist()
+    [True, False, False]
+    """
+    axes = (-3, -2, -1)
+    finite = np.isfinite(patterns).all(axis=axes)
+    total = np.where(np.isfinite(patterns), patterns, 0).sum(axis=axes)
+    return finite & (total > 0)
