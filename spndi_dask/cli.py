@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,39 @@ __all__ = ["main"]
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument(
-        "--scheduler", metavar="ADDRESS", help="connect to a running dask scheduler (tcp://...)"
+        "--cluster",
+        metavar="NAME|FILE|ADDRESS",
+        help="cluster config: local (default), slurm, slurm-gpu, pbs, mpi or one of yours, a "
+        "YAML file, or a running scheduler's address tcp://host:port",
     )
-    g.add_argument("--workers", type=int, help="LocalCluster worker processes (default: cores)")
+    g.add_argument("--scheduler", dest="cluster", help=argparse.SUPPRESS)  # the old name
+    g.add_argument(
+        "--workers", type=int, help="LocalCluster workers (default: cores); SLURM/PBS: jobs"
+    )
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    from spndi_dask.pipeline import STAGES
+
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        metavar="STAGE",
+        help=f"only these stages ({', '.join(STAGES)}; ranges like reduce-encode; default all)",
+    )
+    if not demo:
+        p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+        p.add_argument("--force", action="store_true", help="redo stages even if up to date")
+        p.add_argument("--checkpoint", help="use this trained model (skips train)")
+        p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument(
+        "--no-performance-report",
+        action="store_true",
+        help="do not record dask's performance report (logs/run-*-dask.html)",
+    )
 
 
 def _add_simulation_args(p: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
@@ -48,7 +79,19 @@ def _parser() -> argparse.ArgumentParser:
         "every available stage on it on a LocalCluster.",
     )
     p.add_argument("out", nargs="?", default="spndi-demo", help="directory (default: spndi-demo)")
+    _add_run_args(p, demo=True)
     _add_simulation_args(p, PRESETS)
+
+    p = sub.add_parser(
+        "run",
+        help="every stage for every particle: ingest ... analyze, report",
+        description="Run the whole pipeline on a beamtime under one dask client: ingest, "
+        "reduce, stats, train (or --checkpoint), encode, cluster, analyze, report. Up-to-date "
+        "results are kept; a summary table, a run log and dask's performance report are written.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    _add_run_args(p)
+    _add_cluster_args(p)
 
     p = sub.add_parser(
         "simulate",
@@ -184,12 +227,19 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _client(args: argparse.Namespace):
-    from spndi_dask.cluster_setup import start_client
+def _session(args: argparse.Namespace):
+    from spndi_dask.cluster_setup import open_cluster
 
-    return start_client(
-        args.scheduler, n_workers=args.workers, threads_per_worker=args.threads_per_worker
+    return open_cluster(
+        args.cluster, n_workers=args.workers, threads_per_worker=args.threads_per_worker
     )
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    with _session(args) as session:
+        print(f"dask dashboard: {session.client.dashboard_link}")
+        yield session.client
 
 
 def _print_ingest(summary: dict[str, dict[str, Any]], raw_zarr: Path) -> None:
@@ -219,8 +269,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     from spndi_dask.reduce import reduce, results_path
 
     manifest = load_manifest(args.manifest)
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
+    with _client(args):
         summary = reduce(manifest, particles=args.particles, force=args.force, progress=True)
     _print_reduce(summary, results_path(manifest.output_dir))
     return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
@@ -238,8 +287,7 @@ class _StageFailed(Exception):
 
 def _on_client(args: argparse.Namespace, run: Any, errors: tuple[type[Exception], ...]) -> Any:
     """``run()`` under the command's dask client; ``errors`` print and raise _StageFailed."""
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
+    with _client(args):
         try:
             return run()
         except errors as exc:
@@ -442,8 +490,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides["n_particles"] = args.particles
     cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
+    with _client(args):
         manifest = simulate_beamtime(args.out, cfg)
     out = Path(args.out)
     print(
@@ -462,8 +509,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from spndi_dask.io.raw_store import raw_path
 
     manifest = load_manifest(args.manifest)
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
+    with _client(args):
         try:
             summary = ingest(manifest, particles=args.particles, force=args.force, progress=True)
         except IngestError as exc:
@@ -474,78 +520,115 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from spndi_dask.analysis import analyze
-    from spndi_dask.cluster import cluster
+def _print_summary(results: list[Any]) -> None:
+    print(f"\n{'stage':<9}{'status':<12}{'seconds':>8}  {'particles':<18}note")
+    for r in results:
+        for row in r.rows():
+            print(
+                f"{row['stage']:<9}{row['status']:<12}{row['seconds']!s:>8}  "
+                f"{row['particles']:<18}{row['note']}"
+            )
+
+
+def _run_pipeline(args: argparse.Namespace, manifest: Any, session: Any, first: int = 0) -> int:
+    """The pipeline on ``session``'s client with logs and reports; prints progress and summary."""
+    from spndi_dask.pipeline import RunOptions, parse_stages, run, run_logging
+
+    stages = parse_stages(args.stages)
+    total = len(stages) + first
+    options = RunOptions(
+        particles=getattr(args, "particles", None),
+        force=getattr(args, "force", False),
+        checkpoint=getattr(args, "checkpoint", None),
+        device=args.device,
+        k=getattr(args, "k", None),
+        figures=not args.no_figures,
+        on_epoch=_print_epoch,
+        run_info=session.info(),
+    )
+    t0 = time.perf_counter()
+    with run_logging(
+        manifest.output_dir, session.client, performance_report=not args.no_performance_report
+    ) as logs:
+        print(f"run log: {logs['log']}")
+        results = run(
+            manifest,
+            session.client,
+            stages=stages,
+            options=options,
+            on_stage=lambda name, i, n: print(f"[{i + first}/{total}] {name}", flush=True),
+        )
+    _print_summary(results)
+    print(f"\ntotal {time.perf_counter() - t0:.1f} s; run log: {logs['log']}")
+    if "dask_report" in logs:
+        print(f"dask performance report: {logs['dask_report']}")
+    report = next((r.summary for r in results if r.stage == "report" and r.summary), None)
+    if report:
+        print(f"report: {report}")
+    failed = [r.stage for r in results if r.failed or r.status == "skipped"]
+    if failed:
+        print(f"failed or skipped: {', '.join(failed)} (details above and in the run log)")
+    return 1 if failed else 0
+
+
+def _print_session(session: Any) -> None:
+    info = session.info()
+    print(
+        f"dask cluster: {info['cluster']} ({info['type']}), {info['workers']} worker(s), "
+        f"{info['threads']} thread(s); scheduler {info['scheduler']}\n"
+        f"dask dashboard: {info['dashboard']}"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
-    from spndi_dask.features import checkpoint_path, encode, train
-    from spndi_dask.ingest import ingest
-    from spndi_dask.io.raw_store import raw_path
-    from spndi_dask.particles import stats
-    from spndi_dask.reduce import reduce, results_path
+
+    manifest = load_manifest(args.manifest)
+    with _session(args) as session:
+        _print_session(session)
+        return _run_pipeline(args, manifest, session)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.pipeline import parse_stages
     from spndi_dask.simulate import preset, simulate_beamtime
 
     out = Path(args.out)
     cfg = preset(args.preset, seed=args.seed)
     t0 = time.perf_counter()
-    with _client(args) as client:
-        print(f"dask dashboard: {client.dashboard_link}")
-        print(f"[1/8] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw")
+    with _session(args) as session:
+        _print_session(session)
+        n = len(parse_stages(args.stages)) + 1
+        print(
+            f"[1/{n}] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw "
+            f"-> {out}",
+            flush=True,
+        )
         simulate_beamtime(out, cfg)
-        t1 = time.perf_counter()
-        print(f"[2/8] ingest -> {raw_path(out / 'results')}")
         manifest = load_manifest(out / "beamtime.toml")
-        summary = ingest(manifest, progress=True)
-        t2 = time.perf_counter()
-        _print_ingest(summary, raw_path(manifest.output_dir))
-        print(f"[3/8] reduce -> {results_path(manifest.output_dir)}")
-        reduced = reduce(manifest, progress=True)
-        t3 = time.perf_counter()
-        _print_reduce(reduced, results_path(manifest.output_dir))
-        print(f"[4/8] stats -> {manifest.output_dir / 'particles.csv'}, figures")
-        particles = stats(manifest)
-        t4 = time.perf_counter()
-        _print_stats(particles, manifest.output_dir)
-        print(f"[5/8] train {manifest.features.model} -> {checkpoint_path(manifest)}")
-        _print_train(train(manifest, callback=_print_epoch))
-        t5 = time.perf_counter()
-        print("[6/8] encode -> latent(y, x, feature)")
-        encoded = encode(manifest, progress=True)
-        t6 = time.perf_counter()
-        _print_encode(encoded)
-        print(f"[7/8] cluster -> cluster(y, x), {manifest.output_dir / 'clusters.csv'}")
-        clustered = cluster(manifest)
-        t7 = time.perf_counter()
-        _print_cluster(clustered, manifest.output_dir)
-        print(f"[8/8] analyze -> {manifest.output_dir / 'analysis.zarr'}, regions.csv")
-        analyzed = analyze(manifest)
-        t8 = time.perf_counter()
-    _print_analyze(analyzed)
+        code = _run_pipeline(args, manifest, session, first=1)
     print(
-        f"\ndemo done in {t8 - t0:.1f} s (simulate {t1 - t0:.1f} s, ingest {t2 - t1:.1f} s, "
-        f"reduce {t3 - t2:.1f} s, stats {t4 - t3:.1f} s, train {t5 - t4:.1f} s, "
-        f"encode {t6 - t5:.1f} s, cluster {t7 - t6:.1f} s, analyze {t8 - t7:.1f} s)\n"
+        f"\ndemo done in {time.perf_counter() - t0:.1f} s\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
         f"  raw frames:   {out / 'raw'} (one HDF5 file per angle)\n"
         f"  ground truth: {out / 'ground_truth'}\n"
-        f"  Zarr store:   {raw_path(manifest.output_dir)}  "
-        f"(open with spndi_dask.open_raw('{manifest.output_dir}', 'p1'))\n"
-        f"  results:      {results_path(manifest.output_dir)}  "
+        f"  results:      {manifest.output_dir}  "
         f"(open with spndi_dask.open_results('{manifest.output_dir}'))"
     )
-    stages = (*reduced.values(), *particles.values(), *encoded.values())
-    failed = [s for s in stages if s["status"] == "failed"]
-    return 1 if failed else 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spndi`` command."""
+    from spndi_dask.cluster_setup import ClusterConfigError, ClusterStartError
     from spndi_dask.config import ManifestError
 
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     commands = {
         "demo": _cmd_demo,
+        "run": _cmd_run,
         "simulate": _cmd_simulate,
         "ingest": _cmd_ingest,
         "reduce": _cmd_reduce,
@@ -560,7 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except _StageFailed:
         return 2
-    except (ManifestError, ConnectionError, FileNotFoundError) as exc:
+    except (
+        ManifestError,
+        ConnectionError,
+        FileNotFoundError,
+        ClusterConfigError,
+        ClusterStartError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

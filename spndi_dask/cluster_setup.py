@@ -1,18 +1,61 @@
-"""dask.distributed clients: a LocalCluster sized to the machine, or an existing scheduler."""
+"""dask.distributed clients from ``cluster_configs/*.yaml``: local, SLURM, PBS, MPI or an address.
+
+A cluster config is a YAML file with an ``spndi`` section (the cluster type and how to scale it),
+an optional ``jobqueue`` section (dask-jobqueue settings of that type) and any other dask
+configuration (``distributed: ...``) applied for the run. The built-in configs live in
+``spndi_dask/cluster_configs/``; a name is looked up in ``$SPNDI_CLUSTER_CONFIGS`` (folders
+separated by ``os.pathsep``), ``./cluster_configs``, ``~/.config/spndi/cluster_configs`` and
+then the built-ins.
+
+dask-jobqueue does not merge a named config with its defaults, so a config here only names the
+type (``jobqueue: {slurm: ...}``) and is merged in this order, lowest first: dask-jobqueue's
+defaults for that type < the file < ``DASK_JOBQUEUE__<TYPE>__<KEY>`` environment variables <
+keyword overrides.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-__all__ = ["active_client", "compute", "local_cluster_size", "start_client"]
+__all__ = [
+    "ClusterConfig",
+    "ClusterConfigError",
+    "ClusterStartError",
+    "Session",
+    "active_client",
+    "available_configs",
+    "compute",
+    "load_cluster_config",
+    "local_cluster_size",
+    "open_cluster",
+    "start_client",
+]
 
 logger = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "cluster_configs"
+JOBQUEUE_TYPES = ("slurm", "pbs")
+TYPES = ("local", "mpi", *JOBQUEUE_TYPES)
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://", re.IGNORECASE)
+
+
+class ClusterConfigError(ValueError):
+    """A cluster config that cannot be found or read."""
+
+
+class ClusterStartError(RuntimeError):
+    """Workers could not be started (a rejected job submission, no worker in time)."""
 
 
 def local_cluster_size() -> tuple[int, int, int]:
@@ -27,55 +70,402 @@ def local_cluster_size() -> tuple[int, int, int]:
     return n, 1, mem
 
 
+def config_dirs() -> list[Path]:
+    """The folders searched for a cluster config name, in order."""
+    dirs = [Path(p) for p in os.environ.get("SPNDI_CLUSTER_CONFIGS", "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / "cluster_configs", Path.home() / ".config" / "spndi" / "cluster_configs"]
+    return [*dirs, BUILTIN_DIR]
+
+
+def available_configs() -> dict[str, Path]:
+    """Cluster config names and the file each resolves to (the first folder wins)."""
+    found: dict[str, Path] = {}
+    for d in config_dirs():
+        for f in sorted(d.glob("*.y*ml")) if d.is_dir() else []:
+            found.setdefault(f.stem, f)
+    return found
+
+
+@dataclass
+class ClusterConfig:
+    """A parsed cluster config.
+
+    Attributes
+    ----------
+    name : str
+        The config's name (file stem) or the scheduler address.
+    type : str
+        ``local``, ``slurm``, ``pbs``, ``mpi`` or ``address``.
+    spndi : dict
+        How to start and scale: ``local``/``mpi`` options, ``scale``, ``wait_for_workers``,
+        ``wait_timeout``, ``lifetime_margin``.
+    jobqueue : dict
+        dask-jobqueue settings for ``type``, merged with its defaults and the environment.
+    dask : dict
+        Other dask configuration applied while the cluster runs.
+    path : Path or None
+        The file it came from.
+    """
+
+    name: str
+    type: str
+    spndi: dict[str, Any] = field(default_factory=dict)
+    jobqueue: dict[str, Any] = field(default_factory=dict)
+    dask: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dask settings as dotted keys, so ``dask.config.set`` changes only those leaves."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _hyphen_keys(d: dict[str, Any]) -> dict[str, Any]:
+    return {str(k).replace("_", "-"): v for k, v in (d or {}).items()}
+
+
+def _config_path(spec: str | os.PathLike[str]) -> Path:
+    p = Path(spec).expanduser()
+    if p.suffix in (".yaml", ".yml") or os.sep in str(spec):
+        if not p.is_file():
+            raise ClusterConfigError(f"cluster config file {p} does not exist")
+        return p
+    configs = available_configs()
+    if str(spec) not in configs:
+        raise ClusterConfigError(
+            f"no cluster config named {spec!r}; available: {', '.join(sorted(configs))} "
+            f"(searched {', '.join(str(d) for d in config_dirs())}); give one of these names, "
+            "a path to a YAML file, or a scheduler address tcp://host:port"
+        )
+    return configs[str(spec)]
+
+
+def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> ClusterConfig:
+    """Read a cluster config by name or path (default ``local``); an address is type ``address``.
+
+    Parameters
+    ----------
+    spec : str or path, optional
+        A config name (``local``, ``slurm``, ``slurm-gpu``, ``pbs``, ``mpi`` or one of the
+        user's), a YAML file, or a scheduler address such as ``tcp://10.0.0.1:8786``.
+
+    Raises
+    ------
+    ClusterConfigError
+        Unknown name (the message lists the available ones), unreadable file or bad content.
+    """
+    import dask.config
+    import yaml
+
+    if spec is not None and _ADDRESS.match(str(spec)):
+        return ClusterConfig(name=str(spec), type="address")
+    path = _config_path(spec or "local")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClusterConfigError(f"cannot read cluster config {path}: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("spndi"), dict):
+        raise ClusterConfigError(f"cluster config {path} needs an 'spndi:' section with a 'type'")
+    spndi = dict(raw.pop("spndi"))
+    kind = spndi.get("type")
+    if kind not in TYPES:
+        raise ClusterConfigError(
+            f"cluster config {path}: spndi.type is {kind!r}; use one of {', '.join(TYPES)}"
+        )
+    jobqueue_raw = raw.pop("jobqueue", None) or {}
+    jobqueue: dict[str, Any] = {}
+    if kind in JOBQUEUE_TYPES:
+        import dask_jobqueue  # noqa: F401  (registers its defaults in dask.config)
+
+        other = sorted(set(jobqueue_raw) - {kind})
+        if other:
+            raise ClusterConfigError(
+                f"cluster config {path} is of type {kind!r} but has jobqueue settings for "
+                f"{', '.join(other)}; put them under 'jobqueue: {kind}:'"
+            )
+        defaults = _hyphen_keys(copy.deepcopy(dask.config.get(f"jobqueue.{kind}")))
+        env = _hyphen_keys(dask.config.collect_env().get("jobqueue", {}).get(kind, {}))
+        jobqueue = dask.config.merge(defaults, _hyphen_keys(jobqueue_raw.get(kind, {})), env)
+    return ClusterConfig(
+        name=path.stem, type=kind, spndi=spndi, jobqueue=jobqueue, dask=raw, path=path
+    )
+
+
+def _walltime_seconds(walltime: str | None) -> float | None:
+    """SLURM/PBS walltime (``[D-]HH:MM:SS``, ``MM:SS`` or minutes) in seconds."""
+    if not walltime:
+        return None
+    days, _, rest = str(walltime).rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        parts = [0.0, parts[0], 0.0]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    h, m, s = parts
+    return (float(days) if days else 0.0) * 86400 + h * 3600 + m * 60 + s
+
+
+def _with_lifetime(jobqueue: dict[str, Any], margin: Any) -> dict[str, Any]:
+    """Add ``--lifetime`` (walltime − margin, staggered ± margin/2) unless it is already set."""
+    from dask.utils import parse_timedelta
+
+    args = list(jobqueue.get("worker-extra-args") or [])
+    wall = _walltime_seconds(jobqueue.get("walltime"))
+    if margin is None or wall is None or "--lifetime" in args:
+        return jobqueue
+    margin_s = parse_timedelta(margin, default="s")
+    if wall - 1.5 * margin_s <= 0:
+        raise ClusterConfigError(
+            f"walltime {jobqueue.get('walltime')} is shorter than 1.5 x lifetime_margin "
+            f"({margin}); lengthen the walltime or shorten spndi.lifetime_margin"
+        )
+    life = int(wall - margin_s)
+    args += ["--lifetime", f"{life}s", "--lifetime-stagger", f"{int(margin_s / 2)}s"]
+    return {**jobqueue, "worker-extra-args": args}
+
+
+def _jobqueue_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
+    import dask.config
+    import dask_jobqueue
+
+    settings = dask.config.merge(config.jobqueue, _hyphen_keys(overrides))
+    settings = _with_lifetime(settings, config.spndi.get("lifetime_margin"))
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[config.type]
+    # explicit keywords: dask-jobqueue's jobs re-read dask.config later, outside any context
+    kwargs = {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ClusterConfigError(f"cluster config {config.path}: {exc}") from None
+
+
+class _SubmitErrors(logging.Handler):
+    """Collects job-submission failures that dask logs from its event loop."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "\n" + str(record.exc_info[1])
+        if "non-zero exit code" in text:
+            self.messages.append(text)
+
+
+def _submit_error(messages: list[str]) -> str:
+    """The scheduler's own words (the submit command's stderr) from a dask-jobqueue error."""
+    text = messages[0]
+    m = re.search(r"Command:\n(.*?)\n.*?stderr:\n(.*)", text, re.S)
+    if not m:
+        return text.strip()
+    return f"{m.group(2).strip()} (command: {m.group(1).strip()})"
+
+
+def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: Any) -> None:
+    """Block until ``wait_for_workers`` workers joined; a rejected submission fails at once."""
+    n = int(config.spndi.get("wait_for_workers", 1) or 0)
+    timeout = float(config.spndi.get("wait_timeout", 600))
+    deadline = time.monotonic() + timeout
+    while True:
+        if errors.messages:
+            raise ClusterStartError(
+                f"the {config.type.upper()} scheduler refused the worker job of cluster config "
+                f"{config.name!r}: {_submit_error(errors.messages)}"
+            )
+        if len(client.scheduler_info(n_workers=-1)["workers"]) >= n:
+            return
+        if time.monotonic() > deadline:
+            script = getattr(cluster, "job_script", lambda: "")()
+            raise ClusterStartError(
+                f"no dask worker of cluster config {config.name!r} joined within {timeout:.0f} s "
+                f"(wanted {n}); the jobs may still be queued (check squeue/qstat) or cannot "
+                f"reach the scheduler at {client.scheduler.address} (set 'interface'). "
+                f"Job script:\n{script}"
+            )
+        time.sleep(0.25)
+
+
+@dataclass
+class Session:
+    """A running client and where it came from (see :func:`open_cluster`)."""
+
+    client: Any
+    config: ClusterConfig
+    cluster: Any = None
+
+    def info(self) -> dict[str, Any]:
+        """Cluster type, config file, scheduler address, dashboard link and workers now."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return {
+            "cluster": self.config.name,
+            "type": self.config.type,
+            "config file": str(self.config.path) if self.config.path else "",
+            "scheduler": self.client.scheduler.address,
+            "dashboard": self.client.dashboard_link,
+            "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers),
+        }
+
+
+def _local_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
+    from dask.utils import parse_bytes
+    from distributed import LocalCluster
+
+    opts = {**(config.spndi.get("local") or {}), **overrides}
+    n, t, mem = local_cluster_size()
+    n_workers = opts.get("n_workers") or n
+    limit = opts.get("memory_limit", "auto")
+    if limit in (None, "auto"):
+        limit = int(mem * n / n_workers)
+    elif isinstance(limit, str):
+        limit = parse_bytes(limit)
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=opts.get("threads_per_worker") or t,
+        memory_limit=limit,
+        processes=opts.get("processes", True),
+        host="127.0.0.1",
+        dashboard_address=opts.get("dashboard_address") or "127.0.0.1:0",
+        local_directory=opts.get("local_directory"),
+    )
+
+
+def _mpi_client(config: ClusterConfig) -> Any:
+    try:
+        import dask_mpi
+    except ImportError:
+        raise ClusterStartError(
+            "cluster config 'mpi' needs dask-mpi and mpi4py: pip install 'spndi_dask[mpi]' "
+            "(with an MPI library such as Open MPI), then mpirun -np N spndi run ..."
+        ) from None
+    from distributed import Client
+
+    opts = dict(config.spndi.get("mpi") or {})
+    dask_mpi.initialize(**{k: v for k, v in opts.items() if v is not None})
+    return Client()
+
+
+@contextmanager
+def open_cluster(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    dashboard_address: str | None = None,
+    jobqueue: dict[str, Any] | None = None,
+) -> Iterator[Session]:
+    """Start (or join) the cluster a config describes and yield a :class:`Session`.
+
+    Parameters
+    ----------
+    spec : str or path, optional
+        Config name, YAML path or scheduler address (default ``local``).
+    n_workers, threads_per_worker, dashboard_address : optional
+        LocalCluster overrides. For SLURM/PBS ``n_workers`` asks for that many worker jobs
+        (fixed, not adaptive).
+    jobqueue : dict, optional
+        dask-jobqueue keyword overrides (e.g. ``{"queue": "short"}``).
+
+    Raises
+    ------
+    ClusterConfigError
+        Unknown config (lists the available ones) or bad content.
+    ConnectionError
+        An address that cannot be reached.
+    ClusterStartError
+        The batch scheduler refused the job (its message is included) or no worker joined.
+    """
+    import dask.config
+    from distributed import Client
+
+    config = load_cluster_config(spec)
+    with ExitStack() as stack:
+        stack.enter_context(dask.config.set(_flatten(config.dask)))
+        if config.type == "address":
+            try:
+                client = Client(config.name, timeout="10s")
+            except OSError as exc:
+                raise ConnectionError(
+                    f"cannot reach the dask scheduler at {config.name} ({exc}); check the "
+                    "address and that the scheduler is running"
+                ) from None
+            stack.callback(client.close)
+            yield Session(client, config)
+            return
+        if config.type == "mpi":
+            client = _mpi_client(config)
+            stack.callback(client.close)
+            yield Session(client, config)
+            return
+        if config.type == "local":
+            overrides = {
+                k: v
+                for k, v in (
+                    ("n_workers", n_workers),
+                    ("threads_per_worker", threads_per_worker),
+                    ("dashboard_address", dashboard_address),
+                )
+                if v is not None
+            }
+            cluster = stack.enter_context(_local_cluster(config, overrides))
+            client = stack.enter_context(Client(cluster))
+            yield Session(client, config, cluster)
+            return
+        errors = _SubmitErrors()
+        watched = [logging.getLogger(n) for n in ("distributed", "dask_jobqueue")]
+        for lg in watched:
+            lg.addHandler(errors)
+            stack.callback(lg.removeHandler, errors)
+        cluster = stack.enter_context(_jobqueue_cluster(config, jobqueue or {}))
+        client = stack.enter_context(Client(cluster))
+        scale = config.spndi.get("scale") or {}
+        if n_workers:
+            cluster.scale(jobs=n_workers)
+        elif scale.get("adapt", True):
+            cluster.adapt(
+                minimum_jobs=scale.get("minimum_jobs", 1), maximum_jobs=scale.get("maximum_jobs")
+            )
+        else:
+            cluster.scale(jobs=scale.get("jobs", 1))
+        logger.info("%s job script:\n%s", config.type, cluster.job_script())
+        _wait(client, config, errors, cluster)
+        yield Session(client, config, cluster)
+
+
 @contextmanager
 def start_client(
-    address: str | None = None,
+    cluster: str | os.PathLike[str] | None = None,
     *,
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     dashboard_address: str = "127.0.0.1:0",
-) -> Iterator[object]:
-    """A ``distributed.Client``: connected to ``address``, or on a new LocalCluster.
+) -> Iterator[Any]:
+    """A ``distributed.Client`` on the cluster ``cluster`` names (see :func:`open_cluster`).
 
-    The LocalCluster binds the scheduler and dashboard to localhost; the dashboard link is
-    logged and available as ``client.dashboard_link``.
+    The default is a LocalCluster bound to localhost, with a dashboard on a free port; the link
+    is available as ``client.dashboard_link``.
 
     Examples
     --------
     >>> with start_client(n_workers=1) as client:  # doctest: +SKIP
     ...     print(client.dashboard_link)
     """
-    from distributed import Client, LocalCluster
-
-    if address:
-        try:
-            client = Client(address, timeout="10s")
-        except OSError as exc:
-            raise ConnectionError(
-                f"cannot reach the dask scheduler at {address} ({exc}); check the address and "
-                "that the scheduler is running"
-            ) from None
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    n, t, mem = local_cluster_size()
-    cluster = LocalCluster(
-        n_workers=n_workers or n,
-        threads_per_worker=threads_per_worker or t,
-        memory_limit=mem if n_workers is None else int(mem * n / n_workers),
-        processes=True,
-        host="127.0.0.1",
+    with open_cluster(
+        cluster,
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
         dashboard_address=dashboard_address,
-    )
-    client = Client(cluster)
-    logger.debug("dask dashboard: %s", client.dashboard_link)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
+    ) as session:
+        yield session.client
 
 
 def active_client() -> Any:

@@ -1,0 +1,390 @@
+"""``spndi run``: every stage for every particle of a beamtime under one dask client.
+
+Stages, in order: ingest → reduce → stats (particles) → train → encode → cluster → analyze →
+report. Each is a function of ``(manifest, client, options)`` returning the stage's summary;
+:func:`run` calls them in order, passes on only the particles that succeeded upstream (one
+failing particle never stops the others), skips what depends on a failed stage, and returns one
+:class:`StageResult` per stage for the summary table. Each stage skips work that is already up to
+date (its own fingerprints), so a re-run only does what is new.
+
+A run writes ``<output>/logs/run-<time>.log`` (this process and, forwarded, the workers' log
+records of ``spndi_dask``) and ``<output>/logs/run-<time>-dask.html`` (dask's
+``performance_report``: task stream, worker profiles, bandwidth).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from spndi_dask.config import Manifest
+
+__all__ = ["STAGES", "RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("ingest", "reduce", "stats", "train", "encode", "cluster", "analyze", "report")
+ALIASES = {"particles": "stats", "segment": "stats", "features": "encode", "analysis": "analyze"}
+# what each stage needs from earlier stages (a failed need skips it)
+NEEDS = {
+    "reduce": ("ingest",),
+    "stats": ("reduce",),
+    "train": ("reduce", "stats"),
+    "encode": ("reduce", "train"),
+    "cluster": ("encode", "stats"),
+    "analyze": ("cluster",),
+}
+PER_PARTICLE = ("ingest", "reduce", "stats", "encode")
+
+
+@dataclass
+class RunOptions:
+    """What the user asked of a run (all optional).
+
+    Attributes
+    ----------
+    particles : list of str, optional
+        Only these particle scans (default: all in the manifest).
+    force : bool
+        Redo stages even where their results are up to date.
+    checkpoint : str, optional
+        Use this trained model: the train stage is skipped.
+    device : str, optional
+        ``auto``, ``cpu`` or ``cuda`` for train/encode (default: ``[features] device``).
+    k : int, optional
+        Number of clusters (default: ``[cluster] k`` or the elbow rule).
+    figures : bool
+        Write the figures (stats, cluster, analyze).
+    progress : bool
+        Show a progress bar per stage.
+    on_epoch : callable, optional
+        Called with each training epoch's summary dict.
+    run_info : dict
+        Cluster description etc. for the report's provenance.
+    """
+
+    particles: list[str] | None = None
+    force: bool = False
+    checkpoint: str | None = None
+    device: str | None = None
+    k: int | None = None
+    figures: bool = True
+    progress: bool = True
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """One stage of a run: per-particle statuses (or ``all``), wall time and messages."""
+
+    stage: str
+    status: str
+    seconds: float = 0.0
+    particles: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    summary: Any = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the stage failed as a whole or for any particle."""
+        return self.status == "failed" or any(s == "failed" for s in self.particles.values())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Table rows: one per status, with the particles that have it."""
+        if not self.particles:
+            note = self.errors.get("all", "")
+            row = {"stage": self.stage, "particles": "all", "status": self.status}
+            return [{**row, "seconds": round(self.seconds, 1), "note": note}]
+        by_status: dict[str, list[str]] = {}
+        for name, status in self.particles.items():
+            by_status.setdefault(status, []).append(name)
+        rows = []
+        for i, (status, names) in enumerate(by_status.items()):
+            notes = "; ".join(self.errors[n] for n in names if n in self.errors)
+            rows.append(
+                {
+                    "stage": self.stage,
+                    "particles": ", ".join(names),
+                    "status": status,
+                    "seconds": round(self.seconds, 1) if i == 0 else "",
+                    "note": notes,
+                }
+            )
+        return rows
+
+
+def parse_stages(stages: list[str] | str | None) -> list[str]:
+    """Stage names in pipeline order; accepts aliases, commas and ranges like ``reduce-encode``.
+
+    Examples
+    --------
+    >>> parse_stages("encode,cluster")
+    ['encode', 'cluster']
+    >>> parse_stages(["stats-encode"])
+    ['stats', 'train', 'encode']
+    >>> parse_stages(["particles", "report"])
+    ['stats', 'report']
+    """
+    if not stages:
+        return list(STAGES)
+    items = [
+        s for part in ([stages] if isinstance(stages, str) else stages) for s in part.split(",")
+    ]
+    chosen: set[str] = set()
+    for item in (i.strip().lower() for i in items if i.strip()):
+        lo, _, hi = item.partition("-") if item.count("-") == 1 else (item, "", "")
+        lo, hi = ALIASES.get(lo, lo), ALIASES.get(hi, hi)
+        for s in (lo, hi) if hi else (lo,):
+            if s not in STAGES:
+                raise ValueError(
+                    f"unknown stage {s!r} in --stages; the stages are {', '.join(STAGES)} "
+                    f"(aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})"
+                )
+        i, j = STAGES.index(lo), STAGES.index(hi or lo)
+        chosen.update(STAGES[min(i, j) : max(i, j) + 1])
+    return [s for s in STAGES if s in chosen]
+
+
+# ---- stages: each (manifest, client, options, particles) -> summary --------------------------
+
+
+def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.ingest import IngestError, ingest
+
+    try:
+        return ingest(m, particles=names, force=o.force, progress=o.progress)
+    except IngestError as exc:
+        if not hasattr(exc, "summary"):
+            raise
+        return exc.summary  # per-particle failures; the good particles are ingested
+
+
+def _reduce(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.reduce import reduce
+
+    return reduce(m, particles=names, force=o.force, progress=o.progress)
+
+
+def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.particles import stats
+
+    return stats(m, particles=names, force=o.force, figures=o.figures)
+
+
+def _train(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.features import train
+
+    if o.checkpoint:
+        return {"status": "skipped", "note": f"given checkpoint {o.checkpoint}"}
+    return train(
+        m,
+        particles=names,
+        force=o.force,
+        device=o.device,
+        progress=o.progress,
+        callback=o.on_epoch,
+    )
+
+
+def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.features import encode
+
+    return encode(
+        m,
+        particles=names,
+        checkpoint=o.checkpoint,
+        device=o.device,
+        force=o.force,
+        progress=o.progress,
+    )
+
+
+def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.cluster import cluster
+
+    return cluster(m, particles=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
+
+
+def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+    from spndi_dask.analysis import analyze
+
+    s = analyze(m, particles=names, figures=o.figures, progress=o.progress)
+    return {**s, "status": "done"}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str]], Any]] = {
+    "ingest": _ingest,
+    "reduce": _reduce,
+    "stats": _stats,
+    "train": _train,
+    "encode": _encode,
+    "cluster": _cluster,
+    "analyze": _analyze,
+}
+
+
+def _record(stage: str, summary: Any, seconds: float) -> StageResult:
+    """A StageResult from a stage's summary (per particle, or one dict for the beamtime)."""
+    if stage in PER_PARTICLE:
+        parts = {n: s["status"] for n, s in summary.items()}
+        errors = {n: s["error"] for n, s in summary.items() if "error" in s}
+        for n, s in summary.items():
+            if "error" not in s and s.get("warning"):
+                errors[n] = s["warning"]
+        status = "failed" if parts and all(v == "failed" for v in parts.values()) else "done"
+        return StageResult(stage, status, seconds, parts, errors, summary)
+    note = summary.get("note") or "; ".join(summary.get("warnings", []))
+    return StageResult(stage, summary.get("status", "done"), seconds, {}, {"all": note}, summary)
+
+
+def run(
+    manifest: Manifest,
+    client: Any = None,
+    *,
+    stages: list[str] | str | None = None,
+    options: RunOptions | None = None,
+    on_stage: Callable[[str, int, int], None] | None = None,
+) -> list[StageResult]:
+    """Run the pipeline's stages for the beamtime on ``client`` (the active one if None).
+
+    Parameters
+    ----------
+    manifest : Manifest
+    client : distributed.Client, optional
+        Where the stages compute; stages also find it themselves as the active client.
+    stages : list of str or str, optional
+        Which stages (see :func:`parse_stages`); default all.
+    options : RunOptions, optional
+    on_stage : callable, optional
+        Called as ``on_stage(name, index, total)`` before each stage (progress headers).
+
+    Returns
+    -------
+    list of StageResult
+        One per stage run or skipped, in order. A stage that raised is ``failed`` with the
+        message; the stages that need it are ``skipped``; the report is written regardless.
+    """
+    o = options or RunOptions()
+    chosen = parse_stages(stages)
+    selected = manifest.select_particles(o.particles)
+    ok = list(selected)
+    results: list[StageResult] = []
+    failed_stages: set[str] = set()
+    for i, stage in enumerate(chosen, 1):
+        if on_stage:
+            on_stage(stage, i, len(chosen))
+        blocked = [s for s in NEEDS.get(stage, ()) if s in failed_stages]
+        if blocked:
+            note = f"needs {', '.join(blocked)}, which failed"
+            logger.warning("stage %s skipped: %s", stage, note)
+            results.append(StageResult(stage, "skipped", errors={"all": note}))
+            failed_stages.add(stage)
+            continue
+        if not ok and stage != "report":
+            results.append(StageResult(stage, "skipped", errors={"all": "no particle left"}))
+            failed_stages.add(stage)
+            continue
+        t0 = time.perf_counter()
+        logger.debug("stage %s: %d particle(s)", stage, len(ok))
+        try:
+            if stage == "report":
+                res = _report(manifest, o, results)
+            else:
+                summary = STAGE_FUNCTIONS[stage](manifest, client, o, list(ok))
+                res = _record(stage, summary, time.perf_counter() - t0)
+        except Exception as exc:  # a stage's failure is reported, the run goes on
+            logger.exception("stage %s failed", stage)
+            res = StageResult(stage, "failed", time.perf_counter() - t0, errors={"all": str(exc)})
+        results.append(res)
+        if res.status == "failed":
+            failed_stages.add(stage)
+        bad = {n for n, s in res.particles.items() if s == "failed"}
+        if bad:
+            logger.warning("stage %s failed for %s; they skip later stages", stage, sorted(bad))
+            ok = [n for n in ok if n not in bad]
+    return results
+
+
+def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> StageResult:
+    from spndi_dask.report import write_report
+
+    start = time.perf_counter()
+    timings = [row for r in done for row in r.rows()]
+    path = write_report(manifest, timings=timings, run_info=o.run_info)
+    return StageResult(
+        "report", "written", time.perf_counter() - start, errors={"all": str(path)}, summary=path
+    )
+
+
+# ---- logging and diagnostics for a run ----------------------------------------------------------
+
+
+class WorkerLogLevel(WorkerPlugin):
+    """Worker plugin: ``spndi_dask`` records from ``level`` on, so they can be forwarded."""
+
+    name = "spndi-log-level"
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("spndi_dask").setLevel(self.level)
+
+
+@contextmanager
+def run_logging(
+    output_dir: Path, client: Any = None, *, performance_report: bool = True
+) -> Iterator[dict[str, Path]]:
+    """Log this run to ``<output>/logs/run-<time>.log`` with the workers' records forwarded.
+
+    Also records dask's ``performance_report`` to ``run-<time>-dask.html`` when a distributed
+    client is given. Yields the paths (``log``, ``dask_report``).
+    """
+    logs = Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    paths = {"log": logs / f"run-{stamp}.log"}
+    ours = logging.getLogger("spndi_dask")
+    level = min(ours.getEffectiveLevel(), logging.INFO)
+    handler = logging.FileHandler(paths["log"])
+    handler.setLevel(level)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
+    )
+    old_level = ours.level
+    with ExitStack() as stack:
+        ours.addHandler(handler)
+        ours.setLevel(min(level, ours.getEffectiveLevel()))
+        stack.callback(ours.setLevel, old_level)
+        stack.callback(ours.removeHandler, handler)
+        stack.callback(handler.close)
+        if client is not None:
+            try:
+                client.register_plugin(WorkerLogLevel(level))
+                client.forward_logging("spndi_dask", level=level)
+                stack.callback(_stop_forwarding, client)
+            except Exception as exc:  # an old scheduler: logs stay on the workers
+                logger.warning("worker logs are not forwarded: %s", exc)
+            if performance_report:
+                from distributed import performance_report as report
+
+                paths["dask_report"] = logs / f"run-{stamp}-dask.html"
+                stack.enter_context(report(filename=str(paths["dask_report"])))
+        logger.debug("run log: %s", paths["log"])
+        yield paths
+
+
+def _stop_forwarding(client: Any) -> None:
+    try:
+        client.unforward_logging("spndi_dask")
+    except Exception:  # the client may be closing
+        pass

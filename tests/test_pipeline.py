@@ -1,0 +1,200 @@
+"""`spndi run`: cluster configs, the stage pipeline, failure isolation, logs and bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from spndi_dask import cli
+from spndi_dask.cluster_setup import (
+    ClusterConfigError,
+    ClusterStartError,
+    available_configs,
+    load_cluster_config,
+    open_cluster,
+)
+from spndi_dask.pipeline import RunOptions, parse_stages, run, run_logging
+from spndi_dask.simulate import preset, simulate_beamtime
+
+
+# -- cluster configs ----------------------------------------------------------------------------
+def test_builtin_configs_are_listed_and_typed():
+    configs = available_configs()
+    assert {"local", "slurm", "slurm-gpu", "pbs", "mpi"} <= set(configs)
+    assert load_cluster_config(None).type == "local"
+    assert load_cluster_config("slurm-gpu").type == "slurm"
+    assert load_cluster_config("tcp://10.1.2.3:8786").type == "address"
+
+
+def test_missing_config_lists_the_available_ones():
+    with pytest.raises(ClusterConfigError, match=r"no cluster config named 'sulrm'.*slurm-gpu"):
+        load_cluster_config("sulrm")
+    with pytest.raises(ClusterConfigError, match="does not exist"):
+        load_cluster_config("/no/such/cluster.yaml")
+    # the CLI prints the same message and exits 2
+    assert cli.main(["run", "x.toml", "--cluster", "sulrm"]) == 2
+
+
+def test_jobqueue_settings_merge_defaults_file_environment(monkeypatch):
+    c = load_cluster_config("slurm")
+    # from dask-jobqueue's defaults (not in the file) and from the file
+    assert c.jobqueue["shebang"] == "#!/usr/bin/env bash"
+    assert c.jobqueue["name"] == "dask-worker"
+    assert c.jobqueue["cores"] == 8 and c.jobqueue["walltime"] == "02:00:00"
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__CORES", "2")
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES", '["--qos=low"]')
+    c = load_cluster_config("slurm")
+    assert c.jobqueue["cores"] == 2 and c.jobqueue["job-extra-directives"] == ["--qos=low"]
+    assert c.jobqueue["memory"] == "32GiB"  # the file's value where the environment is silent
+
+
+def test_user_config_folder_and_bad_content(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("spndi:\n  type: slurm\njobqueue:\n  pbs:\n    cores: 2\n")
+    (tmp_path / "odd.yaml").write_text("spndi:\n  type: kubernetes\n")
+    monkeypatch.setenv("SPNDI_CLUSTER_CONFIGS", str(tmp_path))
+    assert available_configs()["mine"] == tmp_path / "mine.yaml"
+    with pytest.raises(ClusterConfigError, match=r"jobqueue settings for pbs.*jobqueue: slurm"):
+        load_cluster_config("mine")
+    with pytest.raises(ClusterConfigError, match=r"spndi.type is 'kubernetes'"):
+        load_cluster_config("odd")
+
+
+def _job_script(name: str, **overrides) -> str:
+    from spndi_dask.cluster_setup import _jobqueue_cluster
+
+    cluster = _jobqueue_cluster(load_cluster_config(name), overrides)
+    try:
+        return cluster.job_script()
+    finally:
+        cluster.close()
+
+
+def test_job_scripts_request_gpus_resources_and_retire_before_walltime():
+    gpu = _job_script("slurm-gpu", walltime="01:00:00")
+    assert "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
+    # lifetime = walltime − 10 min margin, staggered by ± 5 min: retired before SLURM kills it
+    assert "--lifetime 3000s --lifetime-stagger 300s" in gpu
+    assert "--local-directory ${TMPDIR:-/tmp}" in gpu
+    pbs = _job_script("pbs", queue="short")
+    assert "#PBS -q short" in pbs and "#PBS -l select=1:ncpus=8:mem=32GB" in pbs
+    assert "#PBS -l walltime=02:00:00" in pbs
+    with pytest.raises(ClusterConfigError, match=r"shorter than 1\.5 x lifetime_margin"):
+        _job_script("slurm", walltime="00:12:00")
+
+
+def test_unreachable_scheduler_is_a_clear_error(capsys):
+    t0 = time.perf_counter()
+    with pytest.raises(
+        ConnectionError, match=r"cannot reach the dask scheduler at tcp://127\.0\.0\.1:9"
+    ):
+        with open_cluster("tcp://127.0.0.1:9"):
+            pass
+    assert time.perf_counter() - t0 < 30
+    assert cli.main(["stats", "x.toml", "--cluster", "tcp://127.0.0.1:9"]) == 2
+
+
+def test_mpi_without_dask_mpi_says_what_to_install():
+    try:
+        import dask_mpi  # noqa: F401
+
+        pytest.skip("dask-mpi is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ClusterStartError, match=r"pip install 'spndi_dask\[mpi\]'"):
+        with open_cluster("mpi"):
+            pass
+
+
+def test_parse_stages_rejects_unknown_names():
+    assert parse_stages(None)[0] == "ingest" and parse_stages(None)[-1] == "report"
+    assert parse_stages(["analyze-cluster"]) == ["cluster", "analyze"]
+    with pytest.raises(ValueError, match="unknown stage 'reduction'"):
+        parse_stages(["reduction"])
+
+
+# -- logs ---------------------------------------------------------------------------------------
+def _log_on_worker(text: str) -> str:
+    logging.getLogger("spndi_dask.worker_check").info(text)
+    return "logged"
+
+
+def test_worker_log_records_reach_the_run_log(tmp_path):
+    with open_cluster(n_workers=1, dashboard_address="127.0.0.1:0") as session:
+        with run_logging(tmp_path, session.client) as paths:
+            assert session.client.submit(_log_on_worker, "hello from a worker").result()
+            time.sleep(1.0)  # forwarded records travel as scheduler events
+        log = paths["log"].read_text()
+        assert "hello from a worker" in log
+        assert "MainProcess" not in log.split("hello from a worker")[0].splitlines()[-1]
+        report = paths["dask_report"].read_text()
+        assert "<html" in report.lower() and "Task Stream" in report
+
+
+# -- the pipeline on a small beamtime ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def beamtime(tmp_path_factory):
+    """Three tiny particles; p3's files for one angle are gone (ingest must fail for it only)."""
+    out = tmp_path_factory.mktemp("pipeline")
+    m = simulate_beamtime(out, preset("tiny", n_particles=3, train_epochs=3), scheduler="sync")
+    (out / "raw" / "p3" / "angle_004.h5").unlink()
+    return out, m
+
+
+@pytest.mark.slow
+def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, monkeypatch):
+    out, m = beamtime
+    monkeypatch.chdir(out)
+    args = ["run", str(out / "beamtime.toml"), "-k", "2", "--workers", "2"]
+    assert cli.main(args) == 1  # p3 failed: non-zero exit, the others completed
+    text = capsys.readouterr().out
+    assert "[1/8] ingest" in text and "[8/8] report" in text
+    summary = text.split("stage    status")[1]
+    assert "ingest   failed" in summary and "p3" in summary
+    for stage in ("reduce", "stats", "encode"):
+        assert any(line.startswith(stage) and "p1, p2" in line for line in summary.splitlines())
+    assert "cluster  clustered" in summary and "report   written" in summary
+    results = m.output_dir
+    assert (results / "report" / "index.html").is_file()
+    assert len(list((results / "logs").glob("run-*.log"))) == 1
+    assert len(list((results / "logs").glob("run-*-dask.html"))) == 1
+    # a second run of the finished beamtime does no work again
+    t0 = time.perf_counter()
+    assert cli.main([*args, "--particles", "p1", "p2", "--no-performance-report"]) == 0
+    rerun = capsys.readouterr().out
+    assert time.perf_counter() - t0 < 60
+    for stage in ("ingest", "reduce", "stats", "train", "encode", "cluster"):
+        assert any(
+            line.startswith(stage) and "up to date" in line for line in rerun.splitlines()
+        ), (stage, rerun)
+
+
+@pytest.mark.slow
+def test_failed_stage_skips_what_needs_it_and_still_reports(beamtime):
+    out, m = beamtime
+    with open_cluster(n_workers=1, dashboard_address="127.0.0.1:0") as session:
+        results = run(
+            m,
+            session.client,
+            stages=["encode", "cluster", "analyze", "report"],
+            options=RunOptions(
+                particles=["p1", "p2"], checkpoint=str(out / "missing.safetensors"), force=True
+            ),
+        )
+    status = {r.stage: r.status for r in results}
+    assert status["cluster"] == "skipped" and status["analyze"] == "skipped"
+    assert status["report"] == "written"
+    encode = next(r for r in results if r.stage == "encode")
+    assert encode.failed
+    assert "missing.safetensors" in " ".join(encode.errors.values())
+
+
+def test_unknown_particle_is_refused_before_any_work(tmp_path):
+    m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
+    with pytest.raises(ValueError, match=r"\['nope'\] are not in the manifest"):
+        run(m, stages=["reduce"], options=RunOptions(particles=["nope"]))
+    assert not (Path(m.output_dir) / "results.zarr").exists()
+    assert os.listdir(tmp_path)  # the beamtime itself is there
