@@ -581,8 +581,10 @@ def _print_session(session: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from spndi_dask.cluster_setup import load_cluster_config
     from spndi_dask.config import load_manifest
 
+    load_cluster_config(args.cluster)  # a misspelt config fails before anything else
     manifest = load_manifest(args.manifest)
     with _session(args) as session:
         _print_session(session)

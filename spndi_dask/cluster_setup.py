@@ -294,6 +294,41 @@ def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: An
         time.sleep(0.25)
 
 
+def _test_submission(config: ClusterConfig, cluster: Any) -> None:
+    """SLURM: ``sbatch --test-only`` the worker job script, so a refusal shows SLURM's words."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if config.type != "slurm" or shutil.which("sbatch") is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write(cluster.job_script())
+        f.flush()
+        try:
+            proc = subprocess.run(
+                ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            logger.warning("could not test the SLURM job script: %s", exc)
+            return
+    if proc.returncode != 0:
+        raise ClusterStartError(
+            f"the SLURM scheduler refused the worker job of cluster config {config.name!r}: "
+            f"{proc.stderr.strip() or proc.stdout.strip()} (check queue/partition, account, "
+            "cores, memory, walltime and gres in the config or DASK_JOBQUEUE__SLURM__* "
+            f"variables). Job script:\n{cluster.job_script()}"
+        )
+
+
+def _close_quietly(cluster: Any) -> None:
+    """Close a job-queue cluster; one whose job was refused cannot close cleanly: log it only."""
+    try:
+        cluster.close()
+    except Exception as exc:  # e.g. AssertionError: Status.created after a refused job
+        logger.debug("closing %s: %r", type(cluster).__name__, exc)
+
+
 @dataclass
 class Session:
     """A running client and where it came from (see :func:`open_cluster`)."""
@@ -421,11 +456,13 @@ def open_cluster(
             yield Session(client, config, cluster)
             return
         errors = _SubmitErrors()
-        watched = [logging.getLogger(n) for n in ("distributed", "dask_jobqueue")]
-        for lg in watched:
+        # dask-jobqueue submits from its event loop: a refused job is only logged (by tornado)
+        for lg in (logging.getLogger(n) for n in ("distributed", "dask_jobqueue", "tornado")):
             lg.addHandler(errors)
             stack.callback(lg.removeHandler, errors)
-        cluster = stack.enter_context(_jobqueue_cluster(config, jobqueue or {}))
+        cluster = _jobqueue_cluster(config, jobqueue or {})
+        stack.callback(_close_quietly, cluster)
+        _test_submission(config, cluster)
         client = stack.enter_context(Client(cluster))
         scale = config.spndi.get("scale") or {}
         if n_workers:
@@ -436,7 +473,7 @@ def open_cluster(
             )
         else:
             cluster.scale(jobs=scale.get("jobs", 1))
-        logger.info("%s job script:\n%s", config.type, cluster.job_script())
+        logger.debug("%s job script:\n%s", config.type, cluster.job_script())
         _wait(client, config, errors, cluster)
         yield Session(client, config, cluster)
 

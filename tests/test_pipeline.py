@@ -30,13 +30,14 @@ def test_builtin_configs_are_listed_and_typed():
     assert load_cluster_config("tcp://10.1.2.3:8786").type == "address"
 
 
-def test_missing_config_lists_the_available_ones():
+def test_missing_config_lists_the_available_ones(capsys):
     with pytest.raises(ClusterConfigError, match=r"no cluster config named 'sulrm'.*slurm-gpu"):
         load_cluster_config("sulrm")
     with pytest.raises(ClusterConfigError, match="does not exist"):
         load_cluster_config("/no/such/cluster.yaml")
-    # the CLI prints the same message and exits 2
+    # the CLI prints the same message and exits 2, before reading the manifest
     assert cli.main(["run", "x.toml", "--cluster", "sulrm"]) == 2
+    assert "available: local, mpi, pbs, slurm, slurm-gpu" in capsys.readouterr().err
 
 
 def test_jobqueue_settings_merge_defaults_file_environment(monkeypatch):
