@@ -180,32 +180,22 @@ def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     return stats(m, particles=names, force=o.force, figures=o.figures)
 
 
+def _feature_args(o: RunOptions, names: list[str]) -> dict[str, Any]:
+    return {"particles": names, "force": o.force, "device": o.device, "progress": o.progress}
+
+
 def _train(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     from spndi_dask.features import train
 
     if o.checkpoint:
         return {"status": "skipped", "note": f"given checkpoint {o.checkpoint}"}
-    return train(
-        m,
-        particles=names,
-        force=o.force,
-        device=o.device,
-        progress=o.progress,
-        callback=o.on_epoch,
-    )
+    return train(m, callback=o.on_epoch, **_feature_args(o, names))
 
 
 def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     from spndi_dask.features import encode
 
-    return encode(
-        m,
-        particles=names,
-        checkpoint=o.checkpoint,
-        device=o.device,
-        force=o.force,
-        progress=o.progress,
-    )
+    return encode(m, checkpoint=o.checkpoint, **_feature_args(o, names))
 
 
 def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
