@@ -188,7 +188,7 @@ def _train(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     from spndi_dask.features import train
 
     if o.checkpoint:
-        return {"status": "skipped", "note": f"given checkpoint {o.checkpoint}"}
+        return {"status": "not needed", "note": f"--checkpoint {o.checkpoint}"}
     return train(m, callback=o.on_epoch, **_feature_args(o, names))
 
 
