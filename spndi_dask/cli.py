@@ -190,6 +190,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
 
     p = sub.add_parser(
+        "report",
+        help="write <output>/report/index.html from what the stages wrote",
+        description="Write the self-contained HTML report of a beamtime (maps, statistics, "
+        "clusters, analysis, provenance) from the results that exist; `spndi run` writes it too.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+
+    p = sub.add_parser(
         "export-ply",
         help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
         description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
@@ -482,6 +490,14 @@ def _cmd_export_ply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.report import write_report
+
+    print(f"report: {write_report(load_manifest(args.manifest))}")
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from spndi_dask.simulate import preset, simulate_beamtime
 
@@ -640,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         "cluster": _cmd_cluster,
         "analyze": _cmd_analyze,
         "export-ply": _cmd_export_ply,
+        "report": _cmd_report,
     }
     try:
         return commands[args.command](args)
