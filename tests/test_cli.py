@@ -18,7 +18,7 @@ def run(*args):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    commands = "demo simulate ingest reduce stats train encode cluster analyze export-ply"
+    commands = "demo run simulate ingest reduce stats train encode cluster analyze report"
     for cmd in commands.split():
         assert cmd in out.stdout
 
@@ -37,6 +37,9 @@ def test_demo_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "dask dashboard: http://127.0.0.1:" in out.stdout
     assert "demo done" in out.stdout
+    # the demo is simulate + `spndi run`: every stage, the summary table, the report
+    assert "[9/9] report" in out.stdout and "report   written" in out.stdout
+    assert (tmp_path / "demo/results/report/index.html").stat().st_size > 100_000
     ds = open_raw(tmp_path / "demo/results", "p2")
     assert ds.attrs["spndi_dask"]["complete"]
     assert int(ds.frames.sum()) > 0
