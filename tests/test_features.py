@@ -339,3 +339,18 @@ def test_ply_export_is_read_by_a_standard_reader(trained):
     assert "h (sample frame, 1/A)" in header and "property float intensity" in header
     with pytest.raises(ValueError, match="outside the"):
         export_ply(m, "p1", pixels=[(999, 0)])
+
+
+def test_training_uses_every_core_even_after_a_local_cluster_set_one_thread():
+    import os
+
+    from spndi_dask.features.train import _all_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torch picks when OMP_NUM_THREADS=1 (set by a LocalCluster)
+    try:
+        with _all_cores(torch.device("cpu")):
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

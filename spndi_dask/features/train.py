@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -373,6 +375,23 @@ def _training_key(settings: FeatureSettings, sample: Sample) -> str:
     return dask.base.tokenize(sample.fingerprint, json.dumps(fields, sort_keys=True), __version__)
 
 
+@contextmanager
+def _all_cores(device: torch.device) -> Iterator[None]:
+    """Torch on every usable core of this process while it trains on the CPU.
+
+    A distributed LocalCluster started in this process sets ``OMP_NUM_THREADS=1`` here (for its
+    workers), so torch, first used after that, would train on one thread.
+    """
+    old = torch.get_num_threads()
+    if device.type == "cpu":
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(len(cores) if cores else (os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train(
     manifest: Manifest,
     *,
@@ -414,19 +433,20 @@ def train(
         sample.source,
         dev,
     )
-    result = fit(
-        model,
-        inputs,
-        validation_fraction=settings.validation_fraction,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_epochs=settings.max_epochs,
-        patience=settings.patience,
-        min_improvement=settings.min_improvement,
-        seed=settings.seed,
-        device=dev,
-        callback=callback,
-    )
+    with _all_cores(dev):
+        result = fit(
+            model,
+            inputs,
+            validation_fraction=settings.validation_fraction,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            max_epochs=settings.max_epochs,
+            patience=settings.patience,
+            min_improvement=settings.min_improvement,
+            seed=settings.seed,
+            device=dev,
+            callback=callback,
+        )
     n_val = result.n_val
     meta.update(
         {
