@@ -599,16 +599,18 @@ def _print_session(session: Any) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from spndi_dask.cluster_setup import load_cluster_config
     from spndi_dask.config import load_manifest
+    from spndi_dask.io.lock import output_lock
 
     load_cluster_config(args.cluster)  # a misspelt config fails before anything else
     manifest = load_manifest(args.manifest)
-    with _session(args) as session:
+    with output_lock(manifest.output_dir), _session(args) as session:
         _print_session(session)
         return _run_pipeline(args, manifest, session)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
+    from spndi_dask.io.lock import output_lock
     from spndi_dask.pipeline import parse_stages
     from spndi_dask.simulate import preset, simulate_beamtime
 
@@ -625,7 +627,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         simulate_beamtime(out, cfg)
         manifest = load_manifest(out / "beamtime.toml")
-        code = _run_pipeline(args, manifest, session, first=1)
+        with output_lock(manifest.output_dir):
+            code = _run_pipeline(args, manifest, session, first=1)
     print(
         f"\ndemo done in {time.perf_counter() - t0:.1f} s\n"
         f"  manifest:     {out / 'beamtime.toml'}\n"
@@ -641,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spndi`` command."""
     from spndi_dask.cluster_setup import ClusterConfigError, ClusterStartError
     from spndi_dask.config import ManifestError
+    from spndi_dask.io.lock import LockError
 
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -668,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         ClusterConfigError,
         ClusterStartError,
+        LockError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -199,3 +199,58 @@ def test_unknown_particle_is_refused_before_any_work(tmp_path):
         run(m, stages=["reduce"], options=RunOptions(particles=["nope"]))
     assert not (Path(m.output_dir) / "results.zarr").exists()
     assert os.listdir(tmp_path)  # the beamtime itself is there
+
+
+# -- one writer per output ----------------------------------------------------------------------
+def test_second_run_on_the_same_output_stops_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    import json
+    import subprocess
+    import sys
+
+    from spndi_dask.io.lock import LOCK_NAME, LockError, output_lock, read_lock
+
+    with output_lock(tmp_path, "spndi run first.toml"):
+        assert read_lock(tmp_path)["command"] == "spndi run first.toml"
+        with pytest.raises(LockError, match=rf"pid {os.getpid()} .*spndi run first\.toml"):
+            with output_lock(tmp_path):
+                pass
+    assert read_lock(tmp_path) is None  # released
+    # a run killed with SIGKILL leaves its lock behind: the next run takes it over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = {"pid": dead.pid, "host": __import__("socket").gethostname(), "created": 0.0}
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**lock, "started": "yesterday"}))
+    with caplog.at_level(logging.WARNING, logger="spndi_dask"):
+        with output_lock(tmp_path):
+            assert read_lock(tmp_path)["pid"] == os.getpid()
+    assert "stale lock" in caplog.text and str(dead.pid) in caplog.text
+
+
+def test_cli_run_refuses_an_output_another_process_writes(tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from spndi_dask.io.lock import LOCK_NAME
+
+    m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {
+            "pid": other.pid,
+            "host": socket.gethostname(),
+            "created": psutil.Process(other.pid).create_time(),
+            "started": "now",
+            "command": "spndi run beamtime.toml (nightly)",
+        }
+        m.output_dir.mkdir(parents=True, exist_ok=True)
+        (m.output_dir / LOCK_NAME).write_text(json.dumps(holder))
+        assert cli.main(["run", str(tmp_path / "beamtime.toml")]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {other.pid}" in err and "(nightly)" in err and "wait for it" in err
+        assert not (m.output_dir / "raw.zarr").exists()  # nothing was written
+    finally:
+        other.kill()

@@ -1,0 +1,109 @@
+"""One writer per output directory: ``<output>/.spndi.lock``.
+
+A run takes the lock before it writes anything and removes it when it ends. A second run on the
+same output stops with a message naming the holder (pid, host, start time, command). A lock left
+by a process that no longer exists on this host (a run killed with SIGKILL, a crashed node) is
+stale and is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+__all__ = ["LOCK_NAME", "LockError", "output_lock", "read_lock"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".spndi.lock"
+
+
+class LockError(RuntimeError):
+    """Another live process holds the output directory's lock."""
+
+
+def read_lock(output_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The holder recorded in ``<output>/.spndi.lock``, or None when unlocked."""
+    path = Path(output_dir) / LOCK_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": None, "host": None, "note": "unreadable lock file"}
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the holder may still be running (another host: assume it is)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not psutil.pid_exists(pid):
+        return False
+    try:  # a recycled pid belongs to a process started after the lock was written
+        return psutil.Process(pid).create_time() <= holder.get("created", float("inf")) + 1
+    except psutil.Error:
+        return False
+
+
+@contextmanager
+def output_lock(output_dir: str | os.PathLike[str], command: str | None = None) -> Iterator[Path]:
+    """Hold ``<output>/.spndi.lock`` for the duration of the block.
+
+    Raises
+    ------
+    LockError
+        When a live process (or one on another host) holds it; the message names it and says
+        how to proceed.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "created": psutil.Process().create_time(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(sys.argv),
+    }
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(out) or {}
+            if _alive(holder):
+                raise LockError(
+                    f"{out} is being written by another spndi run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, started {holder.get('started')}: "
+                    f"{holder.get('command')}); wait for it to finish, or delete {path} if that "
+                    "process is gone"
+                ) from None
+            logger.warning(
+                "taking over a stale lock of %s (pid %s on %s, started %s, no longer running)",
+                out,
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("started"),
+            )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:  # pragma: no cover - three races in a row
+        raise LockError(f"could not take the lock {path}; try again")
+    try:
+        yield path
+    finally:
+        if (read_lock(out) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
