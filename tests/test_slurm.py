@@ -7,6 +7,7 @@ munged, slurmctld and slurmd with a private configuration and stops what it star
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -49,6 +50,14 @@ def small_jobs(slurm, tmp_path, monkeypatch):
     return logs
 
 
+def _assert_jobs_end(slurm, timeout: float = 60) -> None:
+    """The worker jobs are cancelled when the run ends (SLURM drops them within seconds)."""
+    deadline = time.monotonic() + timeout
+    while slurm.job_ids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not slurm.job_ids(), slurm.run("squeue", "-h").stdout
+
+
 def test_run_on_slurm_workers(slurm, small_jobs, tmp_path, capsys):
     m = simulate_beamtime(tmp_path / "bt", preset("tiny", n_particles=2, train_epochs=3))
     manifest = str(tmp_path / "bt" / "beamtime.toml")
@@ -65,7 +74,7 @@ def test_run_on_slurm_workers(slurm, small_jobs, tmp_path, capsys):
         ds = open_results(m.output_dir, name)
         assert int((ds["cluster"] >= 0).sum()) > 0
     assert (m.output_dir / "report" / "index.html").is_file()
-    assert not slurm.job_ids()  # every worker job ended with the run
+    _assert_jobs_end(slurm)  # every worker job ended with the run
 
 
 def _visible_gpus() -> str | None:
@@ -100,4 +109,4 @@ def test_refused_submission_shows_slurms_message(slurm, small_jobs, tmp_path, mo
     assert "SLURM scheduler refused" in err
     assert "Requested node configuration is not available" in err
     assert "#SBATCH --mem=4000G" in err  # the job script it refused
-    assert not slurm.job_ids()
+    _assert_jobs_end(slurm)
