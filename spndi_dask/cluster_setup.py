@@ -270,9 +270,8 @@ def _submit_error(messages: list[str]) -> str:
     return f"{m.group(2).strip()} (command: {m.group(1).strip()})"
 
 
-def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: Any) -> None:
-    """Block until ``wait_for_workers`` workers joined; a rejected submission fails at once."""
-    n = int(config.spndi.get("wait_for_workers", 1) or 0)
+def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: Any, n: int) -> None:
+    """Block until ``n`` workers joined; a rejected submission fails at once."""
     timeout = float(config.spndi.get("wait_timeout", 600))
     deadline = time.monotonic() + timeout
     while True:
@@ -474,7 +473,10 @@ def open_cluster(
         else:
             cluster.scale(jobs=scale.get("jobs", 1))
         logger.debug("%s job script:\n%s", config.type, cluster.job_script())
-        _wait(client, config, errors, cluster)
+        # a fixed number of jobs: wait for all their workers; adaptive: for wait_for_workers
+        per_job = int({**config.jobqueue, **_hyphen_keys(jobqueue or {})}.get("processes") or 1)
+        wanted = n_workers * per_job if n_workers else config.spndi.get("wait_for_workers", 1)
+        _wait(client, config, errors, cluster, int(wanted or 0))
         yield Session(client, config, cluster)
 
 
