@@ -319,7 +319,10 @@ def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> Stage
 
 
 class WorkerLogLevel(WorkerPlugin):
-    """Worker plugin: ``spndi_dask`` records from ``level`` on, so they can be forwarded."""
+    """Worker plugin: ``spndi_dask`` records from ``level`` on, so they can be forwarded.
+
+    It also quiets dask's benign sizeof warnings about the performance report's profiles.
+    """
 
     name = "spndi-log-level"
 
@@ -328,6 +331,9 @@ class WorkerLogLevel(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("spndi_dask").setLevel(self.level)
+        # the performance report's profile trees are dicts too deep for dask's sizeof, which
+        # warns "Sizeof calculation for object of type 'dict' failed" (dask/distributed#8578)
+        logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
 
 
 @contextmanager
