@@ -19,6 +19,9 @@ figures.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -124,6 +127,33 @@ def _curve_means(curves: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nd
 
 
 # -- orchestration ------------------------------------------------------------------------------
+ANALYSIS_FIGURES = ("cluster_rocking_curves.png", "cluster_patterns.png", "region_patterns.png")
+
+
+def _fingerprint(clusters: dict[str, Any], names: list[str], boundary_width: float) -> str:
+    """What an analysis depends on: the clustering, the scans, the width, the package version."""
+    key = [clusters.get("fingerprint"), sorted(names), float(boundary_width), __version__]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+
+
+def _is_current(path: Path, table: Path, datasets: dict[str, Any], fp: str, figures: bool) -> bool:
+    """The analysis on disk is complete and has this fingerprint (and its figures, if asked)."""
+    if not (path / "zarr.json").exists() or not table.exists():
+        return False
+    if dict(zarr.open_group(str(path), mode="r").attrs).get("fingerprint") != fp:
+        return False
+    if any(ds.attrs.get("analysis", {}).get("fingerprint") != fp for ds in datasets.values()):
+        return False
+    figs = table.parent / "figures"
+    return not figures or all((figs / f).exists() for f in ANALYSIS_FIGURES)
+
+
+def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["particle"]: (int(r["domain_pixels"]), int(r["boundary_pixels"])) for r in rows}
+
+
 def analyze(
     manifest: Manifest,
     *,
@@ -131,10 +161,13 @@ def analyze(
     boundary_width: float = 1.0,
     figures: bool = True,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Cluster rocking curves, mean patterns, domains vs boundaries for all clustered scans.
 
-    Returns a summary: ``k``, ``pixels`` per scan and region, ``seconds``, output paths.
+    Returns a summary: ``status`` ('done' or 'up to date': the same clustering, scans and
+    boundary width as the complete analysis on disk, unless ``force``), ``k``, ``regions``
+    (domain and boundary pixels per scan), ``seconds``, output paths.
     """
     from spndi_dask.reduce import open_results, results_path
 
@@ -160,6 +193,18 @@ def analyze(
                 "`spndi cluster` on these particles first"
             )
         datasets[name] = ds
+    out = Path(manifest.output_dir)
+    path = out / "analysis.zarr"
+    fp = _fingerprint(meta, names, boundary_width)
+    if not force and _is_current(path, out / "regions.csv", datasets, fp, figures):
+        return {
+            "status": "up to date",
+            "k": k,
+            "regions": _read_regions(out / "regions.csv"),
+            "analysis": str(path),
+            "table": str(out / "regions.csv"),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     # groups per scan: clusters 0..k-1, then domain (k) and boundary (k+1)
     regions, sums, curves, rows, counts = {}, [], {}, [], {}
     for name, ds in datasets.items():
@@ -237,10 +282,8 @@ def analyze(
     ds_out = xr.Dataset(
         data,
         coords=coords,
-        attrs={"k": k, "boundary_width": boundary_width, "version": __version__},
+        attrs={"k": k, "boundary_width": boundary_width, "version": __version__, "fingerprint": fp},
     )
-    out = Path(manifest.output_dir)
-    path = out / "analysis.zarr"
     tmp = out / ".tmp" / "analysis.zarr"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -262,13 +305,15 @@ def analyze(
             fill_value=-1,
         )
         arr[:] = region
-        mark_complete(root / name, "analysis", {"boundary_width": boundary_width, "k": k})
+        info = {"boundary_width": boundary_width, "k": k, "fingerprint": fp}
+        mark_complete(root / name, "analysis", info)
     write_csv(out / "regions.csv", rows)
     if figures:
         from spndi_dask import plot
 
         plot.analysis_figures(out / "figures", ds_out)
     return {
+        "status": "done",
         "k": k,
         "regions": {r["particle"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
         "analysis": str(path),

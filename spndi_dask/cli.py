@@ -187,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
     )
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--force", action="store_true", help="redo even if up to date")
     _add_cluster_args(p)
 
     p = sub.add_parser(
@@ -458,6 +459,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             boundary_width=args.boundary_width,
             figures=not args.no_figures,
             progress=True,
+            force=args.force,
         ),
         (AnalysisError,),
     )

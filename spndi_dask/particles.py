@@ -547,10 +547,11 @@ def stats(
             _write_labels(root / name, labels, info)
     table = {k: v for k, v in table.items() if k in opened or k not in order}
     _write_table(table_path, order, table)
-    if figures and opened:
+    fig_dir = Path(manifest.output_dir) / "figures"
+    stale = bool(jobs) or not (fig_dir / "beamtime_overview.png").exists()
+    if figures and opened and stale:
         from spndi_dask import plot
 
-        fig_dir = Path(manifest.output_dir) / "figures"
         written = plot.particle_figures(
             {n: open_results(manifest.output_dir, n) for n in order if n in opened},
             fig_dir,

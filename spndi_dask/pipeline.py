@@ -207,8 +207,7 @@ def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
 def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     from spndi_dask.analysis import analyze
 
-    s = analyze(m, particles=names, figures=o.figures, progress=o.progress)
-    return {**s, "status": "done"}
+    return analyze(m, particles=names, figures=o.figures, progress=o.progress, force=o.force)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str]], Any]] = {
