@@ -34,9 +34,9 @@ def _manifest_copy(root: Path, tag: str):
     return load_manifest(path)
 
 
-def _maps(m) -> dict[str, np.ndarray]:
+def _maps(m, names=("p1", "p2")) -> dict[str, np.ndarray]:
     out = {}
-    for name in ("p1", "p2"):
+    for name in names:
         ds = open_results(m.output_dir, name)
         for var in ("d_spacing", "strain", "tilt_x", "rocking_curve", "pattern", "drift"):
             out[f"{name}/{var}"] = np.asarray(ds[var].values)
@@ -117,3 +117,26 @@ def test_run_killed_mid_reduce_resumes_and_ends_identical(beamtime):
     assert "ingest   up to date" in again.stdout
     _assert_identical(_maps(m), reference)
     assert read_lock(m.output_dir) is None
+
+
+def test_corrupt_chunk_fails_that_particle_with_a_clear_message(beamtime):
+    root, reference = beamtime
+    m = _manifest_copy(root, "corrupt")
+    with open_cluster(n_workers=2, dashboard_address="127.0.0.1:0") as s:
+        run(m, s.client, stages="ingest", options=RunOptions(progress=False))
+        frames = m.output_dir / "raw.zarr" / "p1" / "frames" / "c"
+        chunks = sorted(c for c in frames.rglob("*") if c.is_file())
+        chunk = chunks[len(chunks) // 3]
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a damaged sector
+        chunk.write_bytes(bytes(data))
+        results = run(m, s.client, stages="reduce-stats", options=RunOptions(progress=False))
+    reduce = next(r for r in results if r.stage == "reduce")
+    assert reduce.particles == {"p1": "failed", "p2": "reduced"}
+    msg = reduce.errors["p1"]
+    assert "cannot be decoded" in msg and str(m.output_dir / "raw.zarr" / "p1") in msg
+    assert "--particles p1 --force" in msg
+    stats = next(r for r in results if r.stage == "stats")
+    assert stats.particles == {"p2": "done"}  # p1 skipped the later stage, p2 went on
+    p2 = _maps(m, ["p2"])
+    _assert_identical(p2, {k: v for k, v in reference.items() if k.startswith("p2/")})

@@ -906,6 +906,22 @@ def _apply_beamtime_median(root: Path, names: list[str], rocking_axes: dict[str,
         g.attrs.update({"strain_reference": "beamtime_median"})
 
 
+_CORRUPT = ("decompress", "codec", "checksum", "crc", "corrupt", "truncat", "invalid header")
+
+
+def _explain_failure(manifest: Manifest, name: str, exc: Exception) -> str:
+    """The failure of one particle in words: a damaged raw.zarr names the store and the fix."""
+    text = f"{type(exc).__name__}: {exc}"
+    if any(word in str(exc).lower() for word in _CORRUPT):
+        store = raw_path(manifest.output_dir) / name
+        return (
+            f"the ingested frames of particle '{name}' cannot be decoded ({text}): a chunk of "
+            f"{store} is damaged; re-ingest it with `spndi ingest {manifest.source} --particles "
+            f"{name} --force`"
+        )
+    return text
+
+
 def reduce(
     manifest: Manifest,
     *,
@@ -1004,8 +1020,9 @@ def reduce(
             _write(ds, root, name, attrs, progress)
         except Exception as exc:  # one bad particle never stops the others
             debug = logger.isEnabledFor(logging.DEBUG)
-            logger.error("particle %r: reduce failed: %s", name, exc, exc_info=debug)
-            summary[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            msg = _explain_failure(manifest, name, exc)
+            logger.error("particle %r: reduce failed: %s", name, msg, exc_info=debug)
+            summary[name] = {"status": "failed", "error": msg}
             continue
         n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
         summary[name] = {
