@@ -191,6 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
 
     p = sub.add_parser(
+        "status",
+        help="per particle and stage: done, stale, failed or not run",
+        description="Show per particle scan and stage what is done, stale (an input changed "
+        "since), failed (in the last run) or not run, from the outputs alone.",
+    )
+    p.add_argument("manifest", help="beamtime TOML manifest")
+
+    p = sub.add_parser(
         "report",
         help="write <output>/report/index.html from what the stages wrote",
         description="Write the self-contained HTML report of a beamtime (maps, statistics, "
@@ -492,6 +500,29 @@ def _cmd_export_ply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from spndi_dask.config import load_manifest
+    from spndi_dask.io.lock import read_lock
+    from spndi_dask.status import STAGES, scan_status
+
+    manifest = load_manifest(args.manifest)
+    table = scan_status(manifest)
+    print(f"{manifest.name}: {manifest.output_dir}")
+    print(f"{'particle':<16}" + "".join(f"{s:<11}" for s in STAGES))
+    notes = []
+    for name, stages in table.items():
+        print(f"{name:<16}" + "".join(f"{state:<11}" for state, _ in stages.values()))
+        notes += [f"  {name} {s}: {n}" for s, (state, n) in stages.items() if n]
+    print("\n".join(notes))
+    holder = read_lock(manifest.output_dir)
+    if holder:
+        print(
+            f"a run holds the output: pid {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('started')} ({holder.get('command')})"
+        )
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.report import write_report
@@ -663,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "analyze": _cmd_analyze,
         "export-ply": _cmd_export_ply,
         "report": _cmd_report,
+        "status": _cmd_status,
     }
     try:
         return commands[args.command](args)

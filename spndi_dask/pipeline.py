@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from spndi_dask.config import Manifest
+from spndi_dask.status import write_last_run
 
 __all__ = ["STAGES", "RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
 
@@ -300,6 +301,16 @@ def run(
         if bad:
             logger.warning("stage %s failed for %s; they skip later stages", stage, sorted(bad))
             ok = [n for n in ok if n not in bad]
+    write_last_run(
+        manifest.output_dir,
+        {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "stages": [
+                {k: getattr(r, k) for k in ("stage", "status", "seconds", "particles", "errors")}
+                for r in results
+            ],
+        },
+    )
     return results
 
 

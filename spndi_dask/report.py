@@ -43,6 +43,7 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
+from spndi_dask.status import scan_status
 
 __all__ = [
     "LIBRARIES",
@@ -450,6 +451,7 @@ class _Context:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
+        self._status: dict[str, dict[str, tuple[str, str]]] | None = None
         self.out = manifest.output_dir
         self.figures = self.out / "figures"
         self.names = [p.name for p in manifest.particles]
@@ -475,24 +477,10 @@ class _Context:
                 self.other_pngs.append(png)
 
     def stage_status(self, name: str) -> dict[str, str]:
-        """``done`` / ``not run`` / ``incomplete`` / ``outdated`` of every stage of a scan."""
-        out = {}
-        for stage, where, key in STAGES:
-            attrs = (self.raw if where == "raw" else self.node).get(name)
-            info = (attrs or {}).get(key)
-            if not info:
-                out[stage] = "not run"
-            elif key == "spndi_dask" and not info.get("complete"):
-                out[stage] = "incomplete"
-            elif stage == "cluster" and (self.clusters or {}).get("fingerprint") != info.get(
-                "fingerprint"
-            ):
-                out[stage] = "outdated"
-            elif stage == "analysis" and (self.clusters or {}).get("k") != info.get("k"):
-                out[stage] = "outdated"
-            else:
-                out[stage] = "done"
-        return out
+        """``done`` / ``not run`` / ``incomplete`` / ``stale`` / ``failed`` of every stage."""
+        if self._status is None:
+            self._status = scan_status(self.manifest)
+        return {stage: state for stage, (state, _) in self._status[name].items()}
 
     def checkpoint(self) -> Path:
         """The checkpoint encode used (from the attrs), else the one train writes."""

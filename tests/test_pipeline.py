@@ -162,6 +162,15 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
     assert (results / "report" / "index.html").is_file()
     assert len(list((results / "logs").glob("run-*.log"))) == 1
     assert len(list((results / "logs").glob("run-*-dask.html"))) == 1
+    # spndi status: p3 failed at ingest (from the last run), the others are done
+    assert cli.main(["status", str(out / "beamtime.toml")]) == 0
+    table: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        if line and not line.startswith(" "):  # the table, not the notes under it
+            table.setdefault(line.split()[0], line.split()[1:])
+    assert table["particle"] == ["ingest", "reduce", "stats", "features", "cluster", "analysis"]
+    assert table["p1"] == ["done"] * 6 and table["p2"] == ["done"] * 6
+    assert table["p3"][0] == "failed" and table["p3"][1] == "not"
     # a second run of the finished beamtime does no work again
     t0 = time.perf_counter()
     assert cli.main([*args, "--particles", "p1", "p2", "--no-performance-report"]) == 0
@@ -171,6 +180,15 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
         assert any(
             line.startswith(stage) and "up to date" in line for line in rerun.splitlines()
         ), (stage, rerun)
+    # a raw file rewritten after ingest makes that particle's ingest and everything after stale
+    raw = out / "raw" / "p1" / "angle_000.h5"
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    from spndi_dask.status import scan_status
+
+    status = scan_status(m)
+    assert status["p1"]["ingest"] == ("stale", f"{raw} changed since ingest")
+    assert {s for s, _ in status["p1"].values()} == {"stale"}
+    assert {s for s, _ in status["p2"].values()} == {"done"}
 
 
 @pytest.mark.slow

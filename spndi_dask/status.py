@@ -1,0 +1,176 @@
+"""What is done, stale, failed or not run, per particle scan and stage (``spndi status``).
+
+Read from what the stages leave behind, without computing anything: the completion attrs of
+``raw.zarr`` and ``results.zarr`` (zarr.json files), the source files' size and modification time
+against those ingest recorded, the fingerprints that tie a stage to its inputs (clusters,
+analysis, the encoding checkpoint), and ``<output>/logs/last-run.json`` written by
+:func:`spndi_dask.pipeline.run` for failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from spndi_dask.config import Manifest
+
+__all__ = ["LAST_RUN", "STAGES", "read_attrs", "scan_status", "write_last_run"]
+
+STAGES = ("ingest", "reduce", "stats", "features", "cluster", "analysis")
+# pipeline stage names -> status stage names
+PIPELINE_STAGE = {"encode": "features", "analyze": "analysis"}
+NEEDS = {
+    "reduce": ("ingest",),
+    "stats": ("reduce",),
+    "features": ("reduce",),
+    "cluster": ("stats", "features"),
+    "analysis": ("cluster",),
+}
+LAST_RUN = Path("logs") / "last-run.json"
+
+
+def read_attrs(group: Path) -> dict[str, Any] | None:
+    """The attributes of a Zarr v3 group (its ``zarr.json``), or None if there is none."""
+    try:
+        return json.loads((Path(group) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+def write_last_run(output_dir: Path, record: dict[str, Any]) -> Path:
+    """Write ``<output>/logs/last-run.json`` in one move."""
+    path = Path(output_dir) / LAST_RUN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def _failures(output_dir: Path) -> dict[tuple[str, str], str]:
+    """``(stage, particle or 'all') -> error`` of the last run."""
+    try:
+        record = json.loads((Path(output_dir) / LAST_RUN).read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for s in record.get("stages", []):
+        stage = PIPELINE_STAGE.get(s["stage"], s["stage"])
+        for name, state in (s.get("particles") or {"all": s.get("status")}).items():
+            if state == "failed":
+                out[(stage, name)] = (s.get("errors") or {}).get(name) or "failed"
+    return out
+
+
+def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str | None:
+    recorded = {s.get("path"): s for s in raw.get("sources") or [] if s}
+    paths = manifest.particle(name).frame_paths(manifest.base_dir)
+    if len(paths) != len(recorded):
+        return f"{len(paths)} frame files now, {len(recorded)} when ingested"
+    for p in paths:
+        rec = recorded.get(str(p))
+        try:
+            st = os.stat(p)
+        except OSError:
+            return f"{p} is missing"
+        if rec is None or rec.get("size") != st.st_size or rec.get("mtime_ns") != st.st_mtime_ns:
+            return f"{p} changed since ingest"
+    return None
+
+
+def _checkpoint_digest(manifest: Manifest, node: dict[str, Any]) -> tuple[str | None, str | None]:
+    from spndi_dask.features.checkpoint import file_digest
+
+    info = node.get("features") or {}
+    path = info.get("checkpoint")
+    if not path or not Path(path).exists():
+        return info.get("checkpoint_sha256"), None
+    return info.get("checkpoint_sha256"), file_digest(Path(path))
+
+
+def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
+    """``{particle: {stage: (state, note)}}`` with state done/stale/failed/incomplete/not run.
+
+    A stage is stale when something it was made from changed after it ran: the raw files since
+    ingest, an upstream stage redone or stale, the model since encoding, the clustering since
+    a scan's clusters or analysis.
+    """
+    out_dir = manifest.output_dir
+    results = out_dir / "results.zarr"
+    root = read_attrs(results) or {}
+    clusters = root.get("clusters") or {}
+    analysis = read_attrs(out_dir / "analysis.zarr") or {}
+    failures = _failures(out_dir)
+    digests: dict[str, tuple[str | None, str | None]] = {}
+    table: dict[str, dict[str, tuple[str, str]]] = {}
+    for p in manifest.particles:
+        name = p.name
+        raw = read_attrs(out_dir / "raw.zarr" / name)
+        node = read_attrs(results / name) or {}
+        st: dict[str, tuple[str, str]] = {}
+        for stage in STAGES:
+            state, note = _state(manifest, name, stage, raw, node, clusters, analysis, digests)
+            if state in ("done", "stale"):
+                for need in NEEDS.get(stage, ()):
+                    if st[need][0] != "done" and state == "done":
+                        state, note = "stale", f"{need} is {st[need][0]}"
+            if state != "done" and (stage, name) in failures:
+                state, note = "failed", failures[(stage, name)]
+            elif state == "not run" and (stage, "all") in failures:
+                state, note = "failed", failures[(stage, "all")]
+            st[stage] = (state, note)
+        table[name] = st
+    return table
+
+
+def _state(
+    manifest: Manifest,
+    name: str,
+    stage: str,
+    raw: dict[str, Any] | None,
+    node: dict[str, Any],
+    clusters: dict[str, Any],
+    analysis: dict[str, Any],
+    digests: dict[str, tuple[str | None, str | None]],
+) -> tuple[str, str]:
+    if stage == "ingest":
+        if raw is None:
+            return "not run", ""
+        if not (raw.get("spndi_dask") or {}).get("complete"):
+            return "incomplete", "an ingest was interrupted: `spndi ingest` resumes it"
+        changed = _sources_changed(manifest, name, raw)
+        return ("stale", changed) if changed else ("done", "")
+    if stage == "reduce":
+        meta = node.get("spndi_dask") or {}
+        if not meta:
+            return "not run", ""
+        if raw and str(raw.get("ingested_at", "")) > str(node.get("reduced_at", "~")):
+            return "stale", "ingested again after it was reduced"
+        return "done", ""
+    if stage == "stats":
+        return ("done", "") if node.get("particles") else ("not run", "")
+    if stage == "features":
+        if not node.get("features"):
+            return "not run", ""
+        ckpt = (node.get("features") or {}).get("checkpoint", "")
+        if ckpt not in digests:
+            digests[ckpt] = _checkpoint_digest(manifest, node)
+        used, now = digests[ckpt]
+        if now is not None and used is not None and used != now:
+            return "stale", "the model was retrained after encoding"
+        return "done", ""
+    if stage == "cluster":
+        info = node.get("cluster") or {}
+        if not info:
+            return "not run", ""
+        if info.get("fingerprint") != clusters.get("fingerprint"):
+            return "stale", "the joint clustering changed (other particles or settings)"
+        return "done", ""
+    info = node.get("analysis") or {}  # analysis
+    if not info:
+        return "not run", ""
+    if info.get("fingerprint") and info.get("fingerprint") != analysis.get("fingerprint"):
+        return "stale", "the analysis was redone for another clustering or particle set"
+    return "done", ""
