@@ -168,6 +168,9 @@ def test_frames_and_names(base):
     d = copy.deepcopy(base)
     d["particles"][0]["name"] = "p 1/x"
     assert "particles[0] ('p 1/x').name" in errors(d)
+    for escaping in ("../elsewhere", "..", "/abs", ".hidden"):  # names become output paths
+        d["particles"][0]["name"] = escaping
+        assert f"particles[0] ('{escaping}').name" in errors(d)
     d = copy.deepcopy(base)
     d["particles"][0]["scan_shape"] = [0, 5]
     assert "scan_shape[0] = 0" in errors(d)

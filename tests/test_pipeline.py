@@ -272,3 +272,12 @@ def test_cli_run_refuses_an_output_another_process_writes(tmp_path, capsys):
         assert not (m.output_dir / "raw.zarr").exists()  # nothing was written
     finally:
         other.kill()
+
+
+def test_every_builtin_dashboard_binds_to_localhost():
+    for name in ("local", "mpi"):
+        opts = load_cluster_config(name).spndi[name]
+        assert opts["dashboard_address"].startswith("127.0.0.1:"), name
+    for name in ("slurm", "slurm-gpu", "pbs"):
+        sched = load_cluster_config(name).jobqueue["scheduler-options"]
+        assert sched["dashboard_address"].startswith("127.0.0.1:"), name
