@@ -29,6 +29,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
 
 
+def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is the beamtime manifest."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("manifest", help="beamtime TOML manifest")
+    return p
+
+
 def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     from spndi_dask.pipeline import STAGES
 
@@ -82,14 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_args(p, demo=True)
     _add_simulation_args(p, PRESETS)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "run",
         help="every stage for every particle: ingest ... analyze, report",
         description="Run the whole pipeline on a beamtime under one dask client: ingest, "
         "reduce, stats, train (or --checkpoint), encode, cluster, analyze, report. Up-to-date "
         "results are kept; a summary table, a run log and dask's performance report are written.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     _add_run_args(p)
     _add_cluster_args(p)
 
@@ -102,86 +109,86 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, help="number of particles (default: preset)")
     _add_simulation_args(p, PRESETS)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "ingest",
         help="raw frames -> <output>/raw.zarr (parallel, resumable)",
         description="Ingest the raw frames of a beamtime manifest into <output>/raw.zarr.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
     p.add_argument("--force", action="store_true", help="rewrite even what is up to date")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "reduce",
         help="raw.zarr -> results.zarr: maps, rocking curves, q-grid patterns",
         description="Reduce the ingested frames of a beamtime into <output>/results.zarr "
         "(d-spacing, strain, tilt, widths, rocking curves, drift, 3D patterns).",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
     p.add_argument("--force", action="store_true", help="recompute even what is up to date")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "stats",
         help="results.zarr -> particle labels, particles.csv, figures",
         description="Segment every reduced scan into particles (or use the manifest's masks), "
         "write label to results.zarr, per-particle statistics to <output>/particles.csv and "
         "figures to <output>/figures/.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
     p.add_argument("--force", action="store_true", help="redo even what is up to date")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "train",
         help="train the autoencoder on a sample of all particles -> <output>/features/model",
         description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
         "across all particles of the beamtime; write weights + JSON metadata.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
     p.add_argument("--force", action="store_true", help="retrain even if up to date")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "encode",
         help="encode every pixel on the dask workers -> latent(y, x, feature)",
         description="Encode the pattern of every pixel with signal into latent vectors with a "
         "trained checkpoint (distributed; CPU or GPU workers).",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
     p.add_argument("--checkpoint", help="default: [features] checkpoint or <output>/features/model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
     p.add_argument("--force", action="store_true", help="re-encode even if up to date")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "cluster",
         help="k-means over the latent vectors of all particles -> cluster, clusters.csv",
         description="Cluster the latent vectors of every pixel inside a particle of all scans "
         "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
         "maps, <output>/clusters.csv and figures.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
     p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
     p.add_argument("--force", action="store_true", help="recluster even if up to date")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "analyze",
         help="cluster rocking curves, mean patterns, domains vs boundaries",
         description="Per-cluster rocking curves and mean 3D patterns, domains vs boundaries "
         "between clusters: <output>/analysis.zarr, region(y, x), regions.csv, figures.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
     p.add_argument(
         "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
@@ -190,29 +197,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo even if up to date")
     _add_cluster_args(p)
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "status",
         help="per particle and stage: done, stale, failed or not run",
         description="Show per particle scan and stage what is done, stale (an input changed "
         "since), failed (in the last run) or not run, from the outputs alone.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "report",
         help="write <output>/report/index.html from what the stages wrote",
         description="Write the self-contained HTML report of a beamtime (maps, statistics, "
         "clusters, analysis, provenance) from the results that exist; `spndi run` writes it too.",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
 
-    p = sub.add_parser(
+    p = _manifest_parser(
+        sub,
         "export-ply",
         help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
         description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
         "(crystal-frame q offsets in 1/Å, intensity property).",
     )
-    p.add_argument("manifest", help="beamtime TOML manifest")
     p.add_argument("particle", help="particle scan name")
     p.add_argument(
         "--pixel", nargs=2, type=int, action="append", metavar=("Y", "X"), help="scan pixel"

@@ -43,6 +43,8 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
+from spndi_dask.particles import MAPS, STATS
+from spndi_dask.reduce.core import MAP_VARIABLES
 from spndi_dask.status import scan_status
 
 __all__ = [
@@ -84,17 +86,8 @@ STAGES = (
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _EDGE = 1 << 20  # bytes hashed at each end of an input file
-_STAT_SUFFIXES = ("mean", "std", "median", "p5", "p25", "p75", "p95")
-_UNITS = {
-    "d_spacing": "Å",
-    "strain": "1",
-    "tilt_x": "rad",
-    "tilt_y": "rad",
-    "width_x": "1/Å",
-    "width_y": "1/Å",
-    "width_z": "1/Å",
-    "intensity": "counts",
-}
+_STAT_SUFFIXES = STATS
+_UNITS = {k: MAP_VARIABLES[k].split(" ")[0] for k in MAPS}
 #: Per-scan figures of plot.py: (file suffix, caption).
 _PARTICLE_FIGURES = (
     ("maps", "Maps: strain, tilts, d-spacing and intensity (grey = background)"),

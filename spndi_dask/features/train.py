@@ -375,6 +375,18 @@ def _training_key(settings: FeatureSettings, sample: Sample) -> str:
     return dask.base.tokenize(sample.fingerprint, json.dumps(fields, sort_keys=True), __version__)
 
 
+#: ``[features]`` settings that are keyword arguments of :func:`fit`
+FIT_SETTINGS = {
+    "validation_fraction",
+    "batch_size",
+    "learning_rate",
+    "max_epochs",
+    "patience",
+    "min_improvement",
+    "seed",
+}
+
+
 @contextmanager
 def _all_cores(device: torch.device) -> Iterator[None]:
     """Torch on every usable core of this process while it trains on the CPU.
@@ -434,19 +446,8 @@ def train(
         dev,
     )
     with _all_cores(dev):
-        result = fit(
-            model,
-            inputs,
-            validation_fraction=settings.validation_fraction,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            max_epochs=settings.max_epochs,
-            patience=settings.patience,
-            min_improvement=settings.min_improvement,
-            seed=settings.seed,
-            device=dev,
-            callback=callback,
-        )
+        kwargs = settings.model_dump(include=FIT_SETTINGS)
+        result = fit(model, inputs, device=dev, callback=callback, **kwargs)
     n_val = result.n_val
     meta.update(
         {
