@@ -436,6 +436,7 @@ def train(
     norm = normalisation(settings, sample.grid)
     meta: dict[str, Any] = {"kind": settings.model, "hyper": hyper, "normalisation": norm}
     inputs = model_inputs(sample.patterns, meta, yx=sample.index[:, 1:], offsets=sample.offsets)
+    torch.manual_seed(settings.seed)  # the initial weights too: the same model in any process
     model = build_model(settings.model, **hyper)
     logger.info(
         "training %s on %d patterns from %d scans (%s) on %s",
