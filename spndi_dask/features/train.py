@@ -280,19 +280,25 @@ def _scan_candidates(ds: Any) -> tuple[np.ndarray, str]:
     return valid, "valid"
 
 
-def sample_patterns(
-    manifest: Manifest,
-    *,
-    size: int | None = None,
-    seed: int | None = None,
-    particles: list[str] | None = None,
-    progress: bool = False,
-) -> Sample:
-    """Draw up to ``size`` pixels across all (or the named) reduced scans; read their patterns.
+@dataclass
+class _Draw:
+    """Which pixels a training sample takes (before any pattern is read) and its fingerprint."""
 
-    Pixels come from segmented particles (``label > 0``) where ``spndi stats`` ran, else from
-    every pixel with signal (``valid``); each scan contributes in proportion to its candidates.
-    Only the drawn patterns are read (``vindex`` on the lazy arrays, one computation).
+    datasets: dict[str, Any]
+    scans: list[str]
+    pixels: list[tuple[np.ndarray, np.ndarray]]  # (ys, xs) per scan
+    candidates: dict[str, int]
+    source: str
+    fingerprint: str
+
+
+def _draw(
+    manifest: Manifest, size: int | None, seed: int | None, particles: list[str] | None
+) -> _Draw:
+    """Choose the sample's pixels: proportional across scans, seeded within each scan.
+
+    Reads only the ``valid``/``label`` maps; the fingerprint is the drawn pixels and the reduce
+    fingerprints of their scans, so a trained model can be recognised without reading patterns.
     """
     from spndi_dask.reduce import open_results, results_path
 
@@ -331,15 +337,33 @@ def sample_patterns(
         : min(size, total) - sum(take.values())
     ]:
         take[n] += 1
-    graphs, index, scans = [], [], []
+    pixels, scans = [], []
     for name, c in cands.items():
         if not take[name]:
             continue
         flat = np.sort(rng.choice(c, size=take[name], replace=False))
-        ys, xs = np.unravel_index(flat, datasets[name]["valid"].shape)
-        graphs.append(datasets[name]["pattern"].data.vindex[ys, xs])
-        index.append(np.stack([np.full(len(ys), len(scans)), ys, xs], axis=1))
+        pixels.append(np.unravel_index(flat, datasets[name]["valid"].shape))
         scans.append(name)
+    key = {
+        "reduce": {n: datasets[n].attrs.get("spndi_dask", {}).get("fingerprint") for n in scans},
+        "pixels": dask.base.tokenize([(ys.tobytes(), xs.tobytes()) for ys, xs in pixels], scans),
+    }
+    return _Draw(
+        datasets=datasets,
+        scans=scans,
+        pixels=pixels,
+        candidates={n: len(c) for n, c in cands.items()},
+        source="label" if sources == {"label"} else "valid" if sources == {"valid"} else "mixed",
+        fingerprint=dask.base.tokenize(json.dumps(key, sort_keys=True)),
+    )
+
+
+def _read(draw: _Draw, progress: bool) -> Sample:
+    """Read the drawn patterns (``vindex``, one computation); masked or empty ones are dropped."""
+    graphs, index = [], []
+    for i, (name, (ys, xs)) in enumerate(zip(draw.scans, draw.pixels, strict=True)):
+        graphs.append(draw.datasets[name]["pattern"].data.vindex[ys, xs])
+        index.append(np.stack([np.full(len(ys), i), ys, xs], axis=1))
     patterns = np.concatenate(compute(graphs, progress), axis=0).astype(np.float32, copy=False)
     index = np.concatenate(index, axis=0)
     ok = K.usable_patterns(patterns)
@@ -347,27 +371,38 @@ def sample_patterns(
         logger.info("%d drawn patterns are masked (NaN) or empty; left out", int((~ok).sum()))
     patterns, index = patterns[ok], index[ok]
     if not len(patterns):
-        raise FeatureError(f"all drawn patterns in {root} are masked or empty")
-    first = datasets[scans[0]]
-    grid = dict(first.attrs["q_grid"])
-    offsets = tuple(np.asarray(first[d].values) for d in ("dq_x", "dq_y", "dq_z"))
-    key = {
-        "reduce": {n: datasets[n].attrs.get("spndi_dask", {}).get("fingerprint") for n in scans},
-        "pixels": dask.base.tokenize(index.tobytes(), scans),
-    }
+        raise FeatureError("all drawn patterns are masked or empty")
+    first = draw.datasets[draw.scans[0]]
     return Sample(
         patterns=patterns,
-        scans=scans,
+        scans=draw.scans,
         index=index,
-        grid=grid,
-        offsets=offsets,  # type: ignore[arg-type]
-        candidates={n: len(c) for n, c in cands.items()},
-        source="label" if sources == {"label"} else "valid" if sources == {"valid"} else "mixed",
-        fingerprint=dask.base.tokenize(json.dumps(key, sort_keys=True)),
+        grid=dict(first.attrs["q_grid"]),
+        offsets=tuple(np.asarray(first[d].values) for d in ("dq_x", "dq_y", "dq_z")),  # type: ignore[arg-type]
+        candidates=draw.candidates,
+        source=draw.source,
+        fingerprint=draw.fingerprint,
     )
 
 
-def _training_key(settings: FeatureSettings, sample: Sample) -> str:
+def sample_patterns(
+    manifest: Manifest,
+    *,
+    size: int | None = None,
+    seed: int | None = None,
+    particles: list[str] | None = None,
+    progress: bool = False,
+) -> Sample:
+    """Draw up to ``size`` pixels across all (or the named) reduced scans; read their patterns.
+
+    Pixels come from segmented particles (``label > 0``) where ``spndi stats`` ran, else from
+    every pixel with signal (``valid``); each scan contributes in proportion to its candidates.
+    Only the drawn patterns are read (``vindex`` on the lazy arrays, one computation).
+    """
+    return _read(_draw(manifest, size, seed, particles), progress)
+
+
+def _training_key(settings: FeatureSettings, sample: Sample | _Draw) -> str:
     fields = settings.model_dump(mode="json")
     fields.pop("checkpoint", None)
     fields.pop("device", None)
@@ -422,9 +457,9 @@ def train(
     settings = manifest.features
     dev = resolve_device(device or settings.device)
     t0 = time.perf_counter()
-    sample = sample_patterns(manifest, particles=particles, progress=progress)
+    draw = _draw(manifest, None, None, particles)
     out = manifest.output_dir / "features" / "model.safetensors"
-    key = _training_key(settings, sample)
+    key = _training_key(settings, draw)
     if not force and out.exists():
         try:
             _, meta = load_checkpoint(out)
@@ -432,6 +467,7 @@ def train(
                 return {"status": "up to date", "checkpoint": str(out), "seconds": 0.0}
         except (ValueError, OSError) as exc:  # unreadable: retrain over it
             logger.warning("existing checkpoint %s is unusable (%s); retraining", out, exc)
+    sample = _read(draw, progress)
     hyper = hyper_parameters(settings, sample.grid["n"])
     norm = normalisation(settings, sample.grid)
     meta: dict[str, Any] = {"kind": settings.model, "hyper": hyper, "normalisation": norm}
