@@ -331,18 +331,40 @@ def _print_stats(summary: dict[str, dict[str, Any]], output: Path) -> None:
     print(f"table: {output / 'particles.csv'}\nfigures: {output / 'figures'}")
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
+def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
+    """The pipeline's RunOptions from a command's arguments (those it has)."""
+    from spndi_dask.pipeline import RunOptions
+
+    return RunOptions(
+        particles=getattr(args, "particles", None),
+        force=getattr(args, "force", False),
+        checkpoint=getattr(args, "checkpoint", None),
+        device=getattr(args, "device", None),
+        k=getattr(args, "k", None),
+        boundary_width=getattr(args, "boundary_width", 1.0),
+        figures=not getattr(args, "no_figures", False),
+        on_epoch=_print_epoch,
+        **extra,
+    )
+
+
+def _stage(
+    args: argparse.Namespace, stage: str, errors: tuple[type[Exception], ...]
+) -> tuple[Any, Any]:
+    """``(manifest, summary)`` of one pipeline stage run on the command's client."""
     from spndi_dask.config import load_manifest
-    from spndi_dask.particles import ParticleError, stats
+    from spndi_dask.pipeline import STAGE_FUNCTIONS
 
     manifest = load_manifest(args.manifest)
-    summary = _on_client(
-        args,
-        lambda: stats(
-            manifest, particles=args.particles, force=args.force, figures=not args.no_figures
-        ),
-        (ParticleError,),
-    )
+    options = _run_options(args)
+    run = STAGE_FUNCTIONS[stage]
+    return manifest, _on_client(args, lambda: run(manifest, None, options, args.particles), errors)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from spndi_dask.particles import ParticleError
+
+    manifest, summary = _stage(args, "stats", (ParticleError,))
     _print_stats(summary, manifest.output_dir)
     return _exit_code(summary)
 
@@ -367,23 +389,9 @@ def _print_train(s: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from spndi_dask.config import load_manifest
-    from spndi_dask.features import CheckpointError, FeatureError, train
+    from spndi_dask.features import CheckpointError, FeatureError
 
-    manifest = load_manifest(args.manifest)
-    s = _on_client(
-        args,
-        lambda: train(
-            manifest,
-            particles=args.particles,
-            force=args.force,
-            device=args.device,
-            progress=True,
-            callback=_print_epoch,
-        ),
-        (FeatureError, CheckpointError),
-    )
-    _print_train(s)
+    _print_train(_stage(args, "train", (FeatureError, CheckpointError))[1])
     return 0
 
 
@@ -395,22 +403,9 @@ def _print_encode(summary: dict[str, dict[str, Any]]) -> None:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from spndi_dask.config import load_manifest
-    from spndi_dask.features import CheckpointError, FeatureError, encode
+    from spndi_dask.features import CheckpointError, FeatureError
 
-    manifest = load_manifest(args.manifest)
-    summary = _on_client(
-        args,
-        lambda: encode(
-            manifest,
-            particles=args.particles,
-            checkpoint=args.checkpoint,
-            device=args.device,
-            force=args.force,
-            progress=True,
-        ),
-        (FeatureError, CheckpointError),
-    )
+    summary = _stage(args, "encode", (FeatureError, CheckpointError))[1]
     _print_encode(summary)
     return _exit_code(summary)
 
@@ -434,22 +429,9 @@ def _print_cluster(s: dict[str, Any], output: Path) -> None:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from spndi_dask.cluster import ClusterError, cluster
-    from spndi_dask.config import load_manifest
+    from spndi_dask.cluster import ClusterError
 
-    manifest = load_manifest(args.manifest)
-    s = _on_client(
-        args,
-        lambda: cluster(
-            manifest,
-            particles=args.particles,
-            k=args.k,
-            force=args.force,
-            figures=not args.no_figures,
-            progress=True,
-        ),
-        (ClusterError,),
-    )
+    manifest, s = _stage(args, "cluster", (ClusterError,))
     _print_cluster(s, manifest.output_dir)
     return 0
 
@@ -462,23 +444,9 @@ def _print_analyze(s: dict[str, Any]) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from spndi_dask.analysis import AnalysisError, analyze
-    from spndi_dask.config import load_manifest
+    from spndi_dask.analysis import AnalysisError
 
-    manifest = load_manifest(args.manifest)
-    s = _on_client(
-        args,
-        lambda: analyze(
-            manifest,
-            particles=args.particles,
-            boundary_width=args.boundary_width,
-            figures=not args.no_figures,
-            progress=True,
-            force=args.force,
-        ),
-        (AnalysisError,),
-    )
-    _print_analyze(s)
+    _print_analyze(_stage(args, "analyze", (AnalysisError,))[1])
     return 0
 
 
@@ -588,20 +556,11 @@ def _print_summary(results: list[Any]) -> None:
 
 def _run_pipeline(args: argparse.Namespace, manifest: Any, session: Any, first: int = 0) -> int:
     """The pipeline on ``session``'s client with logs and reports; prints progress and summary."""
-    from spndi_dask.pipeline import RunOptions, parse_stages, run, run_logging
+    from spndi_dask.pipeline import parse_stages, run, run_logging
 
     stages = parse_stages(args.stages)
     total = len(stages) + first
-    options = RunOptions(
-        particles=getattr(args, "particles", None),
-        force=getattr(args, "force", False),
-        checkpoint=getattr(args, "checkpoint", None),
-        device=args.device,
-        k=getattr(args, "k", None),
-        figures=not args.no_figures,
-        on_epoch=_print_epoch,
-        run_info=session.info(),
-    )
+    options = _run_options(args, run_info=session.info())
     t0 = time.perf_counter()
     with run_logging(
         manifest.output_dir, session.client, performance_report=not args.no_performance_report

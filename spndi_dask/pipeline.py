@@ -62,6 +62,8 @@ class RunOptions:
         ``auto``, ``cpu`` or ``cuda`` for train/encode (default: ``[features] device``).
     k : int, optional
         Number of clusters (default: ``[cluster] k`` or the elbow rule).
+    boundary_width : float
+        Scan pixels from another cluster that make a boundary pixel (analyze).
     figures : bool
         Write the figures (stats, cluster, analyze).
     progress : bool
@@ -77,6 +79,7 @@ class RunOptions:
     checkpoint: str | None = None
     device: str | None = None
     k: int | None = None
+    boundary_width: float = 1.0
     figures: bool = True
     progress: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None
@@ -155,10 +158,10 @@ def parse_stages(stages: list[str] | str | None) -> list[str]:
     return [s for s in STAGES if s in chosen]
 
 
-# ---- stages: each (manifest, client, options, particles) -> summary --------------------------
+# ---- stages: each (manifest, client, options, particles or None for all) -> summary ----------
 
 
-def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.ingest import IngestError, ingest
 
     try:
@@ -169,23 +172,23 @@ def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
         return exc.summary  # per-particle failures; the good particles are ingested
 
 
-def _reduce(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _reduce(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.reduce import reduce
 
     return reduce(m, particles=names, force=o.force, progress=o.progress)
 
 
-def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.particles import stats
 
     return stats(m, particles=names, force=o.force, figures=o.figures)
 
 
-def _feature_args(o: RunOptions, names: list[str]) -> dict[str, Any]:
+def _feature_args(o: RunOptions, names: list[str] | None) -> dict[str, Any]:
     return {"particles": names, "force": o.force, "device": o.device, "progress": o.progress}
 
 
-def _train(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _train(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.features import train
 
     if o.checkpoint:
@@ -193,25 +196,32 @@ def _train(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
     return train(m, callback=o.on_epoch, **_feature_args(o, names))
 
 
-def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.features import encode
 
     return encode(m, checkpoint=o.checkpoint, **_feature_args(o, names))
 
 
-def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.cluster import cluster
 
     return cluster(m, particles=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
 
 
-def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str]) -> Any:
+def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     from spndi_dask.analysis import analyze
 
-    return analyze(m, particles=names, figures=o.figures, progress=o.progress, force=o.force)
+    return analyze(
+        m,
+        particles=names,
+        boundary_width=o.boundary_width,
+        figures=o.figures,
+        progress=o.progress,
+        force=o.force,
+    )
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str]], Any]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str] | None], Any]] = {
     "ingest": _ingest,
     "reduce": _reduce,
     "stats": _stats,
@@ -369,7 +379,7 @@ def run_logging(
     old_level = ours.level
     with ExitStack() as stack:
         ours.addHandler(handler)
-        ours.setLevel(min(level, ours.getEffectiveLevel()))
+        ours.setLevel(level)
         stack.callback(ours.setLevel, old_level)
         stack.callback(ours.removeHandler, handler)
         stack.callback(handler.close)

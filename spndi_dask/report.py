@@ -45,7 +45,7 @@ from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
 from spndi_dask.particles import MAPS, STATS
 from spndi_dask.reduce.core import MAP_VARIABLES
-from spndi_dask.status import scan_status
+from spndi_dask.status import read_attrs, scan_status
 
 __all__ = [
     "LIBRARIES",
@@ -303,19 +303,6 @@ def _anchor(prefix: str, name: str) -> str:
 
 
 # -- cheap readers --------------------------------------------------------------------------------
-def _attrs(group: Path) -> dict[str, Any] | None:
-    """The attrs of a Zarr group, or None when there is none at ``group``."""
-    if not (group / "zarr.json").exists():
-        return None
-    import zarr
-
-    try:
-        return dict(zarr.open_group(str(group), mode="r").attrs)
-    except Exception as exc:  # a damaged store must not stop the report
-        logger.warning("cannot read the attrs of %s: %s", group, exc)
-        return None
-
-
 def _csv(path: Path) -> list[dict[str, str]] | None:
     """Rows of a CSV table, or None when it does not exist."""
     if not path.exists():
@@ -392,7 +379,7 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
     raw = manifest.output_dir / "raw.zarr"
     rows: list[dict[str, Any]] = []
     for p in manifest.particles:
-        sources = (_attrs(raw / p.name) or {}).get("sources") or []
+        sources = (read_attrs(raw / p.name) or {}).get("sources") or []
         recorded = {s.get("path"): s for s in sources if s}
         for i, path in enumerate(p.frame_paths(manifest.base_dir)):
             fp = file_fingerprint(path)
@@ -449,14 +436,14 @@ class _Context:
         self.figures = self.out / "figures"
         self.names = [p.name for p in manifest.particles]
         results = self.out / "results.zarr"
-        self.root = _attrs(results) or {}
-        self.node = {n: _attrs(results / n) for n in self.names}
-        self.raw = {n: _attrs(self.out / "raw.zarr" / n) for n in self.names}
+        self.root = read_attrs(results) or {}
+        self.node = {n: read_attrs(results / n) for n in self.names}
+        self.raw = {n: read_attrs(self.out / "raw.zarr" / n) for n in self.names}
         self.clusters = self.root.get("clusters") or None
         self.particles_csv = _csv(self.out / "particles.csv")
         self.clusters_csv = _csv(self.out / "clusters.csv")
         self.regions_csv = _csv(self.out / "regions.csv")
-        self.analysis = _attrs(self.out / "analysis.zarr")
+        self.analysis = read_attrs(self.out / "analysis.zarr")
         pngs = sorted(self.figures.glob("*.png")) if self.figures.is_dir() else []
         self.particle_pngs: dict[str, list[Path]] = {n: [] for n in self.names}
         self.other_pngs: list[Path] = []

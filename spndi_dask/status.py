@@ -80,7 +80,7 @@ def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str 
     return None
 
 
-def _checkpoint_digest(manifest: Manifest, node: dict[str, Any]) -> tuple[str | None, str | None]:
+def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
     from spndi_dask.features.checkpoint import file_digest
 
     info = node.get("features") or {}
@@ -156,7 +156,7 @@ def _state(
             return "not run", ""
         ckpt = (node.get("features") or {}).get("checkpoint", "")
         if ckpt not in digests:
-            digests[ckpt] = _checkpoint_digest(manifest, node)
+            digests[ckpt] = _checkpoint_digest(node)
         used, now = digests[ckpt]
         if now is not None and used is not None and used != now:
             return "stale", "the model was retrained after encoding"
