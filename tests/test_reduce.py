@@ -330,8 +330,15 @@ def test_patterns_centre_of_mass_matches_the_maps(tiny):
 def test_rerun_is_up_to_date_and_force_recomputes(tiny):
     _out, m, _ = tiny
     assert {s["status"] for s in reduce(m).values()} == {"up to date"}
+    root = m.output_dir / "results.zarr"
+    grid = dict(zarr.open_group(str(root), mode="r").attrs)["q_grid"]
+    p1 = open_results(m.output_dir, "p1")["pattern"].values
     s = reduce(m, particles=["p2"], force=True)
     assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
+    # the beamtime's q grid stays (a grid from p2 alone would make p1's patterns incomparable)
+    assert dict(zarr.open_group(str(root), mode="r").attrs)["q_grid"] == grid
+    np.testing.assert_array_equal(open_results(m.output_dir, "p1")["pattern"].values, p1)
+    assert open_results(m.output_dir, "p2").attrs["q_grid"] == grid
     with pytest.raises(ReduceError, match="not in the manifest"):
         reduce(m, particles=["nope"])
 

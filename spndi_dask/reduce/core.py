@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.cluster_setup import compute_each
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.io.raw_store import open_raw, raw_path
@@ -834,11 +834,12 @@ def _is_current(root: Path, name: str, fingerprint: str) -> bool:
     return bool(meta.get("complete")) and meta.get("fingerprint") == fingerprint
 
 
-def _write(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any], progress: bool) -> None:
-    """Write a particle's dataset next to ``results.zarr``, mark it complete, then move it in.
+def _write_graph(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any]) -> tuple[Any, Path]:
+    """The lazy write of a particle's dataset next to ``results.zarr`` (marked incomplete).
 
-    A reader sees the previous complete result or the new complete one; a crash leaves only a
-    temporary directory behind (removed by the next run).
+    :func:`_publish` marks it complete and moves it in, so a reader sees the previous complete
+    result or the new complete one; a crash leaves only a temporary directory behind (removed
+    by the next run).
     """
     tmp = root.parent / ".tmp" / f"reduce-{name}.zarr"
     if tmp.exists():
@@ -857,7 +858,11 @@ def _write(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any], progres
     delayed = ds.to_zarr(
         str(tmp), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3
     )
-    compute([delayed], progress)
+    return delayed, tmp
+
+
+def _publish(tmp: Path, root: Path, name: str, attrs: dict[str, Any]) -> None:
+    """Mark a written temporary result complete and move it to ``results.zarr/<name>``."""
     group = zarr.open_group(str(tmp), mode="r+")
     group.attrs.update({"spndi_dask": {**attrs["spndi_dask"], "complete": True}})
     dest = root / name
@@ -922,6 +927,19 @@ def _explain_failure(manifest: Manifest, name: str, exc: Exception) -> str:
     return text
 
 
+def _other_plans(manifest: Manifest, plans: dict[str, ParticlePlan]) -> list[ParticlePlan]:
+    """Plans of the manifest's particles not in ``plans`` that can be planned (for the grid)."""
+    out = []
+    for p in manifest.particles:
+        if p.name in plans:
+            continue
+        try:
+            out.append(plan_particle(manifest, p))
+        except (ReduceError, SourceError, OSError, RuntimeError, KeyError) as exc:
+            logger.debug("particle '%s' left out of the q grid: %s", p.name, exc)
+    return out
+
+
 def reduce(
     manifest: Manifest,
     *,
@@ -937,14 +955,16 @@ def reduce(
     particles : list of str, optional
         Names to reduce; default all.
     force : bool
-        Recompute results that are up to date.
+        Recompute results that are up to date. The common q grid is remade only when every
+        particle is reduced (a subset keeps the stored one, so patterns stay comparable).
     progress : bool
         Show a progress bar per particle.
 
     Returns
     -------
     dict
-        Per particle: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds``, ``roi``,
+        Per particle: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds`` (particles
+        are reduced together: the wall time until its result was complete), ``roi``,
         ``drift_method``, ``valid_pixels``, ``warnings`` or ``error``.
 
     Examples
@@ -974,9 +994,12 @@ def reduce(
             summary[p.name] = {"status": "failed", "error": str(exc)}
     if not plans:
         return summary
-    grid = None if force else _stored_grid(root)
+    # the q grid is the beamtime's: kept when only some particles are redone (forced or not),
+    # and made from every particle's projection when it is (re)made
+    whole = len(wanted) == len(manifest.particles)
+    grid = None if force and whole else _stored_grid(root)
     if grid is None or grid.n != settings.pattern_grid:
-        grid = beamtime_grid(manifest, list(plans.values()))
+        grid = beamtime_grid(manifest, [*plans.values(), *_other_plans(manifest, plans)])
     group = _root_group(root, manifest)
     group.attrs.update({"q_grid": grid.to_dict()})
     base = {
@@ -985,26 +1008,48 @@ def reduce(
         "strain_reference": settings.strain_reference,
     }
     reduced = []
+    todo: dict[str, str] = {}  # name -> fingerprint
     for name, plan in plans.items():
-        t0 = time.perf_counter()
         fp = _fingerprint(manifest, plan, grid)
         if not force and _is_current(root, name, fp):
             summary[name] = {"status": "up to date", "seconds": 0.0}
             reduced.append(name)
+        else:
+            todo[name] = fp
+    t0 = time.perf_counter()
+
+    def fail(name: str, exc: BaseException) -> None:  # one bad particle never stops the others
+        msg = _explain_failure(manifest, name, exc)
+        logger.error(
+            "particle %r: reduce failed: %s", name, msg, exc_info=logger.isEnabledFor(logging.DEBUG)
+        )
+        summary[name] = {"status": "failed", "error": msg}
+        todo.pop(name, None)
+
+    # intensity registration needs the per-angle moments first (one pass of its own)
+    unregistered = [n for n in todo if plans[n].drift is None]
+    graphs = [
+        _block_graph(plans[n], dask.delayed(_context(plans[n], None)), None)[0]
+        for n in unregistered
+    ]
+    for name, (values, exc) in zip(unregistered, compute_each(graphs, progress), strict=True):
+        if exc is not None:
+            fail(name, exc)
             continue
+        plan = plans[name]
+        plan.drift = _checked_drift(
+            plan,
+            K.register_chain(
+                values[..., 0],
+                reference=plan.reference_angle,
+                upsample=settings.registration_upsample,
+            ),
+        )
+    # every particle's graph in one submission: the workers never wait between particles
+    writes: dict[str, tuple[Any, Path, dict[str, Any]]] = {}
+    for name in list(todo):
+        plan = plans[name]
         try:
-            if plan.drift is None:  # register the ROI intensity maps: needs the moments first
-                (values,) = compute(
-                    [_block_graph(plan, dask.delayed(_context(plan, None)), None)[0]], progress
-                )
-                plan.drift = _checked_drift(
-                    plan,
-                    K.register_chain(
-                        values[..., 0],
-                        reference=plan.reference_angle,
-                        upsample=settings.registration_upsample,
-                    ),
-                )
             ds = reduce_particle(
                 plan,
                 grid,
@@ -1013,17 +1058,24 @@ def reduce(
             )
             attrs = {
                 **base,
-                "spndi_dask": {"kind": "reduce", "version": __version__, "fingerprint": fp},
+                "spndi_dask": {"kind": "reduce", "version": __version__, "fingerprint": todo[name]},
                 "raw_sources": plan.raw.attrs.get("sources", []),
                 "reduced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _write(ds, root, name, attrs, progress)
-        except Exception as exc:  # one bad particle never stops the others
-            debug = logger.isEnabledFor(logging.DEBUG)
-            msg = _explain_failure(manifest, name, exc)
-            logger.error("particle %r: reduce failed: %s", name, msg, exc_info=debug)
-            summary[name] = {"status": "failed", "error": msg}
+            delayed, tmp = _write_graph(ds, root, name, attrs)
+            writes[name] = (delayed, tmp, attrs)
+        except Exception as exc:
+            fail(name, exc)
+    results = compute_each([w[0] for w in writes.values()], progress)
+    for (name, (_, tmp, attrs)), (_, exc) in zip(writes.items(), results, strict=True):
+        try:
+            if exc is not None:
+                raise exc
+            _publish(tmp, root, name, attrs)
+        except Exception as exc_:
+            fail(name, exc_)
             continue
+        plan = plans[name]
         n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
         summary[name] = {
             "status": "reduced",
