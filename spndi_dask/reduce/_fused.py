@@ -44,15 +44,24 @@ def correction_tables(
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _correct_angle(raw, a, scale, offset, gain, b, sat, slot, w_out, var_out, w_t):
-    """Corrected intensities of angle ``a``: ``w_out (y, x, row, col)``, Σ var per point, and
-    the voxels with ``slot[row, col] >= 0`` transposed into ``w_t[slot, y·nx + x]``."""
+def _correct_angle(raw, a, scale, offset, gain, b, sat, slot, halo, w_out, var_out, scratch, w_t):
+    """Corrected intensities of angle ``a``.
+
+    Core points (``halo`` inside the block's edge) into ``w_out (ty, tx, row, col)``, with
+    Σ var per point into ``var_out (ty, tx)``; halo points (the core of neighbouring blocks)
+    only through ``scratch (row, col)``. Of every point, the voxels with ``slot[row, col] >= 0``
+    go transposed into ``w_t[slot, y·nx + x]`` (for the drift shift).
+    """
     _, ny, nx, nr, nc = raw.shape
     zero = np.float32(0)
     for y in range(ny):
         for x in range(nx):
             s = scale[a, y, x]
             p = y * nx + x
+            core = halo <= y < ny - halo and halo <= x < nx - halo
+            if not core and not w_t.shape[0]:
+                continue
+            out = w_out[y - halo, x - halo] if core else scratch
             vs = zero
             for r in range(nr):
                 for c in range(nc):
@@ -60,15 +69,16 @@ def _correct_angle(raw, a, scale, offset, gain, b, sat, slot, w_out, var_out, w_
                     g = gain[r, c] * s
                     ok = (v < sat) & (g != zero)
                     d = v - offset[r, c]
-                    w_out[y, x, r, c] = d * g - b if ok else zero
+                    out[r, c] = d * g - b if ok else zero
                     vs += max(d, zero) * g * g if ok else zero
-            var_out[y, x] = vs
+            if core:
+                var_out[y - halo, x - halo] = vs
             if w_t.shape[0]:
                 for r in range(nr):
                     for c in range(nc):
                         j = slot[r, c]
                         if j >= 0:
-                            w_t[j, p] = w_out[y, x, r, c]
+                            w_t[j, p] = out[r, c]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
@@ -216,17 +226,20 @@ def block_reduce(
         slots = slots.reshape(na, nr, nc)
     else:
         w_t, slots = np.empty((0, 0), np.float32), np.full((na, nr, nc), -1, np.int64)
-    w = _workspace("w", (ny, nx, nr, nc))
-    var = _workspace("var", (ny, nx))
+    w = _workspace("w", (ty, tx, nr, nc))
+    var = _workspace("var", (ty, tx))
+    scratch = _workspace("scratch", (nr, nc))
     m12 = _workspace("m12", (ty, tx, 12))
-    core = (slice(halo, ny - halo), slice(halo, nx - halo))
     for a in range(na):
-        part = w_t[: len(voxels[a])] if columns is not None else w_t
-        _correct_angle(raw, a, scale, offset, gain, background[a], sat, slots[a], w, var, part)
-        np.matmul(w[core].reshape(ty, tx, nv), features[a], out=m12)
+        n_used = len(voxels[a]) if columns is not None else 0
+        part = w_t[:n_used] if columns is not None else w_t
+        _correct_angle(
+            raw, a, scale, offset, gain, background[a], sat, slots[a], halo, w, var, scratch, part
+        )
+        np.matmul(w.reshape(ty, tx, nv), features[a], out=m12)
         moments[a, ..., :12] = m12
-        moments[a, ..., 12] = var[core]
-        if columns is not None and len(voxels[a]):
+        moments[a, ..., 12] = var
+        if n_used:
             _shift_rows(
                 part,
                 shift_i[a, 0],
