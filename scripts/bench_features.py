@@ -8,10 +8,12 @@ Measured side by side in one run:
 (2) inference on CPU: the demo's real patterns tiled to ``--pixels`` scan pixels in a Zarr
     array, encoded by ``latent_array`` (map_blocks, model loaded once per worker):
       - LocalCluster with 1 worker and with 2 workers, 1 thread each, torch 1 thread each
-        → patterns/s and the scaling ratio (goal ≥ 1.8);
+        → patterns/s and the scaling ratio (goal ≥ 1.8); once as they come, and once with each
+        worker process pinned to its own core (unpinned, the OS moves the workers between the
+        cores they share with the scheduler and the client);
       - the same with the default sizing (torch threads = cores ÷ worker threads);
       - plain single-process loops on the same Zarr array: per pixel (batch 1, as a
-        straightforward script would) and in batches of 256 with all cores.
+        straightforward script would) and in batches of ``CPU_BATCH`` with all cores.
 (3) GPU (only when ``torch.cuda.is_available()``): single-process batched encoding on the GPU
     and the GPU/CPU patterns/s ratio.
 
@@ -78,7 +80,18 @@ def _tiled_patterns(m, root: Path, pixels: int):
     return arr, ds
 
 
-def _distributed(arr, ds, ckpt: str, n_workers: int, pin_threads: bool, block: int) -> float:
+def _pin_process(core: int) -> None:
+    """Confine every thread of this process (and the threads it starts later) to ``core``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except OSError:  # a thread that just ended
+            pass
+
+
+def _distributed(
+    arr, ds, ckpt: str, n_workers: int, pin_threads: bool, block: int, pin_cores: bool = False
+) -> float:
     import dask.array as da
 
     from spndi_dask.cluster_setup import start_client
@@ -88,6 +101,9 @@ def _distributed(arr, ds, ckpt: str, n_workers: int, pin_threads: bool, block: i
     offsets = tuple(ds[d].values for d in ("dq_x", "dq_y", "dq_z"))
     with start_client(n_workers=n_workers, threads_per_worker=1) as client:
         threads = torch_threads(client)
+        if pin_cores:  # worker i runs on core i only (zarr's decode threads included)
+            for core, addr in enumerate(sorted(client.scheduler_info()["workers"])):
+                client.run(_pin_process, core, workers=[addr])
         if pin_threads:
             threads = dict.fromkeys(threads, 1)
         client.register_plugin(ModelPlugin(ckpt, "cpu", threads))
@@ -134,6 +150,7 @@ def main() -> None:
     import torch
 
     from spndi_dask.features import load_checkpoint, train
+    from spndi_dask.features.inference import CPU_BATCH
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -155,9 +172,11 @@ def main() -> None:
 
     t1 = _distributed(arr, ds, ckpt, 1, pin_threads=True, block=args.block)
     t2 = _distributed(arr, ds, ckpt, 2, pin_threads=True, block=args.block)
+    p1 = _distributed(arr, ds, ckpt, 1, pin_threads=True, block=args.block, pin_cores=True)
+    p2 = _distributed(arr, ds, ckpt, 2, pin_threads=True, block=args.block, pin_cores=True)
     t_auto = _distributed(arr, ds, ckpt, cores, pin_threads=False, block=args.block)
     torch.set_num_threads(cores)
-    t_batch, _ = _single_process(arr, model, 256)
+    t_batch, _ = _single_process(arr, model, CPU_BATCH)
     t_loop, n_loop = _single_process(arr, model, 1, limit=min(n, 1024))
     rate_loop = n_loop / t_loop
     print(f"(2) conv3d inference on CPU, {n} patterns of {arr.shape[2]}³ from Zarr:")
@@ -165,13 +184,18 @@ def main() -> None:
     rows = [
         ("dask, 1 worker x 1 thread (torch 1 thread)", n / t1),
         ("dask, 2 workers x 1 thread (torch 1 thread each)", n / t2),
+        ("  the same, each worker pinned to a core: 1 worker", n / p1),
+        ("  the same, each worker pinned to a core: 2 workers", n / p2),
         (f"dask, default sizing ({cores} workers, torch threads auto)", n / t_auto),
-        (f"single process, batches of 256, torch {cores} threads", n / t_batch),
+        (f"single process, batches of {CPU_BATCH}, torch {cores} threads", n / t_batch),
         (f"single process, per-pixel loop, torch {cores} threads", rate_loop),
     ]
     for label, rate in rows:
         print(f"    {label:<52}{rate:>12.0f}")
-    print(f"    scaling 2 workers / 1 worker: {t1 / t2:.2f}   (goal >= 1.8)")
+    print(
+        f"    scaling 2 workers / 1 worker: {t1 / t2:.2f}; pinned, one core per worker: "
+        f"{p1 / p2:.2f}   (goal >= 1.8)"
+    )
     print(f"    dask default / single-process batched: {t_batch / t_auto:.2f}")
     print(f"    dask default / per-pixel loop: {(n / t_auto) / rate_loop:.1f}")
     if torch.cuda.is_available():

@@ -405,7 +405,9 @@ class FeatureSettings(_Model):
     batch_size: PositiveInt = Field(64, description="training minibatch")
     learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate")
     block: PositiveInt = Field(
-        16, description="inference task = block × block scan pixels (one batch per task)"
+        16,
+        description="inference task = block × block scan pixels (one batch per task on a GPU, "
+        "batches of 32 on CPU)",
     )
 
     @property

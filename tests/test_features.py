@@ -252,6 +252,14 @@ def test_encoding_graph_is_lazy_and_does_not_carry_the_model(trained, raise_if_c
     assert len(pickle.dumps(encode_tasks)) < weights / 4
 
 
+def test_inference_batches_are_small_on_cpu_and_whole_tiles_on_gpu():
+    from spndi_dask.features.inference import CPU_BATCH, _batch_size
+
+    assert _batch_size(None, "cpu", 256) == CPU_BATCH == 32
+    assert _batch_size(None, "cuda", 256) == 256
+    assert _batch_size(8, "cpu", 256) == 8
+
+
 def test_distributed_encoding_equals_single_process(trained):
     from spndi_dask.cluster_setup import start_client
 

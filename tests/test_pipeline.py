@@ -133,6 +133,13 @@ def test_worker_log_records_reach_the_run_log(tmp_path):
         assert "MainProcess" not in log.split("hello from a worker")[0].splitlines()[-1]
         report = paths["dask_report"].read_text()
         assert "<html" in report.lower() and "Task Stream" in report
+        # workers reuse buffers below 32 MiB (dask's 64 KiB trim alone doubled decode times)
+        env = session.client.run(_malloc_env)
+        assert set(env.values()) == {(str(32 * 2**20), str(16 * 2**20))}
+
+
+def _malloc_env() -> tuple[str | None, str | None]:
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 # -- the pipeline on a small beamtime ------------------------------------------------------------

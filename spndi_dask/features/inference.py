@@ -74,7 +74,22 @@ def cached_model(checkpoint: str, device: str = "auto") -> tuple[nn.Module, dict
         return _CACHE[key]
 
 
-def _encode_inputs(model: nn.Module, inputs: np.ndarray, device: Any, batch: int) -> np.ndarray:
+#: Inference batch on CPU. Small batches keep the conv3d activations in cache and below glibc's
+#: mmap threshold: one core encodes ~1450 patterns/s (32³, normalisation included) in batches of
+#: 32 against ~1050 in batches of 256. A GPU takes a whole tile per batch.
+CPU_BATCH = 32
+
+
+def _batch_size(batch: int | None, device: Any, n: int) -> int:
+    if batch:
+        return int(batch)
+    return max(n, 1) if torch.device(device).type == "cuda" else CPU_BATCH
+
+
+def _encode_inputs(
+    model: nn.Module, inputs: np.ndarray, device: Any, batch: int | None
+) -> np.ndarray:
+    batch = _batch_size(batch, device, len(inputs))
     out = []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch):
@@ -91,7 +106,7 @@ def encode_patterns(
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     mask: np.ndarray | None = None,
     origin: tuple[int, int] = (0, 0),
-    batch: int = 256,
+    batch: int | None = None,
     device: Any = "cpu",
 ) -> np.ndarray:
     """Latent vectors ``(ty, tx, latent_dim)`` of a tile of patterns ``(ty, tx, n, n, n)``.
@@ -130,7 +145,7 @@ def _encode_block(
     *,
     checkpoint: str,
     device: str,
-    batch: int,
+    batch: int | None,
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
     source: zarr.Array | None = None,
     block_info: dict[Any, Any] | None = None,
@@ -172,14 +187,15 @@ def latent_array(
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
     device: str = "auto",
     block: int = 16,
-    batch: int = 256,
+    batch: int | None = None,
 ) -> da.Array:
     """Lazy ``latent (y, x, latent_dim)`` float32 of ``patterns (y, x, n, n, n)``.
 
     ``patterns`` is a lazy dask array, or a ``zarr.Array`` that each task reads its tile of
     itself (one task per tile, no pattern bytes between workers: what :func:`encode` uses).
     ``mask (y, x)`` selects the pixels to encode. One task per ``block × block`` tile; the
-    task holds the checkpoint's path, never the model.
+    task holds the checkpoint's path, never the model. ``batch`` defaults to the whole tile on a
+    GPU and :data:`CPU_BATCH` on CPU.
     """
     ny, nx = patterns.shape[:2]
     chunks = (min(block, ny), min(block, nx))
@@ -354,7 +370,6 @@ def encode(
             offsets=tuple(np.asarray(ds[d].values) for d in ("dq_x", "dq_y", "dq_z")),
             device=device,
             block=settings.block,
-            batch=settings.block * settings.block,
         )
         jobs.append((name, lat, arr, fp, n_mask))
     if not jobs:
