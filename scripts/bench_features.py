@@ -8,9 +8,9 @@ Measured side by side in one run:
 (2) inference on CPU: the demo's real patterns tiled to ``--pixels`` scan pixels in a Zarr
     array, encoded by ``latent_array`` (map_blocks, model loaded once per worker):
       - LocalCluster with 1 worker and with 2 workers, 1 thread each, torch 1 thread each
-        → patterns/s and the scaling ratio (goal ≥ 1.8); once as they come, and once with each
-        worker process pinned to its own core (unpinned, the OS moves the workers between the
-        cores they share with the scheduler and the client);
+        → patterns/s and the scaling ratio (goal ≥ 1.8); once with the workers unpinned (the OS
+        moves them between the cores they share with the scheduler and the client) and once
+        pinned one per core, as ``start_client`` starts them;
       - the same with the default sizing (torch threads = cores ÷ worker threads);
       - plain single-process loops on the same Zarr array: per pixel (batch 1, as a
         straightforward script would) and in batches of ``CPU_BATCH`` with all cores.
@@ -80,15 +80,6 @@ def _tiled_patterns(m, root: Path, pixels: int):
     return arr, ds
 
 
-def _pin_process(core: int) -> None:
-    """Confine every thread of this process (and the threads it starts later) to ``core``."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:  # a thread that just ended
-            pass
-
-
 def _distributed(
     arr, ds, ckpt: str, n_workers: int, pin_threads: bool, block: int, pin_cores: bool = False
 ) -> float:
@@ -96,14 +87,14 @@ def _distributed(
 
     from spndi_dask.cluster_setup import start_client
     from spndi_dask.features.inference import ModelPlugin, latent_array, torch_threads
+    from spndi_dask.worker_plugins import set_affinity
 
     mask = da.ones(arr.shape[:2], dtype=bool, chunks=(block, block))
     offsets = tuple(ds[d].values for d in ("dq_x", "dq_y", "dq_z"))
     with start_client(n_workers=n_workers, threads_per_worker=1) as client:
         threads = torch_threads(client)
-        if pin_cores:  # worker i runs on core i only (zarr's decode threads included)
-            for core, addr in enumerate(sorted(client.scheduler_info()["workers"])):
-                client.run(_pin_process, core, workers=[addr])
+        if not pin_cores:  # start_client pins worker i to core i: undo it
+            client.run(set_affinity, set(os.sched_getaffinity(0)))
         if pin_threads:
             threads = dict.fromkeys(threads, 1)
         client.register_plugin(ModelPlugin(ckpt, "cpu", threads))
@@ -174,7 +165,8 @@ def main() -> None:
     t2 = _distributed(arr, ds, ckpt, 2, pin_threads=True, block=args.block)
     p1 = _distributed(arr, ds, ckpt, 1, pin_threads=True, block=args.block, pin_cores=True)
     p2 = _distributed(arr, ds, ckpt, 2, pin_threads=True, block=args.block, pin_cores=True)
-    t_auto = _distributed(arr, ds, ckpt, cores, pin_threads=False, block=args.block)
+    # (t: workers unpinned, as the OS schedules them; p: pinned one per core, spndi's default)
+    t_auto = _distributed(arr, ds, ckpt, cores, pin_threads=False, block=args.block, pin_cores=True)
     torch.set_num_threads(cores)
     t_batch, _ = _single_process(arr, model, CPU_BATCH)
     t_loop, n_loop = _single_process(arr, model, 1, limit=min(n, 1024))
@@ -184,8 +176,8 @@ def main() -> None:
     rows = [
         ("dask, 1 worker x 1 thread (torch 1 thread)", n / t1),
         ("dask, 2 workers x 1 thread (torch 1 thread each)", n / t2),
-        ("  the same, each worker pinned to a core: 1 worker", n / p1),
-        ("  the same, each worker pinned to a core: 2 workers", n / p2),
+        ("  the same, pinned one per core (default): 1 worker", n / p1),
+        ("  the same, pinned one per core (default): 2 workers", n / p2),
         (f"dask, default sizing ({cores} workers, torch threads auto)", n / t_auto),
         (f"single process, batches of {CPU_BATCH}, torch {cores} threads", n / t_batch),
         (f"single process, per-pixel loop, torch {cores} threads", rate_loop),

@@ -381,6 +381,20 @@ class Session:
         }
 
 
+def _pin_local_workers(client: Any, config: ClusterConfig, overrides: dict[str, Any]) -> None:
+    """Pin one single-threaded local worker per core (``local.pin_cores``, default true)."""
+    opts = {**(config.spndi.get("local") or {}), **overrides}
+    if not opts.get("pin_cores", True) or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if len(workers) > len(cores) or any(w.get("nthreads", 1) != 1 for w in workers):
+        return
+    from spndi_dask.worker_plugins import PinToCore
+
+    client.register_plugin(PinToCore(cores))
+
+
 def _local_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
     from dask.utils import parse_bytes
     from distributed import LocalCluster
@@ -484,6 +498,7 @@ def open_cluster(
             with dask.config.set(worker_environ()):
                 cluster = stack.enter_context(_local_cluster(config, overrides))
             client = stack.enter_context(Client(cluster))
+            _pin_local_workers(client, config, overrides)
             yield Session(client, config, cluster)
             return
         errors = _SubmitErrors()

@@ -136,6 +136,16 @@ def test_worker_log_records_reach_the_run_log(tmp_path):
         # workers reuse buffers below 32 MiB (dask's 64 KiB trim alone doubled decode times)
         env = session.client.run(_malloc_env)
         assert set(env.values()) == {(str(32 * 2**20), str(16 * 2**20))}
+        # the one single-threaded worker runs on the first usable core, its threads included
+        cores = session.client.run(_affinities)
+        assert list(cores.values()) == [{min(os.sched_getaffinity(0))}]
+
+
+def _affinities() -> set[int]:
+    cpus = set()
+    for tid in os.listdir("/proc/self/task"):
+        cpus |= os.sched_getaffinity(int(tid))
+    return cpus
 
 
 def _malloc_env() -> tuple[str | None, str | None]:
