@@ -564,6 +564,16 @@ def active_client() -> Any:
         return None
 
 
+def _submit(client: Any, collections: list[Any], progress: bool) -> list[Any]:
+    """Futures of ``collections`` on ``client``, with distributed's progress bar if asked."""
+    futures = client.compute(collections)
+    if progress:
+        from distributed import progress as show_progress
+
+        show_progress(futures)
+    return futures
+
+
 def compute(collections: list[Any], progress: bool = False) -> list[Any]:
     """Compute dask collections on the active distributed client if any, else locally.
 
@@ -573,12 +583,7 @@ def compute(collections: list[Any], progress: bool = False) -> list[Any]:
 
     client = active_client()
     if client is not None:
-        futures = client.compute(collections)
-        if progress:
-            from distributed import progress as show_progress
-
-            show_progress(futures)
-        return client.gather(futures)
+        return client.gather(_submit(client, collections, progress))
     if progress:
         from dask.diagnostics import ProgressBar
 
@@ -609,13 +614,8 @@ def compute_each(
             except Exception as exc:
                 out.append((None, exc))
         return out
-    futures = client.compute(collections)
-    if progress:
-        from distributed import progress as show_progress
-
-        show_progress(futures)
     results: list[tuple[Any, BaseException | None]] = []
-    for f in futures:
+    for f in _submit(client, collections, progress):
         try:
             results.append((f.result(), None))
         except Exception as exc:

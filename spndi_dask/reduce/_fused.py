@@ -232,7 +232,7 @@ def block_reduce(
     m12 = _workspace("m12", (ty, tx, 12))
     for a in range(na):
         n_used = len(voxels[a]) if columns is not None else 0
-        part = w_t[:n_used] if columns is not None else w_t
+        part = w_t[:n_used]  # (0, 0) without patterns
         _correct_angle(
             raw, a, scale, offset, gain, background[a], sat, slots[a], halo, w, var, scratch, part
         )

@@ -1068,12 +1068,13 @@ def reduce(
             fail(name, exc)
     results = compute_each([w[0] for w in writes.values()], progress)
     for (name, (_, tmp, attrs)), (_, exc) in zip(writes.items(), results, strict=True):
-        try:
-            if exc is not None:
-                raise exc
-            _publish(tmp, root, name, attrs)
-        except Exception as exc_:
-            fail(name, exc_)
+        if exc is None:
+            try:
+                _publish(tmp, root, name, attrs)
+            except Exception as publish_error:
+                exc = publish_error
+        if exc is not None:
+            fail(name, exc)
             continue
         plan = plans[name]
         n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
