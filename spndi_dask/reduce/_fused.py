@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
 
-__all__ = ["block_reduce", "correction_tables"]
+__all__ = ["Mosaic", "block_reduce", "correction_tables"]
 
 # no 'nnan'/'ninf': the saturation test must see NaN voxels
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -43,34 +43,120 @@ def correction_tables(
     return np.ascontiguousarray(offset), np.ascontiguousarray(gain)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _correct_angle(raw, a, scale, offset, gain, b, sat, slot, halo, w_out, var_out, scratch, w_t):
-    """Corrected intensities of angle ``a``.
+#: Pieces of a :class:`Mosaic` (unused slots hold an empty array: one numba signature).
+MAX_PIECES = 9
 
-    Core points (``halo`` inside the block's edge) into ``w_out (ty, tx, row, col)``, with
-    Σ var per point into ``var_out (ty, tx)``; halo points (the core of neighbouring blocks)
-    only through ``scratch (row, col)``. Of every point, the voxels with ``slot[row, col] >= 0``
-    go transposed into ``w_t[slot, y·nx + x]`` (for the drift shift).
+
+class Mosaic(NamedTuple):
+    """A block of frames ``(n_angle, ny, nx, n_row, n_col)`` made of pieces, never copied whole.
+
+    Point ``(y, x)`` of the block is ``pieces[source[y, x]][:, row[y, x], col[y, x]]``, zero
+    where ``source`` is −1. A scan tile and the strips of its neighbours form the extended block
+    of the drift shift without assembling (copying) it.
     """
-    _, ny, nx, nr, nc = raw.shape
+
+    pieces: tuple[np.ndarray, ...]
+    source: np.ndarray  # (ny, nx) int64
+    row: np.ndarray  # (ny, nx) int64
+    col: np.ndarray  # (ny, nx) int64
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(n_angle, ny, nx, n_row, n_col)``."""
+        na, _, _, nr, nc = self.pieces[0].shape
+        return (na, *self.source.shape, nr, nc)
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> Mosaic:
+        """The mosaic of one whole array."""
+        return cls.from_grid([[raw]], [raw.shape[1]], [raw.shape[2]])
+
+    @classmethod
+    def from_grid(
+        cls, parts: list[list[np.ndarray | None]], heights: list[int], widths: list[int]
+    ) -> Mosaic:
+        """Bands of ``heights`` × ``widths`` scan points; ``parts[i][j]`` fills band (i, j)
+        (shape ``(n_angle, heights[i], widths[j], n_row, n_col)``) or is None (zeros)."""
+        given = [p for row in parts for p in row if p is not None]
+        if not given:
+            raise ValueError("a mosaic needs at least one piece")
+        if len(given) > MAX_PIECES:
+            raise ValueError(f"a mosaic holds at most {MAX_PIECES} pieces")
+        ref = given[0]
+        pieces, ys, xs = [], np.cumsum([0, *heights]), np.cumsum([0, *widths])
+        source = np.full((ys[-1], xs[-1]), -1, np.int64)
+        row, col = np.zeros_like(source), np.zeros_like(source)
+        for i, band in enumerate(parts):
+            for j, part in enumerate(band):
+                if part is None:
+                    continue
+                want = (ref.shape[0], heights[i], widths[j], *ref.shape[3:])
+                if part.shape != want or part.dtype != ref.dtype:
+                    raise ValueError(f"piece ({i}, {j}) is {part.shape} {part.dtype}, not {want}")
+                sy, sx = slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])
+                source[sy, sx] = len(pieces)
+                row[sy, sx] = np.arange(heights[i])[:, None]
+                col[sy, sx] = np.arange(widths[j])[None, :]
+                pieces.append(np.ascontiguousarray(part))
+        empty = np.empty((ref.shape[0], 0, 0, *ref.shape[3:]), ref.dtype)
+        pieces += [empty] * (MAX_PIECES - len(pieces))
+        return cls(tuple(pieces), source, row, col)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _correct_angle(
+    pieces,
+    source,
+    prow,
+    pcol,
+    a,
+    scale,
+    offset,
+    gain,
+    b,
+    sat,
+    slot,
+    halo,
+    w_out,
+    var_out,
+    scratch,
+    w_t,
+):  # pragma: no cover
+    """Corrected intensities of angle ``a`` of a :class:`Mosaic` block.
+
+    Point ``(y, x)`` of the block is ``pieces[source[y, x]][a, prow[y, x], pcol[y, x]]``, or
+    zero where ``source`` is −1 (outside the scan). Core points (``halo`` inside the block's
+    edge) go into ``w_out (ty, tx, row, col)``, with Σ var per point into ``var_out (ty, tx)``;
+    halo points (the core of neighbouring blocks) only through ``scratch (row, col)``. Of
+    every point, the voxels with ``slot[row, col] >= 0`` go transposed into
+    ``w_t[slot, y·nx + x]`` (for the drift shift).
+    """
+    ny, nx = source.shape
+    nr, nc = offset.shape
     zero = np.float32(0)
     for y in range(ny):
         for x in range(nx):
-            s = scale[a, y, x]
             p = y * nx + x
             core = halo <= y < ny - halo and halo <= x < nx - halo
             if not core and not w_t.shape[0]:
                 continue
             out = w_out[y - halo, x - halo] if core else scratch
+            k = source[y, x]
             vs = zero
-            for r in range(nr):
-                for c in range(nc):
-                    v = np.float32(raw[a, y, x, r, c])
-                    g = gain[r, c] * s
-                    ok = (v < sat) & (g != zero)
-                    d = v - offset[r, c]
-                    out[r, c] = d * g - b if ok else zero
-                    vs += max(d, zero) * g * g if ok else zero
+            if k < 0:
+                out[:] = zero
+            else:
+                raw = pieces[k]
+                py, px = prow[y, x], pcol[y, x]
+                s = scale[a, y, x]
+                for r in range(nr):
+                    for c in range(nc):
+                        v = np.float32(raw[a, py, px, r, c])
+                        g = gain[r, c] * s
+                        ok = (v < sat) & (g != zero)
+                        d = v - offset[r, c]
+                        out[r, c] = d * g - b if ok else zero
+                        vs += max(d, zero) * g * g if ok else zero
             if core:
                 var_out[y - halo, x - halo] = vs
             if w_t.shape[0]:
@@ -150,7 +236,7 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np
 
 
 def block_reduce(
-    raw: np.ndarray,
+    raw: np.ndarray | Mosaic,
     scale: np.ndarray,
     drift: np.ndarray | None,
     *,
@@ -167,7 +253,7 @@ def block_reduce(
 
     Parameters
     ----------
-    raw : array (n_angle, ty + 2 halo, tx + 2 halo, n_row, n_col), any real dtype
+    raw : array (n_angle, ty + 2 halo, tx + 2 halo, n_row, n_col), any real dtype, or Mosaic
     scale : array (n_angle, ty + 2 halo, tx + 2 halo)
         Monitor normalisation per point, 0 for invalid points (and outside the scan).
     drift : array (n_angle, 2) or None
@@ -194,7 +280,8 @@ def block_reduce(
         As :func:`~._kernels.patterns_block`: corrected voxels shifted back by the drift
         (bilinear), interpolated onto the grid, clipped at 0.
     """
-    na, ny, nx, nr, nc = raw.shape
+    mosaic = raw if isinstance(raw, Mosaic) else Mosaic.of(raw)
+    na, ny, nx, nr, nc = mosaic.shape
     ty, tx, nv = ny - 2 * halo, nx - 2 * halo, nr * nc
     scale = np.ascontiguousarray(scale, np.float32)
     background = np.asarray(background, np.float32)
@@ -234,7 +321,19 @@ def block_reduce(
         n_used = len(voxels[a]) if columns is not None else 0
         part = w_t[:n_used]  # (0, 0) without patterns
         _correct_angle(
-            raw, a, scale, offset, gain, background[a], sat, slots[a], halo, w, var, scratch, part
+            *mosaic,
+            a,
+            scale,
+            offset,
+            gain,
+            background[a],
+            sat,
+            slots[a],
+            halo,
+            w,
+            var,
+            scratch,
+            part,
         )
         np.matmul(w.reshape(ty, tx, nv), features[a], out=m12)
         moments[a, ..., :12] = m12

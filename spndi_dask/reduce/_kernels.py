@@ -91,10 +91,27 @@ def bad_pixels(
     ([[4, 4]], [[1, 1]])
     """
     det_sum = np.asarray(det_sum, dtype=np.float64)
-    med = ndimage.median_filter(det_sum, size=(1, size, size), mode="nearest")
-    excess = det_sum - med
-    outlier = (excess > hot_sigma * np.sqrt(med + 1.0)) & (det_sum > hot_ratio * (med + 1.0))
-    hot = outlier.mean(axis=0) >= hot_fraction
+    na, nr, nc = det_sum.shape
+
+    def outliers(values: np.ndarray, med: np.ndarray) -> np.ndarray:
+        excess = values - med
+        return (excess > hot_sigma * np.sqrt(med + 1.0)) & (values > hot_ratio * (med + 1.0))
+
+    # the median is at least the minimum: pixels that are no outlier even against the minimum
+    # of their neighbourhood cannot be hot, and the (slow) median is needed only at the rest
+    low = ndimage.minimum_filter(det_sum, size=(1, size, size), mode="nearest")
+    maybe = np.flatnonzero(outliers(det_sum, low).mean(axis=0) >= hot_fraction)
+    hot = np.zeros((nr, nc), bool)
+    if len(maybe) > nr * nc // 8:
+        med = ndimage.median_filter(det_sum, size=(1, size, size), mode="nearest")
+        hot = outliers(det_sum, med).mean(axis=0) >= hot_fraction
+    elif len(maybe):
+        half = size // 2
+        padded = np.pad(det_sum, ((0, 0), (half, half), (half, half)), mode="edge")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
+        r, c = np.unravel_index(maybe, (nr, nc))
+        med = np.median(windows[:, r, c].reshape(na, len(maybe), -1), axis=-1)
+        hot.flat[maybe] = outliers(det_sum[:, r, c], med).mean(axis=0) >= hot_fraction
     total = det_sum.sum(axis=0)
     med_total = ndimage.median_filter(total, size=size, mode="nearest")
     dead = (total <= 1e-3 * med_total) & (med_total >= min_expected) & ~hot

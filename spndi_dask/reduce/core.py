@@ -31,6 +31,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.highlevelgraph import HighLevelGraph
 from zarr.codecs import BloscCodec
 
 from spndi_dask._version import __version__
@@ -71,6 +72,8 @@ MAP_VARIABLES = {
     "det_row_com": "detector pixel",
     "det_col_com": "detector pixel",
 }
+#: Scan rows of the patterns per dask task when results are opened (stored one row per chunk).
+PATTERN_ROWS = 16
 #: Bits of the ``quality`` map.
 QUALITY = {"no_signal": 1, "peak_at_range_edge": 2, "missing_angles": 4, "roi_at_detector_edge": 8}
 
@@ -420,6 +423,8 @@ class _ROIReader:
 
 
 def _tile_chunks(n: int, tile: int, halo: int) -> tuple[int, ...]:
+    """Tiles of ``tile`` points along an axis of ``n``; a rest smaller than ``halo`` (or 1)
+    joins the last tile."""
     chunks = [tile] * (n // tile)
     rest = n - tile * len(chunks)
     if rest:
@@ -428,6 +433,20 @@ def _tile_chunks(n: int, tile: int, halo: int) -> tuple[int, ...]:
         else:
             chunks.append(rest)
     return tuple(chunks) or (n,)
+
+
+def _tiles(n: int, shard: int, halo: int) -> tuple[int, ...]:
+    """Scan tiles along one axis: whole raw shards, and at least ``2·halo`` points each (the
+    strips a neighbouring block takes from a tile lie inside it)."""
+    tile = shard * max(1, -(-2 * halo // shard))
+    return _tile_chunks(n, tile, 2 * halo)
+
+
+def _core_rows(tiles: tuple[int, ...], halo: int) -> tuple[int, ...]:
+    """Rows of the output blocks: tile rows moved up by ``halo`` (see :func:`_block_graph`)."""
+    if not halo or len(tiles) == 1:
+        return tiles
+    return (tiles[0] - halo, *tiles[1:-1], tiles[-1] + halo)
 
 
 def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
@@ -439,8 +458,8 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
     na, ny, nx = frames.shape[:3]
     chunks = (
         (na,),
-        _tile_chunks(ny, int(shards[1]), halo),
-        _tile_chunks(nx, int(shards[2]), halo),
+        _tiles(ny, int(shards[1]), halo),
+        _tiles(nx, int(shards[2]), halo),
         (reader.shape[3],),
         (reader.shape[4],),
     )
@@ -467,6 +486,7 @@ def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
         "gain": gain,
         "background": plan.background,
         "saturation": plan.saturation,
+        "scale": plan.scale.astype(np.float32),
     }
     if grid is not None:
         op, covered = K.grid_operator(plan.geometry, plan.angles, plan.roi, grid.points())
@@ -475,12 +495,46 @@ def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
     return ctx
 
 
+def _padded(a: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """``a[:, y0:y1, x0:x1]`` with zeros where the range leaves the array."""
+    out = np.zeros((a.shape[0], y1 - y0, x1 - x0), a.dtype)
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, a.shape[1]), max(x0, 0), min(x1, a.shape[2])
+    out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = a[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def _strip(tile: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """A copy of part of a raw tile (the tile itself can then be freed)."""
+    return np.array(tile[:, rows, cols], order="C")
+
+
 def _block_task(
-    frames: np.ndarray, scale: np.ndarray, ctx: dict[str, Any], drift: Any, halo: int
+    tile: np.ndarray,
+    strips: list[np.ndarray | None],
+    ctx: dict[str, Any],
+    drift: Any,
+    halo: int,
+    bounds: tuple[int, int, int, int, bool, bool],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Moments and (with a q grid) patterns of the core points of one block of frames."""
+    """Moments and (with a q grid) patterns of one output block (see :func:`_block_graph`).
+
+    ``tile`` holds scan rows ``y0:y1`` and columns ``x0:x1``; ``strips`` (top-left, top,
+    top-right, left, right; None outside the scan) are the parts of the neighbouring tiles
+    the drift shift reaches. The block's output rows are ``y0 − halo : y1 − halo`` (from 0 in
+    the first row of tiles, to the end in the last).
+    """
+    y0, y1, x0, x1, first, last = bounds
+    top = (halo if first else 2 * halo) if halo else 0
+    bottom = halo if last else 0
+    tl, t, tr, left, right = strips
+    mosaic = F.Mosaic.from_grid(
+        [[tl, t, tr], [left, tile, right], [None, None, None]],
+        [top, y1 - y0, bottom],
+        [halo, x1 - x0, halo],
+    )
+    scale = _padded(ctx["scale"], y0 - top, y1 + bottom, x0 - halo, x1 + halo)
     moments, patterns = F.block_reduce(
-        frames,
+        mosaic,
         scale,
         drift,
         offset=ctx["offset"],
@@ -507,64 +561,74 @@ def _block_graph(
 ) -> tuple[da.Array, da.Array | None]:
     """Lazy per-angle moment sums and (with a grid) drift-corrected patterns of a particle.
 
-    One task per scan tile reads the tile's ROI voxels once and produces both. With a drift,
-    the tiles are extended by a halo of scan points shared in memory with their neighbours
-    (``da.overlap``: every voxel is still read once).
+    One task per scan tile reads the tile's ROI voxels (once); one task per output block makes
+    both outputs from the tile and, for the drift shift, copied strips of the neighbouring
+    tiles (``halo`` scan points: the largest drift). The output blocks are the tiles moved up
+    by ``halo`` rows, so a block needs only strips of the row of tiles above it (2·halo rows)
+    and the ``halo`` columns beside it: no tile is kept waiting for another row of tiles to be
+    read, which keeps the memory of a worker independent of the scan's size.
     """
     halo = 0
     if grid is not None and plan.drift is not None and len(plan.drift):
         halo = int(np.ceil(np.abs(plan.drift).max()))
     frames = roi_frames(plan, halo=halo)
     na = frames.shape[0]
-    ychunks, xchunks = frames.chunks[1], frames.chunks[2]
-    scale = da.from_array(plan.scale.astype(np.float32), chunks=frames.chunks[:3])
-    if halo and halo <= min(min(ychunks), min(xchunks)):
-        depth = {0: 0, 1: halo, 2: halo}
-        frames = da.overlap.overlap(frames, depth={**depth, 3: 0, 4: 0}, boundary=0)
-        scale = da.overlap.overlap(scale, depth=depth, boundary=0)
-    elif halo:  # a scan smaller than the drift: one block, zero-padded
-        ychunks, xchunks = (sum(ychunks),), (sum(xchunks),)
-        pad = ((0, 0), (halo, halo), (halo, halo))
-        frames = da.pad(frames.rechunk({1: -1, 2: -1}), (*pad, (0, 0), (0, 0)))
-        scale = da.pad(scale.rechunk({1: -1, 2: -1}), pad)
-    blocks = da.blockwise(
-        _block_task,
-        "yx",
-        frames,
-        "ayxrc",
-        scale,
-        "ayx",
-        ctx,
-        None,
-        plan.drift,
-        None,
-        halo,
-        None,
-        adjust_chunks={"y": ychunks, "x": xchunks},
-        concatenate=True,
-        meta=np.empty((0, 0), object),
-    )
-    moments = da.map_blocks(
-        _pick,
-        blocks,
-        0,
-        new_axis=[0, 3],
-        chunks=((na,), ychunks, xchunks, (len(K.MOMENTS),)),
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0, 0), np.float64),
+    ytiles, xtiles = frames.chunks[1], frames.chunks[2]
+    ys, xs = np.cumsum([0, *ytiles]).tolist(), np.cumsum([0, *xtiles]).tolist()
+    my, mx = len(ytiles), len(xtiles)
+    token = dask.base.tokenize(frames.name, ctx.key, plan.drift, halo)
+    bname = f"reduce-block-{plan.name}-{token}"
+    dsk: dict[Any, Any] = {}
+    everything, bottom = slice(None), slice(-2 * halo, None)
+    parts = {
+        "b": (bottom, everything),
+        "br": (bottom, slice(-halo, None)),
+        "bl": (bottom, slice(0, halo)),
+        "r": (everything, slice(-halo, None)),
+        "l": (everything, slice(0, halo)),
+    }
+
+    def strip(kind: str, i: int, j: int) -> Any:
+        if not halo or not (0 <= i < my and 0 <= j < mx):
+            return None
+        key = (f"reduce-strip{kind}-{plan.name}-{token}", i, j)
+        if key not in dsk:
+            dsk[key] = (_strip, (frames.name, 0, i, j, 0, 0), *parts[kind])
+        return key
+
+    for i in range(my):
+        for j in range(mx):
+            strips = (
+                strip("br", i - 1, j - 1),
+                strip("b", i - 1, j),
+                strip("bl", i - 1, j + 1),
+                strip("r", i, j - 1),
+                strip("l", i, j + 1),
+            )
+            bounds = (ys[i], ys[i + 1], xs[j], xs[j + 1], i == 0, i == my - 1)
+            dsk[(bname, i, j)] = (
+                _block_task,
+                (frames.name, 0, i, j, 0, 0),
+                list(strips),
+                ctx.key,
+                plan.drift,
+                halo,
+                bounds,
+            )
+    rows = _core_rows(ytiles, halo)
+    mname = f"reduce-moments-{plan.name}-{token}"
+    mdsk = {(mname, 0, i, j, 0): (_pick, (bname, i, j), 0) for i in range(my) for j in range(mx)}
+    graph = HighLevelGraph.from_collections(mname, {**dsk, **mdsk}, dependencies=[frames, ctx])
+    moments = da.Array(
+        graph, mname, chunks=((na,), rows, xtiles, (len(K.MOMENTS),)), dtype=np.float64
     )
     if grid is None:
         return moments, None
     n = grid.n
-    patterns = da.map_blocks(
-        _pick,
-        blocks,
-        1,
-        new_axis=[2, 3, 4],
-        chunks=(ychunks, xchunks, (n,), (n,), (n,)),
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0, 0, 0), np.float32),
-    )
+    pname = f"reduce-patterns-{plan.name}-{token}"
+    pdsk = {(pname, i, j, 0, 0, 0): (_pick, (bname, i, j), 1) for i in range(my) for j in range(mx)}
+    graph = HighLevelGraph.from_collections(pname, {**dsk, **pdsk}, dependencies=[frames, ctx])
+    patterns = da.Array(graph, pname, chunks=(rows, xtiles, (n,), (n,), (n,)), dtype=np.float32)
     return moments, patterns
 
 
@@ -847,9 +911,11 @@ def _write_graph(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any]) -
     tmp.parent.mkdir(parents=True, exist_ok=True)
     encoding: dict[str, Any] = {}
     if "pattern" in ds:
-        ny, nx = ds.sizes["y"], ds.sizes["x"]
+        # one scan row of a tile per chunk: the output blocks' rows are moved by the drift halo
+        # (see _block_graph), so only 1 divides them; their columns are whole tiles
+        xtiles = ds["pattern"].chunks[1]
         encoding["pattern"] = {
-            "chunks": (min(8, ny), min(8, nx), *ds["pattern"].shape[2:]),
+            "chunks": (1, xtiles[0], *ds["pattern"].shape[2:]),
             "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
         }
     ds = ds.assign_attrs(
@@ -887,6 +953,17 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
     ds = xr.open_dataset(str(node), engine="zarr", consolidated=False, chunks={})
     if not ds.attrs.get("spndi_dask", {}).get("complete"):
         raise ReduceError(f"the result of particle {particle!r} in {root} is incomplete")
+    if "pattern" in ds and ds["pattern"].chunks[0][0] < PATTERN_ROWS:
+        # stored one scan row per chunk: a task reads PATTERN_ROWS rows at once
+        others = [v for v in ds.data_vars if v != "pattern"]
+        rows = xr.open_dataset(
+            str(node),
+            engine="zarr",
+            consolidated=False,
+            chunks={"y": PATTERN_ROWS},
+            drop_variables=others,
+        )
+        ds["pattern"] = rows["pattern"]
     return ds
 
 
