@@ -299,6 +299,39 @@ def test_tiles_with_neighbour_strips_equal_one_block(tiny, shard):
     assert np.abs(pw).max() > 0
 
 
+def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
+    """The write graph carries raster priorities (reads, strips, blocks) to the scheduler, so a
+    worker holds a couple of tiles and a row of strips, not tiles from all over the scan."""
+    import dask
+    from dask.base import collections_to_expr
+
+    from spndi_dask.reduce import core
+
+    _out, m, _ = tiny
+    plan = plan_particle(m, m.particles[0])
+    plan.drift = np.full_like(plan.drift, 1.5)
+    layout = dict(plan.raw.attrs["layout"])
+    plan.raw.attrs["layout"] = {**layout, "shards": [1, 4, 4]}  # 3 x 4 tiles
+    ds = reduce_particle(plan, beamtime_grid(m, [plan]))
+    with dask.config.set(core._KEEP_PRIORITIES):
+        write, _ = core._write_graph(ds, tmp_path / "r.zarr", "p1", {"spndi_dask": {}})
+    prio = collections_to_expr([write]).__dask_annotations__()["priority"]
+    kind = lambda key, prefix: str(key[0]).startswith(prefix)  # noqa: E731
+    reads = {k[2:4]: v for k, v in prio.items() if kind(k, "raw-roi")}
+    blocks = {k[1:3]: v for k, v in prio.items() if kind(k, "reduce-block")}
+    strips = [(k[1:3], v) for k, v in prio.items() if kind(k, "reduce-strip")]
+    nx = 1 + max(j for _, j in reads)
+    assert len(reads) == len(blocks) >= 6 and nx >= 3 and strips
+    order = sorted(reads, key=lambda t: -reads[t])
+    assert order == sorted(reads)  # raster
+    for (i, j), p in blocks.items():  # after the next tile (in raster order) is read, before
+        k = i * nx + j  # the one after it
+        assert p < reads[divmod(k + 1, nx)] if k + 1 < len(order) else p < reads[(i, j)]
+        assert k + 2 >= len(order) or p > reads[divmod(k + 2, nx)]
+    for (i, j), p in strips:  # copied right after their tile is read
+        assert reads[(i, j)] < p < reads[(i, j)] + 2
+
+
 def test_results_open_as_a_datatree_with_units_and_provenance(tiny):
     out, m, summary = tiny
     assert {s["status"] for s in summary.values()} == {"reduced"}

@@ -464,9 +464,36 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
         (reader.shape[4],),
     )
     token = dask.base.tokenize(url, plan.roi, chunks, plan.raw.attrs.get("sources"))
-    return da.from_array(
-        reader, chunks=chunks, lock=False, fancy=False, name=f"raw-roi-{plan.name}-{token}"
-    )
+    with dask.annotate(priority=_raster_priority(len(chunks[2]))):
+        return da.from_array(
+            reader, chunks=chunks, lock=False, fancy=False, name=f"raw-roi-{plan.name}-{token}"
+        )
+
+
+def _raster_priority(n_cols: int) -> Any:
+    """Scheduling priority of the tasks of a particle's tiles: in raster order of the tiles.
+
+    Tile ``k = i·n_cols + j`` is read at priority −2k, its strips copied right after it (−2k + 1),
+    and its block runs once the tile to its right is read (−2k − 3), before the next read: a
+    worker holds about two tiles and a row of strips. Without it, the graph's own order read
+    tiles from anywhere in the scan and held up to 8 per worker waiting for their neighbours.
+    Needs low-level fusion off (fusion drops annotations): see :func:`reduce`.
+    """
+
+    def priority(key: Any) -> int:
+        if not isinstance(key, tuple) or len(key) < 3:
+            return 0
+        name = str(key[0])
+        if name.startswith("raw-roi-"):
+            return -2 * (key[2] * n_cols + key[3])
+        k = key[1] * n_cols + key[2]
+        if name.startswith("reduce-strip"):
+            return -2 * k + 1
+        if name.startswith("reduce-block-"):
+            return -2 * k - 3
+        return 0
+
+    return priority
 
 
 def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
@@ -618,7 +645,8 @@ def _block_graph(
     rows = _core_rows(ytiles, halo)
     mname = f"reduce-moments-{plan.name}-{token}"
     mdsk = {(mname, 0, i, j, 0): (_pick, (bname, i, j), 0) for i in range(my) for j in range(mx)}
-    graph = HighLevelGraph.from_collections(mname, {**dsk, **mdsk}, dependencies=[frames, ctx])
+    with dask.annotate(priority=_raster_priority(mx)):
+        graph = HighLevelGraph.from_collections(mname, {**dsk, **mdsk}, dependencies=[frames, ctx])
     moments = da.Array(
         graph, mname, chunks=((na,), rows, xtiles, (len(K.MOMENTS),)), dtype=np.float64
     )
@@ -627,7 +655,8 @@ def _block_graph(
     n = grid.n
     pname = f"reduce-patterns-{plan.name}-{token}"
     pdsk = {(pname, i, j, 0, 0, 0): (_pick, (bname, i, j), 1) for i in range(my) for j in range(mx)}
-    graph = HighLevelGraph.from_collections(pname, {**dsk, **pdsk}, dependencies=[frames, ctx])
+    with dask.annotate(priority=_raster_priority(mx)):
+        graph = HighLevelGraph.from_collections(pname, {**dsk, **pdsk}, dependencies=[frames, ctx])
     patterns = da.Array(graph, pname, chunks=(rows, xtiles, (n,), (n,), (n,)), dtype=np.float32)
     return moments, patterns
 
@@ -1004,6 +1033,10 @@ def _explain_failure(manifest: Manifest, name: str, exc: Exception) -> str:
     return text
 
 
+#: Low-level task fusion renames tasks and drops their priority annotations (_raster_priority).
+_KEEP_PRIORITIES = {"optimization.fuse.active": False}
+
+
 def _other_plans(manifest: Manifest, plans: dict[str, ParticlePlan]) -> list[ParticlePlan]:
     """Plans of the manifest's particles not in ``plans`` that can be planned (for the grid)."""
     out = []
@@ -1109,7 +1142,9 @@ def reduce(
         _block_graph(plans[n], dask.delayed(_context(plans[n], None)), None)[0]
         for n in unregistered
     ]
-    for name, (values, exc) in zip(unregistered, compute_each(graphs, progress), strict=True):
+    with dask.config.set(_KEEP_PRIORITIES):
+        passes = compute_each(graphs, progress)
+    for name, (values, exc) in zip(unregistered, passes, strict=True):
         if exc is not None:
             fail(name, exc)
             continue
@@ -1139,11 +1174,13 @@ def reduce(
                 "raw_sources": plan.raw.attrs.get("sources", []),
                 "reduced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            delayed, tmp = _write_graph(ds, root, name, attrs)
+            with dask.config.set(_KEEP_PRIORITIES):  # da.store optimises its sources
+                delayed, tmp = _write_graph(ds, root, name, attrs)
             writes[name] = (delayed, tmp, attrs)
         except Exception as exc:
             fail(name, exc)
-    results = compute_each([w[0] for w in writes.values()], progress)
+    with dask.config.set(_KEEP_PRIORITIES):
+        results = compute_each([w[0] for w in writes.values()], progress)
     for (name, (_, tmp, attrs)), (_, exc) in zip(writes.items(), results, strict=True):
         if exc is None:
             try:
