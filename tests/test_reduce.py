@@ -302,7 +302,6 @@ def test_tiles_with_neighbour_strips_equal_one_block(tiny, shard):
 def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
     """The write graph carries raster priorities (reads, strips, blocks) to the scheduler, so a
     worker holds a couple of tiles and a row of strips, not tiles from all over the scan."""
-    import dask
     from dask.base import collections_to_expr
 
     from spndi_dask.reduce import core
@@ -313,8 +312,7 @@ def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
     layout = dict(plan.raw.attrs["layout"])
     plan.raw.attrs["layout"] = {**layout, "shards": [1, 4, 4]}  # 3 x 4 tiles
     ds = reduce_particle(plan, beamtime_grid(m, [plan]))
-    with dask.config.set(core._KEEP_PRIORITIES):
-        write, _ = core._write_graph(ds, tmp_path / "r.zarr", "p1", {"spndi_dask": {}})
+    write, _ = core._write_graph(ds, tmp_path / "r.zarr", "p1", {"spndi_dask": {}})
     prio = collections_to_expr([write]).__dask_annotations__()["priority"]
     kind = lambda key, prefix: str(key[0]).startswith(prefix)  # noqa: E731
     reads = {k[2:4]: v for k, v in prio.items() if kind(k, "raw-roi")}

@@ -34,7 +34,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
@@ -157,7 +157,8 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     na, ny, nx, nr, nc = raw["frames"].shape
     warnings: list[str] = []
 
-    group = zarr.open_group(str(raw_path(manifest.output_dir) / particle.name), mode="r")
+    store = raw_path(manifest.output_dir) / name
+    group = zarr.open_group(str(store), mode="r")
     det_sum = _detector_sum(raw, group)
     valid = _small(group, "valid")
     monitor = _small(group, "monitor")
@@ -281,7 +282,7 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     plan = ParticlePlan(
         name=name,
         raw=raw,
-        frames_url=str(raw_path(manifest.output_dir) / name / "frames"),
+        frames_url=str(store / "frames"),
         geometry=geometry,
         angles=angles,
         roi=roi,
@@ -428,25 +429,19 @@ class _ROIReader:
         return self._array[a, y, x, r, c]
 
 
-def _tile_chunks(n: int, tile: int, halo: int) -> tuple[int, ...]:
-    """Tiles of ``tile`` points along an axis of ``n``; a rest smaller than ``halo`` (or 1)
-    joins the last tile."""
+def _tiles(n: int, shard: int, halo: int, *, last: int) -> tuple[int, ...]:
+    """Scan tiles along one axis: whole raw shards, at least ``2·halo`` points each (the strips
+    a neighbouring block takes from a tile lie inside it); a last tile shorter than ``last``
+    (or 1) joins the one before."""
+    tile = shard * max(1, -(-2 * halo // shard))
     chunks = [tile] * (n // tile)
     rest = n - tile * len(chunks)
     if rest:
-        if chunks and rest < max(halo, 1):
+        if chunks and rest < max(last, 1):
             chunks[-1] += rest
         else:
             chunks.append(rest)
     return tuple(chunks) or (n,)
-
-
-def _tiles(n: int, shard: int, halo: int, *, last: int) -> tuple[int, ...]:
-    """Scan tiles along one axis: whole raw shards, at least ``2·halo`` points each (the strips
-    a neighbouring block takes from a tile lie inside it); a last tile shorter than ``last``
-    joins the one before."""
-    tile = shard * max(1, -(-2 * halo // shard))
-    return _tile_chunks(n, tile, last)
 
 
 def _core_rows(tiles: tuple[int, ...], halo: int) -> tuple[int, ...]:
@@ -478,6 +473,10 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
         )
 
 
+#: Low-level task fusion renames tasks and drops their priority annotations (_raster_priority).
+_KEEP_PRIORITIES = {"optimization.fuse.active": False}
+
+
 def _raster_priority(n_cols: int) -> Any:
     """Scheduling priority of the tasks of a particle's tiles: in raster order of the tiles.
 
@@ -485,7 +484,8 @@ def _raster_priority(n_cols: int) -> Any:
     and its block runs once the tile to its right is read (−2k − 3), before the next read: a
     worker holds about two tiles and a row of strips. Without it, the graph's own order read
     tiles from anywhere in the scan and held up to 8 per worker waiting for their neighbours.
-    Needs low-level fusion off (fusion drops annotations): see :func:`reduce`.
+    Needs low-level fusion off (``_KEEP_PRIORITIES``: fusion drops annotations) where the graph
+    is optimised and computed.
     """
 
     def priority(key: Any) -> int:
@@ -694,22 +694,30 @@ def _block_graph(
                 halo,
                 bounds,
             )
-    rows = _core_rows(ytiles, halo)
-    mname = f"reduce-moments-{plan.name}-{token}"
-    mdsk = {(mname, 0, i, j, 0): (_pick, (bname, i, j), 0) for i in range(my) for j in range(mx)}
     with dask.annotate(priority=_raster_priority(mx)):
-        graph = HighLevelGraph.from_collections(mname, {**dsk, **mdsk}, dependencies=[frames, ctx])
-    moments = da.Array(
-        graph, mname, chunks=((na,), rows, xtiles, (len(K.MOMENTS),)), dtype=np.float64
-    )
+        blocks = HighLevelGraph.from_collections(bname, dsk, dependencies=[frames, ctx])
+
+    def picked(index: int, kind: str, chunks: tuple, dtype: Any, lead: int) -> da.Array:
+        """Output ``index`` of every block: an array whose scan axes follow ``lead`` others."""
+        name = f"reduce-{kind}-{plan.name}-{token}"
+        trail = len(chunks) - lead - 2
+        layer = {
+            (name, *[0] * lead, i, j, *[0] * trail): (_pick, (bname, i, j), index)
+            for i in range(my)
+            for j in range(mx)
+        }
+        graph = HighLevelGraph(
+            {**blocks.layers, name: MaterializedLayer(layer)},
+            {**blocks.dependencies, name: {bname}},
+        )
+        return da.Array(graph, name, chunks=chunks, dtype=dtype)
+
+    rows = _core_rows(ytiles, halo)
+    moments = picked(0, "moments", ((na,), rows, xtiles, (len(K.MOMENTS),)), np.float64, 1)
     if grid is None:
         return moments, None
     n = grid.n
-    pname = f"reduce-patterns-{plan.name}-{token}"
-    pdsk = {(pname, i, j, 0, 0, 0): (_pick, (bname, i, j), 1) for i in range(my) for j in range(mx)}
-    with dask.annotate(priority=_raster_priority(mx)):
-        graph = HighLevelGraph.from_collections(pname, {**dsk, **pdsk}, dependencies=[frames, ctx])
-    patterns = da.Array(graph, pname, chunks=(rows, xtiles, (n,), (n,), (n,)), dtype=np.float32)
+    patterns = picked(1, "patterns", (rows, xtiles, (n,), (n,), (n,)), np.float32, 0)
     return moments, patterns
 
 
@@ -1005,9 +1013,10 @@ def _write_graph(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any]) -
     ds = ds.assign_attrs(
         {**ds.attrs, **attrs, "spndi_dask": {**attrs["spndi_dask"], "complete": False}}
     )
-    delayed = ds.to_zarr(
-        str(tmp), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3
-    )
+    with dask.config.set(_KEEP_PRIORITIES):  # da.store optimises its sources
+        delayed = ds.to_zarr(
+            str(tmp), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3
+        )
     return delayed, tmp
 
 
@@ -1086,10 +1095,6 @@ def _explain_failure(manifest: Manifest, name: str, exc: Exception) -> str:
             f"{name} --force`"
         )
     return text
-
-
-#: Low-level task fusion renames tasks and drops their priority annotations (_raster_priority).
-_KEEP_PRIORITIES = {"optimization.fuse.active": False}
 
 
 def _other_plans(manifest: Manifest, plans: dict[str, ParticlePlan]) -> list[ParticlePlan]:
@@ -1226,8 +1231,7 @@ def reduce(
                 "raw_sources": plan.raw.attrs.get("sources", []),
                 "reduced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            with dask.config.set(_KEEP_PRIORITIES):  # da.store optimises its sources
-                delayed, tmp = _write_graph(ds, root, name, attrs)
+            delayed, tmp = _write_graph(ds, root, name, attrs)
             writes[name] = (delayed, tmp, attrs)
         except Exception as exc:
             fail(name, exc)
