@@ -109,90 +109,99 @@ def _correct_angle(
     source,
     prow,
     pcol,
+    rank,
     a,
     scale,
     offset,
     gain,
     b,
     sat,
-    slot,
     halo,
-    w_out,
+    window,
+    voxels,
+    w,
     var_out,
-    scratch,
-    w_t,
 ):  # pragma: no cover
-    """Corrected intensities of angle ``a`` of a :class:`Mosaic` block.
+    """Corrected intensities of angle ``a`` of a :class:`Mosaic` block, one row per point.
 
     Point ``(y, x)`` of the block is ``pieces[source[y, x]][a, prow[y, x], pcol[y, x]]``, or
-    zero where ``source`` is −1 (outside the scan). Core points (``halo`` inside the block's
-    edge) go into ``w_out (ty, tx, row, col)``, with Σ var per point into ``var_out (ty, tx)``;
-    halo points (the core of neighbouring blocks) only through ``scratch (row, col)``. Of
-    every point, the voxels with ``slot[row, col] >= 0`` go transposed into
-    ``w_t[slot, y·nx + x]`` (for the drift shift).
+    zero where ``source`` is −1 (outside the scan); it goes into row ``rank[y, x]`` of
+    ``w (points, row · col)``. Core points (``halo`` inside the block's edge) are corrected
+    whole, with Σ var per point into ``var_out[rank]``; halo points only inside ``window``
+    ``(y0, y1, x0, x1)`` (where the drift shift of this angle reads) and only at ``voxels``.
+    ``offset`` and ``gain`` are flat (row · col).
     """
     ny, nx = source.shape
-    nr, nc = offset.shape
+    nv = offset.shape[0]
+    y0, y1, x0, x1 = window
     zero = np.float32(0)
     for y in range(ny):
         for x in range(nx):
-            p = y * nx + x
             core = halo <= y < ny - halo and halo <= x < nx - halo
-            if not core and not w_t.shape[0]:
+            if not core and not (y0 <= y < y1 and x0 <= x < x1 and voxels.shape[0]):
                 continue
-            out = w_out[y - halo, x - halo] if core else scratch
+            out = w[rank[y, x]]
             k = source[y, x]
             vs = zero
             if k < 0:
-                out[:] = zero
+                if core:
+                    out[:] = zero
+                else:
+                    for v in voxels:
+                        out[v] = zero
             else:
-                raw = pieces[k]
-                py, px = prow[y, x], pcol[y, x]
+                raw = pieces[k][a, prow[y, x], pcol[y, x]].reshape(nv)
                 s = scale[a, y, x]
-                for r in range(nr):
-                    for c in range(nc):
-                        v = np.float32(raw[a, py, px, r, c])
-                        g = gain[r, c] * s
-                        ok = (v < sat) & (g != zero)
-                        d = v - offset[r, c]
-                        out[r, c] = d * g - b if ok else zero
+                if core:
+                    for v in range(nv):
+                        f = np.float32(raw[v])
+                        g = gain[v] * s
+                        ok = (f < sat) & (g != zero)
+                        d = f - offset[v]
+                        out[v] = d * g - b if ok else zero
                         vs += max(d, zero) * g * g if ok else zero
+                else:
+                    for v in voxels:
+                        f = np.float32(raw[v])
+                        g = gain[v] * s
+                        ok = (f < sat) & (g != zero)
+                        out[v] = (f - offset[v]) * g - b if ok else zero
             if core:
-                var_out[y - halo, x - halo] = vs
-            if w_t.shape[0]:
-                for r in range(nr):
-                    for c in range(nc):
-                        j = slot[r, c]
-                        if j >= 0:
-                            w_t[j, p] = out[r, c]
+                var_out[rank[y, x]] = vs
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _shift_rows(w_t, iy, ix, fy, fx, halo, ty, tx, out):  # pragma: no cover
-    """``out[v, y·tx + x] = Σ bilinear w_t[v, (halo + y + dy)·nx + halo + x + dx]``.
+def _shift_t(w, rank, iy, ix, fy, fx, halo, ty, tx, voxels, out):  # pragma: no cover
+    """``out[j, y·tx + x] = Σ bilinear w[rank[halo + y + iy + oy, halo + x + ix + ox], voxels[j]]``.
 
-    Unused taps have weight 0 and offset 0 (an in-range read).
+    The drift shift of one angle and the transposition to voxel-major columns (for
+    :func:`_apply_operator_t`) in one pass. Unused taps have weight 0 and offset 0 (a point
+    that :func:`_correct_angle` wrote: never 0 × garbage).
     """
-    nv, nyx = w_t.shape
-    nx = nyx // (ty + 2 * halo)
     wts = np.zeros(4, np.float32)
-    offs = np.zeros(4, np.int64)
+    oys = np.zeros(4, np.int64)
+    oxs = np.zeros(4, np.int64)
     k = 0
     for oy in range(2):
         for ox in range(2):
             wt = (fy if oy else 1 - fy) * (fx if ox else 1 - fx)
             if wt != 0:
-                wts[k], offs[k] = wt, (halo + iy + oy) * nx + halo + ix + ox
+                wts[k], oys[k], oxs[k] = wt, oy, ox
                 k += 1
     w0, w1, w2, w3 = wts[0], wts[1], wts[2], wts[3]
-    for v in range(nv):
-        row = w_t[v]
-        for y in range(ty):
-            b0, b1, b2, b3 = offs[0] + y * nx, offs[1] + y * nx, offs[2] + y * nx, offs[3] + y * nx
-            o = y * tx
+    src = np.empty((4, tx), np.int64)
+    for y in range(ty):
+        for t in range(4):
             for x in range(tx):
-                out[v, o + x] = (
-                    w0 * row[b0 + x] + w1 * row[b1 + x] + w2 * row[b2 + x] + w3 * row[b3 + x]
+                src[t, x] = rank[halo + y + iy + oys[t], halo + x + ix + oxs[t]]
+        s0, s1, s2, s3 = src[0], src[1], src[2], src[3]
+        o = y * tx
+        for j in range(voxels.shape[0]):
+            v = voxels[j]
+            row = out[j]
+            for x in range(tx):
+                row[o + x] = (
+                    w0 * w[s0[x], v] + w1 * w[s1[x], v] + w2 * w[s2[x], v] + w3 * w[s3[x], v]
                 )
 
 
@@ -286,6 +295,14 @@ def block_reduce(
     scale = np.ascontiguousarray(scale, np.float32)
     background = np.asarray(background, np.float32)
     sat = np.float32(np.inf if saturation is None else saturation)
+    offset, gain = offset.reshape(nv), gain.reshape(nv)
+    # rows of the point-major buffer: the core points first (in raster order), then the halo
+    core = np.zeros((ny, nx), bool)
+    core[halo : ny - halo, halo : nx - halo] = True
+    rank = np.empty((ny, nx), np.int64)
+    rank[core] = np.arange(ty * tx)
+    rank[~core] = np.arange(ty * tx, ny * nx)
+    no_voxels = np.empty(0, np.int64)
     moments = np.empty((na, ty, tx, 13), np.float64)
     columns = None
     if operator is not None:
@@ -302,45 +319,44 @@ def block_reduce(
             )
         if voxels is None:
             voxels = [np.arange(nv)] * na
+        voxels = [np.asarray(v, np.int64) for v in voxels]
         starts = np.cumsum([0, *map(len, voxels)])
         if operator.shape[1] != starts[-1]:
             raise ValueError(f"operator has {operator.shape[1]} columns for {starts[-1]} voxels")
         columns = _workspace("columns", (int(starts[-1]), ty * tx))
-        w_t = _workspace("w_t", (max(map(len, voxels)), ny * nx))
-        slots = np.full((na, nv), -1, np.int64)
-        for a, vox in enumerate(voxels):
-            slots[a, vox] = np.arange(len(vox))
-        slots = slots.reshape(na, nr, nc)
-    else:
-        w_t, slots = np.empty((0, 0), np.float32), np.full((na, nr, nc), -1, np.int64)
-    w = _workspace("w", (ty, tx, nr, nc))
-    var = _workspace("var", (ty, tx))
-    scratch = _workspace("scratch", (nr, nc))
-    m12 = _workspace("m12", (ty, tx, 12))
+    w = _workspace("w", (ny * nx, nv))
+    var = _workspace("var", (ty * tx,))
+    m12 = _workspace("m12", (ty * tx, 12))
     for a in range(na):
-        n_used = len(voxels[a]) if columns is not None else 0
-        part = w_t[:n_used]  # (0, 0) without patterns
+        used = voxels[a] if columns is not None else no_voxels
+        if len(used):
+            # the points the shift of this angle reads (taps of weight 0 read offset 0)
+            y0, x0 = halo + shift_i[a]
+            window = (y0, y0 + ty + (shift_f[a, 0] > 0), x0, x0 + tx + (shift_f[a, 1] > 0))
+        else:
+            window = (0, 0, 0, 0)
         _correct_angle(
             *mosaic,
+            rank,
             a,
             scale,
             offset,
             gain,
             background[a],
             sat,
-            slots[a],
             halo,
+            window,
+            used,
             w,
             var,
-            scratch,
-            part,
         )
-        np.matmul(w.reshape(ty, tx, nv), features[a], out=m12)
-        moments[a, ..., :12] = m12
-        moments[a, ..., 12] = var
-        if n_used:
-            _shift_rows(
-                part,
+        np.matmul(w[: ty * tx], features[a], out=m12)
+        moments[a, ..., :12] = m12.reshape(ty, tx, 12)
+        moments[a, ..., 12] = var.reshape(ty, tx)
+        if len(used):
+            _shift_t(
+                w,
+                rank,
                 shift_i[a, 0],
                 shift_i[a, 1],
                 np.float32(shift_f[a, 0]),
@@ -348,12 +364,12 @@ def block_reduce(
                 halo,
                 ty,
                 tx,
+                used,
                 columns[starts[a] : starts[a + 1]],
             )
     if columns is None:
         return moments, None
+    data = operator.data if operator.data.dtype == np.float32 else operator.data.astype(np.float32)
     patterns = np.empty((ty * tx, operator.shape[0]), np.float32)
-    _apply_operator_t(
-        operator.indptr, operator.indices, operator.data.astype(np.float32), columns, patterns
-    )
+    _apply_operator_t(operator.indptr, operator.indices, data, columns, patterns)
     return moments, patterns
