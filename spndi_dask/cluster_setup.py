@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -592,32 +592,58 @@ def compute(collections: list[Any], progress: bool = False) -> list[Any]:
     return list(dask.compute(*collections))
 
 
+def compute_as_completed(
+    items: Iterable[tuple[Hashable, Any]], progress: bool = False
+) -> Iterator[tuple[Hashable, Any, BaseException | None]]:
+    """Compute dask collections as they are made; one failing does not stop the others.
+
+    On a distributed client each ``(tag, collection)`` is submitted as soon as ``items`` gives
+    it (the workers start on the first while the next is still being built) and the results
+    come back in the order they finish; locally they run one after another.
+
+    Yields
+    ------
+    tag, result, error
+        Per collection: its tag, its result and None, or None and the exception it raised.
+    """
+    client = active_client()
+    if client is None:
+        for tag, c in items:
+            try:
+                yield tag, compute([c], progress)[0], None
+            except Exception as exc:
+                yield tag, None, exc
+        return
+    from distributed import as_completed
+
+    tags: dict[str, Hashable] = {}
+    futures = []
+    for tag, c in items:
+        future = client.compute(c)
+        tags[future.key] = tag
+        futures.append(future)
+    if progress and futures:
+        from distributed import progress as show_progress
+
+        show_progress(futures)
+    for future in as_completed(futures):
+        try:
+            yield tags[future.key], future.result(), None
+        except Exception as exc:
+            yield tags[future.key], None, exc
+
+
 def compute_each(
     collections: list[Any], progress: bool = False
 ) -> list[tuple[Any, BaseException | None]]:
     """Compute independent dask collections together; one failing does not stop the others.
 
-    On a distributed client all are submitted at once, so their tasks share the workers (no
-    idle cores between one collection and the next); locally they run one after another.
+    As :func:`compute_as_completed`, with the results in the order of ``collections``.
 
     Returns
     -------
     list of (result, error)
         Per collection, its result and None, or None and the exception it raised.
     """
-    client = active_client()
-    if client is None:
-        out: list[tuple[Any, BaseException | None]] = []
-        for c in collections:
-            try:
-                out.append((compute([c], progress)[0], None))
-            except Exception as exc:
-                out.append((None, exc))
-        return out
-    results: list[tuple[Any, BaseException | None]] = []
-    for f in _submit(client, collections, progress):
-        try:
-            results.append((f.result(), None))
-        except Exception as exc:
-            results.append((None, exc))
-    return results
+    done = {i: (r, e) for i, r, e in compute_as_completed(enumerate(collections), progress)}
+    return [done[i] for i in range(len(collections))]

@@ -141,6 +141,54 @@ def test_worker_log_records_reach_the_run_log(tmp_path):
         assert list(cores.values()) == [{min(os.sched_getaffinity(0))}]
 
 
+def test_collections_run_as_they_are_built_and_a_failure_stays_alone(tmp_path):
+    import dask
+
+    from spndi_dask.cluster_setup import compute_as_completed, compute_each
+
+    marker = tmp_path / "first-ran"
+
+    def items(wait_for_first: bool):
+        yield "first", dask.delayed(_touch)(str(marker))
+        if wait_for_first:  # the first must already run while this one is being built
+            deadline = time.monotonic() + 20
+            while not marker.exists():
+                assert time.monotonic() < deadline, "the first collection was not submitted"
+                time.sleep(0.05)
+        yield "bad", dask.delayed(_fail)("no such frame")
+        yield "last", dask.delayed(sum)([1, 2])
+
+    with open_cluster(n_workers=1, dashboard_address="127.0.0.1:0") as session:
+        # one queued root task per thread (reduce's blocks then run where their tile is)
+        saturation = session.client.run_on_scheduler(_worker_saturation)
+        assert saturation == 1.0
+        out = {tag: (value, exc) for tag, value, exc in compute_as_completed(items(True))}
+        assert out["first"] == (str(marker), None) and out["last"] == (3, None)
+        assert out["bad"][0] is None and "no such frame" in str(out["bad"][1])
+        assert [r for r, _ in compute_each([dask.delayed(sum)([1]), dask.delayed(len)("ab")])] == [
+            1,
+            2,
+        ]
+    # without a client: one after another, same results
+    marker.unlink()
+    out = {tag: (value, exc) for tag, value, exc in compute_as_completed(items(False))}
+    assert out["first"] == (str(marker), None) and out["last"] == (3, None)
+    assert isinstance(out["bad"][1], ValueError)
+
+
+def _touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _worker_saturation(dask_scheduler) -> float:
+    return dask_scheduler.WORKER_SATURATION
+
+
 def _affinities() -> set[int]:
     cpus = set()
     for tid in os.listdir("/proc/self/task"):

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,7 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute_each
+from spndi_dask.cluster_setup import compute_as_completed, compute_each
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.io.raw_store import open_raw, raw_path
@@ -1214,49 +1215,59 @@ def reduce(
                 upsample=settings.registration_upsample,
             ),
         )
-    # every particle's graph in one submission: the workers never wait between particles
-    writes: dict[str, tuple[Any, Path, dict[str, Any]]] = {}
-    for name in list(todo):
-        plan = plans[name]
-        try:
-            ds = reduce_particle(
-                plan,
-                grid,
-                min_snr=settings.min_snr,
-                d0=settings.d0_angstrom if settings.strain_reference == "d0" else None,
-            )
-            attrs = {
-                **base,
-                "spndi_dask": {"kind": "reduce", "version": __version__, "fingerprint": todo[name]},
-                "raw_sources": plan.raw.attrs.get("sources", []),
-                "reduced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            delayed, tmp = _write_graph(ds, root, name, attrs)
-            writes[name] = (delayed, tmp, attrs)
-        except Exception as exc:
-            fail(name, exc)
-    with dask.config.set(_KEEP_PRIORITIES):
-        results = compute_each([w[0] for w in writes.values()], progress)
-    for (name, (_, tmp, attrs)), (_, exc) in zip(writes.items(), results, strict=True):
-        if exc is None:
+    # each particle's graph is submitted as soon as it is built (the workers start on the first
+    # while the next is planned) and published as soon as it is written
+    pending: dict[str, tuple[Path, dict[str, Any]]] = {}
+
+    def built() -> Iterator[tuple[str, Any]]:
+        for name in list(todo):
+            plan = plans[name]
             try:
-                _publish(tmp, root, name, attrs)
-            except Exception as publish_error:
-                exc = publish_error
-        if exc is not None:
-            fail(name, exc)
-            continue
-        plan = plans[name]
-        n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
-        summary[name] = {
-            "status": "reduced",
-            "seconds": round(time.perf_counter() - t0, 2),
-            "roi": list(plan.roi),
-            "drift_method": plan.drift_method,
-            "valid_pixels": n_valid,
-            "warnings": plan.warnings,
-        }
-        reduced.append(name)
+                ds = reduce_particle(
+                    plan,
+                    grid,
+                    min_snr=settings.min_snr,
+                    d0=settings.d0_angstrom if settings.strain_reference == "d0" else None,
+                )
+                attrs = {
+                    **base,
+                    "spndi_dask": {
+                        "kind": "reduce",
+                        "version": __version__,
+                        "fingerprint": todo[name],
+                    },
+                    "raw_sources": plan.raw.attrs.get("sources", []),
+                    "reduced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                delayed, tmp = _write_graph(ds, root, name, attrs)
+            except Exception as exc:
+                fail(name, exc)
+                continue
+            pending[name] = (tmp, attrs)
+            yield name, delayed
+
+    with dask.config.set(_KEEP_PRIORITIES):
+        for name, _, exc in compute_as_completed(built(), progress):
+            tmp, attrs = pending[name]
+            if exc is None:
+                try:
+                    _publish(tmp, root, name, attrs)
+                except Exception as publish_error:
+                    exc = publish_error
+            if exc is not None:
+                fail(name, exc)
+                continue
+            plan = plans[name]
+            n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
+            summary[name] = {
+                "status": "reduced",
+                "seconds": round(time.perf_counter() - t0, 2),
+                "roi": list(plan.roi),
+                "drift_method": plan.drift_method,
+                "valid_pixels": n_valid,
+                "warnings": plan.warnings,
+            }
+            reduced.append(name)
     if settings.strain_reference == "beamtime_median" and reduced:
         _apply_beamtime_median(root, reduced, {n: plans[n].geometry.rocking_axis for n in reduced})
-    return summary
+    return {p.name: summary[p.name] for p in manifest.particles if p.name in summary}
