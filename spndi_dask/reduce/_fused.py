@@ -175,8 +175,10 @@ def _shift_t(w, rank, iy, ix, fy, fx, halo, ty, tx, voxels, out):  # pragma: no 
     """``out[j, y·tx + x] = Σ bilinear w[rank[halo + y + iy + oy, halo + x + ix + ox], voxels[j]]``.
 
     The drift shift of one angle and the transposition to voxel-major columns (for
-    :func:`_apply_operator_t`) in one pass. Unused taps have weight 0 and offset 0 (a point
-    that :func:`_correct_angle` wrote: never 0 × garbage).
+    :func:`_apply_operator_t`) in one pass, one output point at a time (its four source rows
+    read along the voxels; the column of ``out`` it writes stays in cache across a tile row).
+    Unused taps have weight 0 and offset 0 (a point :func:`_correct_angle` wrote: never
+    0 × garbage).
     """
     wts = np.zeros(4, np.float32)
     oys = np.zeros(4, np.int64)
@@ -189,20 +191,16 @@ def _shift_t(w, rank, iy, ix, fy, fx, halo, ty, tx, voxels, out):  # pragma: no 
                 wts[k], oys[k], oxs[k] = wt, oy, ox
                 k += 1
     w0, w1, w2, w3 = wts[0], wts[1], wts[2], wts[3]
-    src = np.empty((4, tx), np.int64)
     for y in range(ty):
-        for t in range(4):
-            for x in range(tx):
-                src[t, x] = rank[halo + y + iy + oys[t], halo + x + ix + oxs[t]]
-        s0, s1, s2, s3 = src[0], src[1], src[2], src[3]
-        o = y * tx
-        for j in range(voxels.shape[0]):
-            v = voxels[j]
-            row = out[j]
-            for x in range(tx):
-                row[o + x] = (
-                    w0 * w[s0[x], v] + w1 * w[s1[x], v] + w2 * w[s2[x], v] + w3 * w[s3[x], v]
-                )
+        for x in range(tx):
+            r0 = w[rank[halo + y + iy + oys[0], halo + x + ix + oxs[0]]]
+            r1 = w[rank[halo + y + iy + oys[1], halo + x + ix + oxs[1]]]
+            r2 = w[rank[halo + y + iy + oys[2], halo + x + ix + oxs[2]]]
+            r3 = w[rank[halo + y + iy + oys[3], halo + x + ix + oxs[3]]]
+            p = y * tx + x
+            for j in range(voxels.shape[0]):
+                v = voxels[j]
+                out[j, p] = w0 * r0[v] + w1 * r1[v] + w2 * r2[v] + w3 * r3[v]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
