@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -417,14 +419,23 @@ def test_patterns_centre_of_mass_matches_the_maps(tiny):
     assert np.median(err) < 2e-4 and err.max() < 1e-3
 
 
-def test_rerun_is_up_to_date_and_force_recomputes(tiny):
+def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
     _out, m, _ = tiny
     assert {s["status"] for s in reduce(m).values()} == {"up to date"}
     root = m.output_dir / "results.zarr"
     grid = dict(zarr.open_group(str(root), mode="r").attrs)["q_grid"]
     p1 = open_results(m.output_dir, "p1")["pattern"].values
+    # the old result is replaced whole: moved aside before it is deleted, never half deleted
+    deleted = []
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(
+        "spndi_dask.reduce.core.shutil.rmtree",
+        lambda path, **kw: deleted.append(Path(path)) or real_rmtree(path, **kw),
+    )
     s = reduce(m, particles=["p2"], force=True)
     assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
+    assert deleted and root / "p2" not in deleted
+    assert not list((m.output_dir / ".tmp").glob("*.old"))
     # the beamtime's q grid stays (a grid from p2 alone would make p1's patterns incomparable)
     assert dict(zarr.open_group(str(root), mode="r").attrs)["q_grid"] == grid
     np.testing.assert_array_equal(open_results(m.output_dir, "p1")["pattern"].values, p1)

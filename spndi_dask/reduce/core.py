@@ -1024,13 +1024,21 @@ def _write_graph(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any]) -
 
 
 def _publish(tmp: Path, root: Path, name: str, attrs: dict[str, Any]) -> None:
-    """Mark a written temporary result complete and move it to ``results.zarr/<name>``."""
+    """Mark a written temporary result complete and move it to ``results.zarr/<name>``.
+
+    The previous result is moved aside (one rename) before it is deleted, so a reader never
+    sees it half deleted: it finds the old result whole, briefly none, then the new one.
+    """
     group = zarr.open_group(str(tmp), mode="r+")
     group.attrs.update({"spndi_dask": {**attrs["spndi_dask"], "complete": True}})
     dest = root / name
+    old = tmp.with_name(tmp.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if dest.exists():
-        shutil.rmtree(dest)
+        dest.replace(old)
     tmp.replace(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
