@@ -2,10 +2,15 @@
 
 The NumPy kernels of :mod:`._kernels` (:func:`~._kernels.corrected`,
 :func:`~._kernels.moment_sums`, :func:`~._kernels.patterns_block`) define the results; these
-compute the same numbers without materialising the corrected float32 block, its variance, masks
-and transposed copies (five to six block-sized temporaries), which made the reduction several
-times slower than reading the frames and its memory grow with the block size. The tests compare
-both paths on the same blocks.
+compute the same numbers one angle at a time, in scratch buffers reused across blocks, instead
+of materialising the corrected float32 block, its variance, masks and transposed copies (five to
+six block-sized temporaries), which made the reduction several times slower than reading the
+frames and its memory grow with the block size. The tests compare both paths on the same blocks.
+
+Per angle: :func:`_correct_angle` corrects the core points (all voxels, for the moments) and the
+halo points this angle's drift shift reads (only the voxels the q-grid operator uses), one row
+per point; :func:`_shift_t` shifts them back by the drift into voxel-major columns; after the
+last angle :func:`_apply_operator_t` grids all columns at once.
 
 Corrections (as :func:`~._kernels.corrected`): ``w = (raw − offset) · gain · scale − bg``,
 ``var = max(raw − offset, 0) · (gain · scale)²``, with 0 where the point is invalid
