@@ -1017,8 +1017,16 @@ def _write_graph(ds: xr.Dataset, root: Path, name: str, attrs: dict[str, Any]) -
         {**ds.attrs, **attrs, "spndi_dask": {**attrs["spndi_dask"], "complete": False}}
     )
     with dask.config.set(_KEEP_PRIORITIES):  # da.store optimises its sources
+        # write_empty_chunks: zarr otherwise compares every chunk with the fill value before
+        # writing it, a quarter of the time to write a tile's patterns (0.047 -> 0.035 s)
         delayed = ds.to_zarr(
-            str(tmp), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3
+            str(tmp),
+            mode="w",
+            compute=False,
+            encoding=encoding,
+            consolidated=False,
+            zarr_format=3,
+            write_empty_chunks=True,
         )
     return delayed, tmp
 
