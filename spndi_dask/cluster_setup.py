@@ -616,21 +616,36 @@ def compute_as_completed(
         return
     from distributed import as_completed
 
-    tags: dict[str, Hashable] = {}
+    tags: dict[str, list[Hashable]] = {}  # equal collections share a key (and a future's result)
     futures = []
     for tag, c in items:
-        future = client.compute(c)
-        tags[future.key] = tag
-        futures.append(future)
-    if progress and futures:
-        from distributed import progress as show_progress
-
-        show_progress(futures)
-    for future in as_completed(futures):
         try:
-            yield tags[future.key], future.result(), None
+            future = client.compute(c)
+        except Exception as exc:  # e.g. a graph that cannot be sent: this one only
+            yield tag, None, exc
+            continue
+        tags.setdefault(future.key, []).append(tag)
+        futures.append(future)
+    bar = None
+    if progress and futures:
+        import threading
+
+        from distributed import progress as show_progress
+        from distributed.utils import is_kernel
+
+        if is_kernel():  # a notebook widget, updated in the background
+            show_progress(futures)
+        else:  # the text bar blocks until every future is done: drawn aside, results stream
+            bar = threading.Thread(target=show_progress, args=(futures,), daemon=True)
+            bar.start()
+    for future in as_completed(futures):
+        tag = tags[future.key].pop(0)
+        try:
+            yield tag, future.result(), None
         except Exception as exc:
-            yield tags[future.key], None, exc
+            yield tag, None, exc
+    if bar is not None:
+        bar.join(timeout=5)
 
 
 def compute_each(

@@ -158,16 +158,34 @@ def test_collections_run_as_they_are_built_and_a_failure_stays_alone(tmp_path):
         yield "bad", dask.delayed(_fail)("no such frame")
         yield "last", dask.delayed(sum)([1, 2])
 
-    with open_cluster(n_workers=1, dashboard_address="127.0.0.1:0") as session:
+    released = tmp_path / "released"
+
+    def slow_then_fast():
+        yield "slow", dask.delayed(_wait_for)(str(released))
+        yield "fast", dask.delayed(sum)([2, 3])
+
+    with open_cluster(
+        n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0"
+    ) as session:
         # one queued root task per thread (reduce's blocks then run where their tile is)
         saturation = session.client.run_on_scheduler(_worker_saturation)
         assert saturation == 1.0
         out = {tag: (value, exc) for tag, value, exc in compute_as_completed(items(True))}
         assert out["first"] == (str(marker), None) and out["last"] == (3, None)
         assert out["bad"][0] is None and "no such frame" in str(out["bad"][1])
-        assert [r for r, _ in compute_each([dask.delayed(sum)([1]), dask.delayed(len)("ab")])] == [
-            1,
-            2,
+        # results stream in the order they finish, with the progress bar too
+        got = []
+        for tag, value, _ in compute_as_completed(slow_then_fast(), progress=True):
+            got.append((tag, value))
+            if tag == "fast":
+                released.touch()
+        assert got == [("fast", 5), ("slow", "released")]
+        # in the order given; equal collections each get their result
+        same = dask.delayed(sum)([1, 2])
+        assert compute_each([same, dask.delayed(len)("ab"), same]) == [
+            (3, None),
+            (2, None),
+            (3, None),
         ]
     # without a client: one after another, same results
     marker.unlink()
@@ -183,6 +201,15 @@ def _touch(path: str) -> str:
 
 def _fail(message: str) -> None:
     raise ValueError(message)
+
+
+def _wait_for(path: str) -> str:
+    deadline = time.monotonic() + 20
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            return "timed out"
+        time.sleep(0.05)
+    return "released"
 
 
 def _worker_saturation(dask_scheduler) -> float:

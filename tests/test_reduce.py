@@ -178,6 +178,8 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
     # a drift beyond the halo is refused, not silently wrapped
     with pytest.raises(ValueError, match="exceeds the halo"):
         F.block_reduce(raw, scale, drift * 3, **kwargs)
+    with pytest.raises(ValueError, match="not finite"):  # (NaN would index out of bounds)
+        F.block_reduce(raw, scale, np.where(drift == 0.4, np.nan, drift), **kwargs)
 
 
 def test_registration_recovers_subpixel_shifts():
@@ -436,6 +438,20 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
     assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
     assert deleted and root / "p2" not in deleted
     assert not list((m.output_dir / ".tmp").glob("*.old"))
+    # a result that cannot be moved in fails alone and leaves the previous one in place
+    p2 = open_results(m.output_dir, "p2")["pattern"].values
+    real_replace = Path.replace
+
+    def replace(self, target):
+        if self.name == "reduce-p2.zarr":
+            raise OSError("disk quota exceeded")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    s = reduce(m, particles=["p2"], force=True)
+    assert s["p2"]["status"] == "failed" and "disk quota" in s["p2"]["error"]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(open_results(m.output_dir, "p2")["pattern"].values, p2)
     # the beamtime's q grid stays (a grid from p2 alone would make p1's patterns incomparable)
     assert dict(zarr.open_group(str(root), mode="r").attrs)["q_grid"] == grid
     np.testing.assert_array_equal(open_results(m.output_dir, "p1")["pattern"].values, p1)

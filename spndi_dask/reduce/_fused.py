@@ -312,6 +312,8 @@ def block_reduce(
         if drift is None:
             raise ValueError("patterns need the drift")
         drift = np.asarray(drift, np.float64)
+        if not np.isfinite(drift).all():
+            raise ValueError("the drift is not finite (NaN or inf)")
         shift_i = np.floor(drift).astype(np.int64)
         shift_f = drift - shift_i
         reach = np.maximum(np.abs(shift_i), np.abs(shift_i + (shift_f > 0)))

@@ -1045,7 +1045,12 @@ def _publish(tmp: Path, root: Path, name: str, attrs: dict[str, Any]) -> None:
         shutil.rmtree(old)
     if dest.exists():
         dest.replace(old)
-    tmp.replace(dest)
+    try:
+        tmp.replace(dest)
+    except OSError:
+        if old.exists() and not dest.exists():
+            old.replace(dest)  # the previous result stays
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -1270,13 +1275,13 @@ def reduce(
             if exc is None:
                 try:
                     _publish(tmp, root, name, attrs)
+                    n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
                 except Exception as publish_error:
                     exc = publish_error
             if exc is not None:
                 fail(name, exc)
                 continue
             plan = plans[name]
-            n_valid = int(np.asarray(zarr.open_array(str(root / name / "valid"))[:]).sum())
             summary[name] = {
                 "status": "reduced",
                 "seconds": round(time.perf_counter() - t0, 2),
