@@ -182,6 +182,57 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
         F.block_reduce(raw, scale, np.where(drift == 0.4, np.nan, drift), **kwargs)
 
 
+def test_fused_kernel_at_integer_tiny_and_halo_wide_drifts():
+    """Edge drifts: integers (taps of weight 0), ±halo, ±1e-9, 1 − 1e-12; an angle whose
+    voxels the operator never uses; a missing neighbour strip (zeros). Stale scratch is NaN."""
+    from scipy import sparse
+
+    from spndi_dask.reduce import _fused as F
+
+    rng = np.random.default_rng(11)
+    halo, ty, tx, nr, nc = 2, 4, 5, 3, 4
+    values = [0.0, 1.0, -1.0, 2.0, -2.0, 1e-9, -1e-9, 1 - 1e-12, -1.7, 1.7]
+    for k, (dy, dx) in enumerate(zip(values, values[::-1], strict=True)):
+        drift = np.array([[dy, dx], [0.0, 0.0], [dx, dy], [dy, -dx]])
+        na = len(drift)
+        raw = rng.poisson(20, (na, ty + 2 * halo, tx + 2 * halo, nr, nc)).astype(np.uint16)
+        scale = rng.uniform(0.8, 1.2, raw.shape[:3]).astype(np.float32)
+        op = sparse.random(30, na * nr * nc, density=0.15, random_state=k, dtype=np.float32)
+        op = op.tolil()
+        op[:, nr * nc : 2 * nr * nc] = 0  # angle 1: no voxel used
+        op = op.tocsr()
+        op.eliminate_zeros()
+        used_op, voxels = K.used_voxels(op, na)
+        assert len(voxels[1]) == 0
+        background = rng.uniform(0, 1, na)
+        offset, gain = F.correction_tables((nr, nc), dark=None, flat=None, bad=None)
+        dq = rng.normal(size=(na, nr, nc, 3))
+        kwargs = dict(
+            offset=offset,
+            gain=gain,
+            background=background,
+            saturation=None,
+            features=K.moment_features(dq, np.arange(nr), np.arange(nc)),
+            operator=used_op,
+            voxels=voxels,
+            halo=halo,
+        )
+        # the top strip missing (outside the scan): zeros, with no monitor
+        ny, nx = raw.shape[1:3]
+        mosaic = F.Mosaic.from_grid([[None], [raw[:, halo:]]], [halo, ny - halo], [nx])
+        ref_raw, ref_scale = raw.copy(), scale.copy()
+        ref_raw[:, :halo], ref_scale[:, :halo] = 0, 0
+        w, _ = K.corrected(ref_raw, scale=ref_scale, background=background)
+        want = K.patterns_block(w, drift, op, halo=halo, out_shape=(ty, tx))
+        for source in (ref_raw, mosaic):
+            for buf in getattr(F._LOCAL, "buffers", {}).values():
+                buf[:] = np.nan
+            _, patterns = F.block_reduce(source, ref_scale, drift, **kwargs)
+            np.testing.assert_allclose(
+                patterns.reshape(want.shape), want, rtol=1e-5, atol=1e-4, err_msg=str(drift)
+            )
+
+
 def test_registration_recovers_subpixel_shifts():
     rng = np.random.default_rng(3)
     from scipy import ndimage
