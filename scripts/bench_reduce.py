@@ -38,6 +38,33 @@ def _touch(block: np.ndarray) -> np.ndarray:
     return np.zeros((1,) * block.ndim)
 
 
+#: Task-name prefixes of reduce's graph, by what they do.
+_KINDS = {
+    "raw-roi": "read + decode raw tiles",
+    "reduce-block": "fused kernel (correct, moments, shift, q grid)",
+    "reduce-strip": "pack neighbour strips",
+    "store-map": "compress + write results",
+}
+
+
+def _breakdown(stream: list[dict], wall: float, threads: int) -> list[str]:
+    """Worker-seconds per kind of task (and transfers, and idle) of one run's task stream."""
+    busy: dict[str, float] = {}
+    tiles = 0
+    for task in stream:
+        key = task["key"][0] if isinstance(task["key"], tuple) else task["key"]
+        kind = next((v for k, v in _KINDS.items() if str(key).startswith(k)), "other tasks")
+        tiles += kind == _KINDS["raw-roi"]
+        for part in task["startstops"]:
+            name = kind if part["action"] == "compute" else f"{part['action']}s between workers"
+            busy[name] = busy.get(name, 0.0) + part["stop"] - part["start"]
+    busy["idle (client work: planning, graphs, publishing)"] = wall * threads - sum(busy.values())
+    return [
+        f"{s:6.1f} worker-s  {1e3 * s / max(tiles, 1):5.0f} ms per tile  {name}"
+        for name, s in sorted(busy.items(), key=lambda kv: -kv[1])
+    ]
+
+
 def _prepare(out: Path, name: str):
     from spndi_dask.config import load_manifest
     from spndi_dask.ingest import ingest
@@ -116,14 +143,21 @@ def main() -> None:
 
     n, t, _ = local_cluster_size()
 
-    def phase(run):
+    streams = {}
+
+    def phase(run, stream: str | None = None):
         """``run()`` twice on fresh workers (the first warms imports and kernels): the second
-        run's seconds and the workers' peak RSS over both."""
+        run's seconds and the workers' peak RSS over both (and its task stream, if named)."""
+        from distributed import get_task_stream
+
         with start_client(n_workers=n, threads_per_worker=t) as client:
             run()
-            t0 = time.perf_counter()
-            result = run()
-            seconds = time.perf_counter() - t0
+            with get_task_stream(client) as ts:
+                t0 = time.perf_counter()
+                result = run()
+                seconds = time.perf_counter() - t0
+            if stream:
+                streams[stream] = ts.data
             return seconds, max(client.run(_peak_rss_mb).values()), result
 
     rows = []
@@ -134,7 +168,7 @@ def main() -> None:
         roi_bytes = sum(a.nbytes for a in arrays)
         reads = [a.map_blocks(_touch, chunks=(1,) * 5).sum() for a in arrays]
         t_read, rss_read, _ = phase(lambda: dask.compute(*reads))  # noqa: B023
-        t_reduce, rss_reduce, summary = phase(lambda: reduce(m, force=True))  # noqa: B023
+        t_reduce, rss_reduce, summary = phase(lambda: reduce(m, force=True), name)  # noqa: B023
         assert all(s["status"] == "reduced" for s in summary.values()), summary
         if name == args.small:  # (c): one particle alone
             p1 = m.particles[0].name
@@ -160,6 +194,10 @@ def main() -> None:
         f"(b) peak RSS per worker in reduce, {l_name} / {s_name} (4x the data): "
         f"{rows[1][6] / rows[0][6]:.2f}"
     )
+
+    print(f"    where the worker time of reduce on {l_name} goes:")
+    for line in _breakdown(streams[l_name], rows[1][4], n * t):
+        print("     ", line)
 
     t_ref, n_px, ref_patterns = _numpy_reference(ref_plan, ref_grid, args.reference_pixels)
     from spndi_dask.reduce import open_results
