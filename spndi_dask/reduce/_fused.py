@@ -108,6 +108,16 @@ class Mosaic(NamedTuple):
         return cls(tuple(pieces), source, row, col)
 
 
+@numba.njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _corrected(f, offset, gain, b, sat):  # pragma: no cover
+    """``(w, var)`` of one voxel value ``f`` (``gain`` includes the monitor scale)."""
+    zero = np.float32(0)
+    if f < sat and gain != zero:  # False for NaN
+        d = f - offset
+        return d * gain - b, max(d, zero) * gain * gain
+    return zero, zero
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
 def _correct_angle(
     pieces,
@@ -133,8 +143,8 @@ def _correct_angle(
     zero where ``source`` is −1 (outside the scan); it goes into row ``rank[y, x]`` of
     ``w (points, row · col)``. Core points (``halo`` inside the block's edge) are corrected
     whole, with Σ var per point into ``var_out[rank]``; halo points only inside ``window``
-    ``(y0, y1, x0, x1)`` (where the drift shift of this angle reads) and only at ``voxels``.
-    ``offset`` and ``gain`` are flat (row · col).
+    ``(y0, y1, x0, x1)`` (where the drift shift of this angle reads; empty without ``voxels``)
+    and only at ``voxels``. ``offset`` and ``gain`` are flat (row · col).
     """
     ny, nx = source.shape
     nv = offset.shape[0]
@@ -143,7 +153,7 @@ def _correct_angle(
     for y in range(ny):
         for x in range(nx):
             core = halo <= y < ny - halo and halo <= x < nx - halo
-            if not core and not (y0 <= y < y1 and x0 <= x < x1 and voxels.shape[0]):
+            if not core and not (y0 <= y < y1 and x0 <= x < x1):
                 continue
             out = w[rank[y, x]]
             k = source[y, x]
@@ -159,18 +169,11 @@ def _correct_angle(
                 s = scale[a, y, x]
                 if core:
                     for v in range(nv):
-                        f = np.float32(raw[v])
-                        g = gain[v] * s
-                        ok = (f < sat) & (g != zero)
-                        d = f - offset[v]
-                        out[v] = d * g - b if ok else zero
-                        vs += max(d, zero) * g * g if ok else zero
+                        out[v], var = _corrected(np.float32(raw[v]), offset[v], gain[v] * s, b, sat)
+                        vs += var
                 else:
                     for v in voxels:
-                        f = np.float32(raw[v])
-                        g = gain[v] * s
-                        ok = (f < sat) & (g != zero)
-                        out[v] = (f - offset[v]) * g - b if ok else zero
+                        out[v] = _corrected(np.float32(raw[v]), offset[v], gain[v] * s, b, sat)[0]
             if core:
                 var_out[rank[y, x]] = vs
 
@@ -374,7 +377,7 @@ def block_reduce(
             )
     if columns is None:
         return moments, None
-    data = operator.data if operator.data.dtype == np.float32 else operator.data.astype(np.float32)
+    data = np.asarray(operator.data, np.float32)
     patterns = np.empty((ty * tx, operator.shape[0]), np.float32)
     _apply_operator_t(operator.indptr, operator.indices, data, columns, patterns)
     return moments, patterns
