@@ -168,6 +168,10 @@ def main() -> None:
         roi_bytes = sum(a.nbytes for a in arrays)
         reads = [a.map_blocks(_touch, chunks=(1,) * 5).sum() for a in arrays]
         t_read, rss_read, _ = phase(lambda: dask.compute(*reads))  # noqa: B023
+        zarr_reads = [
+            roi_frames(p, direct=False).map_blocks(_touch, chunks=(1,) * 5).sum() for p in plans
+        ]
+        t_zarr, _, _ = phase(lambda: dask.compute(*zarr_reads))  # noqa: B023
         t_reduce, rss_reduce, summary = phase(lambda: reduce(m, force=True), name)  # noqa: B023
         assert all(s["status"] == "reduced" for s in summary.values()), summary
         if name == args.small:  # (c): one particle alone
@@ -175,21 +179,38 @@ def main() -> None:
             t_p1, _, _ = phase(lambda: reduce(m, particles=[p1], force=True))  # noqa: B023
             ref_m, ref_plan, ref_grid = m, plans[0], beamtime_grid(m, plans)
         rows.append(
-            (name, preset(name).raw_bytes, roi_bytes, t_read, t_reduce, rss_read, rss_reduce)
+            (
+                name,
+                preset(name).raw_bytes,
+                roi_bytes,
+                t_read,
+                t_reduce,
+                rss_read,
+                rss_reduce,
+                t_zarr,
+            )
         )
 
     print(f"\n== reduce, {n} workers × {t} thread")
     print(
         f"{'preset':<8}{'raw GB':>8}{'ROI GB':>8}{'read s':>8}{'reduce s':>9}{'ratio':>7}"
-        f"{'RSS read MB':>13}{'RSS reduce MB':>15}"
+        f"{'RSS read MB':>13}{'RSS reduce MB':>15}{'zarr read s':>13}"
     )
-    for name, raw, roi, tr, tred, rr, rred in rows:
+    for name, raw, roi, tr, tred, rr, rred, tz in rows:
         print(
             f"{name:<8}{raw / 1e9:8.2f}{roi / 1e9:8.2f}{tr:8.1f}{tred:9.1f}{tred / tr:7.2f}"
-            f"{rr:13.0f}{rred:15.0f}"
+            f"{rr:13.0f}{rred:15.0f}{tz:13.1f}"
         )
     s_name, l_name = rows[0][0], rows[1][0]
-    print(f"(a) reduce / read on {rows[1][0]}: {rows[1][4] / rows[1][3]:.2f}")
+    print(
+        f"(a) reduce / read on {l_name}: {rows[1][4] / rows[1][3]:.2f}   (read: the same bytes "
+        f"by the reader reduce uses, spndi_dask.io.shards)"
+    )
+    print(
+        f"    reduce / read through zarr's codec pipeline (a plain dask/zarr read of the same "
+        f"bytes): {rows[1][4] / rows[1][7]:.2f}; zarr read / direct read "
+        f"{rows[1][7] / rows[1][3]:.2f}"
+    )
     print(
         f"(b) peak RSS per worker in reduce, {l_name} / {s_name} (4x the data): "
         f"{rows[1][6] / rows[0][6]:.2f}"

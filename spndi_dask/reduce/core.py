@@ -44,6 +44,7 @@ from spndi_dask.cluster_setup import compute_as_completed, compute_each
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.io.raw_store import open_raw, raw_path
+from spndi_dask.io.shards import region_reader
 from spndi_dask.io.sources import SourceError, read_detector_image
 from spndi_dask.reduce import _fused as F
 from spndi_dask.reduce import _kernels as K
@@ -408,10 +409,22 @@ def beamtime_grid(manifest: Manifest, plans: list[ParticlePlan]) -> BeamtimeGrid
 
 # -- the lazy graph ---------------------------------------------------------------------------
 class _ROIReader:
-    """Array-like view of the ROI of a raw frames array (reads only the tiles it touches)."""
+    """Array-like view of the ROI of a raw frames array (reads only the tiles it touches).
 
-    def __init__(self, url: str, roi: tuple[int, int, int, int], shape: tuple[int, ...], dtype):
-        self.url, self.roi = url, roi
+    ``direct``: read the shards with :class:`~spndi_dask.io.shards.ShardReader` where the layout
+    allows (the same bytes, 2-4x less CPU than zarr's codec pipeline); else through zarr.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        roi: tuple[int, int, int, int],
+        shape: tuple[int, ...],
+        dtype: Any,
+        *,
+        direct: bool = True,
+    ):
+        self.url, self.roi, self.direct = url, roi, direct
         self.shape = (*shape[:3], roi[1] - roi[0], roi[3] - roi[2])
         self.dtype = np.dtype(dtype)
         self.ndim = 5
@@ -422,7 +435,8 @@ class _ROIReader:
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         if self._array is None:
-            self._array = zarr.open_array(self.url, mode="r")
+            array = zarr.open_array(self.url, mode="r")
+            self._array = region_reader(array) if self.direct else array
         a, y, x, r, c = key
         r0, c0 = self.roi[0], self.roi[2]
         r = slice((r.start or 0) + r0, (r.stop if r.stop is not None else self.shape[3]) + r0)
@@ -452,12 +466,16 @@ def _core_rows(tiles: tuple[int, ...], halo: int) -> tuple[int, ...]:
     return (tiles[0] - halo, *tiles[1:-1], tiles[-1] + halo)
 
 
-def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
-    """The ROI of a particle's frames as a dask array chunked ``(angle, tile, tile, roi)``."""
+def roi_frames(plan: ParticlePlan, *, halo: int = 0, direct: bool = True) -> da.Array:
+    """The ROI of a particle's frames as a dask array chunked ``(angle, tile, tile, roi)``.
+
+    ``direct=False`` reads through zarr's codec pipeline instead of
+    :class:`~spndi_dask.io.shards.ShardReader` (same values; for comparison).
+    """
     frames = plan.raw["frames"].data
     url = plan.frames_url
     shards = plan.raw.attrs.get("layout", {}).get("shards") or [1, 16, 16]
-    reader = _ROIReader(url, plan.roi, frames.shape, frames.dtype)
+    reader = _ROIReader(url, plan.roi, frames.shape, frames.dtype, direct=direct)
     na, ny, nx = frames.shape[:3]
     chunks = (
         (na,),
@@ -467,7 +485,7 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0) -> da.Array:
         (reader.shape[3],),
         (reader.shape[4],),
     )
-    token = dask.base.tokenize(url, plan.roi, chunks, plan.raw.attrs.get("sources"))
+    token = dask.base.tokenize(url, plan.roi, chunks, plan.raw.attrs.get("sources"), direct)
     with dask.annotate(priority=_raster_priority(len(chunks[2]))):
         return da.from_array(
             reader, chunks=chunks, lock=False, fancy=False, name=f"raw-roi-{plan.name}-{token}"
