@@ -387,6 +387,16 @@ def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
         assert k + 2 >= len(order) or p > reads[divmod(k + 2, nx)]
     for (i, j), p in strips:  # copied right after their tile is read
         assert reads[(i, j)] < p < reads[(i, j)] + 2
+    # the next particle of a run: all its tasks after all of this one's (else the first tiles of
+    # every particle would be read first, each held until its neighbour is read)
+    plan.rank = 1
+    ds2 = reduce_particle(plan, beamtime_grid(m, [plan]))
+    write2, _ = core._write_graph(ds2, tmp_path / "r.zarr", "p2", {"spndi_dask": {}})
+    prio2 = collections_to_expr([write2]).__dask_annotations__()["priority"]
+    tiles = ("raw-roi", "reduce-strip", "reduce-block")
+    first = [v for k, v in prio.items() if any(kind(k, t) for t in tiles)]
+    second = [v for k, v in prio2.items() if any(kind(k, t) for t in tiles)]
+    assert len(second) == len(first) and max(second) < min(first)
 
 
 def test_results_open_as_a_datatree_with_units_and_provenance(tiny):

@@ -121,6 +121,8 @@ class ParticlePlan:
     cov_projection: np.ndarray  # its covariance (3, 3)
     weight_projection: float
     warnings: list[str] = field(default_factory=list)
+    #: position in a run's order: every task of a lower rank runs first (see _raster_priority)
+    rank: int = 0
 
     @property
     def roi_slices(self) -> tuple[slice, slice]:
@@ -486,7 +488,7 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0, direct: bool = True) -> da.
         (reader.shape[4],),
     )
     token = dask.base.tokenize(url, plan.roi, chunks, plan.raw.attrs.get("sources"), direct)
-    with dask.annotate(priority=_raster_priority(len(chunks[2]))):
+    with dask.annotate(priority=_raster_priority(len(chunks[2]), plan.rank)):
         return da.from_array(
             reader, chunks=chunks, lock=False, fancy=False, name=f"raw-roi-{plan.name}-{token}"
         )
@@ -496,28 +498,36 @@ def roi_frames(plan: ParticlePlan, *, halo: int = 0, direct: bool = True) -> da.
 _KEEP_PRIORITIES = {"optimization.fuse.active": False}
 
 
-def _raster_priority(n_cols: int) -> Any:
+#: Priority step between particles of one run (more than twice the tiles of any scan).
+_RANK_STEP = 2**24
+
+
+def _raster_priority(n_cols: int, rank: int = 0) -> Any:
     """Scheduling priority of the tasks of a particle's tiles: in raster order of the tiles.
 
     Tile ``k = i·n_cols + j`` is read at priority −2k, its strips copied right after it (−2k + 1),
     and its block runs once the tile to its right is read (−2k − 3), before the next read: a
     worker holds about two tiles and a row of strips. Without it, the graph's own order read
     tiles from anywhere in the scan and held up to 8 per worker waiting for their neighbours.
+    A particle of ``rank`` r is shifted below every tile of ranks < r: user priorities outrank
+    the order of submission, so the first tiles of each particle of a run would otherwise all be
+    read first, each held until its neighbour is read (memory growing with the particles).
     Needs low-level fusion off (``_KEEP_PRIORITIES``: fusion drops annotations) where the graph
     is optimised and computed.
     """
+    base = -rank * _RANK_STEP
 
     def priority(key: Any) -> int:
         if not isinstance(key, tuple) or len(key) < 3:
             return 0
         name = str(key[0])
         if name.startswith("raw-roi-"):
-            return -2 * (key[2] * n_cols + key[3])
+            return base - 2 * (key[2] * n_cols + key[3])
         k = key[1] * n_cols + key[2]
         if name.startswith("reduce-strip"):
-            return -2 * k + 1
+            return base - 2 * k + 1
         if name.startswith("reduce-block-"):
-            return -2 * k - 3
+            return base - 2 * k - 3
         return 0
 
     return priority
@@ -713,7 +723,7 @@ def _block_graph(
                 halo,
                 bounds,
             )
-    with dask.annotate(priority=_raster_priority(mx)):
+    with dask.annotate(priority=_raster_priority(mx, plan.rank)):
         blocks = HighLevelGraph.from_collections(bname, dsk, dependencies=[frames, ctx])
 
     def picked(index: int, kind: str, chunks: tuple, dtype: Any, lead: int) -> da.Array:
@@ -1228,6 +1238,8 @@ def reduce(
             reduced.append(name)
         else:
             todo[name] = fp
+    for rank, name in enumerate(todo):  # one particle's tiles after another's (_raster_priority)
+        plans[name].rank = rank
     t0 = time.perf_counter()
 
     def fail(name: str, exc: BaseException) -> None:  # one bad particle never stops the others
