@@ -71,11 +71,14 @@ def local_cluster_size() -> tuple[int, int, int]:
 
 
 #: glibc allocator settings for worker processes. dask's nannies set ``MALLOC_TRIM_THRESHOLD_``
-#: to 64 KiB, which also freezes glibc's mmap threshold at 128 KiB: every decoded chunk and every
-#: block-sized array is then a fresh ``mmap`` whose pages fault in again, which doubled the time
-#: to decode raw frames (0.48 s against 0.21 s for a 16 × 16 scan tile on one core). Buffers up
-#: to 32 MiB are reused from the heap instead, and free memory above 16 MiB is still returned.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 16 * 2**20}
+#: to 64 KiB, which also freezes glibc's mmap threshold at 128 KiB: every decoded chunk is then a
+#: fresh ``mmap`` whose pages fault in again, which doubled the time to decode raw frames through
+#: zarr (0.48 s against 0.21 s for a 16 × 16 scan tile on one core). Buffers up to 4 MiB (chunks)
+#: are reused from the heap instead; larger ones (reduce's 8-32 MB neighbour strips) are mapped
+#: and returned whole: kept on the heap up to 32 MiB, they fragmented it, and a worker's peak
+#: memory grew with the number of blocks (reduce on `large` 800-860 MB, 750-780 MB with 4 MiB).
+#: Free memory above 16 MiB at the top of the heap is returned.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 4 * 2**20, "MALLOC_TRIM_THRESHOLD_": 16 * 2**20}
 
 
 def worker_environ() -> dict[str, Any]:
@@ -89,7 +92,7 @@ def worker_environ() -> dict[str, Any]:
     >>> import dask
     >>> with dask.config.set(worker_environ()):
     ...     dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_")
-    33554432
+    4194304
     """
     import dask.config
 

@@ -133,9 +133,9 @@ def test_worker_log_records_reach_the_run_log(tmp_path):
         assert "MainProcess" not in log.split("hello from a worker")[0].splitlines()[-1]
         report = paths["dask_report"].read_text()
         assert "<html" in report.lower() and "Task Stream" in report
-        # workers reuse buffers below 32 MiB (dask's 64 KiB trim alone doubled decode times)
+        # workers reuse buffers below 4 MiB (dask's 64 KiB trim alone doubled decode times)
         env = session.client.run(_malloc_env)
-        assert set(env.values()) == {(str(32 * 2**20), str(16 * 2**20))}
+        assert set(env.values()) == {(str(4 * 2**20), str(16 * 2**20))}
         # the one single-threaded worker runs on the first usable core, its threads included
         cores = session.client.run(_affinities)
         assert list(cores.values()) == [{min(os.sched_getaffinity(0))}]
