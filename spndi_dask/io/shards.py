@@ -89,7 +89,7 @@ class ShardReader:
     >>> import tempfile, zarr, numpy as np
     >>> d = tempfile.mkdtemp()
     >>> z = zarr.create_array(f"{d}/a.zarr", shape=(4, 6), chunks=(2, 2), shards=(4, 4),
-    ...                       dtype="uint16", fill_value=0)
+    ...                       dtype="uint16", compressors=[BloscCodec()], fill_value=0)
     >>> z[:] = np.arange(24, dtype="uint16").reshape(4, 6)
     >>> ShardReader(z)[1:3, 2:5]
     array([[ 8,  9, 10],
