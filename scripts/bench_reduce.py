@@ -5,7 +5,9 @@ single-threaded worker per core, as ``spndi run``), run twice and the second run
 warms imports and the numba kernels):
 
 (a) read:   the ROI voxels every particle's reduce reads, read and decompressed by the same
-            workers in the same blocks (nothing computed, nothing written)
+            workers in the same blocks by the same reader (``spndi_dask.io.shards``; nothing
+            computed, nothing written); also timed through zarr's codec pipeline (a plain
+            dask/zarr read of the same voxels), for comparison
     reduce: ``spndi_dask.reduce.reduce`` of the same stores, all particles (planning, moments,
             drift-corrected q-grid patterns, maps, writing results.zarr), ``force=True``
 (b) peak RSS per worker over a phase, at two dataset sizes 4× apart
