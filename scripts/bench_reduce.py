@@ -40,6 +40,13 @@ def _touch(block: np.ndarray) -> np.ndarray:
     return np.zeros((1,) * block.ndim)
 
 
+def _reads(plans, *, direct: bool) -> list:
+    """Graphs that read and decompress every particle's ROI voxels, and nothing else."""
+    from spndi_dask.reduce.core import roi_frames
+
+    return [roi_frames(p, direct=direct).map_blocks(_touch, chunks=(1,) * 5).sum() for p in plans]
+
+
 #: Task-name prefixes of reduce's graph, by what they do.
 _KINDS = {
     "raw-roi": "read + decode raw tiles",
@@ -168,11 +175,8 @@ def main() -> None:
         plans = [plan_particle(m, p) for p in m.particles]
         arrays = [roi_frames(p) for p in plans]
         roi_bytes = sum(a.nbytes for a in arrays)
-        reads = [a.map_blocks(_touch, chunks=(1,) * 5).sum() for a in arrays]
+        reads, zarr_reads = _reads(plans, direct=True), _reads(plans, direct=False)
         t_read, rss_read, _ = phase(lambda: dask.compute(*reads))  # noqa: B023
-        zarr_reads = [
-            roi_frames(p, direct=False).map_blocks(_touch, chunks=(1,) * 5).sum() for p in plans
-        ]
         t_zarr, _, _ = phase(lambda: dask.compute(*zarr_reads))  # noqa: B023
         t_reduce, rss_reduce, summary = phase(lambda: reduce(m, force=True), name)  # noqa: B023
         assert all(s["status"] == "reduced" for s in summary.values()), summary
