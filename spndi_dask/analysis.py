@@ -38,8 +38,10 @@ from spndi_dask._version import __version__
 from spndi_dask.cluster import map_stats
 from spndi_dask.cluster_setup import compute
 from spndi_dask.config import Manifest
+from spndi_dask.io.layout import OutputLayout, replace_tree
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
 from spndi_dask.reduce._kernels import usable_patterns
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
 
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 STAT_MAPS = ("strain", "tilt_x", "tilt_y")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(StageError, ValueError):
     """The analysis cannot run (no clusters yet...)."""
 
 
@@ -136,16 +138,17 @@ def _fingerprint(clusters: dict[str, Any], names: list[str], boundary_width: flo
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
-def _is_current(path: Path, table: Path, datasets: dict[str, Any], fp: str, figures: bool) -> bool:
+def _is_current(
+    path: Path, out: OutputLayout, datasets: dict[str, Any], fp: str, figures: bool
+) -> bool:
     """The analysis on disk is complete and has this fingerprint (and its figures, if asked)."""
-    if not (path / "zarr.json").exists() or not table.exists():
+    if not (path / "zarr.json").exists() or not out.regions_csv.exists():
         return False
     if dict(zarr.open_group(str(path), mode="r").attrs).get("fingerprint") != fp:
         return False
     if any(ds.attrs.get("analysis", {}).get("fingerprint") != fp for ds in datasets.values()):
         return False
-    figs = table.parent / "figures"
-    return not figures or all((figs / f).exists() for f in ANALYSIS_FIGURES)
+    return not figures or all((out.figures / f).exists() for f in ANALYSIS_FIGURES)
 
 
 def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
@@ -193,16 +196,16 @@ def analyze(
                 "`spndi cluster` on these particles first"
             )
         datasets[name] = ds
-    out = Path(manifest.output_dir)
-    path = out / "analysis.zarr"
+    out = OutputLayout(manifest.output_dir)
+    path = out.analysis
     fp = _fingerprint(meta, names, boundary_width)
-    if not force and _is_current(path, out / "regions.csv", datasets, fp, figures):
+    if not force and _is_current(path, out, datasets, fp, figures):
         return {
-            "status": "up to date",
+            "status": Outcome.UP_TO_DATE,
             "k": k,
-            "regions": _read_regions(out / "regions.csv"),
+            "regions": _read_regions(out.regions_csv),
             "analysis": str(path),
-            "table": str(out / "regions.csv"),
+            "table": str(out.regions_csv),
             "seconds": round(time.perf_counter() - t0, 2),
         }
     # groups per scan: clusters 0..k-1, then domain (k) and boundary (k+1)
@@ -284,14 +287,12 @@ def analyze(
         coords=coords,
         attrs={"k": k, "boundary_width": boundary_width, "version": __version__, "fingerprint": fp},
     )
-    tmp = out / ".tmp" / "analysis.zarr"
+    tmp = out.tmp / path.name
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     ds_out.to_zarr(str(tmp), mode="w", consolidated=False, zarr_format=3)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.replace(path)
+    replace_tree(tmp, path)
     for name, region in regions.items():
         arr = replace_array(
             root / name,
@@ -307,16 +308,16 @@ def analyze(
         arr[:] = region
         info = {"boundary_width": boundary_width, "k": k, "fingerprint": fp}
         mark_complete(root / name, "analysis", info)
-    write_csv(out / "regions.csv", rows)
+    write_csv(out.regions_csv, rows)
     if figures:
         from spndi_dask import plot
 
-        plot.analysis_figures(out / "figures", ds_out)
+        plot.analysis_figures(out.figures, ds_out)
     return {
-        "status": "done",
+        "status": Outcome.DONE,
         "k": k,
         "regions": {r["particle"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
         "analysis": str(path),
-        "table": str(out / "regions.csv"),
+        "table": str(out.regions_csv),
         "seconds": round(time.perf_counter() - t0, 2),
     }

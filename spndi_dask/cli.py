@@ -6,10 +6,15 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from spndi_dask._version import __version__
+from spndi_dask.io.layout import OutputLayout
+from spndi_dask.stages import STAGE_NAMES, STAGES, Outcome, Stage, StageError
+from spndi_dask.stages import stage as stage_info
 
 __all__ = ["main"]
 
@@ -36,14 +41,42 @@ def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentPar
     return p
 
 
-def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    from spndi_dask.pipeline import STAGES
+# options a stage's subcommand may have (Stage.options), each added the same way everywhere
+_STAGE_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], Any]] = {
+    "checkpoint": lambda p: p.add_argument(
+        "--checkpoint", help="default: [features] checkpoint or <output>/features/model"
+    ),
+    "device": lambda p: p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="default: [features] device"
+    ),
+    "k": lambda p: p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)"),
+    "boundary_width": lambda p: p.add_argument(
+        "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
+    ),
+    "figures": lambda p: p.add_argument("--no-figures", action="store_true", help="skip figures"),
+}
 
+
+def _stage_parser(sub: Any, info: Stage) -> argparse.ArgumentParser:
+    """The subcommand of one stage of the table (``spndi <stage> beamtime.toml ...``)."""
+    p = _manifest_parser(sub, info.name, help=info.help, description=info.description)
+    if info.name == "report":
+        return p
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    for option in info.options:
+        _STAGE_OPTIONS[option](p)
+    p.add_argument("--force", action="store_true", help="redo even what is up to date")
+    _add_cluster_args(p)
+    return p
+
+
+def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument(
         "--stages",
         nargs="+",
         metavar="STAGE",
-        help=f"only these stages ({', '.join(STAGES)}; ranges like reduce-encode; default all)",
+        help=f"only these stages ({', '.join(STAGE_NAMES)}; ranges like reduce-encode; "
+        "default all)",
     )
     if not demo:
         p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
@@ -66,7 +99,6 @@ def _add_simulation_args(p: argparse.ArgumentParser, presets: dict[str, Any]) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    from spndi_dask import __version__
     from spndi_dask.simulate import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -109,94 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, help="number of particles (default: preset)")
     _add_simulation_args(p, PRESETS)
 
-    p = _manifest_parser(
-        sub,
-        "ingest",
-        help="raw frames -> <output>/raw.zarr (parallel, resumable)",
-        description="Ingest the raw frames of a beamtime manifest into <output>/raw.zarr.",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
-    p.add_argument("--force", action="store_true", help="rewrite even what is up to date")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "reduce",
-        help="raw.zarr -> results.zarr: maps, rocking curves, q-grid patterns",
-        description="Reduce the ingested frames of a beamtime into <output>/results.zarr "
-        "(d-spacing, strain, tilt, widths, rocking curves, drift, 3D patterns).",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
-    p.add_argument("--force", action="store_true", help="recompute even what is up to date")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "stats",
-        help="results.zarr -> particle labels, particles.csv, figures",
-        description="Segment every reduced scan into particles (or use the manifest's masks), "
-        "write label to results.zarr, per-particle statistics to <output>/particles.csv and "
-        "figures to <output>/figures/.",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
-    p.add_argument("--force", action="store_true", help="redo even what is up to date")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "train",
-        help="train the autoencoder on a sample of all particles -> <output>/features/model",
-        description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
-        "across all particles of the beamtime; write weights + JSON metadata.",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
-    p.add_argument("--force", action="store_true", help="retrain even if up to date")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "encode",
-        help="encode every pixel on the dask workers -> latent(y, x, feature)",
-        description="Encode the pattern of every pixel with signal into latent vectors with a "
-        "trained checkpoint (distributed; CPU or GPU workers).",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
-    p.add_argument("--checkpoint", help="default: [features] checkpoint or <output>/features/model")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
-    p.add_argument("--force", action="store_true", help="re-encode even if up to date")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "cluster",
-        help="k-means over the latent vectors of all particles -> cluster, clusters.csv",
-        description="Cluster the latent vectors of every pixel inside a particle of all scans "
-        "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
-        "maps, <output>/clusters.csv and figures.",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
-    p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
-    p.add_argument("--force", action="store_true", help="recluster even if up to date")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    _add_cluster_args(p)
-
-    p = _manifest_parser(
-        sub,
-        "analyze",
-        help="cluster rocking curves, mean patterns, domains vs boundaries",
-        description="Per-cluster rocking curves and mean 3D patterns, domains vs boundaries "
-        "between clusters: <output>/analysis.zarr, region(y, x), regions.csv, figures.",
-    )
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
-    p.add_argument(
-        "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
-    )
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    p.add_argument("--force", action="store_true", help="redo even if up to date")
-    _add_cluster_args(p)
-
+    for info in STAGES:
+        if info.name != "report":
+            _stage_parser(sub, info)
     p = _manifest_parser(
         sub,
         "status",
@@ -205,13 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         "since), failed (in the last run) or not run, from the outputs alone.",
     )
 
-    p = _manifest_parser(
-        sub,
-        "report",
-        help="write <output>/report/index.html from what the stages wrote",
-        description="Write the self-contained HTML report of a beamtime (maps, statistics, "
-        "clusters, analysis, provenance) from the results that exist; `spndi run` writes it too.",
-    )
+    _stage_parser(sub, stage_info("report"))
 
     p = _manifest_parser(
         sub,
@@ -266,69 +207,124 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         yield session.client
 
 
-def _print_ingest(summary: dict[str, dict[str, Any]], raw_zarr: Path) -> None:
-    print(f"\n{'particle':<16}{'status':<14}{'angles':>8}{'raw GB':>10}")
-    for name, s in summary.items():
-        raw = s.get("raw_bytes", 0) / 1e9
-        print(f"{name:<16}{s['status']:<14}{s.get('angles_written', 0):>8}{raw:>10.3f}")
-    print(f"raw.zarr: {raw_zarr} ({_du(raw_zarr) / 1e6:.1f} MB on disk)")
+def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[Any, int]]) -> None:
+    """One row per particle: name, status and ``columns``.
 
+    ``columns`` maps a header to ``(summary key or function of the summary, width)``; width 0
+    is a last free-width column.
+    """
 
-def _print_reduce(summary: dict[str, dict[str, Any]], results: Path) -> None:
-    print(f"\n{'particle':<16}{'status':<14}{'valid px':>9}{'drift':>11}{'seconds':>9}  ROI")
+    def cell(text: Any, width: int) -> str:
+        return f"{text!s:>{width}}" if width else f"  {text}"
+
+    print(
+        f"\n{'particle':<16}{'status':<14}" + "".join(cell(h, w) for h, (_, w) in columns.items())
+    )
     for name, s in summary.items():
-        print(
-            f"{name:<16}{s['status']:<14}{s.get('valid_pixels', ''):>9}"
-            f"{s.get('drift_method', ''):>11}{s.get('seconds', ''):>9}  {s.get('roi', '')}"
+        cells = "".join(
+            cell(get(s) if callable(get) else s.get(get, ""), w) for get, w in columns.values()
         )
+        print(f"{name:<16}{s['status']:<14}{cells}")
         for w in s.get("warnings", []):
             print(f"  warning: {w}")
-        if "error" in s:
-            print(f"  error: {s['error']}")
-    print(f"results: {results} (open with xarray.open_datatree(path, engine='zarr'))")
+        for key in ("warning", "error"):
+            if key in s:
+                print(f"  {key}: {s[key]}")
 
 
-def _cmd_reduce(args: argparse.Namespace) -> int:
-    from spndi_dask.config import load_manifest
-    from spndi_dask.reduce import reduce, results_path
-
-    manifest = load_manifest(args.manifest)
-    with _client(args):
-        summary = reduce(manifest, particles=args.particles, force=args.force, progress=True)
-    _print_reduce(summary, results_path(manifest.output_dir))
-    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
-
-
-def _print_notes(s: dict[str, Any]) -> None:
-    for key in ("warning", "error"):
-        if key in s:
-            print(f"  {key}: {s[key]}")
+def _print_ingest(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
+    _print_table(
+        summary,
+        {
+            "angles": (lambda s: s.get("angles_written", 0), 8),
+            "raw GB": (lambda s: f"{s.get('raw_bytes', 0) / 1e9:.3f}", 10),
+        },
+    )
+    print(f"raw.zarr: {out.raw} ({_du(out.raw) / 1e6:.1f} MB on disk)")
 
 
-class _StageFailed(Exception):
-    """A stage refused its input (message already printed)."""
+def _print_reduce(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
+    _print_table(
+        summary,
+        {
+            "valid px": ("valid_pixels", 9),
+            "drift": ("drift_method", 11),
+            "seconds": ("seconds", 9),
+            "ROI": ("roi", 0),
+        },
+    )
+    print(f"results: {out.results} (open with xarray.open_datatree(path, engine='zarr'))")
 
 
-def _on_client(args: argparse.Namespace, run: Any, errors: tuple[type[Exception], ...]) -> Any:
-    """``run()`` under the command's dask client; ``errors`` print and raise _StageFailed."""
-    with _client(args):
-        try:
-            return run()
-        except errors as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise _StageFailed from None
+def _print_stats(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
+    _print_table(summary, {"labels": ("labels", 7), "method": ("method", 0)})
+    print(f"table: {out.particles_csv}\nfigures: {out.figures}")
 
 
-def _exit_code(summary: dict[str, dict[str, Any]]) -> int:
-    return 1 if any(s["status"] == "failed" for s in summary.values()) else 0
+def _print_epoch(row: dict[str, Any]) -> None:
+    print(
+        f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
+        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s)",
+        flush=True,
+    )
 
 
-def _print_stats(summary: dict[str, dict[str, Any]], output: Path) -> None:
-    print(f"\n{'particle':<16}{'status':<14}{'labels':>7}  method")
-    for name, s in summary.items():
-        print(f"{name:<16}{s['status']:<14}{s.get('labels', ''):>7}  {s.get('method', '')}")
-        _print_notes(s)
-    print(f"table: {output / 'particles.csv'}\nfigures: {output / 'figures'}")
+def _print_train(s: dict[str, Any], out: OutputLayout) -> None:
+    if s["status"] == Outcome.UP_TO_DATE:
+        print(f"model up to date: {s['checkpoint']}")
+        return
+    if s["status"] == Outcome.NOT_NEEDED:
+        print(f"training not needed: {s.get('note', '')}")
+        return
+    print(
+        f"trained on {s['n_train']} patterns (+{s['n_val']} validation), {s['epochs']} epochs, "
+        f"best validation loss {s['best_val_loss']:.4g} at epoch {s['best_epoch']}, "
+        f"{s['seconds']} s on {s['device']}\ncheckpoint: {s['checkpoint']}"
+    )
+
+
+def _print_encode(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
+    _print_table(summary, {"pixels": ("pixels", 8), "seconds": ("seconds", 9)})
+
+
+def _print_cluster(s: dict[str, Any], out: OutputLayout) -> None:
+    if s["status"] == Outcome.UP_TO_DATE:
+        print(f"clusters up to date (K = {s['k']})")
+        return
+    sil = s.get("silhouette", {})
+    print(
+        f"K = {s['k']} ({s['k_source']}), inertia {s['inertia']:.4g}"
+        + (f", silhouette {sil[s['k']]:.3f}" if s["k"] in sil else "")
+        + f", {sum(s['pixels'].values())} pixels, {s['seconds']} s"
+    )
+    print(f"\n{'particle':<16}{'pixels':>8}")
+    for name, n in s["pixels"].items():
+        print(f"{name:<16}{n:>8}")
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}")
+    print(f"table: {out.clusters_csv}\nfigures: {out.figures}")
+
+
+def _print_analyze(s: dict[str, Any], out: OutputLayout) -> None:
+    if s["status"] == Outcome.UP_TO_DATE:
+        print(f"analysis up to date: {out.analysis}")
+        return
+    print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
+    for name, (dom, bnd) in s["regions"].items():
+        print(f"{name:<16}{dom:>10}{bnd:>12}")
+    print(f"analysis: {s['analysis']}\ntable: {s['table']}")
+
+
+# the console summary of each stage of the table but report
+_PRINTERS: dict[str, Callable[[Any, OutputLayout], None]] = {
+    "ingest": _print_ingest,
+    "reduce": _print_reduce,
+    "stats": _print_stats,
+    "train": _print_train,
+    "encode": _print_encode,
+    "cluster": _print_cluster,
+    "analyze": _print_analyze,
+}
 
 
 def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
@@ -348,105 +344,23 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
     )
 
 
-def _stage(
-    args: argparse.Namespace, stage: str, errors: tuple[type[Exception], ...]
-) -> tuple[Any, Any]:
-    """``(manifest, summary)`` of one pipeline stage run on the command's client."""
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """``spndi <stage>``: one stage of the pipeline on the command's client, then its summary.
+
+    Exit code 1 when the stage failed for a particle scan (the others are done); a stage that
+    refuses its input raises a StageError, which :func:`main` prints with exit code 2.
+    """
     from spndi_dask.config import load_manifest
     from spndi_dask.pipeline import STAGE_FUNCTIONS
 
+    info = stage_info(args.command)
     manifest = load_manifest(args.manifest)
     options = _run_options(args)
-    run = STAGE_FUNCTIONS[stage]
-    return manifest, _on_client(args, lambda: run(manifest, None, options, args.particles), errors)
-
-
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from spndi_dask.particles import ParticleError
-
-    manifest, summary = _stage(args, "stats", (ParticleError,))
-    _print_stats(summary, manifest.output_dir)
-    return _exit_code(summary)
-
-
-def _print_epoch(row: dict[str, Any]) -> None:
-    print(
-        f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
-        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s)",
-        flush=True,
-    )
-
-
-def _print_train(s: dict[str, Any]) -> None:
-    if s["status"] == "up to date":
-        print(f"model up to date: {s['checkpoint']}")
-        return
-    print(
-        f"trained on {s['n_train']} patterns (+{s['n_val']} validation), {s['epochs']} epochs, "
-        f"best validation loss {s['best_val_loss']:.4g} at epoch {s['best_epoch']}, "
-        f"{s['seconds']} s on {s['device']}\ncheckpoint: {s['checkpoint']}"
-    )
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from spndi_dask.features import CheckpointError, FeatureError
-
-    _print_train(_stage(args, "train", (FeatureError, CheckpointError))[1])
-    return 0
-
-
-def _print_encode(summary: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{'particle':<16}{'status':<14}{'pixels':>8}{'seconds':>9}")
-    for name, s in summary.items():
-        print(f"{name:<16}{s['status']:<14}{s.get('pixels', ''):>8}{s.get('seconds', ''):>9}")
-        _print_notes(s)
-
-
-def _cmd_encode(args: argparse.Namespace) -> int:
-    from spndi_dask.features import CheckpointError, FeatureError
-
-    summary = _stage(args, "encode", (FeatureError, CheckpointError))[1]
-    _print_encode(summary)
-    return _exit_code(summary)
-
-
-def _print_cluster(s: dict[str, Any], output: Path) -> None:
-    if s["status"] == "up to date":
-        print(f"clusters up to date (K = {s['k']})")
-        return
-    sil = s.get("silhouette", {})
-    print(
-        f"K = {s['k']} ({s['k_source']}), inertia {s['inertia']:.4g}"
-        + (f", silhouette {sil[s['k']]:.3f}" if s["k"] in sil else "")
-        + f", {sum(s['pixels'].values())} pixels, {s['seconds']} s"
-    )
-    print(f"\n{'particle':<16}{'pixels':>8}")
-    for name, n in s["pixels"].items():
-        print(f"{name:<16}{n:>8}")
-    for w in s.get("warnings", []):
-        print(f"  warning: {w}")
-    print(f"table: {output / 'clusters.csv'}\nfigures: {output / 'figures'}")
-
-
-def _cmd_cluster(args: argparse.Namespace) -> int:
-    from spndi_dask.cluster import ClusterError
-
-    manifest, s = _stage(args, "cluster", (ClusterError,))
-    _print_cluster(s, manifest.output_dir)
-    return 0
-
-
-def _print_analyze(s: dict[str, Any]) -> None:
-    print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
-    for name, (dom, bnd) in s["regions"].items():
-        print(f"{name:<16}{dom:>10}{bnd:>12}")
-    print(f"analysis: {s['analysis']}\ntable: {s['table']}")
-
-
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from spndi_dask.analysis import AnalysisError
-
-    _print_analyze(_stage(args, "analyze", (AnalysisError,))[1])
+    with _client(args):
+        summary = STAGE_FUNCTIONS[info.name](manifest, None, options, args.particles)
+    _PRINTERS[info.name](summary, OutputLayout(manifest.output_dir))
+    if info.per_particle:
+        return 1 if any(s["status"] == Outcome.FAILED for s in summary.values()) else 0
     return 0
 
 
@@ -478,12 +392,12 @@ def _cmd_export_ply(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.io.lock import read_lock
-    from spndi_dask.status import STAGES, scan_status
+    from spndi_dask.status import STATUS_STAGES, scan_status
 
     manifest = load_manifest(args.manifest)
     table = scan_status(manifest)
     print(f"{manifest.name}: {manifest.output_dir}")
-    print(f"{'particle':<16}" + "".join(f"{s:<11}" for s in STAGES))
+    print(f"{'particle':<16}" + "".join(f"{s:<11}" for s in STATUS_STAGES))
     notes = []
     for name, stages in table.items():
         print(f"{name:<16}" + "".join(f"{state:<11}" for state, _ in stages.values()))
@@ -525,23 +439,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     print(f"manifest: {out / 'beamtime.toml'}\nground truth: {out / 'ground_truth'}")
     return 0 if manifest else 1
-
-
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    from spndi_dask.config import load_manifest
-    from spndi_dask.ingest import IngestError, ingest
-    from spndi_dask.io.raw_store import raw_path
-
-    manifest = load_manifest(args.manifest)
-    with _client(args):
-        try:
-            summary = ingest(manifest, particles=args.particles, force=args.force, progress=True)
-        except IngestError as exc:
-            _print_ingest(getattr(exc, "summary", {}), raw_path(manifest.output_dir))
-            print(f"\nerror: {exc}", file=sys.stderr)
-            return 1
-    _print_ingest(summary, raw_path(manifest.output_dir))
-    return 0
 
 
 def _print_summary(results: list[Any]) -> None:
@@ -647,26 +544,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    commands = {
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _cmd_demo,
         "run": _cmd_run,
         "simulate": _cmd_simulate,
-        "ingest": _cmd_ingest,
-        "reduce": _cmd_reduce,
-        "stats": _cmd_stats,
-        "train": _cmd_train,
-        "encode": _cmd_encode,
-        "cluster": _cmd_cluster,
-        "analyze": _cmd_analyze,
-        "export-ply": _cmd_export_ply,
+        **{s.name: _cmd_stage for s in STAGES},
         "report": _cmd_report,
+        "export-ply": _cmd_export_ply,
         "status": _cmd_status,
     }
     try:
         return commands[args.command](args)
-    except _StageFailed:
-        return 2
     except (
+        StageError,
         ManifestError,
         ConnectionError,
         FileNotFoundError,

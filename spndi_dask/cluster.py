@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import dask
@@ -32,7 +31,9 @@ import numpy as np
 from spndi_dask._version import __version__
 from spndi_dask.cluster_setup import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
+from spndi_dask.io.layout import OutputLayout
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
     "ClusterError",
@@ -49,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ClusterError(ValueError):
+class ClusterError(StageError, ValueError):
     """Clustering cannot run on these inputs (no latent vectors, K too large...)."""
 
 
@@ -297,7 +298,7 @@ def cluster(
     for name in names:
         try:
             ds = open_results(root, name)
-        except (FileNotFoundError, RuntimeError) as exc:
+        except (FileNotFoundError, StageError) as exc:
             raise ClusterError(f"particle '{name}': {exc}") from None
         if "latent" not in ds or not ds.attrs.get("features"):
             raise ClusterError(f"particle '{name}' has no latent vectors; run `spndi encode` first")
@@ -340,7 +341,7 @@ def cluster(
         and meta.get("fingerprint") == key
         and all(datasets[n].attrs.get("cluster", {}).get("fingerprint") == key for n in names)
     ):
-        return {"status": "up to date", "k": meta.get("k"), "seconds": 0.0}
+        return {"status": Outcome.UP_TO_DATE, "k": meta.get("k"), "seconds": 0.0}
     offset, scale = scaling(x, settings.standardize)
     xs = (x - offset) / scale
     rng = np.random.default_rng(settings.seed)
@@ -426,8 +427,8 @@ def cluster(
         {m: np.concatenate(v) for m, v in pooled_maps.items()},
         chosen,
     )
-    out = Path(manifest.output_dir)
-    write_csv(out / "clusters.csv", rows)
+    table = OutputLayout(manifest.output_dir).clusters_csv
+    write_csv(table, rows)
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:
         from spndi_dask import plot
@@ -435,7 +436,7 @@ def cluster(
         plot.cluster_figures(manifest, info_root, {n: open_results(root, n) for n in names})
     logger.info("k-means K=%d (%s) over %d pixels of %d scans", chosen, source, total, len(names))
     return {
-        "status": "clustered",
+        "status": Outcome.CLUSTERED,
         "k": chosen,
         "k_source": source,
         "inertia": best.inertia,
@@ -444,5 +445,5 @@ def cluster(
         "pixels": summary_pixels,
         "seconds": round(time.perf_counter() - t0, 2),
         "warnings": warnings,
-        "table": str(out / "clusters.csv"),
+        "table": str(table),
     }

@@ -46,13 +46,14 @@ from spndi_dask.io.sources import (
     read_vector,
     sha256_file,
 )
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["IngestError", "IngestPlan", "ingest", "plan_particle"]
 
 logger = logging.getLogger(__name__)
 
 
-class IngestError(ValueError):
+class IngestError(StageError, ValueError):
     """An input problem that stops a particle's ingest; the message names the file and the fix."""
 
 
@@ -442,13 +443,13 @@ def ingest(
             plans.append(plan_particle(manifest, p, force=force))
         except IngestError as exc:
             logger.error("%s", exc)
-            summary[p.name] = {"status": "failed", "angles_written": 0, "error": str(exc)}
+            summary[p.name] = {"status": Outcome.FAILED, "angles_written": 0, "error": str(exc)}
     raw_path(manifest.output_dir).mkdir(parents=True, exist_ok=True)
     work: list[tuple[IngestPlan, int, int]] = []
     tasks: list[Any] = []
     for plan in plans:
         if not plan.todo:
-            summary[plan.name] = {"status": "up to date", "angles_written": 0, "seconds": 0.0}
+            summary[plan.name] = {"status": Outcome.UP_TO_DATE, "angles_written": 0, "seconds": 0.0}
             continue
         if plan.fresh:
             create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
@@ -485,12 +486,16 @@ def ingest(
                         else f"particle '{plan.name}': {exc}"
                     )
                     logger.error("%s", msg)
-                    summary[plan.name] = {"status": "failed", "angles_written": 0, "error": msg}
+                    summary[plan.name] = {
+                        "status": Outcome.FAILED,
+                        "angles_written": 0,
+                        "error": msg,
+                    }
         else:
             for plan, lo, hi in work:
                 _finalize(plan, results[lo:hi])
                 summary[plan.name] = _ok(plan, seconds)
-    failed = {k: v for k, v in summary.items() if v["status"] == "failed"}
+    failed = {k: v for k, v in summary.items() if v["status"] == Outcome.FAILED}
     if failed:
         err = IngestError(
             f"ingest failed for {len(failed)} of {len(selected)} particle(s):\n"
@@ -503,7 +508,7 @@ def ingest(
 
 def _ok(plan: IngestPlan, seconds: float) -> dict[str, Any]:
     return {
-        "status": "ingested",
+        "status": Outcome.INGESTED,
         "angles_written": len(plan.todo),
         "seconds": seconds,
         "raw_bytes": int(np.prod(plan.layout.shape)) * plan.layout.dtype.itemsize,

@@ -43,8 +43,10 @@ from scipy import ndimage
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest, SegmentSettings
+from spndi_dask.io.layout import OutputLayout, atomic_path
 from spndi_dask.io.results_store import mark_complete, replace_array
 from spndi_dask.io.sources import SourceError
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
     "MAPS",
@@ -65,7 +67,7 @@ STATS = ("mean", "std", "median", "p5", "p25", "p75", "p95")
 _PERCENTILES = {"p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95}
 
 
-class ParticleError(ValueError):
+class ParticleError(StageError, ValueError):
     """A segmentation input that cannot be used (message names the file/field and the fix)."""
 
 
@@ -439,14 +441,12 @@ def _fmt(v: Any) -> Any:
 
 
 def _write_table(path: Path, order: list[str], rows: dict[str, list[dict[str, Any]]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for name in order:
             for row in rows.get(name, []):
                 writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
-    tmp.replace(path)
 
 
 def stats(
@@ -479,7 +479,7 @@ def stats(
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]
     wanted = manifest.select_particles(particles, error=ParticleError)
-    table_path = Path(manifest.output_dir) / "particles.csv"
+    table_path = OutputLayout(manifest.output_dir).particles_csv
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Any] = {}
@@ -487,10 +487,13 @@ def stats(
     for name in order:
         try:
             ds = open_results(manifest.output_dir, name)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, StageError) as exc:
             if name in wanted:
                 logger.error("particle '%s': %s", name, exc)
-                summary[name] = {"status": "failed", "error": f"{exc}; run `spndi reduce` first"}
+                summary[name] = {
+                    "status": Outcome.FAILED,
+                    "error": f"{exc}; run `spndi reduce` first",
+                }
             continue
         fp = _fingerprint(manifest, name, ds)
         info = ds.attrs.get("particles", {})
@@ -498,7 +501,10 @@ def stats(
         if current and (not force or name not in wanted):
             opened[name] = (ds, np.asarray(ds["label"].values))
             if name in wanted:
-                summary[name] = {"status": "up to date", "labels": int(info.get("n_labels", 0))}
+                summary[name] = {
+                    "status": Outcome.UP_TO_DATE,
+                    "labels": int(info.get("n_labels", 0)),
+                }
             continue
         if name not in wanted:
             continue
@@ -506,10 +512,10 @@ def stats(
             labels, how = _segment_scan(manifest, name, ds, manifest.segment)
         except (ParticleError, SourceError, OSError) as exc:
             logger.error("%s", exc)
-            summary[name] = {"status": "failed", "error": str(exc)}
+            summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
             continue
         opened[name] = (ds, labels)
-        summary[name] = {"status": "done", "labels": int(labels.max()), "method": how}
+        summary[name] = {"status": Outcome.DONE, "labels": int(labels.max()), "method": how}
         y, x = np.asarray(ds["y"].values), np.asarray(ds["x"].values)
         dy = float(np.median(np.diff(y))) if len(y) > 1 else 1.0
         dx = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
@@ -533,7 +539,7 @@ def stats(
                 msg = "no particle found in the scan"
                 logger.warning("particle '%s': %s (check [segment] or give a mask)", name, msg)
                 rows = [{"particle": name, "label": "", "pixels": 0, "warning": msg}]
-                summary[name].update(status="no particle", warning=msg)
+                summary[name].update(status=Outcome.NO_PARTICLE, warning=msg)
             table[name] = rows
             info = {
                 "fingerprint": fp,
@@ -547,7 +553,7 @@ def stats(
             _write_labels(root / name, labels, info)
     table = {k: v for k, v in table.items() if k in opened or k not in order}
     _write_table(table_path, order, table)
-    fig_dir = Path(manifest.output_dir) / "figures"
+    fig_dir = OutputLayout(manifest.output_dir).figures
     stale = bool(jobs) or not (fig_dir / "beamtime_overview.png").exists()
     if figures and opened and stale:
         from spndi_dask import plot

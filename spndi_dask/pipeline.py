@@ -1,11 +1,12 @@
 """``spndi run``: every stage for every particle of a beamtime under one dask client.
 
-Stages, in order: ingest → reduce → stats (particles) → train → encode → cluster → analyze →
-report. Each is a function of ``(manifest, client, options)`` returning the stage's summary;
-:func:`run` calls them in order, passes on only the particles that succeeded upstream (one
-failing particle never stops the others), skips what depends on a failed stage, and returns one
-:class:`StageResult` per stage for the summary table. Each stage skips work that is already up to
-date (its own fingerprints), so a re-run only does what is new.
+Stages, in the order of :data:`spndi_dask.stages.STAGES`: ingest → reduce → stats (particles)
+→ train → encode → cluster → analyze → report. Each is a function of ``(manifest, client,
+options)`` returning the stage's summary; :func:`run` calls them in order, passes on only the
+particles that succeeded upstream (one failing particle never stops the others), skips what
+depends on a failed stage, and returns one :class:`StageResult` per stage for the summary
+table. Each stage skips work that is already up to date (its own fingerprints), so a re-run only
+does what is new.
 
 A run writes ``<output>/logs/run-<time>.log`` (this process and, forwarded, the workers' log
 records of ``spndi_dask``) and ``<output>/logs/run-<time>-dask.html`` (dask's
@@ -25,25 +26,21 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from spndi_dask.analysis import analyze
+from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
+from spndi_dask.features import encode, train
+from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.particles import stats
+from spndi_dask.reduce import reduce
+from spndi_dask.report import write_report
+from spndi_dask.stages import STAGES, Outcome, parse_stages
+from spndi_dask.stages import stage as stage_info
 from spndi_dask.status import write_last_run
 
 __all__ = ["STAGES", "RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("ingest", "reduce", "stats", "train", "encode", "cluster", "analyze", "report")
-ALIASES = {"particles": "stats", "segment": "stats", "features": "encode", "analysis": "analyze"}
-# what each stage needs from earlier stages (a failed need skips it)
-NEEDS = {
-    "reduce": ("ingest",),
-    "stats": ("reduce",),
-    "train": ("reduce", "stats"),
-    "encode": ("reduce", "train"),
-    "cluster": ("encode", "stats"),
-    "analyze": ("cluster",),
-}
-PER_PARTICLE = ("ingest", "reduce", "stats", "encode")
 
 
 @dataclass
@@ -91,16 +88,16 @@ class StageResult:
     """One stage of a run: per-particle statuses (or ``all``), wall time and messages."""
 
     stage: str
-    status: str
+    status: Outcome
     seconds: float = 0.0
-    particles: dict[str, str] = field(default_factory=dict)
+    particles: dict[str, Outcome] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     summary: Any = None
 
     @property
     def failed(self) -> bool:
         """True when the stage failed as a whole or for any particle."""
-        return self.status == "failed" or any(s == "failed" for s in self.particles.values())
+        return self.status == Outcome.FAILED or Outcome.FAILED in self.particles.values()
 
     def rows(self) -> list[dict[str, Any]]:
         """Table rows: one per status, with the particles that have it."""
@@ -126,44 +123,10 @@ class StageResult:
         return rows
 
 
-def parse_stages(stages: list[str] | str | None) -> list[str]:
-    """Stage names in pipeline order; accepts aliases, commas and ranges like ``reduce-encode``.
-
-    Examples
-    --------
-    >>> parse_stages("encode,cluster")
-    ['encode', 'cluster']
-    >>> parse_stages(["stats-encode"])
-    ['stats', 'train', 'encode']
-    >>> parse_stages(["particles", "report"])
-    ['stats', 'report']
-    """
-    if not stages:
-        return list(STAGES)
-    items = [
-        s for part in ([stages] if isinstance(stages, str) else stages) for s in part.split(",")
-    ]
-    chosen: set[str] = set()
-    for item in (i.strip().lower() for i in items if i.strip()):
-        lo, _, hi = item.partition("-") if item.count("-") == 1 else (item, "", "")
-        lo, hi = ALIASES.get(lo, lo), ALIASES.get(hi, hi)
-        for s in (lo, hi) if hi else (lo,):
-            if s not in STAGES:
-                raise ValueError(
-                    f"unknown stage {s!r} in --stages; the stages are {', '.join(STAGES)} "
-                    f"(aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})"
-                )
-        i, j = STAGES.index(lo), STAGES.index(hi or lo)
-        chosen.update(STAGES[min(i, j) : max(i, j) + 1])
-    return [s for s in STAGES if s in chosen]
-
-
 # ---- stages: each (manifest, client, options, particles or None for all) -> summary ----------
 
 
 def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.ingest import IngestError, ingest
-
     try:
         return ingest(m, particles=names, force=o.force, progress=o.progress)
     except IngestError as exc:
@@ -173,14 +136,10 @@ def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) ->
 
 
 def _reduce(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.reduce import reduce
-
     return reduce(m, particles=names, force=o.force, progress=o.progress)
 
 
 def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.particles import stats
-
     return stats(m, particles=names, force=o.force, figures=o.figures)
 
 
@@ -189,28 +148,20 @@ def _feature_args(o: RunOptions, names: list[str] | None) -> dict[str, Any]:
 
 
 def _train(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.features import train
-
     if o.checkpoint:
-        return {"status": "not needed", "note": f"--checkpoint {o.checkpoint}"}
+        return {"status": Outcome.NOT_NEEDED, "note": f"--checkpoint {o.checkpoint}"}
     return train(m, callback=o.on_epoch, **_feature_args(o, names))
 
 
 def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.features import encode
-
     return encode(m, checkpoint=o.checkpoint, **_feature_args(o, names))
 
 
 def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.cluster import cluster
-
     return cluster(m, particles=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
 
 
 def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    from spndi_dask.analysis import analyze
-
     return analyze(
         m,
         particles=names,
@@ -221,6 +172,7 @@ def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -
     )
 
 
+# the stages of stages.STAGES that run a function (report is written from the others' results)
 STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str] | None], Any]] = {
     "ingest": _ingest,
     "reduce": _reduce,
@@ -234,16 +186,19 @@ STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str] | None
 
 def _record(stage: str, summary: Any, seconds: float) -> StageResult:
     """A StageResult from a stage's summary (per particle, or one dict for the beamtime)."""
-    if stage in PER_PARTICLE:
-        parts = {n: s["status"] for n, s in summary.items()}
+    if stage_info(stage).per_particle:
+        parts = {n: Outcome(s["status"]) for n, s in summary.items()}
         errors = {n: s["error"] for n, s in summary.items() if "error" in s}
         for n, s in summary.items():
             if "error" not in s and s.get("warning"):
                 errors[n] = s["warning"]
-        status = "failed" if parts and all(v == "failed" for v in parts.values()) else "done"
-        return StageResult(stage, status, seconds, parts, errors, summary)
+        failed = parts and all(v == Outcome.FAILED for v in parts.values())
+        return StageResult(
+            stage, Outcome.FAILED if failed else Outcome.DONE, seconds, parts, errors, summary
+        )
     note = summary.get("note") or "; ".join(summary.get("warnings", []))
-    return StageResult(stage, summary.get("status", "done"), seconds, {}, {"all": note}, summary)
+    status = Outcome(summary.get("status", Outcome.DONE))
+    return StageResult(stage, status, seconds, {}, {"all": note}, summary)
 
 
 def run(
@@ -282,15 +237,15 @@ def run(
     for i, stage in enumerate(chosen, 1):
         if on_stage:
             on_stage(stage, i, len(chosen))
-        blocked = [s for s in NEEDS.get(stage, ()) if s in failed_stages]
+        blocked = [s for s in stage_info(stage).needs if s in failed_stages]
         if blocked:
             note = f"needs {', '.join(blocked)}, which failed"
             logger.warning("stage %s skipped: %s", stage, note)
-            results.append(StageResult(stage, "skipped", errors={"all": note}))
+            results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
             failed_stages.add(stage)
             continue
         if not ok and stage != "report":
-            results.append(StageResult(stage, "skipped", errors={"all": "no particle left"}))
+            results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": "no particle left"}))
             failed_stages.add(stage)
             continue
         t0 = time.perf_counter()
@@ -303,11 +258,12 @@ def run(
                 res = _record(stage, summary, time.perf_counter() - t0)
         except Exception as exc:  # a stage's failure is reported, the run goes on
             logger.exception("stage %s failed", stage)
-            res = StageResult(stage, "failed", time.perf_counter() - t0, errors={"all": str(exc)})
+            seconds = time.perf_counter() - t0
+            res = StageResult(stage, Outcome.FAILED, seconds, errors={"all": str(exc)})
         results.append(res)
-        if res.status == "failed":
+        if res.status == Outcome.FAILED:
             failed_stages.add(stage)
-        bad = {n for n, s in res.particles.items() if s == "failed"}
+        bad = {n for n, s in res.particles.items() if s == Outcome.FAILED}
         if bad:
             logger.warning("stage %s failed for %s; they skip later stages", stage, sorted(bad))
             ok = [n for n in ok if n not in bad]
@@ -325,13 +281,15 @@ def run(
 
 
 def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> StageResult:
-    from spndi_dask.report import write_report
-
     start = time.perf_counter()
     timings = [row for r in done for row in r.rows()]
     path = write_report(manifest, timings=timings, run_info=o.run_info)
     return StageResult(
-        "report", "written", time.perf_counter() - start, errors={"all": str(path)}, summary=path
+        "report",
+        stage_info("report").made,
+        time.perf_counter() - start,
+        errors={"all": str(path)},
+        summary=path,
     )
 
 

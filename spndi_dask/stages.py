@@ -14,7 +14,7 @@ Examples
 ['ingest', 'reduce', 'stats', 'encode']
 >>> stage("features").name, stage("encode").needs
 ('encode', ('reduce', 'train'))
->>> Outcome.REDUCED == "reduced", f"{Outcome.UP_TO_DATE}", Outcome.FAILED.failed
+>>> Outcome.REDUCED == "reduced", f"{Outcome.UP_TO_DATE}", Outcome("failed") is Outcome.FAILED
 (True, 'up to date', True)
 """
 
@@ -47,7 +47,8 @@ class StageError(Exception):
 class Outcome(str, Enum):
     """How a stage ended, for one particle scan or for the beamtime (``summary["status"]``).
 
-    A ``str`` subclass: it compares equal to, prints as and serialises to its value.
+    A ``str`` subclass: it compares equal to, prints, shows and serialises as its value (so
+    summaries read as before and JSON records stay plain strings).
     """
 
     INGESTED = "ingested"
@@ -66,13 +67,11 @@ class Outcome(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:
+        return repr(self.value)
+
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
-
-    @property
-    def failed(self) -> bool:
-        """True for an outcome that stops the later stages of that particle (or the run)."""
-        return self in (Outcome.FAILED, Outcome.SKIPPED)
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
+from spndi_dask.features.checkpoint import file_digest
+from spndi_dask.io.layout import OutputLayout, write_text_atomic
+from spndi_dask.stages import status_stages
 
-__all__ = ["LAST_RUN", "STAGES", "read_attrs", "scan_status", "write_last_run"]
+__all__ = ["STATUS_STAGES", "read_attrs", "scan_status", "write_last_run"]
 
-STAGES = ("ingest", "reduce", "stats", "features", "cluster", "analysis")
-# pipeline stage names -> status stage names
-PIPELINE_STAGE = {"encode": "features", "analyze": "analysis"}
-NEEDS = {
-    "reduce": ("ingest",),
-    "stats": ("reduce",),
-    "features": ("reduce",),
-    "cluster": ("stats", "features"),
-    "analysis": ("cluster",),
+# the columns of `spndi status`: the stages that record completion per scan (stages.STAGES)
+STATUS_STAGES = tuple(s.name for s in status_stages())
+# what each column needs among the columns (train has none: encode checks the model's digest)
+_NEEDS = {
+    s.name: tuple(n for n in s.needs if n in STATUS_STAGES) for s in status_stages() if s.needs
 }
-LAST_RUN = Path("logs") / "last-run.json"
+_KEY = {s.name: s.attrs_key for s in status_stages()}
 
 
 def read_attrs(group: Path) -> dict[str, Any] | None:
@@ -41,23 +40,20 @@ def read_attrs(group: Path) -> dict[str, Any] | None:
 
 def write_last_run(output_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``<output>/logs/last-run.json`` in one move."""
-    path = Path(output_dir) / LAST_RUN
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(
+        OutputLayout(output_dir).last_run, json.dumps(record, indent=1, default=str)
+    )
 
 
 def _failures(output_dir: Path) -> dict[tuple[str, str], str]:
     """``(stage, particle or 'all') -> error`` of the last run."""
     try:
-        record = json.loads((Path(output_dir) / LAST_RUN).read_text())
+        record = json.loads(OutputLayout(output_dir).last_run.read_text())
     except (OSError, ValueError):
         return {}
     out = {}
     for s in record.get("stages", []):
-        stage = PIPELINE_STAGE.get(s["stage"], s["stage"])
+        stage = s["stage"]
         for name, state in (s.get("particles") or {"all": s.get("status")}).items():
             if state == "failed":
                 out[(stage, name)] = (s.get("errors") or {}).get(name) or "failed"
@@ -81,9 +77,7 @@ def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str 
 
 
 def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
-    from spndi_dask.features.checkpoint import file_digest
-
-    info = node.get("features") or {}
+    info = node.get(_KEY["encode"]) or {}
     path = info.get("checkpoint")
     if not path or not Path(path).exists():
         return info.get("checkpoint_sha256"), None
@@ -97,23 +91,22 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
     ingest, an upstream stage redone or stale, the model since encoding, the clustering since
     a scan's clusters or analysis.
     """
-    out_dir = manifest.output_dir
-    results = out_dir / "results.zarr"
-    root = read_attrs(results) or {}
+    out = OutputLayout(manifest.output_dir)
+    root = read_attrs(out.results) or {}
     clusters = root.get("clusters") or {}
-    analysis = read_attrs(out_dir / "analysis.zarr") or {}
-    failures = _failures(out_dir)
+    analysis = read_attrs(out.analysis) or {}
+    failures = _failures(out.root)
     digests: dict[str, tuple[str | None, str | None]] = {}
     table: dict[str, dict[str, tuple[str, str]]] = {}
     for p in manifest.particles:
         name = p.name
-        raw = read_attrs(out_dir / "raw.zarr" / name)
-        node = read_attrs(results / name) or {}
+        raw = read_attrs(out.raw_node(name))
+        node = read_attrs(out.node(name)) or {}
         st: dict[str, tuple[str, str]] = {}
-        for stage in STAGES:
+        for stage in STATUS_STAGES:
             state, note = _state(manifest, name, stage, raw, node, clusters, analysis, digests)
             if state in ("done", "stale"):
-                for need in NEEDS.get(stage, ()):
+                for need in _NEEDS.get(stage, ()):
                     if st[need][0] != "done" and state == "done":
                         state, note = "stale", f"{need} is {st[need][0]}"
             if state != "done" and (stage, name) in failures:
@@ -138,23 +131,23 @@ def _state(
     if stage == "ingest":
         if raw is None:
             return "not run", ""
-        if not (raw.get("spndi_dask") or {}).get("complete"):
+        if not (raw.get(_KEY["ingest"]) or {}).get("complete"):
             return "incomplete", "an ingest was interrupted: `spndi ingest` resumes it"
         changed = _sources_changed(manifest, name, raw)
         return ("stale", changed) if changed else ("done", "")
     if stage == "reduce":
-        meta = node.get("spndi_dask") or {}
+        meta = node.get(_KEY["reduce"]) or {}
         if not meta:
             return "not run", ""
         if raw and str(raw.get("ingested_at", "")) > str(node.get("reduced_at", "~")):
             return "stale", "ingested again after it was reduced"
         return "done", ""
     if stage == "stats":
-        return ("done", "") if node.get("particles") else ("not run", "")
-    if stage == "features":
-        if not node.get("features"):
+        return ("done", "") if node.get(_KEY["stats"]) else ("not run", "")
+    if stage == "encode":
+        if not node.get(_KEY["encode"]):
             return "not run", ""
-        ckpt = (node.get("features") or {}).get("checkpoint", "")
+        ckpt = (node.get(_KEY["encode"]) or {}).get("checkpoint", "")
         if ckpt not in digests:
             digests[ckpt] = _checkpoint_digest(node)
         used, now = digests[ckpt]
@@ -162,13 +155,13 @@ def _state(
             return "stale", "the model was retrained after encoding"
         return "done", ""
     if stage == "cluster":
-        info = node.get("cluster") or {}
+        info = node.get(_KEY["cluster"]) or {}
         if not info:
             return "not run", ""
         if info.get("fingerprint") != clusters.get("fingerprint"):
             return "stale", "the joint clustering changed (other particles or settings)"
         return "done", ""
-    info = node.get("analysis") or {}  # analysis
+    info = node.get(_KEY["analyze"]) or {}  # analyze
     if not info:
         return "not run", ""
     if info.get("fingerprint") and info.get("fingerprint") != analysis.get("fingerprint"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+from contextlib import contextmanager
 
 import dask.array as da
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from spndi_dask.analysis import analyze
+from spndi_dask.cli import main
 from spndi_dask.cluster import (
     ClusterError,
     assign,
@@ -156,6 +158,31 @@ def test_bad_input(encoded):
             cluster(m, k=2, force=True)
     finally:
         encode(m, particles=["p2"], force=True)
+
+
+@contextmanager
+def _incomplete(node):
+    """The reduce result ``node`` reads as incomplete (an interrupted reduce) inside the block."""
+    g = zarr.open_group(str(node), mode="r+")
+    meta = dict(g.attrs["spndi_dask"])
+    g.attrs["spndi_dask"] = {**meta, "complete": False}
+    try:
+        yield
+    finally:
+        g.attrs["spndi_dask"] = meta
+
+
+def test_an_incomplete_result_is_a_stage_error_not_a_traceback(encoded, capsys):
+    _, m = encoded
+    with _incomplete(m.output_dir / "results.zarr" / "p2"):
+        with pytest.raises(ClusterError, match=r"particle 'p2': .*p2.* is incomplete"):
+            cluster(m, k=2, force=True, figures=False)
+        assert main(["cluster", str(m.source), "-k", "2", "--workers", "1"]) == 2
+        assert "is incomplete" in capsys.readouterr().err
+        # encode: that scan fails alone, the other one is encoded
+        s = encode(m, force=True)
+        assert s["p2"]["status"] == "failed" and "incomplete" in s["p2"]["error"]
+        assert s["p1"]["status"] == "encoded"
 
 
 def test_analysis_curves_patterns_and_regions(encoded):

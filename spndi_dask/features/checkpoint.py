@@ -29,6 +29,7 @@ from torch import nn
 
 from spndi_dask._version import __version__
 from spndi_dask.features.model import MODEL_KINDS, build_model
+from spndi_dask.stages import StageError
 
 __all__ = [
     "FORMAT",
@@ -42,7 +43,7 @@ __all__ = [
 FORMAT = "spndi_dask.features/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StageError, ValueError):
     """A checkpoint that cannot be used (unsafe, unreadable, or made for other data)."""
 
 

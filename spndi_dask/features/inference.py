@@ -40,6 +40,7 @@ from spndi_dask.features.train import (
     resolve_device,
 )
 from spndi_dask.io.results_store import mark_complete, replace_array
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
     "ModelPlugin",
@@ -342,16 +343,23 @@ def encode(
     for name in names:
         try:
             ds = open_results(root, name)
-        except (FileNotFoundError, RuntimeError) as exc:
-            summary[name] = {"status": "failed", "error": str(exc)}
+        except (FileNotFoundError, StageError) as exc:
+            summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
             continue
         if "pattern" not in ds:
-            summary[name] = {"status": "failed", "error": f"particle '{name}' has no patterns"}
+            summary[name] = {
+                "status": Outcome.FAILED,
+                "error": f"particle '{name}' has no patterns",
+            }
             continue
         fp = _fingerprint(ds, digest)
         done = ds.attrs.get("features", {})
         if not force and done.get("fingerprint") == fp and "latent" in ds:
-            summary[name] = {"status": "up to date", "pixels": done.get("pixels"), "seconds": 0.0}
+            summary[name] = {
+                "status": Outcome.UP_TO_DATE,
+                "pixels": done.get("pixels"),
+                "seconds": 0.0,
+            }
             continue
         valid = np.asarray(ds["valid"].values)
         mask = da.from_array(valid)
@@ -411,6 +419,6 @@ def encode(
             "version": __version__,
         }
         mark_complete(root / name, "features", info)
-        summary[name] = {**summary.get(name, {}), "status": "encoded", "pixels": encoded}
+        summary[name] = {**summary.get(name, {}), "status": Outcome.ENCODED, "pixels": encoded}
         summary[name]["seconds"] = seconds
     return summary

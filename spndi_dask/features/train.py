@@ -32,6 +32,8 @@ from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import file_digest, load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
+from spndi_dask.io.layout import OutputLayout
+from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
     "FeatureError",
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-class FeatureError(RuntimeError):
+class FeatureError(StageError, RuntimeError):
     """The feature stage cannot run on these results (nothing to train on, no patterns...)."""
 
 
@@ -57,7 +59,7 @@ def checkpoint_path(manifest: Manifest) -> Path:
     """The checkpoint ``encode`` uses: ``[features] checkpoint`` or ``<output>/features/model``."""
     if manifest.features.checkpoint:
         return manifest.resolve(manifest.features.checkpoint)
-    return manifest.output_dir / "features" / "model.safetensors"
+    return OutputLayout(manifest.output_dir).checkpoint
 
 
 def resolve_device(device: str) -> torch.device:
@@ -458,13 +460,13 @@ def train(
     dev = resolve_device(device or settings.device)
     t0 = time.perf_counter()
     draw = _draw(manifest, None, None, particles)
-    out = manifest.output_dir / "features" / "model.safetensors"
+    out = OutputLayout(manifest.output_dir).checkpoint
     key = _training_key(settings, draw)
     if not force and out.exists():
         try:
             _, meta = load_checkpoint(out)
             if meta.get("training", {}).get("key") == key:
-                return {"status": "up to date", "checkpoint": str(out), "seconds": 0.0}
+                return {"status": Outcome.UP_TO_DATE, "checkpoint": str(out), "seconds": 0.0}
         except (ValueError, OSError) as exc:  # unreadable: retrain over it
             logger.warning("existing checkpoint %s is unusable (%s); retraining", out, exc)
     sample = _read(draw, progress)
@@ -514,7 +516,7 @@ def train(
     )
     path = save_checkpoint(result.model, out, meta)
     return {
-        "status": "trained",
+        "status": Outcome.TRAINED,
         "checkpoint": str(path),
         "sha256": file_digest(path),
         "n_train": meta["training"]["n_train"],

@@ -21,11 +21,13 @@ from typing import Any
 
 import psutil
 
+from spndi_dask.io.layout import OutputLayout
+
 __all__ = ["LOCK_NAME", "LockError", "output_lock", "read_lock"]
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".spndi.lock"
+LOCK_NAME = OutputLayout("").lock.name
 
 
 class LockError(RuntimeError):
@@ -34,7 +36,7 @@ class LockError(RuntimeError):
 
 def read_lock(output_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The holder recorded in ``<output>/.spndi.lock``, or None when unlocked."""
-    path = Path(output_dir) / LOCK_NAME
+    path = OutputLayout(output_dir).lock
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -68,7 +70,7 @@ def output_lock(output_dir: str | os.PathLike[str], command: str | None = None) 
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_NAME
+    path = OutputLayout(out).lock
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -28,6 +28,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask.stages import StageError
+
 __all__ = [
     "FRAME_DIMS",
     "IncompleteError",
@@ -40,7 +42,7 @@ __all__ = [
 FRAME_DIMS = ("angle", "y", "x", "det_row", "det_col")
 
 
-class IncompleteError(RuntimeError):
+class IncompleteError(StageError, RuntimeError):
     """A raw store exists but its ingest has not finished."""
 
 

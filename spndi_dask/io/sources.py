@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from spndi_dask.stages import StageError
+
 __all__ = [
     "SourceError",
     "SourceInfo",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class SourceError(ValueError):
+class SourceError(StageError, ValueError):
     """A raw input file is missing, unreadable or inconsistent; the message names it."""
 
 
