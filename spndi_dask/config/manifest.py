@@ -46,6 +46,7 @@ from spndi_dask.config._errors import format_errors, hint
 from spndi_dask.config._toml import dump_toml
 from spndi_dask.config.geometry import GeometryOverrides, GeometrySettings
 from spndi_dask.geometry import Geometry
+from spndi_dask.io.layout import OutputLayout
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -334,6 +335,26 @@ class Manifest(SettingsModel):
     def output_dir(self) -> Path:
         """Absolute results directory."""
         return _resolve(self.base_dir, self.output)
+
+    @property
+    def layout(self) -> OutputLayout:
+        """The paths under :attr:`output_dir` (``results.zarr``, ``particles.csv``, ...).
+
+        Examples
+        --------
+        >>> m = Manifest.from_dict(
+        ...     {"name": "bt", "output": "out", "particles": [{
+        ...         "name": "p1", "frames": ["a.h5", "b.h5"], "angles_deg": [0.0, 0.1],
+        ...         "scan_shape": [2, 2], "scan_step_um": [0.1, 0.1],
+        ...         "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
+        ...                      "pixel_size_m": 55e-6, "beam_center": [8, 8]}}]},
+        ...     base_dir="/data/lco")
+        >>> m.layout
+        OutputLayout('/data/lco/out')
+        >>> m.layout.report.as_posix()
+        '/data/lco/out/report/index.html'
+        """
+        return OutputLayout(self.output_dir)
 
     @property
     def manifest_hash(self) -> str:
