@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from spndi_dask.config import Manifest, ManifestError, load_manifest
+from spndi_dask.io.layout import OutputLayout
 
 DESIGN_EXAMPLE = """
 name = "lco-2024-07"
@@ -98,6 +99,14 @@ def test_toml_round_trip_and_hash(tmp_path, base):
     changed = copy.deepcopy(base)
     changed["reduce"] = {"pattern_grid": 24}
     assert Manifest.from_dict(changed).manifest_hash != m.manifest_hash
+
+
+def test_layout_is_the_output_directory(tmp_path, base):
+    base["output"] = "out/run1"
+    m = Manifest.from_dict(base, base_dir=tmp_path)
+    assert m.layout == OutputLayout(tmp_path / "out/run1")
+    assert m.layout.results == m.output_dir / "results.zarr"
+    assert m.layout.node("p1") == tmp_path / "out/run1/results.zarr/p1"
 
 
 def test_unknown_keys_named_with_allowed_ones(base):

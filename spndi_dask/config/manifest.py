@@ -1,0 +1,422 @@
+"""The beamtime manifest (input contract): typed, validated, versioned.
+
+A beamtime is one TOML file (see ``DESIGN.md`` and the README). Paths in it are relative to the
+file. :func:`load_manifest` reads and validates it; every problem is reported at once, naming the
+key, the value and the fix, as a :class:`ManifestError`.
+
+Examples
+--------
+>>> cfg = Manifest.from_dict({
+...     "name": "bt", "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
+...                                "pixel_size_m": 55e-6, "beam_center": [32, 32]},
+...     "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
+...                    "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
+...                    "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]})
+>>> cfg.particles[0].angles.tolist()
+[-0.5, 0.0, 0.5]
+>>> cfg.particles[0].frame_paths(cfg.base_dir)[-1].name
+'angle_002.h5'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tomllib
+from pydantic import (
+    BaseModel,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from spndi_dask.config import settings
+from spndi_dask.config._base import FiniteFloat, SettingsModel
+from spndi_dask.config._errors import format_errors, hint
+from spndi_dask.config._toml import dump_toml
+from spndi_dask.config.geometry import GeometryOverrides, GeometrySettings
+from spndi_dask.geometry import Geometry
+from spndi_dask.io.layout import OutputLayout
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "AngleRange",
+    "Manifest",
+    "ManifestError",
+    "ParticleSettings",
+    "load_manifest",
+]
+
+#: Version of the manifest format this package writes and reads.
+MANIFEST_VERSION = 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ManifestError(ValueError):
+    """The manifest is invalid; the message lists every problem with its fix."""
+
+
+class AngleRange(SettingsModel):
+    """``angles_deg = { start, stop, num }``: ``num`` evenly spaced angles, both ends included."""
+
+    start: FiniteFloat
+    stop: FiniteFloat
+    num: int = Field(ge=2, description="number of rocking angles (>= 2)")
+
+    def values(self) -> np.ndarray:
+        """The angles as an array (degrees)."""
+        return np.linspace(self.start, self.stop, self.num)
+
+
+class ParticleSettings(SettingsModel):
+    """One ``[[particles]]`` entry: a scan of one particle at every rocking angle."""
+
+    name: str = Field(description="letters, digits, '_', '.', '-' (used as a Zarr node name)")
+    frames: str | list[str] = Field(
+        description="path template with {index} (0-based angle index), e.g. "
+        "'raw/p1/angle_{index:03d}.h5', or a list with one path per angle"
+    )
+    dataset: str = Field(
+        "/entry/instrument/detector/data",
+        description="HDF5 dataset of frames, shape (n_points, det_rows, det_cols)",
+    )
+    monitor: str | None = Field(None, description="HDF5 dataset of per-point incident flux")
+    xrf: str | None = Field(None, description="HDF5 dataset of per-point fluorescence")
+    angles_deg: list[FiniteFloat] | AngleRange = Field(
+        description="strictly monotonic list of angles, or {start, stop, num}"
+    )
+    scan_shape: tuple[PositiveInt, PositiveInt] = Field(description="raster [rows, cols]")
+    scan_step_um: tuple[PositiveFloat, PositiveFloat] = Field(
+        description="raster step [row, col] in µm, e.g. [0.05, 0.05]"
+    )
+    scan_order: Literal["raster", "snake"] = Field(
+        "raster", description="'raster' (row-major) or 'snake' (every other row reversed)"
+    )
+    dark: str | None = Field(None, description="HDF5 file with dark frames at the same dataset")
+    mask: str | None = Field(None, description="user mask (TIFF or .npy), nonzero = particle")
+    allow_incomplete: bool | None = Field(
+        None, description="fill missing points of aborted scans (default: [ingest] setting)"
+    )
+    geometry: GeometryOverrides = Field(
+        default_factory=dict, description="overrides of [geometry] keys for this particle"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "must start with a letter or digit and contain only letters, digits, '_', '.', '-'"
+            )
+        return v
+
+    @field_validator("angles_deg")
+    @classmethod
+    def _angles_ok(cls, v: list[float] | AngleRange) -> list[float] | AngleRange:
+        values = v.values() if isinstance(v, AngleRange) else np.asarray(v, dtype=float)
+        if values.size < 2:
+            raise ValueError("needs at least 2 rocking angles")
+        steps = np.diff(values)
+        if np.any(steps == 0):
+            i = int(np.flatnonzero(steps == 0)[0]) + 1
+            raise ValueError(f"angle {values[i]} at index {i} is duplicated; remove it")
+        if not (np.all(steps > 0) or np.all(steps < 0)):
+            i = int(np.flatnonzero(np.sign(steps) != np.sign(steps[0]))[0]) + 1
+            raise ValueError(
+                f"angles must be strictly monotonic; angle {values[i]} at index {i} breaks the "
+                "order: list them in acquisition order without going back"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _frames_match_angles(self) -> ParticleSettings:
+        n = self.angles.size
+        if isinstance(self.frames, list):
+            if len(self.frames) != n:
+                raise ValueError(
+                    f"frames lists {len(self.frames)} files but angles_deg has {n} angles; "
+                    "give one file per angle"
+                )
+        elif "{index" not in self.frames:
+            raise ValueError(
+                f"frames = {self.frames!r} has no {{index}} placeholder; use e.g. "
+                "'raw/p1/angle_{index:03d}.h5' or a list of one path per angle"
+            )
+        else:
+            try:
+                self.frames.format(index=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"frames = {self.frames!r} is not a valid template ({exc}); only the "
+                    "{index} placeholder is available"
+                ) from None
+        return self
+
+    @property
+    def angles(self) -> np.ndarray:
+        """Rocking angles in degrees, in acquisition order."""
+        if isinstance(self.angles_deg, AngleRange):
+            return self.angles_deg.values()
+        return np.asarray(self.angles_deg, dtype=float)
+
+    @property
+    def n_points(self) -> int:
+        """Scan points per angle (rows × cols)."""
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    def frame_paths(self, base_dir: Path) -> list[Path]:
+        """Absolute path of the frame file of every angle."""
+        if isinstance(self.frames, list):
+            names = self.frames
+        else:
+            names = [self.frames.format(index=i) for i in range(self.angles.size)]
+        return [_resolve(base_dir, p) for p in names]
+
+
+class Manifest(SettingsModel):
+    """A validated beamtime manifest.
+
+    Build with :func:`load_manifest` / :meth:`from_toml` (paths relative to the file) or
+    :meth:`from_dict` (paths relative to ``base_dir``).
+    """
+
+    manifest_version: int = Field(
+        MANIFEST_VERSION, description=f"manifest format version ({MANIFEST_VERSION})"
+    )
+    name: str = Field(description="beamtime name")
+    output: str = Field("results", description="results directory (relative to the manifest)")
+    geometry: GeometryOverrides = Field(
+        default_factory=dict, description="default geometry of every particle"
+    )
+    particles: list[ParticleSettings] = Field(min_length=1, description="at least one particle")
+    ingest: settings.IngestSettings = Field(default_factory=settings.IngestSettings)
+    reduce: settings.ReduceSettings = Field(default_factory=settings.ReduceSettings)
+    segment: settings.SegmentSettings = Field(default_factory=settings.SegmentSettings)
+    features: settings.FeatureSettings = Field(default_factory=settings.FeatureSettings)
+    cluster: settings.ClusterSettings = Field(default_factory=settings.ClusterSettings)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<manifest>")
+
+    @field_validator("manifest_version")
+    @classmethod
+    def _version_ok(cls, v: int) -> int:
+        if v != MANIFEST_VERSION:
+            raise ValueError(
+                f"this spndi_dask reads manifest_version {MANIFEST_VERSION}; "
+                "update the file or the package"
+            )
+        return v
+
+    @field_validator("geometry")
+    @classmethod
+    def _geometry_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # check the values given here on their own (particles may add the missing keys)
+        stand_in = {
+            "energy_kev": 1.0,
+            "detector_distance_m": 1.0,
+            "pixel_size_m": 1.0,
+            "beam_center": (0.0, 0.0),
+        }
+        try:
+            GeometrySettings(**{**stand_in, **v})
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["loc"]:
+                    key = err["loc"][0]
+                    lines.append(f"geometry.{key} = {err['input']!r}: {msg}{_geometry_hint(key)}")
+                else:
+                    lines.append(f"geometry: {msg}")
+            raise ValueError("\n".join(lines)) from None
+        return v
+
+    @field_validator("particles")
+    @classmethod
+    def _particles_ok(
+        cls, particles: list[ParticleSettings], info: ValidationInfo
+    ) -> list[ParticleSettings]:
+        names = [p.name for p in particles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"particle names must be unique; repeated: {dupes}")
+        if "geometry" not in info.data:  # [geometry] itself is invalid: reported there
+            return particles
+        default_geometry = info.data["geometry"]
+        lines: list[str] = []
+        for i, p in enumerate(particles):
+            try:
+                GeometrySettings(**{**default_geometry, **p.geometry})
+            except ValidationError as exc:
+                for err in exc.errors():
+                    key = err["loc"][0] if err["loc"] else None
+                    if key is None:  # a check across keys (detector plane)
+                        where = "geometry" if not p.geometry else f"particles[{i}] ('{p.name}')"
+                        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+                    elif err["type"] == "missing":
+                        lines.append(
+                            f"geometry.{key} is required{_geometry_hint(key)}; set it in "
+                            f"[geometry] or in [particles.geometry] of particle '{p.name}'"
+                        )
+                    else:
+                        where = (
+                            f"particles[{i}] ('{p.name}').geometry"
+                            if key in p.geometry
+                            else ("geometry")
+                        )
+                        lines.append(
+                            f"{where}.{key} = {err['input']!r}: {err['msg']}{_geometry_hint(key)}"
+                        )
+        if lines:
+            raise ValueError("\n".join(dict.fromkeys(lines)))
+        return particles
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], *, base_dir: str | Path | None = None, source: str = "<dict>"
+    ) -> Manifest:
+        """Validate a manifest given as a dict; raises :class:`ManifestError`."""
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as exc:
+            msg = "\n".join(f"  - {line}" for line in format_errors(exc, _MODELS, data=data))
+            raise ManifestError(f"{source}: invalid manifest\n{msg}") from None
+        cfg._base_dir = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
+        cfg._source = source
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Manifest:
+        """Read and validate a manifest TOML file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ManifestError(f"manifest {path} does not exist") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, base_dir=path.resolve().parent, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict of every setting (defaults filled in)."""
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        """The manifest as TOML text (defaults filled in)."""
+        return dump_toml(self.to_dict())
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        """Directory paths in the manifest are relative to."""
+        return self._base_dir
+
+    @property
+    def source(self) -> str:
+        """Where the manifest came from (file path or ``<dict>``)."""
+        return self._source
+
+    @property
+    def output_dir(self) -> Path:
+        """Absolute results directory."""
+        return _resolve(self.base_dir, self.output)
+
+    @property
+    def layout(self) -> OutputLayout:
+        """The paths under :attr:`output_dir` (``results.zarr``, ``particles.csv``, ...).
+
+        Examples
+        --------
+        >>> m = Manifest.from_dict(
+        ...     {"name": "bt", "output": "out", "particles": [{
+        ...         "name": "p1", "frames": ["a.h5", "b.h5"], "angles_deg": [0.0, 0.1],
+        ...         "scan_shape": [2, 2], "scan_step_um": [0.1, 0.1],
+        ...         "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
+        ...                      "pixel_size_m": 55e-6, "beam_center": [8, 8]}}]},
+        ...     base_dir="/data/lco")
+        >>> m.layout
+        OutputLayout('/data/lco/out')
+        >>> m.layout.report.as_posix()
+        '/data/lco/out/report/index.html'
+        """
+        return OutputLayout(self.output_dir)
+
+    @property
+    def manifest_hash(self) -> str:
+        """SHA-256 of the canonical JSON of all settings (provenance)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def particle(self, name: str) -> ParticleSettings:
+        """The particle called ``name``."""
+        for p in self.particles:
+            if p.name == name:
+                return p
+        raise KeyError(
+            f"no particle {name!r} in {self.source}; particles: {[p.name for p in self.particles]}"
+        )
+
+    def select_particles(
+        self, names: list[str] | None, *, error: type[Exception] = ValueError
+    ) -> list[str]:
+        """The named particle scans in the given order (default: all, manifest order).
+
+        Names not in the manifest raise ``error`` naming them and the manifest's particles.
+        """
+        order = [p.name for p in self.particles]
+        unknown = sorted(set(names or []) - set(order))
+        if unknown:
+            raise error(f"particles {unknown} are not in the manifest (it has {order})")
+        return list(names) if names else order
+
+    def geometry_for(self, particle: str | ParticleSettings) -> Geometry:
+        """Geometry of a particle: ``[geometry]`` with its own overrides applied."""
+        p = self.particle(particle) if isinstance(particle, str) else particle
+        return GeometrySettings(**{**self.geometry, **p.geometry}).to_geometry()
+
+    def resolve(self, path: str) -> Path:
+        """A manifest path made absolute."""
+        return _resolve(self.base_dir, path)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a beamtime manifest (see :class:`Manifest`)."""
+    return Manifest.from_toml(path)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _resolve(base_dir: Path, path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def _geometry_hint(key: str) -> str:
+    return hint(("geometry", key), _MODELS)
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "": Manifest,
+    "particles": ParticleSettings,
+    "ingest": settings.IngestSettings,
+    "reduce": settings.ReduceSettings,
+    "segment": settings.SegmentSettings,
+    "features": settings.FeatureSettings,
+    "cluster": settings.ClusterSettings,
+    "geometry": GeometrySettings,
+    "AngleRange": AngleRange,
+}

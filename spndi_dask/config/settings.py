@@ -1,0 +1,243 @@
+"""The processing-settings tables of a manifest, each optional, with documented defaults.
+
+``[ingest]``, ``[reduce]``, ``[segment]``, ``[features]`` and ``[cluster]``: every key has a
+default and a ``description``, which error messages quote as what is expected.
+
+Examples
+--------
+>>> ReduceSettings().pattern_grid, FeatureSettings(model="foldingnet").latent_size
+(32, 512)
+>>> try:
+...     IngestSettings(scan_chunk=(8, 8), scan_shard=(12, 12))
+... except ValueError as exc:  # pydantic's ValidationError
+...     print(exc.errors()[0]["msg"])
+Value error, scan_shard [12, 12] must be a multiple of scan_chunk [8, 8]
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from spndi_dask.config._base import SettingsModel
+
+__all__ = [
+    "ClusterSettings",
+    "FeatureSettings",
+    "IngestSettings",
+    "ReduceSettings",
+    "SegmentSettings",
+]
+
+
+class IngestSettings(SettingsModel):
+    """``[ingest]``: raw frames -> ``raw.zarr`` layout and checks.
+
+    The defaults were chosen by ``scripts/bench_ingest.py`` for the access pattern of ``reduce``
+    (all angles of a scan tile, detector ROI tiles).
+    """
+
+    scan_chunk: tuple[PositiveInt, PositiveInt] = Field(
+        (8, 8), description="scan points (y, x) per Zarr chunk, e.g. [8, 8]"
+    )
+    detector_chunk: tuple[PositiveInt, PositiveInt] = Field(
+        (32, 32), description="detector pixels (rows, cols) per Zarr chunk, e.g. [32, 32]"
+    )
+    scan_shard: tuple[PositiveInt, PositiveInt] = Field(
+        (16, 16), description="scan points (y, x) per shard (a multiple of scan_chunk)"
+    )
+    compressor: Literal["lz4", "zstd", "blosclz", "none"] = Field(
+        "lz4", description="Blosc compressor: 'lz4' (fast, default), 'zstd', 'blosclz' or 'none'"
+    )
+    clevel: int = Field(5, ge=0, le=9, description="Blosc compression level 0-9")
+    allow_incomplete: bool = Field(
+        False, description="fill the missing points of aborted scans with 0 and mark them invalid"
+    )
+    bad_values: Literal["error", "zero"] = Field(
+        "error", description="NaN/negative counts in float frames: 'error' or 'zero' (replace)"
+    )
+    checksum: Literal["sha256", "none"] = Field(
+        "sha256", description="content checksum of source files recorded in provenance"
+    )
+
+    @model_validator(mode="after")
+    def _shard_multiple(self) -> IngestSettings:
+        for s, c in zip(self.scan_shard, self.scan_chunk, strict=True):
+            if s % c:
+                raise ValueError(
+                    f"scan_shard {list(self.scan_shard)} must be a multiple of scan_chunk "
+                    f"{list(self.scan_chunk)}"
+                )
+        return self
+
+
+class ReduceSettings(SettingsModel):
+    """``[reduce]``: corrections, ROI, strain reference and the common q grid."""
+
+    roi: Literal["auto"] | tuple[int, int, int, int] = Field(
+        "auto", description="'auto' or detector [row_start, row_stop, col_start, col_stop]"
+    )
+    roi_padding: int = Field(8, ge=0, description="pixels added around the automatic ROI")
+    strain_reference: Literal["particle_mean", "beamtime_median", "d0"] = Field(
+        "particle_mean", description="'particle_mean', 'beamtime_median' or 'd0'"
+    )
+    d0_angstrom: PositiveFloat | None = Field(
+        None, description="reference d-spacing in Å (required when strain_reference = 'd0')"
+    )
+    pattern_grid: PositiveInt = Field(32, description="points per axis of the common q grid")
+    pattern_extent: Literal["auto"] | tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        "auto",
+        description="'auto' or half-widths [x, y, z] (1/Å) of the common q grid along the crystal "
+        "axes; 'auto' takes pattern_extent_sigma × the beamtime's mean peak widths",
+    )
+    pattern_extent_sigma: PositiveFloat = Field(
+        3.5, description="half-width of the automatic q grid in standard deviations of the peak"
+    )
+    registration: Literal["auto", "xrf", "intensity", "none"] = Field(
+        "auto",
+        description="drift registration: 'xrf' (fluorescence maps), 'intensity' (the ROI "
+        "intensity maps of neighbouring angles, chained), 'none', or 'auto' (xrf when recorded)",
+    )
+    registration_upsample: PositiveInt = Field(
+        20, description="sub-pixel precision of the registration: 1/upsample scan pixels"
+    )
+    min_snr: PositiveFloat = Field(
+        5.0, description="a scan pixel is valid when its ROI signal exceeds min_snr × its noise"
+    )
+    saturation: Literal["auto"] | PositiveFloat = Field(
+        "auto",
+        description="counts at or above which a detector value is saturated and masked ('auto': "
+        "the maximum of an integer detector dtype)",
+    )
+    hot_sigma: PositiveFloat = Field(
+        10.0, description="a pixel is hot when this many sigma above its neighbours at most angles"
+    )
+    detector_mask: str | None = Field(
+        None, description="user detector mask (TIFF, .npy or HDF5 /mask), nonzero = bad pixel"
+    )
+    flat: str | None = Field(
+        None, description="flat field (TIFF, .npy or HDF5 /flat): relative pixel efficiency"
+    )
+
+    @model_validator(mode="after")
+    def _d0_given(self) -> ReduceSettings:
+        if self.strain_reference == "d0" and self.d0_angstrom is None:
+            raise ValueError("strain_reference = 'd0' needs d0_angstrom, e.g. d0_angstrom = 4.68")
+        if self.roi != "auto":
+            r0, r1, c0, c1 = self.roi
+            if not (0 <= r0 < r1 and 0 <= c0 < c1):
+                raise ValueError(
+                    f"roi = {list(self.roi)} must be [row_start, row_stop, col_start, col_stop] "
+                    "with 0 <= start < stop"
+                )
+        return self
+
+
+class SegmentSettings(SettingsModel):
+    """``[segment]``: particle segmentation (``spndi stats``).
+
+    A particle's ``mask`` in the manifest (TIFF/.npy) replaces the automatic segmentation.
+    """
+
+    source: Literal["intensity", "xrf"] = Field(
+        "intensity",
+        description="image segmented: 'intensity' (ROI-integrated Bragg intensity, default) or "
+        "'xrf' (drift-registered fluorescence, needs xrf in the manifest)",
+    )
+    method: Literal["otsu", "li", "triangle"] = Field(
+        "otsu", description="threshold method: 'otsu', 'li' or 'triangle'"
+    )
+    smooth_sigma: float = Field(
+        0.5, ge=0, description="Gaussian smoothing (scan pixels) before thresholding"
+    )
+    edge_fraction: float | None = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="outline level as a fraction of the particle's median level above the "
+        "background (probe-blurred edges); null: the threshold itself",
+    )
+    split_touching: bool = Field(
+        True, description="split touching particles at the neck of their distance transform"
+    )
+    min_size: PositiveInt = Field(20, description="smallest particle kept (scan pixels)")
+    erosion: int = Field(0, ge=0, description="erosion margin in scan pixels")
+
+
+class FeatureSettings(SettingsModel):
+    """``[features]``: autoencoder training and encoding."""
+
+    model: Literal["conv3d", "foldingnet"] = Field(
+        "conv3d", description="'conv3d' (default) or 'foldingnet'"
+    )
+    latent_dim: Literal["auto"] | PositiveInt = Field(
+        "auto", description="latent size; 'auto' = 32 for conv3d, 512 for foldingnet"
+    )
+    n_points: int = Field(2048, ge=16, description="points per cloud for foldingnet")
+    k_neighbours: int = Field(16, ge=2, description="k of the foldingnet k-NN graph")
+    cloud_threshold: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="foldingnet: voxels below this fraction of the max are left out",
+    )
+    checkpoint: str | None = Field(
+        None, description="trained checkpoint to encode with (default <output>/features/model)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    seed: int = Field(0, description="random seed for sampling and training")
+    sample_size: PositiveInt = Field(
+        8192, description="training patterns drawn across all particles of the beamtime"
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="held-out share")
+    max_epochs: PositiveInt = Field(40, description="upper bound on training epochs")
+    patience: PositiveInt = Field(
+        5, description="stop after this many epochs without a better validation loss"
+    )
+    min_improvement: float = Field(
+        0.002, ge=0, lt=1, description="relative validation-loss gain that resets patience"
+    )
+    batch_size: PositiveInt = Field(64, description="training minibatch")
+    learning_rate: PositiveFloat = Field(1e-3, description="Adam learning rate")
+    block: PositiveInt = Field(
+        16,
+        description="inference task = block × block scan pixels (one batch per task on a GPU, "
+        "batches of 32 on CPU)",
+    )
+
+    @property
+    def latent_size(self) -> int:
+        """The latent size of the chosen model."""
+        if self.latent_dim == "auto":
+            return 32 if self.model == "conv3d" else 512
+        return int(self.latent_dim)
+
+
+class ClusterSettings(SettingsModel):
+    """``[cluster]``: k-means over the latent vectors of all particles."""
+
+    k: Literal["auto"] | PositiveInt = Field("auto", description="'auto' (elbow) or a fixed K")
+    k_max: int = Field(10, ge=2, description="largest K tried by the elbow rule")
+    init: Literal["k-means||", "k-means++"] = Field(
+        "k-means||", description="'k-means||' (default) or 'k-means++'"
+    )
+    n_init: PositiveInt = Field(4, description="restarts, the lowest inertia is kept")
+    init_rounds: PositiveInt = Field(
+        5, description="k-means|| oversampling rounds (5 suffice, Bahmani et al. 2012)"
+    )
+    scan_restarts: PositiveInt = Field(
+        1, description="restarts per K while choosing K (the chosen K gets n_init)"
+    )
+    standardize: Literal["minmax", "zscore"] = Field(
+        "minmax", description="'minmax' (as the original study) or 'zscore'"
+    )
+    seed: int = Field(0, description="random seed")
+    elbow_fraction: float = Field(
+        0.95, gt=0, le=1, description="elbow: smallest K explaining this share of the inertia drop"
+    )
+    silhouette_sample: PositiveInt = Field(
+        5000, description="pixels drawn for the silhouette score of each K"
+    )
+    max_iter: PositiveInt = Field(300, description="Lloyd iterations per restart")
+    tol: float = Field(1e-4, gt=0, description="convergence tolerance of k-means")
