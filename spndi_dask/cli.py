@@ -538,12 +538,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spndi`` command."""
+    args = _parser().parse_args(argv)  # --help ends here, before any heavy import
+    _setup_logging(args.verbose, args.quiet)
     from spndi_dask.cluster_setup import ClusterConfigError, ClusterStartError
     from spndi_dask.config import ManifestError
     from spndi_dask.io.lock import LockError
 
-    args = _parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _cmd_demo,
         "run": _cmd_run,
