@@ -196,7 +196,7 @@ def analyze(
                 "`spndi cluster` on these particles first"
             )
         datasets[name] = ds
-    out = OutputLayout(manifest.output_dir)
+    out = manifest.layout
     path = out.analysis
     fp = _fingerprint(meta, names, boundary_width)
     if not force and _is_current(path, out, datasets, fp, figures):

@@ -358,7 +358,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     options = _run_options(args)
     with _client(args):
         summary = STAGE_FUNCTIONS[info.name](manifest, None, options, args.particles)
-    _PRINTERS[info.name](summary, OutputLayout(manifest.output_dir))
+    _PRINTERS[info.name](summary, manifest.layout)
     if info.per_particle:
         return 1 if any(s["status"] == Outcome.FAILED for s in summary.values()) else 0
     return 0

@@ -31,7 +31,6 @@ import numpy as np
 from spndi_dask._version import __version__
 from spndi_dask.cluster_setup import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
-from spndi_dask.io.layout import OutputLayout
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
 from spndi_dask.stages import Outcome, StageError
 
@@ -427,7 +426,7 @@ def cluster(
         {m: np.concatenate(v) for m, v in pooled_maps.items()},
         chosen,
     )
-    table = OutputLayout(manifest.output_dir).clusters_csv
+    table = manifest.layout.clusters_csv
     write_csv(table, rows)
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:

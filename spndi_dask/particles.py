@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest, SegmentSettings
-from spndi_dask.io.layout import OutputLayout, atomic_path
+from spndi_dask.io.layout import atomic_path
 from spndi_dask.io.results_store import mark_complete, replace_array
 from spndi_dask.io.sources import SourceError
 from spndi_dask.stages import Outcome, StageError
@@ -479,7 +479,7 @@ def stats(
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]
     wanted = manifest.select_particles(particles, error=ParticleError)
-    table_path = OutputLayout(manifest.output_dir).particles_csv
+    table_path = manifest.layout.particles_csv
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Any] = {}
@@ -553,7 +553,7 @@ def stats(
             _write_labels(root / name, labels, info)
     table = {k: v for k, v in table.items() if k in opened or k not in order}
     _write_table(table_path, order, table)
-    fig_dir = OutputLayout(manifest.output_dir).figures
+    fig_dir = manifest.layout.figures
     stale = bool(jobs) or not (fig_dir / "beamtime_overview.png").exists()
     if figures and opened and stale:
         from spndi_dask import plot

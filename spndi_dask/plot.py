@@ -22,8 +22,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-from spndi_dask.io.layout import OutputLayout
-
 __all__ = [
     "analysis_figures",
     "beamtime_overview",
@@ -262,7 +260,7 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
 
 def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.Dataset]) -> list:
     """K selection (``clusters_k.png``) and per scan ``<particle>_clusters.png``."""
-    out = OutputLayout(manifest.output_dir).figures
+    out = manifest.layout.figures
     out.mkdir(parents=True, exist_ok=True)
     paths = [_k_selection_figure(info, out / "clusters_k.png")]
     for name, ds in datasets.items():

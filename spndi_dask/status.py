@@ -91,7 +91,7 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
     ingest, an upstream stage redone or stale, the model since encoding, the clustering since
     a scan's clusters or analysis.
     """
-    out = OutputLayout(manifest.output_dir)
+    out = manifest.layout
     root = read_attrs(out.results) or {}
     clusters = root.get("clusters") or {}
     analysis = read_attrs(out.analysis) or {}

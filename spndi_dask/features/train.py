@@ -32,7 +32,6 @@ from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import file_digest, load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
-from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -59,7 +58,7 @@ def checkpoint_path(manifest: Manifest) -> Path:
     """The checkpoint ``encode`` uses: ``[features] checkpoint`` or ``<output>/features/model``."""
     if manifest.features.checkpoint:
         return manifest.resolve(manifest.features.checkpoint)
-    return OutputLayout(manifest.output_dir).checkpoint
+    return manifest.layout.checkpoint
 
 
 def resolve_device(device: str) -> torch.device:
@@ -460,7 +459,7 @@ def train(
     dev = resolve_device(device or settings.device)
     t0 = time.perf_counter()
     draw = _draw(manifest, None, None, particles)
-    out = OutputLayout(manifest.output_dir).checkpoint
+    out = manifest.layout.checkpoint
     key = _training_key(settings, draw)
     if not force and out.exists():
         try:
