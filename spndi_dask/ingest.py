@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
 from spndi_dask.io.sources import (

@@ -38,7 +38,7 @@ import dask
 import numpy as np
 from scipy import ndimage
 
-from spndi_dask.cluster_setup import active_client
+from spndi_dask.compute import active_client
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import (
     Geometry,
