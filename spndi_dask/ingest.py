@@ -47,7 +47,7 @@ from spndi_dask.io.sources import (
     sha256_file,
 )
 
-__all__ = ["IngestError", "IngestPlan", "ingest", "plan_particle"]
+__all__ = ["IngestError", "IngestPlan", "ingest", "plan_ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _prefix(p: ParticleSettings) -> str:
     return f"particle '{p.name}'"
 
 
-def plan_particle(
+def plan_ingest(
     manifest: Manifest, particle: ParticleSettings, *, force: bool = False
 ) -> IngestPlan:
     """Check every angle file of a particle and decide which angles still need writing.
@@ -439,7 +439,7 @@ def ingest(
     plans: list[IngestPlan] = []
     for p in selected:
         try:
-            plans.append(plan_particle(manifest, p, force=force))
+            plans.append(plan_ingest(manifest, p, force=force))
         except IngestError as exc:
             logger.error("%s", exc)
             summary[p.name] = {"status": "failed", "angles_written": 0, "error": str(exc)}
