@@ -85,7 +85,7 @@ def _distributed(
 ) -> float:
     import dask.array as da
 
-    from spndi_dask.cluster_setup import start_client
+    from spndi_dask.dask_clusters import start_client
     from spndi_dask.features.inference import ModelPlugin, latent_array, torch_threads
     from spndi_dask.worker_plugins import set_affinity
 

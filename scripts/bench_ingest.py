@@ -54,8 +54,8 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from spndi_dask.cluster_setup import local_cluster_size
     from spndi_dask.config import Manifest, load_manifest
+    from spndi_dask.dask_clusters import local_cluster_size
     from spndi_dask.ingest import ingest
     from spndi_dask.io.raw_store import raw_path
     from spndi_dask.simulate import preset, simulate_beamtime

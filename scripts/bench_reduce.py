@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--reference-pixels", type=int, default=None, help="limit the NumPy loop")
     args = ap.parse_args()
 
-    from spndi_dask.cluster_setup import local_cluster_size, start_client
+    from spndi_dask.dask_clusters import local_cluster_size, start_client
     from spndi_dask.reduce import plan_particle, reduce
     from spndi_dask.reduce.core import beamtime_grid, roi_frames
     from spndi_dask.simulate import preset

@@ -35,8 +35,8 @@ def _manifest_copy(src: Path, tag: str) -> Path:
 
 
 def _run(manifest_path: Path, workers: int) -> dict[str, float]:
-    from spndi_dask.cluster_setup import open_cluster
     from spndi_dask.config import load_manifest
+    from spndi_dask.dask_clusters import open_cluster
     from spndi_dask.pipeline import RunOptions, run
 
     m = load_manifest(manifest_path)

@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from spndi_dask._version import __version__
 from spndi_dask.cluster import map_stats
-from spndi_dask.cluster_setup import compute
+from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.layout import OutputLayout, replace_tree
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv

@@ -193,7 +193,7 @@ def _du(path: Path) -> int:
 
 
 def _session(args: argparse.Namespace):
-    from spndi_dask.cluster_setup import open_cluster
+    from spndi_dask.dask_clusters import open_cluster
 
     return open_cluster(
         args.cluster, n_workers=args.workers, threads_per_worker=args.threads_per_worker
@@ -493,8 +493,8 @@ def _print_session(session: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from spndi_dask.cluster_setup import load_cluster_config
     from spndi_dask.config import load_manifest
+    from spndi_dask.dask_clusters import load_cluster_config
     from spndi_dask.io.lock import output_lock
 
     load_cluster_config(args.cluster)  # a misspelt config fails before anything else
@@ -540,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spndi`` command."""
     args = _parser().parse_args(argv)  # --help ends here, before any heavy import
     _setup_logging(args.verbose, args.quiet)
-    from spndi_dask.cluster_setup import ClusterConfigError, ClusterStartError
     from spndi_dask.config import ManifestError
+    from spndi_dask.dask_clusters import ClusterConfigError, ClusterStartError
     from spndi_dask.io.lock import LockError
 
     commands: dict[str, Callable[[argparse.Namespace], int]] = {

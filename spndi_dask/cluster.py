@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import active_client, compute
+from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
 from spndi_dask.stages import Outcome, StageError

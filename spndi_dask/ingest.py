@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
 from spndi_dask.io.sources import (
@@ -48,7 +48,7 @@ from spndi_dask.io.sources import (
 )
 from spndi_dask.stages import Outcome, StageError
 
-__all__ = ["IngestError", "IngestPlan", "ingest", "plan_particle"]
+__all__ = ["IngestError", "IngestPlan", "ingest", "plan_ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _prefix(p: ParticleSettings) -> str:
     return f"particle '{p.name}'"
 
 
-def plan_particle(
+def plan_ingest(
     manifest: Manifest, particle: ParticleSettings, *, force: bool = False
 ) -> IngestPlan:
     """Check every angle file of a particle and decide which angles still need writing.
@@ -440,7 +440,7 @@ def ingest(
     plans: list[IngestPlan] = []
     for p in selected:
         try:
-            plans.append(plan_particle(manifest, p, force=force))
+            plans.append(plan_ingest(manifest, p, force=force))
         except IngestError as exc:
             logger.error("%s", exc)
             summary[p.name] = {"status": Outcome.FAILED, "angles_written": 0, "error": str(exc)}

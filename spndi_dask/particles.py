@@ -529,7 +529,7 @@ def stats(
             how,
         )
     if jobs:
-        from spndi_dask.cluster_setup import compute
+        from spndi_dask.compute import compute
 
         results = compute([j[0] for j in jobs.values()])
         for (name, (_, fp, how)), result in zip(jobs.items(), results, strict=True):

@@ -24,8 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from spndi_dask.analysis import analyze
 from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
@@ -37,6 +35,7 @@ from spndi_dask.report import write_report
 from spndi_dask.stages import STAGES, Outcome, parse_stages
 from spndi_dask.stages import stage as stage_info
 from spndi_dask.status import write_last_run
+from spndi_dask.worker_plugins import WorkerLogLevel
 
 __all__ = ["STAGES", "RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
 
@@ -294,24 +293,6 @@ def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> Stage
 
 
 # ---- logging and diagnostics for a run ----------------------------------------------------------
-
-
-class WorkerLogLevel(WorkerPlugin):
-    """Worker plugin: ``spndi_dask`` records from ``level`` on, so they can be forwarded.
-
-    It also quiets dask's benign sizeof warnings about the performance report's profiles.
-    """
-
-    name = "spndi-log-level"
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-
-    def setup(self, worker: Any) -> None:
-        logging.getLogger("spndi_dask").setLevel(self.level)
-        # the performance report's profile trees are dicts too deep for dask's sizeof, which
-        # warns "Sizeof calculation for object of type 'dict' failed" (dask/distributed#8578)
-        logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
 
 
 @contextmanager

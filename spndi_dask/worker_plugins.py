@@ -1,13 +1,21 @@
-"""Worker plugins of local clusters (apart, so that ``import spndi_dask`` needs no distributed)."""
+"""The package's dask worker plugins: what runs in every worker process when it starts.
+
+:class:`PinToCore` pins local workers one per core (registered by
+:func:`spndi_dask.dask_clusters.open_cluster`); :class:`WorkerLogLevel` lets the workers'
+``spndi_dask`` records through so that a run can forward them to its log
+(:func:`spndi_dask.pipeline.run_logging`). The features stage's ``ModelPlugin``, which loads a
+checkpoint into every worker, stays with the model code in :mod:`spndi_dask.features.inference`.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["PinToCore", "set_affinity"]
+__all__ = ["PinToCore", "WorkerLogLevel", "set_affinity"]
 
 
 def set_affinity(cores: set[int]) -> None:
@@ -38,3 +46,21 @@ class PinToCore(WorkerPlugin):
         except (TypeError, ValueError):
             return
         set_affinity({self.cores[index % len(self.cores)]})
+
+
+class WorkerLogLevel(WorkerPlugin):
+    """Worker plugin: ``spndi_dask`` records from ``level`` on, so they can be forwarded.
+
+    It also quiets dask's benign sizeof warnings about the performance report's profiles.
+    """
+
+    name = "spndi-log-level"
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("spndi_dask").setLevel(self.level)
+        # the performance report's profile trees are dicts too deep for dask's sizeof, which
+        # warns "Sizeof calculation for object of type 'dict' failed" (dask/distributed#8578)
+        logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)

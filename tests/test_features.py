@@ -261,7 +261,7 @@ def test_inference_batches_are_small_on_cpu_and_whole_tiles_on_gpu():
 
 
 def test_distributed_encoding_equals_single_process(trained):
-    from spndi_dask.cluster_setup import start_client
+    from spndi_dask.dask_clusters import start_client
 
     _, m, summary = trained
     root = m.output_dir / "results.zarr"

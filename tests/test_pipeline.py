@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spndi_dask import cli
-from spndi_dask.cluster_setup import (
+from spndi_dask.dask_clusters import (
     ClusterConfigError,
     ClusterStartError,
     available_configs,
@@ -65,7 +65,7 @@ def test_user_config_folder_and_bad_content(tmp_path, monkeypatch):
 
 
 def _job_script(name: str, **overrides) -> str:
-    from spndi_dask.cluster_setup import _jobqueue_cluster
+    from spndi_dask.dask_clusters import _jobqueue_cluster
 
     cluster = _jobqueue_cluster(load_cluster_config(name), overrides)
     try:
@@ -144,7 +144,7 @@ def test_worker_log_records_reach_the_run_log(tmp_path):
 def test_collections_run_as_they_are_built_and_a_failure_stays_alone(tmp_path):
     import dask
 
-    from spndi_dask.cluster_setup import compute_as_completed, compute_each
+    from spndi_dask.compute import compute_as_completed, compute_each
 
     marker = tmp_path / "first-ran"
 

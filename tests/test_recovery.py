@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spndi_dask.cluster_setup import open_cluster
 from spndi_dask.config import load_manifest
+from spndi_dask.dask_clusters import open_cluster
 from spndi_dask.io.lock import read_lock
 from spndi_dask.pipeline import RunOptions, run
 from spndi_dask.reduce import open_results

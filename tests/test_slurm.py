@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from spndi_dask import cli
-from spndi_dask.cluster_setup import ClusterStartError, open_cluster
+from spndi_dask.dask_clusters import ClusterStartError, open_cluster
 from spndi_dask.pipeline import RunOptions, run
 from spndi_dask.reduce import open_results
 from spndi_dask.simulate import preset, simulate_beamtime

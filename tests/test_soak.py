@@ -10,8 +10,8 @@ import numpy as np
 import psutil
 import pytest
 
-from spndi_dask.cluster_setup import open_cluster
 from spndi_dask.config import load_manifest
+from spndi_dask.dask_clusters import open_cluster
 from spndi_dask.pipeline import RunOptions, run
 from spndi_dask.reduce import open_results
 from spndi_dask.simulate import preset, simulate_beamtime

@@ -29,7 +29,7 @@ import zarr
 from torch import nn
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import active_client, compute
+from spndi_dask.compute import active_client, compute
 from spndi_dask.config import Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import check_grid, file_digest, load_checkpoint

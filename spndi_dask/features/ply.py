@@ -141,7 +141,7 @@ def export_ply(
     import dask.array as da
 
     from spndi_dask.analysis import group_sums
-    from spndi_dask.cluster_setup import compute
+    from spndi_dask.compute import compute
     from spndi_dask.reduce import open_results, results_path
 
     root = results_path(manifest.output_dir)

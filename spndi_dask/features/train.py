@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute
+from spndi_dask.compute import compute
 from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import file_digest, load_checkpoint, save_checkpoint

@@ -40,7 +40,7 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
 from spndi_dask._version import __version__
-from spndi_dask.cluster_setup import compute_as_completed, compute_each
+from spndi_dask.compute import compute_as_completed, compute_each
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
 from spndi_dask.io.raw_store import open_raw, raw_path

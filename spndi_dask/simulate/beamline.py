@@ -20,7 +20,7 @@ import hdf5plugin
 import numpy as np
 from scipy import ndimage
 
-from spndi_dask.cluster_setup import active_client
+from spndi_dask.compute import active_client
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import q_sample, rotation_matrix
 from spndi_dask.io.layout import atomic_path

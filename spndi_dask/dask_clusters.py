@@ -1,4 +1,4 @@
-"""dask.distributed clients from ``cluster_configs/*.yaml``: local, SLURM, PBS, MPI or an address.
+"""dask.distributed clusters from ``cluster_configs/*.yaml``: local, SLURM, PBS, MPI or an address.
 
 A cluster config is a YAML file with an ``spndi`` section (the cluster type and how to scale it),
 an optional ``jobqueue`` section (dask-jobqueue settings of that type) and any other dask
@@ -11,6 +11,9 @@ dask-jobqueue does not merge a named config with its defaults, so a config here 
 type (``jobqueue: {slurm: ...}``) and is merged in this order, lowest first: dask-jobqueue's
 defaults for that type < the file < ``DASK_JOBQUEUE__<TYPE>__<KEY>`` environment variables <
 keyword overrides.
+
+Computing on the cluster is :mod:`spndi_dask.compute`'s; the worker plugins are in
+:mod:`spndi_dask.worker_plugins`.
 """
 
 from __future__ import annotations
@@ -19,27 +22,36 @@ import copy
 import logging
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
+
+# dask, distributed and the worker plugins (distributed) are imported where they are used: the
+# command line imports this module (for its errors) on every command, and `spndi --help` loads
+# no dask (tests/test_imports.py)
 
 __all__ = [
-    "ClusterConfig",
+    "WORKER_MALLOC_ENV",
     "ClusterConfigError",
     "ClusterStartError",
+    "DaskClusterConfig",
     "Session",
-    "active_client",
     "available_configs",
-    "compute",
+    "config_dirs",
     "load_cluster_config",
     "local_cluster_size",
     "open_cluster",
     "start_client",
+    "worker_environ",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,8 +133,8 @@ def available_configs() -> dict[str, Path]:
 
 
 @dataclass
-class ClusterConfig:
-    """A parsed cluster config.
+class DaskClusterConfig:
+    """A parsed dask cluster config (not the k-means ``[cluster]`` settings, ``ClusterSettings``).
 
     Attributes
     ----------
@@ -181,7 +193,7 @@ def _config_path(spec: str | os.PathLike[str]) -> Path:
     return configs[str(spec)]
 
 
-def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> ClusterConfig:
+def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClusterConfig:
     """Read a cluster config by name or path (default ``local``); an address is type ``address``.
 
     Parameters
@@ -196,10 +208,9 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> ClusterCo
         Unknown name (the message lists the available ones), unreadable file or bad content.
     """
     import dask.config
-    import yaml
 
     if spec is not None and _ADDRESS.match(str(spec)):
-        return ClusterConfig(name=str(spec), type="address")
+        return DaskClusterConfig(name=str(spec), type="address")
     path = _config_path(spec or "local")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -227,7 +238,7 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> ClusterCo
         defaults = _hyphen_keys(copy.deepcopy(dask.config.get(f"jobqueue.{kind}")))
         env = _hyphen_keys(dask.config.collect_env().get("jobqueue", {}).get(kind, {}))
         jobqueue = dask.config.merge(defaults, _hyphen_keys(jobqueue_raw.get(kind, {})), env)
-    return ClusterConfig(
+    return DaskClusterConfig(
         name=path.stem, type=kind, spndi=spndi, jobqueue=jobqueue, dask=raw, path=path
     )
 
@@ -265,7 +276,7 @@ def _with_lifetime(jobqueue: dict[str, Any], margin: Any) -> dict[str, Any]:
     return {**jobqueue, "worker-extra-args": args}
 
 
-def _jobqueue_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
+def _jobqueue_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
     import dask.config
     import dask_jobqueue
 
@@ -304,7 +315,9 @@ def _submit_error(messages: list[str]) -> str:
     return f"{m.group(2).strip()} (command: {m.group(1).strip()})"
 
 
-def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: Any, n: int) -> None:
+def _wait(
+    client: Any, config: DaskClusterConfig, errors: _SubmitErrors, cluster: Any, n: int
+) -> None:
     """Block until ``n`` workers joined; a rejected submission fails at once."""
     timeout = float(config.spndi.get("wait_timeout", 600))
     deadline = time.monotonic() + timeout
@@ -327,12 +340,8 @@ def _wait(client: Any, config: ClusterConfig, errors: _SubmitErrors, cluster: An
         time.sleep(0.25)
 
 
-def _test_submission(config: ClusterConfig, cluster: Any) -> None:
+def _test_submission(config: DaskClusterConfig, cluster: Any) -> None:
     """SLURM: ``sbatch --test-only`` the worker job script, so a refusal shows SLURM's words."""
-    import shutil
-    import subprocess
-    import tempfile
-
     if config.type != "slurm" or shutil.which("sbatch") is None:
         return
     with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
@@ -367,7 +376,7 @@ class Session:
     """A running client and where it came from (see :func:`open_cluster`)."""
 
     client: Any
-    config: ClusterConfig
+    config: DaskClusterConfig
     cluster: Any = None
 
     def info(self) -> dict[str, Any]:
@@ -384,7 +393,7 @@ class Session:
         }
 
 
-def _pin_local_workers(client: Any, config: ClusterConfig, overrides: dict[str, Any]) -> None:
+def _pin_local_workers(client: Any, config: DaskClusterConfig, overrides: dict[str, Any]) -> None:
     """Pin one single-threaded local worker per core (``local.pin_cores``, default true)."""
     opts = {**(config.spndi.get("local") or {}), **overrides}
     if not opts.get("pin_cores", True) or not hasattr(os, "sched_setaffinity"):
@@ -398,7 +407,7 @@ def _pin_local_workers(client: Any, config: ClusterConfig, overrides: dict[str, 
     client.register_plugin(PinToCore(cores))
 
 
-def _local_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
+def _local_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
     from dask.utils import parse_bytes
     from distributed import LocalCluster
 
@@ -421,7 +430,7 @@ def _local_cluster(config: ClusterConfig, overrides: dict[str, Any]) -> Any:
     )
 
 
-def _mpi_client(config: ClusterConfig) -> Any:
+def _mpi_client(config: DaskClusterConfig) -> Any:
     try:
         import dask_mpi
     except ImportError:
@@ -555,113 +564,3 @@ def start_client(
         dashboard_address=dashboard_address,
     ) as session:
         yield session.client
-
-
-def active_client() -> Any:
-    """The distributed ``Client`` this process works under, or None."""
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _submit(client: Any, collections: list[Any], progress: bool) -> list[Any]:
-    """Futures of ``collections`` on ``client``, with distributed's progress bar if asked."""
-    futures = client.compute(collections)
-    if progress:
-        from distributed import progress as show_progress
-
-        show_progress(futures)
-    return futures
-
-
-def compute(collections: list[Any], progress: bool = False) -> list[Any]:
-    """Compute dask collections on the active distributed client if any, else locally.
-
-    With ``progress`` a progress bar is shown (distributed's, or dask's local one).
-    """
-    import dask
-
-    client = active_client()
-    if client is not None:
-        return client.gather(_submit(client, collections, progress))
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar():
-            return list(dask.compute(*collections))
-    return list(dask.compute(*collections))
-
-
-def compute_as_completed(
-    items: Iterable[tuple[Hashable, Any]], progress: bool = False
-) -> Iterator[tuple[Hashable, Any, BaseException | None]]:
-    """Compute dask collections as they are made; one failing does not stop the others.
-
-    On a distributed client each ``(tag, collection)`` is submitted as soon as ``items`` gives
-    it (the workers start on the first while the next is still being built) and the results
-    come back in the order they finish; locally they run one after another.
-
-    Yields
-    ------
-    tag, result, error
-        Per collection: its tag, its result and None, or None and the exception it raised.
-    """
-    client = active_client()
-    if client is None:
-        for tag, c in items:
-            try:
-                yield tag, compute([c], progress)[0], None
-            except Exception as exc:
-                yield tag, None, exc
-        return
-    from distributed import as_completed
-
-    tags: dict[str, list[Hashable]] = {}  # equal collections share a key (and a future's result)
-    futures = []
-    for tag, c in items:
-        try:
-            future = client.compute(c)
-        except Exception as exc:  # e.g. a graph that cannot be sent: this one only
-            yield tag, None, exc
-            continue
-        tags.setdefault(future.key, []).append(tag)
-        futures.append(future)
-    bar = None
-    if progress and futures:
-        import threading
-
-        from distributed import progress as show_progress
-        from distributed.utils import is_kernel
-
-        if is_kernel():  # a notebook widget, updated in the background
-            show_progress(futures)
-        else:  # the text bar blocks until every future is done: drawn aside, results stream
-            bar = threading.Thread(target=show_progress, args=(futures,), daemon=True)
-            bar.start()
-    for future in as_completed(futures):
-        tag = tags[future.key].pop(0)
-        try:
-            yield tag, future.result(), None
-        except Exception as exc:
-            yield tag, None, exc
-    if bar is not None:
-        bar.join(timeout=5)
-
-
-def compute_each(
-    collections: list[Any], progress: bool = False
-) -> list[tuple[Any, BaseException | None]]:
-    """Compute independent dask collections together; one failing does not stop the others.
-
-    As :func:`compute_as_completed`, with the results in the order of ``collections``.
-
-    Returns
-    -------
-    list of (result, error)
-        Per collection, its result and None, or None and the exception it raised.
-    """
-    done = {i: (r, e) for i, r, e in compute_as_completed(enumerate(collections), progress)}
-    return [done[i] for i in range(len(collections))]

@@ -1,0 +1,131 @@
+"""Computing dask collections: on the active distributed client if any, else locally.
+
+Every stage computes through these helpers, so that a stage runs unchanged under
+``spndi run``'s client (see :mod:`spndi_dask.dask_clusters`), under a client the user started
+(Jupyter) or without one (dask's local scheduler).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
+
+import dask
+from dask.diagnostics import ProgressBar
+from distributed import as_completed, get_client
+from distributed import progress as show_progress
+from distributed.utils import is_kernel
+
+__all__ = ["active_client", "compute", "compute_as_completed", "compute_each"]
+
+
+def active_client() -> Any:
+    """The distributed ``Client`` this process works under, or None."""
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _submit(client: Any, collections: list[Any], progress: bool) -> list[Any]:
+    """Futures of ``collections`` on ``client``, with distributed's progress bar if asked."""
+    futures = client.compute(collections)
+    if progress:
+        show_progress(futures)
+    return futures
+
+
+def compute(collections: list[Any], progress: bool = False) -> list[Any]:
+    """Compute dask collections on the active distributed client if any, else locally.
+
+    With ``progress`` a progress bar is shown (distributed's, or dask's local one).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> [int(v) for v in compute([da.ones(4, chunks=2).sum(), da.arange(3, chunks=2).max()])]
+    [4, 2]
+    """
+    client = active_client()
+    if client is not None:
+        return client.gather(_submit(client, collections, progress))
+    if progress:
+        with ProgressBar():
+            return list(dask.compute(*collections))
+    return list(dask.compute(*collections))
+
+
+def compute_as_completed(
+    items: Iterable[tuple[Hashable, Any]], progress: bool = False
+) -> Iterator[tuple[Hashable, Any, BaseException | None]]:
+    """Compute dask collections as they are made; one failing does not stop the others.
+
+    On a distributed client each ``(tag, collection)`` is submitted as soon as ``items`` gives
+    it (the workers start on the first while the next is still being built) and the results
+    come back in the order they finish; locally they run one after another.
+
+    Yields
+    ------
+    tag, result, error
+        Per collection: its tag, its result and None, or None and the exception it raised.
+    """
+    client = active_client()
+    if client is None:
+        for tag, c in items:
+            try:
+                yield tag, compute([c], progress)[0], None
+            except Exception as exc:
+                yield tag, None, exc
+        return
+
+    tags: dict[str, list[Hashable]] = {}  # equal collections share a key (and a future's result)
+    futures = []
+    for tag, c in items:
+        try:
+            future = client.compute(c)
+        except Exception as exc:  # e.g. a graph that cannot be sent: this one only
+            yield tag, None, exc
+            continue
+        tags.setdefault(future.key, []).append(tag)
+        futures.append(future)
+    bar = None
+    if progress and futures:
+        if is_kernel():  # a notebook widget, updated in the background
+            show_progress(futures)
+        else:  # the text bar blocks until every future is done: drawn aside, results stream
+            bar = threading.Thread(target=show_progress, args=(futures,), daemon=True)
+            bar.start()
+    for future in as_completed(futures):
+        tag = tags[future.key].pop(0)
+        try:
+            yield tag, future.result(), None
+        except Exception as exc:
+            yield tag, None, exc
+    if bar is not None:
+        bar.join(timeout=5)
+
+
+def compute_each(
+    collections: list[Any], progress: bool = False
+) -> list[tuple[Any, BaseException | None]]:
+    """Compute independent dask collections together; one failing does not stop the others.
+
+    As :func:`compute_as_completed`, with the results in the order of ``collections``.
+
+    Returns
+    -------
+    list of (result, error)
+        Per collection, its result and None, or None and the exception it raised.
+
+    Examples
+    --------
+    >>> import dask
+    >>> @dask.delayed
+    ... def inverse(x):
+    ...     return 1 / x
+    >>> [(r, type(e).__name__) for r, e in compute_each([inverse(2), inverse(0)])]
+    [(0.5, 'NoneType'), (None, 'ZeroDivisionError')]
+    """
+    done = {i: (r, e) for i, r, e in compute_as_completed(enumerate(collections), progress)}
+    return [done[i] for i in range(len(collections))]
