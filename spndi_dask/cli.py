@@ -536,14 +536,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``spndi`` command."""
-    args = _parser().parse_args(argv)  # --help ends here, before any heavy import
-    _setup_logging(args.verbose, args.quiet)
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the input's or the environment's, printed without a traceback.
+
+    Imported when an error is raised, so a command does not load the modules it does not use.
+    """
     from spndi_dask.config import ManifestError
     from spndi_dask.dask_clusters import ClusterConfigError, ClusterStartError
     from spndi_dask.io.lock import LockError
 
+    return (
+        StageError,
+        ManifestError,
+        ConnectionError,
+        FileNotFoundError,
+        ClusterConfigError,
+        ClusterStartError,
+        LockError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spndi`` command."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _cmd_demo,
         "run": _cmd_run,
@@ -555,15 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (
-        StageError,
-        ManifestError,
-        ConnectionError,
-        FileNotFoundError,
-        ClusterConfigError,
-        ClusterStartError,
-        LockError,
-    ) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import psutil
 import yaml
+from dask.utils import parse_bytes, parse_timedelta
+from distributed import Client, LocalCluster
 
-# dask, distributed and the worker plugins (distributed) are imported where they are used: the
-# command line imports this module (for its errors) on every command, and `spndi --help` loads
-# no dask (tests/test_imports.py)
+from spndi_dask.worker_plugins import PinToCore
 
 __all__ = [
     "WORKER_MALLOC_ENV",
@@ -106,7 +107,6 @@ def worker_environ() -> dict[str, Any]:
     ...     dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_")
     4194304
     """
-    import dask.config
 
     current = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     out = {}
@@ -207,7 +207,6 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClust
     ClusterConfigError
         Unknown name (the message lists the available ones), unreadable file or bad content.
     """
-    import dask.config
 
     if spec is not None and _ADDRESS.match(str(spec)):
         return DaskClusterConfig(name=str(spec), type="address")
@@ -259,7 +258,6 @@ def _walltime_seconds(walltime: str | None) -> float | None:
 
 def _with_lifetime(jobqueue: dict[str, Any], margin: Any) -> dict[str, Any]:
     """Add ``--lifetime`` (walltime − margin, staggered ± margin/2) unless it is already set."""
-    from dask.utils import parse_timedelta
 
     args = list(jobqueue.get("worker-extra-args") or [])
     wall = _walltime_seconds(jobqueue.get("walltime"))
@@ -277,7 +275,6 @@ def _with_lifetime(jobqueue: dict[str, Any], margin: Any) -> dict[str, Any]:
 
 
 def _jobqueue_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
-    import dask.config
     import dask_jobqueue
 
     settings = dask.config.merge(config.jobqueue, _hyphen_keys(overrides))
@@ -402,14 +399,11 @@ def _pin_local_workers(client: Any, config: DaskClusterConfig, overrides: dict[s
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     if len(workers) > len(cores) or any(w.get("nthreads", 1) != 1 for w in workers):
         return
-    from spndi_dask.worker_plugins import PinToCore
 
     client.register_plugin(PinToCore(cores))
 
 
 def _local_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
-    from dask.utils import parse_bytes
-    from distributed import LocalCluster
 
     opts = {**(config.spndi.get("local") or {}), **overrides}
     n, t, mem = local_cluster_size()
@@ -438,7 +432,6 @@ def _mpi_client(config: DaskClusterConfig) -> Any:
             "cluster config 'mpi' needs dask-mpi and mpi4py: pip install 'spndi_dask[mpi]' "
             "(with an MPI library such as Open MPI), then mpirun -np N spndi run ..."
         ) from None
-    from distributed import Client
 
     opts = dict(config.spndi.get("mpi") or {})
     dask_mpi.initialize(**{k: v for k, v in opts.items() if v is not None})
@@ -475,8 +468,6 @@ def open_cluster(
     ClusterStartError
         The batch scheduler refused the job (its message is included) or no worker joined.
     """
-    import dask.config
-    from distributed import Client
 
     config = load_cluster_config(spec)
     with ExitStack() as stack:
