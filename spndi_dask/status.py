@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
+from spndi_dask.io.hashing import sha256_file
 
 __all__ = ["LAST_RUN", "STAGES", "read_attrs", "scan_status", "write_last_run"]
 
@@ -81,13 +82,11 @@ def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str 
 
 
 def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
-    from spndi_dask.features.checkpoint import file_digest
-
     info = node.get("features") or {}
     path = info.get("checkpoint")
     if not path or not Path(path).exists():
         return info.get("checkpoint_sha256"), None
-    return info.get("checkpoint_sha256"), file_digest(Path(path))
+    return info.get("checkpoint_sha256"), sha256_file(path)
 
 
 def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:

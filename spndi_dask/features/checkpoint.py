@@ -17,7 +17,6 @@ Metadata (JSON)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -34,7 +33,6 @@ __all__ = [
     "FORMAT",
     "CheckpointError",
     "check_grid",
-    "file_digest",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -44,15 +42,6 @@ FORMAT = "spndi_dask.features/1"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (unsafe, unreadable, or made for other data)."""
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
