@@ -24,10 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from spndi_dask._version import __version__
 from spndi_dask.features.model import MODEL_KINDS, build_model
+from spndi_dask.io.layout import atomic_path, write_text_atomic
 
 __all__ = [
     "FORMAT",
@@ -47,21 +50,18 @@ class CheckpointError(ValueError):
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``model``'s weights and ``metadata`` (must contain ``kind`` and ``hyper``).
 
-    A ``.safetensors`` file (any other suffix is replaced). Written to a temporary name first
-    and moved into place, so a reader never sees half a checkpoint.
+    A ``.safetensors`` file (any other suffix is replaced) and its metadata as ``.json`` beside
+    it. Each is written to a temporary name first and moved into place, so a reader never sees
+    half a checkpoint.
     """
-    from safetensors.torch import save_file
-
     if metadata.get("kind") not in MODEL_KINDS or "hyper" not in metadata:
         raise ValueError("checkpoint metadata needs 'kind' (conv3d|foldingnet) and 'hyper'")
     meta = {"format": FORMAT, "version": __version__, "torch": torch.__version__, **metadata}
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"spndi_dask": json.dumps(meta, default=_json)})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=_json) + "\n")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"spndi_dask": json.dumps(meta, default=_json)})
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, default=_json) + "\n")
     return path
 
 
@@ -75,8 +75,6 @@ def _json(o: Any) -> Any:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("spndi_dask")
