@@ -18,32 +18,37 @@ The report only reads what the stages wrote (attrs, CSV tables, PNG figures): no
 computed. A stage that has not run shows as "not run"; a missing figure is skipped with a note.
 
 The module follows the package's layers: HTML fragments from plain data (``_table``, ``_kv``,
-``_figure``...), cheap readers (``_attrs``, ``_csv``, :func:`file_fingerprint`) and the
-orchestration :func:`write_report`.
+``_figure``...), cheap readers (``_attrs``, ``_csv``; provenance from
+:mod:`spndi_dask.provenance`) and the orchestration :func:`write_report`.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import json
 import logging
 import math
 import os
-import platform
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
 from spndi_dask.particles import MAPS, STATS
+from spndi_dask.provenance import (
+    LIBRARIES,
+    file_fingerprint,
+    input_fingerprints,
+    iso_time,
+    library_versions,
+    manifest_source,
+)
 from spndi_dask.reduce.core import MAP_VARIABLES
 from spndi_dask.status import read_attrs, scan_status
 
@@ -58,22 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Distributions whose versions the provenance lists (besides Python and spndi_dask).
-LIBRARIES = (
-    "numpy",
-    "dask",
-    "distributed",
-    "zarr",
-    "xarray",
-    "torch",
-    "dask-ml",
-    "scikit-learn",
-    "scipy",
-    "matplotlib",
-    "h5py",
-    "hdf5plugin",
-)
-
 #: Stages whose completion is recorded per particle scan: (column, where, attrs key).
 STAGES = (
     ("ingest", "raw", "spndi_dask"),
@@ -85,7 +74,6 @@ STAGES = (
 )
 
 _PNG = b"\x89PNG\r\n\x1a\n"
-_EDGE = 1 << 20  # bytes hashed at each end of an input file
 _STAT_SUFFIXES = STATS
 _UNITS = {k: MAP_VARIABLES[k].split(" ")[0] for k in MAPS}
 #: Per-scan figures of plot.py: (file suffix, caption).
@@ -309,120 +297,6 @@ def _csv(path: Path) -> list[dict[str, str]] | None:
         return None
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-def file_fingerprint(path: str | Path, *, edge: int = _EDGE) -> dict[str, Any]:
-    """Size, modification time and SHA-256 of the first and last ``edge`` bytes of a file.
-
-    Files of at most ``2 * edge`` bytes are hashed whole. A missing file gives
-    ``{"path": ..., "status": "missing"}``.
-
-    Parameters
-    ----------
-    path : path
-        The file.
-    edge : int
-        Bytes hashed at each end (1 MiB): enough to tell files apart without reading terabytes.
-
-    Returns
-    -------
-    dict
-        ``path``, ``status`` ('present' or 'missing'), ``size``, ``mtime`` (ISO 8601, UTC),
-        ``mtime_ns`` and ``edge_sha256``.
-
-    Examples
-    --------
-    >>> import tempfile, hashlib
-    >>> p = Path(tempfile.mkdtemp()) / "a.bin"
-    >>> _ = p.write_bytes(b"spndi")
-    >>> fp = file_fingerprint(p)
-    >>> fp["size"], fp["edge_sha256"] == hashlib.sha256(b"spndi").hexdigest()
-    (5, True)
-    >>> file_fingerprint(p.with_name("b.bin"))["status"]
-    'missing'
-    """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return {"path": str(path), "status": "missing"}
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        if st.st_size <= 2 * edge:
-            h.update(f.read())
-        else:
-            h.update(f.read(edge))
-            f.seek(st.st_size - edge)
-            h.update(f.read(edge))
-    return {
-        "path": str(path),
-        "status": "present",
-        "size": st.st_size,
-        "mtime": _iso(st.st_mtime),
-        "mtime_ns": st.st_mtime_ns,
-        "edge_sha256": h.hexdigest(),
-    }
-
-
-def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
-    """Fingerprints (:func:`file_fingerprint`) of every input file the manifest names.
-
-    Per particle its frame files (one per angle), dark and mask; then the ``[reduce]`` detector
-    mask and flat field. Each row also has ``particle`` and ``role`` ('frames 3', 'dark', ...)
-    and, for frame files, ``vs_ingest``: whether size and mtime are those recorded by ingest
-    ('same', 'changed', or '' when not ingested).
-    """
-    raw = manifest.output_dir / "raw.zarr"
-    rows: list[dict[str, Any]] = []
-    for p in manifest.particles:
-        sources = (read_attrs(raw / p.name) or {}).get("sources") or []
-        recorded = {s.get("path"): s for s in sources if s}
-        for i, path in enumerate(p.frame_paths(manifest.base_dir)):
-            fp = file_fingerprint(path)
-            rec = recorded.get(str(path))
-            vs = ""
-            if rec is not None:
-                same = rec.get("size") == fp.get("size") and rec.get("mtime_ns") == fp.get(
-                    "mtime_ns"
-                )
-                vs = "same" if same else "changed"
-            rows.append({"particle": p.name, "role": f"frames {i}", **fp, "vs_ingest": vs})
-        for role in ("dark", "mask"):
-            value = getattr(p, role)
-            if value:
-                rows.append(
-                    {"particle": p.name, "role": role, **file_fingerprint(manifest.resolve(value))}
-                )
-    for role in ("detector_mask", "flat"):
-        value = getattr(manifest.reduce, role)
-        if value:
-            rows.append(
-                {"particle": "all", "role": role, **file_fingerprint(manifest.resolve(value))}
-            )
-    return rows
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python, spndi_dask and :data:`LIBRARIES` (without importing them).
-
-    Examples
-    --------
-    >>> v = library_versions()
-    >>> v["spndi_dask"] == __version__ and "numpy" in v
-    True
-    """
-    out = {"python": platform.python_version(), "spndi_dask": __version__}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["platform"] = f"{platform.system()} {platform.release()} {platform.machine()}"
-    return out
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -885,7 +759,11 @@ def _run(
         parts.append(
             _table(
                 [
-                    {"file": str(f), "bytes": f.stat().st_size, "modified": _iso(f.stat().st_mtime)}
+                    {
+                        "file": str(f),
+                        "bytes": f.stat().st_size,
+                        "modified": iso_time(f.stat().st_mtime),
+                    }
                     for f in logs[:10]
                 ],
                 text=("file", "modified"),
@@ -894,18 +772,9 @@ def _run(
     return "".join(parts)
 
 
-def _manifest_text(manifest: Manifest) -> tuple[str, str | None, str]:
-    """(text, sha256 of the file or None, where it came from)."""
-    src = Path(manifest.source)
-    if src.is_file():
-        data = src.read_bytes()
-        return data.decode("utf-8", errors="replace"), hashlib.sha256(data).hexdigest(), str(src)
-    return manifest.to_toml(), None, f"{manifest.source} (no file: settings written as TOML)"
-
-
 def _provenance(ctx: _Context) -> str:
     m = ctx.manifest
-    text, digest, where = _manifest_text(m)
+    text, digest, where = manifest_source(m)
     parts = ["<h3>Software</h3>", _kv(library_versions())]
     stored = sorted(
         {a.get("manifest_hash") for a in ctx.node.values() if a and a.get("manifest_hash")}
