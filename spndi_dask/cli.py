@@ -397,11 +397,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     table = scan_status(manifest)
     print(f"{manifest.name}: {manifest.output_dir}")
-    print(f"{'particle':<16}" + "".join(f"{s:<11}" for s in STATUS_STAGES))
+    print(f"{'particle':<16}" + "".join(f"{stage_info(s).label:<11}" for s in STATUS_STAGES))
     notes = []
     for name, stages in table.items():
         print(f"{name:<16}" + "".join(f"{state:<11}" for state, _ in stages.values()))
-        notes += [f"  {name} {s}: {n}" for s, (state, n) in stages.items() if n]
+        notes += [f"  {name} {stage_info(s).label}: {n}" for s, (_, n) in stages.items() if n]
     print("\n".join(notes))
     holder = read_lock(manifest.output_dir)
     if holder:

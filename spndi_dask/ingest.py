@@ -36,16 +36,9 @@ import zarr
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.io.hashing import file_stamp, sha256_file
 from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
-from spndi_dask.io.sources import (
-    SourceError,
-    SourceInfo,
-    file_fingerprint,
-    probe_source,
-    read_points,
-    read_vector,
-    sha256_file,
-)
+from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["IngestError", "IngestPlan", "ingest", "plan_ingest"]
@@ -165,7 +158,7 @@ def plan_ingest(
     )
     layout_key = json.dumps(layout.describe(), sort_keys=True)
     fingerprints = [
-        file_fingerprint(path, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
+        file_stamp(path, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
         for path in paths
     ]
     root = raw_path(manifest.output_dir)

@@ -101,6 +101,9 @@ class Stage:
     options : tuple of str
         Command-line options of its subcommand beyond ``--particles``, ``--force`` and the
         cluster options (names of ``cli``'s option table).
+    label : str
+        What ``spndi status`` and the report call the stage's product per scan (default: the
+        name; ``features`` for encode, ``analysis`` for analyze).
     """
 
     name: str
@@ -112,6 +115,11 @@ class Stage:
     help: str = ""
     description: str = ""
     options: tuple[str, ...] = ()
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -159,6 +167,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("reduce", "train"),
         attrs_key="features",
         aliases=("features",),
+        label="features",
         help="encode every pixel on the dask workers -> latent(y, x, feature)",
         description="Encode the pattern of every pixel with signal into latent vectors with a "
         "trained checkpoint (distributed; CPU or GPU workers).",
@@ -183,6 +192,7 @@ STAGES: tuple[Stage, ...] = (
         per_particle=False,
         attrs_key="analysis",
         aliases=("analysis",),
+        label="analysis",
         help="cluster rocking curves, mean patterns, domains vs boundaries",
         description="Per-cluster rocking curves and mean 3D patterns, domains vs boundaries "
         "between clusters: <output>/analysis.zarr, region(y, x), regions.csv, figures.",

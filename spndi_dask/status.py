@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
-from spndi_dask.features.checkpoint import file_digest
+from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.layout import OutputLayout, write_text_atomic
 from spndi_dask.stages import status_stages
 
@@ -81,7 +81,7 @@ def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
     path = info.get("checkpoint")
     if not path or not Path(path).exists():
         return info.get("checkpoint_sha256"), None
-    return info.get("checkpoint_sha256"), file_digest(Path(path))
+    return info.get("checkpoint_sha256"), sha256_file(path)
 
 
 def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:

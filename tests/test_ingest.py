@@ -9,8 +9,8 @@ import zarr
 
 import spndi_dask.ingest as ingest_mod
 from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.raw_store import IncompleteError, open_raw
-from spndi_dask.io.sources import sha256_file
 
 from .conftest import load, manifest_dict, write_angle_files
 

@@ -17,7 +17,6 @@ Metadata (JSON)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -25,17 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from spndi_dask._version import __version__
 from spndi_dask.features.model import MODEL_KINDS, build_model
+from spndi_dask.io.layout import atomic_path, write_text_atomic
 from spndi_dask.stages import StageError
 
 __all__ = [
     "FORMAT",
     "CheckpointError",
     "check_grid",
-    "file_digest",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -47,33 +48,21 @@ class CheckpointError(StageError, ValueError):
     """A checkpoint that cannot be used (unsafe, unreadable, or made for other data)."""
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``model``'s weights and ``metadata`` (must contain ``kind`` and ``hyper``).
 
-    A ``.safetensors`` file (any other suffix is replaced). Written to a temporary name first
-    and moved into place, so a reader never sees half a checkpoint.
+    A ``.safetensors`` file (any other suffix is replaced) and its metadata as ``.json`` beside
+    it. Each is written to a temporary name first and moved into place, so a reader never sees
+    half a checkpoint.
     """
-    from safetensors.torch import save_file
-
     if metadata.get("kind") not in MODEL_KINDS or "hyper" not in metadata:
         raise ValueError("checkpoint metadata needs 'kind' (conv3d|foldingnet) and 'hyper'")
     meta = {"format": FORMAT, "version": __version__, "torch": torch.__version__, **metadata}
     path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"spndi_dask": json.dumps(meta, default=_json)})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=_json) + "\n")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"spndi_dask": json.dumps(meta, default=_json)})
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, default=_json) + "\n")
     return path
 
 
@@ -87,8 +76,6 @@ def _json(o: Any) -> Any:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("spndi_dask")

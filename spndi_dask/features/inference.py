@@ -32,13 +32,14 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import Manifest
 from spndi_dask.features import _kernels as K
-from spndi_dask.features.checkpoint import check_grid, file_digest, load_checkpoint
+from spndi_dask.features.checkpoint import check_grid, load_checkpoint
 from spndi_dask.features.train import (
     FeatureError,
     checkpoint_path,
     model_inputs,
     resolve_device,
 )
+from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.results_store import mark_complete, replace_array
 from spndi_dask.stages import Outcome, StageError
 
@@ -335,7 +336,7 @@ def encode(
     if not grid:
         raise FeatureError(f"{root} has no q grid: reduce with patterns before encoding")
     check_grid(meta, grid, checkpoint=ckpt, results=root)
-    digest = file_digest(ckpt)
+    digest = sha256_file(ckpt)
     latent_dim = int(meta["hyper"]["latent_dim"])
     names = manifest.select_particles(particles, error=FeatureError)
     summary: dict[str, dict[str, Any]] = {}

@@ -30,8 +30,9 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
-from spndi_dask.features.checkpoint import file_digest, load_checkpoint, save_checkpoint
+from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
+from spndi_dask.io.hashing import sha256_file
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -517,7 +518,7 @@ def train(
     return {
         "status": Outcome.TRAINED,
         "checkpoint": str(path),
-        "sha256": file_digest(path),
+        "sha256": sha256_file(path),
         "n_train": meta["training"]["n_train"],
         "n_val": n_val,
         "epochs": len(result.history),

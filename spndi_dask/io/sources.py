@@ -7,8 +7,6 @@ datasets present) and :func:`read_points` reads a range of scan points. Every fa
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,12 @@ from spndi_dask.stages import StageError
 __all__ = [
     "SourceError",
     "SourceInfo",
-    "file_fingerprint",
     "is_tiff",
     "list_hdf5_datasets",
     "probe_source",
     "read_detector_image",
     "read_points",
     "read_vector",
-    "sha256_file",
 ]
 
 
@@ -174,26 +170,6 @@ def read_vector(path: str | Path, dataset: str, what: str) -> np.ndarray:
     except OSError as exc:
         raise _open_error(path, exc) from None
     return out
-
-
-def sha256_file(path: str | Path, *, block: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_fingerprint(path: str | Path, *extra: Any) -> int:
-    """Stable non-zero 63-bit fingerprint of a file's path, size and mtime (plus ``extra``).
-
-    Cheap (no read); used to tell whether an ingested angle still matches its source file.
-    """
-    st = os.stat(path)
-    key = repr((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)).encode()
-    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-    return value or 1
 
 
 def read_detector_image(
