@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from distributed import performance_report as dask_performance_report
+
 from spndi_dask.analysis import analyze
 from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
@@ -330,10 +332,8 @@ def run_logging(
             except Exception as exc:  # an old scheduler: logs stay on the workers
                 logger.warning("worker logs are not forwarded: %s", exc)
             if performance_report:
-                from distributed import performance_report as report
-
                 paths["dask_report"] = logs / f"run-{stamp}-dask.html"
-                stack.enter_context(report(filename=str(paths["dask_report"])))
+                stack.enter_context(dask_performance_report(filename=str(paths["dask_report"])))
         logger.debug("run log: %s", paths["log"])
         yield paths
 

@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+from scipy.stats import gaussian_kde
 
 __all__ = [
     "analysis_figures",
@@ -91,7 +93,6 @@ def _extent(ds: xr.Dataset) -> tuple[float, float, float, float]:
 
 
 def _scale_bar(ax: Any, ds: xr.Dataset) -> None:
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     x0, x1, _, _ = _extent(ds)
     length = _nice_length(abs(x1 - x0))
@@ -136,7 +137,6 @@ def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path
 
 
 def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000) -> Path:
-    from scipy.stats import gaussian_kde
 
     strain = _masked(ds, "strain").ravel()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))

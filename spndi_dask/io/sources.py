@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
+import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/Blosc/... filters)
 import numpy as np
+import tifffile
 
 from spndi_dask.stages import StageError
 
@@ -48,16 +51,8 @@ def is_tiff(path: str | Path) -> bool:
     return str(path).lower().endswith((".tif", ".tiff"))
 
 
-def _h5py():
-    import h5py
-    import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/Blosc/... filters)
-
-    return h5py
-
-
 def list_hdf5_datasets(path: str | Path) -> list[str]:
     """Paths of every dataset in an HDF5 file, with shapes, e.g. ``'/entry/data (10, 4, 4)'``."""
-    h5py = _h5py()
     found: list[str] = []
     with h5py.File(path, "r") as f:
         f.visititems(
@@ -103,8 +98,6 @@ def probe_source(path: str | Path, dataset: str) -> SourceInfo:
     except FileNotFoundError:
         raise SourceError(f"{path} does not exist") from None
     if is_tiff(path):
-        import tifffile
-
         try:
             with tifffile.TiffFile(path) as tf:
                 pages = len(tf.pages)
@@ -117,7 +110,6 @@ def probe_source(path: str | Path, dataset: str) -> SourceInfo:
         if len(shape) != 2:
             raise SourceError(f"{path}: TIFF pages have shape {shape}; expected 2-D frames")
         return SourceInfo(str(path), pages, shape, dtype, st.st_size, st.st_mtime_ns)
-    h5py = _h5py()
     try:
         with h5py.File(path, "r") as f:
             d = _dataset(f, path, dataset, "frames")
@@ -144,11 +136,8 @@ def read_points(path: str | Path, dataset: str, start: int, stop: int) -> np.nda
     """Frames of scan points ``start:stop`` as ``(n, det_rows, det_cols)``."""
     try:
         if is_tiff(path):
-            import tifffile
-
             out = tifffile.imread(path, key=range(start, stop))
             return out.reshape(stop - start, *out.shape[-2:])
-        h5py = _h5py()
         with h5py.File(path, "r") as f:
             return f[dataset][start:stop]
     except OSError as exc:
@@ -160,7 +149,6 @@ def read_points(path: str | Path, dataset: str, start: int, stop: int) -> np.nda
 
 def read_vector(path: str | Path, dataset: str, what: str) -> np.ndarray:
     """A 1-D per-point dataset (monitor, XRF) as float64."""
-    h5py = _h5py()
     try:
         with h5py.File(path, "r") as f:
             d = _dataset(f, path, dataset, what)
@@ -187,11 +175,8 @@ def read_detector_image(
         if path.suffix == ".npy":
             image = np.load(path, allow_pickle=False)
         elif is_tiff(path):
-            import tifffile
-
             image = tifffile.imread(path)
         else:
-            h5py = _h5py()
             with h5py.File(path, "r") as f:
                 if dataset is None or dataset not in f:
                     names = [n for n in list_hdf5_datasets(path) if f[n].ndim in (2, 3)]
