@@ -39,7 +39,7 @@ from spndi_dask.cluster import map_stats
 from spndi_dask.cluster_setup import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
-from spndi_dask.reduce._kernels import usable_patterns
+from spndi_dask.kernels import usable_patterns
 
 __all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
 

@@ -364,7 +364,7 @@ def _segment_scan(
     valid = np.asarray(ds["valid"].values, bool)
     if settings.source == "xrf":
         from spndi_dask.io.raw_store import open_raw
-        from spndi_dask.reduce._kernels import shift_maps
+        from spndi_dask.kernels import shift_maps
 
         raw = open_raw(manifest.output_dir, name)
         xrf = np.asarray(raw["xrf"].values, np.float64)
