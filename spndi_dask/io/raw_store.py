@@ -28,6 +28,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask.io.layout import OutputLayout
+
 __all__ = [
     "FRAME_DIMS",
     "IncompleteError",
@@ -46,7 +48,7 @@ class IncompleteError(RuntimeError):
 
 def raw_path(output_dir: str | Path) -> Path:
     """``<output>/raw.zarr``."""
-    return Path(output_dir) / "raw.zarr"
+    return OutputLayout(output_dir).raw
 
 
 class RawLayout:
