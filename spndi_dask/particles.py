@@ -474,7 +474,7 @@ def stats(
         Per scan: ``status`` ('done', 'up to date', 'no particle' or 'failed'), ``labels``
         (number of particles), ``method``, ``error``/``warning``.
     """
-    from spndi_dask.reduce.core import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]

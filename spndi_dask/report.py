@@ -44,7 +44,7 @@ from typing import Any
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
 from spndi_dask.particles import MAPS, STATS
-from spndi_dask.reduce.core import MAP_VARIABLES
+from spndi_dask.reduce.maps import MAP_VARIABLES
 from spndi_dask.status import read_attrs, scan_status
 
 __all__ = [
