@@ -169,7 +169,7 @@ def analyze(
     boundary width as the complete analysis on disk, unless ``force``), ``k``, ``regions``
     (domain and boundary pixels per scan), ``seconds``, output paths.
     """
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     t0 = time.perf_counter()
     root = results_path(manifest.output_dir)
