@@ -42,7 +42,7 @@ def _touch(block: np.ndarray) -> np.ndarray:
 
 def _reads(plans, *, direct: bool) -> list:
     """Graphs that read and decompress every particle's ROI voxels, and nothing else."""
-    from spndi_dask.reduce.core import roi_frames
+    from spndi_dask.reduce.graph import roi_frames
 
     return [roi_frames(p, direct=direct).map_blocks(_touch, chunks=(1,) * 5).sum() for p in plans]
 
@@ -104,7 +104,7 @@ def _numpy_reference(plan, grid, n_pixels: int | None) -> tuple[float, int, np.n
 
     from spndi_dask.geometry import q_sample
     from spndi_dask.reduce import _kernels as K
-    from spndi_dask.reduce.core import roi_frames
+    from spndi_dask.reduce.graph import roi_frames
 
     t0 = time.perf_counter()
     frames = np.asarray(roi_frames(plan).compute(scheduler="sync"), dtype=np.float64)
@@ -146,8 +146,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from spndi_dask.dask_clusters import local_cluster_size, start_client
-    from spndi_dask.reduce import plan_particle, reduce
-    from spndi_dask.reduce.core import beamtime_grid, roi_frames
+    from spndi_dask.reduce import beamtime_grid, plan_particle, reduce
+    from spndi_dask.reduce.graph import roi_frames
     from spndi_dask.simulate import preset
 
     n, t, _ = local_cluster_size()

@@ -40,7 +40,7 @@ from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.layout import OutputLayout, replace_tree
 from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
-from spndi_dask.reduce._kernels import usable_patterns
+from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
@@ -172,7 +172,7 @@ def analyze(
     boundary width as the complete analysis on disk, unless ``force``), ``k``, ``regions``
     (domain and boundary pixels per scan), ``seconds``, output paths.
     """
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     t0 = time.perf_counter()
     root = results_path(manifest.output_dir)

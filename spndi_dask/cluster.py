@@ -286,7 +286,7 @@ def cluster(
     """
     import zarr
 
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     t0 = time.perf_counter()
     settings = manifest.cluster

@@ -366,7 +366,7 @@ def _segment_scan(
     valid = np.asarray(ds["valid"].values, bool)
     if settings.source == "xrf":
         from spndi_dask.io.raw_store import open_raw
-        from spndi_dask.reduce._kernels import shift_maps
+        from spndi_dask.kernels import shift_maps
 
         raw = open_raw(manifest.output_dir, name)
         xrf = np.asarray(raw["xrf"].values, np.float64)
@@ -474,7 +474,7 @@ def stats(
         Per scan: ``status`` ('done', 'up to date', 'no particle' or 'failed'), ``labels``
         (number of particles), ``method``, ``error``/``warning``.
     """
-    from spndi_dask.reduce.core import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import zarr
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import crystal_frame, q_sample, strain_tilt
 from spndi_dask.ingest import ingest
+from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import (
     ReduceError,
     beamtime_grid,
@@ -251,7 +253,7 @@ def test_registration_recovers_subpixel_shifts():
     chained = K.register_chain(images, reference=0, upsample=50)
     np.testing.assert_allclose(chained, truth, atol=0.1)
     # shifting the maps back puts every image on the reference grid
-    back = K.shift_maps(images[..., None], got, fill=np.nan)[..., 0]
+    back = shift_maps(images[..., None], got, fill=np.nan)[..., 0]
     core = (slice(4, -4), slice(4, -4))
     assert np.nanmax(np.abs(back[2][core] - base[core])) < 0.02 * np.ptp(base)
 
@@ -331,22 +333,23 @@ def test_tiles_with_neighbour_strips_equal_one_block(tiny, shard):
     block reads only its own tile (the drift halo comes from copied strips of neighbours)."""
     import dask
 
-    from spndi_dask.reduce import core
+    from spndi_dask.reduce import graph as reduce_graph
 
     _out, m, _ = tiny
     plan = plan_particle(m, m.particles[0])
     grid = beamtime_grid(m, [plan])
     rng = np.random.default_rng(4)
-    plan.drift = rng.uniform(-2.4, 2.4, plan.drift.shape)  # halo 3: rows of 6 (shard 2 or 3)
-    ctx = dask.delayed(core._context(plan, grid), pure=True)
-    whole = core._block_graph(plan, ctx, grid)
+    drift = rng.uniform(-2.4, 2.4, plan.drift.shape)  # halo 3: rows of 6 (shard 2 or 3)
+    plan = dataclasses.replace(plan, drift=drift)
+    ctx = dask.delayed(reduce_graph._context(plan, grid), pure=True)
+    whole = reduce_graph._block_graph(plan, ctx, grid)
     assert whole[1].numblocks[:2] == (1, 1)
-    layout = dict(plan.raw.attrs["layout"])
-    plan.raw.attrs["layout"] = {**layout, "shards": [1, shard, shard]}
-    tiled = core._block_graph(plan, ctx, grid)
+    layout = dict(plan.raw_layout)
+    plan = dataclasses.replace(plan, raw_layout={**layout, "shards": [1, shard, shard]})
+    tiled = reduce_graph._block_graph(plan, ctx, grid)
     assert tiled[1].numblocks[0] >= 2 and tiled[1].numblocks[1] >= 2
     # the output rows are the tiles' moved up by the halo
-    ytiles = core.roi_frames(plan, halo=3).chunks[1]
+    ytiles = reduce_graph.roi_frames(plan, halo=3).chunks[1]
     assert tiled[1].chunks[0] == (ytiles[0] - 3, *ytiles[1:-1], ytiles[-1] + 3)
     graph = dict(tiled[1].__dask_graph__())
     deps = {k: dask.core.get_dependencies(graph, k) for k in graph if "reduce-block" in k[0]}
@@ -367,9 +370,12 @@ def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
 
     _out, m, _ = tiny
     plan = plan_particle(m, m.particles[0])
-    plan.drift = np.full_like(plan.drift, 1.5)
-    layout = dict(plan.raw.attrs["layout"])
-    plan.raw.attrs["layout"] = {**layout, "shards": [1, 4, 4]}  # 3 x 4 tiles
+    layout = dict(plan.raw_layout)
+    plan = dataclasses.replace(
+        plan,
+        drift=np.full_like(plan.drift, 1.5),
+        raw_layout={**layout, "shards": [1, 4, 4]},  # 3 x 4 tiles
+    )
     ds = reduce_particle(plan, beamtime_grid(m, [plan]))
     write, _ = core._write_graph(ds, tmp_path / "r.zarr", "p1", {"spndi_dask": {}})
     prio = collections_to_expr([write]).__dask_annotations__()["priority"]
@@ -389,7 +395,7 @@ def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
         assert reads[(i, j)] < p < reads[(i, j)] + 2
     # the next particle of a run: all its tasks after all of this one's (else the first tiles of
     # every particle would be read first, each held until its neighbour is read)
-    plan.rank = 1
+    plan = dataclasses.replace(plan, rank=1)
     ds2 = reduce_particle(plan, beamtime_grid(m, [plan]))
     write2, _ = core._write_graph(ds2, tmp_path / "r.zarr", "p2", {"spndi_dask": {}})
     prio2 = collections_to_expr([write2]).__dask_annotations__()["priority"]
@@ -492,7 +498,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
     deleted = []
     real_rmtree = shutil.rmtree
     monkeypatch.setattr(
-        "spndi_dask.reduce.core.shutil.rmtree",
+        "spndi_dask.io.layout.shutil.rmtree",
         lambda path, **kw: deleted.append(Path(path)) or real_rmtree(path, **kw),
     )
     s = reduce(m, particles=["p2"], force=True)

@@ -23,7 +23,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from spndi_dask.reduce._kernels import usable_patterns  # re-exported: part of this API
+from spndi_dask.kernels import usable_patterns  # re-exported: part of this API
 
 __all__ = [
     "cloud_from_pattern",

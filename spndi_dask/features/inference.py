@@ -325,7 +325,7 @@ def encode(
         Per particle: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
         ``seconds``, and ``warning`` / ``error``.
     """
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     settings = manifest.features
     device = device or settings.device

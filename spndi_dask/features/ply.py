@@ -142,7 +142,7 @@ def export_ply(
 
     from spndi_dask.analysis import group_sums
     from spndi_dask.compute import compute
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     root = results_path(manifest.output_dir)
     ds = open_results(root, particle)

@@ -302,7 +302,7 @@ def _draw(
     Reads only the ``valid``/``label`` maps; the fingerprint is the drawn pixels and the reduce
     fingerprints of their scans, so a trained model can be recognised without reading patterns.
     """
-    from spndi_dask.reduce import open_results, results_path
+    from spndi_dask.io.results_store import open_results, results_path
 
     settings = manifest.features
     size = settings.sample_size if size is None else size

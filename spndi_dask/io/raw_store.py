@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import StageError
 
 __all__ = [
@@ -48,7 +49,7 @@ class IncompleteError(StageError, RuntimeError):
 
 def raw_path(output_dir: str | Path) -> Path:
     """``<output>/raw.zarr``."""
-    return Path(output_dir) / "raw.zarr"
+    return OutputLayout(output_dir).raw
 
 
 class RawLayout:

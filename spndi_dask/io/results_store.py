@@ -1,21 +1,226 @@
-"""Stage outputs added to a particle's node of ``results.zarr`` (label, latent, cluster).
+"""``results.zarr``: one node per particle, written whole by reduce and added to by later stages.
 
-A stage replaces its array and records its completion under one attrs key: the key is removed
-before the array is rewritten and set again only after the data are in, so an interrupted stage
-never reads as complete.
+A particle's node is written whole into a temporary store beside ``results.zarr``, marked
+incomplete (:func:`write_temporary`), then marked complete and moved in with one rename
+(:func:`publish`): a reader finds the previous complete node or the new complete one, and a
+crash leaves only a temporary directory (removed by the next write). :func:`open_results`
+refuses a node that is not marked complete.
+
+A later stage replaces its array and records its completion under one attrs key
+(:func:`replace_array`, :func:`mark_complete`): the key is removed before the array is rewritten
+and set again only after the data are in, so an interrupted stage never reads as complete.
+
+Examples
+--------
+>>> results_path("/data/lco").as_posix()
+'/data/lco/results.zarr'
 """
 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
 import zarr
 
-__all__ = ["mark_complete", "replace_array", "write_csv"]
+from spndi_dask._version import __version__
+from spndi_dask.io.layout import OutputLayout, atomic_path, replace_tree
+from spndi_dask.stages import StageError
+
+__all__ = [
+    "PATTERN_ROWS",
+    "IncompleteResultError",
+    "is_current",
+    "mark_complete",
+    "open_results",
+    "publish",
+    "replace_array",
+    "results_group",
+    "results_path",
+    "stored_q_grid",
+    "write_csv",
+    "write_temporary",
+]
+
+#: Scan rows of the patterns per dask task when results are opened (stored one row per chunk).
+PATTERN_ROWS = 16
 
 
+class IncompleteResultError(StageError, ValueError):
+    """A particle's node exists but was never marked complete (its write was interrupted)."""
+
+
+def results_path(output_dir: str | Path) -> Path:
+    """``<output>/results.zarr``."""
+    return OutputLayout(output_dir).results
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    """The ``spndi_dask`` attrs of a group; empty where there is no group."""
+    if not (path / "zarr.json").exists():
+        return {}
+    return dict(zarr.open_group(str(path), mode="r").attrs).get("spndi_dask", {})
+
+
+# -- reduce: whole nodes ----------------------------------------------------------------------
+def results_group(output_dir: str | Path, beamtime: str) -> zarr.Group:
+    """The root group of ``results.zarr``, open for writing; created and labelled when new.
+
+    Parameters
+    ----------
+    output_dir : path
+        The beamtime's output directory.
+    beamtime : str
+        The beamtime's name (recorded as ``name`` when the root is labelled).
+    """
+    group = zarr.open_group(str(results_path(output_dir)), mode="a")
+    meta = dict(group.attrs).get("spndi_dask", {})
+    if meta.get("kind") != "results":
+        group.attrs.update(
+            {
+                "spndi_dask": {"kind": "results", "version": __version__},
+                "name": beamtime,
+            }
+        )
+    return group
+
+
+def stored_q_grid(output_dir: str | Path) -> dict[str, Any] | None:
+    """The common q grid recorded on the root of ``results.zarr`` (``attrs["q_grid"]``), if any."""
+    root = results_path(output_dir)
+    if not (root / "zarr.json").exists():
+        return None
+    return dict(zarr.open_group(str(root), mode="r").attrs).get("q_grid") or None
+
+
+def is_current(output_dir: str | Path, name: str, fingerprint: str) -> bool:
+    """Whether particle ``name``'s node is complete and was made from ``fingerprint``."""
+    meta = _meta(OutputLayout(output_dir).node(name))
+    return bool(meta.get("complete")) and meta.get("fingerprint") == fingerprint
+
+
+def write_temporary(
+    ds: xr.Dataset,
+    output_dir: str | Path,
+    name: str,
+    attrs: dict[str, Any],
+    *,
+    encoding: dict[str, Any] | None = None,
+) -> tuple[Any, Path]:
+    """The lazy write of particle ``name``'s whole node into ``<output>/.tmp`` (incomplete).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The node's variables (dask-backed: nothing is computed here).
+    output_dir : path
+        The beamtime's output directory.
+    name : str
+        Particle name.
+    attrs : dict
+        Added to the dataset's attrs; ``attrs["spndi_dask"]`` is recorded with
+        ``complete = False`` (:func:`publish` sets it true).
+    encoding : dict, optional
+        Per-variable Zarr encoding (chunks, compressors).
+
+    Returns
+    -------
+    delayed : dask.delayed.Delayed
+        The write; compute it, then :func:`publish` the store.
+    tmp : Path
+        The temporary store (``.tmp/reduce-<name>.zarr``); a previous one is removed.
+    """
+    tmp = OutputLayout(output_dir).tmp / f"reduce-{name}.zarr"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ds = ds.assign_attrs(
+        {**ds.attrs, **attrs, "spndi_dask": {**attrs["spndi_dask"], "complete": False}}
+    )
+    # write_empty_chunks: zarr otherwise compares every chunk with the fill value before
+    # writing it, a quarter of the time to write a tile's patterns (0.047 -> 0.035 s)
+    delayed = ds.to_zarr(
+        str(tmp),
+        mode="w",
+        compute=False,
+        encoding=encoding or {},
+        consolidated=False,
+        zarr_format=3,
+        write_empty_chunks=True,
+    )
+    return delayed, tmp
+
+
+def publish(tmp: str | Path, output_dir: str | Path, name: str, attrs: dict[str, Any]) -> None:
+    """Mark a written temporary store complete and move it to ``results.zarr/<name>``.
+
+    The previous node is moved aside before it is deleted
+    (:func:`~spndi_dask.io.layout.replace_tree`): a reader finds the old node whole, briefly
+    none, then the new one whole.
+    ``attrs["spndi_dask"]`` is recorded with ``complete = True``.
+    """
+    group = zarr.open_group(str(tmp), mode="r+")
+    group.attrs.update({"spndi_dask": {**attrs["spndi_dask"], "complete": True}})
+    replace_tree(tmp, OutputLayout(output_dir).node(name))
+
+
+def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
+    """Open ``results.zarr`` lazily: a ``DataTree`` of all particles, or one particle's Dataset.
+
+    Parameters
+    ----------
+    output_dir : path
+        The beamtime's output directory, or the ``results.zarr`` path itself.
+    particle : str, optional
+        A particle's name; default all particles.
+
+    Returns
+    -------
+    xarray.DataTree or xarray.Dataset
+        Dask-backed; a particle's ``pattern`` is read :data:`PATTERN_ROWS` scan rows per task.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there are no results, or none for ``particle``.
+    IncompleteResultError
+        If the particle's node was never marked complete.
+
+    Examples
+    --------
+    >>> open_results("/nonexistent")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    FileNotFoundError: no results in /nonexistent/results.zarr; run `spndi reduce ...` first
+    """
+    root = results_path(output_dir) if Path(output_dir).suffix != ".zarr" else Path(output_dir)
+    if not (root / "zarr.json").exists():
+        raise FileNotFoundError(f"no results in {root}; run `spndi reduce beamtime.toml` first")
+    if particle is None:
+        return xr.open_datatree(str(root), engine="zarr", consolidated=False)
+    node = root / particle
+    if not (node / "zarr.json").exists():
+        raise FileNotFoundError(f"no reduce result for particle {particle!r} in {root}")
+    ds = xr.open_dataset(str(node), engine="zarr", consolidated=False, chunks={})
+    if not ds.attrs.get("spndi_dask", {}).get("complete"):
+        raise IncompleteResultError(f"the result of particle {particle!r} in {root} is incomplete")
+    if "pattern" in ds and ds["pattern"].chunks[0][0] < PATTERN_ROWS:
+        # stored one scan row per chunk: a task reads PATTERN_ROWS rows at once
+        others = [v for v in ds.data_vars if v != "pattern"]
+        rows = xr.open_dataset(
+            str(node),
+            engine="zarr",
+            consolidated=False,
+            chunks={"y": PATTERN_ROWS},
+            drop_variables=others,
+        )
+        ds["pattern"] = rows["pattern"]
+    return ds
+
+
+# -- later stages: arrays added to a node -----------------------------------------------------
 def replace_array(
     node: str | Path,
     name: str,
@@ -47,12 +252,9 @@ def mark_complete(node: str | Path, stage: str, info: dict[str, Any]) -> None:
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows (floats as 6 significant digits) to ``path``, replacing it in one move."""
-    path = Path(path)
     cols = list(rows[0]) if rows else ["particle"]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)

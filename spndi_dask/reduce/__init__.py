@@ -1,18 +1,21 @@
 """Reduce: raw frames -> maps, rocking curves and per-pixel 3D patterns (one lazy pass).
 
-``_kernels`` holds the pure NumPy kernels, ``core`` the dask/xarray wrappers and orchestration.
+By phase: ``plan`` (corrections, ROI, drift and the common q grid, from small arrays), ``graph``
+(tiles, neighbour strips and the fused block tasks), ``maps`` (per-pixel maps and the lazy
+results of a particle), ``core`` (:func:`reduce`: fingerprints, writing, publishing). Pure
+kernels live in ``_kernels`` (NumPy) and ``_fused`` (numba); results are stored and opened by
+:mod:`spndi_dask.io.results_store`.
 """
 
-from spndi_dask.reduce.core import (
+from spndi_dask.io.results_store import open_results, results_path
+from spndi_dask.reduce.core import reduce
+from spndi_dask.reduce.maps import reduce_particle
+from spndi_dask.reduce.plan import (
     BeamtimeGrid,
     ParticlePlan,
     ReduceError,
     beamtime_grid,
-    open_results,
     plan_particle,
-    reduce,
-    reduce_particle,
-    results_path,
 )
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Conventions: a block of frames is ``(angle, y, x, det_row, det_col)`` restricted to the ROI;
 ``dq`` are voxel momentum transfers minus a reference vector (1/Å, sample frame); the moment
-channels of :data:`MOMENTS` are additive over voxels, scan points and angles.
+channels of :data:`MOMENTS` are additive over voxels, scan points and angles. Kernels other
+stages use too (scan shifts, usable patterns) live in :mod:`spndi_dask.kernels`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from spndi_dask.geometry import Geometry, axis_vector, rotation_matrix
+from spndi_dask.kernels import shift_bilinear
 
 __all__ = [
     "MOMENTS",
@@ -28,10 +30,7 @@ __all__ = [
     "patterns_block",
     "register_chain",
     "register_to_reference",
-    "shift_bilinear",
-    "shift_maps",
     "solve_rocking_angle",
-    "usable_patterns",
     "used_voxels",
 ]
 
@@ -399,57 +398,6 @@ def register_chain(images: np.ndarray, *, reference: int, upsample: int = 20) ->
     return out
 
 
-def shift_bilinear(
-    block: np.ndarray, dy: float, dx: float, *, halo: int, out_shape: tuple[int, int]
-) -> np.ndarray:
-    """Sample ``block`` (y, x, ...) at ``(y + halo + dy, x + halo + dx)`` for the core points.
-
-    ``block`` holds ``halo`` extra points on every side of the ``out_shape`` core; the result is
-    the content displaced by ``(dy, dx)`` brought back to its reference position (bilinear).
-
-    Examples
-    --------
-    >>> b = np.arange(25.0).reshape(5, 5)
-    >>> shift_bilinear(b, 0.5, -1.0, halo=1, out_shape=(3, 3)).tolist()
-    [[7.5, 8.5, 9.5], [12.5, 13.5, 14.5], [17.5, 18.5, 19.5]]
-    """
-    ty, tx = out_shape
-    iy, ix = math.floor(dy), math.floor(dx)
-    fy, fx = dy - iy, dx - ix
-    if max(abs(iy), abs(iy + 1 if fy else iy)) > halo or max(abs(ix), abs(ix + 1 if fx else ix)) > (
-        halo
-    ):
-        raise ValueError(f"shift ({dy:.2f}, {dx:.2f}) exceeds the halo of {halo} points")
-    y0, x0 = halo + iy, halo + ix
-    out = None
-    for oy, wy in ((0, 1 - fy), (1, fy)):
-        for ox, wx in ((0, 1 - fx), (1, fx)):
-            if wy * wx == 0:
-                continue
-            part = block[y0 + oy : y0 + oy + ty, x0 + ox : x0 + ox + tx]
-            term = part * np.asarray(wy * wx, dtype=block.dtype)
-            out = term if out is None else out + term
-    return out
-
-
-def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.ndarray:
-    """Bring per-angle maps ``(angle, y, x, ...)`` back to the reference scan grid (bilinear).
-
-    ``out[a, y, x] = maps[a, y + drift[a, 0], x + drift[a, 1]]``; points that fall outside the
-    scan take ``fill``.
-    """
-    maps = np.asarray(maps)
-    halo = int(np.ceil(np.abs(drift).max())) + 1 if len(drift) else 1
-    pad = [(0, 0), (halo, halo), (halo, halo)] + [(0, 0)] * (maps.ndim - 3)
-    padded = np.pad(maps, pad, constant_values=fill)
-    return np.stack(
-        [
-            shift_bilinear(padded[a], dy, dx, halo=halo, out_shape=maps.shape[1:3])
-            for a, (dy, dx) in enumerate(drift)
-        ]
-    )
-
-
 # -- common q grid ----------------------------------------------------------------------------
 def solve_rocking_angle(
     q: np.ndarray, geometry: Geometry, near_deg: float
@@ -613,18 +561,3 @@ def patterns_block(
     out = np.asarray(operator @ x, dtype=np.float32).T
     np.maximum(out, 0.0, out=out)
     return out.reshape(ty, tx, -1)
-
-
-def usable_patterns(patterns: np.ndarray) -> np.ndarray:
-    """Bool ``(...)`` of patterns ``(..., n, n, n)`` that are finite and have positive sum.
-
-    Examples
-    --------
-    >>> p = np.ones((3, 2, 2, 2)); p[1, 0, 0, 0] = np.nan; p[2] = 0
-    >>> usable_patterns(p).tolist()
-    [True, False, False]
-    """
-    axes = (-3, -2, -1)
-    finite = np.isfinite(patterns).all(axis=axes)
-    total = np.where(np.isfinite(patterns), patterns, 0).sum(axis=axes)
-    return finite & (total > 0)

@@ -1,0 +1,258 @@
+"""Per-pixel maps of a particle from its moment sums, and its lazy reduce results.
+
+:func:`reduce_particle` assembles the results contract of the reduce stage (DESIGN.md) from the
+block graph (:mod:`spndi_dask.reduce.graph`): the per-angle moment sums are brought back to the
+reference scan grid (drift), summed over angles and turned into maps in one small NumPy task
+(:func:`_finish_maps`); the patterns come from the blocks as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from spndi_dask.geometry import crystal_frame, strain_tilt
+from spndi_dask.kernels import shift_maps
+from spndi_dask.reduce import _kernels as K
+from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
+from spndi_dask.reduce.plan import BeamtimeGrid, ParticlePlan, ReduceError
+
+__all__ = ["MAP_VARIABLES", "QUALITY", "reduce_particle"]
+
+#: Per-pixel map variables written by reduce, with units.
+MAP_VARIABLES = {
+    "intensity": "counts (monitor-normalised, background-subtracted, ROI-integrated)",
+    "d_spacing": "Å",
+    "strain": "1",
+    "tilt_x": "rad",
+    "tilt_y": "rad",
+    "width_x": "1/Å",
+    "width_y": "1/Å",
+    "width_z": "1/Å",
+    "peak_angle": "deg",
+    "det_row_com": "detector pixel",
+    "det_col_com": "detector pixel",
+}
+#: Bits of the ``quality`` map.
+QUALITY = {"no_signal": 1, "peak_at_range_edge": 2, "missing_angles": 4, "roi_at_detector_edge": 8}
+
+
+def _finish_maps(
+    moments: np.ndarray,
+    *,
+    drift: np.ndarray,
+    h_ref: np.ndarray,
+    angles: np.ndarray,
+    rocking_axis: str,
+    reference: np.ndarray | None,
+    d0: float | None,
+    min_snr: float,
+    flags: int,
+    missing: np.ndarray,
+) -> np.ndarray:
+    """All per-pixel outputs from the per-angle moments (NumPy; one small block per particle).
+
+    Returns ``(ny, nx, n_angle + 16)``: rocking curve, then :data:`_FINISHED` channels.
+    """
+    per_angle = shift_maps(moments, drift)
+    curves = per_angle[..., 0]
+    summed = per_angle.sum(axis=0)
+    # the frame for the widths: the particle's mean q
+    s = summed[..., 0]
+    lit = (s > 0) & (s > min_snr * np.sqrt(np.maximum(summed[..., 12], 0)))
+    h_mean = h_ref + (summed[lit, 1:4].sum(axis=0) / s[lit].sum() if lit.any() else np.zeros(3))
+    if reference is not None:
+        h = np.asarray(reference, float)
+    else:
+        h = h_mean
+    if d0 is not None:
+        h = h / np.linalg.norm(h) * 2 * np.pi / d0
+    frame = crystal_frame(h, rocking_axis)
+    maps = K.maps_from_moments(summed, h_ref, frame.matrix, min_snr=min_snr)
+    valid = maps["valid"]
+    st = strain_tilt(maps["q_com"], frame)
+    order = np.argsort(angles)
+    peak = K.parabolic_peak(curves[order], angles[order])
+    quality = np.where(valid, 0, QUALITY["no_signal"]) | flags
+    edge = valid & ((peak <= angles.min()) | (peak >= angles.max()))
+    quality = quality | np.where(edge, QUALITY["peak_at_range_edge"], 0)
+    quality = quality | np.where(missing, QUALITY["missing_angles"], 0)
+    nan = ~valid
+    chans = [
+        maps["intensity"],
+        st["d_spacing"],
+        st["strain"],
+        st["tilt_x"],
+        st["tilt_y"],
+        maps["width_x"],
+        maps["width_y"],
+        maps["width_z"],
+        np.where(nan, np.nan, peak),
+        maps["det_row"],
+        maps["det_col"],
+        maps["q_com"][..., 0],
+        maps["q_com"][..., 1],
+        maps["q_com"][..., 2],
+        valid.astype(float),
+        quality.astype(float),
+    ]
+    out = np.concatenate([np.moveaxis(curves, 0, -1), np.stack(chans, -1)], axis=-1)
+    out[nan, len(angles) : len(angles) + 14] = np.nan
+    return out, h
+
+
+_FINISHED = (*MAP_VARIABLES, "q_x", "q_y", "q_z", "valid", "quality")
+
+
+def reduce_particle(
+    plan: ParticlePlan,
+    grid: BeamtimeGrid | None,
+    *,
+    min_snr: float = 5.0,
+    reference: np.ndarray | None = None,
+    d0: float | None = None,
+) -> xr.Dataset:
+    """The lazy reduce results of one particle (nothing is computed).
+
+    Parameters
+    ----------
+    plan : ParticlePlan
+        From :func:`plan_particle`, with ``drift`` set.
+    grid : BeamtimeGrid or None
+        Common q grid for the patterns; None skips them.
+    min_snr : float
+        Validity threshold (see :func:`~spndi_dask.reduce._kernels.maps_from_moments`).
+    reference : array (3,), optional
+        Reference vector for strain and tilt; default the particle's mean q.
+    d0 : float, optional
+        Reference d-spacing (Å): ``|h| = 2π/d0`` along the reference direction.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variables of the reduce stage (DESIGN.md results contract), dask-backed.
+    """
+    if plan.drift is None:
+        raise ReduceError(f"particle '{plan.name}': the drift is not known yet")
+    ctx = _lazy_context(plan, grid)
+    moments, patterns = _block_graph(plan, ctx, grid)
+    na, ny, nx = moments.shape[:3]
+    small = moments.rechunk((na, ny, nx, len(K.MOMENTS)))
+    missing = (plan.scale == 0).any(axis=0)
+    flags = QUALITY["roi_at_detector_edge"] if plan.roi_at_edge else 0
+    drift, h_ref, angles = plan.drift, plan.h_projection, plan.angles
+    rocking_axis = plan.geometry.rocking_axis
+
+    def finish(block: np.ndarray, part: int = 0) -> np.ndarray:
+        result = _finish_maps(
+            block,
+            drift=drift,
+            h_ref=h_ref,
+            angles=angles,
+            rocking_axis=rocking_axis,
+            reference=reference,
+            d0=d0,
+            min_snr=min_snr,
+            flags=flags,
+            missing=missing,
+        )
+        return result[part]
+
+    finished = small.map_blocks(
+        finish,
+        drop_axis=[0, 3],
+        new_axis=[2],
+        chunks=((ny,), (nx,), (na + len(_FINISHED),)),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), np.float64),
+    )
+    coords: dict[str, Any] = dict(plan.coords)
+    data: dict[str, Any] = {
+        "rocking_curve": (
+            ("angle", "y", "x"),
+            da.moveaxis(finished[..., :na], -1, 0),
+            {"units": MAP_VARIABLES["intensity"], "long_name": "drift-corrected rocking curve"},
+        )
+    }
+    for i, var in enumerate(_FINISHED):
+        values = finished[..., na + i]
+        if var in ("q_x", "q_y", "q_z"):
+            continue
+        if var == "valid":
+            data[var] = (("y", "x"), values > 0.5, {"long_name": "pixel has Bragg signal"})
+        elif var == "quality":
+            data[var] = (
+                ("y", "x"),
+                values.astype(np.uint8),
+                {"flags": QUALITY, "long_name": "quality bit flags (0 = good)"},
+            )
+        else:
+            data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
+    q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)
+    data["q_com"] = (("y", "x", "component"), q_com, {"units": "1/Å", "frame": "sample"})
+    data["drift"] = (
+        ("angle", "axis"),
+        plan.drift,
+        {
+            "units": "scan pixels",
+            "method": plan.drift_method,
+            "long_name": "displacement of the sample content at each angle vs the reference angle",
+        },
+    )
+    reference_q = small.map_blocks(
+        finish,
+        part=1,
+        drop_axis=[0, 1, 2, 3],
+        new_axis=[0],
+        chunks=((3,),),
+        dtype=np.float64,
+        meta=np.empty((0,), np.float64),
+    )
+    data["reference_q"] = (
+        ("component",),
+        reference_q,
+        {"units": "1/Å", "long_name": "reference vector h of strain and tilt (zero strain/tilt)"},
+    )
+    coords["component"] = np.array(["qx", "qy", "qz"], dtype=object)
+    coords["axis"] = np.array(["y", "x"], dtype=object)
+    if patterns is not None:
+        n = grid.n
+        covered = da.from_delayed(
+            dask.delayed(_pick)(ctx, "covered"), shape=(n**3,), dtype=bool
+        ).reshape(n, n, n)
+        dims = ("y", "x", "dq_x", "dq_y", "dq_z")
+        data["pattern"] = (
+            dims,
+            patterns,
+            {
+                "units": MAP_VARIABLES["intensity"] + " per voxel",
+                "long_name": "drift-corrected 3D diffraction pattern on the common crystal-frame "
+                "q grid (offsets from the beamtime reference vector), clipped at 0",
+            },
+        )
+        data["pattern_covered"] = (
+            dims[2:],
+            covered,
+            {"long_name": "grid point inside the measured angle and ROI range"},
+        )
+        for name, off in zip(dims[2:], grid.offsets, strict=True):
+            coords[name] = (name, off, {"units": "1/Å"})
+    attrs = {
+        "roi": list(plan.roi),
+        "roi_at_detector_edge": plan.roi_at_edge,
+        "has_signal": plan.has_signal,
+        "hot_pixels": plan.n_hot,
+        "dead_pixels": plan.n_dead,
+        "background_per_frame": plan.background.tolist(),
+        "drift_method": plan.drift_method,
+        "reference_angle_index": plan.reference_angle,
+        "warnings": list(plan.warnings),
+        "geometry": plan.geometry.to_dict(),
+    }
+    if grid is not None:
+        attrs["q_grid"] = grid.to_dict()
+    return xr.Dataset(data, coords=coords, attrs=attrs)
