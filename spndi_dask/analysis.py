@@ -34,12 +34,19 @@ import xarray as xr
 import zarr
 from scipy import ndimage
 
+from spndi_dask import plot
 from spndi_dask._version import __version__
 from spndi_dask.cluster import map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.layout import OutputLayout, replace_tree
-from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
+from spndi_dask.io.results_store import (
+    mark_complete,
+    open_results,
+    replace_array,
+    results_path,
+    write_csv,
+)
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
@@ -172,8 +179,6 @@ def analyze(
     boundary width as the complete analysis on disk, unless ``force``), ``k``, ``regions``
     (domain and boundary pixels per scan), ``seconds``, output paths.
     """
-    from spndi_dask.io.results_store import open_results, results_path
-
     t0 = time.perf_counter()
     root = results_path(manifest.output_dir)
     names = manifest.select_particles(particles, error=AnalysisError)
@@ -310,8 +315,6 @@ def analyze(
         mark_complete(root / name, "analysis", info)
     write_csv(out.regions_csv, rows)
     if figures:
-        from spndi_dask import plot
-
         plot.analysis_figures(out.figures, ds_out)
     return {
         "status": Outcome.DONE,

@@ -27,11 +27,22 @@ from typing import Any, Literal
 import dask
 import dask.array as da
 import numpy as np
+import zarr
+from dask_ml.cluster import KMeans
+from sklearn.cluster import kmeans_plusplus
+from sklearn.metrics import silhouette_score
 
+from spndi_dask import plot
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
-from spndi_dask.io.results_store import mark_complete, replace_array, write_csv
+from spndi_dask.io.results_store import (
+    mark_complete,
+    open_results,
+    replace_array,
+    results_path,
+    write_csv,
+)
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -152,8 +163,6 @@ def fit_kmeans(
     >>> sorted(np.round(fit.centers[:, 0]).tolist()) == [0.0, 3.0]
     True
     """
-    from dask_ml.cluster import KMeans
-
     n = x.shape[0]
     if k > n:
         raise ClusterError(f"K = {k} clusters need at least {k} latent vectors; there are {n}")
@@ -162,8 +171,6 @@ def fit_kmeans(
     for r in range(n_init):
         rs = seed + r
         if init == "k-means++":
-            from sklearn.cluster import kmeans_plusplus
-
             rng = np.random.default_rng(rs)
             idx = np.sort(rng.choice(n, size=min(n, max(sample_size, k)), replace=False))
             (sample,) = compute([x[idx]])
@@ -210,8 +217,6 @@ def choose_k(
     Each K of the scan gets ``scan_restarts`` restarts; the chosen K is refitted with
     ``n_init``.
     """
-    from sklearn.metrics import silhouette_score
-
     k_max = min(settings.k_max, x.shape[0])
     fits = {}
     for k in range(1, k_max + 1):
@@ -284,10 +289,6 @@ def cluster(
         ``status`` ('clustered' or 'up to date'), ``k``, ``k_source`` ('manifest', 'argument',
         'elbow'), ``inertia``, ``silhouette``, ``pixels`` per scan, ``seconds``, ``warnings``.
     """
-    import zarr
-
-    from spndi_dask.io.results_store import open_results, results_path
-
     t0 = time.perf_counter()
     settings = manifest.cluster
     root = results_path(manifest.output_dir)
@@ -430,8 +431,6 @@ def cluster(
     write_csv(table, rows)
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:
-        from spndi_dask import plot
-
         plot.cluster_figures(manifest, info_root, {n: open_results(root, n) for n in names})
     logger.info("k-means K=%d (%s) over %d pixels of %d scans", chosen, source, total, len(names))
     return {

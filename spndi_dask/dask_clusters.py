@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
+import dask_jobqueue  # registers its defaults in dask.config
 import psutil
 import yaml
 from dask.utils import parse_bytes, parse_timedelta
@@ -226,8 +227,6 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClust
     jobqueue_raw = raw.pop("jobqueue", None) or {}
     jobqueue: dict[str, Any] = {}
     if kind in JOBQUEUE_TYPES:
-        import dask_jobqueue  # noqa: F401  (registers its defaults in dask.config)
-
         other = sorted(set(jobqueue_raw) - {kind})
         if other:
             raise ClusterConfigError(
@@ -275,8 +274,6 @@ def _with_lifetime(jobqueue: dict[str, Any], margin: Any) -> dict[str, Any]:
 
 
 def _jobqueue_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
-    import dask_jobqueue
-
     settings = dask.config.merge(config.jobqueue, _hyphen_keys(overrides))
     settings = _with_lifetime(settings, config.spndi.get("lifetime_margin"))
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[config.type]

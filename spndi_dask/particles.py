@@ -38,14 +38,22 @@ from typing import Any
 
 import dask
 import numpy as np
+import tifffile
 import xarray as xr
 from scipy import ndimage
+from skimage import filters
+from skimage.morphology import disk, h_maxima
+from skimage.segmentation import watershed
 
+from spndi_dask import plot
 from spndi_dask._version import __version__
+from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, SegmentSettings
 from spndi_dask.io.layout import atomic_path
-from spndi_dask.io.results_store import mark_complete, replace_array
+from spndi_dask.io.raw_store import open_raw
+from spndi_dask.io.results_store import mark_complete, open_results, replace_array, results_path
 from spndi_dask.io.sources import SourceError
+from spndi_dask.kernels import shift_maps
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -73,8 +81,6 @@ class ParticleError(StageError, ValueError):
 
 # -- segmentation (NumPy) ---------------------------------------------------------------------
 def _threshold(image: np.ndarray, method: str) -> float:
-    from skimage import filters
-
     fn = {
         "otsu": filters.threshold_otsu,
         "li": filters.threshold_li,
@@ -98,9 +104,6 @@ def _split_touching(labels: np.ndarray, neck: float = 0.6) -> np.ndarray:
     (highest saddle first) unless the saddle between them is below ``neck`` times the lower of
     their peaks — a real neck between two particles, not the wobble of one irregular outline.
     """
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     out = np.zeros_like(labels)
     n = 0
     for region in range(1, labels.max() + 1):
@@ -149,8 +152,6 @@ def _order_by_area(labels: np.ndarray, min_size: int) -> np.ndarray:
 def _erode_labels(labels: np.ndarray, margin: int) -> np.ndarray:
     if margin <= 0:
         return labels
-    from skimage.morphology import disk
-
     fp = disk(margin)
     pad = np.pad(labels, margin)
     same = ndimage.minimum_filter(pad, footprint=fp) == ndimage.maximum_filter(pad, footprint=fp)
@@ -240,8 +241,6 @@ def read_user_mask(path: str | Path, *, particle: str, shape: tuple[int, int]) -
         if path.suffix.lower() == ".npy":
             mask = np.load(path, allow_pickle=False)
         else:
-            import tifffile
-
             mask = tifffile.imread(path)
     except Exception as exc:
         raise ParticleError(
@@ -365,9 +364,6 @@ def _segment_scan(
         return read_user_mask(path, particle=name, shape=shape), f"user mask {particle.mask}"
     valid = np.asarray(ds["valid"].values, bool)
     if settings.source == "xrf":
-        from spndi_dask.io.raw_store import open_raw
-        from spndi_dask.kernels import shift_maps
-
         raw = open_raw(manifest.output_dir, name)
         xrf = np.asarray(raw["xrf"].values, np.float64)
         if not np.isfinite(xrf).any() or not np.nanmax(np.abs(xrf)):
@@ -474,8 +470,6 @@ def stats(
         Per scan: ``status`` ('done', 'up to date', 'no particle' or 'failed'), ``labels``
         (number of particles), ``method``, ``error``/``warning``.
     """
-    from spndi_dask.io.results_store import open_results, results_path
-
     root = results_path(manifest.output_dir)
     order = [p.name for p in manifest.particles]
     wanted = manifest.select_particles(particles, error=ParticleError)
@@ -529,8 +523,6 @@ def stats(
             how,
         )
     if jobs:
-        from spndi_dask.compute import compute
-
         results = compute([j[0] for j in jobs.values()])
         for (name, (_, fp, how)), result in zip(jobs.items(), results, strict=True):
             ds, labels = opened[name]
@@ -556,8 +548,6 @@ def stats(
     fig_dir = manifest.layout.figures
     stale = bool(jobs) or not (fig_dir / "beamtime_overview.png").exists()
     if figures and opened and stale:
-        from spndi_dask import plot
-
         written = plot.particle_figures(
             {n: open_results(manifest.output_dir, n) for n in order if n in opened},
             fig_dir,

@@ -172,7 +172,7 @@ def test_segmentation_noise_touching_and_irregular_shapes():
 
 def test_statistics_of_all_scans_are_one_dask_computation(small, monkeypatch):
     """The per-scan summaries are lazy and computed together (one graph for the beamtime)."""
-    import spndi_dask.compute as cs
+    import spndi_dask.particles as cs
 
     _, m, _ = small
     calls = []

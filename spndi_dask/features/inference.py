@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 import torch
 import zarr
+from distributed.diagnostics.plugin import WorkerPlugin
 from torch import nn
 
 from spndi_dask._version import __version__
@@ -40,7 +41,7 @@ from spndi_dask.features.train import (
     resolve_device,
 )
 from spndi_dask.io.hashing import sha256_file
-from spndi_dask.io.results_store import mark_complete, replace_array
+from spndi_dask.io.results_store import mark_complete, open_results, replace_array, results_path
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -259,13 +260,7 @@ def torch_threads(client: Any) -> dict[str, int]:
     }
 
 
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover
-    _WorkerPlugin = object  # type: ignore[assignment,misc]
-
-
-class ModelPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
+class ModelPlugin(WorkerPlugin):
     """Worker plugin: set torch threads and load the checkpoint once in every worker process."""
 
     name = "spndi-features-model"
@@ -325,8 +320,6 @@ def encode(
         Per particle: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
         ``seconds``, and ``warning`` / ``error``.
     """
-    from spndi_dask.io.results_store import open_results, results_path
-
     settings = manifest.features
     device = device or settings.device
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(manifest)

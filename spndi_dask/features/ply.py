@@ -14,7 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
+from plyfile import PlyData, PlyElement
+
+from spndi_dask.analysis import group_sums
+from spndi_dask.compute import compute
+from spndi_dask.io.results_store import open_results, results_path
 
 __all__ = ["export_ply", "grid_comments", "load_point_cloud", "pattern_vertices", "write_ply"]
 
@@ -51,8 +57,6 @@ def write_ply(
     comments: list[str] | None = None,
 ) -> Path:
     """Write a point cloud (``x, y, z`` float32 [+ ``intensity`` float32]) as binary PLY."""
-    from plyfile import PlyData, PlyElement
-
     points = np.asarray(points, dtype=np.float32)
     fields = [("x", "f4"), ("y", "f4"), ("z", "f4")]
     if intensity is not None:
@@ -88,8 +92,6 @@ def load_point_cloud(path: str | Path) -> np.ndarray:
         except ValueError as exc:
             raise ValueError(f"{path}: not a plain numeric .npy array ({exc})") from None
     elif path.suffix == ".ply":
-        from plyfile import PlyData
-
         v = PlyData.read(str(path))["vertex"]
         pts = np.stack([v["x"], v["y"], v["z"]], axis=1)
     else:
@@ -138,12 +140,6 @@ def export_ply(
     out_dir : path, optional
         Default ``<output>/ply``.
     """
-    import dask.array as da
-
-    from spndi_dask.analysis import group_sums
-    from spndi_dask.compute import compute
-    from spndi_dask.io.results_store import open_results, results_path
-
     root = results_path(manifest.output_dir)
     ds = open_results(root, particle)
     if "pattern" not in ds:

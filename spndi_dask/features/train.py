@@ -33,6 +33,7 @@ from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
 from spndi_dask.io.hashing import sha256_file
+from spndi_dask.io.results_store import open_results, results_path
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -302,8 +303,6 @@ def _draw(
     Reads only the ``valid``/``label`` maps; the fingerprint is the drawn pixels and the reduce
     fingerprints of their scans, so a trained model can be recognised without reading patterns.
     """
-    from spndi_dask.io.results_store import open_results, results_path
-
     settings = manifest.features
     size = settings.sample_size if size is None else size
     seed = settings.seed if seed is None else seed

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage, sparse
+from skimage.registration import phase_cross_correlation
 
 from spndi_dask.geometry import Geometry, axis_vector, rotation_matrix
 from spndi_dask.kernels import shift_bilinear
@@ -366,8 +367,6 @@ def register_to_reference(images: np.ndarray, *, reference: int, upsample: int =
     Returns the displacement ``d`` of each image's content (content at ``p`` in the reference
     appears at ``p + d``), shape ``(n, 2)`` in scan pixels (y, x); 0 for the reference.
     """
-    from skimage.registration import phase_cross_correlation
-
     ref = _prepare(images[reference])
     out = np.zeros((len(images), 2))
     for a, im in enumerate(images):
