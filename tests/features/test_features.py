@@ -38,7 +38,7 @@ from spndi_dask.reduce import open_results, reduce
 from spndi_dask.simulate import preset, simulate_beamtime
 
 # measured point clouds of the original study (copied from ../shared/data/seed_pointclouds)
-SEEDS = sorted(glob.glob(str(Path(__file__).parent / "data" / "seed_pointclouds" / "*.npy")))
+SEEDS = sorted(glob.glob(str(Path(__file__).parents[1] / "data" / "seed_pointclouds" / "*.npy")))
 
 
 @pytest.fixture(scope="module")

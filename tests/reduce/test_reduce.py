@@ -28,7 +28,7 @@ from spndi_dask.reduce import (
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.simulate import preset, simulate_beamtime
 
-from .conftest import load, manifest_dict, write_angle_files
+from ..conftest import load, manifest_dict, write_angle_files
 
 
 def _ready(tmp_path, config, **reduce_settings) -> Manifest:

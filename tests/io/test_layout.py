@@ -1,0 +1,95 @@
+"""io.layout: the output contract's paths and the atomic replacement of files and trees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spndi_dask.io import layout as L
+from spndi_dask.io.layout import OutputLayout, atomic_path, replace_tree, write_text_atomic
+
+
+def test_paths_are_the_output_contract(tmp_path):
+    out = OutputLayout(tmp_path)
+    rel = {
+        name: getattr(out, name).relative_to(tmp_path).as_posix()
+        for name in (
+            "raw", "results", "analysis", "particles_csv", "clusters_csv", "regions_csv",
+            "figures", "report", "ply", "checkpoint", "logs", "last_run", "lock", "tmp",
+        )
+    }  # fmt: skip
+    assert rel == {
+        "raw": "raw.zarr",
+        "results": "results.zarr",
+        "analysis": "analysis.zarr",
+        "particles_csv": "particles.csv",
+        "clusters_csv": "clusters.csv",
+        "regions_csv": "regions.csv",
+        "figures": "figures",
+        "report": "report/index.html",
+        "ply": "ply",
+        "checkpoint": "features/model.safetensors",
+        "logs": "logs",
+        "last_run": "logs/last-run.json",
+        "lock": ".spndi.lock",
+        "tmp": ".tmp",
+    }
+    assert out.node("p1") == tmp_path / "results.zarr" / "p1"
+    assert out.raw_node("p1") == tmp_path / "raw.zarr" / "p1"
+    assert out == OutputLayout(str(tmp_path)) and len({out, OutputLayout(tmp_path)}) == 1
+    assert not any(tmp_path.iterdir())  # nothing is created
+
+
+def test_atomic_path_replaces_only_on_success_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "sub" / "table.csv"
+    write_text_atomic(target, "old\n")
+    assert target.read_text() == "old\n"
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(target) as tmp:
+        tmp.write_text("half of the ne")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old\n"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target and not tmp.exists()
+        tmp.write_text("new\n")
+        assert target.read_text() == "old\n"  # readers see the old file until the move
+    assert target.read_text() == "new\n"
+    assert [p.name for p in target.parent.iterdir()] == ["table.csv"]
+
+
+def test_replace_tree_swaps_whole_directories(tmp_path):
+    dest = tmp_path / "analysis.zarr"
+    (dest / "a").mkdir(parents=True)
+    (dest / "a" / "old").write_text("1")
+    tmp = tmp_path / ".tmp" / "analysis.zarr"
+    (tmp / "b").mkdir(parents=True)
+    (tmp / "b" / "new").write_text("2")
+    replace_tree(tmp, dest)
+    assert [p.relative_to(dest).as_posix() for p in sorted(dest.rglob("*"))] == ["b", "b/new"]
+    assert not tmp.exists() and not tmp.with_name(tmp.name + ".old").exists()
+    replace_tree(_tree(tmp_path / ".tmp" / "first"), tmp_path / "fresh")  # nothing to replace
+    assert (tmp_path / "fresh" / "x").read_text() == "x"
+
+
+def _tree(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "x").write_text("x")
+    return path
+
+
+def test_replace_tree_puts_the_old_tree_back_when_the_move_fails(tmp_path, monkeypatch):
+    dest = _tree(tmp_path / "results.zarr" / "p1")
+    tmp = _tree(tmp_path / ".tmp" / "reduce-p1.zarr")
+    (tmp / "x").write_text("new")
+    real = Path.replace
+
+    def failing(self, target):
+        if self == tmp:
+            raise OSError("cross-device link")
+        return real(self, target)
+
+    monkeypatch.setattr(L.Path, "replace", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        replace_tree(tmp, dest)
+    assert (dest / "x").read_text() == "x"
+    assert (tmp / "x").read_text() == "new"
