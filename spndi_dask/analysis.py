@@ -40,13 +40,7 @@ from spndi_dask.cluster import map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.layout import OutputLayout, replace_tree
-from spndi_dask.io.results_store import (
-    mark_complete,
-    open_results,
-    replace_array,
-    results_path,
-    write_csv,
-)
+from spndi_dask.io.results_store import open_results, results_path, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
@@ -299,20 +293,15 @@ def analyze(
     ds_out.to_zarr(str(tmp), mode="w", consolidated=False, zarr_format=3)
     replace_tree(tmp, path)
     for name, region in regions.items():
-        arr = replace_array(
+        write_map(
             root / name,
             "region",
+            region,
             stage="analysis",
-            dims=["y", "x"],
             long_name="-1 outside particles, 0 domain, 1 boundary between clusters",
-            shape=region.shape,
-            dtype=np.int8,
-            chunks=region.shape,
             fill_value=-1,
+            info={"boundary_width": boundary_width, "k": k, "fingerprint": fp},
         )
-        arr[:] = region
-        info = {"boundary_width": boundary_width, "k": k, "fingerprint": fp}
-        mark_complete(root / name, "analysis", info)
     write_csv(out.regions_csv, rows)
     if figures:
         plot.analysis_figures(out.figures, ds_out)

@@ -36,13 +36,7 @@ from spndi_dask import plot
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
-from spndi_dask.io.results_store import (
-    mark_complete,
-    open_results,
-    replace_array,
-    results_path,
-    write_csv,
-)
+from spndi_dask.io.results_store import open_results, results_path, write_csv, write_map
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -397,23 +391,20 @@ def cluster(
         lab[flat] = labels[start : start + len(flat)]
         start += len(flat)
         lab = lab.reshape(shape)
-        arr = replace_array(
-            root / name,
-            "cluster",
-            stage="cluster",
-            dims=["y", "x"],
-            long_name="k-means cluster of the latent vector (-1 = outside particles)",
-            shape=shape,
-            dtype=np.int32,
-            chunks=shape,
-            fill_value=-1,
-        )
-        arr[:] = lab
         counts = np.bincount(lab[lab >= 0], minlength=chosen)
-        mark_complete(
+        write_map(
             root / name,
             "cluster",
-            {"fingerprint": key, "k": chosen, "pixels": counts.tolist(), "version": __version__},
+            lab,
+            stage="cluster",
+            long_name="k-means cluster of the latent vector (-1 = outside particles)",
+            fill_value=-1,
+            info={
+                "fingerprint": key,
+                "k": chosen,
+                "pixels": counts.tolist(),
+                "version": __version__,
+            },
         )
         maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
         rows += _rows(name, lab, maps, chosen)

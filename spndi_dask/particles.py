@@ -51,7 +51,7 @@ from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, SegmentSettings
 from spndi_dask.io.layout import atomic_path
 from spndi_dask.io.raw_store import open_raw
-from spndi_dask.io.results_store import mark_complete, open_results, replace_array, results_path
+from spndi_dask.io.results_store import open_results, results_path, write_map
 from spndi_dask.io.sources import SourceError
 from spndi_dask.kernels import shift_maps
 from spndi_dask.stages import Outcome, StageError
@@ -405,19 +405,15 @@ def _fingerprint(manifest: Manifest, name: str, ds: xr.Dataset) -> str:
 
 def _write_labels(node: Path, labels: np.ndarray, info: dict[str, Any]) -> None:
     """Add ``label(y, x)`` to a particle's results node; the info attrs mark it complete."""
-    arr = replace_array(
+    write_map(
         node,
         "label",
+        labels.astype(np.int32),
         stage="particles",
-        dims=["y", "x"],
         long_name="particle label (0 = background)",
-        shape=labels.shape,
-        dtype=np.int32,
-        chunks=labels.shape,
         fill_value=0,
+        info=info,
     )
-    arr[:] = labels.astype(np.int32)
-    mark_complete(node, "particles", info)
 
 
 def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:

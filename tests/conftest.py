@@ -113,3 +113,16 @@ def tiny_beamtime(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     manifest = simulate_beamtime(out, preset("tiny"), scheduler="sync")
     return out, manifest
+
+
+def reduced_beamtime(tmp_path_factory, name: str, preset_name: str, **overrides):
+    """A simulated beamtime (``preset_name`` with ``overrides``), ingested and reduced."""
+    from spndi_dask.ingest import ingest
+    from spndi_dask.reduce import reduce
+    from spndi_dask.simulate import preset, simulate_beamtime
+
+    out = tmp_path_factory.mktemp(name)
+    m = simulate_beamtime(out, preset(preset_name, **overrides), scheduler="sync")
+    ingest(m)
+    reduce(m)
+    return out, m

@@ -25,10 +25,10 @@ from spndi_dask.cluster import (
     inertia,
 )
 from spndi_dask.features import encode, train
-from spndi_dask.ingest import ingest
 from spndi_dask.particles import stats
-from spndi_dask.reduce import open_results, reduce
-from spndi_dask.simulate import preset, simulate_beamtime
+from spndi_dask.reduce import open_results
+
+from .conftest import reduced_beamtime
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     """Two demo scans (3 domain types) reduced, segmented, encoded with the default model."""
-    out = tmp_path_factory.mktemp("cluster")
-    m = simulate_beamtime(out, preset("demo", n_particles=2), scheduler="sync")
-    ingest(m)
-    reduce(m)
+    out, m = reduced_beamtime(tmp_path_factory, "cluster", "demo", n_particles=2)
     stats(m, figures=False)
     train(m)
     encode(m)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from spndi_dask.config import Manifest
-from spndi_dask.ingest import ingest
 from spndi_dask.particles import COLUMNS, ParticleError, segment_image, stats
 from spndi_dask.plot import map_limits
-from spndi_dask.reduce import open_results, reduce
-from spndi_dask.simulate import preset, simulate_beamtime
+from spndi_dask.reduce import open_results
+
+from .conftest import reduced_beamtime
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -23,10 +23,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """Two demo scans (p1: one particle, p2: a particle with a touching satellite)."""
-    out = tmp_path_factory.mktemp("particles")
-    m = simulate_beamtime(out, preset("demo", n_particles=2), scheduler="sync")
-    ingest(m)
-    reduce(m)
+    out, m = reduced_beamtime(tmp_path_factory, "particles", "demo", n_particles=2)
     summary = stats(m)
     return out, m, summary
 

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -42,6 +43,7 @@ __all__ = [
     "results_path",
     "stored_q_grid",
     "write_csv",
+    "write_map",
     "write_temporary",
 ]
 
@@ -248,6 +250,37 @@ def replace_array(
 def mark_complete(node: str | Path, stage: str, info: dict[str, Any]) -> None:
     """Record a stage as complete in a results node (``attrs[stage] = info``)."""
     zarr.open_group(str(node), mode="r+").attrs.update({stage: info})
+
+
+def write_map(
+    node: str | Path,
+    name: str,
+    data: np.ndarray,
+    *,
+    stage: str,
+    long_name: str,
+    fill_value: int,
+    info: dict[str, Any],
+) -> None:
+    """Replace the ``(y, x)`` map ``name`` of a results node and record ``stage`` complete.
+
+    The stage's attrs are dropped before the map is rewritten (:func:`replace_array`) and set to
+    ``info`` only after the data are in (:func:`mark_complete`), so an interrupted write never
+    reads as complete.
+    """
+    arr = replace_array(
+        node,
+        name,
+        stage=stage,
+        dims=["y", "x"],
+        long_name=long_name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=data.shape,
+        fill_value=fill_value,
+    )
+    arr[:] = data
+    mark_complete(node, stage, info)
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

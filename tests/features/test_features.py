@@ -32,10 +32,10 @@ from spndi_dask.features import (
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import check_grid
 from spndi_dask.features.ply import export_ply, load_point_cloud, pattern_vertices
-from spndi_dask.ingest import ingest
 from spndi_dask.particles import stats
-from spndi_dask.reduce import open_results, reduce
-from spndi_dask.simulate import preset, simulate_beamtime
+from spndi_dask.reduce import open_results
+
+from ..conftest import reduced_beamtime
 
 # measured point clouds of the original study (copied from ../shared/data/seed_pointclouds)
 SEEDS = sorted(glob.glob(str(Path(__file__).parents[1] / "data" / "seed_pointclouds" / "*.npy")))
@@ -44,10 +44,7 @@ SEEDS = sorted(glob.glob(str(Path(__file__).parents[1] / "data" / "seed_pointclo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two tiny scans reduced and segmented; a conv3d model trained 3 epochs on them."""
-    out = tmp_path_factory.mktemp("features")
-    m = simulate_beamtime(out, preset("tiny", n_particles=2, train_epochs=3), scheduler="sync")
-    ingest(m)
-    reduce(m)
+    out, m = reduced_beamtime(tmp_path_factory, "features", "tiny", n_particles=2, train_epochs=3)
     stats(m, figures=False)
     summary = train(m)
     return out, m, summary

@@ -29,11 +29,10 @@ from spndi_dask import __version__
 from spndi_dask.analysis import analyze
 from spndi_dask.cluster import cluster
 from spndi_dask.features import encode, train
-from spndi_dask.ingest import ingest
 from spndi_dask.particles import stats
-from spndi_dask.reduce import reduce
 from spndi_dask.report import file_fingerprint, render_report, write_report
-from spndi_dask.simulate import preset, simulate_beamtime
+
+from ..conftest import reduced_beamtime
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +51,7 @@ RUN_INFO = {
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     """The tiny beamtime: a report after stats (no clustering yet), then after every stage."""
-    out = tmp_path_factory.mktemp("report")
-    m = simulate_beamtime(out, preset("tiny", train_epochs=3), scheduler="sync")
-    ingest(m)
-    reduce(m)
+    _, m = reduced_beamtime(tmp_path_factory, "report", "tiny", train_epochs=3)
     stats(m)
     early = write_report(m).read_text()
     train(m)
