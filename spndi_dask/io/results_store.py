@@ -32,6 +32,7 @@ from spndi_dask.io.layout import OutputLayout, atomic_path, replace_tree
 from spndi_dask.stages import StageError
 
 __all__ = [
+    "MAP_VARIABLES",
     "PATTERN_ROWS",
     "IncompleteResultError",
     "is_current",
@@ -49,6 +50,20 @@ __all__ = [
 
 #: Scan rows of the patterns per dask task when results are opened (stored one row per chunk).
 PATTERN_ROWS = 16
+#: The maps ``reduce`` writes to every particle's node, with their units (``attrs['units']``).
+MAP_VARIABLES = {
+    "intensity": "counts (monitor-normalised, background-subtracted, ROI-integrated)",
+    "d_spacing": "Å",
+    "strain": "1",
+    "tilt_x": "rad",
+    "tilt_y": "rad",
+    "width_x": "1/Å",
+    "width_y": "1/Å",
+    "width_z": "1/Å",
+    "peak_angle": "deg",
+    "det_row_com": "detector pixel",
+    "det_col_com": "detector pixel",
+}
 
 
 class IncompleteResultError(StageError, ValueError):

@@ -16,27 +16,15 @@ import numpy as np
 import xarray as xr
 
 from spndi_dask.geometry import crystal_frame, strain_tilt
+from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
 from spndi_dask.reduce.plan import BeamtimeGrid, ParticlePlan, ReduceError
 
-__all__ = ["MAP_VARIABLES", "QUALITY", "reduce_particle"]
+__all__ = ["QUALITY", "reduce_particle"]
 
 #: Per-pixel map variables written by reduce, with units.
-MAP_VARIABLES = {
-    "intensity": "counts (monitor-normalised, background-subtracted, ROI-integrated)",
-    "d_spacing": "Å",
-    "strain": "1",
-    "tilt_x": "rad",
-    "tilt_y": "rad",
-    "width_x": "1/Å",
-    "width_y": "1/Å",
-    "width_z": "1/Å",
-    "peak_angle": "deg",
-    "det_row_com": "detector pixel",
-    "det_col_com": "detector pixel",
-}
 #: Bits of the ``quality`` map.
 QUALITY = {"no_signal": 1, "peak_at_range_edge": 2, "missing_angles": 4, "roi_at_detector_edge": 8}
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
+from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.particles import MAPS, STATS
 from spndi_dask.provenance import input_fingerprints, iso_time, library_versions, manifest_source
-from spndi_dask.reduce.maps import MAP_VARIABLES
 from spndi_dask.report.context import ANALYSIS_FIGURES, PARTICLE_FIGURES, ReportContext
 from spndi_dask.report.format import Badge, Link, anchor, as_json, kv, number, table
 from spndi_dask.stages import status_stages
