@@ -26,7 +26,7 @@ _EXPORTS = {
     "crystal_frame": "spndi_dask.geometry",
     "load_manifest": "spndi_dask.config",
     "open_raw": "spndi_dask.io.raw_store",
-    "open_results": "spndi_dask.reduce",
+    "open_results": "spndi_dask.io.results_store",
     "preset": "spndi_dask.simulate",
     "q_sample": "spndi_dask.geometry",
     "simulate_beamtime": "spndi_dask.simulate",
@@ -58,7 +58,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
     from spndi_dask.ingest import IngestError
     from spndi_dask.io.raw_store import open_raw
-    from spndi_dask.reduce import ReduceError, open_results
+    from spndi_dask.io.results_store import open_results
+    from spndi_dask.reduce import ReduceError
     from spndi_dask.simulate import SimulationConfig, preset, simulate_beamtime
     from spndi_dask.stages import Outcome, StageError
 

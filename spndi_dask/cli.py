@@ -13,7 +13,7 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.io.layout import OutputLayout
-from spndi_dask.stages import STAGE_NAMES, STAGES, Outcome, Stage, StageError
+from spndi_dask.stages import STAGE_NAMES, STAGES, Outcome, Stage, StageError, parse_stages
 from spndi_dask.stages import stage as stage_info
 
 __all__ = ["main"]
@@ -306,9 +306,6 @@ def _print_cluster(s: dict[str, Any], out: OutputLayout) -> None:
 
 
 def _print_analyze(s: dict[str, Any], out: OutputLayout) -> None:
-    if s["status"] == Outcome.UP_TO_DATE:
-        print(f"analysis up to date: {out.analysis}")
-        return
     print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
     for name, (dom, bnd) in s["regions"].items():
         print(f"{name:<16}{dom:>10}{bnd:>12}")
@@ -359,9 +356,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     with _client(args):
         summary = STAGE_FUNCTIONS[info.name](manifest, None, options, args.particles)
     _PRINTERS[info.name](summary, manifest.layout)
-    if info.per_particle:
-        return 1 if any(s["status"] == Outcome.FAILED for s in summary.values()) else 0
-    return 0
+    failed = [n for n, s in summary.items() if info.per_particle and s["status"] == Outcome.FAILED]
+    if failed:
+        print(
+            f"\nerror: {info.name} failed for {len(failed)} of {len(summary)} particle(s): "
+            f"{', '.join(failed)} (the others are done; details above)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def _cmd_export_ply(args: argparse.Namespace) -> int:
@@ -453,7 +455,7 @@ def _print_summary(results: list[Any]) -> None:
 
 def _run_pipeline(args: argparse.Namespace, manifest: Any, session: Any, first: int = 0) -> int:
     """The pipeline on ``session``'s client with logs and reports; prints progress and summary."""
-    from spndi_dask.pipeline import parse_stages, run, run_logging
+    from spndi_dask.pipeline import run, run_logging
 
     stages = parse_stages(args.stages)
     total = len(stages) + first
@@ -507,7 +509,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.io.lock import output_lock
-    from spndi_dask.pipeline import parse_stages
     from spndi_dask.simulate import preset, simulate_beamtime
 
     out = Path(args.out)

@@ -292,7 +292,7 @@ def cluster(
     for name in names:
         try:
             ds = open_results(root, name)
-        except (FileNotFoundError, StageError) as exc:
+        except (FileNotFoundError, RuntimeError, StageError) as exc:
             raise ClusterError(f"particle '{name}': {exc}") from None
         if "latent" not in ds or not ds.attrs.get("features"):
             raise ClusterError(f"particle '{name}' has no latent vectors; run `spndi encode` first")

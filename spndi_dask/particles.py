@@ -477,7 +477,7 @@ def stats(
     for name in order:
         try:
             ds = open_results(manifest.output_dir, name)
-        except (FileNotFoundError, StageError) as exc:
+        except (FileNotFoundError, ValueError) as exc:  # incomplete: a StageError too
             if name in wanted:
                 logger.error("particle '%s': %s", name, exc)
                 summary[name] = {

@@ -31,15 +31,16 @@ from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.io.layout import OutputLayout
 from spndi_dask.particles import stats
 from spndi_dask.reduce import reduce
 from spndi_dask.report import write_report
-from spndi_dask.stages import STAGES, Outcome, parse_stages
+from spndi_dask.stages import Outcome, parse_stages
 from spndi_dask.stages import stage as stage_info
 from spndi_dask.status import write_last_run
 from spndi_dask.worker_plugins import WorkerLogLevel
 
-__all__ = ["STAGES", "RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
+__all__ = ["RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def run_logging(
     Also records dask's ``performance_report`` to ``run-<time>-dask.html`` when a distributed
     client is given. Yields the paths (``log``, ``dask_report``).
     """
-    logs = Path(output_dir) / "logs"
+    logs = OutputLayout(output_dir).logs
     logs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     paths = {"log": logs / f"run-{stamp}.log"}

@@ -24,6 +24,8 @@ import xarray as xr
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from scipy.stats import gaussian_kde
 
+from spndi_dask.io.layout import atomic_path
+
 __all__ = [
     "analysis_figures",
     "beamtime_overview",
@@ -47,7 +49,8 @@ _SCALE = {"tilt_x": 1e3, "tilt_y": 1e3}  # radians -> mrad on the figures
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:  # the report may read the figures while a stage writes them
+        fig.savefig(tmp, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -93,7 +96,6 @@ def _extent(ds: xr.Dataset) -> tuple[float, float, float, float]:
 
 
 def _scale_bar(ax: Any, ds: xr.Dataset) -> None:
-
     x0, x1, _, _ = _extent(ds)
     length = _nice_length(abs(x1 - x0))
     bar = AnchoredSizeBar(
@@ -137,7 +139,6 @@ def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path
 
 
 def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000) -> Path:
-
     strain = _masked(ds, "strain").ravel()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     for ax, tilt in zip(axes, ("tilt_x", "tilt_y"), strict=True):

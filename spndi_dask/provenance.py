@@ -19,7 +19,7 @@ from typing import Any
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
 from spndi_dask.io.hashing import sha256_file
-from spndi_dask.status import read_attrs
+from spndi_dask.io.layout import read_attrs
 
 __all__ = [
     "EDGE",

@@ -16,26 +16,19 @@ from typing import Any
 
 from spndi_dask.config import Manifest
 from spndi_dask.io.hashing import sha256_file
-from spndi_dask.io.layout import OutputLayout, write_text_atomic
+from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
 from spndi_dask.stages import status_stages
 
-__all__ = ["STATUS_STAGES", "read_attrs", "scan_status", "write_last_run"]
+__all__ = ["STATUS_STAGES", "scan_status", "write_last_run"]
 
 # the columns of `spndi status`: the stages that record completion per scan (stages.STAGES)
 STATUS_STAGES = tuple(s.name for s in status_stages())
 # what each column needs among the columns (train has none: encode checks the model's digest)
 _NEEDS = {
-    s.name: tuple(n for n in s.needs if n in STATUS_STAGES) for s in status_stages() if s.needs
+    s.name: tuple(n for n in STATUS_STAGES if n in s.needs) for s in status_stages() if s.needs
 }
 _KEY = {s.name: s.attrs_key for s in status_stages()}
-
-
-def read_attrs(group: Path) -> dict[str, Any] | None:
-    """The attributes of a Zarr v3 group (its ``zarr.json``), or None if there is none."""
-    try:
-        return json.loads((Path(group) / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
+_LABEL = {s.name: s.label for s in status_stages()}
 
 
 def write_last_run(output_dir: Path, record: dict[str, Any]) -> Path:
@@ -108,7 +101,7 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
             if state in ("done", "stale"):
                 for need in _NEEDS.get(stage, ()):
                     if st[need][0] != "done" and state == "done":
-                        state, note = "stale", f"{need} is {st[need][0]}"
+                        state, note = "stale", f"{_LABEL[need]} is {st[need][0]}"
             if state != "done" and (stage, name) in failures:
                 state, note = "failed", failures[(stage, name)]
             elif state == "not run" and (stage, "all") in failures:

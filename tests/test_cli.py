@@ -8,6 +8,8 @@ from spndi_dask.cli import main
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.reduce import open_results
 
+from .conftest import load, manifest_dict, write_angle_files
+
 
 def run(*args):
     return subprocess.run(
@@ -64,3 +66,21 @@ def test_demo_end_to_end(tmp_path):
     ]
     bad = run("encode", manifest, "--checkpoint", str(tmp_path / "nothing.pt"))
     assert bad.returncode == 2 and "nothing.pt does not exist" in bad.stderr
+
+
+def test_a_particle_that_fails_a_stage_is_named_and_the_exit_code_is_1(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(2.0, size=(2, 3, 3, 6, 6)).astype(np.uint16)
+    write_angle_files(tmp_path, frames, name="good")
+    data = manifest_dict("good", n_angles=2, scan_shape=(3, 3))
+    bad = manifest_dict("bad", n_angles=2, scan_shape=(3, 3))["particles"]
+    data["particles"] += bad  # no frame files written for 'bad'
+    path = tmp_path / "beamtime.toml"
+    path.write_text(load(tmp_path, data).to_toml())
+    assert main(["ingest", str(path), "--workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "good            ingested" in out and "bad             failed" in out
+    assert "error: ingest failed for 1 of 2 particle(s): bad" in err
+    # a stage that refuses its input as a whole: exit code 2 and the message, no traceback
+    assert main(["cluster", str(path), "--workers", "1"]) == 2
+    assert "run `spndi reduce" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_reingest_after_reduce_and_a_retrained_model_are_stale(beamtime):
     (beamtime.output_dir / "features" / "model.safetensors").write_bytes(b"weights v2")
     st = scan_status(beamtime)["p1"]
     assert st["encode"] == ("stale", "the model was retrained after encoding")
-    assert st["cluster"] == ("stale", "encode is stale") and st["stats"][0] == "done"
+    assert st["cluster"] == ("stale", "features is stale") and st["stats"][0] == "done"
 
 
 def test_another_clustering_or_analysis_makes_those_stale(beamtime):

@@ -357,6 +357,13 @@ class Manifest(SettingsModel):
         return OutputLayout(self.output_dir)
 
     @property
+    def checkpoint(self) -> Path:
+        """The model ``encode`` uses: ``[features] checkpoint``, else the one ``train`` writes."""
+        if self.features.checkpoint:
+            return self.resolve(self.features.checkpoint)
+        return self.layout.checkpoint
+
+    @property
     def manifest_hash(self) -> str:
         """SHA-256 of the canonical JSON of all settings (provenance)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -337,7 +337,7 @@ def encode(
     for name in names:
         try:
             ds = open_results(root, name)
-        except (FileNotFoundError, StageError) as exc:
+        except (FileNotFoundError, RuntimeError, StageError) as exc:
             summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
             continue
         if "pattern" not in ds:

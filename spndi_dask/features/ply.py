@@ -20,6 +20,7 @@ from plyfile import PlyData, PlyElement
 
 from spndi_dask.analysis import group_sums
 from spndi_dask.compute import compute
+from spndi_dask.io.layout import atomic_path
 from spndi_dask.io.results_store import open_results, results_path
 
 __all__ = ["export_ply", "grid_comments", "load_point_cloud", "pattern_vertices", "write_ply"]
@@ -67,11 +68,13 @@ def write_ply(
         vertex["intensity"] = np.asarray(intensity, dtype=np.float32)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    PlyData(
-        [PlyElement.describe(vertex, "vertex")], text=False, byte_order="<", comments=comments or []
-    ).write(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        PlyData(
+            [PlyElement.describe(vertex, "vertex")],
+            text=False,
+            byte_order="<",
+            comments=comments or [],
+        ).write(str(tmp))
     return path
 
 
@@ -144,7 +147,7 @@ def export_ply(
     ds = open_results(root, particle)
     if "pattern" not in ds:
         raise ValueError(f"particle '{particle}' in {root} has no q-grid patterns")
-    out = Path(out_dir) if out_dir else manifest.output_dir / "ply"
+    out = Path(out_dir) if out_dir else manifest.layout.ply
     grid = ds.attrs["q_grid"]
     offsets = tuple(np.asarray(ds[d].values) for d in ("dq_x", "dq_y", "dq_z"))
     ny, nx = ds["valid"].shape

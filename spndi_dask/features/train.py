@@ -58,9 +58,7 @@ class FeatureError(StageError, RuntimeError):
 
 def checkpoint_path(manifest: Manifest) -> Path:
     """The checkpoint ``encode`` uses: ``[features] checkpoint`` or ``<output>/features/model``."""
-    if manifest.features.checkpoint:
-        return manifest.resolve(manifest.features.checkpoint)
-    return manifest.layout.checkpoint
+    return manifest.checkpoint
 
 
 def resolve_device(device: str) -> torch.device:

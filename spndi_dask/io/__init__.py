@@ -1,1 +1,2 @@
-"""Readers for raw detector files and the Zarr stores of spndi_dask."""
+"""Files of spndi_dask: the output layout (paths, atomic writes), source readers (HDF5, TIFF),
+file hashing, the raw and results Zarr stores, the direct shard reader and the output lock."""

@@ -17,16 +17,15 @@ Examples
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["OutputLayout", "atomic_path", "replace_tree", "write_text_atomic"]
-
-_counter = itertools.count()
+__all__ = ["OutputLayout", "atomic_path", "read_attrs", "replace_tree", "write_text_atomic"]
 
 
 class OutputLayout:
@@ -144,8 +143,20 @@ class OutputLayout:
         return self.root / ".tmp"
 
 
+def read_attrs(group: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The attributes of a Zarr v3 group (its ``zarr.json``), or None where there is none.
+
+    Read as JSON, without zarr: what ``spndi status`` and the report read of every stage.
+    """
+    try:
+        return json.loads((Path(group) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{next(_counter)}.tmp")
+    # one name per target: a temporary left by a killed writer is replaced by the next write
+    return path.with_name(f".{path.name}.tmp")
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import xarray as xr
 import zarr
 
 from spndi_dask._version import __version__
-from spndi_dask.io.layout import OutputLayout, atomic_path, replace_tree
+from spndi_dask.io.layout import OutputLayout, atomic_path, read_attrs, replace_tree
 from spndi_dask.stages import StageError
 
 __all__ = [
@@ -77,9 +77,7 @@ def results_path(output_dir: str | Path) -> Path:
 
 def _meta(path: Path) -> dict[str, Any]:
     """The ``spndi_dask`` attrs of a group; empty where there is no group."""
-    if not (path / "zarr.json").exists():
-        return {}
-    return dict(zarr.open_group(str(path), mode="r").attrs).get("spndi_dask", {})
+    return (read_attrs(path) or {}).get("spndi_dask", {})
 
 
 # -- reduce: whole nodes ----------------------------------------------------------------------

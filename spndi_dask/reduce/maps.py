@@ -24,7 +24,6 @@ from spndi_dask.reduce.plan import BeamtimeGrid, ParticlePlan, ReduceError
 
 __all__ = ["QUALITY", "reduce_particle"]
 
-#: Per-pixel map variables written by reduce, with units.
 #: Bits of the ``quality`` map.
 QUALITY = {"no_signal": 1, "peak_at_range_edge": 2, "missing_angles": 4, "roi_at_detector_edge": 8}
 
@@ -109,7 +108,7 @@ def reduce_particle(
     Parameters
     ----------
     plan : ParticlePlan
-        From :func:`plan_particle`, with ``drift`` set.
+        From :func:`~spndi_dask.reduce.plan.plan_particle`, with ``drift`` set.
     grid : BeamtimeGrid or None
         Common q grid for the patterns; None skips them.
     min_snr : float

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
-from spndi_dask.status import read_attrs, scan_status
+from spndi_dask.io.layout import read_attrs
+from spndi_dask.stages import stage
+from spndi_dask.status import scan_status
 
 __all__ = [
     "ANALYSIS_FIGURES",
@@ -115,7 +117,7 @@ class ReportContext:
         """``done`` / ``not run`` / ``incomplete`` / ``stale`` / ``failed`` of every stage."""
         if self._status is None:
             self._status = scan_status(self.manifest)
-        return {stage: state for stage, (state, _) in self._status[name].items()}
+        return {stage(s).label: state for s, (state, _) in self._status[name].items()}
 
     def checkpoint(self) -> Path:
         """The checkpoint encode used (from the attrs), else the one train writes."""
@@ -123,9 +125,7 @@ class ReportContext:
             ckpt = ((attrs or {}).get("features") or {}).get("checkpoint")
             if ckpt:
                 return Path(ckpt)
-        if self.manifest.features.checkpoint:  # as spndi_dask.features.checkpoint_path
-            return self.manifest.resolve(self.manifest.features.checkpoint)
-        return self.layout.checkpoint
+        return self.manifest.checkpoint
 
     def checkpoint_metadata(self) -> tuple[dict[str, Any] | None, str | None]:
         """The metadata beside :meth:`checkpoint` (its ``.json``) and a read error, if any.
