@@ -57,7 +57,6 @@ def main() -> None:
     from spndi_dask.config import Manifest, load_manifest
     from spndi_dask.dask_clusters import local_cluster_size
     from spndi_dask.ingest import ingest
-    from spndi_dask.io.raw_store import raw_path
     from spndi_dask.simulate import preset, simulate_beamtime
 
     out = Path(args.dir) / args.preset
@@ -88,13 +87,13 @@ def main() -> None:
         rss_read = max(client.run(_peak_rss_mb).values())
         assert nbytes == raw_bytes
 
-        shutil.rmtree(raw_path(m.output_dir), ignore_errors=True)
+        shutil.rmtree(m.layout.raw, ignore_errors=True)
         client.restart()
         t0 = time.perf_counter()
         ingest(m)
         t_ingest = time.perf_counter() - t0
         rss_ingest = max(client.run(_peak_rss_mb).values())
-        zarr_bytes = _du(raw_path(m.output_dir))
+        zarr_bytes = _du(m.layout.raw)
 
         print(
             f"\n== ingest, preset {args.preset}: {len(files)} files, {raw_bytes / 1e9:.2f} GB raw,"
@@ -154,11 +153,11 @@ def main() -> None:
                 },
                 base_dir=out,
             )
-            shutil.rmtree(raw_path(cfg.output_dir), ignore_errors=True)
+            shutil.rmtree(cfg.layout.raw, ignore_errors=True)
             t0 = time.perf_counter()
             ingest(cfg)
             t_w = time.perf_counter() - t0
-            url = str(raw_path(cfg.output_dir) / p.name / "frames")
+            url = str(cfg.layout.raw / p.name / "frames")
             ny, nx = p.scan_shape
             tiles = [
                 (slice(y, y + 16), slice(x, x + 16))
@@ -177,7 +176,7 @@ def main() -> None:
                 )
             )
             t_r = time.perf_counter() - t0
-            print(f"{label:<36}{t_w:9.2f}{t_r:9.2f}{_du(raw_path(cfg.output_dir)) / 1e6:8.1f}")
+            print(f"{label:<36}{t_w:9.2f}{t_r:9.2f}{_du(cfg.layout.raw) / 1e6:8.1f}")
 
 
 if __name__ == "__main__":

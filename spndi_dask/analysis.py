@@ -40,7 +40,7 @@ from spndi_dask.cluster import map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.layout import OutputLayout, replace_tree
-from spndi_dask.io.results_store import open_results, results_path, write_csv, write_map
+from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
@@ -174,7 +174,7 @@ def analyze(
     (domain and boundary pixels per scan), ``seconds``, output paths.
     """
     t0 = time.perf_counter()
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     names = manifest.select_particles(particles, error=AnalysisError)
     meta = (
         dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")

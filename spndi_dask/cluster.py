@@ -36,7 +36,7 @@ from spndi_dask import plot
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
-from spndi_dask.io.results_store import open_results, results_path, write_csv, write_map
+from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -285,7 +285,7 @@ def cluster(
     """
     t0 = time.perf_counter()
     settings = manifest.cluster
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     names = manifest.select_particles(particles, error=ClusterError)
     warnings: list[str] = []
     datasets, index, blocks = {}, {}, []

@@ -37,7 +37,7 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.hashing import file_stamp, sha256_file
-from spndi_dask.io.raw_store import RawLayout, create_particle_store, raw_path
+from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
 from spndi_dask.stages import Outcome, StageError
 
@@ -161,7 +161,7 @@ def plan_ingest(
         file_stamp(path, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
         for path in paths
     ]
-    root = raw_path(manifest.output_dir)
+    root = manifest.layout.raw
     todo = list(range(len(paths)))
     fresh = True
     existing = root / p.name / "zarr.json"
@@ -437,7 +437,7 @@ def ingest(
         except IngestError as exc:
             logger.error("%s", exc)
             summary[p.name] = {"status": Outcome.FAILED, "angles_written": 0, "error": str(exc)}
-    raw_path(manifest.output_dir).mkdir(parents=True, exist_ok=True)
+    manifest.layout.raw.mkdir(parents=True, exist_ok=True)
     work: list[tuple[IngestPlan, int, int]] = []
     tasks: list[Any] = []
     for plan in plans:

@@ -51,7 +51,7 @@ from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, SegmentSettings
 from spndi_dask.io.layout import atomic_path
 from spndi_dask.io.raw_store import open_raw
-from spndi_dask.io.results_store import open_results, results_path, write_map
+from spndi_dask.io.results_store import open_results, write_map
 from spndi_dask.io.sources import SourceError
 from spndi_dask.kernels import shift_maps
 from spndi_dask.stages import Outcome, StageError
@@ -466,7 +466,7 @@ def stats(
         Per scan: ``status`` ('done', 'up to date', 'no particle' or 'failed'), ``labels``
         (number of particles), ``method``, ``error``/``warning``.
     """
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     order = [p.name for p in manifest.particles]
     wanted = manifest.select_particles(particles, error=ParticleError)
     table_path = manifest.layout.particles_csv

@@ -41,7 +41,7 @@ from spndi_dask.features.train import (
     resolve_device,
 )
 from spndi_dask.io.hashing import sha256_file
-from spndi_dask.io.results_store import mark_complete, open_results, replace_array, results_path
+from spndi_dask.io.results_store import mark_complete, open_results, replace_array
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -324,7 +324,7 @@ def encode(
     device = device or settings.device
     ckpt = Path(checkpoint) if checkpoint else checkpoint_path(manifest)
     _, meta = load_checkpoint(ckpt)
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     grid = dict(zarr.open_group(str(root), mode="r").attrs).get("q_grid")
     if not grid:
         raise FeatureError(f"{root} has no q grid: reduce with patterns before encoding")

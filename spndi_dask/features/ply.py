@@ -21,7 +21,7 @@ from plyfile import PlyData, PlyElement
 from spndi_dask.analysis import group_sums
 from spndi_dask.compute import compute
 from spndi_dask.io.layout import atomic_path
-from spndi_dask.io.results_store import open_results, results_path
+from spndi_dask.io.results_store import open_results
 
 __all__ = ["export_ply", "grid_comments", "load_point_cloud", "pattern_vertices", "write_ply"]
 
@@ -143,7 +143,7 @@ def export_ply(
     out_dir : path, optional
         Default ``<output>/ply``.
     """
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     ds = open_results(root, particle)
     if "pattern" not in ds:
         raise ValueError(f"particle '{particle}' in {root} has no q-grid patterns")

@@ -33,7 +33,7 @@ from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
 from spndi_dask.io.hashing import sha256_file
-from spndi_dask.io.results_store import open_results, results_path
+from spndi_dask.io.results_store import open_results
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -304,7 +304,7 @@ def _draw(
     settings = manifest.features
     size = settings.sample_size if size is None else size
     seed = settings.seed if seed is None else seed
-    root = results_path(manifest.output_dir)
+    root = manifest.layout.results
     names = manifest.select_particles(particles, error=FeatureError)
     rng = np.random.default_rng(seed)
     cands: dict[str, np.ndarray] = {}
