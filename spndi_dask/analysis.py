@@ -39,6 +39,7 @@ from spndi_dask._version import __version__
 from spndi_dask.cluster import map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
+from spndi_dask.io.integrity import checksum_encoding
 from spndi_dask.io.layout import OutputLayout, replace_tree
 from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
@@ -290,7 +291,14 @@ def analyze(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    ds_out.to_zarr(str(tmp), mode="w", consolidated=False, zarr_format=3)
+    ds_out.to_zarr(
+        str(tmp),
+        mode="w",
+        consolidated=False,
+        zarr_format=3,
+        encoding=checksum_encoding(ds_out.variables),
+        write_empty_chunks=True,
+    )
     replace_tree(tmp, path)
     for name, region in regions.items():
         write_map(

@@ -152,6 +152,23 @@ def _parser() -> argparse.ArgumentParser:
         "since), failed (in the last run) or not run, from the outputs alone.",
     )
 
+    p = _manifest_parser(
+        sub,
+        "verify",
+        help="check every stored chunk against its checksum; mark damage to be recomputed",
+        description="Read every chunk of raw.zarr, results.zarr and analysis.zarr and check it "
+        "against its CRC32C checksum (the raw frames and the patterns by their files and shard "
+        "indexes unless --deep). Damage is reported per particle and stage and marked as not "
+        "done, so that the next `spndi run` recomputes only what is damaged. Exit status 1 when "
+        "damage was found.",
+    )
+    p.add_argument(
+        "--deep", action="store_true", help="also decode every chunk of the frames and patterns"
+    )
+    p.add_argument("--report-only", action="store_true", help="report damage without marking it")
+    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     _stage_parser(sub, stage_info("report"))
 
     p = _manifest_parser(
@@ -414,6 +431,44 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+    from contextlib import nullcontext
+
+    from spndi_dask.config import load_manifest
+    from spndi_dask.io.integrity import describe, verify
+    from spndi_dask.io.lock import output_lock
+
+    manifest = load_manifest(args.manifest)
+    mark = not args.report_only
+    lock = output_lock(manifest.output_dir) if mark else nullcontext()
+    with lock:
+        report = verify(manifest, deep=args.deep, mark=mark, particles=args.particles)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0 if report.ok else 1
+    mode = "deep: every chunk decoded" if args.deep else "frames and patterns by file and index"
+    print(
+        f"{manifest.name}: {manifest.output_dir} ({mode})\n"
+        f"checked {report.arrays} arrays, {report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s "
+        f"({report.mb_per_s:.0f} MB/s)"
+    )
+    if report.ok:
+        print("no damage found")
+        return 0
+    print(f"\n{'particle':<16}{'stage':<10}damage")
+    for particle, stages in report.by_particle().items():
+        for stage, items in stages.items():
+            for d in items:
+                print(f"{particle:<16}{stage:<10}{d.where()}: {d.reason}")
+    if report.marked:
+        print("\nmarked to be recomputed:\n  " + "\n  ".join(report.marked))
+        print(f"`spndi run {manifest.source}` recomputes only what is damaged")
+    else:
+        print(f"\n{describe(report.damage, str(manifest.source))}")
+    return 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.report import write_report
@@ -569,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": _cmd_report,
         "export-ply": _cmd_export_ply,
         "status": _cmd_status,
+        "verify": _cmd_verify,
     }
     try:
         return commands[args.command](args)

@@ -3,7 +3,9 @@
 Parallel (one dask task per shard: an angle's scan tile; plus one task per angle that records
 monitor, XRF, validity and then marks the angle done), shard-aligned, bit-exact and resumable:
 an angle counts as done only once all of its shards and per-point arrays are written, and only
-while its source file keeps the fingerprint it had (path, size, mtime, dataset names, layout).
+while its source file holds what was ingested (the same size, modification time and path, or
+path relative to the manifest, else the same SHA-256: a beamtime folder moved or copied whole is
+not ingested again) with the same dataset names and layout.
 A re-run writes only angles that are not done. Every input is checked before anything is
 written; one bad particle does not stop the others.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +39,8 @@ import zarr
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
-from spndi_dask.io.hashing import file_stamp, sha256_file
+from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_key
+from spndi_dask.io.integrity import is_damage, writing
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
 from spndi_dask.stages import Outcome, StageError
@@ -65,6 +69,9 @@ class IngestPlan:
     checksum: str
     attrs: dict[str, Any] = field(default_factory=dict)
     fresh: bool = True
+    #: angles whose file moved or was touched but holds what was ingested: record kept, updated
+    moved: dict[int, dict[str, Any]] = field(default_factory=dict)
+    base_dir: Path = Path(".")
 
     @property
     def name(self) -> str:
@@ -157,20 +164,43 @@ def plan_ingest(
         clevel=settings.clevel,
     )
     layout_key = json.dumps(layout.describe(), sort_keys=True)
+    # what an angle was ingested with, but not where the file lies nor when it was written:
+    # those are compared with the recorded sources (same_file), so a moved or copied beamtime
+    # folder is not ingested again
     fingerprints = [
-        file_stamp(path, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
-        for path in paths
+        stable_key(info.size, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
+        for info in infos
     ]
     root = manifest.layout.raw
     todo = list(range(len(paths)))
     fresh = True
+    moved: dict[int, dict[str, Any]] = {}
     existing = root / p.name / "zarr.json"
     if existing.exists() and not force:
-        group = zarr.open_group(str(root / p.name), mode="r")
-        if group.attrs.get("layout") == layout.describe():
-            done = np.asarray(group["done"][:])
-            todo = [a for a in todo if int(done[a]) != fingerprints[a]]
-            fresh = False
+        try:
+            group = zarr.open_group(str(root / p.name), mode="r")
+            if group.attrs.get("layout") == layout.describe():
+                done = np.asarray(group["done"][:])
+                recorded = list(group.attrs.get("sources") or [])
+                recorded += [None] * (len(paths) - len(recorded))
+                todo = []
+                for a, path in enumerate(paths):
+                    if int(done[a]) != fingerprints[a]:
+                        todo.append(a)
+                    elif not same_file(path, recorded[a], manifest.base_dir):
+                        todo.append(a)
+                    elif (
+                        recorded[a].get("path") != str(path)
+                        or recorded[a].get("mtime_ns") != infos[a].mtime_ns
+                    ):
+                        moved[a] = recorded[a]
+                fresh = False
+        except Exception as exc:  # damaged metadata or done marks: write the particle again
+            if not is_damage(exc) and not isinstance(exc, ValueError | OSError | KeyError):
+                raise
+            logger.warning(
+                "particle '%s': %s is damaged (%s); ingesting it again", p.name, root / p.name, exc
+            )
     attrs = {
         "spndi_dask": {"kind": "raw", "version": __version__},
         "particle": p.name,
@@ -200,6 +230,8 @@ def plan_ingest(
         checksum=settings.checksum,
         attrs=attrs,
         fresh=fresh,
+        moved=moved,
+        base_dir=manifest.base_dir,
     )
 
 
@@ -244,7 +276,8 @@ def _write_tile(
     nx = scan_shape[1]
     idx = _point_index(ys, xs, nx, order)
     lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
-    arr = zarr.open_array(frames_url, mode="r+")
+    with writing():  # every shard written, so a missing one is damage (io.integrity)
+        arr = zarr.open_array(frames_url, mode="r+")
     frames = read_points(src, dataset, lo, hi) if hi > lo else None
     if (
         frames is not None
@@ -293,10 +326,12 @@ def _finish_angle(
     n_avail: int,
     fingerprint: int,
     checksum: str,
+    relpath: str,
     *tile_results: tuple[int, np.ndarray],
 ) -> dict[str, Any]:
     """After all shards of an angle: per-point arrays, then the done mark (last)."""
-    group = zarr.open_group(group_url, mode="r+")
+    with writing():
+        group = zarr.open_group(group_url, mode="r+")
     group["det_sum"][angle] = sum(t[1] for t in tile_results)
     valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
     group["valid"][angle] = valid
@@ -310,6 +345,7 @@ def _finish_angle(
     st = Path(src).stat()
     record = {
         "path": src,
+        "relpath": relpath,
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "sha256": sha256_file(src) if checksum == "sha256" else None,
@@ -356,6 +392,7 @@ def _tasks(plan: IngestPlan) -> list[Any]:
                 src.n_points,
                 plan.fingerprints[a],
                 plan.checksum,
+                relative_to(src.path, plan.base_dir),
                 *tiles,
                 dask_key_name=f"ingest-{p.name}-{a}-done",
             )
@@ -369,6 +406,7 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     sources = list(old) if len(old) == len(plan.sources) else [None] * len(plan.sources)
     for a, rec in zip(plan.todo, records, strict=True):
         sources[a] = rec
+    _refresh(plan, sources)
     done = np.asarray(group["done"][:])
     complete = all(int(d) == f for d, f in zip(done, plan.fingerprints, strict=True))
     incomplete = [a for a, s in enumerate(plan.sources) if s.n_points < plan.particle.n_points]
@@ -442,15 +480,19 @@ def ingest(
     tasks: list[Any] = []
     for plan in plans:
         if not plan.todo:
+            if plan.moved:
+                _keep_moved(plan)
             summary[plan.name] = {"status": Outcome.UP_TO_DATE, "angles_written": 0, "seconds": 0.0}
             continue
         if plan.fresh:
             create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
         else:  # resuming: the store is not complete while angles are rewritten
-            group = zarr.open_group(plan.group_url, mode="r+")
-            group.attrs.put(
-                {**dict(group.attrs), "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}}
-            )
+            try:
+                _clear_angles(plan)
+            except Exception as exc:  # the store's metadata is damaged: start it again
+                logger.warning("particle '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
+                plan.todo = list(range(len(plan.sources)))
+                create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
         t = _tasks(plan)
         work.append((plan, len(tasks), len(tasks) + len(t)))
         tasks.extend(t)
@@ -461,8 +503,9 @@ def ingest(
         start = time.perf_counter()
         try:
             results = compute(tasks, progress)
-        except (IngestError, SourceError):
-            # a data problem found while reading: report it per particle, keep the others
+        except Exception:
+            # a problem found while reading or writing (a bad file, a damaged store): report it
+            # per particle, keep the others
             results = None
         seconds = time.perf_counter() - start
         if results is None:
@@ -472,12 +515,8 @@ def ingest(
                     recs = compute(_tasks(plan), False)
                     _finalize(plan, recs)
                     summary[plan.name] = _ok(plan, seconds)
-                except (IngestError, SourceError) as exc:
-                    msg = (
-                        str(exc)
-                        if isinstance(exc, IngestError)
-                        else f"particle '{plan.name}': {exc}"
-                    )
+                except Exception as exc:
+                    msg = _explain(plan, exc)
                     logger.error("%s", msg)
                     summary[plan.name] = {
                         "status": Outcome.FAILED,
@@ -497,6 +536,61 @@ def ingest(
         err.summary = summary
         raise err
     return summary
+
+
+def _refresh(plan: IngestPlan, sources: list[dict[str, Any] | None]) -> None:
+    """Record where the moved (or touched) but unchanged angle files are now."""
+    for a, rec in plan.moved.items():
+        path = plan.sources[a].path
+        st = Path(path).stat()
+        sources[a] = {
+            **rec,
+            "path": path,
+            "relpath": relative_to(path, plan.base_dir),
+            "mtime_ns": st.st_mtime_ns,
+        }
+
+
+def _keep_moved(plan: IngestPlan) -> None:
+    """An up-to-date particle whose files moved: only its source records are updated."""
+    group = zarr.open_group(plan.group_url, mode="r+")
+    attrs = dict(group.attrs)
+    sources = list(attrs.get("sources") or [])
+    _refresh(plan, sources)
+    group.attrs.put({**attrs, "sources": sources})
+    logger.info(
+        "particle '%s': %d angle file(s) moved or touched since ingest hold the same data "
+        "(size and SHA-256): kept",
+        plan.name,
+        len(plan.moved),
+    )
+
+
+def _clear_angles(plan: IngestPlan) -> None:
+    """Before angles of an existing store are written again: mark them not done, the store not
+    complete, and delete their shards (a damaged shard is never read to be rewritten)."""
+    group = zarr.open_group(plan.group_url, mode="r+")
+    group.attrs.put(
+        {**dict(group.attrs), "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}}
+    )
+    frames = Path(plan.group_url) / "frames" / "c"
+    for a in plan.todo:
+        group["done"][a] = 0
+        shutil.rmtree(frames / str(a), ignore_errors=True)
+
+
+def _explain(plan: IngestPlan, exc: BaseException) -> str:
+    """A particle's ingest failure in words (a damaged store names the store and the fix)."""
+    if isinstance(exc, IngestError):
+        return str(exc)
+    if isinstance(exc, SourceError):  # the angle file, not the store
+        return f"particle '{plan.name}': {exc}"
+    if is_damage(exc):
+        return (
+            f"particle '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
+            f"`spndi ingest <manifest> --particles {plan.name} --force` writes it again"
+        )
+    return f"particle '{plan.name}': {type(exc).__name__}: {exc}"
 
 
 def _ok(plan: IngestPlan, seconds: float) -> dict[str, Any]:

@@ -47,8 +47,9 @@ from skimage.segmentation import watershed
 
 from spndi_dask import plot
 from spndi_dask._version import __version__
-from spndi_dask.compute import compute
+from spndi_dask.compute import compute_each
 from spndi_dask.config import Manifest, SegmentSettings
+from spndi_dask.io.integrity import DamagedStoreError
 from spndi_dask.io.layout import atomic_path
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.results_store import open_results, write_map
@@ -489,7 +490,13 @@ def stats(
         info = ds.attrs.get("particles", {})
         current = info.get("fingerprint") == fp and "label" in ds and name in table
         if current and (not force or name not in wanted):
-            opened[name] = (ds, np.asarray(ds["label"].values))
+            try:
+                opened[name] = (ds, np.asarray(ds["label"].values))
+            except DamagedStoreError as exc:
+                logger.error("particle '%s': %s", name, exc)
+                if name in wanted:
+                    summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
+                continue
             if name in wanted:
                 summary[name] = {
                     "status": Outcome.UP_TO_DATE,
@@ -500,7 +507,7 @@ def stats(
             continue
         try:
             labels, how = _segment_scan(manifest, name, ds, manifest.segment)
-        except (ParticleError, SourceError, OSError) as exc:
+        except (ParticleError, SourceError, OSError, DamagedStoreError) as exc:
             logger.error("%s", exc)
             summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
             continue
@@ -519,8 +526,13 @@ def stats(
             how,
         )
     if jobs:
-        results = compute([j[0] for j in jobs.values()])
-        for (name, (_, fp, how)), result in zip(jobs.items(), results, strict=True):
+        results = compute_each([j[0] for j in jobs.values()])
+        for (name, (_, fp, how)), (result, exc) in zip(jobs.items(), results, strict=True):
+            if exc is not None:  # one bad scan (a damaged map) never stops the others
+                logger.error("particle '%s': %s", name, exc)
+                summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
+                opened.pop(name, None)
+                continue
             ds, labels = opened[name]
             rows = [{"particle": name, **r} for r in result["rows"]]
             if not rows:

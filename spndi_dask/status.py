@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
-from spndi_dask.io.hashing import sha256_file
+from spndi_dask.io.hashing import relative_to, sha256_file, source_identity
 from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
 from spndi_dask.stages import status_stages
 
@@ -54,19 +54,31 @@ def _failures(output_dir: Path) -> dict[tuple[str, str], str]:
 
 
 def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str | None:
-    recorded = {s.get("path"): s for s in raw.get("sources") or [] if s}
+    recorded = list(raw.get("sources") or [])
     paths = manifest.particle(name).frame_paths(manifest.base_dir)
     if len(paths) != len(recorded):
         return f"{len(paths)} frame files now, {len(recorded)} when ingested"
-    for p in paths:
-        rec = recorded.get(str(p))
-        try:
-            st = os.stat(p)
-        except OSError:
+    for p, rec in zip(paths, recorded, strict=True):
+        if not p.exists():
             return f"{p} is missing"
-        if rec is None or rec.get("size") != st.st_size or rec.get("mtime_ns") != st.st_mtime_ns:
-            return f"{p} changed since ingest"
+        if not _cheap_same(p, rec, manifest.base_dir):
+            return (
+                f"{p} changed since ingest (size, modification time or place; `spndi run` "
+                "compares its content and keeps what is unchanged)"
+            )
     return None
+
+
+def _cheap_same(path: Path, rec: dict[str, Any] | None, base: Path) -> bool:
+    """Same size and modification time at the recorded path or relative path (nothing read)."""
+    if not rec:
+        return False
+    st = os.stat(path)
+    return (
+        rec.get("size") == st.st_size
+        and rec.get("mtime_ns") == st.st_mtime_ns
+        and (rec.get("path") == str(path) or rec.get("relpath") == relative_to(path, base))
+    )
 
 
 def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -132,8 +144,10 @@ def _state(
         meta = node.get(_KEY["reduce"]) or {}
         if not meta:
             return "not run", ""
-        if raw and str(raw.get("ingested_at", "")) > str(node.get("reduced_at", "~")):
-            return "stale", "ingested again after it was reduced"
+        if raw and [source_identity(r) for r in raw.get("sources") or []] != [
+            source_identity(r) for r in node.get("raw_sources") or []
+        ]:
+            return "stale", "ingested again from other files after it was reduced"
         return "done", ""
     if stage == "stats":
         return ("done", "") if node.get(_KEY["stats"]) else ("not run", "")

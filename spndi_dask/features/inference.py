@@ -30,7 +30,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from torch import nn
 
 from spndi_dask._version import __version__
-from spndi_dask.compute import active_client, compute
+from spndi_dask.compute import active_client, compute_each
 from spndi_dask.config import Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import check_grid, load_checkpoint
@@ -41,6 +41,7 @@ from spndi_dask.features.train import (
     resolve_device,
 )
 from spndi_dask.io.hashing import sha256_file
+from spndi_dask.io.integrity import read
 from spndi_dask.io.results_store import mark_complete, open_results, replace_array
 from spndi_dask.stages import Outcome, StageError
 
@@ -160,7 +161,7 @@ def _encode_block(
     )
     (y0, y1), (x0, x1) = loc[0], loc[1]
     if source is not None:
-        patterns = source[y0:y1, x0:x1]
+        patterns = read(source, (slice(y0, y1), slice(x0, x1)))
     return encode_patterns(
         patterns,  # type: ignore[arg-type]
         model,
@@ -355,7 +356,11 @@ def encode(
                 "seconds": 0.0,
             }
             continue
-        valid = np.asarray(ds["valid"].values)
+        try:
+            valid = np.asarray(ds["valid"].values)
+        except StageError as exc:  # a damaged map
+            summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
+            continue
         mask = da.from_array(valid)
         n_mask = int(valid.sum())
         arr = _prepare_node(root / name, ds["valid"].shape, latent_dim, settings.block)
@@ -390,15 +395,17 @@ def encode(
         if device != "cpu" and _gpu_workers(client):
             annotations["resources"] = {"GPU": 1}
     t0 = time.perf_counter()
+    reading = [j for j in jobs if j[1] is not None]
     with dask.annotate(**annotations):
-        stores = [
-            da.store(lat, arr, lock=False, compute=False)
-            for _, lat, arr, _, _ in jobs
-            if lat is not None
-        ]
-    compute(stores, progress)
+        stores = [da.store(lat, arr, lock=False, compute=False) for _, lat, arr, _, _ in reading]
+    done = compute_each(stores, progress)  # one scan failing (a damaged chunk) stops no other
+    errors = {j[0]: e for j, (_, e) in zip(reading, done, strict=True) if e is not None}
     seconds = round(time.perf_counter() - t0, 2)
     for name, lat, arr, fp, _ in jobs:
+        if name in errors:
+            logger.error("particle '%s': encoding failed: %s", name, errors[name])
+            summary[name] = {"status": Outcome.FAILED, "error": str(errors[name])}
+            continue
         encoded = 0
         if lat is not None:
             encoded = int(np.isfinite(arr[:, :, 0]).sum())

@@ -3,8 +3,10 @@
 :func:`sha256_file` is the only place that reads a file to hash it: whole (ingest's source
 checksums, a checkpoint's digest) or, with ``edge``, only its first and last bytes (the input
 fingerprints of the report's provenance, which must not read terabytes).
-:func:`file_stamp` reads nothing: a key of a file's path, size and modification time that tells
-ingest whether an angle file is still the one it copied.
+:func:`same_file` tells ingest and ``spndi status`` whether an angle file is still the one that
+was ingested: by its size and modification time at its path or at its path relative to the
+manifest (nothing read), else by its content (a beamtime folder copied elsewhere is recognised,
+not ingested again).
 
 Examples
 --------
@@ -26,7 +28,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_stamp", "sha256_file"]
+__all__ = [
+    "file_stamp",
+    "relative_to",
+    "same_file",
+    "sha256_file",
+    "source_identity",
+    "stable_key",
+]
 
 _BLOCK = 1 << 22  # bytes read at a time
 
@@ -60,13 +69,76 @@ def sha256_file(path: str | os.PathLike[str], *, edge: int | None = None) -> str
     return h.hexdigest()
 
 
+def stable_key(*parts: Any) -> int:
+    """Stable non-zero 63-bit key of ``parts`` (their ``repr``)."""
+    key = repr(parts).encode()
+    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return value or 1
+
+
 def file_stamp(path: str | os.PathLike[str], *extra: Any) -> int:
     """Stable non-zero 63-bit key of a file's path, size and mtime (plus ``extra``).
 
-    Cheap (nothing is read); ingest stores it per angle to tell whether an ingested angle still
-    matches its source file.
+    Cheap (nothing is read).
     """
     st = os.stat(path)
-    key = repr((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)).encode()
-    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-    return value or 1
+    return stable_key(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)
+
+
+def relative_to(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``base`` (POSIX form, ``..`` where needed): what stays the same when
+    a beamtime folder is moved or copied whole.
+
+    Examples
+    --------
+    >>> relative_to("/data/bt/raw/a.h5", "/data/bt")
+    'raw/a.h5'
+    >>> relative_to("/data/raw/a.h5", "/data/bt")
+    '../raw/a.h5'
+    """
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base))).as_posix()
+
+
+def same_file(
+    path: str | os.PathLike[str], record: dict[str, Any] | None, base: str | os.PathLike[str]
+) -> bool | None:
+    """Whether ``path`` holds what ``record`` (path, relpath, size, mtime_ns, sha256) describes.
+
+    Cheap when the file keeps its size and modification time at its recorded path, or at its
+    recorded path relative to ``base`` (a beamtime folder moved whole); otherwise its content is
+    hashed and compared with the recorded SHA-256 (a copy, a touch). None when that is needed
+    but no SHA-256 was recorded.
+    """
+    if not record:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if record.get("size") != st.st_size:
+        return False
+    here = (str(path), relative_to(path, base))
+    if record.get("mtime_ns") == st.st_mtime_ns and (
+        record.get("path") == here[0] or record.get("relpath") == here[1]
+    ):
+        return True
+    if not record.get("sha256"):
+        return None
+    return sha256_file(path) == record["sha256"]
+
+
+def source_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What identifies an ingested angle file (one of ingest's ``sources`` records): its size and
+    SHA-256 where ingest recorded one, else its path relative to the manifest and modification
+    time; never where it lies, so results stay current when a beamtime folder moves.
+
+    Examples
+    --------
+    >>> source_identity({"path": "/a/x.h5", "size": 3, "mtime_ns": 5, "sha256": "ab"})
+    {'size': 3, 'sha256': 'ab'}
+    """
+    if not record:
+        return None
+    if record.get("sha256"):
+        return {"size": record.get("size"), "sha256": record["sha256"]}
+    return {k: record.get(k) for k in ("relpath", "size", "mtime_ns")}

@@ -11,6 +11,9 @@ Layout, one group per particle::
                        /done     (angle,)      uint64    source fingerprint once an angle is
                                                          completely written, else 0
 
+Every chunk ends with a ``crc32c`` checksum and is written even where it holds only zeros
+(:mod:`spndi_dask.io.integrity`), so a damaged or missing chunk is an error, never data.
+
 Shards never span angles, so angles are written independently and resumably; ``done`` has one
 chunk per angle, so marking an angle complete never races with another. The group attribute
 ``spndi_dask.complete`` is true only once every angle is done and provenance is recorded.
@@ -28,6 +31,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask.io.integrity import checksummed
 from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import StageError
 
@@ -84,11 +88,13 @@ class RawLayout:
         self.compressor = compressor
         self.clevel = clevel
 
-    def codecs(self) -> list[Any] | None:
-        """Compressors for the frames array."""
+    def codecs(self) -> list[Any]:
+        """Compressors of the frames' inner chunks, ending with a ``crc32c`` checksum."""
         if self.compressor == "none":
-            return None
-        return [BloscCodec(cname=self.compressor, clevel=self.clevel, shuffle="bitshuffle")]
+            return checksummed([])
+        return checksummed(
+            [BloscCodec(cname=self.compressor, clevel=self.clevel, shuffle="bitshuffle")]
+        )
 
     def tiles(self, max_bytes: int = 256 * 2**20) -> list[tuple[slice, slice]]:
         """``(y, x)`` regions of one angle, each a whole number of shards (one ingest task).
@@ -141,6 +147,7 @@ def create_particle_store(
         "shape": (n_angle, ny, nx),
         "chunks": (1, ny, nx),
         "dimension_names": ("angle", "y", "x"),
+        "compressors": checksummed(None),
     }
     group.create_array("monitor", dtype="float64", fill_value=1.0, **per_angle)
     group.create_array("xrf", dtype="float64", fill_value=float("nan"), **per_angle)
@@ -152,6 +159,7 @@ def create_particle_store(
         dtype="float64",
         fill_value=0.0,
         dimension_names=("angle", "det_row", "det_col"),
+        compressors=checksummed(None),
     )
     group.create_array(
         "done",
@@ -160,6 +168,7 @@ def create_particle_store(
         dtype="uint64",
         fill_value=0,
         dimension_names=("angle",),
+        compressors=checksummed(None),
     )
     group.attrs.put({**attrs, "spndi_dask": {**attrs.get("spndi_dask", {}), "complete": False}})
     return group

@@ -28,6 +28,14 @@ import xarray as xr
 import zarr
 
 from spndi_dask._version import __version__
+from spndi_dask.io.integrity import (
+    checksum_encoding,
+    checksummed,
+    damage_error,
+    guarded_getter,
+    is_damage,
+    writing,
+)
 from spndi_dask.io.layout import OutputLayout, atomic_path, read_attrs, replace_tree
 from spndi_dask.stages import StageError
 
@@ -139,7 +147,8 @@ def write_temporary(
         Added to the dataset's attrs; ``attrs["spndi_dask"]`` is recorded with
         ``complete = False`` (:func:`publish` sets it true).
     encoding : dict, optional
-        Per-variable Zarr encoding (chunks, compressors).
+        Per-variable Zarr encoding (chunks, compressors); every variable's codec chain is ended
+        with a ``crc32c`` checksum (:func:`~spndi_dask.io.integrity.checksummed`).
 
     Returns
     -------
@@ -161,7 +170,7 @@ def write_temporary(
         str(tmp),
         mode="w",
         compute=False,
-        encoding=encoding or {},
+        encoding=checksum_encoding(ds.variables, encoding),
         consolidated=False,
         zarr_format=3,
         write_empty_chunks=True,
@@ -218,9 +227,21 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
     node = root / particle
     if not (node / "zarr.json").exists():
         raise FileNotFoundError(f"no reduce result for particle {particle!r} in {root}")
-    ds = xr.open_dataset(str(node), engine="zarr", consolidated=False, chunks={})
+    # a damaged chunk read from these arrays raises DamagedStoreError naming it (io.integrity)
+    guarded = {"getitem": guarded_getter}
+    try:
+        ds = xr.open_dataset(
+            str(node), engine="zarr", consolidated=False, chunks={}, from_array_kwargs=guarded
+        )
+    except Exception as exc:  # the coordinates are read at once
+        if not is_damage(exc):
+            raise
+        raise damage_error(exc, array=_first_damaged(node)) from exc
     if not ds.attrs.get("spndi_dask", {}).get("complete"):
-        raise IncompleteResultError(f"the result of particle {particle!r} in {root} is incomplete")
+        raise IncompleteResultError(
+            f"the result of particle {particle!r} in {root} is incomplete (interrupted, or "
+            f"marked damaged by `spndi verify`); `spndi reduce` makes it again"
+        )
     if "pattern" in ds and ds["pattern"].chunks[0][0] < PATTERN_ROWS:
         # stored one scan row per chunk: a task reads PATTERN_ROWS rows at once
         others = [v for v in ds.data_vars if v != "pattern"]
@@ -230,9 +251,21 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
             consolidated=False,
             chunks={"y": PATTERN_ROWS},
             drop_variables=others,
+            from_array_kwargs=guarded,
         )
         ds["pattern"] = rows["pattern"]
     return ds
+
+
+def _first_damaged(node: Path) -> Path | None:
+    """The first array of a node that cannot be read whole (its coordinates are small)."""
+    for meta in sorted(node.glob("*/zarr.json")):
+        try:
+            zarr.open_array(str(meta.parent), mode="r")[...]
+        except Exception as exc:
+            if is_damage(exc) or isinstance(exc, ValueError):
+                return meta.parent
+    return None
 
 
 # -- later stages: arrays added to a node -----------------------------------------------------
@@ -255,7 +288,9 @@ def replace_array(
     group.attrs.put(attrs)
     if name in group:
         del group[name]
-    arr = group.create_array(name, dimension_names=dims, **create)
+    create["compressors"] = checksummed(create.get("compressors"))
+    with writing():
+        arr = group.create_array(name, dimension_names=dims, **create)
     arr.attrs.update({"long_name": long_name, "units": "1"})
     return arr
 

@@ -10,7 +10,8 @@ reused buffer and copies the overlap into the output.
 
 It handles exactly the layout :class:`~spndi_dask.io.raw_store.RawLayout` writes (a local
 store; sharding with the index at the start or the end, index codecs ``bytes`` [+ ``crc32c``];
-inner codecs ``bytes`` [+ one ``blosc``]); anything else is read by ``zarr``
+inner codecs ``bytes`` [+ one ``blosc``] [+ ``crc32c``], each chunk's checksum checked before it
+is decompressed); anything else is read by ``zarr``
 (:func:`region_reader` decides). Tests compare it bit for bit with ``zarr``.
 """
 
@@ -39,7 +40,14 @@ _MISSING = np.uint64(2**64 - 1)
 
 
 class ShardError(OSError):
-    """A shard of the raw frames is damaged (index checksum, truncated, undecodable chunk)."""
+    """A shard of the raw frames is damaged (index checksum, truncated, undecodable chunk).
+
+    ``path`` is the shard's path.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.path = message.split(": ", 1)[0]
 
 
 def _endian(codec: BytesCodec) -> str | None:
@@ -65,10 +73,11 @@ def _fast_layout(array: zarr.Array) -> str | None:
         return f"index codecs {index}"
     inner = tuple(shard.codecs)
     dtype = np.dtype(meta.dtype.to_native_dtype())
+    rest = inner[1:-1] if isinstance(inner[-1], Crc32cCodec) else inner[1:]
     if not (
         isinstance(inner[0], BytesCodec)
         and _endian(inner[0]) in (None, sys.byteorder)
-        and (len(inner) == 1 or (len(inner) == 2 and isinstance(inner[1], BloscCodec)))
+        and (len(rest) == 0 or (len(rest) == 1 and isinstance(rest[0], BloscCodec)))
     ):
         return f"inner codecs {inner}"
     if dtype.hasobject or meta.chunk_grid.chunk_shape is None:
@@ -110,7 +119,8 @@ class ShardReader:
         self.fill = (
             np.asarray(meta.fill_value, dtype=self.dtype) if meta.fill_value is not None else 0
         )
-        self.compressed = len(codec.codecs) == 2
+        self.chunk_crc = len(codec.codecs) > 1 and isinstance(codec.codecs[-1], Crc32cCodec)
+        self.compressed = len(codec.codecs) - self.chunk_crc == 2
         self.checksum = len(codec.index_codecs) == 2
         self.index_at_end = (
             str(getattr(codec.index_location, "value", codec.index_location)) == "end"
@@ -132,6 +142,40 @@ class ShardReader:
             if np.uint32(google_crc32c.value(raw)).tobytes() != stored:
                 raise ShardError(f"{path}: shard index checksum mismatch (damaged file); re-ingest")
         return np.frombuffer(raw, dtype="<u8").reshape(*self.per_shard, 2)
+
+    def check_file(self, path: str | Path) -> None:
+        """Check a whole shard file by its checksums, without decompressing it.
+
+        The index must pass its checksum and point inside the file, and every inner chunk its
+        own ``crc32c`` (where the array has one; else it is decompressed).
+
+        Raises
+        ------
+        ShardError
+            Naming the file and what is wrong.
+        """
+        path = Path(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            index = self._index(path, f.fileno(), size).reshape(-1, 2)
+            data = np.frombuffer(f.read(), np.uint8)
+        lo = 0 if self.index_at_end else self.index_bytes
+        hi = size - self.index_bytes if self.index_at_end else size
+        buf = np.empty(self.chunk_bytes, dtype=np.uint8)
+        for n, (off, nbytes) in enumerate(index):
+            if off == _MISSING:
+                continue
+            if off < lo or off + nbytes > hi:
+                raise ShardError(f"{path}: shard is truncated (chunk {n} lies past its end)")
+            piece = data[int(off) : int(off + nbytes)]
+            if self.chunk_crc:
+                if np.uint32(google_crc32c.value(piece[:-4])).tobytes() != piece[-4:].tobytes():
+                    raise ShardError(f"{path}: inner chunk {n} fails its checksum (damaged file)")
+            elif self.compressed:
+                try:
+                    blosc.decompress(piece, buf)
+                except (RuntimeError, ValueError) as exc:
+                    raise ShardError(f"{path}: inner chunk {n} cannot be decoded ({exc})") from exc
 
     def _read_shard(
         self, out: np.ndarray, sel: tuple[slice, ...], shard_idx: tuple[int, ...], buf: np.ndarray
@@ -164,7 +208,7 @@ class ShardReader:
                         f"{path}: shard is truncated (its index points past its {end} bytes of "
                         "chunks); re-ingest"
                     )
-                data = memoryview(os.pread(fd, last - first, first))
+                data = np.frombuffer(os.pread(fd, last - first, first), np.uint8)
                 if len(data) != last - first:
                     raise ShardError(f"{path}: short read of shard; re-ingest")
         finally:
@@ -177,6 +221,13 @@ class ShardReader:
                 out[dst] = self.fill
                 continue
             piece = data[int(off) - first : int(off + nbytes) - first]
+            if self.chunk_crc:
+                stored = bytes(piece[-4:])
+                piece = piece[:-4]
+                if len(stored) != 4 or np.uint32(google_crc32c.value(piece)).tobytes() != stored:
+                    raise ShardError(
+                        f"{path}: inner chunk {inner} fails its checksum (damaged file); re-ingest"
+                    )
             try:
                 if self.compressed:
                     blosc.decompress(piece, buf)

@@ -44,6 +44,8 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute_as_completed, compute_each
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import crystal_frame, strain_tilt
+from spndi_dask.io.hashing import source_identity
+from spndi_dask.io.integrity import damage_error, is_damage, read, writing
 from spndi_dask.io.layout import OutputLayout
 from spndi_dask.io.results_store import (
     is_current,
@@ -75,10 +77,7 @@ logger = logging.getLogger(__name__)
 def _fingerprint(manifest: Manifest, plan: ParticlePlan, grid: BeamtimeGrid) -> str:
     """What the reduce result of a particle depends on (raw sources, settings, grid, version)."""
     key = {
-        "sources": [
-            {k: s.get(k) for k in ("path", "size", "mtime_ns", "sha256")} if s else None
-            for s in plan.raw_sources
-        ],
+        "sources": [source_identity(s) for s in plan.raw_sources],
         "raw_layout": plan.raw_layout,
         "geometry": plan.geometry.to_dict(),
         "settings": manifest.reduce.model_dump(mode="json"),
@@ -120,14 +119,15 @@ def _apply_beamtime_median(
     pooled = []
     for name in names:
         g = zarr.open_group(str(out.node(name)), mode="r")
-        q = np.asarray(g["q_com"][:])
-        pooled.append(q[np.asarray(g["valid"][:])])
+        q = np.asarray(read(g["q_com"], (slice(None),) * 3))
+        pooled.append(q[np.asarray(read(g["valid"], (slice(None),) * 2))])
     pooled = np.concatenate(pooled) if pooled else np.zeros((0, 3))
     if not len(pooled):
         return
     h = np.median(pooled, axis=0)
     for name in names:
-        g = zarr.open_group(str(out.node(name)), mode="r+")
+        with writing():  # a map of fill values is still written (io.integrity)
+            g = zarr.open_group(str(out.node(name)), mode="r+")
         frame = crystal_frame(h, rocking_axes[name])
         st = strain_tilt(np.asarray(g["q_com"][:]), frame)
         for key in ("strain", "tilt_x", "tilt_y"):
@@ -136,20 +136,19 @@ def _apply_beamtime_median(
         g.attrs.update({"strain_reference": "beamtime_median"})
 
 
-_CORRUPT = ("decompress", "codec", "checksum", "crc", "corrupt", "truncat", "invalid header")
-
-
-def _explain_failure(manifest: Manifest, name: str, exc: Exception) -> str:
-    """The failure of one particle in words: a damaged raw.zarr names the store and the fix."""
-    text = f"{type(exc).__name__}: {exc}"
-    if any(word in str(exc).lower() for word in _CORRUPT):
+def _explain_failure(manifest: Manifest, name: str, exc: BaseException) -> str:
+    """The failure of one particle in words: a damaged store names the chunk and the fix."""
+    if is_damage(exc):
+        err = damage_error(exc)
+        if err.damage:
+            return str(err)
         store = manifest.layout.raw_node(name)
         return (
-            f"the ingested frames of particle '{name}' cannot be decoded ({text}): a chunk of "
-            f"{store} is damaged; re-ingest it with `spndi ingest {manifest.source} --particles "
-            f"{name} --force`"
+            f"the ingested frames of particle '{name}' cannot be decoded "
+            f"({type(exc).__name__}: {exc}): a chunk of {store} is damaged; "
+            f"`spndi verify {manifest.source}` finds it and marks it to be ingested again"
         )
-    return text
+    return f"{type(exc).__name__}: {exc}"
 
 
 def reduce(
@@ -296,9 +295,8 @@ def reduce(
             if exc is None:
                 try:
                     publish(tmp, out.root, name, attrs)
-                    n_valid = int(
-                        np.asarray(zarr.open_array(str(out.node(name) / "valid"))[:]).sum()
-                    )
+                    valid = zarr.open_array(str(out.node(name) / "valid"), mode="r")
+                    n_valid = int(np.asarray(read(valid, (slice(None),) * 2)).sum())
                 except Exception as publish_error:
                     exc = publish_error
             if exc is not None:
