@@ -119,3 +119,25 @@ def test_configs_valid_before_stay_valid(tmp_path):
     assert c.jobqueue["job-extra-directives"] == ["--qos=low"] and c.jobqueue["cores"] == 4
     assert c.jobqueue["shebang"] == "#!/usr/bin/env bash"  # still merged with the defaults
     assert c.dask == {"distributed": {"scheduler": {"allowed-failures": 3}}}
+
+
+def test_sizes_and_durations_must_parse(tmp_path):
+    text = (
+        "spndi:\n  type: slurm\n  lifetime_margin: ten minutes\n  local:\n    memory_limit: lots\n"
+        "jobqueue:\n  slurm:\n    memory: 32 gigs\n"
+    )
+    _, problems = _problems(tmp_path, text)
+    assert problems == [
+        "spndi.lifetime_margin = 'ten minutes': not a duration; write e.g. '10m'",
+        "spndi.local.memory_limit = 'lots': not a size; write e.g. '4GiB'",
+        "jobqueue.slurm.memory = '32 gigs': not a size; write e.g. '32GiB'",
+    ]
+
+
+def test_jobqueue_settings_of_a_local_config_are_checked_and_said_unused(tmp_path, caplog):
+    _, problems = _problems(tmp_path, "spndi:\n  type: local\njobqueue:\n  slurm: {cores: x}\n")
+    assert problems[0].startswith("jobqueue.slurm.cores = 'x'")
+    path, load = _load(tmp_path, "spndi:\n  type: local\njobqueue:\n  slurm: {cores: 4}\n")
+    with caplog.at_level("WARNING", logger="spndi_dask"):
+        assert load().jobqueue == {}
+    assert f"{path} is of type 'local': its jobqueue.slurm settings are not used" in caplog.text
