@@ -410,8 +410,7 @@ def _cmd_export_ply(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
-    from spndi_dask.io.lock import read_lock
-    from spndi_dask.status import STATUS_STAGES, scan_status
+    from spndi_dask.status import STATUS_STAGES, lock_note, scan_status
 
     manifest = load_manifest(args.manifest)
     table = scan_status(manifest)
@@ -422,12 +421,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:<16}" + "".join(f"{state:<11}" for state, _ in stages.values()))
         notes += [f"  {name} {stage_info(s).label}: {n}" for s, (_, n) in stages.items() if n]
     print("\n".join(notes))
-    holder = read_lock(manifest.output_dir)
-    if holder:
-        print(
-            f"a run holds the output: pid {holder.get('pid')} on {holder.get('host')} since "
-            f"{holder.get('started')} ({holder.get('command')})"
-        )
+    lock = lock_note(manifest.output_dir)
+    if lock:
+        print(lock)
     return 0
 
 

@@ -12,6 +12,11 @@ type (``jobqueue: {slurm: ...}``) and is merged in this order, lowest first: das
 defaults for that type < the file < ``DASK_JOBQUEUE__<TYPE>__<KEY>`` environment variables <
 keyword overrides.
 
+Both sections are checked when the file is read, every problem reported at once with the key, the
+value and the fix: the ``spndi`` section against :data:`SPNDI_KEYS`, the ``jobqueue`` section
+against what dask-jobqueue accepts for that scheduler type (the keys of its default config and of
+its cluster and job classes; value types from those defaults, see :func:`jobqueue_keys`).
+
 Computing on the cluster is :mod:`spndi_dask.compute`'s; the worker plugins are in
 :mod:`spndi_dask.worker_plugins`.
 """
@@ -19,6 +24,9 @@ Computing on the cluster is :mod:`spndi_dask.compute`'s; the worker plugins are 
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
+import inspect
 import logging
 import os
 import re
@@ -42,6 +50,7 @@ from distributed import Client, LocalCluster
 from spndi_dask.worker_plugins import PinToCore
 
 __all__ = [
+    "SPNDI_KEYS",
     "WORKER_MALLOC_ENV",
     "ClusterConfigError",
     "ClusterStartError",
@@ -49,6 +58,7 @@ __all__ = [
     "Session",
     "available_configs",
     "config_dirs",
+    "jobqueue_keys",
     "load_cluster_config",
     "local_cluster_size",
     "open_cluster",
@@ -194,6 +204,265 @@ def _config_path(spec: str | os.PathLike[str]) -> Path:
     return configs[str(spec)]
 
 
+# -- validation ---------------------------------------------------------------------------------
+_NONE = type(None)
+_Types = tuple[type, ...]
+_Table = dict[str, "_Types | _Table"]
+
+#: The keys of a config's ``spndi:`` section and the types of their values (``dict``: a table of
+#: its own keys). ``mpi`` holds the keywords of ``dask_mpi.initialize``.
+SPNDI_KEYS: _Table = {
+    "type": (str,),
+    "local": {
+        "n_workers": (int, _NONE),
+        "threads_per_worker": (int, _NONE),
+        "memory_limit": (str, int, _NONE),
+        "processes": (bool,),
+        "pin_cores": (bool,),
+        "dashboard_address": (str, _NONE),
+        "local_directory": (str, _NONE),
+    },
+    "mpi": {
+        "interface": (str, _NONE),
+        "nthreads": (int,),
+        "local_directory": (str, _NONE),
+        "memory_limit": (str, int, float, _NONE),
+        "nanny": (bool,),
+        "dashboard": (bool,),
+        "dashboard_address": (str, _NONE),
+        "protocol": (str, _NONE),
+        "worker_class": (str,),
+        "worker_options": (dict, _NONE),
+        "exit": (bool,),
+        "scheduler_port": (int,),
+    },
+    "scale": {
+        "adapt": (bool,),
+        "minimum_jobs": (int,),
+        "maximum_jobs": (int, _NONE),
+        "jobs": (int,),
+    },
+    "wait_for_workers": (int, _NONE),
+    "wait_timeout": (int, float),
+    "lifetime_margin": (str, int, float, _NONE),
+}
+
+# Value types of dask-jobqueue keys whose default is None or narrower than what it takes (the
+# others take the type of their default). null is always allowed: dask-jobqueue's default.
+_JOBQUEUE_VALUE_TYPES: dict[str, _Types] = {
+    **dict.fromkeys(("cores", "processes", "job-cpu", "ncpus", "n-workers"), (int,)),
+    **dict.fromkeys(("memory", "mem", "disk"), (str, int)),
+    "death-timeout": (int, float, str),
+    "silence-logs": (str, int, bool),
+    **dict.fromkeys(("nanny", "use-stdin", "security"), (bool,)),  # security: true = temporary TLS
+    **dict.fromkeys(("env-extra", "extra", "job-extra", "header-skip"), (list,)),
+    **dict.fromkeys(
+        (
+            "walltime", "queue", "account", "project", "python", "interface", "local-directory",
+            "shared-temp-directory", "log-directory", "resource-spec", "name", "job-name",
+            "job-mem", "protocol", "host", "dashboard-address", "lsf-units",
+            "memory-per-core-property-name",
+        ),
+        (str,),
+    ),
+}  # fmt: skip
+# constructor keywords that are not settings (or not writable in YAML)
+_NOT_SETTINGS = {
+    "self", "args", "kwargs", "job-kwargs", "base-class-kwargs", "config-name", "scheduler",
+    "loop", "job-cls", "scheduler-cls", "asynchronous",
+}  # fmt: skip
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    _NONE: "null",
+}
+
+
+def _jobqueue_types() -> tuple[str, ...]:
+    """The scheduler types dask-jobqueue has settings for (``slurm``, ``pbs``, ``sge``, ...)."""
+    return tuple(sorted(k for k, v in dask.config.get("jobqueue").items() if isinstance(v, dict)))
+
+
+def _jobqueue_class_keys(kind: str) -> set[str]:
+    """Keywords dask-jobqueue's cluster and job classes for ``kind`` take, hyphenated."""
+    todo, classes = [dask_jobqueue.core.JobQueueCluster], []
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if getattr(getattr(cls, "job_cls", None), "config_name", None) == kind:
+            classes.append(cls)
+    keys: set[str] = set()
+    for cls in classes[:1]:  # up to dask-jobqueue's bases, not distributed's SpecCluster
+        bases = [*cls.__mro__, *cls.job_cls.__mro__]
+        for k in (b for b in bases if b.__module__.startswith("dask_jobqueue")):
+            if "__init__" in vars(k):
+                keys |= {p.replace("_", "-") for p in inspect.signature(k.__init__).parameters}
+    return keys - _NOT_SETTINGS
+
+
+@functools.cache
+def jobqueue_keys(kind: str) -> dict[str, _Types | None]:
+    """The settings dask-jobqueue accepts for scheduler type ``kind`` and their value types.
+
+    The keys of its default config ``jobqueue.<kind>`` and the keywords of its cluster and job
+    classes; a value's types are those of the default (None: not checked), widened where the
+    default is narrower than what dask-jobqueue takes (``death-timeout`` 60 or ``"60s"``).
+
+    Examples
+    --------
+    >>> jobqueue_keys("slurm")["cores"], jobqueue_keys("slurm")["job-extra-directives"]
+    ((<class 'int'>,), (<class 'list'>,))
+    """
+    defaults = _hyphen_keys(dask.config.get(f"jobqueue.{kind}"))
+    out: dict[str, _Types | None] = {}
+    for key in sorted(set(defaults) | _jobqueue_class_keys(kind)):
+        default = defaults.get(key)
+        types = _JOBQUEUE_VALUE_TYPES.get(key)
+        if types is None and default is not None:
+            types = (type(default),)
+        out[key] = types
+    return out
+
+
+def _describe(types: _Types) -> str:
+    names = [_TYPE_NAMES.get(t, t.__name__) for t in types if not (t is int and float in types)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _type_ok(value: Any, types: _Types) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, not to a config
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, tuple(t for t in types if t is not bool))
+
+
+def _unknown(where: str, key: Any, valid: list[str], *, compare: str | None = None) -> str:
+    near = difflib.get_close_matches(compare or str(key), valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return f"{where}: unknown key; {hint}valid keys: {', '.join(valid)}"
+
+
+def _wrong_type(where: str, value: Any, types: _Types) -> str:
+    got = _TYPE_NAMES.get(type(value), type(value).__name__)
+    return f"{where} = {value!r}: expected {_describe(types)}, got {got}"
+
+
+def _check_table(table: _Table, data: dict[str, Any], where: str, problems: list[str]) -> None:
+    """Unknown keys and wrong value types of ``data`` (``where``: its key path) into problems."""
+    for key, value in data.items():
+        spec = table.get(key)
+        path = f"{where}.{key}"
+        if spec is None:
+            problems.append(_unknown(path, key, list(table)))
+        elif isinstance(spec, dict):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problems.append(_wrong_type(path, value, (dict, _NONE)))
+            else:
+                _check_table(spec, value, path, problems)
+        elif not _type_ok(value, spec):
+            problems.append(_wrong_type(path, value, spec))
+
+
+def _check_values(where: str, key: str, value: Any, problems: list[str]) -> None:
+    """Strings that must parse: byte sizes and durations."""
+    if not isinstance(value, str) or value == "auto":
+        return
+    parse, example = {
+        "memory": (parse_bytes, "32GiB"),
+        "memory_limit": (parse_bytes, "4GiB"),
+        "lifetime_margin": (parse_timedelta, "10m"),
+    }.get(key, (None, ""))
+    if parse is None:
+        return
+    try:
+        parse(value)
+    except (ValueError, TypeError, KeyError):
+        kind = "a duration" if parse is parse_timedelta else "a size"
+        problems.append(f"{where}.{key} = {value!r}: not {kind}; write e.g. {example!r}")
+
+
+def _check_spndi(spndi: dict[str, Any], problems: list[str]) -> None:
+    table = SPNDI_KEYS
+    try:  # the keywords of the installed dask-mpi
+        import dask_mpi
+    except ImportError:
+        pass
+    else:
+        params = inspect.signature(dask_mpi.initialize).parameters
+        types: dict[str, Any] = dict(SPNDI_KEYS["mpi"])  # type: ignore[arg-type]
+        table = {**SPNDI_KEYS, "mpi": {k: types.get(k, (bool, object)) for k in params}}
+    kind = spndi.get("type")
+    if kind not in TYPES:
+        problems.append(f"spndi.type is {kind!r}; use one of {', '.join(TYPES)}")
+    _check_table(table, {k: v for k, v in spndi.items() if k != "type"}, "spndi", problems)
+    _check_values("spndi", "lifetime_margin", spndi.get("lifetime_margin"), problems)
+    local = spndi.get("local")
+    if isinstance(local, dict):
+        _check_values("spndi.local", "memory_limit", local.get("memory_limit"), problems)
+
+
+def _check_jobqueue(kind: Any, jobqueue: Any, path: Path, problems: list[str]) -> None:
+    if not isinstance(jobqueue, dict):
+        problems.append(
+            f"jobqueue = {jobqueue!r}: expected a mapping of a scheduler type to its settings, "
+            f"e.g. 'jobqueue: {{slurm: {{cores: 8}}}}'"
+        )
+        return
+    known = list(_jobqueue_types())
+    for section, settings in jobqueue.items():
+        where = f"jobqueue.{section}"
+        if section not in known:
+            near = difflib.get_close_matches(str(section), known, n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            problems.append(
+                f"{where}: unknown cluster type; {hint}dask-jobqueue knows: {', '.join(known)}"
+            )
+            continue
+        if kind in JOBQUEUE_TYPES and section != kind:
+            problems.append(
+                f"the config is of type {kind!r} but has jobqueue settings for {section}; "
+                f"put them under 'jobqueue: {kind}:'"
+            )
+            continue
+        if kind not in JOBQUEUE_TYPES:
+            logger.warning(
+                "cluster config %s is of type %r: its jobqueue.%s settings are not used",
+                path,
+                kind,
+                section,
+            )
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            problems.append(_wrong_type(where, settings, (dict,)))
+            continue
+        accepted = jobqueue_keys(section)
+        for key, value in settings.items():
+            name = str(key).replace("_", "-")
+            if name not in accepted:
+                problems.append(_unknown(f"{where}.{key}", key, list(accepted), compare=name))
+                continue
+            types = accepted[name]
+            if value is None or types is None or _type_ok(value, types):
+                if name == "memory":
+                    _check_values(where, "memory", value, problems)
+                continue
+            msg = _wrong_type(f"{where}.{key}", value, types)
+            if name == "walltime" and isinstance(value, int):
+                msg += (
+                    '; quote it, e.g. walltime: "2:00:00" (YAML reads an unquoted 2:00:00 as '
+                    "the number 7200)"
+                )
+            problems.append(msg)
+
+
 def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClusterConfig:
     """Read a cluster config by name or path (default ``local``); an address is type ``address``.
 
@@ -206,7 +475,9 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClust
     Raises
     ------
     ClusterConfigError
-        Unknown name (the message lists the available ones), unreadable file or bad content.
+        Unknown name (the message lists the available ones), unreadable file or bad content:
+        unknown keys (with the nearest valid one), an unknown scheduler type under
+        ``jobqueue``, values of the wrong type; every problem of the file is listed.
     """
 
     if spec is not None and _ADDRESS.match(str(spec)):
@@ -220,22 +491,19 @@ def load_cluster_config(spec: str | os.PathLike[str] | None = None) -> DaskClust
         raise ClusterConfigError(f"cluster config {path} needs an 'spndi:' section with a 'type'")
     spndi = dict(raw.pop("spndi"))
     kind = spndi.get("type")
-    if kind not in TYPES:
-        raise ClusterConfigError(
-            f"cluster config {path}: spndi.type is {kind!r}; use one of {', '.join(TYPES)}"
-        )
     jobqueue_raw = raw.pop("jobqueue", None) or {}
+    problems: list[str] = []
+    _check_spndi(spndi, problems)
+    _check_jobqueue(kind, jobqueue_raw, path, problems)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ClusterConfigError(f"cluster config {path} is invalid:\n{lines}")
     jobqueue: dict[str, Any] = {}
     if kind in JOBQUEUE_TYPES:
-        other = sorted(set(jobqueue_raw) - {kind})
-        if other:
-            raise ClusterConfigError(
-                f"cluster config {path} is of type {kind!r} but has jobqueue settings for "
-                f"{', '.join(other)}; put them under 'jobqueue: {kind}:'"
-            )
         defaults = _hyphen_keys(copy.deepcopy(dask.config.get(f"jobqueue.{kind}")))
         env = _hyphen_keys(dask.config.collect_env().get("jobqueue", {}).get(kind, {}))
-        jobqueue = dask.config.merge(defaults, _hyphen_keys(jobqueue_raw.get(kind, {})), env)
+        file = _hyphen_keys(jobqueue_raw.get(kind) or {})
+        jobqueue = dask.config.merge(defaults, file, env)
     return DaskClusterConfig(
         name=path.stem, type=kind, spndi=spndi, jobqueue=jobqueue, dask=raw, path=path
     )

@@ -4,22 +4,25 @@ Read from what the stages leave behind, without computing anything: the completi
 ``raw.zarr`` and ``results.zarr`` (zarr.json files), the source files' size and modification time
 against those ingest recorded, the fingerprints that tie a stage to its inputs (clusters,
 analysis, the encoding checkpoint), and ``<output>/logs/last-run.json`` written by
-:func:`spndi_dask.pipeline.run` for failures.
+:func:`spndi_dask.pipeline.run` for failures. :func:`lock_note` says whether a run holds the
+output now, checking that its process still exists as ``spndi run`` does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
 from spndi_dask.io.hashing import relative_to, sha256_file, source_identity
 from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
+from spndi_dask.io.lock import lock_holder
 from spndi_dask.stages import status_stages
 
-__all__ = ["STATUS_STAGES", "scan_status", "write_last_run"]
+__all__ = ["STATUS_STAGES", "lock_note", "scan_status", "write_last_run"]
 
 # the columns of `spndi status`: the stages that record completion per scan (stages.STAGES)
 STATUS_STAGES = tuple(s.name for s in status_stages())
@@ -35,6 +38,38 @@ def write_last_run(output_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``<output>/logs/last-run.json`` in one move."""
     return write_text_atomic(
         OutputLayout(output_dir).last_run, json.dumps(record, indent=1, default=str)
+    )
+
+
+def lock_note(output_dir: str | os.PathLike[str]) -> str | None:
+    """One line on ``<output>/.spndi.lock``, or None when no run holds the output.
+
+    The holder's pid is checked as ``spndi run`` checks it: a lock left by a process that no
+    longer runs (a run killed with SIGKILL) is stale and the next run takes it over; one of
+    another host cannot be checked from here.
+    """
+    holder = lock_holder(output_dir)
+    if holder is None:
+        return None
+    info = holder.info
+    pid, host = info.get("pid"), info.get("host")
+    run = f"started {info.get('started')}: {info.get('command')}"
+    if holder.state == "running":
+        return f"lock: the output is being written by pid {pid} on {host} ({run})"
+    if holder.state == "stale":
+        return (
+            f"lock: stale, left by pid {pid} on {host} ({run}), no longer running; "
+            "the next run takes it over"
+        )
+    if host is None:
+        return (
+            f"lock: the lock file {holder.path} cannot be read; if no spndi run is writing "
+            f"{Path(output_dir)}, delete it"
+        )
+    return (
+        f"lock: held by pid {pid} on {host} ({run}); a process on another host cannot be "
+        f"checked from this host ({socket.gethostname()}): if that run is over, delete "
+        f"{holder.path}"
     )
 
 

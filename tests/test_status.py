@@ -141,3 +141,90 @@ def test_failures_of_the_last_run_per_scan_and_for_the_beamtime(beamtime):
     assert st["p1"]["cluster"] == ("failed", "K too large")
     assert st["p2"]["cluster"] == ("failed", "K too large")
     assert not list((beamtime.output_dir / "logs").glob("*.tmp"))
+
+
+# -- the output lock ------------------------------------------------------------------------------
+def _write_lock(out, **holder):
+    import socket
+
+    from spndi_dask.io.lock import LOCK_NAME
+
+    holder = {"host": socket.gethostname(), "started": "2026-01-03T02:00:00+00:00", **holder}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK_NAME).write_text(json.dumps({"command": "spndi run beamtime.toml", **holder}))
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _lock_line(m, capsys):
+    """The line `spndi status` prints on the lock (None: none printed)."""
+    from spndi_dask import cli
+
+    path = m.base_dir / "beamtime.toml"
+    path.write_text(m.to_toml())
+    assert cli.main(["status", str(path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lock:")]
+    assert len(lines) <= 1
+    return lines[0] if lines else None
+
+
+def test_a_lock_left_by_a_killed_run_reads_stale(beamtime, capsys):
+    import socket
+
+    from spndi_dask.io.lock import lock_holder
+
+    assert lock_holder(beamtime.output_dir) is None
+    assert _lock_line(beamtime, capsys) is None
+    pid = _dead_pid()
+    _write_lock(beamtime.output_dir, pid=pid, created=0.0)
+    holder = lock_holder(beamtime.output_dir)
+    assert holder.state == "stale" and not holder.alive and holder.info["pid"] == pid
+    out = _lock_line(beamtime, capsys)
+    host = socket.gethostname()
+    assert f"left by pid {pid} on {host}" in out
+    assert "no longer running; the next run takes it over" in out
+    assert "holds the output" not in out and "being written" not in out
+
+
+def test_a_lock_of_a_live_run_reads_running_and_a_recycled_pid_stale(beamtime, capsys):
+    import psutil
+
+    from spndi_dask.io.lock import lock_holder
+
+    me = os.getpid()
+    _write_lock(beamtime.output_dir, pid=me, created=psutil.Process(me).create_time())
+    holder = lock_holder(beamtime.output_dir)
+    assert holder.state == "running" and holder.alive
+    out = _lock_line(beamtime, capsys)
+    assert f"being written by pid {me}" in out and "spndi run beamtime.toml" in out
+    assert "stale" not in out
+    # the same pid, but this process started long after the lock was written: a recycled pid
+    _write_lock(beamtime.output_dir, pid=me, created=0.0)
+    assert lock_holder(beamtime.output_dir).state == "stale"
+    assert f"left by pid {me}" in _lock_line(beamtime, capsys)
+
+
+def test_a_lock_of_another_host_or_an_unreadable_one_cannot_be_checked(beamtime, capsys):
+    from spndi_dask.io.lock import LOCK_NAME, LockError, lock_holder, output_lock
+
+    _write_lock(beamtime.output_dir, pid=_dead_pid(), host="node-that-is-not-here", created=0.0)
+    holder = lock_holder(beamtime.output_dir)
+    assert holder.state == "unknown" and holder.alive
+    with pytest.raises(LockError, match="node-that-is-not-here"):  # a run does not take it over
+        with output_lock(beamtime.output_dir):
+            pass
+    out = _lock_line(beamtime, capsys)
+    assert "node-that-is-not-here" in out and "cannot be checked from this host" in out
+    assert str(beamtime.output_dir / LOCK_NAME) in out  # where to delete it, if that run is over
+    for text in ("{not json", "[]"):
+        (beamtime.output_dir / LOCK_NAME).write_text(text)
+        assert lock_holder(beamtime.output_dir).state == "unknown"
+        out = _lock_line(beamtime, capsys)
+        assert "cannot be read" in out and str(beamtime.output_dir / LOCK_NAME) in out

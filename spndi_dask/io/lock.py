@@ -3,7 +3,7 @@
 A run takes the lock before it writes anything and removes it when it ends. A second run on the
 same output stops with a message naming the holder (pid, host, start time, command). A lock left
 by a process that no longer exists on this host (a run killed with SIGKILL, a crashed node) is
-stale and is taken over with a warning.
+stale and is taken over with a warning. :func:`lock_holder` tells which (``spndi status``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,24 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
 from spndi_dask.io.layout import OutputLayout
 
-__all__ = ["LOCK_NAME", "LockError", "output_lock", "read_lock"]
+__all__ = [
+    "LOCK_NAME",
+    "LockError",
+    "LockHolder",
+    "holder_state",
+    "lock_holder",
+    "output_lock",
+    "read_lock",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +47,70 @@ def read_lock(output_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The holder recorded in ``<output>/.spndi.lock``, or None when unlocked."""
     path = OutputLayout(output_dir).lock
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict):
         return {"pid": None, "host": None, "note": "unreadable lock file"}
+    return holder
 
 
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the holder may still be running (another host: assume it is)."""
-    if holder.get("host") != socket.gethostname():
-        return True
+HolderState = Literal["running", "stale", "unknown"]
+
+
+def holder_state(holder: dict[str, Any]) -> HolderState:
+    """Whether the process a lock names still runs: ``running``, ``stale`` or ``unknown``.
+
+    Only a holder on this host can be checked: ``stale`` when its pid no longer exists or now
+    belongs to a process started after the lock was written (a recycled pid). A holder on
+    another host, or a lock file without a host (unreadable), is ``unknown``.
+    """
+    host = holder.get("host")
+    if host is None or host != socket.gethostname():
+        return "unknown"
     pid = holder.get("pid")
     if not isinstance(pid, int) or not psutil.pid_exists(pid):
-        return False
+        return "stale"
     try:  # a recycled pid belongs to a process started after the lock was written
-        return psutil.Process(pid).create_time() <= holder.get("created", float("inf")) + 1
+        started = psutil.Process(pid).create_time()
     except psutil.Error:
-        return False
+        return "stale"
+    return "running" if started <= holder.get("created", float("inf")) + 1 else "stale"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds ``<output>/.spndi.lock`` (see :func:`lock_holder`).
+
+    Attributes
+    ----------
+    info : dict
+        The lock file's record: ``pid``, ``host``, ``created``, ``started``, ``command`` (or
+        ``note`` for an unreadable file).
+    state : {"running", "stale", "unknown"}
+        See :func:`holder_state`.
+    path : Path
+        The lock file.
+    """
+
+    info: dict[str, Any]
+    state: HolderState
+    path: Path
+
+    @property
+    def alive(self) -> bool:
+        """Whether the holder may still be running (``unknown`` counts as running)."""
+        return self.state != "stale"
+
+
+def lock_holder(output_dir: str | os.PathLike[str]) -> LockHolder | None:
+    """The holder of ``<output>/.spndi.lock`` and whether it still runs; None when unlocked."""
+    info = read_lock(output_dir)
+    if info is None:
+        return None
+    return LockHolder(info, holder_state(info), OutputLayout(output_dir).lock)
 
 
 @contextmanager
@@ -82,8 +137,10 @@ def output_lock(output_dir: str | os.PathLike[str], command: str | None = None) 
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = read_lock(out) or {}
-            if _alive(holder):
+            holder = read_lock(out)
+            if holder is None:  # released in the meantime
+                continue
+            if holder_state(holder) != "stale":
                 raise LockError(
                     f"{out} is being written by another spndi run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, started {holder.get('started')}: "
