@@ -164,13 +164,11 @@ def plan_ingest(
         clevel=settings.clevel,
     )
     layout_key = json.dumps(layout.describe(), sort_keys=True)
-    # what an angle was ingested with, but not where the file lies nor when it was written:
-    # those are compared with the recorded sources (same_file), so a moved or copied beamtime
-    # folder is not ingested again
-    fingerprints = [
-        stable_key(info.size, p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
-        for info in infos
-    ]
+    # what an angle was ingested from and with: the file's size and modification time (not its
+    # place: a beamtime folder moved whole keeps them) and the settings; a file that was copied
+    # or touched is compared by its content with the recorded SHA-256 (same_file)
+    settings_key = (p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
+    fingerprints = [stable_key(info.size, info.mtime_ns, *settings_key) for info in infos]
     root = manifest.layout.raw
     todo = list(range(len(paths)))
     fresh = True
@@ -179,21 +177,25 @@ def plan_ingest(
     if existing.exists() and not force:
         try:
             group = zarr.open_group(str(root / p.name), mode="r")
-            if group.attrs.get("layout") == layout.describe():
+            attrs = dict(group.attrs)
+            if attrs.get("layout") == layout.describe():
                 done = np.asarray(group["done"][:])
-                recorded = list(group.attrs.get("sources") or [])
+                recorded = list(attrs.get("sources") or [])
                 recorded += [None] * (len(paths) - len(recorded))
+                same_settings = attrs.get("settings_key") == stable_key(*settings_key)
                 todo = []
                 for a, path in enumerate(paths):
-                    if int(done[a]) != fingerprints[a]:
-                        todo.append(a)
-                    elif not same_file(path, recorded[a], manifest.base_dir):
-                        todo.append(a)
+                    if int(done[a]) == fingerprints[a]:
+                        if (recorded[a] or {}).get("path") != str(path):  # moved, unrecorded
+                            moved[a] = recorded[a] or {}
                     elif (
-                        recorded[a].get("path") != str(path)
-                        or recorded[a].get("mtime_ns") != infos[a].mtime_ns
+                        done[a] != 0
+                        and same_settings
+                        and same_file(path, recorded[a], manifest.base_dir)
                     ):
                         moved[a] = recorded[a]
+                    else:
+                        todo.append(a)
                 fresh = False
         except Exception as exc:  # damaged metadata or done marks: write the particle again
             if not is_damage(exc) and not isinstance(exc, ValueError | OSError | KeyError):
@@ -217,6 +219,7 @@ def plan_ingest(
         "xrf_dataset": p.xrf,
         "manifest_hash": manifest.manifest_hash,
         "manifest": manifest.source,
+        "settings_key": stable_key(*settings_key),
     }
     return IngestPlan(
         particle=p,
@@ -539,28 +542,40 @@ def ingest(
 
 
 def _refresh(plan: IngestPlan, sources: list[dict[str, Any] | None]) -> None:
-    """Record where the moved (or touched) but unchanged angle files are now."""
+    """Record the angles that are done but whose record is out of date: files moved or touched
+    that hold the same data, and angles written before an interrupted ingest could record them
+    (their records, and their done marks for the new modification time)."""
+    if not plan.moved:
+        return
+    done = zarr.open_group(plan.group_url, mode="r+")["done"]
+    sources += [None] * (len(plan.sources) - len(sources))
     for a, rec in plan.moved.items():
-        path = plan.sources[a].path
-        st = Path(path).stat()
-        sources[a] = {
+        info = plan.sources[a]
+        new = {
             **rec,
-            "path": path,
-            "relpath": relative_to(path, plan.base_dir),
-            "mtime_ns": st.st_mtime_ns,
+            "path": info.path,
+            "relpath": relative_to(info.path, plan.base_dir),
+            "size": info.size,
+            "mtime_ns": info.mtime_ns,
         }
+        if not rec:
+            new["sha256"] = sha256_file(info.path) if plan.checksum == "sha256" else None
+            new["n_points"] = info.n_points
+            new["zeroed_values"] = 0
+        sources[a] = new
+        done[a] = np.uint64(plan.fingerprints[a])
 
 
 def _keep_moved(plan: IngestPlan) -> None:
-    """An up-to-date particle whose files moved: only its source records are updated."""
+    """An up-to-date particle with out-of-date source records: only the records are updated."""
     group = zarr.open_group(plan.group_url, mode="r+")
     attrs = dict(group.attrs)
     sources = list(attrs.get("sources") or [])
     _refresh(plan, sources)
     group.attrs.put({**attrs, "sources": sources})
     logger.info(
-        "particle '%s': %d angle file(s) moved or touched since ingest hold the same data "
-        "(size and SHA-256): kept",
+        "particle '%s': %d angle file(s) moved, touched or unrecorded since ingest hold the "
+        "ingested data: kept",
         plan.name,
         len(plan.moved),
     )

@@ -173,12 +173,12 @@ def test_statistics_of_all_scans_are_one_dask_computation(small, monkeypatch):
 
     _, m, _ = small
     calls = []
-    real = cs.compute
+    real = cs.compute_each
 
     def spy(collections, progress=False):
         calls.append([c.__dask_graph__() is not None for c in collections])
         return real(collections, progress)
 
-    monkeypatch.setattr(cs, "compute", spy)
+    monkeypatch.setattr(cs, "compute_each", spy)
     stats(m, force=True, figures=False)
     assert calls == [[True, True]]

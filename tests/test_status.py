@@ -48,6 +48,7 @@ def beamtime(tmp_path):
             {
                 "spndi_dask": {"complete": True},
                 "reduced_at": "2026-01-02",
+                "raw_sources": sources,
                 "particles": {"n_labels": 1},
                 "features": {"checkpoint": str(ckpt), "checkpoint_sha256": digest},
                 "cluster": {"fingerprint": "c1"},
@@ -77,7 +78,8 @@ def test_a_changed_frame_file_makes_ingest_and_everything_after_it_stale(beamtim
     path = beamtime.particle("p1").frame_paths(beamtime.base_dir)[1]
     path.write_bytes(b"frames, measured again")
     st = scan_status(beamtime)
-    assert st["p1"]["ingest"] == ("stale", f"{path} changed since ingest")
+    assert st["p1"]["ingest"][0] == "stale"
+    assert st["p1"]["ingest"][1].startswith(f"{path} changed since ingest")
     assert st["p1"]["reduce"] == ("stale", "ingest is stale")
     assert {s for s, _ in st["p1"].values()} == {"stale"}
     assert {s for s, _ in st["p2"].values()} == {"done"}
@@ -88,10 +90,15 @@ def test_a_changed_frame_file_makes_ingest_and_everything_after_it_stale(beamtim
 def test_reingest_after_reduce_and_a_retrained_model_are_stale(beamtime):
     raw = beamtime.output_dir / "raw.zarr" / "p2"
     attrs = json.loads((raw / "zarr.json").read_text())["attributes"]
+    # ingested again (later) from the same files: reduce stays current
     _attrs(raw, {**attrs, "ingested_at": "2026-02-01"})
+    assert scan_status(beamtime)["p2"]["reduce"] == ("done", "")
+    # ingested again from files with other content (same place, size and time)
+    sources = [{**s, "sha256": "other"} for s in attrs["sources"]]
+    _attrs(raw, {**attrs, "sources": sources})
     st = scan_status(beamtime)["p2"]
     assert st["ingest"][0] == "done"
-    assert st["reduce"] == ("stale", "ingested again after it was reduced")
+    assert st["reduce"] == ("stale", "ingested again from other files after it was reduced")
     (beamtime.output_dir / "features" / "model.safetensors").write_bytes(b"weights v2")
     st = scan_status(beamtime)["p1"]
     assert st["encode"] == ("stale", "the model was retrained after encoding")

@@ -102,12 +102,15 @@ class Damage:
     reason: str
     stage: str  # the stage that makes the array
     angle: int | None = None  # raw frames: the angle index
+    output: str = ""  # the output directory holding the store
 
-    def where(self) -> str:
-        """``raw.zarr/p2/frames, angle 3`` or ``results.zarr/p1/strain (chunk c/0/0)``."""
+    def where(self, full: bool = False) -> str:
+        """``raw.zarr/p2/frames, angle index 3 (c/3/0/0/0/0)`` or
+        ``results.zarr/p1/strain (chunk c/0/0)``; with ``full`` from the output's path."""
+        store = f"{self.output}/{self.store}.zarr" if full and self.output else f"{self.store}.zarr"
         if self.angle is not None:
-            return f"{self.store}.zarr/{self.array}, angle index {self.angle} ({self.chunk})"
-        return f"{self.store}.zarr/{self.array} (chunk {self.chunk})"
+            return f"{store}/{self.array}, angle index {self.angle} ({self.chunk})"
+        return f"{store}/{self.array} (chunk {self.chunk})"
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -206,8 +209,8 @@ def describe(damage: list[Damage], manifest: str = "beamtime.toml") -> str:
     lines = []
     for d in damage[:10]:
         lines.append(
-            f"{d.where()} is damaged ({d.reason}); it is made by `{d.stage}`: recompute it "
-            f"with `{recompute_command(d, manifest)}`"
+            f"{d.where(full=True)} is damaged ({d.reason}); it is made by `{d.stage}`: "
+            f"recompute it with `{recompute_command(d, manifest)}`"
         )
     if len(damage) > 10:
         lines.append(f"... and {len(damage) - 10} more damaged chunks")
@@ -247,9 +250,9 @@ def _shard_damage(exc: BaseException) -> tuple[Damage, Path] | None:
             angle = int(key.split("/", 1)[0]) if kind == "raw" else None
             reason = str(e).split(": ", 1)[-1]
             stage = _stage_of(kind, array)
-            damage = Damage(
-                kind, _particle_of(kind, array), array, f"c/{key}", reason, stage, angle
-            )
+            particle = _particle_of(kind, array)
+            output = str(root.parent)
+            damage = Damage(kind, particle, array, f"c/{key}", reason, stage, angle, output)
             return damage, root
     return None
 
@@ -280,7 +283,15 @@ def damage_error(
     found = _check_array(kind, root, inside, deep=True, within=within)
     if not found:
         found = [
-            Damage(kind, _particle_of(kind, inside), inside, "?", reason, _stage_of(kind, inside))
+            Damage(
+                kind,
+                _particle_of(kind, inside),
+                inside,
+                "?",
+                reason,
+                _stage_of(kind, inside),
+                output=str(root.parent),
+            )
         ]
     return DamagedStoreError(describe(found, _manifest_of(root)), found)
 
@@ -348,7 +359,17 @@ def _check_array(
     try:
         array = zarr.open_array(str(root / inside), mode="r")
     except Exception as exc:
-        return [Damage(kind, particle, inside, "zarr.json", f"unreadable metadata: {exc}", stage)]
+        return [
+            Damage(
+                kind,
+                particle,
+                inside,
+                "zarr.json",
+                f"unreadable metadata: {exc}",
+                stage,
+                output=str(root.parent),
+            )
+        ]
     name = inside.rsplit("/", 1)[-1]
     large = (kind, name) in _LARGE
     per_angle = kind == "raw" and name != "done"
@@ -408,7 +429,7 @@ def _check_array(
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
         if reason is not None:
-            out.append(Damage(kind, particle, inside, key, reason, stage, angle))
+            out.append(Damage(kind, particle, inside, key, reason, stage, angle, str(root.parent)))
     return out
 
 

@@ -231,10 +231,10 @@ class ShardReader:
             try:
                 if self.compressed:
                     blosc.decompress(piece, buf)
-                elif nbytes == self.chunk_bytes:
+                elif len(piece) == self.chunk_bytes:
                     buf[:] = np.frombuffer(piece, dtype=np.uint8)
                 else:
-                    raise ValueError(f"{nbytes} bytes for a chunk of {self.chunk_bytes}")
+                    raise ValueError(f"{len(piece)} bytes for a chunk of {self.chunk_bytes}")
             except (RuntimeError, ValueError) as exc:
                 raise ShardError(
                     f"{path}: inner chunk {inner} cannot be decoded ({exc}); re-ingest"

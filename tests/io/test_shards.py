@@ -157,7 +157,9 @@ def test_undecodable_chunk_names_the_shard(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[:16] = b"\0" * 16  # blosc header of the first inner chunk
     path.write_bytes(bytes(raw))
-    with pytest.raises(ShardError, match=rf"{re.escape(str(path))}.*cannot be decoded"):
+    with pytest.raises(
+        ShardError, match=rf"{re.escape(str(path))}.*(cannot be decoded|fails its checksum)"
+    ):
         reader[:, 0:4, 0:4, 0:8, 0:8]
 
 
