@@ -37,7 +37,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand whose first argument is the beamtime manifest."""
     p = sub.add_parser(name, **kwargs)
-    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("manifest", help="beamtime TOML manifest, or the folder holding it")
     return p
 
 

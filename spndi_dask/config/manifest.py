@@ -54,6 +54,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ParticleSettings",
+    "find_manifest",
     "load_manifest",
 ]
 
@@ -300,12 +301,18 @@ class Manifest(SettingsModel):
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Manifest:
-        """Read and validate a manifest TOML file."""
-        path = Path(path)
+        """Read and validate a manifest TOML file (or the one manifest of a folder).
+
+        A folder stands for its ``beamtime.toml``, else for the one ``*.toml`` file in it that
+        has ``[[particles]]`` (see :func:`find_manifest`).
+        """
+        path = find_manifest(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise ManifestError(f"manifest {path} does not exist") from None
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -402,8 +409,60 @@ class Manifest(SettingsModel):
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a beamtime manifest (see :class:`Manifest`)."""
+    """Read and validate a beamtime manifest (see :class:`Manifest`).
+
+    ``path`` is the TOML file, or a folder holding it (:func:`find_manifest`).
+    """
     return Manifest.from_toml(path)
+
+
+#: The file name ``spndi demo`` and ``spndi simulate`` give a manifest.
+MANIFEST_NAME = "beamtime.toml"
+
+
+def find_manifest(path: str | Path) -> Path:
+    """The manifest file ``path`` names: the file itself, or the manifest in a folder.
+
+    A folder (as a newcomer types ``spndi run spndi-demo``) stands for its ``beamtime.toml``,
+    else for its one ``*.toml`` file with ``[[particles]]``; any other folder is a
+    :class:`ManifestError` listing the manifests to choose from.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "beamtime.toml").write_text('name = "bt"')
+    >>> find_manifest(folder) == folder / "beamtime.toml"
+    True
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / MANIFEST_NAME).is_file():
+        return path / MANIFEST_NAME
+    tomls = sorted(p for p in path.glob("*.toml") if p.is_file())
+    manifests = [p for p in tomls if _has_particles(p)]
+    if len(manifests) == 1:
+        return manifests[0]
+    if not manifests:
+        found = f" (its TOML files have no [[particles]]: {', '.join(map(str, tomls))})"
+        raise ManifestError(
+            f"{path} is a folder without a beamtime manifest{found if tomls else ''}; pass the "
+            f"manifest file, e.g. {path / MANIFEST_NAME}, or write one there (see `spndi demo`)"
+        )
+    shown = "\n    ".join(map(str, manifests))
+    raise ManifestError(
+        f"{path} is a folder with {len(manifests)} manifests:\n    {shown}\npass one of them, "
+        f"e.g. {manifests[0]}"
+    )
+
+
+def _has_particles(path: Path) -> bool:
+    """Whether a TOML file reads as a manifest (has a ``particles`` array)."""
+    try:
+        return "particles" in tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 # -- helpers ----------------------------------------------------------------------------------

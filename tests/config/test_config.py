@@ -243,3 +243,33 @@ def test_angle_range_values():
         }
     )
     assert m.particles[0].angles == pytest.approx(np.linspace(1, 0, 11))
+
+
+# -- a folder given for the manifest -------------------------------------------------------------
+def test_a_folder_holding_one_manifest_is_read(tmp_path, base):
+    text = Manifest.from_dict(base, base_dir=tmp_path).to_toml()
+    (tmp_path / "beamtime.toml").write_text(text)
+    (tmp_path / "other.toml").write_text(text)  # beamtime.toml is the manifest's usual name
+    m = load_manifest(tmp_path)
+    assert m.source == str(tmp_path / "beamtime.toml") and m.base_dir == tmp_path.resolve()
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "lco-2024.toml").write_text(text)
+    (single / "notes.toml").write_text('title = "not a manifest"\n')  # no [[particles]]
+    assert load_manifest(single).source == str(single / "lco-2024.toml")
+
+
+def test_a_folder_without_exactly_one_manifest_says_which_to_pass(tmp_path, base):
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    msg = str(info.value)
+    assert f"{tmp_path} is a folder" in msg and "beamtime.toml" in msg
+    assert "IsADirectory" not in msg
+    text = Manifest.from_dict(base, base_dir=tmp_path).to_toml()
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path / "a.toml") in msg and str(tmp_path / "b.toml") in msg
+    assert "pass one of them" in msg
