@@ -42,7 +42,7 @@ from pydantic import (
 
 from spndi_dask.config import settings
 from spndi_dask.config._base import FiniteFloat, SettingsModel
-from spndi_dask.config._errors import format_errors, hint
+from spndi_dask.config._errors import format_errors, hint, plain
 from spndi_dask.config._toml import dump_toml
 from spndi_dask.config.geometry import GeometryOverrides, GeometrySettings
 from spndi_dask.geometry import Geometry
@@ -235,12 +235,13 @@ class Manifest(SettingsModel):
         except ValidationError as exc:
             lines = []
             for err in exc.errors():
-                msg = err["msg"].removeprefix("Value error, ")
                 if err["loc"]:
                     key = err["loc"][0]
-                    lines.append(f"geometry.{key} = {err['input']!r}: {msg}{_geometry_hint(key)}")
+                    lines.append(
+                        f"geometry.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
+                    )
                 else:
-                    lines.append(f"geometry: {msg}")
+                    lines.append(f"geometry: {plain(err)}")
             raise ValueError("\n".join(lines)) from None
         return v
 
@@ -278,7 +279,7 @@ class Manifest(SettingsModel):
                             else ("geometry")
                         )
                         lines.append(
-                            f"{where}.{key} = {err['input']!r}: {err['msg']}{_geometry_hint(key)}"
+                            f"{where}.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
                         )
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))

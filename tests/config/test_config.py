@@ -273,3 +273,45 @@ def test_a_folder_without_exactly_one_manifest_says_which_to_pass(tmp_path, base
     msg = str(info.value)
     assert str(tmp_path / "a.toml") in msg and str(tmp_path / "b.toml") in msg
     assert "pass one of them" in msg
+
+
+# -- constrained values in plain words -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "table,key,value,expected",
+    [
+        ("cluster", "k", 0, "cluster.k = 0: must be ≥ 1 or 'auto'"),
+        ("cluster", "k", "x", "cluster.k = 'x': must be a whole number or 'auto'"),
+        ("cluster", "k_max", 1, "cluster.k_max = 1: must be ≥ 2"),
+        ("cluster", "tol", 0, "cluster.tol = 0: must be > 0"),
+        ("cluster", "n_init", 0, "cluster.n_init = 0: must be ≥ 1"),
+        ("ingest", "clevel", 12, "ingest.clevel = 12: must be ≤ 9"),
+        ("ingest", "scan_chunk", [0, 8], "ingest.scan_chunk[0] = 0: must be ≥ 1"),
+        ("ingest", "allow_incomplete", "maybe", "must be true or false"),
+        ("segment", "edge_fraction", 1.5, "segment.edge_fraction = 1.5: must be < 1"),
+        ("features", "latent_dim", -3, "features.latent_dim = -3: must be ≥ 1 or 'auto'"),
+        ("features", "validation_fraction", 0.5, "must be < 0.5"),
+        ("reduce", "min_snr", -1.0, "reduce.min_snr = -1.0: must be > 0"),
+        (
+            "reduce",
+            "pattern_extent",
+            [1.0, 0.0, 1.0],
+            "reduce.pattern_extent[1] = 0.0: must be > 0",
+        ),
+        ("geometry", "energy_kev", -9.0, "geometry.energy_kev = -9.0: must be > 0"),
+    ],
+)
+def test_constrained_values_are_explained_in_plain_words(base, table, key, value, expected):
+    base.setdefault(table, {})[key] = value
+    msg = errors(base)
+    assert expected in msg
+    for internal in ("constrained", "Input should", "literal[", "function-after"):
+        assert internal not in msg
+
+
+def test_particle_values_in_plain_words(base):
+    base["particles"][0]["scan_shape"] = [0, 5]
+    base["particles"][0]["scan_step_um"] = [0.05]
+    msg = errors(base)
+    assert "particles[0] ('p1').scan_shape[0] = 0: must be ≥ 1" in msg
+    assert "particles[0] ('p1').scan_step_um needs 2 values" in msg
+    assert "Input should" not in msg and "is required" not in msg
