@@ -250,14 +250,24 @@ class Manifest(SettingsModel):
     def _particles_ok(
         cls, particles: list[ParticleSettings], info: ValidationInfo
     ) -> list[ParticleSettings]:
-        names = [p.name for p in particles]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"particle names must be unique; repeated: {dupes}")
+        # every line names the entry at fault (the list itself is never shown)
+        lines: list[str] = []
+        first: dict[str, int] = {}
+        for i, p in enumerate(particles):
+            if p.name in first:
+                j = first[p.name]
+                lines.append(
+                    f"particles[{i}] ('{p.name}').name = '{p.name}' is already the name of "
+                    f"particles[{j}]: particle names must be unique (they name the particle's "
+                    f"results); rename one, e.g. name = '{p.name}_{i + 1}'"
+                )
+            first.setdefault(p.name, i)
         if "geometry" not in info.data:  # [geometry] itself is invalid: reported there
+            if lines:
+                raise ValueError("\n".join(lines))
             return particles
         default_geometry = info.data["geometry"]
-        lines: list[str] = []
+        missing: dict[str, list[int]] = {}  # geometry key -> particles lacking it
         for i, p in enumerate(particles):
             try:
                 GeometrySettings(**{**default_geometry, **p.geometry})
@@ -268,10 +278,7 @@ class Manifest(SettingsModel):
                         where = "geometry" if not p.geometry else f"particles[{i}] ('{p.name}')"
                         lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
                     elif err["type"] == "missing":
-                        lines.append(
-                            f"geometry.{key} is required{_geometry_hint(key)}; set it in "
-                            f"[geometry] or in [particles.geometry] of particle '{p.name}'"
-                        )
+                        missing.setdefault(key, []).append(i)
                     else:
                         where = (
                             f"particles[{i}] ('{p.name}').geometry"
@@ -281,6 +288,20 @@ class Manifest(SettingsModel):
                         lines.append(
                             f"{where}.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
                         )
+        for key, lacking in missing.items():
+            if len(lacking) == len(particles):
+                lines.append(
+                    f"geometry.{key} is required{_geometry_hint(key)}: set it in [geometry] "
+                    "(all particles), or in [particles.geometry] of each particle"
+                )
+                continue
+            for i in lacking:
+                name = particles[i].name
+                lines.append(
+                    f"particles[{i}] ('{name}'): geometry.{key} is required"
+                    f"{_geometry_hint(key)}: set it in [geometry] (all particles), or in "
+                    f"[particles.geometry] of '{name}' as the other particles do"
+                )
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))
         return particles

@@ -173,7 +173,7 @@ def test_frames_and_names(base):
     assert "no {index} placeholder" in errors(d)
     d = copy.deepcopy(base)
     d["particles"].append(copy.deepcopy(d["particles"][0]))
-    assert "repeated: ['p1']" in errors(d)
+    assert "particles[1] ('p1').name = 'p1' is already the name of particles[0]" in errors(d)
     d = copy.deepcopy(base)
     d["particles"][0]["name"] = "p 1/x"
     assert "particles[0] ('p 1/x').name" in errors(d)
@@ -273,6 +273,33 @@ def test_a_folder_without_exactly_one_manifest_says_which_to_pass(tmp_path, base
     msg = str(info.value)
     assert str(tmp_path / "a.toml") in msg and str(tmp_path / "b.toml") in msg
     assert "pass one of them" in msg
+
+
+# -- errors about the particles list show only the entry at fault --------------------------------
+def test_duplicate_names_show_the_entry_not_the_list(base):
+    base["particles"].append(copy.deepcopy(base["particles"][0]))
+    base["particles"][1]["scan_shape"] = [6, 7]
+    base["particles"][1]["geometry"] = {"energy_kev": -1.0}
+    msg = errors(base)
+    assert "particles[1] ('p1').geometry.energy_kev = -1.0: must be > 0" in msg  # at once
+    assert "particles[1] ('p1').name = 'p1'" in msg and "particles[0]" in msg
+    assert "unique" in msg and "rename" in msg
+    assert "'frames'" not in msg and "scan_shape" not in msg  # the list is not dumped
+    assert "at least one particle" not in msg
+
+
+def test_missing_geometry_shows_the_key_and_where_to_set_it(base):
+    del base["geometry"]["energy_kev"]
+    base["particles"].append({**copy.deepcopy(base["particles"][0]), "name": "p2"})
+    msg = errors(base)
+    assert "geometry.energy_kev is required (expected: photon energy in keV" in msg
+    assert "set it in [geometry]" in msg
+    assert "'frames'" not in msg and "at least one particle" not in msg
+    assert msg.count("\n  - ") == 1  # one line for the key, not one per particle
+    base["particles"][0]["geometry"] = {"energy_kev": 9.0}  # only p2 lacks it now
+    msg = errors(base)
+    assert "particles[1] ('p2'): geometry.energy_kev is required" in msg
+    assert "'frames'" not in msg and "at least one particle" not in msg
 
 
 # -- constrained values in plain words -----------------------------------------------------------
