@@ -196,7 +196,11 @@ class Manifest(SettingsModel):
         MANIFEST_VERSION, description=f"manifest format version ({MANIFEST_VERSION})"
     )
     name: str = Field(description="beamtime name")
-    output: str = Field("results", description="results directory (relative to the manifest)")
+    output: str = Field(
+        "results",
+        description="results directory, relative to the manifest: a folder of its own (not /, "
+        "the home directory or the folder of the frame files)",
+    )
     geometry: GeometryOverrides = Field(
         default_factory=dict, description="default geometry of every particle"
     )
@@ -306,18 +310,49 @@ class Manifest(SettingsModel):
             raise ValueError("\n".join(dict.fromkeys(lines)))
         return particles
 
+    @model_validator(mode="after")
+    def _output_is_safe(self, info: ValidationInfo) -> Manifest:
+        # stages replace whole trees under output (raw.zarr, results.zarr nodes, analysis.zarr,
+        # .tmp, figures, report): never let that be /, the home directory or the raw data
+        base = (info.context or {}).get("base_dir") or Path.cwd()
+        out = _resolve(Path(base), self.output).resolve()
+        where = f"output = {self.output!r}" + (f" ({out})" if str(out) != self.output else "")
+        fix = (
+            ": spndi writes and replaces raw.zarr, results.zarr, analysis.zarr, figures/, report/, "
+            'logs/ and .tmp/ in it; set output to a folder of its own, e.g. output = "results"'
+        )
+        if out == Path(out.anchor):
+            raise ValueError(f"{where} is the file system root{fix}")
+        try:
+            home = Path.home().resolve()
+        except (RuntimeError, KeyError):  # no home directory known
+            home = None
+        if out == home:
+            raise ValueError(f"{where} is your home directory{fix}")
+        for p in self.particles:
+            inputs = [(f, "frame files") for f in p.frame_paths(Path(base))]
+            if p.dark:
+                inputs.append((_resolve(Path(base), p.dark), "dark file"))
+            for folder, what in dict.fromkeys((f.parent, what) for f, what in inputs):
+                if out == folder.resolve():
+                    raise ValueError(
+                        f"{where} is the folder of the {what} of particle '{p.name}'{fix}"
+                    )
+        return self
+
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_dict(
         cls, data: dict[str, Any], *, base_dir: str | Path | None = None, source: str = "<dict>"
     ) -> Manifest:
         """Validate a manifest given as a dict; raises :class:`ManifestError`."""
+        base = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
         try:
-            cfg = cls.model_validate(data)
+            cfg = cls.model_validate(data, context={"base_dir": base})
         except ValidationError as exc:
             msg = "\n".join(f"  - {line}" for line in format_errors(exc, _MODELS, data=data))
             raise ManifestError(f"{source}: invalid manifest\n{msg}") from None
-        cfg._base_dir = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
+        cfg._base_dir = base
         cfg._source = source
         return cfg
 

@@ -342,3 +342,40 @@ def test_particle_values_in_plain_words(base):
     assert "particles[0] ('p1').scan_shape[0] = 0: must be ≥ 1" in msg
     assert "particles[0] ('p1').scan_step_um needs 2 values" in msg
     assert "Input should" not in msg and "is required" not in msg
+
+
+# -- output must not be a dangerous place --------------------------------------------------------
+@pytest.mark.parametrize(
+    "output,frames,expected",
+    [
+        ("/", "raw/p1/angle_{index:03d}.h5", "file system root"),
+        ("~", "raw/p1/angle_{index:03d}.h5", "home directory"),
+        ("..", "raw/p1/angle_{index:03d}.h5", "home directory"),  # the manifest is in ~/bt
+        ("raw/p1", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
+        ("raw/p1/../p1/", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
+        (".", "angle_{index:03d}.h5", "frame files of particle 'p1'"),
+    ],
+)
+def test_output_must_not_be_root_home_or_the_raw_data_folder(
+    tmp_path, base, monkeypatch, output, frames, expected
+):
+    home = tmp_path / "home"
+    (home / "bt").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    base["output"] = output
+    base["particles"][0]["frames"] = frames
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(base, base_dir=home / "bt", source="bt.toml")
+    msg = str(info.value)
+    assert f"output = {output!r}" in msg and expected in msg
+    assert 'set output to a folder of its own, e.g. output = "results"' in msg
+
+
+def test_output_beside_the_raw_data_is_fine(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for output in ("results", "raw", "raw/p1/results", str(tmp_path / "elsewhere")):
+        base["output"] = output
+        assert Manifest.from_dict(base, base_dir=tmp_path).output == output
+    base["particles"][0]["dark"] = "darks/dark.h5"
+    base["output"] = "darks"
+    assert "dark file of particle 'p1'" in errors(base)
