@@ -37,6 +37,7 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.hashing import file_stamp, sha256_file
+from spndi_dask.io.layout import check_output
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
 from spndi_dask.stages import Outcome, StageError
@@ -92,7 +93,11 @@ def plan_ingest(
         Missing files (all listed), unreadable files, missing datasets (existing ones listed),
         detector shape or dtype changing between angles, scans with too many points, or too
         few without ``allow_incomplete``.
+    ForeignOutputError
+        The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
+        whole ingest before anything is written.
     """
+    check_output(manifest.output_dir)
     p = particle
     paths = p.frame_paths(manifest.base_dir)
     missing = [str(x) for x in paths if not x.exists()]

@@ -268,3 +268,26 @@ def test_simulated_beamtime_round_trip(tiny_beamtime, tmp_path):
         io = f["/entry/instrument/monitor/Io"][:]
     assert np.array_equal(ds.frames.values[4].reshape(src.shape), src)
     assert np.array_equal(ds.monitor.values[4].reshape(-1), io)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_an_unrelated_raw_zarr_is_refused_before_anything_is_written(handmade, what):
+    from spndi_dask.io.layout import ForeignOutputError
+
+    tmp, data, *_ = handmade
+    m = load(tmp, data)
+    foreign = m.layout.raw
+    m.output_dir.mkdir()
+    if what == "file":
+        foreign.write_text("not spndi's")
+    else:
+        (foreign / "p1").mkdir(parents=True)
+        (foreign / "p1" / "notes.txt").write_text("not spndi's")
+    with pytest.raises(ForeignOutputError) as info:
+        ingest(m)
+    assert str(foreign) in str(info.value) and "`output`" in str(info.value)
+    assert [p.name for p in m.output_dir.iterdir()] == ["raw.zarr"]
+    if what == "file":
+        assert foreign.read_text() == "not spndi's"
+    else:
+        assert [p.name for p in foreign.rglob("*")] == ["p1", "notes.txt"]

@@ -658,3 +658,19 @@ def test_bad_settings_and_files_name_the_fix(tiny, tmp_path):
     bad_mask = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
     s = reduce(bad_mask, particles=["p1"])
     assert "[5, 5]" in s["p1"]["error"] and "[32, 32]" in s["p1"]["error"]
+
+
+def test_an_unrelated_results_zarr_is_refused_and_left_alone(tmp_path):
+    from spndi_dask.io.layout import ForeignOutputError
+
+    frames = np.random.default_rng(0).poisson(1.0, (3, 4, 5, 16, 16)).astype(np.uint16)
+    write_angle_files(tmp_path, frames)
+    m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(4, 5)))
+    ingest(m)
+    foreign = m.layout.results
+    (foreign / "p1").mkdir(parents=True)
+    (foreign / "p1" / "old.csv").write_text("a,b\n")
+    with pytest.raises(ForeignOutputError, match=r"results\.zarr is no Zarr store"):
+        reduce(m)
+    assert [p.name for p in foreign.rglob("*")] == ["p1", "old.csv"]  # no zarr.json added
+    assert not m.layout.tmp.exists()
