@@ -674,3 +674,23 @@ def test_an_unrelated_results_zarr_is_refused_and_left_alone(tmp_path):
         reduce(m)
     assert [p.name for p in foreign.rglob("*")] == ["p1", "old.csv"]  # no zarr.json added
     assert not m.layout.tmp.exists()
+
+
+@pytest.mark.parametrize(
+    "dtype,level,settings",
+    [(np.uint16, 65535, {}), (np.float32, 5000.0, {"saturation": 5000.0})],
+)
+def test_saturated_frames_are_diagnosed_as_saturated_not_empty(tmp_path, dtype, level, settings):
+    frames = np.full((3, 4, 5, 16, 16), level, dtype=dtype)
+    write_angle_files(tmp_path, frames)
+    data = manifest_dict(n_angles=3, scan_shape=(4, 5))
+    data["reduce"] = settings
+    m = load(tmp_path, data)
+    ingest(m)
+    s = reduce(m)
+    assert s["p1"]["status"] == "reduced" and s["p1"]["valid_pixels"] == 0
+    text = " ".join(s["p1"]["warnings"])
+    assert "saturated" in text and f"{level:g}" in text
+    assert "256 of 256 detector pixels" in text
+    assert "attenuat" in text and "[reduce] saturation" in text  # the fixes
+    assert "frames are not empty" not in text
