@@ -92,7 +92,8 @@ def plan_ingest(
     IngestError
         Missing files (all listed), unreadable files, missing datasets (existing ones listed),
         detector shape or dtype changing between angles, scans with too many points, or too
-        few without ``allow_incomplete``.
+        few without ``allow_incomplete``, a monitor without flux (0, negative or NaN) at every
+        point of an angle.
     ForeignOutputError
         The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
         whole ingest before anything is written.
@@ -141,7 +142,7 @@ def plan_ingest(
             )
     for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
         if ds is not None:
-            for info in infos:
+            for a, info in enumerate(infos):
                 try:
                     vec = read_vector(info.path, ds, what)
                 except SourceError as exc:
@@ -150,6 +151,17 @@ def plan_ingest(
                     raise IngestError(
                         f"{_prefix(p)}: {info.path}:{ds} ({what}) has {vec.size} values for "
                         f"{info.n_points} frames; fix the file or remove `{what}`"
+                    )
+                flux = vec[: info.n_points]
+                if what == "monitor" and not np.any(np.isfinite(flux) & (flux > 0)):
+                    # reduce divides by the monitor: points without flux are masked, but an
+                    # angle without any is a broken file, not a beam loss
+                    raise IngestError(
+                        f"{_prefix(p)}: angle file {info.path} (angle index {a}, "
+                        f"{p.angles[a]:g}°) has monitor {ds} = 0, negative or not finite at "
+                        "every scan point: the frames cannot be normalised by it; fix the file, "
+                        "remove `monitor` from the particle to skip the normalisation, or drop "
+                        "this angle from angles_deg and frames"
                     )
 
     layout = RawLayout(

@@ -291,3 +291,31 @@ def test_an_unrelated_raw_zarr_is_refused_before_anything_is_written(handmade, w
         assert foreign.read_text() == "not spndi's"
     else:
         assert [p.name for p in foreign.rglob("*")] == ["p1", "notes.txt"]
+
+
+@pytest.mark.parametrize("bad", [0.0, np.nan])
+def test_a_monitor_without_flux_at_one_angle_is_refused_before_writing(handmade, bad):
+    tmp, data, frames, monitor, xrf = handmade
+    monitor = monitor.copy()
+    monitor[2] = bad  # every point of angle 2: normalising would divide by it
+    write_angle_files(tmp, frames, monitor=monitor, xrf=xrf)
+    m = load(tmp, data)
+    with pytest.raises(IngestError) as info:
+        ingest_mod.plan_ingest(m, m.particles[0])
+    msg = str(info.value)
+    assert "particle 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
+    assert "/entry/instrument/monitor/Io" in msg and "every scan point" in msg
+    assert "fix the file" in msg and "remove `monitor`" in msg and "angles_deg" in msg
+    with pytest.raises(IngestError, match=r"angle_002\.h5"):
+        ingest(m)
+    assert not m.layout.raw_node("p1").exists()  # nothing of the particle was written
+
+
+def test_a_monitor_with_some_zero_points_is_ingested(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    monitor = monitor.copy()
+    monitor[1, 2, 3] = monitor[4, 0, 0] = 0.0  # beam lost for a moment: reduce masks them
+    write_angle_files(tmp, frames, monitor=monitor, xrf=xrf)
+    m = load(tmp, data)
+    assert ingest(m)["p1"]["status"] == "ingested"
+    assert np.array_equal(open_raw(m.output_dir, "p1").monitor.values, monitor)

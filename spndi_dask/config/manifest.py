@@ -92,7 +92,11 @@ class ParticleSettings(SettingsModel):
         "/entry/instrument/detector/data",
         description="HDF5 dataset of frames, shape (n_points, det_rows, det_cols)",
     )
-    monitor: str | None = Field(None, description="HDF5 dataset of per-point incident flux")
+    monitor: str | None = Field(
+        None,
+        description="HDF5 dataset of per-point incident flux (n_points,); frames are divided by "
+        "it, points where it is 0 are masked, an angle without any flux is refused",
+    )
     xrf: str | None = Field(None, description="HDF5 dataset of per-point fluorescence")
     angles_deg: list[FiniteFloat] | AngleRange = Field(
         description="strictly monotonic list of angles, or {start, stop, num}"

@@ -199,7 +199,15 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     else:
         background = np.zeros(na)
 
+    # points without flux (beam lost: monitor 0, negative or NaN) are masked, never divided by
     good = valid & np.isfinite(monitor) & (monitor > 0)
+    lost = valid & ~good
+    if lost.any():
+        warnings.append(
+            f"monitor is 0, negative or not finite at {int(lost.sum())} scan points (angles "
+            f"{np.flatnonzero(lost.any(axis=(1, 2))).tolist()}): they are masked at those angles "
+            "instead of divided by it (flag 'missing_angles' in `quality`)"
+        )
     mean_monitor = float(monitor[good].mean()) if good.any() else 1.0
     scale = np.where(good, mean_monitor / np.where(good, monitor, 1.0), 0.0)
     missing = np.flatnonzero(n_valid < ny * nx).tolist()
