@@ -37,7 +37,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand whose first argument is the beamtime manifest."""
     p = sub.add_parser(name, **kwargs)
-    p.add_argument("manifest", help="beamtime TOML manifest")
+    p.add_argument("manifest", help="beamtime TOML manifest, or the folder holding it")
     return p
 
 
@@ -548,10 +548,12 @@ def _print_session(session: Any) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.dask_clusters import load_cluster_config
+    from spndi_dask.io.layout import check_output
     from spndi_dask.io.lock import output_lock
 
     load_cluster_config(args.cluster)  # a misspelt config fails before anything else
     manifest = load_manifest(args.manifest)
+    check_output(manifest.output_dir)  # before the lock and the logs are written
     with output_lock(manifest.output_dir), _session(args) as session:
         _print_session(session)
         return _run_pipeline(args, manifest, session)

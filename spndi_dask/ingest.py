@@ -41,6 +41,7 @@ from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_key
 from spndi_dask.io.integrity import is_damage, writing
+from spndi_dask.io.layout import check_output
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
 from spndi_dask.stages import Outcome, StageError
@@ -98,8 +99,13 @@ def plan_ingest(
     IngestError
         Missing files (all listed), unreadable files, missing datasets (existing ones listed),
         detector shape or dtype changing between angles, scans with too many points, or too
-        few without ``allow_incomplete``.
+        few without ``allow_incomplete``, a monitor without flux (0, negative or NaN) at every
+        point of an angle.
+    ForeignOutputError
+        The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
+        whole ingest before anything is written.
     """
+    check_output(manifest.output_dir)
     p = particle
     paths = p.frame_paths(manifest.base_dir)
     missing = [str(x) for x in paths if not x.exists()]
@@ -143,7 +149,7 @@ def plan_ingest(
             )
     for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
         if ds is not None:
-            for info in infos:
+            for a, info in enumerate(infos):
                 try:
                     vec = read_vector(info.path, ds, what)
                 except SourceError as exc:
@@ -152,6 +158,17 @@ def plan_ingest(
                     raise IngestError(
                         f"{_prefix(p)}: {info.path}:{ds} ({what}) has {vec.size} values for "
                         f"{info.n_points} frames; fix the file or remove `{what}`"
+                    )
+                flux = vec[: info.n_points]
+                if what == "monitor" and not np.any(np.isfinite(flux) & (flux > 0)):
+                    # reduce divides by the monitor: points without flux are masked, but an
+                    # angle without any is a broken file, not a beam loss
+                    raise IngestError(
+                        f"{_prefix(p)}: angle file {info.path} (angle index {a}, "
+                        f"{p.angles[a]:g}°) has monitor {ds} = 0, negative or not finite at "
+                        "every scan point: the frames cannot be normalised by it; fix the file, "
+                        "remove `monitor` from the particle to skip the normalisation, or drop "
+                        "this angle from angles_deg and frames"
                     )
 
     layout = RawLayout(

@@ -31,7 +31,7 @@ from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import IngestError, ingest
-from spndi_dask.io.layout import OutputLayout
+from spndi_dask.io.layout import OutputLayout, check_output
 from spndi_dask.particles import stats
 from spndi_dask.reduce import reduce
 from spndi_dask.report import write_report
@@ -233,6 +233,7 @@ def run(
     o = options or RunOptions()
     chosen = parse_stages(stages)
     selected = manifest.select_particles(o.particles)
+    check_output(manifest.output_dir)  # an output spndi did not write is left alone
     ok = list(selected)
     results: list[StageResult] = []
     failed_stages: set[str] = set()

@@ -84,3 +84,18 @@ def test_a_particle_that_fails_a_stage_is_named_and_the_exit_code_is_1(tmp_path,
     # a stage that refuses its input as a whole: exit code 2 and the message, no traceback
     assert main(["cluster", str(path), "--workers", "1"]) == 2
     assert "run `spndi reduce" in capsys.readouterr().err
+
+
+def test_a_folder_stands_for_its_manifest(tmp_path, capsys):
+    # what a newcomer types after `spndi demo`: the folder, not the TOML file in it
+    path = tmp_path / "beamtime.toml"
+    path.write_text(load(tmp_path, manifest_dict(n_angles=2, scan_shape=(3, 3))).to_toml())
+    assert main(["status", str(tmp_path)]) == 0
+    assert f"test: {tmp_path / 'results'}" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("run", "status", "ingest", "report"):
+        assert main([command, str(empty)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {empty} is a folder without a beamtime manifest" in err
+        assert str(empty / "beamtime.toml") in err and "Traceback" not in err

@@ -269,3 +269,54 @@ def test_simulated_beamtime_round_trip(tiny_beamtime, tmp_path):
         io = f["/entry/instrument/monitor/Io"][:]
     assert np.array_equal(ds.frames.values[4].reshape(src.shape), src)
     assert np.array_equal(ds.monitor.values[4].reshape(-1), io)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_an_unrelated_raw_zarr_is_refused_before_anything_is_written(handmade, what):
+    from spndi_dask.io.layout import ForeignOutputError
+
+    tmp, data, *_ = handmade
+    m = load(tmp, data)
+    foreign = m.layout.raw
+    m.output_dir.mkdir()
+    if what == "file":
+        foreign.write_text("not spndi's")
+    else:
+        (foreign / "p1").mkdir(parents=True)
+        (foreign / "p1" / "notes.txt").write_text("not spndi's")
+    with pytest.raises(ForeignOutputError) as info:
+        ingest(m)
+    assert str(foreign) in str(info.value) and "`output`" in str(info.value)
+    assert [p.name for p in m.output_dir.iterdir()] == ["raw.zarr"]
+    if what == "file":
+        assert foreign.read_text() == "not spndi's"
+    else:
+        assert [p.name for p in foreign.rglob("*")] == ["p1", "notes.txt"]
+
+
+@pytest.mark.parametrize("bad", [0.0, np.nan])
+def test_a_monitor_without_flux_at_one_angle_is_refused_before_writing(handmade, bad):
+    tmp, data, frames, monitor, xrf = handmade
+    monitor = monitor.copy()
+    monitor[2] = bad  # every point of angle 2: normalising would divide by it
+    write_angle_files(tmp, frames, monitor=monitor, xrf=xrf)
+    m = load(tmp, data)
+    with pytest.raises(IngestError) as info:
+        ingest_mod.plan_ingest(m, m.particles[0])
+    msg = str(info.value)
+    assert "particle 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
+    assert "/entry/instrument/monitor/Io" in msg and "every scan point" in msg
+    assert "fix the file" in msg and "remove `monitor`" in msg and "angles_deg" in msg
+    with pytest.raises(IngestError, match=r"angle_002\.h5"):
+        ingest(m)
+    assert not m.layout.raw_node("p1").exists()  # nothing of the particle was written
+
+
+def test_a_monitor_with_some_zero_points_is_ingested(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    monitor = monitor.copy()
+    monitor[1, 2, 3] = monitor[4, 0, 0] = 0.0  # beam lost for a moment: reduce masks them
+    write_angle_files(tmp, frames, monitor=monitor, xrf=xrf)
+    m = load(tmp, data)
+    assert ingest(m)["p1"]["status"] == "ingested"
+    assert np.array_equal(open_raw(m.output_dir, "p1").monitor.values, monitor)

@@ -374,3 +374,19 @@ def test_every_builtin_dashboard_binds_to_localhost():
     for name in ("slurm", "slurm-gpu", "pbs"):
         sched = load_cluster_config(name).jobqueue["scheduler-options"]
         assert sched["dashboard_address"].startswith("127.0.0.1:"), name
+
+
+def test_run_refuses_an_output_spndi_did_not_write_before_writing(tmp_path, capsys):
+    from spndi_dask.io.layout import ForeignOutputError
+
+    m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
+    m.output_dir.mkdir()
+    m.layout.raw.write_text("an unrelated file")
+    with pytest.raises(ForeignOutputError):
+        run(m, stages=["ingest", "reduce"])
+    capsys.readouterr()  # (what earlier tests' log handlers left)
+    assert cli.main(["run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the output folder {m.output_dir} holds data spndi did not write" in err
+    assert str(m.layout.raw) in err and "Traceback" not in err
+    assert [p.name for p in m.output_dir.iterdir()] == ["raw.zarr"]  # no lock, no logs

@@ -42,7 +42,7 @@ from pydantic import (
 
 from spndi_dask.config import settings
 from spndi_dask.config._base import FiniteFloat, SettingsModel
-from spndi_dask.config._errors import format_errors, hint
+from spndi_dask.config._errors import format_errors, hint, plain
 from spndi_dask.config._toml import dump_toml
 from spndi_dask.config.geometry import GeometryOverrides, GeometrySettings
 from spndi_dask.geometry import Geometry
@@ -54,6 +54,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ParticleSettings",
+    "find_manifest",
     "load_manifest",
 ]
 
@@ -91,7 +92,11 @@ class ParticleSettings(SettingsModel):
         "/entry/instrument/detector/data",
         description="HDF5 dataset of frames, shape (n_points, det_rows, det_cols)",
     )
-    monitor: str | None = Field(None, description="HDF5 dataset of per-point incident flux")
+    monitor: str | None = Field(
+        None,
+        description="HDF5 dataset of per-point incident flux (n_points,); frames are divided by "
+        "it, points where it is 0 are masked, an angle without any flux is refused",
+    )
     xrf: str | None = Field(None, description="HDF5 dataset of per-point fluorescence")
     angles_deg: list[FiniteFloat] | AngleRange = Field(
         description="strictly monotonic list of angles, or {start, stop, num}"
@@ -195,7 +200,11 @@ class Manifest(SettingsModel):
         MANIFEST_VERSION, description=f"manifest format version ({MANIFEST_VERSION})"
     )
     name: str = Field(description="beamtime name")
-    output: str = Field("results", description="results directory (relative to the manifest)")
+    output: str = Field(
+        "results",
+        description="results directory, relative to the manifest: a folder of its own (not /, "
+        "the home directory or the folder of the frame files)",
+    )
     geometry: GeometryOverrides = Field(
         default_factory=dict, description="default geometry of every particle"
     )
@@ -234,12 +243,13 @@ class Manifest(SettingsModel):
         except ValidationError as exc:
             lines = []
             for err in exc.errors():
-                msg = err["msg"].removeprefix("Value error, ")
                 if err["loc"]:
                     key = err["loc"][0]
-                    lines.append(f"geometry.{key} = {err['input']!r}: {msg}{_geometry_hint(key)}")
+                    lines.append(
+                        f"geometry.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
+                    )
                 else:
-                    lines.append(f"geometry: {msg}")
+                    lines.append(f"geometry: {plain(err)}")
             raise ValueError("\n".join(lines)) from None
         return v
 
@@ -248,14 +258,24 @@ class Manifest(SettingsModel):
     def _particles_ok(
         cls, particles: list[ParticleSettings], info: ValidationInfo
     ) -> list[ParticleSettings]:
-        names = [p.name for p in particles]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"particle names must be unique; repeated: {dupes}")
+        # every line names the entry at fault (the list itself is never shown)
+        lines: list[str] = []
+        first: dict[str, int] = {}
+        for i, p in enumerate(particles):
+            if p.name in first:
+                j = first[p.name]
+                lines.append(
+                    f"particles[{i}] ('{p.name}').name = '{p.name}' is already the name of "
+                    f"particles[{j}]: particle names must be unique (they name the particle's "
+                    f"results); rename one, e.g. name = '{p.name}_{i + 1}'"
+                )
+            first.setdefault(p.name, i)
         if "geometry" not in info.data:  # [geometry] itself is invalid: reported there
+            if lines:
+                raise ValueError("\n".join(lines))
             return particles
         default_geometry = info.data["geometry"]
-        lines: list[str] = []
+        missing: dict[str, list[int]] = {}  # geometry key -> particles lacking it
         for i, p in enumerate(particles):
             try:
                 GeometrySettings(**{**default_geometry, **p.geometry})
@@ -266,10 +286,7 @@ class Manifest(SettingsModel):
                         where = "geometry" if not p.geometry else f"particles[{i}] ('{p.name}')"
                         lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
                     elif err["type"] == "missing":
-                        lines.append(
-                            f"geometry.{key} is required{_geometry_hint(key)}; set it in "
-                            f"[geometry] or in [particles.geometry] of particle '{p.name}'"
-                        )
+                        missing.setdefault(key, []).append(i)
                     else:
                         where = (
                             f"particles[{i}] ('{p.name}').geometry"
@@ -277,11 +294,55 @@ class Manifest(SettingsModel):
                             else ("geometry")
                         )
                         lines.append(
-                            f"{where}.{key} = {err['input']!r}: {err['msg']}{_geometry_hint(key)}"
+                            f"{where}.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
                         )
+        for key, lacking in missing.items():
+            if len(lacking) == len(particles):
+                lines.append(
+                    f"geometry.{key} is required{_geometry_hint(key)}: set it in [geometry] "
+                    "(all particles), or in [particles.geometry] of each particle"
+                )
+                continue
+            for i in lacking:
+                name = particles[i].name
+                lines.append(
+                    f"particles[{i}] ('{name}'): geometry.{key} is required"
+                    f"{_geometry_hint(key)}: set it in [geometry] (all particles), or in "
+                    f"[particles.geometry] of '{name}' as the other particles do"
+                )
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))
         return particles
+
+    @model_validator(mode="after")
+    def _output_is_safe(self, info: ValidationInfo) -> Manifest:
+        # stages replace whole trees under output (raw.zarr, results.zarr nodes, analysis.zarr,
+        # .tmp, figures, report): never let that be /, the home directory or the raw data
+        base = (info.context or {}).get("base_dir") or Path.cwd()
+        out = _resolve(Path(base), self.output).resolve()
+        where = f"output = {self.output!r}" + (f" ({out})" if str(out) != self.output else "")
+        fix = (
+            ": spndi writes and replaces raw.zarr, results.zarr, analysis.zarr, figures/, report/, "
+            'logs/ and .tmp/ in it; set output to a folder of its own, e.g. output = "results"'
+        )
+        if out == Path(out.anchor):
+            raise ValueError(f"{where} is the file system root{fix}")
+        try:
+            home = Path.home().resolve()
+        except (RuntimeError, KeyError):  # no home directory known
+            home = None
+        if out == home:
+            raise ValueError(f"{where} is your home directory{fix}")
+        for p in self.particles:
+            inputs = [(f, "frame files") for f in p.frame_paths(Path(base))]
+            if p.dark:
+                inputs.append((_resolve(Path(base), p.dark), "dark file"))
+            for folder, what in dict.fromkeys((f.parent, what) for f, what in inputs):
+                if out == folder.resolve():
+                    raise ValueError(
+                        f"{where} is the folder of the {what} of particle '{p.name}'{fix}"
+                    )
+        return self
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -289,23 +350,30 @@ class Manifest(SettingsModel):
         cls, data: dict[str, Any], *, base_dir: str | Path | None = None, source: str = "<dict>"
     ) -> Manifest:
         """Validate a manifest given as a dict; raises :class:`ManifestError`."""
+        base = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
         try:
-            cfg = cls.model_validate(data)
+            cfg = cls.model_validate(data, context={"base_dir": base})
         except ValidationError as exc:
             msg = "\n".join(f"  - {line}" for line in format_errors(exc, _MODELS, data=data))
             raise ManifestError(f"{source}: invalid manifest\n{msg}") from None
-        cfg._base_dir = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
+        cfg._base_dir = base
         cfg._source = source
         return cfg
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Manifest:
-        """Read and validate a manifest TOML file."""
-        path = Path(path)
+        """Read and validate a manifest TOML file (or the one manifest of a folder).
+
+        A folder stands for its ``beamtime.toml``, else for the one ``*.toml`` file in it that
+        has ``[[particles]]`` (see :func:`find_manifest`).
+        """
+        path = find_manifest(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise ManifestError(f"manifest {path} does not exist") from None
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -402,8 +470,60 @@ class Manifest(SettingsModel):
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a beamtime manifest (see :class:`Manifest`)."""
+    """Read and validate a beamtime manifest (see :class:`Manifest`).
+
+    ``path`` is the TOML file, or a folder holding it (:func:`find_manifest`).
+    """
     return Manifest.from_toml(path)
+
+
+#: The file name ``spndi demo`` and ``spndi simulate`` give a manifest.
+MANIFEST_NAME = "beamtime.toml"
+
+
+def find_manifest(path: str | Path) -> Path:
+    """The manifest file ``path`` names: the file itself, or the manifest in a folder.
+
+    A folder (as a newcomer types ``spndi run spndi-demo``) stands for its ``beamtime.toml``,
+    else for its one ``*.toml`` file with ``[[particles]]``; any other folder is a
+    :class:`ManifestError` listing the manifests to choose from.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "beamtime.toml").write_text('name = "bt"')
+    >>> find_manifest(folder) == folder / "beamtime.toml"
+    True
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / MANIFEST_NAME).is_file():
+        return path / MANIFEST_NAME
+    tomls = sorted(p for p in path.glob("*.toml") if p.is_file())
+    manifests = [p for p in tomls if _has_particles(p)]
+    if len(manifests) == 1:
+        return manifests[0]
+    if not manifests:
+        found = f" (its TOML files have no [[particles]]: {', '.join(map(str, tomls))})"
+        raise ManifestError(
+            f"{path} is a folder without a beamtime manifest{found if tomls else ''}; pass the "
+            f"manifest file, e.g. {path / MANIFEST_NAME}, or write one there (see `spndi demo`)"
+        )
+    shown = "\n    ".join(map(str, manifests))
+    raise ManifestError(
+        f"{path} is a folder with {len(manifests)} manifests:\n    {shown}\npass one of them, "
+        f"e.g. {manifests[0]}"
+    )
+
+
+def _has_particles(path: Path) -> bool:
+    """Whether a TOML file reads as a manifest (has a ``particles`` array)."""
+    try:
+        return "particles" in tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 # -- helpers ----------------------------------------------------------------------------------

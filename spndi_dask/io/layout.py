@@ -25,7 +25,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OutputLayout", "atomic_path", "read_attrs", "replace_tree", "write_text_atomic"]
+from spndi_dask.stages import StageError
+
+__all__ = [
+    "ForeignOutputError",
+    "OutputLayout",
+    "atomic_path",
+    "check_output",
+    "read_attrs",
+    "replace_tree",
+    "write_text_atomic",
+]
 
 
 class OutputLayout:
@@ -152,6 +162,106 @@ def read_attrs(group: str | os.PathLike[str]) -> dict[str, Any] | None:
         return json.loads((Path(group) / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError):
         return None
+
+
+class ForeignOutputError(StageError, ValueError):
+    """The output folder holds a store spndi did not write (a stage would write into it)."""
+
+
+#: The arrays ``ingest`` creates in a particle's group of ``raw.zarr``: a group without attributes
+#: that holds only these is one whose creation was interrupted (its attributes come last).
+_RAW_ARRAYS = frozenset({"frames", "monitor", "xrf", "valid", "det_sum", "done"})
+
+
+def _group_meta(path: Path) -> dict[str, Any] | None:
+    """A Zarr v3 group's ``zarr.json``, or None where there is none (or it is no group)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("node_type") == "group" else None
+
+
+def _labelled(path: Path) -> bool:
+    """Whether ``path`` is a group spndi labelled (attrs ``spndi_dask.kind``)."""
+    meta = _group_meta(path) or {}
+    own = (meta.get("attributes") or {}).get("spndi_dask")
+    return isinstance(own, dict) and "kind" in own
+
+
+def _unfinished_raw_group(path: Path) -> bool:
+    """A particle group of raw.zarr that ingest began to create (no attributes yet)."""
+    if _group_meta(path) is None:
+        return False
+    return {p.name for p in path.iterdir()} - {"zarr.json"} <= _RAW_ARRAYS
+
+
+def _foreign(store: Path) -> str | None:
+    """Why ``store`` (raw.zarr, results.zarr) is not spndi's; None where it is, or is empty."""
+    if not store.exists() and not store.is_symlink():
+        return None
+    if not store.is_dir():
+        return "is a file, not a Zarr store spndi wrote" if store.is_file() else "is no folder"
+    entries = sorted(store.iterdir())
+    if not entries:
+        return None  # an empty folder holds nothing to lose
+    meta = _group_meta(store)
+    if meta is None:
+        return "is no Zarr store spndi wrote (no Zarr group zarr.json in it)"
+    if _labelled(store):
+        return None
+    if meta.get("attributes"):
+        return "is a Zarr store without spndi_dask attributes (another program's)"
+    # raw.zarr's root has no attributes of its own: every group in it must be spndi's
+    for entry in entries:
+        if entry.name == "zarr.json":
+            continue
+        if entry.is_dir() and (_labelled(entry) or _unfinished_raw_group(entry)):
+            continue
+        return f"is a Zarr store without spndi_dask attributes ({entry.name} in it is not spndi's)"
+    return None
+
+
+def check_output(root: str | os.PathLike[str]) -> None:
+    """Refuse an output folder whose ``raw.zarr`` or ``results.zarr`` spndi did not write.
+
+    Stages write into these stores and replace trees in them; an unrelated file or folder of
+    that name (another program's Zarr store, someone's notes) is never touched. Absent or empty
+    stores, and stores whose creation by spndi was interrupted, pass. Reads only.
+
+    Raises
+    ------
+    ForeignOutputError
+        Naming each such path and the fix (move it away, or choose another ``output``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> check_output(out)  # nothing there yet
+    >>> _ = (out / "raw.zarr").write_text("notes")
+    >>> try:
+    ...     check_output(out)
+    ... except ForeignOutputError as exc:
+    ...     print(str(exc).replace(str(out), "OUT"))
+    the output folder OUT holds data spndi did not write, which its stages would overwrite:
+        OUT/raw.zarr is a file, not a Zarr store spndi wrote
+    move it away (or rename it), or set `output` in the manifest to another folder
+    """
+    layout = OutputLayout(root)
+    if layout.root.exists() and not layout.root.is_dir():
+        raise ForeignOutputError(
+            f"the output {layout.root} is a file, not a folder: set `output` in the manifest to a "
+            "folder (spndi makes it), or move the file away"
+        )
+    problems = [f"{path} {why}" for path in (layout.raw, layout.results) if (why := _foreign(path))]
+    if problems:
+        raise ForeignOutputError(
+            f"the output folder {layout.root} holds data spndi did not write, which its stages "
+            "would overwrite:\n    "
+            + "\n    ".join(problems)
+            + "\nmove it away (or rename it), or set `output` in the manifest to another folder"
+        )
 
 
 def _temporary(path: Path) -> Path:

@@ -46,7 +46,7 @@ from spndi_dask.config import Manifest
 from spndi_dask.geometry import crystal_frame, strain_tilt
 from spndi_dask.io.hashing import source_identity
 from spndi_dask.io.integrity import damage_error, is_damage, read, writing
-from spndi_dask.io.layout import OutputLayout
+from spndi_dask.io.layout import OutputLayout, check_output
 from spndi_dask.io.results_store import (
     is_current,
     publish,
@@ -192,6 +192,7 @@ def reduce(
     """
     settings = manifest.reduce
     wanted = manifest.select_particles(particles, error=ReduceError)
+    check_output(manifest.output_dir)  # results.zarr is spndi's, or absent
     out = manifest.layout
     summary: dict[str, dict[str, Any]] = {}
     plans: dict[str, ParticlePlan] = {}

@@ -162,11 +162,13 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
             )
         roi, at_edge = (r0, r1, c0, c1), r0 == 0 or c0 == 0 or r1 == nr or c1 == nc
     has_signal = roi is not None
+    dtype = raw["frames"].dtype
+    if settings.saturation == "auto":
+        saturation = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
+    else:
+        saturation = float(settings.saturation)
     if not has_signal:
-        warnings.append(
-            "no Bragg signal found on the detector (all maps NaN, `valid` false): check that the "
-            "rocking range covers the peak and that the frames are not empty"
-        )
+        warnings.append(_no_signal(det_sum, n_valid, saturation))
         cr, cc = (
             round(min(max(v, 0), s - 1))
             for v, s in zip(geometry.beam_center, (nr, nc), strict=True)
@@ -178,11 +180,6 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
             f"the Bragg ROI {list(roi)} touches the detector edge: the peak may be cut off "
             "(flag 'roi_at_detector_edge' in `quality`)"
         )
-    dtype = raw["frames"].dtype
-    if settings.saturation == "auto":
-        saturation = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
-    else:
-        saturation = float(settings.saturation)
 
     # background per pixel and frame: pixels outside the ROI (else the ROI's outer ring)
     r0, r1, c0, c1 = roi
@@ -202,7 +199,15 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     else:
         background = np.zeros(na)
 
+    # points without flux (beam lost: monitor 0, negative or NaN) are masked, never divided by
     good = valid & np.isfinite(monitor) & (monitor > 0)
+    lost = valid & ~good
+    if lost.any():
+        warnings.append(
+            f"monitor is 0, negative or not finite at {int(lost.sum())} scan points (angles "
+            f"{np.flatnonzero(lost.any(axis=(1, 2))).tolist()}): they are masked at those angles "
+            "instead of divided by it (flag 'missing_angles' in `quality`)"
+        )
     mean_monitor = float(monitor[good].mean()) if good.any() else 1.0
     scale = np.where(good, mean_monitor / np.where(good, monitor, 1.0), 0.0)
     missing = np.flatnonzero(n_valid < ny * nx).tolist()
@@ -284,6 +289,35 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     for w in plan.warnings:
         logger.warning("particle '%s': %s", name, w)
     return plan
+
+
+def _no_signal(det_sum: np.ndarray, n_valid: np.ndarray, saturation: float | None) -> str:
+    """Why no Bragg ROI was found: saturated frames (say so, with the fix), else no signal.
+
+    A pixel is saturated when its mean over the frames of every angle with scan points is at or
+    above ``saturation``, i.e. it is saturated in every frame (``det_sum`` sums the frames).
+    """
+    no_signal = (
+        "no Bragg signal found on the detector (all maps NaN, `valid` false): check that the "
+        "rocking range covers the peak and that the frames are not empty"
+    )
+    measured = n_valid > 0
+    if saturation is None or not measured.any():
+        return no_signal
+    mean = det_sum[measured] / n_valid[measured][:, None, None]
+    n_saturated = int((mean >= saturation).all(axis=0).sum())
+    total = int(mean[0].size)
+    if n_saturated * 2 >= total:
+        return (
+            f"the frames are saturated, not empty: {n_saturated} of {total} detector pixels are "
+            f"at or above the saturation level {saturation:g} counts in every frame, so no "
+            "Bragg peak stands out (all maps NaN, `valid` false); measure with less flux "
+            "(attenuators, shorter count time), or set [reduce] saturation if "
+            f"{saturation:g} is not the detector's saturation level"
+        )
+    if n_saturated:
+        return f"{no_signal} ({n_saturated} detector pixels are saturated in every frame)"
+    return no_signal
 
 
 def _checked_drift(plan: ParticlePlan, drift: np.ndarray) -> ParticlePlan:

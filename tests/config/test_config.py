@@ -173,7 +173,7 @@ def test_frames_and_names(base):
     assert "no {index} placeholder" in errors(d)
     d = copy.deepcopy(base)
     d["particles"].append(copy.deepcopy(d["particles"][0]))
-    assert "repeated: ['p1']" in errors(d)
+    assert "particles[1] ('p1').name = 'p1' is already the name of particles[0]" in errors(d)
     d = copy.deepcopy(base)
     d["particles"][0]["name"] = "p 1/x"
     assert "particles[0] ('p 1/x').name" in errors(d)
@@ -243,3 +243,139 @@ def test_angle_range_values():
         }
     )
     assert m.particles[0].angles == pytest.approx(np.linspace(1, 0, 11))
+
+
+# -- a folder given for the manifest -------------------------------------------------------------
+def test_a_folder_holding_one_manifest_is_read(tmp_path, base):
+    text = Manifest.from_dict(base, base_dir=tmp_path).to_toml()
+    (tmp_path / "beamtime.toml").write_text(text)
+    (tmp_path / "other.toml").write_text(text)  # beamtime.toml is the manifest's usual name
+    m = load_manifest(tmp_path)
+    assert m.source == str(tmp_path / "beamtime.toml") and m.base_dir == tmp_path.resolve()
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "lco-2024.toml").write_text(text)
+    (single / "notes.toml").write_text('title = "not a manifest"\n')  # no [[particles]]
+    assert load_manifest(single).source == str(single / "lco-2024.toml")
+
+
+def test_a_folder_without_exactly_one_manifest_says_which_to_pass(tmp_path, base):
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    msg = str(info.value)
+    assert f"{tmp_path} is a folder" in msg and "beamtime.toml" in msg
+    assert "IsADirectory" not in msg
+    text = Manifest.from_dict(base, base_dir=tmp_path).to_toml()
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path / "a.toml") in msg and str(tmp_path / "b.toml") in msg
+    assert "pass one of them" in msg
+
+
+# -- errors about the particles list show only the entry at fault --------------------------------
+def test_duplicate_names_show_the_entry_not_the_list(base):
+    base["particles"].append(copy.deepcopy(base["particles"][0]))
+    base["particles"][1]["scan_shape"] = [6, 7]
+    base["particles"][1]["geometry"] = {"energy_kev": -1.0}
+    msg = errors(base)
+    assert "particles[1] ('p1').geometry.energy_kev = -1.0: must be > 0" in msg  # at once
+    assert "particles[1] ('p1').name = 'p1'" in msg and "particles[0]" in msg
+    assert "unique" in msg and "rename" in msg
+    assert "'frames'" not in msg and "scan_shape" not in msg  # the list is not dumped
+    assert "at least one particle" not in msg
+
+
+def test_missing_geometry_shows_the_key_and_where_to_set_it(base):
+    del base["geometry"]["energy_kev"]
+    base["particles"].append({**copy.deepcopy(base["particles"][0]), "name": "p2"})
+    msg = errors(base)
+    assert "geometry.energy_kev is required (expected: photon energy in keV" in msg
+    assert "set it in [geometry]" in msg
+    assert "'frames'" not in msg and "at least one particle" not in msg
+    assert msg.count("\n  - ") == 1  # one line for the key, not one per particle
+    base["particles"][0]["geometry"] = {"energy_kev": 9.0}  # only p2 lacks it now
+    msg = errors(base)
+    assert "particles[1] ('p2'): geometry.energy_kev is required" in msg
+    assert "'frames'" not in msg and "at least one particle" not in msg
+
+
+# -- constrained values in plain words -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "table,key,value,expected",
+    [
+        ("cluster", "k", 0, "cluster.k = 0: must be ≥ 1 or 'auto'"),
+        ("cluster", "k", "x", "cluster.k = 'x': must be a whole number or 'auto'"),
+        ("cluster", "k_max", 1, "cluster.k_max = 1: must be ≥ 2"),
+        ("cluster", "tol", 0, "cluster.tol = 0: must be > 0"),
+        ("cluster", "n_init", 0, "cluster.n_init = 0: must be ≥ 1"),
+        ("ingest", "clevel", 12, "ingest.clevel = 12: must be ≤ 9"),
+        ("ingest", "scan_chunk", [0, 8], "ingest.scan_chunk[0] = 0: must be ≥ 1"),
+        ("ingest", "allow_incomplete", "maybe", "must be true or false"),
+        ("segment", "edge_fraction", 1.5, "segment.edge_fraction = 1.5: must be < 1"),
+        ("features", "latent_dim", -3, "features.latent_dim = -3: must be ≥ 1 or 'auto'"),
+        ("features", "validation_fraction", 0.5, "must be < 0.5"),
+        ("reduce", "min_snr", -1.0, "reduce.min_snr = -1.0: must be > 0"),
+        (
+            "reduce",
+            "pattern_extent",
+            [1.0, 0.0, 1.0],
+            "reduce.pattern_extent[1] = 0.0: must be > 0",
+        ),
+        ("geometry", "energy_kev", -9.0, "geometry.energy_kev = -9.0: must be > 0"),
+    ],
+)
+def test_constrained_values_are_explained_in_plain_words(base, table, key, value, expected):
+    base.setdefault(table, {})[key] = value
+    msg = errors(base)
+    assert expected in msg
+    for internal in ("constrained", "Input should", "literal[", "function-after"):
+        assert internal not in msg
+
+
+def test_particle_values_in_plain_words(base):
+    base["particles"][0]["scan_shape"] = [0, 5]
+    base["particles"][0]["scan_step_um"] = [0.05]
+    msg = errors(base)
+    assert "particles[0] ('p1').scan_shape[0] = 0: must be ≥ 1" in msg
+    assert "particles[0] ('p1').scan_step_um needs 2 values" in msg
+    assert "Input should" not in msg and "is required" not in msg
+
+
+# -- output must not be a dangerous place --------------------------------------------------------
+@pytest.mark.parametrize(
+    "output,frames,expected",
+    [
+        ("/", "raw/p1/angle_{index:03d}.h5", "file system root"),
+        ("~", "raw/p1/angle_{index:03d}.h5", "home directory"),
+        ("..", "raw/p1/angle_{index:03d}.h5", "home directory"),  # the manifest is in ~/bt
+        ("raw/p1", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
+        ("raw/p1/../p1/", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
+        (".", "angle_{index:03d}.h5", "frame files of particle 'p1'"),
+    ],
+)
+def test_output_must_not_be_root_home_or_the_raw_data_folder(
+    tmp_path, base, monkeypatch, output, frames, expected
+):
+    home = tmp_path / "home"
+    (home / "bt").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    base["output"] = output
+    base["particles"][0]["frames"] = frames
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(base, base_dir=home / "bt", source="bt.toml")
+    msg = str(info.value)
+    assert f"output = {output!r}" in msg and expected in msg
+    assert 'set output to a folder of its own, e.g. output = "results"' in msg
+
+
+def test_output_beside_the_raw_data_is_fine(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for output in ("results", "raw", "raw/p1/results", str(tmp_path / "elsewhere")):
+        base["output"] = output
+        assert Manifest.from_dict(base, base_dir=tmp_path).output == output
+    base["particles"][0]["dark"] = "darks/dark.h5"
+    base["output"] = "darks"
+    assert "dark file of particle 'p1'" in errors(base)

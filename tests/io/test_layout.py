@@ -93,3 +93,62 @@ def test_replace_tree_puts_the_old_tree_back_when_the_move_fails(tmp_path, monke
         replace_tree(tmp, dest)
     assert (dest / "x").read_text() == "x"
     assert (tmp / "x").read_text() == "new"
+
+
+# -- an output spndi did not write -----------------------------------------------------------------
+def _group(path: Path, attrs: dict | None = None) -> Path:
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs or {}}
+    (path / "zarr.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_spndi_outputs_pass_the_check(tmp_path):
+    L.check_output(tmp_path / "not-yet")  # nothing there yet
+    out = OutputLayout(tmp_path)
+    out.raw.mkdir()  # an empty folder holds nothing to lose
+    L.check_output(tmp_path)
+    _group(out.raw)  # raw.zarr's root is not labelled; its particle groups are
+    _group(out.raw_node("p1"), {"spndi_dask": {"kind": "raw", "complete": True}})
+    # a particle group whose creation was interrupted: no attributes yet, only ingest's arrays
+    _group(out.raw_node("p2"))
+    _group(out.raw_node("p2") / "frames")
+    _group(out.results, {"spndi_dask": {"kind": "results"}})
+    _group(out.node("p1"), {"spndi_dask": {"kind": "reduce"}})
+    L.check_output(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["file", "folder", "zarr", "zarr array", "output file"])
+def test_an_output_spndi_did_not_write_is_refused_naming_the_path_and_fix(tmp_path, what):
+    out = OutputLayout(tmp_path / "results")
+    out.root.mkdir()
+    if what == "file":
+        out.raw.write_text("someone's notes")
+        culprit = out.raw
+    elif what == "folder":
+        (out.results / "2023").mkdir(parents=True)
+        (out.results / "2023" / "scan.h5").write_bytes(b"data")
+        culprit = out.results
+    elif what == "zarr":  # another program's Zarr group (no spndi_dask attributes)
+        _group(out.raw, {"creator": "other"})
+        _group(out.raw / "detector")
+        (out.raw / "detector" / "frames").mkdir()
+        culprit = out.raw
+    elif what == "zarr array":  # a group without attributes holding an array spndi never makes
+        _group(out.results)
+        (out.results / "intensity").mkdir()
+        (out.results / "intensity" / "zarr.json").write_text('{"node_type": "array"}')
+        culprit = out.results
+    else:
+        out.root.rmdir()
+        out.root.write_text("")
+        culprit = out.root
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(L.ForeignOutputError) as info:
+        L.check_output(out.root)
+    msg = str(info.value)
+    assert str(culprit) in msg and "`output`" in msg
+    assert "move it" in msg or "a folder" in msg
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

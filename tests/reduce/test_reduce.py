@@ -658,3 +658,69 @@ def test_bad_settings_and_files_name_the_fix(tiny, tmp_path):
     bad_mask = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
     s = reduce(bad_mask, particles=["p1"])
     assert "[5, 5]" in s["p1"]["error"] and "[32, 32]" in s["p1"]["error"]
+
+
+def test_an_unrelated_results_zarr_is_refused_and_left_alone(tmp_path):
+    from spndi_dask.io.layout import ForeignOutputError
+
+    frames = np.random.default_rng(0).poisson(1.0, (3, 4, 5, 16, 16)).astype(np.uint16)
+    write_angle_files(tmp_path, frames)
+    m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(4, 5)))
+    ingest(m)
+    foreign = m.layout.results
+    (foreign / "p1").mkdir(parents=True)
+    (foreign / "p1" / "old.csv").write_text("a,b\n")
+    with pytest.raises(ForeignOutputError, match=r"results\.zarr is no Zarr store"):
+        reduce(m)
+    assert [p.name for p in foreign.rglob("*")] == ["p1", "old.csv"]  # no zarr.json added
+    assert not m.layout.tmp.exists()
+
+
+@pytest.mark.parametrize(
+    "dtype,level,settings",
+    [(np.uint16, 65535, {}), (np.float32, 5000.0, {"saturation": 5000.0})],
+)
+def test_saturated_frames_are_diagnosed_as_saturated_not_empty(tmp_path, dtype, level, settings):
+    frames = np.full((3, 4, 5, 16, 16), level, dtype=dtype)
+    write_angle_files(tmp_path, frames)
+    data = manifest_dict(n_angles=3, scan_shape=(4, 5))
+    data["reduce"] = settings
+    m = load(tmp_path, data)
+    ingest(m)
+    s = reduce(m)
+    assert s["p1"]["status"] == "reduced" and s["p1"]["valid_pixels"] == 0
+    text = " ".join(s["p1"]["warnings"])
+    assert "saturated" in text and f"{level:g}" in text
+    assert "256 of 256 detector pixels" in text
+    assert "attenuat" in text and "[reduce] saturation" in text  # the fixes
+    assert "frames are not empty" not in text
+
+
+def test_points_without_monitor_flux_are_masked_and_reported(tmp_path):
+    import h5py
+
+    m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
+    frames_file = m.particles[0].frame_paths(m.base_dir)[2]
+    with h5py.File(frames_file, "r+") as f:
+        # beam lost for a moment at angle 2, at the three brightest points of the particle
+        brightest = np.argsort(f[m.particles[0].dataset][...].sum(axis=(1, 2)))[-3:]
+        io = f[m.particles[0].monitor]
+        values = io[...]
+        values[brightest] = 0.0
+        io[...] = values
+    ingest(m)
+    raw = zarr.open_group(str(m.layout.raw_node("p1")), mode="r")
+    lost = np.asarray(raw["monitor"][2]) == 0
+    assert lost.sum() == 3
+    s = reduce(m)
+    assert s["p1"]["status"] == "reduced"
+    text = " ".join(s["p1"]["warnings"])
+    assert "monitor is 0, negative or not finite at 3 scan points (angles [2])" in text
+    assert "masked" in text and "missing_angles" in text
+    ds = open_results(tmp_path / "results", "p1").compute()
+    assert np.isfinite(ds["rocking_curve"]).all()
+    assert ds["valid"].sum() > 20 and ds["valid"].values[lost].all()  # the other angles count
+    for var in ("intensity", "d_spacing", "strain", "tilt_x"):
+        assert np.isfinite(ds[var].values[ds["valid"].values]).all()
+    assert ((ds["quality"].values & 4) > 0)[lost].all()
+    assert not ((ds["quality"].values & 4) > 0)[~lost].any()
