@@ -285,7 +285,13 @@ def analyze(
     ds_out = xr.Dataset(
         data,
         coords=coords,
-        attrs={"k": k, "boundary_width": boundary_width, "version": __version__, "fingerprint": fp},
+        attrs={
+            "spndi_dask": {"kind": "analysis", "version": __version__},
+            "k": k,
+            "boundary_width": boundary_width,
+            "version": __version__,
+            "fingerprint": fp,
+        },
     )
     tmp = out.tmp / path.name
     if tmp.exists():

@@ -197,7 +197,8 @@ def _unfinished_raw_group(path: Path) -> bool:
 
 
 def _foreign(store: Path) -> str | None:
-    """Why ``store`` (raw.zarr, results.zarr) is not spndi's; None where it is, or is empty."""
+    """Why ``store`` (raw.zarr, results.zarr, analysis.zarr) is not spndi's; None where it is, or
+    is empty."""
     if not store.exists() and not store.is_symlink():
         return None
     if not store.is_dir():
@@ -210,6 +211,10 @@ def _foreign(store: Path) -> str | None:
         return "is no Zarr store spndi wrote (no Zarr group zarr.json in it)"
     if _labelled(store):
         return None
+    if store.name == "analysis.zarr" and {"fingerprint", "boundary_width"} <= set(
+        meta.get("attributes") or {}
+    ):
+        return None  # written by spndi before analysis.zarr was labelled
     if meta.get("attributes"):
         return "is a Zarr store without spndi_dask attributes (another program's)"
     # raw.zarr's root has no attributes of its own: every group in it must be spndi's
@@ -223,7 +228,8 @@ def _foreign(store: Path) -> str | None:
 
 
 def check_output(root: str | os.PathLike[str]) -> None:
-    """Refuse an output folder whose ``raw.zarr`` or ``results.zarr`` spndi did not write.
+    """Refuse an output folder whose ``raw.zarr``, ``results.zarr`` or ``analysis.zarr`` spndi
+    did not write.
 
     Stages write into these stores and replace trees in them; an unrelated file or folder of
     that name (another program's Zarr store, someone's notes) is never touched. Absent or empty
@@ -254,7 +260,8 @@ def check_output(root: str | os.PathLike[str]) -> None:
             f"the output {layout.root} is a file, not a folder: set `output` in the manifest to a "
             "folder (spndi makes it), or move the file away"
         )
-    problems = [f"{path} {why}" for path in (layout.raw, layout.results) if (why := _foreign(path))]
+    stores = (layout.raw, layout.results, layout.analysis)
+    problems = [f"{path} {why}" for path in stores if (why := _foreign(path))]
     if problems:
         raise ForeignOutputError(
             f"the output folder {layout.root} holds data spndi did not write, which its stages "

@@ -117,10 +117,15 @@ def test_spndi_outputs_pass_the_check(tmp_path):
     _group(out.raw_node("p2") / "frames")
     _group(out.results, {"spndi_dask": {"kind": "results"}})
     _group(out.node("p1"), {"spndi_dask": {"kind": "reduce"}})
+    _group(out.analysis, {"spndi_dask": {"kind": "analysis"}})
+    L.check_output(tmp_path)
+    _group(out.analysis, {"fingerprint": "f", "boundary_width": 1.0})  # before it was labelled
     L.check_output(tmp_path)
 
 
-@pytest.mark.parametrize("what", ["file", "folder", "zarr", "zarr array", "output file"])
+@pytest.mark.parametrize(
+    "what", ["file", "folder", "zarr", "zarr array", "analysis", "output file"]
+)
 def test_an_output_spndi_did_not_write_is_refused_naming_the_path_and_fix(tmp_path, what):
     out = OutputLayout(tmp_path / "results")
     out.root.mkdir()
@@ -141,6 +146,9 @@ def test_an_output_spndi_did_not_write_is_refused_naming_the_path_and_fix(tmp_pa
         (out.results / "intensity").mkdir()
         (out.results / "intensity" / "zarr.json").write_text('{"node_type": "array"}')
         culprit = out.results
+    elif what == "analysis":  # another program's analysis.zarr: analyze would replace it
+        _group(out.analysis, {"creator": "other"})
+        culprit = out.analysis
     else:
         out.root.rmdir()
         out.root.write_text("")
