@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Show per particle scan and stage what is done, stale (an input changed "
         "since), failed (in the last run) or not run, from the outputs alone.",
     )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check the stored chunks (the cheap form of `spndi verify`; marks nothing)",
+    )
 
     p = _manifest_parser(
         sub,
@@ -414,6 +419,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest)
     table = scan_status(manifest)
+    if args.verify:
+        from spndi_dask.io.integrity import verify
+        from spndi_dask.status import with_damage
+
+        table = with_damage(table, verify(manifest, mark=False).damage)
     print(f"{manifest.name}: {manifest.output_dir}")
     print(f"{'particle':<16}" + "".join(f"{stage_info(s).label:<11}" for s in STATUS_STAGES))
     notes = []

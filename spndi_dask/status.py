@@ -22,7 +22,7 @@ from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
 from spndi_dask.io.lock import lock_holder
 from spndi_dask.stages import status_stages
 
-__all__ = ["STATUS_STAGES", "lock_note", "scan_status", "write_last_run"]
+__all__ = ["STATUS_STAGES", "lock_note", "scan_status", "with_damage", "write_last_run"]
 
 # the columns of `spndi status`: the stages that record completion per scan (stages.STAGES)
 STATUS_STAGES = tuple(s.name for s in status_stages())
@@ -209,3 +209,18 @@ def _state(
     if info.get("fingerprint") and info.get("fingerprint") != analysis.get("fingerprint"):
         return "stale", "the analysis was redone for another clustering or particle set"
     return "done", ""
+
+
+def with_damage(
+    table: dict[str, dict[str, tuple[str, str]]], damage: list[Any]
+) -> dict[str, dict[str, tuple[str, str]]]:
+    """``table`` with the stages that made damaged chunks (:func:`spndi_dask.io.integrity.verify`)
+    read ``damaged``, the first damaged chunk as the note."""
+    out = {name: dict(stages) for name, stages in table.items()}
+    for d in damage:
+        for name in [d.particle] if d.particle else list(out):
+            stages = out.get(name)
+            if stages is None or d.stage not in stages or stages[d.stage][0] == "damaged":
+                continue
+            stages[d.stage] = ("damaged", f"{d.where()}: {d.reason}; `spndi verify` marks it")
+    return out

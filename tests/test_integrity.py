@@ -108,7 +108,18 @@ def test_verify_reports_per_particle_and_stage_without_marking(copy, capsys):
     assert not doc["ok"] and len(doc["damage"]) == 2 and doc["marked"] == []
 
 
-def test_deep_verify_decodes_the_patterns(copy):
+def test_status_verify_shows_damaged_stages(copy, capsys):
+    _flip(copy.layout.node("p2") / "tilt_x" / "c" / "0" / "0")
+    assert main(["status", str(copy.source), "--verify"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("p2 "))
+    assert "damaged" in row
+    assert "results.zarr/p2/" in out and "`spndi verify` marks it" in out
+    assert "damaged" not in next(line for line in out.splitlines() if line.startswith("p1 "))
+    assert verify(copy, mark=False).damage  # status marked nothing
+
+
+def test_deep_verify_checksums_every_byte_of_the_patterns(copy):
     chunk = next(
         p for p in sorted((copy.layout.node("p2") / "pattern" / "c").rglob("*")) if p.is_file()
     )
