@@ -36,6 +36,7 @@ import zarr
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.interrupt import check_interrupted
 from spndi_dask.io.hashing import file_stamp, sha256_file
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
@@ -432,6 +433,7 @@ def ingest(
     summary: dict[str, dict[str, Any]] = {}
     plans: list[IngestPlan] = []
     for p in selected:
+        check_interrupted()
         try:
             plans.append(plan_ingest(manifest, p, force=force))
         except IngestError as exc:
@@ -441,6 +443,7 @@ def ingest(
     work: list[tuple[IngestPlan, int, int]] = []
     tasks: list[Any] = []
     for plan in plans:
+        check_interrupted()
         if not plan.todo:
             summary[plan.name] = {"status": Outcome.UP_TO_DATE, "angles_written": 0, "seconds": 0.0}
             continue
@@ -468,6 +471,7 @@ def ingest(
         if results is None:
             # re-run per particle so that good particles still complete
             for plan, _, _ in work:
+                check_interrupted()
                 try:
                     recs = compute(_tasks(plan), False)
                     _finalize(plan, recs)
@@ -486,6 +490,7 @@ def ingest(
                     }
         else:
             for plan, lo, hi in work:
+                check_interrupted()
                 _finalize(plan, results[lo:hi])
                 summary[plan.name] = _ok(plan, seconds)
     failed = {k: v for k, v in summary.items() if v["status"] == Outcome.FAILED}

@@ -40,6 +40,7 @@ from spndi_dask.features.train import (
     model_inputs,
     resolve_device,
 )
+from spndi_dask.interrupt import check_interrupted
 from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.results_store import mark_complete, open_results, replace_array
 from spndi_dask.stages import Outcome, StageError
@@ -335,6 +336,7 @@ def encode(
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:
+        check_interrupted()
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, RuntimeError, StageError) as exc:
@@ -399,6 +401,7 @@ def encode(
     compute(stores, progress)
     seconds = round(time.perf_counter() - t0, 2)
     for name, lat, arr, fp, _ in jobs:
+        check_interrupted()
         encoded = 0
         if lat is not None:
             encoded = int(np.isfinite(arr[:, :, 0]).sum())
