@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from spndi_dask._version import __version__
+from spndi_dask.interrupt import Interrupted, at_forced_exit, deferred, handle_signals, received
 from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import STAGE_NAMES, STAGES, Outcome, Stage, StageError, parse_stages
 from spndi_dask.stages import stage as stage_info
 
 __all__ = ["main"]
+
+logger = logging.getLogger(__name__)
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -214,12 +219,43 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _session(args: argparse.Namespace):
-    from spndi_dask.dask_clusters import open_cluster
+@contextmanager
+def _session(args: argparse.Namespace) -> Iterator[Any]:
+    """The command's cluster; Ctrl-C is this process's to handle, not its local workers'.
 
-    return open_cluster(
-        args.cluster, n_workers=args.workers, threads_per_worker=args.threads_per_worker
-    )
+    A signal while a LocalCluster starts is raised once it is up (a second or two): one
+    stopped half-way fails distributed's own close at exit with a traceback.
+    """
+    from spndi_dask.dask_clusters import load_cluster_config, open_cluster
+    from spndi_dask.worker_plugins import IgnoreInterrupts
+
+    local = load_cluster_config(args.cluster).type == "local"
+    with ExitStack() as stack:
+        with deferred() if local else nullcontext():
+            session = stack.enter_context(
+                open_cluster(
+                    args.cluster,
+                    n_workers=args.workers,
+                    threads_per_worker=args.threads_per_worker,
+                )
+            )
+            session.client.register_plugin(IgnoreInterrupts(os.getpid()))
+        yield session
+
+
+@contextmanager
+def _locked(output_dir: Path) -> Iterator[Path]:
+    """Hold the output's lock; a forced exit (a second signal) still removes it."""
+    from spndi_dask.io.lock import output_lock, read_lock
+
+    with output_lock(output_dir) as path:
+
+        def release() -> None:
+            if (read_lock(output_dir) or {}).get("pid") == os.getpid():
+                path.unlink(missing_ok=True)
+
+        with at_forced_exit(release):
+            yield path
 
 
 @contextmanager
@@ -559,19 +595,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
     from spndi_dask.dask_clusters import load_cluster_config
     from spndi_dask.io.layout import check_output
-    from spndi_dask.io.lock import output_lock
 
     load_cluster_config(args.cluster)  # a misspelt config fails before anything else
     manifest = load_manifest(args.manifest)
     check_output(manifest.output_dir)  # before the lock and the logs are written
-    with output_lock(manifest.output_dir), _session(args) as session:
+    with _locked(manifest.output_dir), _session(args) as session:
         _print_session(session)
         return _run_pipeline(args, manifest, session)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spndi_dask.config import load_manifest
-    from spndi_dask.io.lock import output_lock
     from spndi_dask.simulate import preset, simulate_beamtime
 
     out = Path(args.out)
@@ -587,7 +621,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         simulate_beamtime(out, cfg)
         manifest = load_manifest(out / "beamtime.toml")
-        with output_lock(manifest.output_dir):
+        with _locked(manifest.output_dir):
             code = _run_pipeline(args, manifest, session, first=1)
     print(
         f"\ndemo done in {time.perf_counter() - t0:.1f} s\n"
@@ -620,8 +654,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
+def _interrupted(args: argparse.Namespace, signum: int, stage: str | None, how: str = "") -> str:
+    """The line a command ends with when a signal stopped it."""
+    if stage is None and args.command in STAGE_NAMES:
+        stage = args.command
+    resumable = args.command in ("run", "demo", *STAGE_NAMES)
+    return (
+        f"interrupted by {signal.Signals(signum).name}{how}"
+        + (f" during {stage}" if stage else "")
+        + (f"; the next `spndi {args.command}` resumes" if resumable else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``spndi`` command."""
+    """Entry point of the ``spndi`` command.
+
+    SIGINT and SIGTERM stop any command (see :mod:`spndi_dask.interrupt`): the stage that was
+    running is recorded as interrupted, the cluster closed, the lock released; the exit status
+    is 130 or 143 and one line says where the run stopped.
+    """
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -634,13 +685,30 @@ def main(argv: list[str] | None = None) -> int:
         "status": _cmd_status,
         "verify": _cmd_verify,
     }
-    try:
-        return commands[args.command](args)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command not in ("status", "report", "export-ply"):
+        # dask_jobqueue sets its own SIGINT handler (sys.exit) when imported: import it first
+        import spndi_dask.dask_clusters  # noqa: F401
+
+    def forced() -> None:  # a second signal: no stage known, the lock goes, nothing else
+        line = _interrupted(args, received() or signal.SIGINT, None, " twice (stopped at once)")
+        os.write(2, (line + "\n").encode())
+
+    with handle_signals(), at_forced_exit(forced):
+        try:
+            return commands[args.command](args)
+        except Interrupted as exc:
+            print(_interrupted(args, exc.signum, exc.stage), file=sys.stderr)
+            return exc.exit_code
+        except Exception as exc:
+            signum = received()
+            if signum is not None:  # a failure of the stopping (Ctrl-C killed starting workers)
+                logger.debug("after %s: %s", signal.Signals(signum).name, exc, exc_info=True)
+                print(_interrupted(args, signum, None), file=sys.stderr)
+                return 128 + signum
+            if not isinstance(exc, _user_errors()):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 Every stage computes through these helpers, so that a stage runs unchanged under
 ``spndi run``'s client (see :mod:`spndi_dask.dask_clusters`), under a client the user started
 (Jupyter) or without one (dask's local scheduler).
+
+A signal that stops the run (:mod:`spndi_dask.interrupt`) cancels the futures of the computation
+in progress before the exception goes on, so the workers drop the stage's tasks at once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
@@ -17,7 +21,11 @@ from distributed import as_completed, get_client
 from distributed import progress as show_progress
 from distributed.utils import is_kernel
 
+from spndi_dask.interrupt import check_interrupted
+
 __all__ = ["active_client", "compute", "compute_as_completed", "compute_each"]
+
+logger = logging.getLogger(__name__)
 
 
 def active_client() -> Any:
@@ -28,12 +36,27 @@ def active_client() -> Any:
         return None
 
 
-def _submit(client: Any, collections: list[Any], progress: bool) -> list[Any]:
-    """Futures of ``collections`` on ``client``, with distributed's progress bar if asked."""
+def _cancel(client: Any, futures: list[Any]) -> None:
+    """Cancel ``futures`` (the run stops); a client already closing is left alone."""
+    if not futures:
+        return
+    try:
+        client.cancel(futures)
+    except Exception as exc:  # the cluster may be going away already
+        logger.debug("cancelling %d futures failed: %s", len(futures), exc)
+
+
+def _gather(client: Any, collections: list[Any], progress: bool) -> list[Any]:
+    """The results of ``collections`` on ``client``; their futures cancelled if interrupted."""
     futures = client.compute(collections)
-    if progress:
-        show_progress(futures)
-    return futures
+    try:
+        if progress:
+            show_progress(futures)
+        check_interrupted()
+        return client.gather(futures)
+    except BaseException:
+        _cancel(client, futures)
+        raise
 
 
 def compute(collections: list[Any], progress: bool = False) -> list[Any]:
@@ -47,9 +70,12 @@ def compute(collections: list[Any], progress: bool = False) -> list[Any]:
     >>> [int(v) for v in compute([da.ones(4, chunks=2).sum(), da.arange(3, chunks=2).max()])]
     [4, 2]
     """
+    check_interrupted()
     client = active_client()
     if client is not None:
-        return client.gather(_submit(client, collections, progress))
+        results = _gather(client, collections, progress)
+        check_interrupted()
+        return results
     if progress:
         with ProgressBar():
             return list(dask.compute(*collections))
@@ -73,6 +99,7 @@ def compute_as_completed(
     client = active_client()
     if client is None:
         for tag, c in items:
+            check_interrupted()
             try:
                 yield tag, compute([c], progress)[0], None
             except Exception as exc:
@@ -80,28 +107,36 @@ def compute_as_completed(
         return
 
     tags: dict[str, list[Hashable]] = {}  # equal collections share a key (and a future's result)
-    futures = []
-    for tag, c in items:
-        try:
-            future = client.compute(c)
-        except Exception as exc:  # e.g. a graph that cannot be sent: this one only
-            yield tag, None, exc
-            continue
-        tags.setdefault(future.key, []).append(tag)
-        futures.append(future)
+    futures: list[Any] = []
     bar = None
-    if progress and futures:
-        if is_kernel():  # a notebook widget, updated in the background
-            show_progress(futures)
-        else:  # the text bar blocks until every future is done: drawn aside, results stream
-            bar = threading.Thread(target=show_progress, args=(futures,), daemon=True)
-            bar.start()
-    for future in as_completed(futures):
-        tag = tags[future.key].pop(0)
-        try:
-            yield tag, future.result(), None
-        except Exception as exc:
-            yield tag, None, exc
+    try:  # interrupted (or closed by the caller): the futures are cancelled
+        for tag, c in items:
+            check_interrupted()
+            try:
+                future = client.compute(c)
+            except Exception as exc:  # e.g. a graph that cannot be sent: this one only
+                yield tag, None, exc
+                continue
+            tags.setdefault(future.key, []).append(tag)
+            futures.append(future)
+        if progress and futures:
+            if is_kernel():  # a notebook widget, updated in the background
+                show_progress(futures)
+            else:  # the text bar blocks until every future is done: drawn aside, results stream
+                bar = threading.Thread(target=show_progress, args=(futures,), daemon=True)
+                bar.start()
+        for future in as_completed(futures):
+            check_interrupted()
+            tag = tags[future.key].pop(0)
+            try:
+                result = future.result()
+            except Exception as exc:
+                yield tag, None, exc
+                continue
+            yield tag, result, None
+    except BaseException:
+        _cancel(client, futures)
+        raise
     if bar is not None:
         bar.join(timeout=5)
 

@@ -39,6 +39,7 @@ import zarr
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.interrupt import check_interrupted
 from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_key
 from spndi_dask.io.integrity import is_damage, writing
 from spndi_dask.io.layout import check_output
@@ -490,6 +491,7 @@ def ingest(
     summary: dict[str, dict[str, Any]] = {}
     plans: list[IngestPlan] = []
     for p in selected:
+        check_interrupted()
         try:
             plans.append(plan_ingest(manifest, p, force=force))
         except IngestError as exc:
@@ -499,6 +501,7 @@ def ingest(
     work: list[tuple[IngestPlan, int, int]] = []
     tasks: list[Any] = []
     for plan in plans:
+        check_interrupted()
         if not plan.todo:
             if plan.moved:
                 _keep_moved(plan)
@@ -531,6 +534,7 @@ def ingest(
         if results is None:
             # re-run per particle so that good particles still complete
             for plan, _, _ in work:
+                check_interrupted()
                 try:
                     recs = compute(_tasks(plan), False)
                     _finalize(plan, recs)
@@ -545,6 +549,7 @@ def ingest(
                     }
         else:
             for plan, lo, hi in work:
+                check_interrupted()
                 _finalize(plan, results[lo:hi])
                 summary[plan.name] = _ok(plan, seconds)
     failed = {k: v for k, v in summary.items() if v["status"] == Outcome.FAILED}

@@ -16,6 +16,7 @@ records of ``spndi_dask``) and ``<output>/logs/run-<time>-dask.html`` (dask's
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -31,6 +32,13 @@ from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import IngestError, ingest
+from spndi_dask.interrupt import (
+    Interrupted,
+    at_forced_exit,
+    check_interrupted,
+    deferred,
+    received,
+)
 from spndi_dask.io.layout import OutputLayout, check_output
 from spndi_dask.particles import stats
 from spndi_dask.reduce import reduce
@@ -229,58 +237,134 @@ def run(
     list of StageResult
         One per stage run or skipped, in order. A stage that raised is ``failed`` with the
         message; the stages that need it are ``skipped``; the report is written regardless.
+
+    Raises
+    ------
+    Interrupted
+        A signal stopped the run (see :mod:`spndi_dask.interrupt`); its ``stage`` is the stage
+        that was running. ``last-run.json`` records that stage ``interrupted`` and the later
+        ones ``not run``; a second run redoes only what is not complete.
     """
     o = options or RunOptions()
     chosen = parse_stages(stages)
     selected = manifest.select_particles(o.particles)
     check_output(manifest.output_dir)  # an output spndi did not write is left alone
     ok = list(selected)
-    results: list[StageResult] = []
+    log = _RunLog(manifest, chosen)
+    results = log.results
     failed_stages: set[str] = set()
-    for i, stage in enumerate(chosen, 1):
-        if on_stage:
-            on_stage(stage, i, len(chosen))
-        blocked = [s for s in stage_info(stage).needs if s in failed_stages]
-        if blocked:
-            note = f"needs {', '.join(blocked)}, which failed"
-            logger.warning("stage %s skipped: %s", stage, note)
-            results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
-            failed_stages.add(stage)
-            continue
-        if not ok and stage != "report":
-            results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": "no particle left"}))
-            failed_stages.add(stage)
-            continue
-        t0 = time.perf_counter()
-        logger.debug("stage %s: %d particle(s)", stage, len(ok))
+    with at_forced_exit(log.write_if_interrupted):
         try:
-            if stage == "report":
-                res = _report(manifest, o, results)
-            else:
-                summary = STAGE_FUNCTIONS[stage](manifest, client, o, list(ok))
-                res = _record(stage, summary, time.perf_counter() - t0)
-        except Exception as exc:  # a stage's failure is reported, the run goes on
-            logger.exception("stage %s failed", stage)
-            seconds = time.perf_counter() - t0
-            res = StageResult(stage, Outcome.FAILED, seconds, errors={"all": str(exc)})
-        results.append(res)
-        if res.status == Outcome.FAILED:
-            failed_stages.add(stage)
-        bad = {n for n, s in res.particles.items() if s == Outcome.FAILED}
-        if bad:
-            logger.warning("stage %s failed for %s; they skip later stages", stage, sorted(bad))
-            ok = [n for n in ok if n not in bad]
-    write_last_run(
-        manifest.output_dir,
-        {
+            for i, stage in enumerate(chosen, 1):
+                check_interrupted()  # between stages: nothing is running
+                if on_stage:
+                    on_stage(stage, i, len(chosen))
+                blocked = [s for s in stage_info(stage).needs if s in failed_stages]
+                if blocked:
+                    note = f"needs {', '.join(blocked)}, which failed"
+                    logger.warning("stage %s skipped: %s", stage, note)
+                    results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
+                    failed_stages.add(stage)
+                    continue
+                if not ok and stage != "report":
+                    note = "no particle left"
+                    results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
+                    failed_stages.add(stage)
+                    continue
+                t0 = log.start(stage)
+                logger.debug("stage %s: %d particle(s)", stage, len(ok))
+                try:
+                    if stage == "report":
+                        res = _report(manifest, o, results)
+                    else:
+                        summary = STAGE_FUNCTIONS[stage](manifest, client, o, list(ok))
+                        res = _record(stage, summary, time.perf_counter() - t0)
+                except Exception as exc:  # a stage's failure is reported, the run goes on
+                    logger.exception("stage %s failed", stage)
+                    seconds = time.perf_counter() - t0
+                    res = StageResult(stage, Outcome.FAILED, seconds, errors={"all": str(exc)})
+                log.finish(res)
+                if res.status == Outcome.FAILED:
+                    failed_stages.add(stage)
+                bad = {n for n, s in res.particles.items() if s == Outcome.FAILED}
+                if bad:
+                    logger.warning(
+                        "stage %s failed for %s; they skip later stages", stage, sorted(bad)
+                    )
+                    ok = [n for n in ok if n not in bad]
+        except Interrupted as exc:
+            exc.stage = exc.stage or log.running
+            with deferred():
+                records = log.write(exc.signum)
+            not_run = [r.stage for r in records if r.status == Outcome.NOT_RUN]
+            logger.warning(
+                "%s: the run stopped %s; not run: %s",
+                exc.signame,
+                f"during {exc.stage}" if exc.stage else "between stages",
+                ", ".join(not_run) or "none",
+            )
+            raise
+        with deferred():
+            log.write()
+    return results
+
+
+@dataclass
+class _RunLog:
+    """What a run did so far, for ``<output>/logs/last-run.json`` (also when it is stopped)."""
+
+    manifest: Manifest
+    chosen: list[str]
+    results: list[StageResult] = field(default_factory=list)
+    running: str | None = None
+    started: float = 0.0
+
+    def start(self, stage: str) -> float:
+        """Note that ``stage`` starts; returns the time it starts."""
+        self.running, self.started = stage, time.perf_counter()
+        return self.started
+
+    def finish(self, result: StageResult) -> None:
+        """Record the result of the running stage."""
+        self.results.append(result)
+        self.running = None
+
+    def records(self, signum: int | None = None) -> list[StageResult]:
+        """The results so far; stopped by ``signum``: the running stage and those not run."""
+        if signum is None:
+            return list(self.results)
+        name = signal.Signals(signum).name
+        out = list(self.results)
+        if self.running:
+            seconds = time.perf_counter() - self.started
+            note = {"all": f"interrupted by {name}"}
+            out.append(StageResult(self.running, Outcome.INTERRUPTED, seconds, errors=note))
+        seen = {r.stage for r in out}
+        note = {"all": f"not started: the run was interrupted by {name}"}
+        return out + [
+            StageResult(s, Outcome.NOT_RUN, errors=note) for s in self.chosen if s not in seen
+        ]
+
+    def write(self, signum: int | None = None) -> list[StageResult]:
+        """Write ``last-run.json`` (with the signal that stopped the run); returns its records."""
+        records = self.records(signum)
+        record: dict[str, Any] = {
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "stages": [
                 {k: getattr(r, k) for k in ("stage", "status", "seconds", "particles", "errors")}
-                for r in results
+                for r in records
             ],
-        },
-    )
-    return results
+        }
+        if signum is not None:
+            record["interrupted"] = {"signal": signal.Signals(signum).name, "stage": self.running}
+        write_last_run(self.manifest.output_dir, record)
+        return records
+
+    def write_if_interrupted(self) -> None:
+        """At a forced exit (a second signal): the record as it stands."""
+        signum = received()
+        if signum is not None:
+            self.write(signum)
 
 
 def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> StageResult:

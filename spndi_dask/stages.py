@@ -47,6 +47,9 @@ class StageError(Exception):
 class Outcome(str, Enum):
     """How a stage ended, for one particle scan or for the beamtime (``summary["status"]``).
 
+    ``INTERRUPTED``: a signal stopped the run while the stage ran; ``NOT_RUN``: the run stopped
+    before the stage started (both only in a run's records).
+
     A ``str`` subclass: it compares equal to, prints, shows and serialises as its value (so
     summaries read as before and JSON records stay plain strings).
     """
@@ -63,6 +66,8 @@ class Outcome(str, Enum):
     NO_PARTICLE = "no particle"
     SKIPPED = "skipped"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    NOT_RUN = "not run"
 
     def __str__(self) -> str:
         return self.value

@@ -3,19 +3,22 @@
 :class:`PinToCore` pins local workers one per core (registered by
 :func:`spndi_dask.dask_clusters.open_cluster`); :class:`WorkerLogLevel` lets the workers'
 ``spndi_dask`` records through so that a run can forward them to its log
-(:func:`spndi_dask.pipeline.run_logging`). The features stage's ``ModelPlugin``, which loads a
-checkpoint into every worker, stays with the model code in :mod:`spndi_dask.features.inference`.
+(:func:`spndi_dask.pipeline.run_logging`); :class:`IgnoreInterrupts` leaves Ctrl-C to the run
+that started the local workers (registered by the command line). The features stage's
+``ModelPlugin``, which loads a checkpoint into every worker, stays with the model code in
+:mod:`spndi_dask.features.inference`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["PinToCore", "WorkerLogLevel", "set_affinity"]
+__all__ = ["IgnoreInterrupts", "PinToCore", "WorkerLogLevel", "set_affinity"]
 
 
 def set_affinity(cores: set[int]) -> None:
@@ -64,3 +67,27 @@ class WorkerLogLevel(WorkerPlugin):
         # the performance report's profile trees are dicts too deep for dask's sizeof, which
         # warns "Sizeof calculation for object of type 'dict' failed" (dask/distributed#8578)
         logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+
+
+class IgnoreInterrupts(WorkerPlugin):
+    """Worker plugin: the worker processes a run started ignore SIGINT; the run stops them.
+
+    Ctrl-C in a terminal sends SIGINT to the whole process group: the run's process and its
+    LocalCluster's worker processes. Each worker then died of its own KeyboardInterrupt, with a
+    traceback, while the run was cancelling their tasks and closing the cluster. Only processes
+    whose parent is ``parent`` (the run's process, which hosts their nannies) are changed:
+    workers started otherwise, and threads of the run's own process, keep their handlers.
+    """
+
+    name = "spndi-ignore-interrupts"
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def setup(self, worker: Any) -> None:
+        if os.getppid() != self.parent or os.getpid() == self.parent:
+            return
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not run in the process's main thread: leave it
+            pass

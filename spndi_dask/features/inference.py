@@ -40,6 +40,7 @@ from spndi_dask.features.train import (
     model_inputs,
     resolve_device,
 )
+from spndi_dask.interrupt import check_interrupted
 from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.integrity import read
 from spndi_dask.io.results_store import mark_complete, open_results, replace_array
@@ -336,6 +337,7 @@ def encode(
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:
+        check_interrupted()
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, RuntimeError, StageError) as exc:
@@ -402,6 +404,7 @@ def encode(
     errors = {j[0]: e for j, (_, e) in zip(reading, done, strict=True) if e is not None}
     seconds = round(time.perf_counter() - t0, 2)
     for name, lat, arr, fp, _ in jobs:
+        check_interrupted()
         if name in errors:
             logger.error("particle '%s': encoding failed: %s", name, errors[name])
             summary[name] = {"status": Outcome.FAILED, "error": str(errors[name])}

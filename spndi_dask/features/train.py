@@ -32,6 +32,7 @@ from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
+from spndi_dask.interrupt import check_interrupted, deferred
 from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.results_store import open_results
 from spndi_dask.stages import Outcome, StageError
@@ -114,6 +115,7 @@ def model_inputs(
         return K.normalise_patterns(patterns)
     clouds = np.empty((len(patterns), norm["n_points"], 3), dtype=np.float32)
     for i, (p, (y, x)) in enumerate(zip(patterns, yx, strict=True)):
+        check_interrupted()
         c = K.cloud_from_pattern(
             p,
             offsets,
@@ -210,6 +212,7 @@ def fit(
         model.train()
         total = 0.0
         for idx in torch.randperm(len(trn), generator=gen).split(batch_size):
+            check_interrupted()  # a signal swallowed where it arrived (a gc callback) stops here
             xb = trn[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = model.loss(xb)
@@ -236,6 +239,7 @@ def fit(
         )
         if callback is not None:
             callback(row)
+        check_interrupted()
         if val_loss < result.best_val_loss:
             better = val_loss < result.best_val_loss * (1 - min_improvement)
             result.best_val_loss, result.best_epoch = val_loss, epoch
@@ -311,6 +315,7 @@ def _draw(
     datasets: dict[str, Any] = {}
     sources = set()
     for name in names:
+        check_interrupted()
         try:
             ds = open_results(root, name)
         except FileNotFoundError:
@@ -511,7 +516,8 @@ def train(
             },
         }
     )
-    path = save_checkpoint(result.model, out, meta)
+    with deferred():  # weights and their JSON copy both, or neither
+        path = save_checkpoint(result.model, out, meta)
     return {
         "status": Outcome.TRAINED,
         "checkpoint": str(path),

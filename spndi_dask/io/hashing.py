@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "file_stamp",
     "relative_to",
     "same_file",
     "sha256_file",
@@ -74,15 +73,6 @@ def stable_key(*parts: Any) -> int:
     key = repr(parts).encode()
     value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
     return value or 1
-
-
-def file_stamp(path: str | os.PathLike[str], *extra: Any) -> int:
-    """Stable non-zero 63-bit key of a file's path, size and mtime (plus ``extra``).
-
-    Cheap (nothing is read).
-    """
-    st = os.stat(path)
-    return stable_key(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, *extra)
 
 
 def relative_to(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute_as_completed, compute_each
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import crystal_frame, strain_tilt
+from spndi_dask.interrupt import check_interrupted, deferred
 from spndi_dask.io.hashing import source_identity
 from spndi_dask.io.integrity import damage_error, is_damage, read, writing
 from spndi_dask.io.layout import OutputLayout, check_output
@@ -199,6 +201,7 @@ def reduce(
     for p in manifest.particles:
         if p.name not in wanted:
             continue
+        check_interrupted()
         try:
             plans[p.name] = plan_particle(manifest, p)
         except (ReduceError, SourceError, FileNotFoundError, RuntimeError) as exc:
@@ -265,6 +268,7 @@ def reduce(
 
     def built() -> Iterator[tuple[str, Any]]:
         for name in list(todo):
+            check_interrupted()
             plan = plans[name]
             try:
                 ds = reduce_particle(
@@ -290,12 +294,17 @@ def reduce(
             pending[name] = (tmp, attrs)
             yield name, delayed
 
-    with dask.config.set(_KEEP_PRIORITIES):
-        for name, _, exc in compute_as_completed(built(), progress):
+    # closed at once if interrupted: its futures are cancelled then, not when it is collected
+    with (
+        dask.config.set(_KEEP_PRIORITIES),
+        closing(compute_as_completed(built(), progress)) as done,
+    ):
+        for name, _, exc in done:
             tmp, attrs = pending[name]
             if exc is None:
                 try:
-                    publish(tmp, out.root, name, attrs)
+                    with deferred():  # marked complete and moved in, or neither
+                        publish(tmp, out.root, name, attrs)
                     valid = zarr.open_array(str(out.node(name) / "valid"), mode="r")
                     n_valid = int(np.asarray(read(valid, (slice(None),) * 2)).sum())
                 except Exception as publish_error:
@@ -314,5 +323,7 @@ def reduce(
             }
             reduced.append(name)
     if settings.strain_reference == "beamtime_median" and reduced:
-        _apply_beamtime_median(out, reduced, {n: plans[n].geometry.rocking_axis for n in reduced})
+        axes = {n: plans[n].geometry.rocking_axis for n in reduced}
+        with deferred():  # every particle's maps on the one reference, not some of them
+            _apply_beamtime_median(out, reduced, axes)
     return {p.name: summary[p.name] for p in manifest.particles if p.name in summary}
