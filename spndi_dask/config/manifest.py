@@ -80,24 +80,65 @@ class AngleRange(SettingsModel):
         return np.linspace(self.start, self.stop, self.num)
 
 
+class Positions(SettingsModel):
+    """``positions = { y = "...", x = "..." }``: recorded per-point scan positions (fly scans)."""
+
+    y: str = Field(description="HDF5 dataset of the slow-axis (row) position of every point")
+    x: str = Field(description="HDF5 dataset of the fast-axis (column) position of every point")
+    units: Literal["um", "nm", "mm"] = Field("um", description="units of both datasets")
+
+
+class XrfCalibration(SettingsModel):
+    """``xrf_calibration = { offset_kev, gain_kev }``: energy of bin ``i`` = offset + gain × i."""
+
+    offset_kev: FiniteFloat = Field(0.0, description="energy of bin 0 (keV)")
+    gain_kev: PositiveFloat = Field(description="energy width of one bin (keV)")
+
+
 class ParticleSettings(SettingsModel):
     """One ``[[particles]]`` entry: a scan of one particle at every rocking angle."""
 
     name: str = Field(description="letters, digits, '_', '.', '-' (used as a Zarr node name)")
-    frames: str | list[str] = Field(
+    frames: str | list[str | list[str]] = Field(
         description="path template with {index} (0-based angle index), e.g. "
-        "'raw/p1/angle_{index:03d}.h5', or a list with one path per angle"
+        "'raw/p1/angle_{index:03d}.h5', or a list with one entry per angle: a path, or a list "
+        "of paths whose frames are concatenated in order (a scan split across files)"
     )
     dataset: str = Field(
         "/entry/instrument/detector/data",
-        description="HDF5 dataset of frames, shape (n_points, det_rows, det_cols)",
+        description="HDF5 dataset of frames, shape (n_points, det_rows, det_cols), or with the "
+        "scan's axes first, e.g. (rows, cols, det_rows, det_cols) (read in row-major order)",
+    )
+    positions: Positions | None = Field(
+        None,
+        description="recorded per-point positions {y, x} (fly scans: jittered, overshooting, "
+        "snaked): each frame goes to the nearest node of the scan grid within half a step",
+    )
+    mask_dataset: str | None = Field(
+        None,
+        description="HDF5 dataset of a detector pixel mask in the frame files (nonzero = bad "
+        "pixel), e.g. '/entry/instrument/detector/pixel_mask'",
     )
     monitor: str | None = Field(
         None,
         description="HDF5 dataset of per-point incident flux (n_points,); frames are divided by "
         "it, points where it is 0 are masked, an angle without any flux is refused",
     )
-    xrf: str | None = Field(None, description="HDF5 dataset of per-point fluorescence")
+    xrf: str | None = Field(
+        None,
+        description="HDF5 dataset of per-point fluorescence: a map (n_points,), or spectra "
+        "(n_points, [channels,] energy_bins) summed over channels and xrf_window_kev",
+    )
+    xrf_window_kev: tuple[FiniteFloat, FiniteFloat] | None = Field(
+        None, description="energy window [low, high] (keV) summed from XRF spectra"
+    )
+    xrf_calibration: XrfCalibration | None = Field(
+        None, description="energy calibration of the XRF spectra's bins (with xrf_window_kev)"
+    )
+    xrf_energy: str | None = Field(
+        None,
+        description="HDF5 dataset of the energy (keV) of every XRF bin (instead of a calibration)",
+    )
     angles_deg: list[FiniteFloat] | AngleRange = Field(
         description="strictly monotonic list of angles, or {start, stop, num}"
     )
@@ -151,8 +192,11 @@ class ParticleSettings(SettingsModel):
             if len(self.frames) != n:
                 raise ValueError(
                     f"frames lists {len(self.frames)} files but angles_deg has {n} angles; "
-                    "give one file per angle"
+                    "give one file (or one list of files) per angle"
                 )
+            empty = [i for i, f in enumerate(self.frames) if isinstance(f, list) and not f]
+            if empty:
+                raise ValueError(f"frames[{empty[0]}] is an empty list; give the angle's file(s)")
         elif "{index" not in self.frames:
             raise ValueError(
                 f"frames = {self.frames!r} has no {{index}} placeholder; use e.g. "
@@ -175,18 +219,45 @@ class ParticleSettings(SettingsModel):
             return self.angles_deg.values()
         return np.asarray(self.angles_deg, dtype=float)
 
+    @model_validator(mode="after")
+    def _xrf_window_ok(self) -> ParticleSettings:
+        if self.xrf_window_kev is None:
+            if self.xrf_calibration is not None or self.xrf_energy is not None:
+                raise ValueError(
+                    "xrf_calibration / xrf_energy are given without xrf_window_kev: add "
+                    "xrf_window_kev = [low, high] (keV), the emission line's window"
+                )
+            return self
+        low, high = self.xrf_window_kev
+        if not low < high:
+            raise ValueError(
+                f"xrf_window_kev = [{low}, {high}] must be [low, high] with low < high"
+            )
+        if self.xrf is None:
+            raise ValueError("xrf_window_kev is given without xrf: set xrf to the spectra dataset")
+        if (self.xrf_calibration is None) == (self.xrf_energy is None):
+            raise ValueError(
+                "xrf_window_kev needs the bins' energies: give xrf_calibration = { offset_kev, "
+                "gain_kev } or xrf_energy = '<dataset of bin energies>' (one of them)"
+            )
+        return self
+
     @property
     def n_points(self) -> int:
         """Scan points per angle (rows × cols)."""
         return self.scan_shape[0] * self.scan_shape[1]
 
-    def frame_paths(self, base_dir: Path) -> list[Path]:
-        """Absolute path of the frame file of every angle."""
+    def frame_files(self, base_dir: Path) -> list[list[Path]]:
+        """Absolute paths of the frame files of every angle (one, or several for a split scan)."""
         if isinstance(self.frames, list):
-            names = self.frames
+            names = [f if isinstance(f, list) else [f] for f in self.frames]
         else:
-            names = [self.frames.format(index=i) for i in range(self.angles.size)]
-        return [_resolve(base_dir, p) for p in names]
+            names = [[self.frames.format(index=i)] for i in range(self.angles.size)]
+        return [[_resolve(base_dir, p) for p in files] for files in names]
+
+    def frame_paths(self, base_dir: Path) -> list[Path]:
+        """Absolute path of the (first) frame file of every angle."""
+        return [files[0] for files in self.frame_files(base_dir)]
 
 
 class Manifest(SettingsModel):

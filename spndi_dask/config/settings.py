@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from spndi_dask.config._base import SettingsModel
 
@@ -56,6 +56,11 @@ class IngestSettings(SettingsModel):
     )
     bad_values: Literal["error", "zero"] = Field(
         "error", description="NaN/negative counts in float frames: 'error' or 'zero' (replace)"
+    )
+    invalid_value: Literal["auto", "none"] | NonNegativeInt = Field(
+        "auto",
+        description="detector value that flags a bad pixel (e.g. 4294967295 on Eiger/Pilatus): "
+        "'auto' = the largest value of an unsigned integer dtype; such pixels are masked",
     )
     checksum: Literal["sha256", "none"] = Field(
         "sha256", description="content checksum of source files recorded in provenance"
