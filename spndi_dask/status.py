@@ -73,18 +73,27 @@ def lock_note(output_dir: str | os.PathLike[str]) -> str | None:
     )
 
 
-def _failures(output_dir: Path) -> dict[tuple[str, str], str]:
-    """``(stage, particle or 'all') -> error`` of the last run."""
+def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """``(stage, particle or 'all') -> (state, note)`` of the stages the last run did not
+    finish: ``failed`` (with its error) or ``interrupted`` (by a signal)."""
     try:
         record = json.loads(OutputLayout(output_dir).last_run.read_text())
     except (OSError, ValueError):
         return {}
     out = {}
+    signal = (record.get("interrupted") or {}).get("signal")
     for s in record.get("stages", []):
         stage = s["stage"]
         for name, state in (s.get("particles") or {"all": s.get("status")}).items():
             if state == "failed":
-                out[(stage, name)] = (s.get("errors") or {}).get(name) or "failed"
+                error = (s.get("errors") or {}).get(name) or "failed"
+                out[(stage, name)] = ("failed", error)
+            elif state == "interrupted":
+                by = f" by {signal}" if signal else ""
+                out[(stage, name)] = (
+                    "interrupted",
+                    f"the last run was interrupted{by} in this stage; `spndi run` resumes it",
+                )
     return out
 
 
@@ -150,9 +159,9 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
                     if st[need][0] != "done" and state == "done":
                         state, note = "stale", f"{_LABEL[need]} is {st[need][0]}"
             if state != "done" and (stage, name) in failures:
-                state, note = "failed", failures[(stage, name)]
+                state, note = failures[(stage, name)]
             elif state == "not run" and (stage, "all") in failures:
-                state, note = "failed", failures[(stage, "all")]
+                state, note = failures[(stage, "all")]
             st[stage] = (state, note)
         table[name] = st
     return table

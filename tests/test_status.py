@@ -235,3 +235,26 @@ def test_a_lock_of_another_host_or_an_unreadable_one_cannot_be_checked(beamtime,
         assert lock_holder(beamtime.output_dir).state == "unknown"
         out = _lock_line(beamtime, capsys)
         assert "cannot be read" in out and str(beamtime.output_dir / LOCK_NAME) in out
+
+
+def test_a_stage_the_last_run_was_interrupted_in_reads_interrupted(beamtime):
+    results = beamtime.output_dir / "results.zarr"
+    attrs = json.loads((results / "p1" / "zarr.json").read_text())["attributes"]
+    _attrs(results / "p1", {k: v for k, v in attrs.items() if k != "particles"})
+    write_last_run(
+        beamtime.output_dir,
+        {
+            "stages": [
+                {"stage": "reduce", "status": "done", "particles": {"p1": "up to date"}},
+                {"stage": "stats", "status": "interrupted", "particles": {}},
+                {"stage": "train", "status": "not run", "particles": {}},
+            ],
+            "interrupted": {"signal": "SIGINT", "stage": "stats"},
+        },
+    )
+    st = scan_status(beamtime)
+    assert st["p1"]["stats"] == (
+        "interrupted",
+        "the last run was interrupted by SIGINT in this stage; `spndi run` resumes it",
+    )
+    assert st["p2"]["stats"][0] == "done"  # finished before: not affected
