@@ -41,7 +41,7 @@ from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.interrupt import check_interrupted
 from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_key
-from spndi_dask.io.integrity import is_damage, writing
+from spndi_dask.io.integrity import is_damage, writable
 from spndi_dask.io.layout import check_output
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
@@ -297,8 +297,8 @@ def _write_tile(
     nx = scan_shape[1]
     idx = _point_index(ys, xs, nx, order)
     lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
-    with writing():  # every shard written, so a missing one is damage (io.integrity)
-        arr = zarr.open_array(frames_url, mode="r+")
+    # every shard written, so a missing one is damage (io.integrity)
+    arr = writable(zarr.open_array(frames_url, mode="r+"))
     frames = read_points(src, dataset, lo, hi) if hi > lo else None
     if (
         frames is not None
@@ -351,16 +351,19 @@ def _finish_angle(
     *tile_results: tuple[int, np.ndarray],
 ) -> dict[str, Any]:
     """After all shards of an angle: per-point arrays, then the done mark (last)."""
-    with writing():
-        group = zarr.open_group(group_url, mode="r+")
-    group["det_sum"][angle] = sum(t[1] for t in tile_results)
+    group = zarr.open_group(group_url, mode="r+")
+
+    def array(name: str) -> zarr.Array:
+        return writable(group[name])
+
+    array("det_sum")[angle] = sum(t[1] for t in tile_results)
     valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
-    group["valid"][angle] = valid
+    array("valid")[angle] = valid
     if monitor:
         io = _to_grid(read_vector(src, monitor, "monitor")[:n_avail], scan_shape, order, 1.0)
-        group["monitor"][angle] = io
+        array("monitor")[angle] = io
     if xrf:
-        group["xrf"][angle] = _to_grid(
+        array("xrf")[angle] = _to_grid(
             read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order, np.nan
         )
     st = Path(src).stat()

@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ __all__ = [
     "mark_damaged",
     "read",
     "verify",
-    "writing",
+    "writable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,15 +132,14 @@ def checksum_encoding(
     return out
 
 
-@contextmanager
-def writing() -> Iterator[None]:
-    """Arrays opened inside the block write every chunk, even one that holds only fill values.
+def writable(array: zarr.Array) -> zarr.Array:
+    """``array`` set to write every chunk, even one that holds only fill values.
 
-    So a chunk file that is missing is damage, never a chunk of fill values (zarr binds the
-    setting when an array is opened).
+    So a chunk file that is missing is damage, never a chunk of fill values. Set on the array,
+    not in zarr's global config (a ``config.set`` block is not thread-safe: threads entering and
+    leaving it can leave the setting changed for the whole process).
     """
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        yield
+    return array.with_config({"write_empty_chunks": True})
 
 
 # -- recognising damage -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from spndi_dask.io.integrity import (
     damage_error,
     guarded_getter,
     is_damage,
-    writing,
+    writable,
 )
 from spndi_dask.io.layout import OutputLayout, atomic_path, read_attrs, replace_tree
 from spndi_dask.stages import StageError
@@ -289,8 +289,7 @@ def replace_array(
     if name in group:
         del group[name]
     create["compressors"] = checksummed(create.get("compressors"))
-    with writing():
-        arr = group.create_array(name, dimension_names=dims, **create)
+    arr = writable(group.create_array(name, dimension_names=dims, **create))
     arr.attrs.update({"long_name": long_name, "units": "1"})
     return arr
 

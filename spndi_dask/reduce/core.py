@@ -47,7 +47,7 @@ from spndi_dask.config import Manifest
 from spndi_dask.geometry import crystal_frame, strain_tilt
 from spndi_dask.interrupt import check_interrupted, deferred
 from spndi_dask.io.hashing import source_identity
-from spndi_dask.io.integrity import damage_error, is_damage, read, writing
+from spndi_dask.io.integrity import damage_error, is_damage, read, writable
 from spndi_dask.io.layout import OutputLayout, check_output
 from spndi_dask.io.results_store import (
     is_current,
@@ -128,13 +128,12 @@ def _apply_beamtime_median(
         return
     h = np.median(pooled, axis=0)
     for name in names:
-        with writing():  # a map of fill values is still written (io.integrity)
-            g = zarr.open_group(str(out.node(name)), mode="r+")
+        g = zarr.open_group(str(out.node(name)), mode="r+")
         frame = crystal_frame(h, rocking_axes[name])
         st = strain_tilt(np.asarray(g["q_com"][:]), frame)
-        for key in ("strain", "tilt_x", "tilt_y"):
-            g[key][:] = st[key]
-        g["reference_q"][:] = h
+        for key in ("strain", "tilt_x", "tilt_y"):  # a map of fill values is still written
+            writable(g[key])[:] = st[key]
+        writable(g["reference_q"])[:] = h
         g.attrs.update({"strain_reference": "beamtime_median"})
 
 
