@@ -76,6 +76,24 @@ class SimulationConfig:
     compression: str = "bitshuffle-lz4"
     block_points: int = 128
     seed: int = 0
+    # -- how a nanoprobe beamline exports the scans (each trait on its own; all off: the ideal
+    #    layout of one ``angle_NNN.h5`` per angle). See the ``beamline`` preset.
+    scan_files: bool = False  # raw/<particle>/scan_<id>.h5, NeXus names and metadata
+    first_scan_id: int = 99998  # scan id of the first angle of the first particle
+    frames_per_file: int = 0  # split every scan into files of this many frames (0: one file)
+    frames_4d: bool = False  # frames as (rows, cols, det_rows, det_cols)
+    fly_scan: bool = False  # recorded positions: snake order, jitter, overshoot
+    scan_center_um: tuple[float, float] = (0.0, 0.0)  # motor position of the scan's centre
+    position_jitter: float = 0.15  # σ of the position error in scan steps (truncated at 3σ)
+    overshoot_points: int = 2  # frames recorded past the end of every row
+    module_gap_px: int = 0  # width of the cross of module gaps through the detector centre
+    flagged_pixels: int = 0  # bad pixels flagged with the dtype's maximum in every frame
+    saturated_frames: int = 0  # frames per particle whose Bragg peak saturates the detector
+    saturation_counts: int = 50_000  # the level saturated pixels read
+    xrf_spectra: bool = False  # multi-channel fluorescence spectra instead of a Co Kα map
+    xrf_channels: int = 4
+    xrf_bins: int = 256
+    xrf_gain_kev: float = 0.04  # bin width; bin i is at i × gain
 
     def __post_init__(self) -> None:
         if len(self.objects_per_scan) < self.n_particles:
@@ -87,6 +105,20 @@ class SimulationConfig:
             )
         if self.n_particles < 1 or self.n_angles < 2:
             raise ValueError("n_particles must be >= 1 and n_angles >= 2")
+        if self.frames_per_file < 0 or self.overshoot_points < 0 or self.module_gap_px < 0:
+            raise ValueError("frames_per_file, overshoot_points and module_gap_px must be >= 0")
+        if self.position_jitter < 0 or self.flagged_pixels < 0 or self.saturated_frames < 0:
+            raise ValueError("position_jitter, flagged_pixels and saturated_frames must be >= 0")
+        dtype = np.dtype(self.dtype)
+        if (
+            self.saturated_frames
+            and dtype.kind in "ui"
+            and self.saturation_counts >= np.iinfo(dtype).max
+        ):
+            raise ValueError(
+                f"saturation_counts = {self.saturation_counts} must be below the {self.dtype} "
+                f"maximum {np.iinfo(dtype).max} (that value flags bad pixels)"
+            )
 
     @property
     def bragg_angle_deg(self) -> float:
@@ -120,9 +152,19 @@ class SimulationConfig:
         return np.round(self.bragg_angle_deg + offsets, 6)
 
     @property
+    def frames_per_row(self) -> int:
+        """Frames recorded per scan row: the columns, plus the overshoot of a fly scan."""
+        return self.scan_shape[1] + (self.overshoot_points if self.fly_scan else 0)
+
+    @property
+    def frames_per_scan(self) -> int:
+        """Frames recorded per scan (one rocking angle of one particle)."""
+        return self.scan_shape[0] * self.frames_per_row
+
+    @property
     def raw_bytes(self) -> int:
         """Uncompressed size of all frames."""
-        n = self.n_particles * self.n_angles * int(np.prod(self.scan_shape))
+        n = self.n_particles * self.n_angles * self.frames_per_scan
         return n * int(np.prod(self.detector_shape)) * np.dtype(self.dtype).itemsize
 
 
@@ -134,7 +176,10 @@ _BENCHMARK: dict[str, Any] = dict(
 )
 
 #: Named sizes. ``demo`` runs end to end in about a minute on 2 cores; ``medium`` (2.6 GB raw)
-#: and ``large`` (10.5 GB) are for benchmarks; ``small`` and ``tiny`` for tests.
+#: and ``large`` (10.5 GB) are for benchmarks; ``small`` and ``tiny`` for tests; ``beamline`` (3
+#: particles, 15 angles, 24×32 points, 64² pixels) has every trait of a nanoprobe beamline's
+#: export on (see :mod:`spndi_dask.simulate`): per-scan files split in parts, uint32 frames,
+#: fly-scan positions, module gaps, flagged and saturated pixels, XRF spectra.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         _TWO_SCANS,
@@ -155,6 +200,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         pixel_size_m=82.5e-6,
     ),
     "demo": {},
+    "beamline": dict(
+        scan_shape=(24, 32),
+        n_angles=15,
+        angle_step_deg=0.07,
+        beam_center_offset=(0.3, -12.0),  # the peak on the row gap, the column gap on its flank
+        dtype="uint32",
+        scan_files=True,
+        frames_per_file=256,
+        fly_scan=True,
+        scan_center_um=(1.2345, -3.071),
+        module_gap_px=2,
+        flagged_pixels=6,
+        saturated_frames=3,
+        xrf_spectra=True,
+    ),
     "medium": {**_BENCHMARK, "scan_shape": (36, 36)},
     "large": {**_BENCHMARK, "scan_shape": (72, 72)},
 }
