@@ -148,7 +148,9 @@ SPLIT_DIR = re.compile(r"(?i)^(?:scan)?[_-]?\d+$")
 #: files named like this are the parts of one scan (their folder is the scan)
 PART_FILE = re.compile(r"(?i)^(?:data|part|chunk|frames?)[_-]?\d+$")
 #: files named like this are not scans
-NOT_A_SCAN = re.compile(r"(?i)(?:^|[_.-])(?:dark|darks|flat|flats|flatfield|mask|background|bkg)")
+NOT_A_SCAN = re.compile(
+    r"(?i)(?:^|[_.-])(?:darks?|flats?|flatfield|mask|background|bkg)(?:$|[_.-]|\d)"
+)
 _GENERIC_DIRS = {"raw", "data", "rawdata", "raw_data", "frames", "scans", "h5", "hdf5", "tiff"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROCKING_AXES = ("x+", "x-", "y+", "y-", "z+", "z-")
@@ -1146,6 +1148,22 @@ class _Inference:
                 vec = tuple(round(c[path][0], 9) for c in cands)
                 vectors.setdefault(vec, []).append(path)
             varying = {v: ps for v, ps in vectors.items() if len(set(v)) > 1}
+            counts = Counter(k for c in cands for k in c)
+            for path, n in sorted(counts.items()):
+                values = {c[path][0] for c in cands if path in c}
+                if n < len(cands) and len(values) > 1:  # a rocking angle some files lack
+                    lacking = [
+                        s.label for s, c in zip(p.scans, cands, strict=True) if path not in c
+                    ]
+                    self.problems.add(
+                        f"particle '{p.name}': {path} changes from scan to scan but is missing "
+                        f"from {', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}; "
+                        "leave those out with --exclude, or pass --angles START:STOP:NUM or "
+                        "--angle-path PATH"
+                    )
+                    p.broken = True
+            if p.broken:
+                return
             if len(varying) > 1:
                 listing = "; ".join(
                     f"{' = '.join(ps)} ({min(v):.4g} … {max(v):.4g})" for v, ps in varying.items()
@@ -1310,7 +1328,12 @@ class _Inference:
 
     # the scan grid --------------------------------------------------------------------------------
     def grid(self, p: _Particle) -> None:
+        """``scan_shape``, ``scan_step_um``, ``scan_order`` (and ``positions``) of ``p``.
+
+        Checked whatever else went wrong with the particle, except the positions themselves.
+        """
         opt = self.options
+        before = len(self.problems.lines)
         positions = self.positions(p)
         if positions:
             y, x = positions
@@ -1322,7 +1345,7 @@ class _Inference:
                     if opt.positions
                     else "recorded per-point positions (found by name)"
                 )
-        if p.broken:
+        if len(self.problems.lines) > before:  # the positions are wrong: nothing to check
             return
         if opt.scan_shape and opt.step_um:
             self.set_grid(p, opt.scan_shape, opt.step_um, "--scan-shape, --step")
@@ -1487,22 +1510,21 @@ class _Inference:
         return units.pop()
 
     def grid_from_positions(self, p: _Particle) -> None:
-        if p.broken:
-            return
         paths = (p.entry["positions"]["y"], p.entry["positions"]["x"])
         scale = {"um": 1.0, "nm": 1e-3, "mm": 1e3}[p.entry["positions"]["units"]]
         fits: list[tuple[_Scan, GridFit]] = []
+        failed = False
         for scan in p.scans:
             try:
                 y, x = self.read_positions(scan, paths)
                 fits.append((scan, infer_grid(y * scale, x * scale)))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, KeyError) as exc:
                 self.problems.add(
                     f"{scan.label}: the scan grid cannot be inferred from {paths[0]}, {paths[1]} "
                     f"({exc}); pass --scan-shape R,C --step Y,X"
                 )
-                p.broken = True
-        if p.broken:
+                p.broken = failed = True
+        if failed or not fits:
             return
         shapes = Counter(f.shape for _, f in fits)
         if len(shapes) > 1 and not self.options.scan_shape:
@@ -1636,6 +1658,11 @@ class _Inference:
                 )
                 return None
             note = per_file[0][first][1]
+            if "assumed" in note:
+                self.guess(
+                    f"particle '{p.name}': {first}{note}; {flag} overrides (or a units "
+                    "attribute in the files)"
+                )
             return _round(float(np.median(vals))), f"recorded {first}{note}"
 
         got: dict[str, tuple[float, str] | None] = {
@@ -2100,11 +2127,21 @@ def init_manifest(
         inf.problems.add(
             f"--rocking-axis {options.rocking_axis!r}: use one of {', '.join(_ROCKING_AXES)}"
         )
-    scans = _discover(raw, options, {results}, inf.report)
+    outputs = {"raw.zarr", "results.zarr", "analysis.zarr", "logs", "report", ".tmp"}
+    is_output = results.is_dir() and any((results / name).exists() for name in outputs)
+    scans = _discover(raw, options, {results} if is_output else set(), inf.report)
     if not scans:
         raise InitError(
             f"{raw} holds no HDF5 ({', '.join(HDF5_SUFFIXES)}) or TIFF files of scans"
             + (" (" + "; ".join(inf.report.skipped) + ")" if inf.report.skipped else "")
+        )
+    frame_dirs = {f.parent.resolve() for scan in scans for f in scan.files}
+    if results == raw or results in frame_dirs:
+        inf.problems.add(
+            f"the results folder {results} would be "
+            + ("RAW_DIR itself" if results == raw else "a folder of frame files")
+            + ": spndi writes and replaces raw.zarr, results.zarr, figures/ ... there; pass "
+            "--results DIR (relative to the manifest), or -o a manifest elsewhere"
         )
     grouped = _assign_particles(raw, scans, options, inf.problems, inf.report)
     inf.read_files(grouped)

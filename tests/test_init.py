@@ -397,6 +397,73 @@ def test_a_split_scan_whose_parts_record_different_angles(tmp_path):
     assert m.particles[0].name == "scan_5" and m.particles[0].angles.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_other_names_by_flag(tmp_path):
+    raw = tmp_path / "raw"
+    for a in range(3):
+        y, x = fly_positions(4, 5, (0.2, 0.2), seed=a)
+        plain_file(raw / "p1" / f"a{a}.h5", n=y.size, entry__scan__flux=np.ones(y.size),
+                   entry__scan__motor_a=y, entry__scan__motor_b=x)  # fmt: skip
+        with h5py.File(raw / "p1" / f"a{a}.h5", "a") as f:
+            f["/entry"].attrs["rot"] = 30.0 + a
+    err = problems(raw, tmp_path, **GEOMETRY)
+    assert "--angles START:STOP:NUM, or --angle-path PATH" in err
+    assert "no recorded positions" in err and "pass --scan-shape R,C and --step Y,X" in err
+    assert "(or --positions Y_PATH,X_PATH)" in err
+    options = dict(angle_path="/entry@rot", **GEOMETRY)
+    result = init(raw, tmp_path, names=(("monitor", ("flux",), True),),
+                  positions=("/entry/scan/motor_a", "/entry/scan/motor_b"), **options)  # fmt: skip
+    p = result.manifest.particles[0]
+    assert p.monitor == "/entry/scan/flux" and p.angles.tolist() == [30.0, 31.0, 32.0]
+    assert p.positions.y == "/entry/scan/motor_a" and p.positions.units == "um"
+    assert p.scan_shape == (4, 5) and p.scan_step_um == (0.2, 0.2) and p.scan_order == "snake"
+    assert any("no units attribute; µm assumed" in g for g in result.report.guesses)
+    # the same by names: a monitor list of its own, a pair of position names
+    names = (("monitor", ("flux",), False), ("positions", ("motor_a:motor_b",), True))
+    again = init(raw, tmp_path, names=names, **options).manifest.particles[0]
+    assert again.positions == p.positions and again.monitor == p.monitor
+
+
+def test_results_folder_is_never_the_raw_folder(tmp_path):
+    raw = tmp_path / "raw"
+    for a in range(2):
+        plain_file(raw / "p1" / f"a{a}.h5", n=4, entry__theta=float(a))
+    grid = dict(scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
+    with pytest.raises(InitError, match=r"would be RAW_DIR itself.*--results DIR"):
+        init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(results=".", **grid))
+    with pytest.raises(InitError, match=r"would be a folder of frame files.*--results DIR"):
+        init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(results="p1", **grid))
+    # a manifest inside RAW_DIR: results beside it, never read as scans once spndi wrote there
+    result = init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(**grid))
+    result.write()
+    (raw / "results" / "raw.zarr").mkdir(parents=True)
+    plain_file(raw / "results" / "stray.h5", n=4)
+    again = init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(**grid), force=True)
+    assert again.manifest.output_dir == raw / "results"
+    assert [p.name for p in again.manifest.particles] == ["p1"]
+
+
+def test_an_angle_some_files_lack(tmp_path):
+    raw = tmp_path / "raw"
+    for a in range(3):
+        plain_file(raw / "p1" / f"a{a}.h5", n=4, **({"entry__theta": float(a)} if a else {}))
+    err = problems(raw, tmp_path, scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
+    assert "/entry/theta changes from scan to scan but is missing from raw/p1/a0.h5" in err
+    assert "--exclude" in err and "--angles" in err
+
+
+def test_metadata_without_units_is_a_reported_guess(tmp_path):
+    raw = tmp_path / "raw"
+    for a in range(2):
+        plain_file(raw / "p1" / f"a{a}.h5", n=4, entry__theta=float(a),
+                   entry__instrument__monochromator__energy=8980.0)  # fmt: skip
+    geometry = {k: v for k, v in GEOMETRY.items() if k != "energy_kev"}
+    result = init(raw, tmp_path, scan_shape=(2, 2), step_um=(0.1, 0.1), **geometry)
+    assert result.manifest.geometry["energy_kev"] == 8.98
+    assert any(
+        "energy (8980, no units: eV assumed); --energy-kev" in g for g in result.report.guesses
+    )
+
+
 # -- the scan grid from positions ---------------------------------------------------------------
 @pytest.mark.parametrize("snake", [True, False])
 @pytest.mark.parametrize(("rows", "cols"), [(12, 14), (40, 9), (7, 120)])
