@@ -681,6 +681,7 @@ class _Inference:
         self.options = options
         self.problems = _Problems()
         self.report = InitReport(raw)
+        self.frames_path: str | None = None  # the particle's detector dataset, once chosen
         self.names = {k: tuple(v) for k, v in NAMES.items()}
         self.pairs = POSITION_PAIRS
         for key, values, extend in options.names:
@@ -844,10 +845,8 @@ class _Inference:
         )
 
     def frames_of(self, info: _File) -> _Dataset | None:
-        path = self._frames_path
-        return info.datasets.get(path) if path else None
-
-    _frames_path: str | None = None
+        """The frames dataset of the particle being inferred (``frames_path``) in ``info``."""
+        return info.datasets.get(self.frames_path) if self.frames_path else None
 
     def find_per_point(
         self,
@@ -946,6 +945,11 @@ class _Inference:
             p.comments["xrf"] = "per-point fluorescence map" + (
                 " (--xrf)" if self.options.xrf else " (found by name)"
             )
+            if self.options.xrf_window_kev:
+                self.guess(
+                    f"particle '{p.name}': {path} is a per-point map, not spectra: "
+                    "--xrf-window does not apply to it"
+                )
             return
         bins = d.shape[-1]
         spectra = _shape(("n_points", *d.shape[lead:]))
@@ -994,6 +998,14 @@ class _Inference:
             p.comments["xrf_energy"] = f"the bins' energies ({bins} values, found by name)"
         else:
             p.comments["xrf_energy"] = "--xrf-energy"
+            e = info.datasets.get(energy)
+            if e is None or e.shape != (bins,):
+                state = "missing" if e is None else f"{_shape(e.shape)}, not ({bins},)"
+                self.problems.add(
+                    f"{info.rel}: --xrf-energy {energy} is {state} (one energy per bin of {path})"
+                )
+                p.broken = True
+                return
         p.entry["xrf_energy"] = energy
         units = (info.datasets[energy].units or "").lower() if energy in info.datasets else ""
         if units == "ev":
@@ -2156,7 +2168,7 @@ def init_manifest(
             p.broken = True
         if p.broken:
             continue
-        inf._frames_path = p.entry.get("dataset")
+        inf.frames_path = p.entry.get("dataset")
         inf.angles(p)
         inf.monitor(p)
         inf.xrf(p)
