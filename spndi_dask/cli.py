@@ -264,6 +264,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["x+", "x-", "y+", "y-", "z+", "z-"],
         help="sample rotation axis (default y+)",
     )
+    g.add_argument(
+        "--saturation",
+        metavar="COUNTS",
+        type=init_.parse_positive,
+        help="[reduce] saturation (default: the files' saturation_value, else the dtype maximum)",
+    )
 
     p = sub.add_parser(
         "simulate",

@@ -123,6 +123,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "delta": ("delta", "delta_deg"),
     "scan_shape": ("scan_shape", "scan_dims", "scan_size"),
     "scan_step": ("scan_step_um", "scan_step", "step_um"),
+    "saturation": ("saturation_value", "countrate_correction_count_cutoff"),
 }  # fmt: skip
 
 #: (slow-axis y, fast-axis x) name pairs of recorded positions; ``--names positions=Y:X,...``.
@@ -197,6 +198,7 @@ class InitOptions:
     gamma_deg: float | None = None
     delta_deg: float | None = None
     rocking_axis: str | None = None
+    saturation: float | None = None
 
 
 # -- command-line value parsers (argparse ``type=``; they raise ArgumentTypeError) ----------------
@@ -1675,7 +1677,10 @@ class _Inference:
                     f"particle '{p.name}': {first}{note}; {flag} overrides (or a units "
                     "attribute in the files)"
                 )
-            return _round(float(np.median(vals))), f"recorded {first}{note}"
+            value = float(np.median(vals))
+            if note:  # converted: 350 mm -> 0.35 m, not 0.35000000000000003
+                value = float(f"{value:.12g}")
+            return value, f"recorded {first}{note}"
 
         got: dict[str, tuple[float, str] | None] = {
             "energy": scalar("energy", _energy_kev),
@@ -1702,6 +1707,9 @@ class _Inference:
             if got[key]:
                 value, src = got[key]  # type: ignore[misc]
                 p.geometry[axis] = (value, src + " (check spndi's convention, README: Geometry)")
+        saturation = scalar("saturation", lambda v, u, b: (v, ""))
+        if saturation:
+            p.entry["_saturation"] = saturation
         pixel = p.geometry.get("pixel_size_m", (self.options.pixel_size_m, ""))[0]
         bx = scalar("beam_center_x", lambda v, u, b: _pixels(v, u, pixel))
         by = scalar("beam_center_y", lambda v, u, b: _pixels(v, u, pixel))
@@ -1722,6 +1730,7 @@ _GEOMETRY_FLAGS = {
     "beam_center_y": "--beam-center R,C",
     "scan_shape": "--scan-shape R,C",
     "scan_step": "--step Y,X",
+    "saturation": "--saturation COUNTS",
 }
 
 
@@ -2019,9 +2028,13 @@ def _template(files: list[str]) -> str | None:
 
 
 def _toml(
-    inf: _Inference, particles: list[_Particle], geometry: dict[str, tuple[Any, str]], name: str,
+    inf: _Inference,
+    particles: list[_Particle],
+    geometry: dict[str, tuple[Any, str]],
+    reduce: dict[str, tuple[Any, str]],
+    name: str,
     name_src: str,
-) -> str:  # fmt: skip
+) -> str:
     from spndi_dask._version import __version__
     from spndi_dask.config._toml import toml_value
     from spndi_dask.config.manifest import MANIFEST_VERSION
@@ -2040,6 +2053,9 @@ def _toml(
     ]
     for key, (value, src) in geometry.items():
         lines.append(_line(key, value, src))
+    if reduce:
+        lines += ["", f"{'[reduce]'.ljust(43)} # other settings: defaults (README: The manifest)"]
+        lines += [_line(key, value, src) for key, (value, src) in reduce.items()]
     for p in particles:
         e, c = p.entry, p.comments
         lines += ["", "[[particles]]", _line("name", p.name, p.where)]
@@ -2190,6 +2206,7 @@ def init_manifest(
         found.datasets = {k: v for k, v in found.datasets.items() if v}
         inf.report.particles.append(found)
     geometry = _merge_geometry(inf, particles)
+    reduce = _reduce_settings(inf, particles)
     if inf.problems:
         n = len(inf.problems.lines)
         raise InitError(
@@ -2197,7 +2214,7 @@ def init_manifest(
             + "\n".join(f"  - {line}" for line in inf.problems.lines)
         )
     name, name_src = _beamtime_name(raw, options)
-    text = _toml(inf, particles, geometry, name, name_src)
+    text = _toml(inf, particles, geometry, reduce, name, name_src)
     try:
         data = tomllib.loads(text)
         validated = Manifest.from_dict(data, base_dir=path.parent, source=str(path))
@@ -2208,6 +2225,24 @@ def init_manifest(
         "%s: %d particles, %d scans", raw, len(particles), sum(len(p.scans) for p in particles)
     )
     return InitResult(text, path, inf.report, validated)
+
+
+def _reduce_settings(inf: _Inference, particles: list[_Particle]) -> dict[str, tuple[Any, str]]:
+    """``[reduce]``: the detector's saturation level, from ``--saturation`` or the files."""
+    if inf.options.saturation is not None:
+        return {"saturation": (float(inf.options.saturation), "--saturation")}
+    recorded = {p.name: p.entry["_saturation"] for p in particles if "_saturation" in p.entry}
+    values = {v for v, _ in recorded.values()}
+    if len(values) == 1 and len(recorded) == len(particles):
+        value, src = next(iter(recorded.values()))
+        return {"saturation": (float(value), f"counts at which pixels saturate: {src}")}
+    if recorded:
+        listing = ", ".join(f"{name} {v:g}" for name, (v, _) in recorded.items())
+        inf.guess(
+            f"the recorded saturation level is not the same for every particle ({listing}); "
+            "[reduce] saturation left at its default (the dtype maximum): --saturation COUNTS"
+        )
+    return {}
 
 
 def _beamtime_name(raw: Path, options: InitOptions) -> tuple[str, str]:

@@ -116,3 +116,29 @@ def test_init_loads_no_heavy_library(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
+
+
+@pytest.mark.parametrize("frames_4d", [False, True])
+def test_beamline_preset_gives_the_simulators_manifest(tmp_path, capsys, frames_4d):
+    """The simulator's ``beamline`` export (from the branch that adds it; skipped before)."""
+    from spndi_dask.simulate import PRESETS, preset, simulate_beamtime
+
+    if "beamline" not in PRESETS:
+        pytest.skip("this simulator has no 'beamline' preset yet")
+    split = {} if frames_4d else {"frames_per_file": 256}
+    cfg = preset("beamline", n_particles=2, n_angles=4, frames_4d=frames_4d, **split)
+    truth = simulate_beamtime(tmp_path, cfg, scheduler="threads")
+    window = truth.particles[0].xrf_window_kev
+    path = tmp_path / "init.toml"
+    args = ["init", str(tmp_path / "raw"), "-o", str(path), "--xrf-window", "{}:{}".format(*window)]
+    assert main(args) == 0, capsys.readouterr().err
+    made = load_manifest(path)
+    assert made.geometry_for("p2") == truth.geometry_for("p2")
+    assert made.reduce.saturation == truth.reduce.saturation
+    keys = ("name", "frames", "dataset", "monitor", "xrf", "xrf_window_kev", "xrf_energy",
+            "xrf_calibration", "mask_dataset", "positions", "scan_shape", "scan_step_um",
+            "scan_order")  # fmt: skip
+    for mine, theirs in zip(made.particles, truth.particles, strict=True):
+        for key in keys:
+            assert getattr(mine, key) == getattr(theirs, key), key
+        np.testing.assert_array_equal(mine.angles, theirs.angles)
