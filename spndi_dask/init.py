@@ -42,7 +42,11 @@ How the folder is read
     (``theta``, ``eta``, ``omega``, ...) whose value differs between the scans of a particle;
   - geometry: NeXus-style ``<detector group>/x_pixel_size, y_pixel_size, distance,
     beam_center_x, beam_center_y`` and ``.../monochromator/energy`` (or attributes such as
-    ``energy_kev``), with their ``units``.
+    ``energy_kev``), detector arm ``gamma``, ``delta``, with their ``units`` (values without
+    units are converted by their size and reported as guesses); what is recorded nowhere must
+    be given (``energy_kev``, ``distance_m``, ``pixel_size_m``, ``beam_center``, ``gamma_deg``,
+    ``delta_deg``); ``rocking_axis`` is ``y+`` unless given;
+  - ``<detector group>/saturation_value``: ``[reduce] saturation`` (or ``saturation``).
 * **Scan grid**: from the recorded positions (:func:`infer_grid`: lines of the fast axis, rows
   of the slow axis, steps; robust to jitter and overshoot; snake or raster), else from a 4-D
   detector dataset's scan axes or a ``scan_shape`` attribute, else ``scan_shape`` and
@@ -1163,9 +1167,10 @@ class _Inference:
                 vectors.setdefault(vec, []).append(path)
             varying = {v: ps for v, ps in vectors.items() if len(set(v)) > 1}
             counts = Counter(k for c in cands for k in c)
+            strict = opt.angles is None  # with --angles, recorded angles are only compared
             for path, n in sorted(counts.items()):
                 values = {c[path][0] for c in cands if path in c}
-                if n < len(cands) and len(values) > 1:  # a rocking angle some files lack
+                if strict and n < len(cands) and len(values) > 1:  # an angle some files lack
                     lacking = [
                         s.label for s, c in zip(p.scans, cands, strict=True) if path not in c
                     ]
@@ -1178,6 +1183,8 @@ class _Inference:
                     p.broken = True
             if p.broken:
                 return
+            if len(varying) > 1 and not strict:
+                varying = {}
             if len(varying) > 1:
                 listing = "; ".join(
                     f"{' = '.join(ps)} ({min(v):.4g} … {max(v):.4g})" for v, ps in varying.items()

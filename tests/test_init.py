@@ -315,6 +315,9 @@ def test_two_monitors_and_two_angles(tmp_path):
     ]  # fmt: skip
     m = init(raw, tmp_path, monitor="none", angle_path="/entry/theta", **grid).manifest
     assert m.particles[0].monitor is None
+    # --angles settles it too
+    m = init(raw, tmp_path, monitor="none", angles=(5.0, 6.0, 3), **grid).manifest
+    assert m.particles[0].angles.tolist() == [5.0, 5.5, 6.0]
 
 
 def test_angles_not_monotonic_in_scan_order(tmp_path):
