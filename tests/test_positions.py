@@ -297,6 +297,40 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
     assert "position_y" not in ds and np.array_equal(ds.frames.values, frames)
 
 
+def test_a_fly_scan_split_across_files_reads_as_one(tmp_path):
+    paths, data, *_ = _handmade(tmp_path)
+    rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05), jitter=0.15, overshoot=2, seed=5)
+    data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
+    whole = load(tmp_path, data)
+    ingest(whole)
+    # each angle's 54 points in files of 20 and 34, positions with them, frames as (2, 10, r, c)
+    listing = []
+    for a, path in enumerate(paths):
+        with h5py.File(path, "r") as f:
+            content = {k: f[k][()] for k in (FRAMES, MONITOR, XRF, POS_Y, POS_X)}
+        names = []
+        for k, (lo, hi) in enumerate([(0, 20), (20, 54)]):
+            name = f"fly/angle_{a}_{k}.h5"
+            (tmp_path / name).parent.mkdir(exist_ok=True)
+            with h5py.File(tmp_path / name, "w") as f:
+                for key, value in content.items():
+                    part = value[lo:hi]
+                    if key == FRAMES and k == 0:
+                        part = part.reshape(2, 10, *part.shape[1:])
+                    f[key] = part
+            names.append(name)
+        listing.append(names)
+    data["particles"][0]["frames"] = listing
+    data["output"] = "results_split"
+    split = load(tmp_path, data)
+    ingest(split)
+    a, b = open_raw(whole.output_dir, "p1"), open_raw(split.output_dir, "p1")
+    for name in ("frames", "monitor", "xrf", "valid", "position_y", "position_x"):
+        assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
+    info_a, info_b = a.attrs["positions"], b.attrs["positions"]
+    assert info_a == info_b and info_a["points_outside_grid"] == 3 * 6 * 2
+
+
 def test_positions_whose_length_is_not_the_frames_are_refused(tmp_path):
     paths, data, *_ = _handmade(tmp_path)
     rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05))
