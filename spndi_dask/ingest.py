@@ -1,13 +1,40 @@
-"""Raw files (one HDF5 or TIFF stack per rocking angle) -> ``<output>/raw.zarr``.
+"""Raw files (HDF5 or TIFF stacks, one or several per rocking angle) -> ``<output>/raw.zarr``.
 
 Parallel (one dask task per shard: an angle's scan tile; plus one task per angle that records
 monitor, XRF, validity and then marks the angle done), shard-aligned, bit-exact and resumable:
 an angle counts as done only once all of its shards and per-point arrays are written, and only
-while its source file holds what was ingested (the same size, modification time and path, or
+while its source files hold what was ingested (the same size, modification time and path, or
 path relative to the manifest, else the same SHA-256: a beamtime folder moved or copied whole is
 not ingested again) with the same dataset names and layout.
 A re-run writes only angles that are not done. Every input is checked before anything is
 written; one bad particle does not stop the others.
+
+Where the frames come from. An angle's frames are one file, or several whose frames are
+concatenated in the order listed (a scan split across files); a frames dataset is ``(n_points,
+det_rows, det_cols)`` or has the scan's axes first (e.g. ``(rows, cols, det_rows, det_cols)``,
+read row-major). A task reads only the points of its tile (HDF5 hyperslabs, across file
+boundaries), never a whole file. Monitor, XRF and positions are concatenated across the files
+the same way.
+
+Where each frame goes. Without recorded positions, point ``i`` of an angle is node
+``divmod(i, cols)`` of the scan grid (``scan_order = "snake"``: every other row reversed); an
+aborted scan's missing points are 0 and marked invalid in ``valid``. With ``positions = {y, x,
+units}`` (fly scans: jittered, overshooting, snaked) every frame is placed by its recorded
+position (:mod:`spndi_dask.positions`), the same way at every angle:
+
+- the grid is ``scan_shape`` nodes ``scan_step_um`` apart; its origin (node (0, 0)) is the one
+  offset per particle, common to all angles, that puts the most points within half a step of a
+  node (found from the points of all angles; a jittered first point or points overshooting the
+  fast axis do not move it);
+- each point goes to its nearest node if it lies within half a step of it in both axes; points
+  beyond the grid are dropped and counted; of several points on one node the nearest is kept;
+- a node without a point is invalid: frames 0, ``valid`` false, as for an aborted scan (a
+  warning names the angles); ``scan_order`` and ``allow_incomplete`` play no part.
+
+The positions of the point placed on each node are kept as ``position_y``/``position_x``
+(angle, y, x) in µm from node (0, 0) (NaN where none; the origin is in ``attrs["positions"]``,
+with the largest and RMS distance of a placed point from its node, the points dropped and the
+nodes left empty).
 
 Examples
 --------
@@ -25,6 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,11 +68,25 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest, ParticleSettings
 from spndi_dask.interrupt import check_interrupted
-from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_key
+from spndi_dask.io.hashing import (
+    relative_to,
+    same_source,
+    sha256_file,
+    source_parts,
+    stable_key,
+)
 from spndi_dask.io.integrity import is_damage, writable
 from spndi_dask.io.layout import check_output
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
-from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
+from spndi_dask.io.sources import (
+    SourceError,
+    SourceInfo,
+    is_tiff,
+    probe_source,
+    read_per_point,
+    read_points,
+)
+from spndi_dask.positions import assign_to_grid, grid_origin
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["IngestError", "IngestPlan", "ingest", "plan_ingest"]
@@ -74,6 +116,13 @@ class IngestPlan:
     #: angles whose file moved or was touched but holds what was ingested: record kept, updated
     moved: dict[int, dict[str, Any]] = field(default_factory=dict)
     base_dir: Path = Path(".")
+    #: per angle (rows, cols) source point of every node, -1 none: from recorded positions;
+    #: None: points in scan_order
+    index_maps: list[np.ndarray] | None = None
+    #: per angle the grid nodes without a point
+    empty_nodes: list[int] = field(default_factory=list)
+    #: recorded positions: (y dataset, x dataset, factor to µm, grid origin in µm)
+    positions: tuple[str, str, float, tuple[float, float]] | None = None
 
     @property
     def name(self) -> str:
@@ -99,16 +148,18 @@ def plan_ingest(
     ------
     IngestError
         Missing files (all listed), unreadable files, missing datasets (existing ones listed),
-        detector shape or dtype changing between angles, scans with too many points, or too
-        few without ``allow_incomplete``, a monitor without flux (0, negative or NaN) at every
-        point of an angle.
+        detector shape or dtype changing between angles or between the files of an angle, scans
+        with too many points, or too few without ``allow_incomplete``, a monitor without flux
+        (0, negative or NaN) at every point of an angle, recorded positions whose length is not
+        the number of frames.
     ForeignOutputError
         The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
         whole ingest before anything is written.
     """
     check_output(manifest.output_dir)
     p = particle
-    paths = p.frame_paths(manifest.base_dir)
+    files = p.frame_files(manifest.base_dir)
+    paths = [f for parts in files for f in parts]
     missing = [str(x) for x in paths if not x.exists()]
     if missing:
         shown = "\n    ".join(missing[:10]) + (
@@ -119,9 +170,9 @@ def plan_ingest(
             "copy them, or list only the measured angles in angles_deg/frames"
         )
     infos = []
-    for path in paths:
+    for parts in files:
         try:
-            infos.append(probe_source(path, p.dataset))
+            infos.append(probe_source(parts, p.dataset))
         except SourceError as exc:
             raise IngestError(f"{_prefix(p)}: {exc}") from None
     first = infos[0]
@@ -136,44 +187,48 @@ def plan_ingest(
     settings = manifest.ingest
     allow = p.allow_incomplete if p.allow_incomplete is not None else settings.allow_incomplete
     ny, nx = p.scan_shape
-    for info in infos:
-        if info.n_points > p.n_points:
-            raise IngestError(
-                f"{_prefix(p)}: angle file {info.path} has {info.n_points} frames, scan_shape "
-                f"{ny}×{nx} needs {p.n_points}; correct scan_shape"
-            )
-        if info.n_points < p.n_points and not allow:
-            raise IngestError(
-                f"{_prefix(p)}: angle file {info.path} has {info.n_points} frames, scan_shape "
-                f"{ny}×{nx} needs {p.n_points}; set `allow_incomplete = true` to fill missing "
-                "points"
-            )
+    if p.positions is None:  # point i is node divmod(i, nx): the counts must fit the grid
+        for info in infos:
+            if info.n_points > p.n_points:
+                raise IngestError(
+                    f"{_prefix(p)}: {_files(info)} {info.n_points} frames, scan_shape "
+                    f"{ny}×{nx} needs {p.n_points}; correct scan_shape (or give the recorded "
+                    "`positions` of a fly scan)"
+                )
+            if info.n_points < p.n_points and not allow:
+                raise IngestError(
+                    f"{_prefix(p)}: {_files(info)} {info.n_points} frames, scan_shape "
+                    f"{ny}×{nx} needs {p.n_points}; set `allow_incomplete = true` to fill "
+                    "missing points"
+                )
     for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
         if ds is not None:
             for a, info in enumerate(infos):
                 try:
-                    vec = read_vector(info.path, ds, what)
+                    flux = read_per_point(info, ds, what, key=what)
                 except SourceError as exc:
                     raise IngestError(f"{_prefix(p)}: {exc} (manifest key `{what}`)") from None
-                if vec.size < info.n_points:
-                    raise IngestError(
-                        f"{_prefix(p)}: {info.path}:{ds} ({what}) has {vec.size} values for "
-                        f"{info.n_points} frames; fix the file or remove `{what}`"
-                    )
-                flux = vec[: info.n_points]
                 if what == "monitor" and not np.any(np.isfinite(flux) & (flux > 0)):
                     # reduce divides by the monitor: points without flux are masked, but an
                     # angle without any is a broken file, not a beam loss
                     raise IngestError(
-                        f"{_prefix(p)}: angle file {info.path} (angle index {a}, "
+                        f"{_prefix(p)}: angle file {info.describe()} (angle index {a}, "
                         f"{p.angles[a]:g}°) has monitor {ds} = 0, negative or not finite at "
                         "every scan point: the frames cannot be normalised by it; fix the file, "
                         "remove `monitor` from the particle to skip the normalisation, or drop "
                         "this angle from angles_deg and frames"
                     )
+    index_maps = None
+    positions = None
+    position_attrs = None
+    if p.positions is not None:
+        index_maps, positions, position_attrs = _place_points(p, infos)
+        empty = position_attrs["nodes_empty_per_angle"]
+    else:
+        empty = [max(p.n_points - info.n_points, 0) for info in infos]
 
     layout = RawLayout(
-        (len(paths), ny, nx, *first.detector_shape),
+        (len(infos), ny, nx, *first.detector_shape),
         first.dtype,
         scan_chunk=settings.scan_chunk,
         scan_shard=settings.scan_shard,
@@ -185,10 +240,19 @@ def plan_ingest(
     # what an angle was ingested from and with: the file's size and modification time (not its
     # place: a beamtime folder moved whole keeps them) and the settings; a file that was copied
     # or touched is compared by its content with the recorded SHA-256 (same_file)
-    settings_key = (p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
-    fingerprints = [stable_key(info.size, info.mtime_ns, *settings_key) for info in infos]
+    settings_key: tuple[Any, ...] = (
+        p.dataset,
+        p.monitor,
+        p.xrf,
+        p.scan_shape,
+        p.scan_order,
+        layout_key,
+    )
+    if positions is not None:  # where each frame goes: the datasets and the grid's origin
+        settings_key += ("positions", *positions)
+    fingerprints = [stable_key(*info.stamp, *settings_key) for info in infos]
     root = manifest.layout.raw
-    todo = list(range(len(paths)))
+    todo = list(range(len(infos)))
     fresh = True
     moved: dict[int, dict[str, Any]] = {}
     existing = root / p.name / "zarr.json"
@@ -196,20 +260,22 @@ def plan_ingest(
         try:
             group = zarr.open_group(str(root / p.name), mode="r")
             attrs = dict(group.attrs)
-            if attrs.get("layout") == layout.describe():
+            if attrs.get("layout") == layout.describe() and (
+                ("position_y" in group) == (positions is not None)
+            ):
                 done = np.asarray(group["done"][:])
                 recorded = list(attrs.get("sources") or [])
-                recorded += [None] * (len(paths) - len(recorded))
+                recorded += [None] * (len(infos) - len(recorded))
                 same_settings = attrs.get("settings_key") == stable_key(*settings_key)
                 todo = []
-                for a, path in enumerate(paths):
+                for a, info in enumerate(infos):
                     if int(done[a]) == fingerprints[a]:
-                        if (recorded[a] or {}).get("path") != str(path):  # moved, unrecorded
+                        if _recorded_paths(recorded[a]) != info.paths:  # moved, unrecorded
                             moved[a] = recorded[a] or {}
                     elif (
                         done[a] != 0
                         and same_settings
-                        and same_file(path, recorded[a], manifest.base_dir)
+                        and same_source(info.paths, recorded[a], manifest.base_dir)
                     ):
                         moved[a] = recorded[a]
                     else:
@@ -227,7 +293,7 @@ def plan_ingest(
         "angles_deg": [float(a) for a in p.angles],
         "scan_shape": list(p.scan_shape),
         "scan_step_um": list(p.scan_step_um),
-        "scan_order": p.scan_order,
+        "scan_order": p.scan_order if positions is None else "recorded positions",
         "geometry": manifest.geometry_for(p).to_dict(),
         "detector_shape": list(first.detector_shape),
         "dtype": first.dtype,
@@ -239,6 +305,8 @@ def plan_ingest(
         "manifest": manifest.source,
         "settings_key": stable_key(*settings_key),
     }
+    if position_attrs is not None:
+        attrs["positions"] = position_attrs
     return IngestPlan(
         particle=p,
         root=root,
@@ -253,7 +321,103 @@ def plan_ingest(
         fresh=fresh,
         moved=moved,
         base_dir=manifest.base_dir,
+        index_maps=index_maps,
+        empty_nodes=empty,
+        positions=positions,
     )
+
+
+def _files(info: SourceInfo) -> str:
+    """'angle file X has' or 'angle files X + Y have' (for messages)."""
+    if len(info.parts) == 1:
+        return f"angle file {info.path} has"
+    return f"angle files {info.describe()} have"
+
+
+def _recorded_paths(record: dict[str, Any] | None) -> list[str]:
+    return [part.get("path") for part in source_parts(record)]
+
+
+#: µm per unit of recorded positions
+_UNITS = {"um": 1.0, "nm": 1e-3, "mm": 1e3}
+
+
+def _read_positions(p: ParticleSettings, info: SourceInfo) -> tuple[np.ndarray, np.ndarray]:
+    """An angle's recorded positions (µm), one per frame (every file's, concatenated)."""
+    pos = p.positions
+    assert pos is not None
+    tiff = [part.path for part in info.parts if is_tiff(part.path)]
+    if tiff:
+        raise IngestError(
+            f"{_prefix(p)}: positions are read from HDF5 datasets of the frame files, but "
+            f"{tiff[0]} is a TIFF stack; remove `positions`, or convert the scan to HDF5 with "
+            "its positions"
+        )
+    out = []
+    for axis, ds in (("y", pos.y), ("x", pos.x)):
+        try:
+            vec = read_per_point(info, ds, f"position {axis}", key="positions", exact=True)
+        except SourceError as exc:
+            raise IngestError(f"{_prefix(p)}: {exc} (manifest key `positions.{axis}`)") from None
+        out.append(vec * _UNITS[pos.units])
+    return out[0], out[1]
+
+
+def _place_points(
+    p: ParticleSettings, infos: list[SourceInfo]
+) -> tuple[list[np.ndarray], tuple[str, str, float, tuple[float, float]], dict[str, Any]]:
+    """Recorded positions -> per angle the source point of every grid node (module docstring).
+
+    Returns the index maps, what ``_finish_angle`` needs to record the positions and the
+    particle's placement statistics (raw attrs ``positions``).
+    """
+    pos = p.positions
+    assert pos is not None
+    read = [_read_positions(p, info) for info in infos]
+    step = p.scan_step_um
+    try:
+        origin = grid_origin(
+            [y for y, _ in read], [x for _, x in read], scan_shape=p.scan_shape, step_um=step
+        )
+    except ValueError:
+        raise IngestError(
+            f"{_prefix(p)}: the recorded positions {pos.y}, {pos.x} are not finite anywhere "
+            f"(e.g. in {infos[0].describe()}); fix the files or remove `positions`"
+        ) from None
+    grids = [
+        assign_to_grid(y, x, origin=origin, scan_shape=p.scan_shape, step_um=step) for y, x in read
+    ]
+    total = sum(y.size for y, _ in read)
+    placed = total - sum(g.n_outside for g in grids)
+    if placed < total / 2:  # not a fly scan's overshoot: the positions do not fit the grid
+        ys = np.concatenate([y for y, _ in read])
+        xs = np.concatenate([x for _, x in read])
+        span = [float(np.nanmax(v) - np.nanmin(v)) for v in (ys, xs)]
+        ny, nx = p.scan_shape
+        raise IngestError(
+            f"{_prefix(p)}: only {placed} of {total} recorded positions ({pos.y}, {pos.x}, e.g. "
+            f"in {infos[0].describe()}) lie within half a step of the scan grid: they span "
+            f"{span[0]:.4g} × {span[1]:.4g} µm (read as {pos.units!r}), the grid "
+            f"{(ny - 1) * step[0]:.4g} × {(nx - 1) * step[1]:.4g} µm ({ny}×{nx} nodes "
+            f"{step[0]:g} × {step[1]:g} µm apart); check `positions.units`, scan_step_um and "
+            "scan_shape"
+        )
+    errors = np.concatenate([g.errors_um() for g in grids])
+    empty = [g.n_empty for g in grids]
+    stats = {
+        "y_dataset": pos.y,
+        "x_dataset": pos.x,
+        "units": pos.units,
+        "origin_um": [origin[0], origin[1]],
+        "max_error_um": float(errors.max()) if errors.size else None,
+        "rms_error_um": float(np.sqrt(np.mean(errors**2))) if errors.size else None,
+        "points_dropped": sum(g.n_dropped for g in grids),
+        "points_outside_grid": sum(g.n_outside for g in grids),
+        "points_on_taken_node": sum(g.n_duplicate for g in grids),
+        "nodes_empty": sum(empty),
+        "nodes_empty_per_angle": empty,
+    }
+    return [g.index for g in grids], (pos.y, pos.x, _UNITS[pos.units], origin), stats
 
 
 # -- tasks (module level: they run on dask workers) -------------------------------------------
@@ -266,52 +430,96 @@ def _point_index(ys: slice, xs: slice, nx: int, order: str) -> np.ndarray:
     return y * nx + x
 
 
-def _to_grid(vec: np.ndarray, scan_shape: tuple[int, int], order: str, fill: float) -> np.ndarray:
-    ny, nx = scan_shape
-    idx = _point_index(slice(0, ny), slice(0, nx), nx, order)
-    out = np.full((ny, nx), fill, dtype=np.float64)
-    ok = idx < vec.size
-    out[ok] = vec[idx[ok]]
+def _tile_index(
+    index_map: np.ndarray | None,
+    ys: slice,
+    xs: slice,
+    scan_shape: tuple[int, int],
+    order: str,
+    n_avail: int,
+) -> np.ndarray:
+    """Source point of every node of a tile, -1 where none: from the index map of recorded
+    positions, else in acquisition ``order`` (points an aborted scan lacks: -1)."""
+    if index_map is not None:
+        return np.asarray(index_map)[ys, xs]
+    idx = _point_index(ys, xs, scan_shape[1], order)
+    return np.where(idx < n_avail, idx, -1)
+
+
+def _gather(values: np.ndarray, index: np.ndarray, fill: float) -> np.ndarray:
+    """Per-point ``values`` on the grid of ``index`` (``fill`` where no point)."""
+    out = np.full(index.shape, fill, dtype=np.float64)
+    ok = index >= 0
+    out[ok] = values[index[ok]]
     return out
+
+
+#: points not needed between two needed ones that are still read in one go
+_GAP = 64
+
+
+def _read_tile(
+    source: SourceInfo,
+    dataset: str,
+    idx: np.ndarray,
+    detector_shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> tuple[np.ndarray, int, int]:
+    """The frames of the points ``idx`` (-1: zeros) as ``(*idx.shape, *detector_shape)``, and
+    the range ``lo:hi`` of the points read.
+
+    Points in order (whole raster rows) are one read, returned without a copy; else the needed
+    points are read in runs (a gap of more than ``_GAP`` unneeded points splits a run), so a
+    permuted or snaked tile reads about what it needs, never the whole file.
+    """
+    flat = idx.reshape(-1)
+    ok = flat >= 0
+    if not ok.any():
+        return np.zeros((*idx.shape, *detector_shape), dtype=dtype), 0, 0
+    lo, hi = int(flat[ok].min()), int(flat[ok].max()) + 1
+    if hi - lo == flat.size and ok.all() and np.array_equal(flat, np.arange(lo, hi)):
+        frames = read_points(source, dataset, lo, hi)
+        return frames.reshape(*idx.shape, *frames.shape[1:]), lo, hi  # no copy
+    need = np.unique(flat[ok])
+    runs = np.split(need, np.flatnonzero(np.diff(need) > _GAP) + 1)
+    if len(runs) == 1:  # one read, reordered in one gather (twice the tile's memory at most)
+        block = read_points(source, dataset, lo, hi)[np.where(ok, flat - lo, 0)]
+        block[~ok] = 0
+        return block.reshape(*idx.shape, *detector_shape), lo, hi
+    block = np.zeros((flat.size, *detector_shape), dtype=dtype)
+    for run in runs:
+        a, b = int(run[0]), int(run[-1]) + 1
+        frames = read_points(source, dataset, a, b)
+        sel = ok & (flat >= a) & (flat < b)
+        block[sel] = frames[flat[sel] - a]
+    return block.reshape(*idx.shape, *detector_shape), lo, hi
 
 
 def _write_tile(
     frames_url: str,
-    src: str,
+    source: SourceInfo,
     dataset: str,
     angle: int,
     ys: slice,
     xs: slice,
     scan_shape: tuple[int, int],
     order: str,
-    n_avail: int,
+    index_map: np.ndarray | None,
     bad_values: str,
     particle: str,
 ) -> tuple[int, np.ndarray]:
-    """Read one band of scan points of one angle file and write it.
+    """Read the frames of one band of scan points of one angle and write them.
 
-    Returns the number of values zeroed and the band's detector projection (sum over its scan
-    points, float64), from which ``reduce`` finds hot/dead pixels and the Bragg ROI without
-    reading the frames again.
+    ``index_map`` is the source point of every node of the angle (from recorded positions), or
+    None for points in acquisition ``order``. Returns the number of values zeroed and the band's
+    detector projection (sum over its scan points, float64), from which ``reduce`` finds
+    hot/dead pixels and the Bragg ROI without reading the frames again.
     """
-    nx = scan_shape[1]
-    idx = _point_index(ys, xs, nx, order)
-    lo, hi = int(idx.min()), int(min(idx.max() + 1, n_avail))
+    idx = _tile_index(index_map, ys, xs, scan_shape, order, source.n_points)
     # every shard written, so a missing one is damage (io.integrity)
     arr = writable(zarr.open_array(frames_url, mode="r+"))
-    frames = read_points(src, dataset, lo, hi) if hi > lo else None
-    if (
-        frames is not None
-        and hi - lo == idx.size
-        and order == "raster"
-        and xs.stop - xs.start == nx
-    ):
-        block = frames.reshape(*idx.shape, *frames.shape[1:])  # whole rows in order: no copy
-    else:
-        block = np.zeros((*idx.shape, *arr.shape[3:]), dtype=arr.dtype)
-        if frames is not None:
-            ok = idx < n_avail
-            block[ok] = frames[idx[ok] - lo]
+    block, lo, hi = _read_tile(source, dataset, idx, arr.shape[3:], arr.dtype)
+    src = source.describe()
     n_bad = 0
     if block.dtype.kind in "fi":
         bad = block < 0
@@ -336,46 +544,90 @@ def _write_tile(
     return n_bad, projection
 
 
+def _source_record(
+    source: SourceInfo,
+    base_dir: str | Path,
+    checksum: str,
+    previous: dict[str, Any] | None = None,
+    *,
+    stat: bool = True,
+) -> dict[str, Any]:
+    """An angle's ``sources`` record: path, relative path, size, modification time, SHA-256 and
+    points of its file, or of each of its files under ``parts`` (a split scan).
+
+    ``stat``: the files' size and time now (else as probed); ``previous``: a record of the same
+    content whose SHA-256 is kept instead of hashing the files again.
+    """
+    old = source_parts(previous)
+    parts = []
+    for i, part in enumerate(source.parts):
+        size, mtime = part.size, part.mtime_ns
+        if stat:
+            st = os.stat(part.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        if i < len(old) and len(old) == len(source.parts):
+            sha = old[i].get("sha256")
+        else:
+            sha = sha256_file(part.path) if checksum == "sha256" else None
+        parts.append(
+            {
+                "path": part.path,
+                "relpath": relative_to(part.path, base_dir),
+                "size": size,
+                "mtime_ns": mtime,
+                "sha256": sha,
+                "n_points": part.n_points,
+            }
+        )
+    zeroed = (previous or {}).get("zeroed_values", 0)
+    if len(parts) == 1:
+        return {**parts[0], "zeroed_values": zeroed}
+    return {
+        "path": parts[0]["path"],
+        "relpath": parts[0]["relpath"],
+        "parts": parts,
+        "n_points": source.n_points,
+        "zeroed_values": zeroed,
+    }
+
+
 def _finish_angle(
     group_url: str,
-    src: str,
+    source: SourceInfo,
     angle: int,
     monitor: str | None,
     xrf: str | None,
+    positions: tuple[str, str, float, tuple[float, float]] | None,
     scan_shape: tuple[int, int],
     order: str,
-    n_avail: int,
+    index_map: np.ndarray | None,
     fingerprint: int,
     checksum: str,
-    relpath: str,
+    base_dir: str,
     *tile_results: tuple[int, np.ndarray],
 ) -> dict[str, Any]:
     """After all shards of an angle: per-point arrays, then the done mark (last)."""
+    ny, nx = scan_shape
+    index = _tile_index(index_map, slice(0, ny), slice(0, nx), scan_shape, order, source.n_points)
     group = zarr.open_group(group_url, mode="r+")
 
-    def array(name: str) -> zarr.Array:
+    def array(name: str) -> zarr.Array:  # every chunk written (io.integrity)
         return writable(group[name])
 
     array("det_sum")[angle] = sum(t[1] for t in tile_results)
-    valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
-    array("valid")[angle] = valid
+    array("valid")[angle] = index >= 0
     if monitor:
-        io = _to_grid(read_vector(src, monitor, "monitor")[:n_avail], scan_shape, order, 1.0)
+        io = _gather(read_per_point(source, monitor, "monitor", key="monitor"), index, 1.0)
         array("monitor")[angle] = io
     if xrf:
-        array("xrf")[angle] = _to_grid(
-            read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order, np.nan
-        )
-    st = Path(src).stat()
-    record = {
-        "path": src,
-        "relpath": relpath,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "sha256": sha256_file(src) if checksum == "sha256" else None,
-        "n_points": n_avail,
-        "zeroed_values": int(sum(t[0] for t in tile_results)),
-    }
+        array("xrf")[angle] = _gather(read_per_point(source, xrf, "xrf", key="xrf"), index, np.nan)
+    if positions:
+        y_ds, x_ds, to_um, origin = positions
+        for name, ds, zero in (("position_y", y_ds, origin[0]), ("position_x", x_ds, origin[1])):
+            values = read_per_point(source, ds, name, key="positions", exact=True)
+            array(name)[angle] = _gather(values * to_um - zero, index, np.nan)
+    record = _source_record(source, base_dir, checksum)
+    record["zeroed_values"] = int(sum(t[0] for t in tile_results))
     group["done"][angle] = np.uint64(fingerprint)
     return record
 
@@ -387,17 +639,20 @@ def _tasks(plan: IngestPlan) -> list[Any]:
     out = []
     for a in plan.todo:
         src = plan.sources[a]
+        index_map = None
+        if plan.index_maps is not None:  # one graph node per angle, shared by its tasks
+            index_map = dask.delayed(plan.index_maps[a], name=f"ingest-{p.name}-{a}-index")
         tiles = [
             dask.delayed(_write_tile, pure=False)(
                 frames_url,
-                src.path,
+                src,
                 p.dataset,
                 a,
                 ys,
                 xs,
                 p.scan_shape,
                 p.scan_order,
-                src.n_points,
+                index_map,
                 plan.bad_values,
                 p.name,
                 dask_key_name=f"ingest-{p.name}-{a}-{ys.start}-{xs.start}",
@@ -407,16 +662,17 @@ def _tasks(plan: IngestPlan) -> list[Any]:
         out.append(
             dask.delayed(_finish_angle, pure=False)(
                 plan.group_url,
-                src.path,
+                src,
                 a,
                 p.monitor,
                 p.xrf,
+                plan.positions,
                 p.scan_shape,
                 p.scan_order,
-                src.n_points,
+                index_map,
                 plan.fingerprints[a],
                 plan.checksum,
-                relative_to(src.path, plan.base_dir),
+                str(plan.base_dir),
                 *tiles,
                 dask_key_name=f"ingest-{p.name}-{a}-done",
             )
@@ -433,7 +689,7 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     _refresh(plan, sources)
     done = np.asarray(group["done"][:])
     complete = all(int(d) == f for d, f in zip(done, plan.fingerprints, strict=True))
-    incomplete = [a for a, s in enumerate(plan.sources) if s.n_points < plan.particle.n_points]
+    incomplete = [a for a, n in enumerate(plan.empty_nodes) if n]
     zeroed = sum((r or {}).get("zeroed_values", 0) for r in sources)
     attrs = {
         **plan.attrs,
@@ -444,7 +700,17 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     }
     attrs["spndi_dask"] = {**plan.attrs["spndi_dask"], "complete": bool(complete)}
     group.attrs.put(attrs)
-    if incomplete:
+    if incomplete and plan.positions is not None:
+        logger.warning(
+            "particle '%s': %d scan grid node(s) at %d angle(s) (indices %s) have no recorded "
+            "position within half a step; their frames are 0 and marked invalid in `valid` "
+            "(raw attrs `positions`)",
+            plan.name,
+            sum(plan.empty_nodes),
+            len(incomplete),
+            incomplete,
+        )
+    elif incomplete:
         logger.warning(
             "particle '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
             "and marked invalid in `valid`",
@@ -511,14 +777,22 @@ def ingest(
             summary[plan.name] = {"status": Outcome.UP_TO_DATE, "angles_written": 0, "seconds": 0.0}
             continue
         if plan.fresh:
-            create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
+            create_particle_store(
+                plan.root, plan.name, plan.layout, plan.attrs, positions=plan.positions is not None
+            )
         else:  # resuming: the store is not complete while angles are rewritten
             try:
                 _clear_angles(plan)
             except Exception as exc:  # the store's metadata is damaged: start it again
                 logger.warning("particle '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
                 plan.todo = list(range(len(plan.sources)))
-                create_particle_store(plan.root, plan.name, plan.layout, plan.attrs)
+                create_particle_store(
+                    plan.root,
+                    plan.name,
+                    plan.layout,
+                    plan.attrs,
+                    positions=plan.positions is not None,
+                )
         t = _tasks(plan)
         work.append((plan, len(tasks), len(tasks) + len(t)))
         tasks.extend(t)
@@ -575,19 +849,9 @@ def _refresh(plan: IngestPlan, sources: list[dict[str, Any] | None]) -> None:
     done = zarr.open_group(plan.group_url, mode="r+")["done"]
     sources += [None] * (len(plan.sources) - len(sources))
     for a, rec in plan.moved.items():
-        info = plan.sources[a]
-        new = {
-            **rec,
-            "path": info.path,
-            "relpath": relative_to(info.path, plan.base_dir),
-            "size": info.size,
-            "mtime_ns": info.mtime_ns,
-        }
-        if not rec:
-            new["sha256"] = sha256_file(info.path) if plan.checksum == "sha256" else None
-            new["n_points"] = info.n_points
-            new["zeroed_values"] = 0
-        sources[a] = new
+        sources[a] = _source_record(
+            plan.sources[a], plan.base_dir, plan.checksum, rec or None, stat=False
+        )
         done[a] = np.uint64(plan.fingerprints[a])
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
-from spndi_dask.io.hashing import sha256_file
+from spndi_dask.io.hashing import sha256_file, source_parts
 from spndi_dask.io.layout import read_attrs
 
 __all__ = [
@@ -110,8 +110,9 @@ def file_fingerprint(path: str | os.PathLike[str], *, edge: int = EDGE) -> dict[
 def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
     """Fingerprints (:func:`file_fingerprint`) of every input file the manifest names.
 
-    Per particle its frame files (one per angle), dark and mask; then the ``[reduce]`` detector
-    mask and flat field. Each row also has ``particle`` and ``role`` ('frames 3', 'dark', ...)
+    Per particle its frame files (one or several per angle), dark and mask; then the ``[reduce]``
+    detector mask and flat field. Each row also has ``particle`` and ``role`` ('frames 3',
+    'frames 3 (file 2 of 4)', 'dark', ...)
     and, for frame files, ``vs_ingest``: whether size and mtime are those recorded by ingest
     ('same', 'changed', or '' when not ingested).
     """
@@ -119,17 +120,21 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for p in manifest.particles:
         sources = (read_attrs(layout.raw_node(p.name)) or {}).get("sources") or []
-        recorded = {s.get("path"): s for s in sources if s}
-        for i, path in enumerate(p.frame_paths(manifest.base_dir)):
-            fp = file_fingerprint(path)
-            rec = recorded.get(str(path))
-            vs = ""
-            if rec is not None:
-                same = rec.get("size") == fp.get("size") and rec.get("mtime_ns") == fp.get(
-                    "mtime_ns"
+        recorded = {part.get("path"): part for s in sources for part in source_parts(s)}
+        for i, paths in enumerate(p.frame_files(manifest.base_dir)):
+            for j, path in enumerate(paths):
+                fp = file_fingerprint(path)
+                rec = recorded.get(str(path))
+                vs = ""
+                if rec is not None:
+                    same = rec.get("size") == fp.get("size") and rec.get("mtime_ns") == fp.get(
+                        "mtime_ns"
+                    )
+                    vs = "same" if same else "changed"
+                role = f"frames {i}" + (
+                    f" (file {j + 1} of {len(paths)})" if len(paths) > 1 else ""
                 )
-                vs = "same" if same else "changed"
-            rows.append({"particle": p.name, "role": f"frames {i}", **fp, "vs_ingest": vs})
+                rows.append({"particle": p.name, "role": role, **fp, "vs_ingest": vs})
         for role in ("dark", "mask"):
             value = getattr(p, role)
             if value:

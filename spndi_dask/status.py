@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spndi_dask.config import Manifest
-from spndi_dask.io.hashing import relative_to, sha256_file, source_identity
+from spndi_dask.io.hashing import relative_to, sha256_file, source_identity, source_parts
 from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
 from spndi_dask.io.lock import lock_holder
 from spndi_dask.stages import status_stages
@@ -99,17 +99,21 @@ def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str | None:
     recorded = list(raw.get("sources") or [])
-    paths = manifest.particle(name).frame_paths(manifest.base_dir)
-    if len(paths) != len(recorded):
-        return f"{len(paths)} frame files now, {len(recorded)} when ingested"
-    for p, rec in zip(paths, recorded, strict=True):
-        if not p.exists():
-            return f"{p} is missing"
-        if not _cheap_same(p, rec, manifest.base_dir):
-            return (
-                f"{p} changed since ingest (size, modification time or place; `spndi run` "
-                "compares its content and keeps what is unchanged)"
-            )
+    files = manifest.particle(name).frame_files(manifest.base_dir)
+    if len(files) != len(recorded):
+        return f"{len(files)} angles' frame files now, {len(recorded)} when ingested"
+    for a, (paths, rec) in enumerate(zip(files, recorded, strict=True)):
+        parts = source_parts(rec)
+        if len(paths) != len(parts):
+            return f"angle {a} has {len(paths)} frame files now, {len(parts)} when ingested"
+        for p, part in zip(paths, parts, strict=True):
+            if not p.exists():
+                return f"{p} is missing"
+            if not _cheap_same(p, part, manifest.base_dir):
+                return (
+                    f"{p} changed since ingest (size, modification time or place; `spndi run` "
+                    "compares its content and keeps what is unchanged)"
+                )
     return None
 
 

@@ -1,3 +1,4 @@
+import itertools
 import logging
 import os
 import shutil
@@ -320,3 +321,214 @@ def test_a_monitor_with_some_zero_points_is_ingested(handmade):
     m = load(tmp, data)
     assert ingest(m)["p1"]["status"] == "ingested"
     assert np.array_equal(open_raw(m.output_dir, "p1").monitor.values, monitor)
+
+
+# -- scans split across files, scan axes first in the dataset -------------------------------
+MONITOR, XRF = "/entry/instrument/monitor/Io", "/entry/instrument/xrf/Co_K"
+
+
+def write_split_files(root, frames, monitor, xrf, cuts, *, four_d=False, tiff=False):
+    """Write each angle of ``frames (angle, y, x, r, c)`` as several files, cut at the flat
+    point indices ``cuts``: ``(rows, cols, r, c)`` datasets (``four_d``; cuts at whole rows),
+    or TIFF stacks. Returns the manifest's ``frames`` list."""
+    import tifffile
+
+    n_angle, ny, nx = frames.shape[:3]
+    listing = []
+    for a in range(n_angle):
+        flat = frames[a].reshape(ny * nx, *frames.shape[3:])
+        bounds = [0, *cuts, ny * nx]
+        names = []
+        for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            name = f"split/p1/angle_{a:03d}_{k}.{'tif' if tiff else 'h5'}"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            if tiff:
+                tifffile.imwrite(root / name, flat[lo:hi], photometric="minisblack")
+            else:
+                part = flat[lo:hi]
+                if four_d:
+                    part = part.reshape((hi - lo) // nx, nx, *part.shape[1:])
+                with h5py.File(root / name, "w") as f:
+                    f.create_dataset(
+                        "/entry/instrument/detector/data",
+                        data=part,
+                        chunks=(1,) * (part.ndim - 2) + part.shape[-2:],
+                    )
+                    f.create_dataset(MONITOR, data=monitor[a].reshape(-1)[lo:hi])
+                    f.create_dataset(XRF, data=xrf[a].reshape(-1)[lo:hi])
+            names.append(name)
+        listing.append(names)
+    return listing
+
+
+def _store(m):
+    g = zarr.open_group(str(m.output_dir / "raw.zarr" / "p1"), mode="r")
+    return {k: g[k][...] for k in ("frames", "monitor", "xrf", "valid", "det_sum")}
+
+
+def test_a_scan_split_across_files_ingests_bit_for_bit_as_one_file(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    whole = load(tmp, data)
+    ingest(whole)
+    expected = _store(whole)
+    # 42 points per angle in files of 5, 20 and 17 points: tiles cross the file boundaries
+    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
+    data["output"] = "results_split"
+    m = load(tmp, data)
+    assert ingest(m)["p1"]["status"] == "ingested"
+    got = _store(m)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+    src = open_raw(m.output_dir, "p1").attrs["sources"][3]
+    assert [part["path"].rsplit("/", 1)[1] for part in src["parts"]] == [
+        "angle_003_0.h5",
+        "angle_003_1.h5",
+        "angle_003_2.h5",
+    ]
+    assert [part["n_points"] for part in src["parts"]] == [5, 20, 17] and src["n_points"] == 42
+    assert all(part["sha256"] == sha256_file(part["path"]) for part in src["parts"])
+    assert ingest(m)["p1"]["status"] == "up to date"
+
+
+def test_scan_axes_first_ingest_bit_for_bit_as_a_stack(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    whole = load(tmp, data)
+    ingest(whole)
+    expected = _store(whole)
+    # (rows, cols, r, c) datasets, one file of 2 rows and one of 4 per angle
+    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [14], four_d=True)
+    data["output"] = "results_4d"
+    m = load(tmp, data)
+    ingest(m)
+    got = _store(m)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+    # one 4-D file per angle
+    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [], four_d=True)
+    data["output"] = "results_4d1"
+    m = load(tmp, data)
+    ingest(m)
+    assert np.array_equal(_store(m)["frames"], expected["frames"])
+
+
+def test_a_list_of_tiff_stacks_per_angle(tmp_path):
+    frames = np.random.default_rng(4).integers(0, 1000, size=(3, 3, 5, 8, 6), dtype=np.uint16)
+    data = manifest_dict(n_angles=3, scan_shape=(3, 5))
+    data["particles"][0]["frames"] = write_split_files(
+        tmp_path, frames, None, None, [4, 11], tiff=True
+    )
+    ingest(load(tmp_path, data))
+    assert np.array_equal(open_raw(tmp_path / "results", "p1").frames.values, frames)
+
+
+def test_the_files_of_one_angle_must_share_the_detector(handmade):
+    tmp, data, frames, monitor, xrf = handmade
+    listing = write_split_files(tmp, frames, monitor, xrf, [20])
+    with h5py.File(tmp / listing[2][1], "w") as f:
+        f.create_dataset("/entry/instrument/detector/data", data=np.zeros((22, 9, 11), np.uint16))
+    data["particles"][0]["frames"] = listing
+    with pytest.raises(IngestError) as info:
+        ingest(load(tmp, data))
+    msg = str(info.value)
+    assert "angle_002_1.h5 (part 2 of the angle's 2 files) has frames (9, 11) uint16" in msg
+    assert "angle_002_0.h5 (part 1) has (9, 10) uint16" in msg and "`frames`" in msg
+    # a part with too few monitor values names that file
+    listing = write_split_files(tmp, frames, monitor, xrf, [20])
+    with h5py.File(tmp / listing[1][0], "r+") as f:
+        del f[MONITOR]
+        f[MONITOR] = np.ones(19)
+    with pytest.raises(IngestError, match=r"angle_001_0.h5:.*Io \(monitor\) has 19 values for 20"):
+        ingest(load(tmp, data))
+
+
+def test_a_split_angle_is_unchanged_while_all_its_files_are(handmade):
+    from spndi_dask.provenance import input_fingerprints
+    from spndi_dask.status import scan_status
+
+    tmp, data, frames, monitor, xrf = handmade
+    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
+    m = load(tmp, data)
+    ingest(m)
+    assert scan_status(m)["p1"]["ingest"] == ("done", "")
+    rows = [r for r in input_fingerprints(m) if r["role"].startswith("frames 1")]
+    assert [r["role"] for r in rows] == [f"frames 1 (file {k} of 3)" for k in (1, 2, 3)]
+    assert {r["vs_ingest"] for r in rows} == {"same"}
+    # touched (same content): nothing written again, the record follows the new time
+    part = tmp / "split/p1/angle_001_1.h5"
+    st = os.stat(part)
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert "angle_001_1.h5 changed since ingest" in scan_status(m)["p1"]["ingest"][1]
+    assert ingest(m)["p1"]["status"] == "up to date"
+    rec = open_raw(m.output_dir, "p1").attrs["sources"][1]["parts"][1]
+    assert rec["mtime_ns"] == st.st_mtime_ns + 10**9
+    assert scan_status(m)["p1"]["ingest"] == ("done", "")
+    # one file's content changed: that angle only is written again
+    new = frames.copy()
+    new[1] += 1
+    write_split_files(tmp, new, monitor, xrf, [5, 25])
+    for a in (0, 2, 3, 4):  # rewritten with the same content, a later time: unchanged
+        for k in range(3):
+            p = tmp / f"split/p1/angle_{a:03d}_{k}.h5"
+            st = os.stat(p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    summary = ingest(m)
+    assert summary["p1"]["angles_written"] == 1
+    assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, new)
+    # a folder moved whole: nothing read again
+    shutil.move(tmp / "split", tmp / "moved")
+    data["particles"][0]["frames"] = [
+        [n.replace("split/", "moved/") for n in names] for names in data["particles"][0]["frames"]
+    ]
+    m2 = load(tmp, data)
+    assert ingest(m2)["p1"]["status"] == "up to date"
+    # a part missing, or one more file for an angle
+    (tmp / "moved/p1/angle_004_2.h5").unlink()
+    with pytest.raises(IngestError, match=r"1 of 15 angle files are missing:\n.*angle_004_2.h5"):
+        ingest(m2)
+
+
+def test_reading_a_tile_reads_only_its_points(tmp_path):
+    """A tile's frames come from HDF5 hyperslabs of the points it needs (across files), never
+    from a whole file: the Python heap's peak stays at the tile, far below the files."""
+    import tracemalloc
+
+    from spndi_dask.io.sources import probe_source
+
+    rng = np.random.default_rng(0)
+    ny, nx, shape = 80, 50, (64, 64)
+    frames = rng.integers(0, 60000, size=(ny * nx, *shape), dtype=np.uint16)  # 32 MiB
+    files = []
+    for k, (lo, hi) in enumerate([(0, 40 * nx), (40 * nx, ny * nx)]):  # two (rows, cols, r, c)
+        files.append(tmp_path / f"part{k}.h5")
+        with h5py.File(files[-1], "w") as f:
+            f.create_dataset(
+                "data", data=frames[lo:hi].reshape(-1, nx, *shape), chunks=(1, 1, *shape)
+            )
+    info = probe_source(files, "data")
+    file_bytes = sum(p.stat().st_size for p in files)
+    # a 2-row band across the file boundary in snake order (every other row reversed)
+    idx = ingest_mod._point_index(slice(39, 41), slice(0, nx), nx, "snake")
+    tile_bytes = idx.size * shape[0] * shape[1] * 2
+    tracemalloc.start()
+    try:
+        block, lo, hi = ingest_mod._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(block, frames[idx])
+    assert (lo, hi) == (39 * nx, 41 * nx)
+    print(
+        f"tile {tile_bytes / 2**20:.2f} MiB, peak {peak / 2**20:.2f} MiB, files "
+        f"{file_bytes / 2**20:.1f} MiB"
+    )
+    assert peak < 2.2 * tile_bytes and peak < file_bytes / 15
+    # a raster band of as many points inside one file is one read without a copy
+    idx = ingest_mod._point_index(slice(4, 6), slice(0, nx), nx, "raster")
+    tracemalloc.start()
+    try:
+        block, *_ = ingest_mod._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(block, frames[idx])
+    assert peak < 1.1 * tile_bytes

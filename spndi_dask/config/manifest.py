@@ -405,7 +405,7 @@ class Manifest(SettingsModel):
         if out == home:
             raise ValueError(f"{where} is your home directory{fix}")
         for p in self.particles:
-            inputs = [(f, "frame files") for f in p.frame_paths(Path(base))]
+            inputs = [(f, "frame files") for fs in p.frame_files(Path(base)) for f in fs]
             if p.dark:
                 inputs.append((_resolve(Path(base), p.dark), "dark file"))
             for folder, what in dict.fromkeys((f.parent, what) for f, what in inputs):

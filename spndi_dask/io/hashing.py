@@ -6,7 +6,8 @@ fingerprints of the report's provenance, which must not read terabytes).
 :func:`same_file` tells ingest and ``spndi status`` whether an angle file is still the one that
 was ingested: by its size and modification time at its path or at its path relative to the
 manifest (nothing read), else by its content (a beamtime folder copied elsewhere is recognised,
-not ingested again).
+not ingested again). An angle whose scan is split across files has one record per file
+(:func:`source_parts`); :func:`same_source` asks :func:`same_file` of each.
 
 Examples
 --------
@@ -31,8 +32,10 @@ from typing import Any
 __all__ = [
     "relative_to",
     "same_file",
+    "same_source",
     "sha256_file",
     "source_identity",
+    "source_parts",
     "stable_key",
 ]
 
@@ -117,10 +120,50 @@ def same_file(
     return sha256_file(path) == record["sha256"]
 
 
+def source_parts(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The per-file records of one of ingest's ``sources`` records: its ``parts`` (an angle
+    split across files), else the record itself (one file); none for no record.
+
+    Examples
+    --------
+    >>> [p["path"] for p in source_parts({"path": "a.h5", "parts": [{"path": "a.h5"},
+    ...                                                             {"path": "b.h5"}]})]
+    ['a.h5', 'b.h5']
+    >>> source_parts({"path": "a.h5", "size": 3})
+    [{'path': 'a.h5', 'size': 3}]
+    """
+    if not record:
+        return []
+    return list(record["parts"]) if record.get("parts") else [record]
+
+
+def same_source(
+    paths: list[str | os.PathLike[str]],
+    record: dict[str, Any] | None,
+    base: str | os.PathLike[str],
+) -> bool | None:
+    """:func:`same_file` for the file(s) of one angle: every file against its part of
+    ``record``, in order. False if any differs (or the number of files does), None if any needs
+    a SHA-256 that was not recorded, else True."""
+    parts = source_parts(record)
+    if not parts or len(parts) != len(paths):
+        return False
+    if len(paths) == 1:
+        return same_file(paths[0], parts[0], base)
+    unknown = False
+    for path, part in zip(paths, parts, strict=True):
+        same = same_file(path, part, base)
+        if same is False:
+            return False
+        unknown |= same is None
+    return None if unknown else True
+
+
 def source_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """What identifies an ingested angle file (one of ingest's ``sources`` records): its size and
     SHA-256 where ingest recorded one, else its path relative to the manifest and modification
-    time; never where it lies, so results stay current when a beamtime folder moves.
+    time; never where it lies, so results stay current when a beamtime folder moves. An angle of
+    several files: the identity of each, in order.
 
     Examples
     --------
@@ -129,6 +172,8 @@ def source_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """
     if not record:
         return None
+    if record.get("parts"):
+        return {"parts": [source_identity(part) for part in record["parts"]]}
     if record.get("sha256"):
         return {"size": record.get("size"), "sha256": record["sha256"]}
     return {k: record.get(k) for k in ("relpath", "size", "mtime_ns")}

@@ -6,6 +6,12 @@ Layout, one group per particle::
                        /monitor  (angle, y, x) float64   incident flux (1 where none recorded)
                        /xrf      (angle, y, x) float64   fluorescence (NaN where none recorded)
                        /valid    (angle, y, x) bool      False for points an aborted scan lacks
+                                                         (and grid nodes without a recorded
+                                                         position)
+                       /position_y, /position_x  (angle, y, x) float64  only for recorded
+                                                         positions: those of the point placed on
+                                                         each node, µm from node (0, 0) (NaN
+                                                         where none)
                        /det_sum  (angle, det_row, det_col) float64  detector projection: the sum of
                                                          an angle's frames over all scan points
                        /done     (angle,)      uint64    source fingerprint once an angle is
@@ -126,9 +132,17 @@ class RawLayout:
 
 
 def create_particle_store(
-    root: str | Path, name: str, layout: RawLayout, attrs: dict[str, Any]
+    root: str | Path,
+    name: str,
+    layout: RawLayout,
+    attrs: dict[str, Any],
+    *,
+    positions: bool = False,
 ) -> zarr.Group:
-    """(Re)create the arrays of one particle in ``raw.zarr``; everything starts not done."""
+    """(Re)create the arrays of one particle in ``raw.zarr``; everything starts not done.
+
+    ``positions``: also ``position_y``/``position_x`` (recorded positions of a fly scan).
+    """
     group = zarr.open_group(str(root), mode="a").require_group(name)
     n_angle, ny, nx = layout.shape[:3]
     for child in list(group.keys()):
@@ -152,6 +166,11 @@ def create_particle_store(
     group.create_array("monitor", dtype="float64", fill_value=1.0, **per_angle)
     group.create_array("xrf", dtype="float64", fill_value=float("nan"), **per_angle)
     group.create_array("valid", dtype="bool", fill_value=False, **per_angle)
+    if positions:
+        for axis in ("y", "x"):
+            group.create_array(
+                f"position_{axis}", dtype="float64", fill_value=float("nan"), **per_angle
+            )
     group.create_array(
         "det_sum",
         shape=(n_angle, *layout.shape[3:]),
@@ -199,7 +218,10 @@ def open_raw(
     xarray.Dataset
         ``frames(angle, y, x, det_row, det_col)`` (dask), ``monitor``, ``xrf``, ``valid``; coords
         ``angle`` (deg), ``y``/``x`` (µm); ``det_sum(angle, det_row, det_col)`` (the detector
-        projection recorded at ingest, when the store has it); provenance in ``attrs``.
+        projection recorded at ingest, when the store has it); ``position_y``/``position_x``
+        (angle, y, x) when ingested from recorded positions (µm, in the frame of the ``y``/``x``
+        coordinates: node (0, 0) at ``attrs["positions"]["origin_um"]``); provenance in
+        ``attrs``.
     """
     root = Path(output_dir)
     if root.suffix != ".zarr":
@@ -246,6 +268,9 @@ def open_raw(
         "xrf": (("angle", "y", "x"), da.from_zarr(group["xrf"], chunks=per_angle)),
         "valid": (("angle", "y", "x"), da.from_zarr(group["valid"], chunks=per_angle)),
     }
+    for name in ("position_y", "position_x"):
+        if name in group:
+            data[name] = (("angle", "y", "x"), da.from_zarr(group[name], chunks=per_angle))
     if "det_sum" in group:
         det = group["det_sum"]
         data["det_sum"] = (("angle", "det_row", "det_col"), da.from_zarr(det, chunks=det.shape))

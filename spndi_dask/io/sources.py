@@ -1,12 +1,35 @@
 """Readers for raw detector files (HDF5 beamline files, TIFF stacks): metadata and point ranges.
 
-Pure I/O helpers with no dask: :func:`probe_source` inspects one angle file (shape, dtype,
-datasets present) and :func:`read_points` reads a range of scan points. Every failure is an
+Pure I/O helpers with no dask: :func:`probe_source` inspects the frame file(s) of one angle
+(shape, dtype, datasets present), :func:`read_points` reads a range of scan points and
+:func:`read_per_point` a per-point dataset (monitor, XRF, recorded positions). Every failure is an
 :class:`SourceError` that names the file and says what to do.
+
+An angle's source is one file or several (a scan split across files): their frames are
+concatenated in the order given. A frames dataset is ``(n_points, det_rows, det_cols)`` or has the
+scan's axes first, e.g. ``(rows, cols, det_rows, det_cols)``; its points are taken in row-major
+order. :func:`read_points` reads only the hyperslabs a range of points covers, across files.
+
+Examples
+--------
+>>> import tempfile, h5py
+>>> folder = Path(tempfile.mkdtemp())
+>>> frames = np.arange(6 * 4, dtype=np.uint16).reshape(6, 2, 2)
+>>> with h5py.File(folder / "a.h5", "w") as f:
+...     _ = f.create_dataset("data", data=frames[:4].reshape(2, 2, 2, 2))  # (rows, cols, r, c)
+>>> with h5py.File(folder / "b.h5", "w") as f:
+...     _ = f.create_dataset("data", data=frames[4:])
+>>> info = probe_source([folder / "a.h5", folder / "b.h5"], "data")
+>>> info.n_points, [part.scan_axes for part in info.parts]
+(6, [(2, 2), (2,)])
+>>> np.array_equal(read_points(info, "data", 1, 5), frames[1:5])  # across both files
+True
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +44,12 @@ from spndi_dask.stages import StageError
 __all__ = [
     "SourceError",
     "SourceInfo",
+    "SourcePart",
     "is_tiff",
     "list_hdf5_datasets",
     "probe_source",
     "read_detector_image",
+    "read_per_point",
     "read_points",
     "read_vector",
 ]
@@ -35,15 +60,61 @@ class SourceError(StageError, ValueError):
 
 
 @dataclass(frozen=True)
-class SourceInfo:
-    """What one angle file holds."""
+class SourcePart:
+    """One frame file of an angle: its scan points and file stamp."""
 
     path: str
     n_points: int
-    detector_shape: tuple[int, int]
-    dtype: str
+    #: the leading (scan) axes of its frames: ``(n,)``, or e.g. ``(rows, cols)``
+    scan_axes: tuple[int, ...]
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the frame file(s) of one angle hold: the parts' frames concatenated in order."""
+
+    parts: tuple[SourcePart, ...]
+    detector_shape: tuple[int, int]
+    dtype: str
+
+    @property
+    def path(self) -> str:
+        """The (first) file."""
+        return self.parts[0].path
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file, in order."""
+        return [part.path for part in self.parts]
+
+    @property
+    def n_points(self) -> int:
+        """Scan points of all parts together."""
+        return sum(part.n_points for part in self.parts)
+
+    @property
+    def size(self) -> int:
+        """Bytes of all parts together."""
+        return sum(part.size for part in self.parts)
+
+    @property
+    def mtime_ns(self) -> int:
+        """Latest modification time of the parts."""
+        return max(part.mtime_ns for part in self.parts)
+
+    @property
+    def stamp(self) -> tuple[Any, ...]:
+        """Size and modification time: ``(size, mtime_ns)`` of a single file, else one such
+        pair per part (what tells ingest that an angle's files are unchanged)."""
+        if len(self.parts) == 1:
+            return (self.size, self.mtime_ns)
+        return tuple((part.size, part.mtime_ns) for part in self.parts)
+
+    def describe(self) -> str:
+        """The file, or the files joined by ' + ' (for messages)."""
+        return " + ".join(self.paths)
 
 
 def is_tiff(path: str | Path) -> bool:
@@ -84,15 +155,45 @@ def _dataset(f: Any, path: str | Path, name: str, what: str) -> Any:
     return f[name]
 
 
-def probe_source(path: str | Path, dataset: str) -> SourceInfo:
-    """Inspect one angle file without reading its frames.
+def probe_source(paths: str | Path | Sequence[str | Path], dataset: str) -> SourceInfo:
+    """Inspect the frame file(s) of one angle without reading their frames.
+
+    Parameters
+    ----------
+    paths : path or list of paths
+        One file, or the files of a scan split across several (frames concatenated in order).
+    dataset : str
+        HDF5 dataset of the frames: ``(n_points, det_rows, det_cols)``, or with any number of
+        scan axes first (e.g. ``(rows, cols, det_rows, det_cols)``). Unused for TIFF stacks.
 
     Raises
     ------
     SourceError
-        Missing file, unreadable file, missing dataset, or a dataset that is not 3-D.
+        Missing file, unreadable file, missing dataset, a dataset with fewer than 3 axes, or
+        parts whose detector shape or dtype differ.
     """
-    path = Path(path)
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    parts: list[SourcePart] = []
+    first: tuple[str, tuple[int, int], str] | None = None
+    for path in paths:
+        part, shape, dtype = _probe_part(Path(path), dataset)
+        if first is None:
+            first = (part.path, shape, dtype)
+        elif (shape, dtype) != first[1:]:
+            raise SourceError(
+                f"{part.path} (part {len(parts) + 1} of the angle's {len(paths)} files) has "
+                f"frames {shape} {dtype}, but {first[0]} (part 1) has {first[1]} {first[2]}: the "
+                "files of one angle must hold one scan with one detector setting; list only that "
+                "scan's files in `frames`"
+            )
+        parts.append(part)
+    if first is None:
+        raise SourceError("no frame file given for the angle; list its file(s) in `frames`")
+    return SourceInfo(tuple(parts), first[1], first[2])
+
+
+def _probe_part(path: Path, dataset: str) -> tuple[SourcePart, tuple[int, int], str]:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -109,42 +210,142 @@ def probe_source(path: str | Path, dataset: str) -> SourceInfo:
             ) from None
         if len(shape) != 2:
             raise SourceError(f"{path}: TIFF pages have shape {shape}; expected 2-D frames")
-        return SourceInfo(str(path), pages, shape, dtype, st.st_size, st.st_mtime_ns)
+        return SourcePart(str(path), pages, (pages,), st.st_size, st.st_mtime_ns), shape, dtype
     try:
         with h5py.File(path, "r") as f:
             d = _dataset(f, path, dataset, "frames")
-            if d.ndim != 3:
+            if d.ndim < 3:
                 raise SourceError(
                     f"{path}:{dataset} has shape {d.shape}; expected (n_points, det_rows, "
-                    "det_cols): set `dataset` to the frame stack"
+                    "det_cols) or the scan's axes first, e.g. (rows, cols, det_rows, det_cols): "
+                    "set `dataset` to the frame stack"
                 )
-            return SourceInfo(
-                str(path),
-                int(d.shape[0]),
-                tuple(d.shape[1:]),
-                str(d.dtype),
-                st.st_size,
-                st.st_mtime_ns,
-            )
+            axes = tuple(int(n) for n in d.shape[:-2])
+            part = SourcePart(str(path), math.prod(axes), axes, st.st_size, st.st_mtime_ns)
+            return part, tuple(int(n) for n in d.shape[-2:]), str(d.dtype)
     except SourceError:
         raise
     except OSError as exc:
         raise _open_error(path, exc) from None
 
 
-def read_points(path: str | Path, dataset: str, start: int, stop: int) -> np.ndarray:
-    """Frames of scan points ``start:stop`` as ``(n, det_rows, det_cols)``."""
+def _runs(axes: tuple[int, ...], start: int, stop: int) -> Iterator[tuple[Any, ...]]:
+    """Hyperslabs (index tuples over ``axes``) whose row-major concatenation is the flat point
+    range ``start:stop``: a partial first row, whole rows, a partial last row (recursively).
+
+    >>> list(_runs((3, 4), 2, 11))
+    [(0, slice(2, 4, None)), (slice(1, 2, None),), (2, slice(0, 3, None))]
+    """
+    if start >= stop:
+        return
+    if len(axes) == 1:
+        yield (slice(start, stop),)
+        return
+    inner = math.prod(axes[1:])
+    i0, r0 = divmod(start, inner)
+    i1, r1 = divmod(stop, inner)
+    if i0 == i1:
+        yield from ((i0, *run) for run in _runs(axes[1:], r0, r1))
+        return
+    if r0:
+        yield from ((i0, *run) for run in _runs(axes[1:], r0, inner))
+        i0 += 1
+    if i1 > i0:
+        yield (slice(i0, i1),)
+    if r1:
+        yield from ((i1, *run) for run in _runs(axes[1:], 0, r1))
+
+
+def read_points(source: SourceInfo | str | Path, dataset: str, start: int, stop: int) -> np.ndarray:
+    """Frames of scan points ``start:stop`` (of all parts together) as ``(n, det_rows, det_cols)``.
+
+    Only those points are read: per file the hyperslabs of its frames dataset that the range
+    covers (rows of a dataset with scan axes first are read whole only where the range covers
+    them whole). ``source`` is a :class:`SourceInfo` (from :func:`probe_source`) or one file.
+    """
+    if not isinstance(source, SourceInfo):
+        source = probe_source(source, dataset)
+    if len(source.parts) == 1 and len(source.parts[0].scan_axes) == 1:
+        return _read_part(source.parts[0], dataset, start, stop, None)  # one hyperslab
+    out = np.empty((max(stop - start, 0), *source.detector_shape), dtype=source.dtype)
+    offset = 0
+    for part in source.parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, part.n_points)
+        if hi > lo:
+            _read_part(part, dataset, lo, hi, out[offset + lo - start : offset + hi - start])
+        offset += part.n_points
+    return out
+
+
+def _read_part(
+    part: SourcePart, dataset: str, start: int, stop: int, out: np.ndarray | None
+) -> np.ndarray:
+    """Points ``start:stop`` of one file, into ``out`` (contiguous) when given."""
+    path = part.path
     try:
         if is_tiff(path):
-            out = tifffile.imread(path, key=range(start, stop))
-            return out.reshape(stop - start, *out.shape[-2:])
+            frames = tifffile.imread(path, key=range(start, stop))
+            frames = frames.reshape(stop - start, *frames.shape[-2:])
+            if out is None:
+                return frames
+            out[...] = frames
+            return out
         with h5py.File(path, "r") as f:
-            return f[dataset][start:stop]
+            d = f[dataset]
+            if out is None:
+                return d[start:stop]
+            done = 0
+            for run in _runs(part.scan_axes, start, stop):
+                shape = _run_shape(run, part.scan_axes)
+                n = math.prod(shape)
+                d.read_direct(out[done : done + n].reshape(*shape, *d.shape[-2:]), run)
+                done += n
+            return out
     except OSError as exc:
         raise SourceError(
             f"{path}: reading scan points {start}-{stop - 1} of {dataset} failed ({exc}); the "
             "file is truncated or corrupt: copy it again from the beamline"
         ) from None
+
+
+def _run_shape(run: tuple[Any, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the scan axes a hyperslab of :func:`_runs` selects."""
+    shape = [
+        len(range(*i.indices(n))) for i, n in zip(run, axes, strict=False) if isinstance(i, slice)
+    ]
+    return (*shape, *axes[len(run) :])
+
+
+def read_per_point(
+    source: SourceInfo, dataset: str, what: str, *, key: str, exact: bool = False
+) -> np.ndarray:
+    """A per-point dataset (monitor, XRF, a recorded position) of every part, concatenated.
+
+    Each part's values (flattened row-major, float64) are cut to its number of frames, so the
+    result has one value per scan point of the angle. ``key`` is the manifest key that names the
+    dataset (for the fix in messages).
+
+    Raises
+    ------
+    SourceError
+        A part lacks the dataset, or holds fewer values than frames (more, with ``exact``).
+    """
+    values = []
+    for part in source.parts:
+        vec = read_vector(part.path, dataset, what)
+        if vec.size < part.n_points or (exact and vec.size != part.n_points):
+            fix = (
+                "each frame needs its recorded position: export the positions with the frames, "
+                f"or remove `{key}` to place the frames in scan_order"
+                if exact
+                else f"fix the file or remove `{key}`"
+            )
+            raise SourceError(
+                f"{part.path}:{dataset} ({what}) has {vec.size} values for {part.n_points} "
+                f"frames; {fix}"
+            )
+        values.append(vec[: part.n_points])
+    return np.concatenate(values)
 
 
 def read_vector(path: str | Path, dataset: str, what: str) -> np.ndarray:
