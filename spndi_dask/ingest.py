@@ -1,13 +1,21 @@
 """Raw files (one HDF5 or TIFF stack per rocking angle) -> ``<output>/raw.zarr``.
 
 Parallel (one dask task per shard: an angle's scan tile; plus one task per angle that records
-monitor, XRF, validity and then marks the angle done), shard-aligned, bit-exact and resumable:
+monitor, XRF, validity, the detector projection, the flagged pixels and the frame file's pixel
+mask and then marks the angle done), shard-aligned, bit-exact and resumable:
 an angle counts as done only once all of its shards and per-point arrays are written, and only
 while its source file holds what was ingested (the same size, modification time and path, or
 path relative to the manifest, else the same SHA-256: a beamtime folder moved or copied whole is
 not ingested again) with the same dataset names and layout.
 A re-run writes only angles that are not done. Every input is checked before anything is
 written; one bad particle does not stop the others.
+
+Detector traits: values equal to the detector's invalid value (``[ingest] invalid_value``, e.g.
+2^32 − 1 in the gaps and defective pixels of an Eiger or Pilatus) are stored as 0 and counted
+per pixel and angle in ``flagged`` (:func:`_flag_invalid`); a particle's ``mask_dataset`` is
+copied from every angle file into ``pixel_mask``. ``reduce`` masks both. XRF spectra are summed
+over channels and the energy window while they are read
+(:func:`~spndi_dask.io.sources.read_xrf`).
 
 Examples
 --------
@@ -44,7 +52,17 @@ from spndi_dask.io.hashing import relative_to, same_file, sha256_file, stable_ke
 from spndi_dask.io.integrity import is_damage, writing
 from spndi_dask.io.layout import check_output
 from spndi_dask.io.raw_store import RawLayout, create_particle_store
-from spndi_dask.io.sources import SourceError, SourceInfo, probe_source, read_points, read_vector
+from spndi_dask.io.sources import (
+    SourceError,
+    SourceInfo,
+    XrfSource,
+    probe_source,
+    probe_xrf,
+    read_pixel_mask,
+    read_points,
+    read_vector,
+    read_xrf,
+)
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = ["IngestError", "IngestPlan", "ingest", "plan_ingest"]
@@ -74,6 +92,10 @@ class IngestPlan:
     #: angles whose file moved or was touched but holds what was ingested: record kept, updated
     moved: dict[int, dict[str, Any]] = field(default_factory=dict)
     base_dir: Path = Path(".")
+    #: the detector value that flags a bad pixel (None: none), resolved from [ingest]
+    invalid: int | float | None = None
+    #: how the per-point fluorescence is read (None: not recorded)
+    xrf: XrfSource | None = None
 
     @property
     def name(self) -> str:
@@ -101,7 +123,9 @@ def plan_ingest(
         Missing files (all listed), unreadable files, missing datasets (existing ones listed),
         detector shape or dtype changing between angles, scans with too many points, or too
         few without ``allow_incomplete``, a monitor without flux (0, negative or NaN) at every
-        point of an angle.
+        point of an angle, a ``mask_dataset`` missing or not of the detector's shape, XRF with
+        too few points, spectra without an energy window (or a map with one), a window outside
+        the spectra's energies, an ``xrf_energy`` whose length is not the number of bins.
     ForeignOutputError
         The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
         whole ingest before anything is written.
@@ -148,7 +172,10 @@ def plan_ingest(
                 f"{ny}×{nx} needs {p.n_points}; set `allow_incomplete = true` to fill missing "
                 "points"
             )
-    for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
+    invalid = _invalid_value(settings.invalid_value, np.dtype(first.dtype), p)
+    xrf = _xrf_source(p)
+    _check_traits(p, infos, first.detector_shape, xrf)
+    for what, ds in (("monitor", p.monitor),):
         if ds is not None:
             for a, info in enumerate(infos):
                 try:
@@ -185,7 +212,15 @@ def plan_ingest(
     # what an angle was ingested from and with: the file's size and modification time (not its
     # place: a beamtime folder moved whole keeps them) and the settings; a file that was copied
     # or touched is compared by its content with the recorded SHA-256 (same_file)
-    settings_key = (p.dataset, p.monitor, p.xrf, p.scan_shape, p.scan_order, layout_key)
+    settings_key = (
+        p.dataset,
+        p.monitor,
+        p.xrf,
+        p.scan_shape,
+        p.scan_order,
+        layout_key,
+        _traits_key(p, invalid, xrf),
+    )
     fingerprints = [stable_key(info.size, info.mtime_ns, *settings_key) for info in infos]
     root = manifest.layout.raw
     todo = list(range(len(paths)))
@@ -235,6 +270,9 @@ def plan_ingest(
         "dataset": p.dataset,
         "monitor_dataset": p.monitor,
         "xrf_dataset": p.xrf,
+        "xrf": None if xrf is None else xrf.describe(),
+        "mask_dataset": p.mask_dataset,
+        "invalid_value": invalid,
         "manifest_hash": manifest.manifest_hash,
         "manifest": manifest.source,
         "settings_key": stable_key(*settings_key),
@@ -253,6 +291,81 @@ def plan_ingest(
         fresh=fresh,
         moved=moved,
         base_dir=manifest.base_dir,
+        invalid=invalid,
+        xrf=xrf,
+    )
+
+
+def _invalid_value(setting: str | int, dtype: np.dtype, p: ParticleSettings) -> int | float | None:
+    """The value that flags a bad pixel in frames of ``dtype`` (``[ingest] invalid_value``).
+
+    ``'auto'``: the largest value of an unsigned integer dtype (Eiger and Pilatus write
+    2^32 − 1, or 2^16 − 1 in 16-bit mode, into gaps and defective pixels); none for signed and
+    float frames. A number that frames of ``dtype`` cannot hold flags nothing (logged).
+    """
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return int(np.iinfo(dtype).max) if dtype.kind == "u" else None
+    value = int(setting)
+    if dtype.kind in "ui" and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+        logger.warning(
+            "%s: [ingest] invalid_value = %d cannot occur in %s frames (at most %d): no value is "
+            "flagged; set the detector's invalid value, or 'auto'",
+            _prefix(p),
+            value,
+            dtype,
+            np.iinfo(dtype).max,
+        )
+        return None
+    return float(value) if dtype.kind == "f" else value
+
+
+def _xrf_source(p: ParticleSettings) -> XrfSource | None:
+    """How the particle's fluorescence is read (manifest ``xrf`` and its window keys)."""
+    if p.xrf is None:
+        return None
+    cal = p.xrf_calibration
+    return XrfSource(
+        p.xrf,
+        None if p.xrf_window_kev is None else tuple(p.xrf_window_kev),
+        offset_kev=cal.offset_kev if cal else 0.0,
+        gain_kev=cal.gain_kev if cal else None,
+        energy_dataset=p.xrf_energy,
+    )
+
+
+def _check_traits(
+    p: ParticleSettings,
+    infos: list[SourceInfo],
+    detector_shape: tuple[int, int],
+    xrf: XrfSource | None,
+) -> None:
+    """Check every angle file's mask dataset and fluorescence before anything is written."""
+    for info in infos:
+        try:
+            if p.mask_dataset is not None:
+                read_pixel_mask(info.path, p.mask_dataset, detector_shape)
+            n_xrf = None if xrf is None else probe_xrf(info.path, xrf, n_frames=info.n_points)
+        except SourceError as exc:
+            raise IngestError(f"{_prefix(p)}: {exc}") from None
+        if n_xrf is not None and n_xrf < info.n_points:
+            raise IngestError(
+                f"{_prefix(p)}: {info.path}:{xrf.dataset} (xrf) has {n_xrf} "
+                f"{'values' if xrf.is_map else 'spectra'} for {info.n_points} frames; fix the "
+                "file or remove `xrf`"
+            )
+
+
+def _traits_key(p: ParticleSettings, invalid: int | float | None, xrf: XrfSource | None) -> str:
+    """The settings of the detector traits and XRF that change what ingest writes."""
+    return json.dumps(
+        {
+            "mask_dataset": p.mask_dataset,
+            "invalid_value": invalid,
+            "xrf": None if xrf is None else xrf.describe(),
+        },
+        sort_keys=True,
     )
 
 
@@ -287,12 +400,14 @@ def _write_tile(
     n_avail: int,
     bad_values: str,
     particle: str,
-) -> tuple[int, np.ndarray]:
+    invalid: int | float | None = None,
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Read one band of scan points of one angle file and write it.
 
-    Returns the number of values zeroed and the band's detector projection (sum over its scan
-    points, float64), from which ``reduce`` finds hot/dead pixels and the Bragg ROI without
-    reading the frames again.
+    Returns the number of values zeroed, the band's detector projection (sum over its scan
+    points, float64), from which ``reduce`` finds hot/dead pixels, module gaps and the Bragg ROI
+    without reading the frames again, and per detector pixel the number of its frames that held
+    the invalid value (uint32; stored as 0, see :func:`_flag_invalid`).
     """
     nx = scan_shape[1]
     idx = _point_index(ys, xs, nx, order)
@@ -312,6 +427,7 @@ def _write_tile(
         if frames is not None:
             ok = idx < n_avail
             block[ok] = frames[idx[ok] - lo]
+    block, flagged = _flag_invalid(block, invalid)
     n_bad = 0
     if block.dtype.kind in "fi":
         bad = block < 0
@@ -333,7 +449,48 @@ def _write_tile(
             block = np.where(bad, 0, block).astype(block.dtype)
     arr[angle : angle + 1, ys, xs] = block[None]
     projection = block.reshape(-1, *block.shape[2:]).sum(axis=0, dtype=np.float64)
-    return n_bad, projection
+    return n_bad, projection, flagged
+
+
+def _flag_invalid(block: np.ndarray, invalid: int | float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values equal to the detector's invalid value set to 0, and where they were.
+
+    Pixel detectors write a flag value (e.g. 2^32 − 1) into module gaps and defective pixels;
+    stored as it is, it would read as a huge count. It is stored as 0 and counted per detector
+    pixel, so ``reduce`` masks every pixel flagged in any frame (a stored 0 is never read as a
+    measured 0).
+
+    Parameters
+    ----------
+    block : array (..., det_rows, det_cols)
+        Frames (changed in place where writable).
+    invalid : number or None
+        The flag value; None flags nothing.
+
+    Returns
+    -------
+    block : array
+        The frames with flagged values 0.
+    flagged : uint32 array (det_rows, det_cols)
+        Per pixel, the number of frames in which it held the flag value.
+
+    Examples
+    --------
+    >>> b = np.array([[[1, 65535], [3, 4]], [[65535, 65535], [3, 4]]], np.uint16)
+    >>> b, n = _flag_invalid(b, 65535)
+    >>> b[1].tolist(), n.tolist()
+    ([[0, 0], [3, 4]], [[1, 2], [0, 0]])
+    """
+    flagged = np.zeros(block.shape[-2:], np.uint32)
+    if invalid is None:
+        return block, flagged
+    hit = block == invalid
+    if hit.any():
+        flagged = hit.sum(axis=tuple(range(block.ndim - 2)), dtype=np.uint32)
+        if not block.flags.writeable:
+            block = block.copy()
+        block[hit] = 0
+    return block, flagged
 
 
 def _finish_angle(
@@ -341,28 +498,33 @@ def _finish_angle(
     src: str,
     angle: int,
     monitor: str | None,
-    xrf: str | None,
+    xrf: XrfSource | None,
+    mask_dataset: str | None,
     scan_shape: tuple[int, int],
     order: str,
     n_avail: int,
     fingerprint: int,
     checksum: str,
     relpath: str,
-    *tile_results: tuple[int, np.ndarray],
+    *tile_results: tuple[int, np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
-    """After all shards of an angle: per-point arrays, then the done mark (last)."""
+    """After all shards of an angle: per-point and per-pixel arrays, then the done mark (last)."""
     with writing():
         group = zarr.open_group(group_url, mode="r+")
     group["det_sum"][angle] = sum(t[1] for t in tile_results)
+    flagged = sum(t[2] for t in tile_results).astype(np.uint32)
+    group["flagged"][angle] = flagged
+    shape = tuple(group["pixel_mask"].shape[1:])
+    group["pixel_mask"][angle] = (
+        read_pixel_mask(src, mask_dataset, shape) if mask_dataset else np.zeros(shape, bool)
+    )
     valid = _to_grid(np.ones(n_avail), scan_shape, order, 0.0) > 0
     group["valid"][angle] = valid
     if monitor:
         io = _to_grid(read_vector(src, monitor, "monitor")[:n_avail], scan_shape, order, 1.0)
         group["monitor"][angle] = io
     if xrf:
-        group["xrf"][angle] = _to_grid(
-            read_vector(src, xrf, "xrf")[:n_avail], scan_shape, order, np.nan
-        )
+        group["xrf"][angle] = _to_grid(read_xrf(src, xrf, stop=n_avail), scan_shape, order, np.nan)
     st = Path(src).stat()
     record = {
         "path": src,
@@ -372,6 +534,7 @@ def _finish_angle(
         "sha256": sha256_file(src) if checksum == "sha256" else None,
         "n_points": n_avail,
         "zeroed_values": int(sum(t[0] for t in tile_results)),
+        "flagged_values": int(flagged.sum(dtype=np.uint64)),
     }
     group["done"][angle] = np.uint64(fingerprint)
     return record
@@ -397,6 +560,7 @@ def _tasks(plan: IngestPlan) -> list[Any]:
                 src.n_points,
                 plan.bad_values,
                 p.name,
+                plan.invalid,
                 dask_key_name=f"ingest-{p.name}-{a}-{ys.start}-{xs.start}",
             )
             for ys, xs in plan.layout.tiles()
@@ -407,7 +571,8 @@ def _tasks(plan: IngestPlan) -> list[Any]:
                 src.path,
                 a,
                 p.monitor,
-                p.xrf,
+                plan.xrf,
+                p.mask_dataset,
                 p.scan_shape,
                 p.scan_order,
                 src.n_points,
@@ -432,11 +597,15 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     complete = all(int(d) == f for d, f in zip(done, plan.fingerprints, strict=True))
     incomplete = [a for a, s in enumerate(plan.sources) if s.n_points < plan.particle.n_points]
     zeroed = sum((r or {}).get("zeroed_values", 0) for r in sources)
+    flagged = np.asarray(group["flagged"][...])
+    n_flagged = int(flagged.sum(dtype=np.uint64))
     attrs = {
         **plan.attrs,
         "sources": sources,
         "incomplete_angles": incomplete,
         "zeroed_values": zeroed,
+        "flagged_values": n_flagged,
+        "flagged_pixels": int((flagged > 0).any(axis=0).sum()),
         "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     attrs["spndi_dask"] = {**plan.attrs["spndi_dask"], "complete": bool(complete)}
@@ -451,6 +620,15 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
         )
     if zeroed:
         logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
+    if n_flagged:
+        logger.info(
+            "particle '%s': %d values equal to the invalid value %s at %d detector pixels stored "
+            "as 0 and counted in `flagged` (reduce masks those pixels)",
+            plan.name,
+            n_flagged,
+            plan.invalid,
+            attrs["flagged_pixels"],
+        )
     return attrs
 
 
