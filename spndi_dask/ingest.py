@@ -345,7 +345,7 @@ def _check_traits(
     for info in infos:
         try:
             if p.mask_dataset is not None:
-                read_pixel_mask(info.path, p.mask_dataset, detector_shape)
+                read_pixel_mask(info.path, p.mask_dataset, detector_shape, check_only=True)
             n_xrf = None if xrf is None else probe_xrf(info.path, xrf, n_frames=info.n_points)
         except SourceError as exc:
             raise IngestError(f"{_prefix(p)}: {exc}") from None

@@ -206,11 +206,29 @@ def read_detector_image(
 
 
 # -- detector pixel mask inside the frame files -----------------------------------------------
-def read_pixel_mask(path: str | Path, dataset: str, shape: tuple[int, int]) -> np.ndarray:
+def _pixel_mask(f: Any, path: str | Path, dataset: str, shape: tuple[int, int]) -> Any:
+    """The mask dataset of an open frame file, its shape checked against the detector's."""
+    d = _dataset(f, path, dataset, "mask_dataset")
+    dims = tuple(d.shape)
+    if len(dims) == 3 and dims[0] == 1:
+        dims = dims[1:]
+    if dims != tuple(shape):
+        raise SourceError(
+            f"{path}:{dataset} (mask_dataset) has shape {list(d.shape)} but the detector frames "
+            f"are {list(shape)}; set mask_dataset to this detector's pixel mask (one value per "
+            "pixel), or remove it"
+        )
+    return d
+
+
+def read_pixel_mask(
+    path: str | Path, dataset: str, shape: tuple[int, int], *, check_only: bool = False
+) -> np.ndarray | None:
     """The detector pixel mask stored in a frame file (manifest ``mask_dataset``), as bool.
 
     Nonzero values are bad pixels (as the bit-coded ``pixel_mask`` of Eiger and Pilatus files:
-    gap, dead, noisy, ... bits). A leading axis of length 1 is dropped.
+    gap, dead, noisy, ... bits). A leading axis of length 1 is dropped. ``check_only``: check
+    the dataset and its shape without reading it (returns None).
 
     Raises
     ------
@@ -225,16 +243,9 @@ def read_pixel_mask(path: str | Path, dataset: str, shape: tuple[int, int]) -> n
         )
     try:
         with h5py.File(path, "r") as f:
-            d = _dataset(f, path, dataset, "mask_dataset")
-            dims = tuple(d.shape)
-            if len(dims) == 3 and dims[0] == 1:
-                dims = dims[1:]
-            if dims != tuple(shape):
-                raise SourceError(
-                    f"{path}:{dataset} (mask_dataset) has shape {list(d.shape)} but the detector "
-                    f"frames are {list(shape)}; set mask_dataset to this detector's pixel mask "
-                    "(one value per pixel), or remove it"
-                )
+            d = _pixel_mask(f, path, dataset, shape)
+            if check_only:
+                return None
             mask = np.asarray(d[()]).reshape(shape)
     except SourceError:
         raise

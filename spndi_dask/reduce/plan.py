@@ -133,9 +133,9 @@ def _per_pixel(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any)
     if name in group:
         return _small(group, name)
     logger.warning(
-        "raw store %s has no `%s` (ingested by an older version): `spndi ingest --force` "
-        "records it",
-        group.store_path,
+        "the raw store of '%s' has no `%s` (ingested by an older version): its pixels are not "
+        "masked for it; `spndi ingest --force` records it",
+        group.attrs.get("particle", "?"),
         name,
     )
     return np.zeros(shape, dtype)

@@ -255,3 +255,19 @@ def test_saturated_voxels_are_masked_per_frame_counted_and_flagged(clean, tmp_pa
     note = [w for w in s["p1"]["warnings"] if "saturation level 5 " in w]
     assert note and f"{want.sum()} detector values" in note[0] and "'saturated'" in note[0]
     assert note[0] in ds.attrs["warnings"]
+
+
+def test_a_raw_store_without_trait_maps_still_reduces(clean, tmp_path, caplog):
+    import logging
+
+    root = _copy(clean, tmp_path, "old")
+    m = _manifest(root)
+    ingest(m)
+    group = zarr.open_group(str(m.layout.raw_node("p1")), mode="r+")
+    del group["flagged"], group["pixel_mask"]  # as ingested before they were recorded
+    with caplog.at_level(logging.WARNING):
+        s = reduce(m)
+    assert s["p1"]["status"] == "reduced"
+    assert "has no `flagged`" in caplog.text and "spndi ingest --force" in caplog.text
+    masked = open_results(m.output_dir, "p1").attrs["masked_pixels"]
+    assert masked["flagged"] == masked["mask_dataset"] == 0
