@@ -174,7 +174,9 @@ def _masked_pixels(
     if transient.any():
         warnings.append(
             f"{int(transient.sum())} detector pixels held the invalid value in some frames "
-            "only; they are masked in every frame (a flagged pixel is never trusted)"
+            "only; they are masked in every frame (a flagged pixel is never trusted); if the "
+            "value stands for a count overflow there, not a bad pixel, set [ingest] "
+            "invalid_value = 'none' to mask only those frames, as saturated"
         )
     known = np.logical_or.reduce(list(reasons.values()))
     reasons["hot"], reasons["dead"] = K.bad_pixels(
