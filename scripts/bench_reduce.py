@@ -94,8 +94,9 @@ def _prepare(out: Path, name: str):
 def _numpy_reference(plan, grid, n_pixels: int | None) -> tuple[float, int, np.ndarray]:
     """The per-pixel loop of the original scripts, producing what reduce produces per pixel.
 
-    Load the particle's ROI frames, correct them (monitor, background, bad pixels), shift each
-    angle's frames back by the drift (``scipy.ndimage.shift``, bilinear), then per scan pixel:
+    Load the particle's ROI frames, correct them (monitor, background, masked pixels filled from
+    their neighbours), shift each angle's frames back by the drift (``scipy.ndimage.shift``,
+    bilinear), then per scan pixel:
     the intensity-weighted q moments of its 3D pattern, and the pattern gridded onto the common
     q grid (trilinear ``scipy.ndimage.map_coordinates`` at the grid points' fractional
     (angle, row, col), as the point clouds of the original study were made).
@@ -114,6 +115,9 @@ def _numpy_reference(plan, grid, n_pixels: int | None) -> tuple[float, int, np.n
     frames *= plan.scale[..., None, None]
     frames -= plan.background[:, None, None, None, None]
     frames[..., plan.bad[r, c]] = 0.0
+    if plan.fill is not None:  # masked ROI pixels filled from their neighbours, as reduce does
+        flat = frames.reshape(-1, frames.shape[3] * frames.shape[4])
+        frames = np.asarray(plan.fill @ flat.T).T.reshape(frames.shape)
     for a, (dy, dx) in enumerate(plan.drift):
         frames[a] = ndimage.shift(frames[a], (-dy, -dx, 0, 0), order=1, mode="constant")
     order = np.argsort(plan.angles)

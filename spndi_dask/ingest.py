@@ -1,7 +1,8 @@
 """Raw files (HDF5 or TIFF stacks, one or several per rocking angle) -> ``<output>/raw.zarr``.
 
 Parallel (one dask task per shard: an angle's scan tile; plus one task per angle that records
-monitor, XRF, validity and then marks the angle done), shard-aligned, bit-exact and resumable:
+monitor, XRF, validity, the detector projection, the flagged pixels and the frame file's pixel
+mask and then marks the angle done), shard-aligned, bit-exact and resumable:
 an angle counts as done only once all of its shards and per-point arrays are written, and only
 while its source files hold what was ingested (the same size, modification time and path, or
 path relative to the manifest, else the same SHA-256: a beamtime folder moved or copied whole is
@@ -35,6 +36,13 @@ The positions of the point placed on each node are kept as ``position_y``/``posi
 (angle, y, x) in µm from node (0, 0) (NaN where none; the origin is in ``attrs["positions"]``,
 with the largest and RMS distance of a placed point from its node, the points dropped and the
 nodes left empty).
+
+Detector traits: values equal to the detector's invalid value (``[ingest] invalid_value``, e.g.
+2^32 − 1 in the gaps and defective pixels of an Eiger or Pilatus) are stored as 0 and counted
+per pixel and angle in ``flagged`` (:func:`_flag_invalid`); a particle's ``mask_dataset`` is
+copied from every angle file into ``pixel_mask``. ``reduce`` masks both. XRF spectra are summed
+over channels and the energy window while they are read
+(:func:`~spndi_dask.io.sources.read_xrf`).
 
 Examples
 --------
@@ -81,10 +89,14 @@ from spndi_dask.io.raw_store import RawLayout, create_particle_store
 from spndi_dask.io.sources import (
     SourceError,
     SourceInfo,
+    XrfSource,
     is_tiff,
     probe_source,
+    probe_xrf,
     read_per_point,
+    read_pixel_mask,
     read_points,
+    read_xrf,
 )
 from spndi_dask.positions import assign_to_grid, grid_origin
 from spndi_dask.stages import Outcome, StageError
@@ -123,6 +135,10 @@ class IngestPlan:
     empty_nodes: list[int] = field(default_factory=list)
     #: recorded positions: (y dataset, x dataset, factor to µm, grid origin in µm)
     positions: tuple[str, str, float, tuple[float, float]] | None = None
+    #: the detector value that flags a bad pixel (None: none), resolved from [ingest]
+    invalid: int | float | None = None
+    #: how the per-point fluorescence is read (None: not recorded)
+    xrf: XrfSource | None = None
 
     @property
     def name(self) -> str:
@@ -151,7 +167,9 @@ def plan_ingest(
         detector shape or dtype changing between angles or between the files of an angle, scans
         with too many points, or too few without ``allow_incomplete``, a monitor without flux
         (0, negative or NaN) at every point of an angle, recorded positions whose length is not
-        the number of frames.
+        the number of frames, a ``mask_dataset`` missing or not of the detector's shape, XRF with
+        too few points, spectra without an energy window (or a map with one), a window outside
+        the spectra's energies, an ``xrf_energy`` whose length is not the number of bins.
     ForeignOutputError
         The output's ``raw.zarr`` (or ``results.zarr``) was not written by spndi: it stops the
         whole ingest before anything is written.
@@ -201,7 +219,10 @@ def plan_ingest(
                     f"{ny}×{nx} needs {p.n_points}; set `allow_incomplete = true` to fill "
                     "missing points"
                 )
-    for what, ds in (("monitor", p.monitor), ("xrf", p.xrf)):
+    invalid = _invalid_value(settings.invalid_value, np.dtype(first.dtype), p)
+    xrf = _xrf_source(p)
+    _check_traits(p, infos, first.detector_shape, xrf)
+    for what, ds in (("monitor", p.monitor),):
         if ds is not None:
             for a, info in enumerate(infos):
                 try:
@@ -247,6 +268,7 @@ def plan_ingest(
         p.scan_shape,
         p.scan_order,
         layout_key,
+        _traits_key(p, invalid, xrf),
     )
     if positions is not None:  # where each frame goes: the datasets and the grid's origin
         settings_key += ("positions", *positions)
@@ -301,6 +323,9 @@ def plan_ingest(
         "dataset": p.dataset,
         "monitor_dataset": p.monitor,
         "xrf_dataset": p.xrf,
+        "xrf": None if xrf is None else xrf.describe(),
+        "mask_dataset": p.mask_dataset,
+        "invalid_value": invalid,
         "manifest_hash": manifest.manifest_hash,
         "manifest": manifest.source,
         "settings_key": stable_key(*settings_key),
@@ -324,6 +349,82 @@ def plan_ingest(
         index_maps=index_maps,
         empty_nodes=empty,
         positions=positions,
+        invalid=invalid,
+        xrf=xrf,
+    )
+
+
+def _invalid_value(setting: str | int, dtype: np.dtype, p: ParticleSettings) -> int | float | None:
+    """The value that flags a bad pixel in frames of ``dtype`` (``[ingest] invalid_value``).
+
+    ``'auto'``: the largest value of an unsigned integer dtype (Eiger and Pilatus write
+    2^32 − 1, or 2^16 − 1 in 16-bit mode, into gaps and defective pixels); none for signed and
+    float frames. A number that frames of ``dtype`` cannot hold flags nothing (logged).
+    """
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return int(np.iinfo(dtype).max) if dtype.kind == "u" else None
+    value = int(setting)
+    if dtype.kind in "ui" and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+        logger.warning(
+            "%s: [ingest] invalid_value = %d cannot occur in %s frames (at most %d): no value is "
+            "flagged; set the detector's invalid value, or 'auto'",
+            _prefix(p),
+            value,
+            dtype,
+            np.iinfo(dtype).max,
+        )
+        return None
+    return float(value) if dtype.kind == "f" else value
+
+
+def _xrf_source(p: ParticleSettings) -> XrfSource | None:
+    """How the particle's fluorescence is read (manifest ``xrf`` and its window keys)."""
+    if p.xrf is None:
+        return None
+    cal = p.xrf_calibration
+    return XrfSource(
+        p.xrf,
+        None if p.xrf_window_kev is None else tuple(p.xrf_window_kev),
+        offset_kev=cal.offset_kev if cal else 0.0,
+        gain_kev=cal.gain_kev if cal else None,
+        energy_dataset=p.xrf_energy,
+    )
+
+
+def _check_traits(
+    p: ParticleSettings,
+    infos: list[SourceInfo],
+    detector_shape: tuple[int, int],
+    xrf: XrfSource | None,
+) -> None:
+    """Check every angle file's mask dataset and fluorescence before anything is written."""
+    for info in infos:
+        for part in info.parts:  # every file of a split scan holds its share of the points
+            try:
+                if p.mask_dataset is not None and part is info.parts[0]:
+                    read_pixel_mask(part.path, p.mask_dataset, detector_shape, check_only=True)
+                n_xrf = None if xrf is None else probe_xrf(part.path, xrf, n_frames=part.n_points)
+            except SourceError as exc:
+                raise IngestError(f"{_prefix(p)}: {exc}") from None
+            if n_xrf is not None and n_xrf < part.n_points:
+                raise IngestError(
+                    f"{_prefix(p)}: {part.path}:{xrf.dataset} (xrf) has {n_xrf} "
+                    f"{'values' if xrf.is_map else 'spectra'} for {part.n_points} frames; fix "
+                    "the file or remove `xrf`"
+                )
+
+
+def _traits_key(p: ParticleSettings, invalid: int | float | None, xrf: XrfSource | None) -> str:
+    """The settings of the detector traits and XRF that change what ingest writes."""
+    return json.dumps(
+        {
+            "mask_dataset": p.mask_dataset,
+            "invalid_value": invalid,
+            "xrf": None if xrf is None else xrf.describe(),
+        },
+        sort_keys=True,
     )
 
 
@@ -507,19 +608,23 @@ def _write_tile(
     index_map: np.ndarray | None,
     bad_values: str,
     particle: str,
-) -> tuple[int, np.ndarray]:
+    invalid: int | float | None = None,
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Read the frames of one band of scan points of one angle and write them.
 
     ``index_map`` is the source point of every node of the angle (from recorded positions), or
-    None for points in acquisition ``order``. Returns the number of values zeroed and the band's
+    None for points in acquisition ``order``. Returns the number of values zeroed, the band's
     detector projection (sum over its scan points, float64), from which ``reduce`` finds
-    hot/dead pixels and the Bragg ROI without reading the frames again.
+    hot/dead pixels, module gaps and the Bragg ROI without reading the frames again, and per
+    detector pixel the number of its frames that held the invalid value (uint32; stored as 0,
+    see :func:`_flag_invalid`).
     """
     idx = _tile_index(index_map, ys, xs, scan_shape, order, source.n_points)
     # every shard written, so a missing one is damage (io.integrity)
     arr = writable(zarr.open_array(frames_url, mode="r+"))
     block, lo, hi = _read_tile(source, dataset, idx, arr.shape[3:], arr.dtype)
     src = source.describe()
+    block, flagged = _flag_invalid(block, invalid)
     n_bad = 0
     if block.dtype.kind in "fi":
         bad = block < 0
@@ -541,7 +646,48 @@ def _write_tile(
             block = np.where(bad, 0, block).astype(block.dtype)
     arr[angle : angle + 1, ys, xs] = block[None]
     projection = block.reshape(-1, *block.shape[2:]).sum(axis=0, dtype=np.float64)
-    return n_bad, projection
+    return n_bad, projection, flagged
+
+
+def _flag_invalid(block: np.ndarray, invalid: int | float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values equal to the detector's invalid value set to 0, and where they were.
+
+    Pixel detectors write a flag value (e.g. 2^32 − 1) into module gaps and defective pixels;
+    stored as it is, it would read as a huge count. It is stored as 0 and counted per detector
+    pixel, so ``reduce`` masks every pixel flagged in any frame (a stored 0 is never read as a
+    measured 0).
+
+    Parameters
+    ----------
+    block : array (..., det_rows, det_cols)
+        Frames (changed in place where writable).
+    invalid : number or None
+        The flag value; None flags nothing.
+
+    Returns
+    -------
+    block : array
+        The frames with flagged values 0.
+    flagged : uint32 array (det_rows, det_cols)
+        Per pixel, the number of frames in which it held the flag value.
+
+    Examples
+    --------
+    >>> b = np.array([[[1, 65535], [3, 4]], [[65535, 65535], [3, 4]]], np.uint16)
+    >>> b, n = _flag_invalid(b, 65535)
+    >>> b[1].tolist(), n.tolist()
+    ([[0, 0], [3, 4]], [[1, 2], [0, 0]])
+    """
+    flagged = np.zeros(block.shape[-2:], np.uint32)
+    if invalid is None:
+        return block, flagged
+    hit = block == invalid
+    if hit.any():
+        flagged = hit.sum(axis=tuple(range(block.ndim - 2)), dtype=np.uint32)
+        if not block.flags.writeable:
+            block = block.copy()
+        block[hit] = 0
+    return block, flagged
 
 
 def _source_record(
@@ -596,17 +742,18 @@ def _finish_angle(
     source: SourceInfo,
     angle: int,
     monitor: str | None,
-    xrf: str | None,
+    xrf: XrfSource | None,
     positions: tuple[str, str, float, tuple[float, float]] | None,
+    mask_dataset: str | None,
     scan_shape: tuple[int, int],
     order: str,
     index_map: np.ndarray | None,
     fingerprint: int,
     checksum: str,
     base_dir: str,
-    *tile_results: tuple[int, np.ndarray],
+    *tile_results: tuple[int, np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
-    """After all shards of an angle: per-point arrays, then the done mark (last)."""
+    """After all shards of an angle: per-point and per-pixel arrays, then the done mark (last)."""
     ny, nx = scan_shape
     index = _tile_index(index_map, slice(0, ny), slice(0, nx), scan_shape, order, source.n_points)
     group = zarr.open_group(group_url, mode="r+")
@@ -615,12 +762,21 @@ def _finish_angle(
         return writable(group[name])
 
     array("det_sum")[angle] = sum(t[1] for t in tile_results)
+    flagged = sum(t[2] for t in tile_results).astype(np.uint32)
+    array("flagged")[angle] = flagged
+    shape = tuple(group["pixel_mask"].shape[1:])
+    array("pixel_mask")[angle] = (  # the mask of the angle's first file
+        read_pixel_mask(source.parts[0].path, mask_dataset, shape)
+        if mask_dataset
+        else np.zeros(shape, bool)
+    )
     array("valid")[angle] = index >= 0
     if monitor:
         io = _gather(read_per_point(source, monitor, "monitor", key="monitor"), index, 1.0)
         array("monitor")[angle] = io
     if xrf:
-        array("xrf")[angle] = _gather(read_per_point(source, xrf, "xrf", key="xrf"), index, np.nan)
+        spectra = [read_xrf(part.path, xrf, stop=part.n_points) for part in source.parts]
+        array("xrf")[angle] = _gather(np.concatenate(spectra), index, np.nan)
     if positions:
         y_ds, x_ds, to_um, origin = positions
         for name, ds, zero in (("position_y", y_ds, origin[0]), ("position_x", x_ds, origin[1])):
@@ -628,6 +784,7 @@ def _finish_angle(
             array(name)[angle] = _gather(values * to_um - zero, index, np.nan)
     record = _source_record(source, base_dir, checksum)
     record["zeroed_values"] = int(sum(t[0] for t in tile_results))
+    record["flagged_values"] = int(flagged.sum(dtype=np.uint64))
     group["done"][angle] = np.uint64(fingerprint)
     return record
 
@@ -655,6 +812,7 @@ def _tasks(plan: IngestPlan) -> list[Any]:
                 index_map,
                 plan.bad_values,
                 p.name,
+                plan.invalid,
                 dask_key_name=f"ingest-{p.name}-{a}-{ys.start}-{xs.start}",
             )
             for ys, xs in plan.layout.tiles()
@@ -665,8 +823,9 @@ def _tasks(plan: IngestPlan) -> list[Any]:
                 src,
                 a,
                 p.monitor,
-                p.xrf,
+                plan.xrf,
                 plan.positions,
+                p.mask_dataset,
                 p.scan_shape,
                 p.scan_order,
                 index_map,
@@ -691,11 +850,15 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     complete = all(int(d) == f for d, f in zip(done, plan.fingerprints, strict=True))
     incomplete = [a for a, n in enumerate(plan.empty_nodes) if n]
     zeroed = sum((r or {}).get("zeroed_values", 0) for r in sources)
+    flagged = np.asarray(group["flagged"][...])
+    n_flagged = int(flagged.sum(dtype=np.uint64))
     attrs = {
         **plan.attrs,
         "sources": sources,
         "incomplete_angles": incomplete,
         "zeroed_values": zeroed,
+        "flagged_values": n_flagged,
+        "flagged_pixels": int((flagged > 0).any(axis=0).sum()),
         "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     attrs["spndi_dask"] = {**plan.attrs["spndi_dask"], "complete": bool(complete)}
@@ -720,6 +883,15 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
         )
     if zeroed:
         logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
+    if n_flagged:
+        logger.info(
+            "particle '%s': %d values equal to the invalid value %s at %d detector pixels stored "
+            "as 0 and counted in `flagged` (reduce masks those pixels)",
+            plan.name,
+            n_flagged,
+            plan.invalid,
+            attrs["flagged_pixels"],
+        )
     return attrs
 
 

@@ -14,6 +14,11 @@ Layout, one group per particle::
                                                          where none)
                        /det_sum  (angle, det_row, det_col) float64  detector projection: the sum of
                                                          an angle's frames over all scan points
+                       /flagged  (angle, det_row, det_col) uint32   frames of the angle in which the
+                                                         pixel held the detector's invalid value
+                                                         ([ingest] invalid_value; stored as 0)
+                       /pixel_mask (angle, det_row, det_col) bool   the frame file's mask_dataset
+                                                         (True = bad pixel; all False without one)
                        /done     (angle,)      uint64    source fingerprint once an angle is
                                                          completely written, else 0
 
@@ -121,7 +126,8 @@ class RawLayout:
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (compared on resume)."""
         return {
-            "format": 2,  # 2: with det_sum
+            # 2: with det_sum; 3: with flagged and pixel_mask (invalid values stored as 0)
+            "format": 3,
             "shape": list(self.shape),
             "dtype": self.dtype.str,
             "chunks": list(self.chunks),
@@ -180,6 +186,14 @@ def create_particle_store(
         dimension_names=("angle", "det_row", "det_col"),
         compressors=checksummed(None),
     )
+    per_pixel = {
+        "shape": (n_angle, *layout.shape[3:]),
+        "chunks": (1, *layout.shape[3:]),
+        "dimension_names": ("angle", "det_row", "det_col"),
+        "compressors": checksummed(None),
+    }
+    group.create_array("flagged", dtype="uint32", fill_value=0, **per_pixel)
+    group.create_array("pixel_mask", dtype="bool", fill_value=False, **per_pixel)
     group.create_array(
         "done",
         shape=(n_angle,),
@@ -217,10 +231,12 @@ def open_raw(
     -------
     xarray.Dataset
         ``frames(angle, y, x, det_row, det_col)`` (dask), ``monitor``, ``xrf``, ``valid``; coords
-        ``angle`` (deg), ``y``/``x`` (µm); ``det_sum(angle, det_row, det_col)`` (the detector
-        projection recorded at ingest, when the store has it); ``position_y``/``position_x``
-        (angle, y, x) when ingested from recorded positions (µm, in the frame of the ``y``/``x``
-        coordinates: node (0, 0) at ``attrs["positions"]["origin_um"]``); provenance in
+        ``angle`` (deg), ``y``/``x`` (µm); ``det_sum``, ``flagged`` and ``pixel_mask``
+        ``(angle, det_row, det_col)`` (the detector projection, the counts of invalid values and
+        the frame files' pixel mask recorded at ingest, where the store has them);
+        ``position_y``/``position_x`` (angle, y, x) when ingested from recorded positions (µm, in
+        the frame of the ``y``/``x`` coordinates: node (0, 0) at
+        ``attrs["positions"]["origin_um"]``); provenance in
         ``attrs``.
     """
     root = Path(output_dir)
@@ -271,7 +287,8 @@ def open_raw(
     for name in ("position_y", "position_x"):
         if name in group:
             data[name] = (("angle", "y", "x"), da.from_zarr(group[name], chunks=per_angle))
-    if "det_sum" in group:
-        det = group["det_sum"]
-        data["det_sum"] = (("angle", "det_row", "det_col"), da.from_zarr(det, chunks=det.shape))
+    for name in ("det_sum", "flagged", "pixel_mask"):
+        if name in group:
+            det = group[name]
+            data[name] = (("angle", "det_row", "det_col"), da.from_zarr(det, chunks=det.shape))
     return xr.Dataset(data, coords=coords, attrs=attrs)

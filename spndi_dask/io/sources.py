@@ -45,13 +45,17 @@ __all__ = [
     "SourceError",
     "SourceInfo",
     "SourcePart",
+    "XrfSource",
     "is_tiff",
     "list_hdf5_datasets",
     "probe_source",
+    "probe_xrf",
     "read_detector_image",
     "read_per_point",
+    "read_pixel_mask",
     "read_points",
     "read_vector",
+    "read_xrf",
 ]
 
 
@@ -400,3 +404,269 @@ def read_detector_image(
             f"{list(shape)}; use a {what} made for this detector"
         )
     return image
+
+
+# -- detector pixel mask inside the frame files -----------------------------------------------
+def _pixel_mask(f: Any, path: str | Path, dataset: str, shape: tuple[int, int]) -> Any:
+    """The mask dataset of an open frame file, its shape checked against the detector's."""
+    d = _dataset(f, path, dataset, "mask_dataset")
+    dims = tuple(d.shape)
+    if len(dims) == 3 and dims[0] == 1:
+        dims = dims[1:]
+    if dims != tuple(shape):
+        raise SourceError(
+            f"{path}:{dataset} (mask_dataset) has shape {list(d.shape)} but the detector frames "
+            f"are {list(shape)}; set mask_dataset to this detector's pixel mask (one value per "
+            "pixel), or remove it"
+        )
+    return d
+
+
+def read_pixel_mask(
+    path: str | Path, dataset: str, shape: tuple[int, int], *, check_only: bool = False
+) -> np.ndarray | None:
+    """The detector pixel mask stored in a frame file (manifest ``mask_dataset``), as bool.
+
+    Nonzero values are bad pixels (as the bit-coded ``pixel_mask`` of Eiger and Pilatus files:
+    gap, dead, noisy, ... bits). A leading axis of length 1 is dropped. ``check_only``: check
+    the dataset and its shape without reading it (returns None).
+
+    Raises
+    ------
+    SourceError
+        A TIFF frame file (no datasets), no such dataset (the existing ones are listed), or a
+        mask whose shape is not the detector's.
+    """
+    if is_tiff(path):
+        raise SourceError(
+            f"{path} is a TIFF stack, which holds no mask_dataset {dataset!r}; give the pixel "
+            "mask as a file in [reduce] detector_mask instead, and remove mask_dataset"
+        )
+    try:
+        with h5py.File(path, "r") as f:
+            d = _pixel_mask(f, path, dataset, shape)
+            if check_only:
+                return None
+            mask = np.asarray(d[()]).reshape(shape)
+    except SourceError:
+        raise
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    return mask != 0
+
+
+# -- fluorescence: a per-point map, or spectra summed over channels and an energy window ------
+@dataclass(frozen=True)
+class XrfSource:
+    """Where and how the per-point fluorescence is read from an angle file.
+
+    ``window_kev = None``: ``dataset`` is a per-point map (any shape, read in row-major order).
+    Otherwise it holds spectra ``(n_points, energy_bins)`` or ``(n_points, channels,
+    energy_bins)`` (several detector elements), and a point's value is the sum over channels of
+    the bins whose energy lies inside ``window_kev``: the energy of bin ``i`` is ``offset_kev +
+    gain_kev · i`` (its centre), or ``energy_dataset[i]`` (keV).
+
+    Bins are counted whole: a bin counts when its centre energy lies inside the window (both
+    ends included), never in part. A spectrum's counts cannot be split within a bin, and an
+    emission-line window is wide (about 10 bins of an SDD at least), so weighting the two edge
+    bins by their overlap would change the sum by less than its counting noise while suggesting
+    a precision the spectrum does not have; this is also how beamline ROIs count.
+
+    Examples
+    --------
+    >>> XrfSource("/xrf/Co_K").is_map, XrfSource("/xrf/mca", (6.8, 7.1), gain_kev=0.01).is_map
+    (True, False)
+    """
+
+    dataset: str
+    window_kev: tuple[float, float] | None = None
+    offset_kev: float = 0.0
+    gain_kev: float | None = None
+    energy_dataset: str | None = None
+
+    @property
+    def is_map(self) -> bool:
+        """True when the dataset is a per-point map (no energy window)."""
+        return self.window_kev is None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description (provenance and ingest's settings key)."""
+        return {
+            "dataset": self.dataset,
+            "window_kev": None if self.window_kev is None else list(self.window_kev),
+            "offset_kev": self.offset_kev,
+            "gain_kev": self.gain_kev,
+            "energy_dataset": self.energy_dataset,
+        }
+
+
+#: Bytes of spectra read at a time (a few scan rows of a 4-element 4096-bin SDD).
+XRF_CHUNK_BYTES = 32 * 2**20
+
+
+def _bin_energies(
+    f: Any, path: str | Path, xrf: XrfSource, n_bins: int
+) -> tuple[np.ndarray, float]:
+    """Energy (keV) of every bin and half a bin's width."""
+    if xrf.energy_dataset is None:
+        if xrf.gain_kev is None:
+            raise SourceError(
+                f"{path}:{xrf.dataset}: the spectra need their bins' energies; give "
+                "xrf_calibration = { offset_kev, gain_kev } or xrf_energy"
+            )
+        return xrf.offset_kev + xrf.gain_kev * np.arange(n_bins), xrf.gain_kev / 2
+    d = _dataset(f, path, xrf.energy_dataset, "xrf_energy")
+    energies = np.asarray(d[()], dtype=np.float64).reshape(-1)
+    if energies.size != n_bins:
+        raise SourceError(
+            f"{path}:{xrf.energy_dataset} (xrf_energy) has {energies.size} energies but the "
+            f"spectra {xrf.dataset} have {n_bins} bins (their last axis); set xrf_energy to the "
+            "dataset of the bins' energies, or use xrf_calibration = { offset_kev, gain_kev }"
+        )
+    if not np.isfinite(energies).all():
+        raise SourceError(
+            f"{path}:{xrf.energy_dataset} (xrf_energy) has NaN or infinite energies; fix the "
+            "file or use xrf_calibration = { offset_kev, gain_kev }"
+        )
+    half = float(np.median(np.abs(np.diff(energies)))) / 2 if n_bins > 1 else 0.0
+    return energies, half
+
+
+def _window_bins(f: Any, path: str | Path, xrf: XrfSource, n_bins: int) -> np.ndarray:
+    """Indices of the bins whose centre lies inside the window (at least one)."""
+    energies, half = _bin_energies(f, path, xrf, n_bins)
+    low, high = xrf.window_kev
+    e_lo, e_hi = float(energies.min()) - half, float(energies.max()) + half
+    source = (
+        f"xrf_energy {xrf.energy_dataset}"
+        if xrf.energy_dataset
+        else f"xrf_calibration offset {xrf.offset_kev:g} + {xrf.gain_kev:g} keV × bin"
+    )
+    if low < e_lo or high > e_hi:
+        raise SourceError(
+            f"xrf_window_kev = [{low:g}, {high:g}] reaches beyond the energy range "
+            f"{e_lo:.4g}–{e_hi:.4g} keV of the spectra {path}:{xrf.dataset} ({n_bins} bins, "
+            f"{source}); set a window inside that range, or correct the calibration"
+        )
+    tol = 1e-6 * max(half, 1e-9)  # a centre on an end counts, whatever its rounding
+    inside = np.flatnonzero((energies >= low - tol) & (energies <= high + tol))
+    if not inside.size:
+        raise SourceError(
+            f"xrf_window_kev = [{low:g}, {high:g}] holds no bin centre of the spectra "
+            f"{path}:{xrf.dataset} ({source}); widen the window to at least one bin "
+            f"({2 * half:.4g} keV)"
+        )
+    return inside
+
+
+def _xrf_layout(f: Any, path: str | Path, xrf: XrfSource) -> tuple[Any, np.ndarray | None]:
+    """The fluorescence dataset and, for spectra, the bins of the window (checked)."""
+    d = _dataset(f, path, xrf.dataset, "xrf")
+    if xrf.is_map:
+        return d, None
+    if d.ndim not in (2, 3):
+        raise SourceError(
+            f"{path}:{xrf.dataset} (xrf) has shape {d.shape}; with xrf_window_kev it must hold "
+            "spectra (n_points, energy_bins) or (n_points, channels, energy_bins); for a "
+            "per-point map remove xrf_window_kev and xrf_calibration/xrf_energy"
+        )
+    return d, _window_bins(f, path, xrf, int(d.shape[-1]))
+
+
+def probe_xrf(path: str | Path, xrf: XrfSource, *, n_frames: int | None = None) -> int:
+    """Check the fluorescence dataset of an angle file; the number of points it holds.
+
+    Reads no spectra (only their shape and, with ``energy_dataset``, the bins' energies).
+
+    Parameters
+    ----------
+    path : path
+        The angle file.
+    xrf : XrfSource
+    n_frames : int, optional
+        Frames of the file: a map dataset shaped ``(n_frames, k)`` with ``k > 1`` is refused as
+        spectra given without an energy window.
+
+    Raises
+    ------
+    SourceError
+        Missing datasets, spectra of the wrong rank, an energy dataset whose length is not the
+        number of bins, a window outside the spectra's energy range or holding no bin.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            d, _ = _xrf_layout(f, path, xrf)
+            if xrf.is_map:
+                if d.ndim >= 2 and n_frames is not None and d.shape[0] == n_frames < d.size:
+                    raise SourceError(
+                        f"{path}:{xrf.dataset} (xrf) has shape {d.shape}: spectra of "
+                        f"{n_frames} points, not one value per point; set xrf_window_kev = "
+                        "[low, high] (keV, the emission line) and xrf_calibration = "
+                        "{ offset_kev, gain_kev } or xrf_energy"
+                    )
+                return int(d.size)
+            return int(d.shape[0])
+    except SourceError:
+        raise
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+
+
+def read_xrf(
+    path: str | Path,
+    xrf: XrfSource,
+    *,
+    stop: int | None = None,
+    chunk_bytes: int = XRF_CHUNK_BYTES,
+) -> np.ndarray:
+    """Per-point fluorescence of an angle file as float64 ``(n_points,)``.
+
+    A map is read as it is (flattened). Spectra are read ``chunk_bytes`` at a time (only the
+    bins of the window), each point's bins inside the window summed over its channels (see
+    :class:`XrfSource` for which bins count).
+
+    Parameters
+    ----------
+    path : path
+    xrf : XrfSource
+    stop : int, optional
+        Read the first ``stop`` points only.
+    chunk_bytes : int
+        Bytes of spectra read at a time (never the whole dataset at once).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.h5"
+    >>> with h5py.File(path, "w") as f:  # 2 points, 2 channels, 4 bins at 1, 2, 3, 4 keV
+    ...     _ = f.create_dataset("mca", data=np.arange(16).reshape(2, 2, 4))
+    >>> read_xrf(path, XrfSource("mca", (1.9, 3.0), offset_kev=1.0, gain_kev=1.0)).tolist()
+    [14.0, 46.0]
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            d, bins = _xrf_layout(f, path, xrf)
+            if bins is None:
+                out = np.asarray(d[()], dtype=np.float64).reshape(-1)
+                return out if stop is None else out[:stop]
+            n = int(d.shape[0]) if stop is None else min(int(stop), int(d.shape[0]))
+            lo, hi = int(bins[0]), int(bins[-1]) + 1
+            keep = bins - lo  # bins of the window within the slice read
+            width = hi - lo
+            per_point = max(1, int(np.prod(d.shape[1:-1], dtype=np.int64)) * width)
+            step = max(1, chunk_bytes // (per_point * d.dtype.itemsize))
+            if d.chunks and d.chunks[0] <= step:  # whole HDF5 chunks along the points
+                step = step // d.chunks[0] * d.chunks[0]
+            out = np.empty(n, dtype=np.float64)
+            inner = (slice(None),) * (d.ndim - 2)
+            for start in range(0, n, step):
+                block = np.asarray(d[(slice(start, min(start + step, n)), *inner, slice(lo, hi))])
+                if keep.size != width:
+                    block = block[..., keep]
+                axes = tuple(range(1, block.ndim))
+                out[start : start + len(block)] = block.sum(axis=axes, dtype=np.float64)
+            return out
+    except SourceError:
+        raise
+    except OSError as exc:
+        raise _open_error(path, exc) from None

@@ -15,6 +15,10 @@ last angle :func:`_apply_operator_t` grids all columns at once.
 Corrections (as :func:`~._kernels.corrected`): ``w = (raw − offset) · gain · scale − bg``,
 ``var = max(raw − offset, 0) · (gain · scale)²``, with 0 where the point is invalid
 (``scale == 0``), the pixel is masked (``gain == 0``) or the value is saturated or not finite.
+Masked pixels are filled by the moment features (:func:`~._kernels.filled_features`) and the
+q-grid operator (:func:`~._kernels.fill_patterns_operator`), not here; the variance of a voxel
+is weighted by ``var_weight`` (the voxels it stands in for), and the saturated voxels of a
+measured pixel at a valid point are counted per point.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numba
 import numpy as np
+
+from spndi_dask.reduce._kernels import FEATURES, MOMENTS
 
 __all__ = ["Mosaic", "block_reduce", "correction_tables"]
 
@@ -129,6 +135,7 @@ def _correct_angle(
     scale,
     offset,
     gain,
+    var_weight,
     b,
     sat,
     halo,
@@ -136,13 +143,16 @@ def _correct_angle(
     voxels,
     w,
     var_out,
+    sat_out,
 ):  # pragma: no cover
     """Corrected intensities of angle ``a`` of a :class:`Mosaic` block, one row per point.
 
     Point ``(y, x)`` of the block is ``pieces[source[y, x]][a, prow[y, x], pcol[y, x]]``, or
     zero where ``source`` is −1 (outside the scan); it goes into row ``rank[y, x]`` of
     ``w (points, row · col)``. Core points (``halo`` inside the block's edge) are corrected
-    whole, with Σ var per point into ``var_out[rank]``; halo points only inside ``window``
+    whole, with Σ var · var_weight per point into ``var_out[rank]`` and the number of saturated
+    voxels (of unmasked pixels at a valid point) into ``sat_out[rank]``; halo points only
+    inside ``window``
     ``(y0, y1, x0, x1)`` (where the drift shift of this angle reads; empty without ``voxels``)
     and only at ``voxels``. ``offset`` and ``gain`` are flat (row · col).
     """
@@ -158,6 +168,7 @@ def _correct_angle(
             out = w[rank[y, x]]
             k = source[y, x]
             vs = zero
+            ns = zero
             if k < 0:
                 if core:
                     out[:] = zero
@@ -169,13 +180,18 @@ def _correct_angle(
                 s = scale[a, y, x]
                 if core:
                     for v in range(nv):
-                        out[v], var = _corrected(np.float32(raw[v]), offset[v], gain[v] * s, b, sat)
-                        vs += var
+                        f = np.float32(raw[v])
+                        g = gain[v] * s
+                        out[v], var = _corrected(f, offset[v], g, b, sat)
+                        vs += var * var_weight[v]
+                        if f >= sat and g != zero:
+                            ns += np.float32(1)
                 else:
                     for v in voxels:
                         out[v] = _corrected(np.float32(raw[v]), offset[v], gain[v] * s, b, sat)[0]
             if core:
                 var_out[rank[y, x]] = vs
+                sat_out[rank[y, x]] = ns
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
@@ -260,6 +276,7 @@ def block_reduce(
     background: np.ndarray,
     saturation: float | None,
     features: np.ndarray,
+    var_weight: np.ndarray | None = None,
     operator: Any = None,
     voxels: list[np.ndarray] | None = None,
     halo: int = 0,
@@ -277,8 +294,11 @@ def block_reduce(
         From :func:`correction_tables`.
     background : array (n_angle,)
     saturation : float or None
-    features : array (n_angle, n_row · n_col, 12)
-        From :func:`~._kernels.moment_features`.
+    features : array (n_angle, n_row · n_col, FEATURES)
+        From :func:`~._kernels.moment_features` (through :func:`~._kernels.filled_features`
+        where masked pixels are filled).
+    var_weight : array (n_row · n_col,), optional
+        Weight of each voxel's variance (from :func:`~._kernels.filled_features`; default 1).
     operator : scipy.sparse.csr_matrix (n_grid, n_voxel), optional
         q-grid operator over ``voxels`` (:func:`~._kernels.used_voxels`); None skips patterns.
     voxels : list of int arrays, optional
@@ -289,7 +309,7 @@ def block_reduce(
 
     Returns
     -------
-    moments : numpy.ndarray (n_angle, ty, tx, 13), float64
+    moments : numpy.ndarray (n_angle, ty, tx, len(MOMENTS)), float64
         As :func:`~._kernels.moment_sums` of the (unshifted) core.
     patterns : numpy.ndarray (ty · tx, n_grid), float32, or None
         As :func:`~._kernels.patterns_block`: corrected voxels shifted back by the drift
@@ -302,6 +322,10 @@ def block_reduce(
     background = np.asarray(background, np.float32)
     sat = np.float32(np.inf if saturation is None else saturation)
     offset, gain = offset.reshape(nv), gain.reshape(nv)
+    if var_weight is None:
+        var_weight = np.ones(nv, np.float32)
+    var_weight = np.ascontiguousarray(var_weight, np.float32).reshape(nv)
+    features = np.asarray(features, np.float32)
     # rows of the point-major buffer: the core points first (in raster order), then the halo
     core = np.zeros((ny, nx), bool)
     core[halo : ny - halo, halo : nx - halo] = True
@@ -309,7 +333,7 @@ def block_reduce(
     rank[core] = np.arange(ty * tx)
     rank[~core] = np.arange(ty * tx, ny * nx)
     no_voxels = np.empty(0, np.int64)
-    moments = np.empty((na, ty, tx, 13), np.float64)
+    moments = np.empty((na, ty, tx, len(MOMENTS)), np.float64)
     columns = None
     if operator is not None:
         if drift is None:
@@ -334,7 +358,8 @@ def block_reduce(
         columns = _workspace("columns", (int(starts[-1]), ty * tx))
     w = _workspace("w", (ny * nx, nv))
     var = _workspace("var", (ty * tx,))
-    m12 = _workspace("m12", (ty * tx, 12))
+    n_sat = _workspace("n_saturated", (ty * tx,))
+    m_features = _workspace("m_features", (ty * tx, FEATURES))
     for a in range(na):
         used = voxels[a] if columns is not None else no_voxels
         if len(used):
@@ -350,6 +375,7 @@ def block_reduce(
             scale,
             offset,
             gain,
+            var_weight,
             background[a],
             sat,
             halo,
@@ -357,10 +383,12 @@ def block_reduce(
             used,
             w,
             var,
+            n_sat,
         )
-        np.matmul(w[: ty * tx], features[a], out=m12)
-        moments[a, ..., :12] = m12.reshape(ty, tx, 12)
-        moments[a, ..., 12] = var.reshape(ty, tx)
+        np.matmul(w[: ty * tx], features[a], out=m_features)
+        moments[a, ..., :FEATURES] = m_features.reshape(ty, tx, FEATURES)
+        moments[a, ..., FEATURES] = var.reshape(ty, tx)
+        moments[a, ..., FEATURES + 1] = n_sat.reshape(ty, tx)
         if len(used):
             _shift_t(
                 w,

@@ -19,12 +19,17 @@ from spndi_dask.geometry import Geometry, axis_vector, rotation_matrix
 from spndi_dask.kernels import shift_bilinear
 
 __all__ = [
+    "FEATURES",
     "MOMENTS",
     "bad_pixels",
     "corrected",
+    "fill_operator",
+    "fill_patterns_operator",
+    "filled_features",
     "find_roi",
     "grid_operator",
     "maps_from_moments",
+    "module_gaps",
     "moment_features",
     "moment_sums",
     "parabolic_peak",
@@ -36,8 +41,11 @@ __all__ = [
 ]
 
 #: Channels of the per-(angle, y, x) moment sums. ``w`` is the corrected intensity of a voxel,
-#: ``dq`` its q minus the reference, ``row``/``col`` its detector pixel, ``var`` the Poisson
-#: variance of ``w`` (for the signal-to-noise test).
+#: ``dq`` its q minus the reference, ``row``/``col`` its detector pixel, ``w_filled`` the part of
+#: ``w`` filled into masked detector pixels from their neighbours (:func:`fill_operator`),
+#: ``var`` the Poisson variance of ``w`` (for the signal-to-noise test), ``n_saturated`` the
+#: number of voxels masked as saturated. The first :data:`FEATURES` channels are ``w @ features``
+#: (:func:`moment_features`).
 MOMENTS = (
     "w",
     "w_dqx",
@@ -51,15 +59,43 @@ MOMENTS = (
     "w_dqyz",
     "w_row",
     "w_col",
+    "w_filled",
     "var",
+    "n_saturated",
 )
+#: Channels made from per-voxel features (all before ``var``).
+FEATURES = MOMENTS.index("var")
+_VAR, _FILLED, _SATURATED = MOMENTS.index("var"), MOMENTS.index("w_filled"), FEATURES + 1
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
 # -- detector ---------------------------------------------------------------------------------
+def _fill_local(images: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    """``images (n, rows, cols)`` with masked pixels replaced by the local mean of unmasked ones.
+
+    The window grows (5, 9, 17, ... pixels) until it holds unmasked pixels; the median of all
+    unmasked pixels fills what none reaches.
+    """
+    out = np.array(images, dtype=np.float64)
+    weight = (~masked).astype(np.float64)
+    todo = masked.copy()
+    size = 5
+    while todo.any() and size < 2 * max(masked.shape) + 1:
+        num = ndimage.uniform_filter(out * weight, size=(1, size, size), mode="constant")
+        den = ndimage.uniform_filter(weight, size=size, mode="constant")
+        reached = todo & (den > 1e-9)
+        out[:, reached] = num[:, reached] / den[reached]
+        todo &= ~reached
+        size = 2 * size - 1
+    if todo.any():
+        out[:, todo] = np.median(out[:, ~masked], axis=1)[:, None] if (~masked).any() else 0.0
+    return out
+
+
 def bad_pixels(
     det_sum: np.ndarray,
     *,
+    masked: np.ndarray | None = None,
     hot_sigma: float = 10.0,
     hot_ratio: float = 3.0,
     hot_fraction: float = 0.8,
@@ -78,6 +114,10 @@ def bad_pixels(
     ----------
     det_sum : array (n_angle, n_row, n_col)
         Sum of each angle's frames over the scan points.
+    masked : bool array (n_row, n_col), optional
+        Pixels already masked for another reason (module gaps, flagged, mask files): left out of
+        the neighbourhoods (replaced by the local mean of the others) and never hot or dead, so
+        the pixels beside a wide gap are not taken for hot ones.
 
     Returns
     -------
@@ -92,6 +132,8 @@ def bad_pixels(
     """
     det_sum = np.asarray(det_sum, dtype=np.float64)
     na, nr, nc = det_sum.shape
+    if masked is not None and masked.any():
+        det_sum = _fill_local(det_sum, masked)
 
     def outliers(values: np.ndarray, med: np.ndarray) -> np.ndarray:
         excess = values - med
@@ -115,6 +157,9 @@ def bad_pixels(
     total = det_sum.sum(axis=0)
     med_total = ndimage.median_filter(total, size=size, mode="nearest")
     dead = (total <= 1e-3 * med_total) & (med_total >= min_expected) & ~hot
+    if masked is not None:
+        hot &= ~masked
+        dead &= ~masked
     return hot, dead
 
 
@@ -166,6 +211,225 @@ def find_roi(
     c0, c1 = max(cols[0] - padding, 0), min(cols[-1] + 1 + padding, nc)
     at_edge = r0 == 0 or c0 == 0 or r1 == nr or c1 == nc
     return (int(r0), int(r1), int(c0), int(c1)), bool(at_edge)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of True along the last axis of a 2-D mask: ``(lane, start, stop)`` of each."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    lane, start = np.nonzero(step == 1)
+    _, stop = np.nonzero(step == -1)
+    return lane, start, stop
+
+
+def _paint(shape: tuple[int, int], lane: np.ndarray, start: np.ndarray, stop: np.ndarray) -> Any:
+    """A bool mask of ``shape`` True on the runs ``(lane, start:stop)`` along the last axis."""
+    out = np.zeros(shape, bool)
+    lengths = stop - start
+    if len(lengths):
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[
+            np.repeat(lane, lengths), np.repeat(start, lengths) + np.arange(lengths.sum()) - first
+        ] = True
+    return out
+
+
+def _gap_lines(
+    zero: np.ndarray, total: np.ndarray, *, min_length: int, max_width: int, min_border: float
+) -> np.ndarray:
+    """Gap lines running along the last axis (rows of zeros across columns), with crossings."""
+    n = zero.shape[0]
+    # thin across: zero runs down a column at most max_width long whose neighbours (before and
+    # after, where on the detector) counted at least min_border
+    lane, a, b = _runs(zero.T)
+    before = np.where(a > 0, total[np.maximum(a - 1, 0), lane], np.inf)
+    after = np.where(b < n, total[np.minimum(b, n - 1), lane], np.inf)
+    thin = (b - a <= max_width) & (np.minimum(before, after) >= min_border)
+    thin &= (a > 0) | (b < n)
+    across = _paint(zero.T.shape, lane[thin], a[thin], b[thin]).T
+    # bridges: zeros between such pixels on both sides, where a gap across this one passes
+    lane, s, e = _runs(zero & ~across)
+    m = zero.shape[1]
+    left = (s > 0) & across[lane, np.maximum(s - 1, 0)]
+    right = (e < m) & across[lane, np.minimum(e, m - 1)]
+    bridge = (e - s <= max_width) & left & right
+    line = across | _paint(zero.shape, lane[bridge], s[bridge], e[bridge])
+    # long along: at least min_length pixels in a row
+    lane, s, e = _runs(line)
+    keep = e - s >= min_length
+    return _paint(zero.shape, lane[keep], s[keep], e[keep])
+
+
+def module_gaps(
+    total: np.ndarray,
+    *,
+    min_length: int = 8,
+    max_width: int = 20,
+    min_border: float = 5.0,
+) -> np.ndarray:
+    """Module and chip gaps: straight lines of pixels that counted nothing, between pixels that did.
+
+    Gaps between the chips or modules of a pixel detector read 0 in every frame and form lines
+    (a cross on a quad-chip detector). A pixel is in a gap when it counted exactly nothing over
+    the whole beamtime and lies on a line of such pixels at most ``max_width`` wide whose
+    neighbours on both sides (where on the detector) counted at least ``min_border`` each, and
+    at least ``min_length`` long; the pixels where two gaps cross are included. All-zero over
+    ``min_length`` pixels each expected to count ``min_border`` or more has a probability below
+    ``exp(-min_length · min_border)`` (e^-40 by default): never a dim region by chance. Where a
+    gap crosses a region without counts it is not found, and reads there as its surroundings.
+
+    Parameters
+    ----------
+    total : array (n_row, n_col)
+        Counts of each pixel summed over all frames (the detector projection over angles).
+
+    Returns
+    -------
+    bool array (n_row, n_col)
+
+    Examples
+    --------
+    >>> t = np.full((12, 12), 40.0); t[5:7, :] = 0; t[:, 3] = 0; t[0, 9] = 0
+    >>> gaps = module_gaps(t)
+    >>> int(gaps.sum()), bool(gaps[5, 3]), bool(gaps[0, 9])  # 2 rows + 1 column, not the dot
+    (34, True, False)
+    """
+    total = np.asarray(total, dtype=np.float64)
+    zero = total == 0
+    if not zero.any():
+        return np.zeros(total.shape, bool)
+    opts = {"min_length": min_length, "max_width": max_width, "min_border": min_border}
+    return _gap_lines(zero, total, **opts) | _gap_lines(zero.T, total.T, **opts).T
+
+
+def fill_operator(
+    mask: np.ndarray, *, max_depth: int = 4, min_weight: float = 1e-6
+) -> sparse.csr_matrix | None:
+    """Linear operator that fills masked pixels from their unmasked neighbours (harmonic).
+
+    Each connected group of masked pixels (4-neighbours) whose pixels all lie within
+    ``max_depth`` pixels of an unmasked one (gaps up to ``2 · max_depth`` wide, hot and dead
+    pixels) is filled with the harmonic interpolation of the pixels around it: the solution of
+    Laplace's equation with the unmasked pixels as boundary values (the image's edge reflects).
+    Across a thin gap this is the linear interpolation between its two sides, and a peak crossed
+    by a gap keeps its centre. Wider groups are not filled (0): interpolating across a wide
+    hole would invent the peak. Weights below ``min_weight`` are dropped and each row is
+    renormalised to sum 1 (keeps the operator local and sparse).
+
+    Parameters
+    ----------
+    mask : bool array (n_row, n_col)
+        True at masked pixels.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix (n_row · n_col, n_row · n_col) or None
+        ``P`` with ``filled = P @ image.ravel()`` (``image`` 0 at masked pixels): identity at
+        unmasked pixels, interpolation weights over unmasked pixels at filled ones, 0 rows at
+        masked pixels that are not filled. None when nothing is masked.
+
+    Examples
+    --------
+    A 1-pixel gap between 2 and 4 (edges reflect): filled with their mean, 3.
+
+    >>> mask = np.array([[False, True, False]])
+    >>> (fill_operator(mask) @ np.array([2.0, 0.0, 4.0])).tolist()
+    [2.0, 3.0, 4.0]
+    """
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return None
+    nr, nc = mask.shape
+    v = nr * nc
+    idx = np.arange(v).reshape(nr, nc)
+    pairs = np.concatenate(
+        [
+            np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
+            np.stack([idx[:-1, :].ravel(), idx[1:, :].ravel()], 1),
+        ]
+    )
+    adjacency = sparse.coo_matrix(
+        (
+            np.ones(2 * len(pairs)),
+            (np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]),
+        ),
+        shape=(v, v),
+    ).tocsr()
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    unmasked = ~mask.ravel()
+    rows, cols, vals = (
+        [np.flatnonzero(unmasked)],
+        [np.flatnonzero(unmasked)],
+        [np.ones(unmasked.sum())],
+    )
+    if unmasked.any():
+        depth = ndimage.distance_transform_cdt(mask, metric="taxicab")
+        labels, n = ndimage.label(mask)
+        deepest = ndimage.maximum(depth, labels, index=np.arange(1, n + 1))
+        for k in np.flatnonzero(np.asarray(deepest) <= max_depth) + 1:
+            m = np.flatnonzero(labels.ravel() == k)
+            to_boundary = adjacency[m]
+            boundary = np.unique(to_boundary.indices[unmasked[to_boundary.indices]])
+            lap = sparse.diags(degree[m]) - adjacency[m][:, m]
+            rhs = adjacency[m][:, boundary].toarray()
+            if len(m) == 1:
+                weights = rhs / lap.toarray()
+            else:
+                weights = sparse.linalg.splu(lap.tocsc()).solve(rhs)
+            weights[weights < min_weight] = 0.0
+            weights /= weights.sum(axis=1, keepdims=True)
+            r, c = np.nonzero(weights)
+            rows.append(m[r])
+            cols.append(boundary[c])
+            vals.append(weights[r, c])
+    return sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(v, v)
+    )
+
+
+def filled_features(
+    features: np.ndarray, fill: sparse.csr_matrix | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Moment features that fill masked pixels, and the variance weight of every voxel.
+
+    Moment sums are linear in the voxels: ``(P @ w) @ f = w @ (Pᵀ f)``. Masked voxels (0 in
+    ``w``) are thus filled from their neighbours by the features alone, at no cost per block;
+    the ``w_filled`` column counts what the fill added (``Pᵀ 1 − 1`` at measured voxels), and
+    the variance of a voxel that stands in for filled ones too is weighted by ``(Pᵀ 1)²``.
+
+    Parameters
+    ----------
+    features : array (n_angle, n_voxel, FEATURES)
+        From :func:`moment_features`.
+    fill : sparse (n_voxel, n_voxel) or None
+        From :func:`fill_operator`; None leaves masked voxels at 0.
+
+    Returns
+    -------
+    features : float32 array like ``features``
+    var_weight : float32 array (n_voxel,)
+    """
+    nv = features.shape[1]
+    if fill is None:
+        return features, np.ones(nv, np.float32)
+    pt = fill.T.tocsr()
+    reach = np.asarray(pt @ np.ones(nv)).ravel()  # Pᵀ 1
+    measured = fill.diagonal() > 0
+    out = np.empty(features.shape, np.float32)
+    for a in range(features.shape[0]):
+        out[a] = pt @ features[a].astype(np.float64)
+    out[..., _FILLED] = np.where(measured, reach - 1.0, 0.0)
+    return out, (reach**2).astype(np.float32)
+
+
+def fill_patterns_operator(operator: Any, fill: sparse.csr_matrix | None, n_angle: int) -> Any:
+    """The q-grid operator of :func:`grid_operator` applied to filled voxels (every angle)."""
+    if fill is None:
+        return operator
+    out = (operator @ sparse.kron(sparse.identity(n_angle), fill, format="csr")).tocsr()
+    out.eliminate_zeros()
+    return out.astype(np.float32)
 
 
 def corrected(
@@ -222,12 +486,13 @@ def corrected(
 
 # -- moments ----------------------------------------------------------------------------------
 def moment_features(dq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Per-voxel factors of the first 12 :data:`MOMENTS` (all but ``var``).
+    """Per-voxel factors of the first :data:`FEATURES` :data:`MOMENTS` (those before ``var``).
 
     Returns
     -------
-    numpy.ndarray (n_angle, n_row · n_col, 12), float32
-        ``1, dq, dq_i·dq_j (pairs as MOMENTS), row, col``: moment sums are ``w @ features``.
+    numpy.ndarray (n_angle, n_row · n_col, FEATURES), float32
+        ``1, dq, dq_i·dq_j (pairs as MOMENTS), row, col, 0``: moment sums are
+        ``w @ features``; the last (``w_filled``) is 0 until :func:`filled_features` fills.
     """
     na, nr, nc = dq.shape[:3]
     v = nr * nc
@@ -236,13 +501,26 @@ def moment_features(dq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.nd
         np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(1, v, 2), (na, v, 2)
     )
     return np.concatenate(
-        [np.ones((na, v, 1)), d, np.stack([d[..., i] * d[..., j] for i, j in _PAIRS], -1), rc],
+        [
+            np.ones((na, v, 1)),
+            d,
+            np.stack([d[..., i] * d[..., j] for i, j in _PAIRS], -1),
+            rc,
+            np.zeros((na, v, 1)),
+        ],
         axis=-1,
     ).astype(np.float32)
 
 
 def moment_sums(
-    w: np.ndarray, var: np.ndarray, dq: np.ndarray, rows: np.ndarray, cols: np.ndarray
+    w: np.ndarray,
+    var: np.ndarray,
+    dq: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    *,
+    fill: sparse.csr_matrix | None = None,
+    saturated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Moment sums of :data:`MOMENTS` per (angle, y, x) over the detector ROI.
 
@@ -254,10 +532,14 @@ def moment_sums(
         Voxel q minus the reference vector.
     rows, cols : arrays (n_row,), (n_col,)
         Detector indices of the ROI.
+    fill : sparse (n_row · n_col, n_row · n_col), optional
+        :func:`fill_operator` of the ROI's masked pixels: they are filled before the sums.
+    saturated : bool array like ``w``, optional
+        Voxels masked as saturated (counted in ``n_saturated``).
 
     Returns
     -------
-    numpy.ndarray (n_angle, ny, nx, 13), float64
+    numpy.ndarray (n_angle, ny, nx, len(MOMENTS)), float64
 
     Examples
     --------
@@ -267,14 +549,16 @@ def moment_sums(
     >>> dq = np.zeros((1, 2, 2, 3)); dq[0, 1, 0] = [1, 2, 3]
     >>> m = moment_sums(w, w, dq, np.arange(2), np.arange(2))
     >>> m[0, 0, 0].tolist()
-    [2.0, 2.0, 4.0, 6.0, 2.0, 8.0, 18.0, 4.0, 6.0, 12.0, 2.0, 0.0, 2.0]
+    [2.0, 2.0, 4.0, 6.0, 2.0, 8.0, 18.0, 4.0, 6.0, 12.0, 2.0, 0.0, 0.0, 2.0, 0.0]
     """
     na, ny, nx, nr, nc = w.shape
     v = nr * nc
-    feats = moment_features(dq, rows, cols)
-    out = np.empty((na, ny * nx, len(MOMENTS)), dtype=np.float64)
-    out[..., :-1] = np.matmul(w.reshape(na, ny * nx, v), feats)
-    out[..., -1] = var.reshape(na, ny * nx, v).sum(axis=-1, dtype=np.float64)
+    feats, var_weight = filled_features(moment_features(dq, rows, cols), fill)
+    out = np.zeros((na, ny * nx, len(MOMENTS)), dtype=np.float64)
+    out[..., :FEATURES] = np.matmul(w.reshape(na, ny * nx, v), feats)
+    out[..., _VAR] = (var.reshape(na, ny * nx, v) * var_weight).sum(axis=-1, dtype=np.float64)
+    if saturated is not None:
+        out[..., _SATURATED] = saturated.reshape(na, ny * nx, v).sum(axis=-1)
     return out.reshape(na, ny, nx, len(MOMENTS))
 
 
@@ -285,7 +569,7 @@ def maps_from_moments(
 
     Parameters
     ----------
-    m : array (..., 13)
+    m : array (..., len(MOMENTS))
         Moment sums (:data:`MOMENTS`), summed over angles.
     h_ref : array (3,)
         The vector the moments' ``dq`` are relative to.
@@ -302,7 +586,7 @@ def maps_from_moments(
         valid.
     """
     s = m[..., 0]
-    valid = (s > 0) & (s > min_snr * np.sqrt(np.maximum(m[..., 12], 0.0)))
+    valid = (s > 0) & (s > min_snr * np.sqrt(np.maximum(m[..., _VAR], 0.0)))
     safe = np.where(valid, s, np.nan)
     mean = m[..., 1:4] / safe[..., None]
     cov = np.empty((*s.shape, 3, 3))

@@ -59,7 +59,7 @@ from spndi_dask.io.results_store import (
 from spndi_dask.io.sources import SourceError
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _KEEP_PRIORITIES, _block_graph, _lazy_context
-from spndi_dask.reduce.maps import reduce_particle
+from spndi_dask.reduce.maps import QUALITY, reduce_particle
 from spndi_dask.reduce.plan import (
     BeamtimeGrid,
     ParticlePlan,
@@ -135,6 +135,26 @@ def _apply_beamtime_median(
             writable(g[key])[:] = st[key]
         writable(g["reference_q"])[:] = h
         g.attrs.update({"strain_reference": "beamtime_median"})
+
+
+def _saturation_note(tmp: Path, plan: ParticlePlan) -> str | None:
+    """A warning on the saturated voxels of a written (unpublished) result, added to its attrs."""
+    group = zarr.open_group(str(tmp), mode="r+")
+    n = int(np.asarray(group["saturated_voxels"][...]).sum())
+    if not n:
+        return None
+    quality = np.asarray(group["quality"][...])
+    points = int(((quality & QUALITY["saturated"]) > 0).sum())
+    note = (
+        f"{n} detector values in the Bragg ROI were at or above the saturation level "
+        f"{plan.saturation:g} counts and masked in their frames, at {points} scan pixels (flag "
+        "'saturated' in `quality`, counts per angle in `saturated_voxels`): the intensity there "
+        "is biased low; measure with less flux (attenuators, shorter count time), or set "
+        "[reduce] saturation if that is not the detector's saturation level"
+    )
+    group.attrs.update({"warnings": [*group.attrs.get("warnings", []), note]})
+    logger.warning("particle '%s': %s", plan.name, note)
+    return note
 
 
 def _explain_failure(manifest: Manifest, name: str, exc: BaseException) -> str:
@@ -300,8 +320,10 @@ def reduce(
     ):
         for name, _, exc in done:
             tmp, attrs = pending[name]
+            note = None
             if exc is None:
                 try:
+                    note = _saturation_note(tmp, plans[name])
                     with deferred():  # marked complete and moved in, or neither
                         publish(tmp, out.root, name, attrs)
                     valid = zarr.open_array(str(out.node(name) / "valid"), mode="r")
@@ -318,7 +340,7 @@ def reduce(
                 "roi": list(plan.roi),
                 "drift_method": plan.drift_method,
                 "valid_pixels": n_valid,
-                "warnings": list(plan.warnings),
+                "warnings": [*plan.warnings, *([note] if note else [])],
             }
             reduced.append(name)
     if settings.strain_reference == "beamtime_median" and reduced:

@@ -164,8 +164,13 @@ def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
         flat=None if plan.flat is None else plan.flat[r, c],
         bad=plan.bad[r, c],
     )
+    # masked ROI pixels are filled through the features and the q-grid operator (linear maps)
+    features, var_weight = K.filled_features(
+        K.moment_features(q - plan.h_projection, rows, cols), plan.fill
+    )
     ctx: dict[str, Any] = {
-        "features": K.moment_features(q - plan.h_projection, rows, cols),
+        "features": features,
+        "var_weight": var_weight,
         "offset": offset,
         "gain": gain,
         "background": plan.background,
@@ -174,6 +179,7 @@ def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
     }
     if grid is not None:
         op, covered = K.grid_operator(plan.geometry, plan.angles, plan.roi, grid.points())
+        op = K.fill_patterns_operator(op, plan.fill, len(plan.angles))
         ctx["operator"], ctx["voxels"] = K.used_voxels(op, len(plan.angles))
         ctx["covered"], ctx["n"] = covered, grid.n
     return ctx
@@ -197,6 +203,7 @@ def _lazy_context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> Any:
         plan.scale,
         plan.saturation,
         plan.h_projection,
+        plan.fill is None,  # the fill follows from plan.bad and the ROI
         grid.to_dict() if grid else None,
     )
     return dask.delayed(_context, pure=True)(
@@ -273,6 +280,7 @@ def _block_task(
         background=ctx["background"],
         saturation=ctx["saturation"],
         features=ctx["features"],
+        var_weight=ctx["var_weight"],
         operator=ctx.get("operator"),
         voxels=ctx.get("voxels"),
         halo=halo,

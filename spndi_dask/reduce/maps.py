@@ -4,6 +4,18 @@
 block graph (:mod:`spndi_dask.reduce.graph`): the per-angle moment sums are brought back to the
 reference scan grid (drift), summed over angles and turned into maps in one small NumPy task
 (:func:`_finish_maps`); the patterns come from the blocks as they are.
+
+Masked detector pixels and saturation leave a trace per scan pixel in ``quality``: 'filled'
+where more than :data:`~spndi_dask.reduce.plan.FILLED_FRACTION` of the ROI intensity of a pixel
+with Bragg signal was filled
+into masked pixels from their neighbours, 'saturated' where at least one of its ROI voxels was
+at or above the saturation level at some angle. Saturation is masked per voxel: count-rate
+saturation belongs to one pixel in one frame (the flux there, then), and the same pixel counts
+correctly in the frames where the peak is elsewhere, so masking the pixel in every frame would
+throw away good counts of the peak's core at every angle for the sake of a few frames. A
+saturated voxel is left out (0), not filled: its true count is unknown and above the level,
+so the pixel's intensity is biased low there, which the flag says. ``saturated_voxels(angle)``
+counts them.
 """
 
 from __future__ import annotations
@@ -20,12 +32,20 @@ from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
-from spndi_dask.reduce.plan import BeamtimeGrid, ParticlePlan, ReduceError
+from spndi_dask.reduce.plan import FILLED_FRACTION, BeamtimeGrid, ParticlePlan, ReduceError
 
 __all__ = ["QUALITY", "reduce_particle"]
 
 #: Bits of the ``quality`` map.
-QUALITY = {"no_signal": 1, "peak_at_range_edge": 2, "missing_angles": 4, "roi_at_detector_edge": 8}
+QUALITY = {
+    "no_signal": 1,
+    "peak_at_range_edge": 2,
+    "missing_angles": 4,
+    "roi_at_detector_edge": 8,
+    "saturated": 16,
+    "filled": 32,
+}
+_VAR, _FILLED, _SATURATED = (K.MOMENTS.index(c) for c in ("var", "w_filled", "n_saturated"))
 
 
 def _finish_maps(
@@ -50,7 +70,7 @@ def _finish_maps(
     summed = per_angle.sum(axis=0)
     # the frame for the widths: the particle's mean q
     s = summed[..., 0]
-    lit = (s > 0) & (s > min_snr * np.sqrt(np.maximum(summed[..., 12], 0)))
+    lit = (s > 0) & (s > min_snr * np.sqrt(np.maximum(summed[..., _VAR], 0)))
     h_mean = h_ref + (summed[lit, 1:4].sum(axis=0) / s[lit].sum() if lit.any() else np.zeros(3))
     if reference is not None:
         h = np.asarray(reference, float)
@@ -68,6 +88,12 @@ def _finish_maps(
     edge = valid & ((peak <= angles.min()) | (peak >= angles.max()))
     quality = quality | np.where(edge, QUALITY["peak_at_range_edge"], 0)
     quality = quality | np.where(missing, QUALITY["missing_angles"], 0)
+    # (counts brought to the reference grid by the drift shift: > 0 where a saturated voxel
+    # entered the pixel's interpolated value)
+    quality = quality | np.where(summed[..., _SATURATED] > 1e-6, QUALITY["saturated"], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        filled = valid & (summed[..., _FILLED] > FILLED_FRACTION * np.where(s > 0, s, np.inf))
+    quality = quality | np.where(filled, QUALITY["filled"], 0)
     nan = ~valid
     chans = [
         maps["intensity"],
@@ -181,6 +207,14 @@ def reduce_particle(
             data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
     q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)
     data["q_com"] = (("y", "x", "component"), q_com, {"units": "1/Å", "frame": "sample"})
+    data["saturated_voxels"] = (
+        ("angle",),
+        moments[..., _SATURATED].sum(axis=(1, 2)).round().astype(np.int64),
+        {
+            "long_name": "ROI voxels at or above the saturation level, masked in their frame",
+            "saturation": "none" if plan.saturation is None else plan.saturation,
+        },
+    )
     data["drift"] = (
         ("angle", "axis"),
         plan.drift,
@@ -234,6 +268,7 @@ def reduce_particle(
         "has_signal": plan.has_signal,
         "hot_pixels": plan.n_hot,
         "dead_pixels": plan.n_dead,
+        "masked_pixels": dict(plan.masked),
         "background_per_frame": plan.background.tolist(),
         "drift_method": plan.drift_method,
         "reference_angle_index": plan.reference_angle,

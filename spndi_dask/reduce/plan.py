@@ -1,12 +1,34 @@
 """Planning a particle's reduction from small arrays only, and the beamtime's common q grid.
 
 :func:`plan_particle` decides everything the lazy reduction needs that small arrays of
-``raw.zarr`` tell (detector projection recorded at ingest, monitor, XRF, validity): hot/dead
-pixels, the Bragg ROI, background, monitor normalisation and (from XRF) the scan drift. The
+``raw.zarr`` tell (detector projection, flagged pixels and the frame files' pixel mask recorded
+at ingest, monitor, XRF, validity): the masked detector pixels and how they are filled, the
+Bragg ROI, background, monitor normalisation and (from XRF) the scan drift. The
 result, a :class:`ParticlePlan`, is immutable and holds no open store: it records where the
 frames are and what of the raw store's provenance the reduction needs. :func:`beamtime_grid`
 pools the plans' detector projections into the :class:`BeamtimeGrid` every particle's patterns
 are resampled onto.
+
+Detector pixels are masked, with their reason recorded (:attr:`ParticlePlan.masked`), when
+
+* ``detector_mask``: the ``[reduce] detector_mask`` file marks them;
+* ``mask_dataset``: the frame files' ``mask_dataset`` marks them in any angle's file (the
+  masks of all angles are OR'd; a warning says when they differ);
+* ``flagged``: they held the detector's invalid value (``[ingest] invalid_value``) in any frame
+  of any angle. Ingest stores those values as 0 and records only how often a pixel held it per
+  angle, so such a pixel is masked in every frame: a flag marks a defective pixel (the
+  detector's own pixel mask), and a 0 that stood for a flag is never read as a measured 0;
+* ``module_gaps``: they counted nothing over the whole beamtime and form the lines of module or
+  chip gaps (:func:`~spndi_dask.reduce._kernels.module_gaps`);
+* ``hot`` / ``dead``: found in the detector projection besides the above
+  (:func:`~spndi_dask.reduce._kernels.bad_pixels`).
+
+Inside the Bragg ROI masked pixels are filled from their unmasked neighbours (harmonic
+interpolation, :func:`~spndi_dask.reduce._kernels.fill_operator`) before the moments and the
+q-grid patterns, so a gap through the peak does not pull its centre of mass away from the gap.
+Count-rate saturation is masked per voxel (one pixel in one frame: the same pixel counts
+correctly in the frames where the flux is lower) and counted (see
+:mod:`spndi_dask.reduce.maps`).
 """
 
 from __future__ import annotations
@@ -26,6 +48,10 @@ from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.sources import SourceError, read_detector_image
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.stages import StageError
+
+#: A scan pixel is flagged 'filled' in `quality` when more than this fraction of its ROI
+#: intensity was filled into masked detector pixels from their neighbours.
+FILLED_FRACTION = 0.1
 
 __all__ = ["BeamtimeGrid", "ParticlePlan", "ReduceError", "beamtime_grid", "plan_particle"]
 
@@ -56,9 +82,14 @@ class ParticlePlan:
     roi: tuple[int, int, int, int]
     roi_at_edge: bool
     has_signal: bool
-    bad: np.ndarray  # (det_row, det_col) bool: hot | dead | user mask
+    bad: np.ndarray  # (det_row, det_col) bool: every masked pixel (see the module docstring)
     n_hot: int
     n_dead: int
+    #: masked pixels per reason (see the module docstring), their total and those in the ROI
+    masked: dict[str, int]
+    #: fills the ROI's masked pixels from their neighbours (None: nothing masked in the ROI, or
+    #: left at 0); see :func:`~spndi_dask.reduce._kernels.fill_operator`
+    fill: Any
     dark: np.ndarray | None
     flat: np.ndarray | None
     saturation: float | None
@@ -95,6 +126,65 @@ def _detector_sum(raw: xr.Dataset, group: zarr.Group) -> np.ndarray:
 def _small(group: zarr.Group, name: str) -> np.ndarray:
     """A small array of a raw store, read straight from Zarr (no task graph)."""
     return np.asarray(group[name][...])
+
+
+def _per_pixel(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A per-angle detector map of the raw store (zeros for a store written before it)."""
+    if name in group:
+        return _small(group, name)
+    logger.warning(
+        "the raw store of '%s' has no `%s` (ingested by an older version): its pixels are not "
+        "masked for it; `spndi ingest --force` records it",
+        group.attrs.get("particle", "?"),
+        name,
+    )
+    return np.zeros(shape, dtype)
+
+
+def _masked_pixels(
+    group: zarr.Group,
+    det_sum: np.ndarray,
+    n_valid: np.ndarray,
+    user: np.ndarray,
+    dark: np.ndarray | None,
+    hot_sigma: float,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Every reason to mask a detector pixel (module docstring), as bool maps; the flagged counts
+    ``(angle, row, col)``; warnings."""
+    na, nr, nc = det_sum.shape
+    flagged = _per_pixel(group, "flagged", (na, nr, nc), np.uint32)
+    in_files = _per_pixel(group, "pixel_mask", (na, nr, nc), bool)
+    measured = n_valid > 0
+    warnings = []
+    reasons = {
+        "detector_mask": user,
+        "mask_dataset": in_files.any(axis=0),
+        "flagged": (flagged > 0).any(axis=0),
+        "module_gaps": K.module_gaps(det_sum.sum(axis=0)),
+    }
+    differ = reasons["mask_dataset"] & ~in_files[measured].all(axis=0)
+    if differ.any():
+        warnings.append(
+            f"the frame files' mask_dataset differs between angles: {int(differ.sum())} pixels "
+            "are masked in some angle files only; they are masked at every angle (the masks "
+            "are OR'd)"
+        )
+    every = (flagged[measured] >= n_valid[measured][:, None, None]).all(axis=0)
+    transient = reasons["flagged"] & ~every
+    if transient.any():
+        warnings.append(
+            f"{int(transient.sum())} detector pixels held the invalid value in some frames "
+            "only; they are masked in every frame (a flagged pixel is never trusted); if the "
+            "value stands for a count overflow there, not a bad pixel, set [ingest] "
+            "invalid_value = 'none' to mask only those frames, as saturated"
+        )
+    known = np.logical_or.reduce(list(reasons.values()))
+    reasons["hot"], reasons["dead"] = K.bad_pixels(
+        det_sum - (dark * n_valid[:, None, None] if dark is not None else 0.0),
+        masked=known,
+        hot_sigma=hot_sigma,
+    )
+    return reasons, flagged, warnings
 
 
 def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePlan:
@@ -143,11 +233,12 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     per_frame = det_sum / np.maximum(n_valid, 1)[:, None, None]
     if dark is not None:
         per_frame = per_frame - dark
-    hot, dead = K.bad_pixels(
-        det_sum - (dark * n_valid[:, None, None] if dark is not None else 0.0),
-        hot_sigma=settings.hot_sigma,
+    reasons, flagged, found = _masked_pixels(
+        group, det_sum, n_valid, user, dark, settings.hot_sigma
     )
-    bad = hot | dead | user
+    warnings.extend(found)
+    hot, dead = reasons["hot"], reasons["dead"]
+    bad = np.logical_or.reduce(list(reasons.values()))
 
     if settings.roi == "auto":
         roi, at_edge = K.find_roi(
@@ -168,7 +259,11 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     else:
         saturation = float(settings.saturation)
     if not has_signal:
-        warnings.append(_no_signal(det_sum, n_valid, saturation))
+        flag_value = raw.attrs.get("invalid_value")
+        saturated_flags = (
+            flagged if flag_value is not None and saturation and flag_value >= saturation else None
+        )
+        warnings.append(_no_signal(det_sum, n_valid, saturation, saturated_flags))
         cr, cc = (
             round(min(max(v, 0), s - 1))
             for v, s in zip(geometry.beam_center, (nr, nc), strict=True)
@@ -214,11 +309,35 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     if missing:
         warnings.append(f"angles {missing} have missing scan points (flag 'missing_angles')")
 
+    # masked pixels of the ROI: filled from their neighbours (moments, patterns, projection)
+    fill = K.fill_operator(bad[r0:r1, c0:c1])
+    masked = {k: int(v.sum()) for k, v in reasons.items()}
+    masked["total"] = int(bad.sum())
+    masked["in_roi"] = int(bad[r0:r1, c0:c1].sum())
+    masked["filled_in_roi"] = (
+        0 if fill is None else int((fill.getnnz(axis=1) > 0).sum() - (~bad[r0:r1, c0:c1]).sum())
+    )
+    traits = {
+        k: int(reasons[k][r0:r1, c0:c1].sum()) for k in ("module_gaps", "flagged", "mask_dataset")
+    }
+    if has_signal and any(traits.values()):
+        listed = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in traits.items() if n)
+        left = masked["in_roi"] - masked["filled_in_roi"]
+        warnings.append(
+            f"{masked['in_roi']} masked detector pixels lie inside the Bragg ROI ({listed}): "
+            f"{masked['filled_in_roi']} are filled from their neighbours before the moments"
+            + (f", {left} inside wider masked areas are left out" if left else "")
+            + " (flag 'filled' in `quality` where that is over "
+            f"{int(100 * FILLED_FRACTION)}% of a pixel's intensity)"
+        )
+
     # the particle's mean peak from the projection (origin of dq; pattern grid extent)
     rows, cols = np.arange(r0, r1), np.arange(c0, c1)
     q = q_sample(geometry, angles, rows=rows, cols=cols)
     wproj = per_frame[:, r0:r1, c0:c1] / flat_[r0:r1, c0:c1] - background[:, None, None]
     wproj = np.where(bad[r0:r1, c0:c1], 0.0, wproj) * n_valid[:, None, None]
+    if fill is not None:
+        wproj = (fill @ wproj.reshape(na, -1).T).T.reshape(wproj.shape)
     total = float(wproj.sum())
     if total > 0 and has_signal:
         h = np.einsum("arc,arci->i", wproj, q) / total
@@ -265,6 +384,8 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
         bad=bad,
         n_hot=int(hot.sum()),
         n_dead=int(dead.sum()),
+        masked=masked,
+        fill=fill,
         dark=dark,
         flat=flat,
         saturation=saturation,
@@ -291,11 +412,18 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
     return plan
 
 
-def _no_signal(det_sum: np.ndarray, n_valid: np.ndarray, saturation: float | None) -> str:
+def _no_signal(
+    det_sum: np.ndarray,
+    n_valid: np.ndarray,
+    saturation: float | None,
+    flagged: np.ndarray | None = None,
+) -> str:
     """Why no Bragg ROI was found: saturated frames (say so, with the fix), else no signal.
 
     A pixel is saturated when its mean over the frames of every angle with scan points is at or
-    above ``saturation``, i.e. it is saturated in every frame (``det_sum`` sums the frames).
+    above ``saturation``, i.e. it is saturated in every frame (``det_sum`` sums the frames), or
+    when it held the invalid value in every frame and that value is at or above ``saturation``
+    (``flagged`` given: ingest stored it as 0; the detector's maximum reads as both).
     """
     no_signal = (
         "no Bragg signal found on the detector (all maps NaN, `valid` false): check that the "
@@ -305,7 +433,10 @@ def _no_signal(det_sum: np.ndarray, n_valid: np.ndarray, saturation: float | Non
     if saturation is None or not measured.any():
         return no_signal
     mean = det_sum[measured] / n_valid[measured][:, None, None]
-    n_saturated = int((mean >= saturation).all(axis=0).sum())
+    at_top = mean >= saturation
+    if flagged is not None:
+        at_top |= flagged[measured] >= n_valid[measured][:, None, None]
+    n_saturated = int(at_top.all(axis=0).sum())
     total = int(mean[0].size)
     if n_saturated * 2 >= total:
         return (

@@ -141,6 +141,26 @@ def _stats_tables(rows: list[dict[str, str]]) -> dict[str, Any]:
     return {"summary": table(rows, summary_cols, text=("warning",)), "labels": labels}
 
 
+def _masked_text(masked: dict[str, int]) -> str:
+    """The reduce record of masked detector pixels in words.
+
+    Examples
+    --------
+    >>> _masked_text({"module_gaps": 124, "hot": 1, "dead": 0, "total": 125, "in_roi": 123,
+    ...               "filled_in_roi": 123})
+    '125 (module gaps 124, hot 1); 123 in the ROI, 123 of them filled from their neighbours'
+    """
+    totals = ("total", "in_roi", "filled_in_roi")
+    reasons = [f"{k.replace('_', ' ')} {n}" for k, n in masked.items() if n and k not in totals]
+    text = f"{masked.get('total', 0)}" + (f" ({', '.join(reasons)})" if reasons else "")
+    if masked.get("in_roi"):
+        text += (
+            f"; {masked['in_roi']} in the ROI, {masked.get('filled_in_roi', 0)} of them filled "
+            "from their neighbours"
+        )
+    return text
+
+
 def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
     """One particle scan: reduction notes, statistics, maps and rocking curves."""
     p = ctx.manifest.particle(name)
@@ -157,6 +177,8 @@ def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
     }
     if attrs and status["reduce"] == "done":
         notes = {label: attrs[k] for k, label in _REDUCE_NOTES.items() if k in attrs}
+        if isinstance(attrs.get("masked_pixels"), dict):
+            notes["masked detector pixels"] = _masked_text(attrs["masked_pixels"])
         out["reduce"] = {"info": kv(notes), "warnings": list(attrs.get("warnings", []))}
     rows = [r for r in ctx.particles_csv or [] if r.get("particle") == name]
     out["stats"] = _stats_tables(rows) if rows else None

@@ -84,8 +84,9 @@ def test_moments_of_a_sampled_gaussian_give_its_centre_and_width():
 
 def test_no_signal_is_nan_and_invalid_never_inf():
     m = np.zeros((2, 3, len(K.MOMENTS)))
-    m[0, 0, 0], m[0, 0, 12] = 100.0, 100.0  # SNR 10: valid
-    m[0, 1, 0], m[0, 1, 12] = 10.0, 100.0  # SNR 1: not valid
+    var = K.MOMENTS.index("var")
+    m[0, 0, 0], m[0, 0, var] = 100.0, 100.0  # SNR 10: valid
+    m[0, 1, 0], m[0, 1, var] = 10.0, 100.0  # SNR 1: not valid
     m[1, 0, 0] = -5.0  # negative after background subtraction
     maps = K.maps_from_moments(m, np.array([0.0, 0.0, 1.0]), np.eye(3))
     assert maps["valid"].tolist() == [[True, False, False], [False, False, False]]
@@ -134,6 +135,10 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
     flat = rng.uniform(0.8, 1.2, (nr, nc))
     bad = np.zeros((nr, nc), bool)
     bad[4, 4] = True
+    bad[:, 6] = True  # a gap column: filled from its neighbours
+    raw[2, 3, 3, 5, 1] = 65535  # saturated at a valid point, pixel not masked: counted
+    raw[2, 3, 3, 5, 6] = 65535  # ... in a masked pixel: not counted
+    fill = K.fill_operator(bad)
     background = rng.uniform(0, 1, na)
     drift = np.array([[0.0, 0.0], [0.4, -1.3], [-2.0, 1.5], [1.7, 0.2], [-0.3, -2.0]])
     dq = rng.normal(size=(na, nr, nc, 3))
@@ -152,18 +157,31 @@ def test_fused_block_kernel_equals_the_numpy_reference(dtype):
         saturation=65535,
     )
     core = (slice(None), slice(halo, -halo), slice(halo, -halo))
-    want_m = K.moment_sums(w[core], var[core], dq, rows, cols)
-    want_p = K.patterns_block(w, drift, op, halo=halo, out_shape=(ty, tx))
+    saturated = (raw[core] >= 65535) & ~bad & (scale[core] != 0)[..., None, None]
+    assert saturated.sum() == 2
+    want_m = K.moment_sums(w[core], var[core], dq, rows, cols, fill=fill, saturated=saturated)
+    filled_op = K.fill_patterns_operator(op, fill, na)
+    want_p = K.patterns_block(w, drift, filled_op, halo=halo, out_shape=(ty, tx))
+    # the fill is the harmonic interpolation: the filled voxels, then the plain sums
+    w_filled = (w.reshape(-1, nr * nc) @ fill.T.toarray()).reshape(w.shape)
+    plain = K.moment_sums(w_filled[core], var[core], dq, rows, cols)
+    np.testing.assert_allclose(want_m[..., :12], plain[..., :12], rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(
+        want_m[..., 12], (w_filled - w)[core].sum(axis=(3, 4)), rtol=1e-4, atol=1e-2
+    )
+    np.testing.assert_array_equal(want_m[..., 14], saturated.sum(axis=(3, 4)))
 
     offset, gain = F.correction_tables((nr, nc), dark=dark, flat=flat, bad=bad)
-    used_op, voxels = K.used_voxels(op, na)
+    features, var_weight = K.filled_features(K.moment_features(dq, rows, cols), fill)
+    used_op, voxels = K.used_voxels(filled_op, na)
     assert used_op.shape[1] < nv
     kwargs = dict(
         offset=offset,
         gain=gain,
         background=background,
         saturation=65535,
-        features=K.moment_features(dq, rows, cols),
+        features=features,
+        var_weight=var_weight,
         operator=used_op,
         voxels=voxels,
         halo=halo,
