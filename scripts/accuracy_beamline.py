@@ -23,39 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-IDEAL = dict(
-    scan_files=False,
-    frames_per_file=0,
-    fly_scan=False,
-    module_gap_px=0,
-    flagged_pixels=0,
-    saturated_frames=0,
-    xrf_spectra=False,
-)
-
-
-def _errors(results, truth_file: Path) -> dict[str, float]:
-    """RMS of d-spacing (relative) and tilts (rad, truth frame) inside the particle."""
-    from spndi_dask.geometry import crystal_frame, strain_tilt
-
-    gt = np.load(truth_file)
-    frame = crystal_frame(gt["G0"], "y+")
-    ours = strain_tilt(results["q_com"].values, frame)
-    true = strain_tilt(gt["G"], frame)
-    inside = gt["particle_mask"] & results["valid"].values
-    d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
-    rel = (results["d_spacing"].values - d_true) / d_true
-
-    def rms(e: np.ndarray) -> float:
-        return float(np.sqrt(np.mean(e[inside] ** 2)))
-
-    return {
-        "d_rel": rms(rel),
-        "tilt_x": rms(ours["tilt_x"] - true["tilt_x"]),
-        "tilt_y": rms(ours["tilt_y"] - true["tilt_y"]),
-        "coverage": float(inside.sum() / gt["particle_mask"].sum()),
-    }
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -67,12 +34,12 @@ def main() -> None:
     from spndi_dask.ingest import ingest
     from spndi_dask.io.results_store import open_results
     from spndi_dask.reduce import reduce
-    from spndi_dask.simulate import preset, simulate_beamtime
+    from spndi_dask.simulate import IDEAL_LAYOUT, errors_vs_truth, preset, simulate_beamtime
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     cases = {}
-    for case, overrides in (("ideal", IDEAL), ("beamline", {})):
+    for case, overrides in (("ideal", IDEAL_LAYOUT), ("beamline", {})):
         out = root / case
         t0 = time.perf_counter()
         simulate_beamtime(out, preset("beamline", seed=args.seed, **overrides))
@@ -89,14 +56,14 @@ def main() -> None:
         if failed:
             raise SystemExit(f"{case}: reduce failed: {failed}")
         cases[case] = {
-            p.name: _errors(
+            p.name: errors_vs_truth(
                 open_results(m.output_dir, p.name), out / "ground_truth" / f"{p.name}.npz"
             )
             for p in m.particles
         }
         print(f"{case}: simulated, ingested and reduced in {time.perf_counter() - t0:.1f} s")
 
-    keys = ("d_rel", "tilt_x", "tilt_y", "coverage")
+    keys = ("d", "tilt_x", "tilt_y", "coverage")
     print(f"\n{'particle':<10}{'quantity':<10}{'ideal':>11}{'beamline':>11}{'ratio':>8}")
     for name in cases["ideal"]:
         for k in keys:

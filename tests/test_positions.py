@@ -11,12 +11,11 @@ import pytest
 import zarr
 
 from spndi_dask.config import Manifest
-from spndi_dask.geometry import crystal_frame, strain_tilt
 from spndi_dask.ingest import IngestError, ingest
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.positions import assign_to_grid, grid_origin
 from spndi_dask.reduce import open_results, reduce
-from spndi_dask.simulate import preset, simulate_beamtime
+from spndi_dask.simulate import errors_vs_truth, preset, simulate_beamtime
 
 from .conftest import load, manifest_dict, write_angle_files
 
@@ -370,28 +369,7 @@ def test_more_frames_than_nodes_need_positions(tmp_path):
 
 
 # -- accuracy against simulated ground truth --------------------------------------------------
-def _errors(ds, truth_file) -> dict[str, float]:
-    """RMS error of d-spacing (relative) and tilts (rad) inside the particle, as in
-    tests/reduce/test_reduce.py; the particle's pixels where the result is invalid count in
-    ``coverage``."""
-    gt = np.load(truth_file)
-    frame = crystal_frame(gt["G0"], "y+")
-    ours = strain_tilt(ds["q_com"].values, frame)
-    true = strain_tilt(gt["G"], frame)
-    inside = gt["particle_mask"] & ds["valid"].values
-    d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
-    rel = (ds["d_spacing"].values - d_true) / d_true
-
-    def rms(e):
-        return float(np.sqrt(np.mean(e[inside] ** 2)))
-
-    return {
-        "d": rms(rel),
-        "tilt_x": rms(ours["tilt_x"] - true["tilt_x"]),
-        "tilt_y": rms(ours["tilt_y"] - true["tilt_y"]),
-        "drift": float(np.abs(ds["drift"].values - gt["drift"]).max()),
-        "coverage": float(inside.sum() / gt["particle_mask"].sum()),
-    }
+_errors = errors_vs_truth  # as in tests/reduce/test_reduce.py
 
 
 @pytest.fixture(scope="module")

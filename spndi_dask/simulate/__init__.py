@@ -73,6 +73,8 @@ physics
 beamline
     Step 3 and the files: :func:`simulate_beamtime` writes the scans (one dask task each), the
     manifest and the ground truth; :func:`datasets` and :func:`scan_path` tell what and where.
+truth
+    :func:`errors_vs_truth`: how close a reduce result is to the ground truth.
 
 Importing the package loads the presets only (NumPy); the physics (SciPy) and the writer (dask,
 h5py) are imported when one of their names is first used.
@@ -83,7 +85,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from spndi_dask.simulate.presets import PRESETS, SimulationConfig, preset
+from spndi_dask.simulate.presets import IDEAL_LAYOUT, PRESETS, SimulationConfig, preset
 
 # public name -> module that defines it, imported on first use (PEP 562): the presets are cheap,
 # the physics (SciPy) and the writer (dask, h5py) are not, and ``spndi --help`` lists the presets
@@ -94,6 +96,8 @@ _LAZY = {
     "THETA_DATASET": "spndi_dask.simulate.beamline",
     "XRF_DATASET": "spndi_dask.simulate.beamline",
     "SimulatedParticle": "spndi_dask.simulate.physics",
+    "TRUTH_ERRORS": "spndi_dask.simulate.truth",
+    "errors_vs_truth": "spndi_dask.simulate.truth",
     "datasets": "spndi_dask.simulate.beamline",
     "expected_counts": "spndi_dask.simulate.physics",
     "make_particle": "spndi_dask.simulate.physics",
@@ -105,13 +109,16 @@ _LAZY = {
 __all__ = [
     "CO_KALPHA_KEV",
     "FRAMES_DATASET",
+    "IDEAL_LAYOUT",
     "MONITOR_DATASET",
     "PRESETS",
     "THETA_DATASET",
+    "TRUTH_ERRORS",
     "XRF_DATASET",
     "SimulatedParticle",
     "SimulationConfig",
     "datasets",
+    "errors_vs_truth",
     "expected_counts",
     "make_particle",
     "preset",
@@ -137,6 +144,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
         make_particle,
         pupil_rings,
     )
+    from spndi_dask.simulate.truth import TRUTH_ERRORS, errors_vs_truth
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 
 from spndi_dask.geometry import Geometry, wavelength_angstrom
 
-__all__ = ["PRESETS", "SimulationConfig", "preset"]
+__all__ = ["IDEAL_LAYOUT", "PRESETS", "SimulationConfig", "preset"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": {**_BENCHMARK, "scan_shape": (36, 36)},
     "large": {**_BENCHMARK, "scan_shape": (72, 72)},
 }
+
+
+#: Overrides that turn every beamline-export trait off: the ideal layout of the same beamtime
+#: (``preset("beamline", **IDEAL_LAYOUT)`` simulates the same particles and ground truth).
+IDEAL_LAYOUT: dict[str, Any] = dict(
+    scan_files=False,
+    frames_per_file=0,
+    frames_4d=False,
+    fly_scan=False,
+    module_gap_px=0,
+    flagged_pixels=0,
+    saturated_frames=0,
+    xrf_spectra=False,
+)
 
 
 def preset(name: str, **overrides: Any) -> SimulationConfig:

@@ -14,7 +14,7 @@ import xarray as xr
 import zarr
 
 from spndi_dask.config import Manifest
-from spndi_dask.geometry import crystal_frame, q_sample, strain_tilt
+from spndi_dask.geometry import q_sample
 from spndi_dask.ingest import ingest
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import (
@@ -26,7 +26,7 @@ from spndi_dask.reduce import (
     reduce_particle,
 )
 from spndi_dask.reduce import _kernels as K
-from spndi_dask.simulate import preset, simulate_beamtime
+from spndi_dask.simulate import errors_vs_truth, preset, simulate_beamtime
 
 from ..conftest import load, manifest_dict, write_angle_files
 
@@ -49,23 +49,7 @@ def tiny(tmp_path_factory):
     return out, m, summary
 
 
-def _errors(ds: xr.Dataset, truth_file) -> dict[str, float]:
-    """RMSE of d-spacing (relative) and tilts (rad, in the truth frame) inside the particle."""
-    gt = np.load(truth_file)
-    frame = crystal_frame(gt["G0"], "y+")
-    ours = strain_tilt(ds["q_com"].values, frame)
-    true = strain_tilt(gt["G"], frame)
-    inside = gt["particle_mask"] & ds["valid"].values
-    d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
-    rel = (ds["d_spacing"].values - d_true) / d_true
-    rms = lambda e: float(np.sqrt(np.mean(e[inside] ** 2)))  # noqa: E731
-    return {
-        "d": rms(rel),
-        "tilt_x": rms(ours["tilt_x"] - true["tilt_x"]),
-        "tilt_y": rms(ours["tilt_y"] - true["tilt_y"]),
-        "drift": float(np.abs(ds["drift"].values - gt["drift"]).max()),
-        "coverage": inside.sum() / gt["particle_mask"].sum(),
-    }
+_errors = errors_vs_truth  # RMS of d (relative), tilts (rad), drift, coverage
 
 
 # -- kernels ----------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""How close a reduce result is to the simulated ground truth (tests, benchmarks, examples).
+
+Examples
+--------
+>>> sorted(TRUTH_ERRORS)
+['coverage', 'd', 'drift', 'tilt_x', 'tilt_y']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TRUTH_ERRORS", "errors_vs_truth"]
+
+#: What :func:`errors_vs_truth` returns, in words.
+TRUTH_ERRORS = {
+    "d": "RMS relative error of the d-spacing inside the particle",
+    "tilt_x": "RMS error of tilt_x (rad, crystal frame of the true reference) inside the particle",
+    "tilt_y": "RMS error of tilt_y (rad) inside the particle",
+    "drift": "largest error of the registered drift (scan pixels)",
+    "coverage": "fraction of the particle's pixels with a valid result",
+}
+
+
+def errors_vs_truth(
+    results: Any, truth_file: str | Path, rocking_axis: str = "y+"
+) -> dict[str, float]:
+    """Errors of one particle's reduce result against ``ground_truth/<particle>.npz``.
+
+    Parameters
+    ----------
+    results : xarray.Dataset
+        The particle's node of ``results.zarr`` (:func:`~spndi_dask.io.results_store.open_results`):
+        ``q_com``, ``d_spacing``, ``valid`` and ``drift``.
+    truth_file : path
+        The simulator's ground truth of that particle (``G``, ``G0``, ``particle_mask``,
+        ``drift`` on the regular scan grid).
+    rocking_axis : str
+        The rocking axis the beamtime was simulated with.
+
+    Returns
+    -------
+    dict
+        :data:`TRUTH_ERRORS` (inside = the true particle where the result is valid).
+    """
+    from spndi_dask.geometry import crystal_frame, strain_tilt
+
+    gt = np.load(truth_file)
+    frame = crystal_frame(gt["G0"], rocking_axis)
+    ours = strain_tilt(np.asarray(results["q_com"].values), frame)
+    true = strain_tilt(gt["G"], frame)
+    inside = gt["particle_mask"] & np.asarray(results["valid"].values)
+    d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
+    rel = (np.asarray(results["d_spacing"].values) - d_true) / d_true
+
+    def rms(e: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(e[inside] ** 2)))
+
+    return {
+        "d": rms(rel),
+        "tilt_x": rms(ours["tilt_x"] - true["tilt_x"]),
+        "tilt_y": rms(ours["tilt_y"] - true["tilt_y"]),
+        "drift": float(np.abs(np.asarray(results["drift"].values) - gt["drift"]).max()),
+        "coverage": float(inside.sum() / gt["particle_mask"].sum()),
+    }
