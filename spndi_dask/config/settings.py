@@ -107,6 +107,12 @@ class ReduceSettings(SettingsModel):
     registration_upsample: PositiveInt = Field(
         20, description="sub-pixel precision of the registration: 1/upsample scan pixels"
     )
+    peak: Literal["moments", "gaussian"] = Field(
+        "moments",
+        description="peak centre and widths of each scan pixel: 'moments' (centre of mass and "
+        "spread of the ROI, default) or 'gaussian' (a 3D Gaussian + constant fitted to the "
+        "pixel's pattern on the common q grid; robust to a weak second peak)",
+    )
     min_snr: PositiveFloat = Field(
         5.0, description="a scan pixel is valid when its ROI signal exceeds min_snr × its noise"
     )

@@ -60,6 +60,7 @@ from spndi_dask.io.sources import SourceError
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _KEEP_PRIORITIES, _block_graph, _lazy_context
 from spndi_dask.reduce.maps import QUALITY, reduce_particle
+from spndi_dask.reduce.peakfit import failed_fits_note
 from spndi_dask.reduce.plan import (
     BeamtimeGrid,
     ParticlePlan,
@@ -121,7 +122,7 @@ def _apply_beamtime_median(
     pooled = []
     for name in names:
         g = zarr.open_group(str(out.node(name)), mode="r")
-        q = np.asarray(read(g["q_com"], (slice(None),) * 3))
+        q = np.asarray(read(g[_centre(g)], (slice(None),) * 3))
         pooled.append(q[np.asarray(read(g["valid"], (slice(None),) * 2))])
     pooled = np.concatenate(pooled) if pooled else np.zeros((0, 3))
     if not len(pooled):
@@ -130,11 +131,16 @@ def _apply_beamtime_median(
     for name in names:
         g = zarr.open_group(str(out.node(name)), mode="r+")
         frame = crystal_frame(h, rocking_axes[name])
-        st = strain_tilt(np.asarray(g["q_com"][:]), frame)
+        st = strain_tilt(np.asarray(g[_centre(g)][:]), frame)
         for key in ("strain", "tilt_x", "tilt_y"):  # a map of fill values is still written
             writable(g[key])[:] = st[key]
         writable(g["reference_q"])[:] = h
         g.attrs.update({"strain_reference": "beamtime_median"})
+
+
+def _centre(group: zarr.Group) -> str:
+    """The variable the maps of a stored result were made from: the fitted or moments' centre."""
+    return "q_fit" if "q_fit" in group else "q_com"
 
 
 def _saturation_note(tmp: Path, plan: ParticlePlan) -> str | None:
@@ -295,6 +301,7 @@ def reduce(
                     grid,
                     min_snr=settings.min_snr,
                     d0=settings.d0_angstrom if settings.strain_reference == "d0" else None,
+                    peak=settings.peak,
                 )
                 attrs = {
                     **base,
@@ -320,10 +327,11 @@ def reduce(
     ):
         for name, _, exc in done:
             tmp, attrs = pending[name]
-            note = None
+            notes: list[str] = []
             if exc is None:
                 try:
-                    note = _saturation_note(tmp, plans[name])
+                    notes = [_saturation_note(tmp, plans[name]), failed_fits_note(tmp, name)]
+                    notes = [n for n in notes if n]
                     with deferred():  # marked complete and moved in, or neither
                         publish(tmp, out.root, name, attrs)
                     valid = zarr.open_array(str(out.node(name) / "valid"), mode="r")
@@ -340,7 +348,7 @@ def reduce(
                 "roi": list(plan.roi),
                 "drift_method": plan.drift_method,
                 "valid_pixels": n_valid,
-                "warnings": [*plan.warnings, *([note] if note else [])],
+                "warnings": [*plan.warnings, *notes],
             }
             reduced.append(name)
     if settings.strain_reference == "beamtime_median" and reduced:

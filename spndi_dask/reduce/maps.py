@@ -20,7 +20,7 @@ counts them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -32,6 +32,7 @@ from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
+from spndi_dask.reduce.peakfit import PEAK_CHANNELS, gaussian_peaks
 from spndi_dask.reduce.plan import FILLED_FRACTION, BeamtimeGrid, ParticlePlan, ReduceError
 
 __all__ = ["QUALITY", "reduce_particle"]
@@ -44,6 +45,7 @@ QUALITY = {
     "roi_at_detector_edge": 8,
     "saturated": 16,
     "filled": 32,
+    "fit_failed": 64,
 }
 _VAR, _FILLED, _SATURATED = (K.MOMENTS.index(c) for c in ("var", "w_filled", "n_saturated"))
 
@@ -60,10 +62,13 @@ def _finish_maps(
     min_snr: float,
     flags: int,
     missing: np.ndarray,
+    fit: np.ndarray | None = None,
 ) -> np.ndarray:
     """All per-pixel outputs from the per-angle moments (NumPy; one small block per particle).
 
-    Returns ``(ny, nx, n_angle + 16)``: rocking curve, then :data:`_FINISHED` channels.
+    Returns ``(ny, nx, n_angle + 16)``: rocking curve, then :data:`_FINISHED` channels; with
+    ``fit`` (``(ny, nx, len(PEAK_CHANNELS))`` of :func:`~spndi_dask.reduce.peakfit.gaussian_peaks`)
+    the maps of the centre and widths are the fit's and :data:`_FITTED` channels follow.
     """
     per_angle = shift_maps(moments, drift)
     curves = per_angle[..., 0]
@@ -82,6 +87,13 @@ def _finish_maps(
     maps = K.maps_from_moments(summed, h_ref, frame.matrix, min_snr=min_snr)
     valid = maps["valid"]
     st = strain_tilt(maps["q_com"], frame)
+    fit_failed = np.zeros_like(valid)
+    if fit is not None:  # the fitted centre makes the maps; a failed fit leaves the pixel out
+        fit_failed = valid & ~np.isfinite(fit[..., 1:4]).all(axis=-1)
+        valid = valid & ~fit_failed
+        st = strain_tilt(fit[..., 1:4], frame)
+        for axis in "xyz":
+            maps[f"width_{axis}"] = fit[..., PEAK_CHANNELS.index(f"width_{axis}")]
     order = np.argsort(angles)
     peak = K.parabolic_peak(curves[order], angles[order])
     quality = np.where(valid, 0, QUALITY["no_signal"]) | flags
@@ -94,6 +106,7 @@ def _finish_maps(
     with np.errstate(invalid="ignore", divide="ignore"):
         filled = valid & (summed[..., _FILLED] > FILLED_FRACTION * np.where(s > 0, s, np.inf))
     quality = quality | np.where(filled, QUALITY["filled"], 0)
+    quality = quality | np.where(fit_failed, QUALITY["fit_failed"], 0)
     nan = ~valid
     chans = [
         maps["intensity"],
@@ -113,12 +126,17 @@ def _finish_maps(
         valid.astype(float),
         quality.astype(float),
     ]
+    if fit is not None:
+        chans += [fit[..., PEAK_CHANNELS.index(c)] for c in _FITTED]
     out = np.concatenate([np.moveaxis(curves, 0, -1), np.stack(chans, -1)], axis=-1)
     out[nan, len(angles) : len(angles) + 14] = np.nan
+    out[nan, len(angles) + len(_FINISHED) :] = np.nan
     return out, h
 
 
 _FINISHED = (*MAP_VARIABLES, "q_x", "q_y", "q_z", "valid", "quality")
+#: Channels after :data:`_FINISHED` with ``[reduce] peak = "gaussian"`` (of PEAK_CHANNELS).
+_FITTED = ("q_x", "q_y", "q_z", "amplitude", "background", "chi2")
 
 
 def reduce_particle(
@@ -128,6 +146,7 @@ def reduce_particle(
     min_snr: float = 5.0,
     reference: np.ndarray | None = None,
     d0: float | None = None,
+    peak: Literal["moments", "gaussian"] = "moments",
 ) -> xr.Dataset:
     """The lazy reduce results of one particle (nothing is computed).
 
@@ -143,6 +162,12 @@ def reduce_particle(
         Reference vector for strain and tilt; default the particle's mean q.
     d0 : float, optional
         Reference d-spacing (Å): ``|h| = 2π/d0`` along the reference direction.
+    peak : {'moments', 'gaussian'}
+        Where the centre and widths of the maps come from: the moments of the ROI, or a 3D
+        Gaussian fitted to each pixel's pattern on ``grid``
+        (:func:`~spndi_dask.reduce.peakfit.gaussian_peaks`). ``q_com`` is the moments' centre
+        either way; ``gaussian`` adds ``q_fit``, ``peak_amplitude``, ``peak_background`` and
+        ``peak_chi2``, and a pixel whose fit failed is not valid (quality flag 'fit_failed').
 
     Returns
     -------
@@ -151,6 +176,10 @@ def reduce_particle(
     """
     if plan.drift is None:
         raise ReduceError(f"particle '{plan.name}': the drift is not known yet")
+    if peak not in ("moments", "gaussian"):
+        raise ReduceError(f"peak = {peak!r}: use 'moments' or 'gaussian' ([reduce] peak)")
+    if peak == "gaussian" and grid is None:
+        raise ReduceError("peak = 'gaussian' fits the q-grid patterns: a grid is needed")
     ctx = _lazy_context(plan, grid)
     moments, patterns = _block_graph(plan, ctx, grid)
     na, ny, nx = moments.shape[:3]
@@ -160,7 +189,7 @@ def reduce_particle(
     drift, h_ref, angles = plan.drift, plan.h_projection, plan.angles
     rocking_axis = plan.geometry.rocking_axis
 
-    def finish(block: np.ndarray, part: int = 0) -> np.ndarray:
+    def finish(block: np.ndarray, fit: np.ndarray | None = None, part: int = 0) -> np.ndarray:
         result = _finish_maps(
             block,
             drift=drift,
@@ -172,17 +201,34 @@ def reduce_particle(
             min_snr=min_snr,
             flags=flags,
             missing=missing,
+            fit=fit,
         )
         return result[part]
 
-    finished = small.map_blocks(
-        finish,
-        drop_axis=[0, 3],
-        new_axis=[2],
-        chunks=((ny,), (nx,), (na + len(_FINISHED),)),
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), np.float64),
-    )
+    if peak == "moments":
+        finished = small.map_blocks(
+            finish,
+            drop_axis=[0, 3],
+            new_axis=[2],
+            chunks=((ny,), (nx,), (na + len(_FINISHED),)),
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), np.float64),
+        )
+    else:  # the fits of the pattern blocks, gathered (small) into the one maps task
+        covered = _covered(ctx, grid)
+        fit = gaussian_peaks(patterns, covered, grid).rechunk((ny, nx, -1))
+        finished = da.blockwise(
+            finish,
+            "yxc",
+            small,
+            "ayxm",
+            fit,
+            "yxp",
+            new_axes={"c": na + len(_FINISHED) + len(_FITTED)},
+            concatenate=True,
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0), np.float64),
+        )
     coords: dict[str, Any] = dict(plan.coords)
     data: dict[str, Any] = {
         "rocking_curve": (
@@ -206,7 +252,13 @@ def reduce_particle(
         else:
             data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
     q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)
-    data["q_com"] = (("y", "x", "component"), q_com, {"units": "1/Å", "frame": "sample"})
+    data["q_com"] = (
+        ("y", "x", "component"),
+        q_com,
+        {"units": "1/Å", "frame": "sample", "long_name": "centre of mass of the peak (moments)"},
+    )
+    if peak == "gaussian":
+        _fitted_variables(data, finished[..., na + len(_FINISHED) :])
     data["saturated_voxels"] = (
         ("angle",),
         moments[..., _SATURATED].sum(axis=(1, 2)).round().astype(np.int64),
@@ -241,10 +293,7 @@ def reduce_particle(
     coords["component"] = np.array(["qx", "qy", "qz"], dtype=object)
     coords["axis"] = np.array(["y", "x"], dtype=object)
     if patterns is not None:
-        n = grid.n
-        covered = da.from_delayed(
-            dask.delayed(_pick)(ctx, "covered"), shape=(n**3,), dtype=bool
-        ).reshape(n, n, n)
+        covered = _covered(ctx, grid)
         dims = ("y", "x", "dq_x", "dq_y", "dq_z")
         data["pattern"] = (
             dims,
@@ -277,4 +326,31 @@ def reduce_particle(
     }
     if grid is not None:
         attrs["q_grid"] = grid.to_dict()
+    attrs["peak"] = peak
     return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _covered(ctx: Any, grid: BeamtimeGrid) -> da.Array:
+    """The grid points inside the measured range (lazy, one chunk)."""
+    n = grid.n
+    return da.from_delayed(
+        dask.delayed(_pick)(ctx, "covered"), shape=(n**3,), dtype=bool
+    ).reshape(n, n, n)
+
+
+def _fitted_variables(data: dict[str, Any], fitted: da.Array) -> None:
+    """The variables of ``peak = "gaussian"`` from the :data:`_FITTED` channels."""
+    q_fit = fitted[..., :3]
+    data["q_fit"] = (
+        ("y", "x", "component"),
+        q_fit,
+        {"units": "1/Å", "frame": "sample", "long_name": "centre of the fitted 3D Gaussian"},
+    )
+    units = MAP_VARIABLES["intensity"] + " per voxel"
+    for name, long_name, unit in (
+        ("amplitude", "height of the fitted 3D Gaussian", units),
+        ("background", "constant under the fitted 3D Gaussian", units),
+        ("chi2", "Pearson χ² per degree of freedom of the fit", "1"),
+    ):
+        values = fitted[..., _FITTED.index(name)]
+        data[f"peak_{name}"] = (("y", "x"), values, {"units": unit, "long_name": long_name})

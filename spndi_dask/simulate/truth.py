@@ -34,7 +34,8 @@ def errors_vs_truth(
     ----------
     results : xarray.Dataset
         The particle's node of ``results.zarr`` (:func:`~spndi_dask.io.results_store.open_results`):
-        ``q_com``, ``d_spacing``, ``valid`` and ``drift``.
+        ``q_com`` (or ``q_fit`` where the peaks were fitted), ``d_spacing``, ``valid`` and
+        ``drift``.
     truth_file : path
         The simulator's ground truth of that particle (``G``, ``G0``, ``particle_mask``,
         ``drift`` on the regular scan grid).
@@ -50,7 +51,8 @@ def errors_vs_truth(
 
     gt = np.load(truth_file)
     frame = crystal_frame(gt["G0"], rocking_axis)
-    ours = strain_tilt(np.asarray(results["q_com"].values), frame)
+    centre = "q_fit" if "q_fit" in results else "q_com"  # the one the maps were made from
+    ours = strain_tilt(np.asarray(results[centre].values), frame)
     true = strain_tilt(gt["G"], frame)
     inside = gt["particle_mask"] & np.asarray(results["valid"].values)
     d_true = 2 * np.pi / np.linalg.norm(gt["G"], axis=-1)
