@@ -401,10 +401,16 @@ def _write_scan(
         centre = g_lit.mean(axis=0)
         reach = np.linalg.norm(g_lit - centre, axis=1).max() + 6 * sigma[lit].max()
         reach += rings[:, 0].max() + rings[:, 1].max()
+        if config.second_domain_fraction > 0:
+            off = abs(config.second_domain_strain) + abs(config.second_domain_tilt)
+            reach += np.linalg.norm(centre) * off
         near = np.linalg.norm(q - centre, axis=-1) < reach
     else:
         near = np.zeros(npix, bool)
     near_idx = np.flatnonzero(near)
+    second = rotation_matrix(geometry.rocking_axis, config.second_domain_tilt) / (
+        1 + config.second_domain_strain
+    )
 
     hot, dead, dark = fields["hot"], fields["dead"], fields["dark"]
     gap, flagged = fields["gap"], fields["flagged"]
@@ -448,6 +454,15 @@ def _write_scan(
                     lam = expected_counts(
                         q[near_idx], G[pts], sigma[pts], amplitude[pts], beam=beam, rings=rings
                     )
+                    if config.second_domain_fraction > 0:
+                        lam += expected_counts(
+                            q[near_idx],
+                            G[pts] @ second.T,
+                            sigma[pts],
+                            config.second_domain_fraction * amplitude[pts],
+                            beam=beam,
+                            rings=rings,
+                        )
                     counts[np.ix_(sel, near_idx)] += rng.poisson(lam.astype(np.float64))
                     for j in saturated:  # count-rate saturation: the peak reads one level
                         for k in np.flatnonzero(pts == j):

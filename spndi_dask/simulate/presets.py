@@ -62,6 +62,13 @@ class SimulationConfig:
     background: float = 0.02
     dark_counts: float = 0.0
     hot_fraction: float = 2e-4
+    # a weak second domain under every scan point, this fraction of the main peak's height:
+    # its lattice larger by second_domain_strain and turned by second_domain_tilt (rad) about
+    # the rocking axis (along tilt_x); the ground truth stays the main domain's (it biases the
+    # moments, see scripts/accuracy_peakfit.py)
+    second_domain_fraction: float = 0.0
+    second_domain_strain: float = 0.0
+    second_domain_tilt: float = 5e-3
     # written to the manifest's [features] table: a short training for demos and tests
     train_epochs: int = 15
     hot_counts: float = 3000.0
