@@ -333,9 +333,9 @@ def reduce_particle(
 def _covered(ctx: Any, grid: BeamtimeGrid) -> da.Array:
     """The grid points inside the measured range (lazy, one chunk)."""
     n = grid.n
-    return da.from_delayed(
-        dask.delayed(_pick)(ctx, "covered"), shape=(n**3,), dtype=bool
-    ).reshape(n, n, n)
+    return da.from_delayed(dask.delayed(_pick)(ctx, "covered"), shape=(n**3,), dtype=bool).reshape(
+        n, n, n
+    )
 
 
 def _fitted_variables(data: dict[str, Any], fitted: da.Array) -> None:

@@ -39,20 +39,7 @@ logger = logging.getLogger(__name__)
 
 #: Channels of :func:`gaussian_peaks`: :data:`~spndi_dask.reduce._peakfit.FIT_PARAMS` with the
 #: centre as a sample-frame q vector (1/Å) and the widths along the grid's crystal axes (1/Å).
-PEAK_CHANNELS = (
-    "amplitude",
-    "q_x",
-    "q_y",
-    "q_z",
-    "width_x",
-    "width_y",
-    "width_z",
-    "background",
-    "chi2",
-    "iterations",
-    "status",
-)
-assert len(PEAK_CHANNELS) == len(FIT_PARAMS)
+PEAK_CHANNELS = tuple(c.replace("centre_", "q_") for c in FIT_PARAMS)
 
 
 def _fit_block(
