@@ -281,32 +281,65 @@ def _projections(ax_row: Any, pattern: np.ndarray, ds: xr.Dataset, title: str) -
         ax.set_title(f"{title}: sum over {names[axis]}", fontsize=9)
 
 
+def _scan_curve(ax: Any, ds: xr.Dataset, p: int, curve: Any, **kw: Any) -> None:
+    """Plot one scan's curve on that scan's own angles (``scan_angle``, NaN-padded)."""
+    angles = np.asarray(ds["scan_angle"][p].values)
+    keep = np.isfinite(angles)
+    ax.plot(angles[keep], np.asarray(curve)[keep], **kw)
+
+
+def rocking_curves_by_scan(ds: xr.Dataset, path: Path) -> Path:
+    """Per scan: the particle's mean rocking curve with domains and boundaries; each cluster's.
+
+    One row per scan, as the original study's figures (there in a 2 × 4 grid of particles), on
+    each scan's own angles. Curves are means per pixel (intensity per scan pixel).
+    """
+    names = [str(n) for n in ds["particle"].values]
+    k = ds.sizes["cluster"]
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3 * len(names)), squeeze=False)
+    for p, name in enumerate(names):
+        left, right = axes[p]
+        _scan_curve(left, ds, p, ds["particle_rocking_curve"][p], color="k", label="particle")
+        for r, (region, colour, ls) in enumerate((("domain", "C3", "-"), ("boundary", "C0", "--"))):
+            curve = ds["region_rocking_curve"][p, r]
+            _scan_curve(left, ds, p, curve, color=colour, ls=ls, label=region)
+        left.set_title(f"{name}: particle, domains, boundaries", fontsize=9)
+        for c in range(k):
+            _scan_curve(right, ds, p, ds["cluster_rocking_curve"][p, c], label=f"cluster {c}")
+        right.set_title(f"{name}: per cluster", fontsize=9)
+        for ax in (left, right):
+            ax.set_xlabel("angle (deg)")
+            ax.set_ylabel("mean intensity per pixel")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     """Cluster rocking curves, pattern projections per cluster, domains vs boundaries."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     k = ds.sizes["cluster"]
-    if "cluster_rocking_curve" in ds:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if "cluster_rocking_curve_pooled" in ds:
         for c in range(k):
             axes[0].plot(ds["angle"], ds["cluster_rocking_curve_pooled"][c], label=f"cluster {c}")
         axes[0].set_title("rocking curve per cluster (all scans)")
-        for r, region in enumerate(ds["region"].values):
-            for p, name in enumerate(ds["particle"].values):
-                axes[1].plot(
-                    ds["angle"],
-                    ds["region_rocking_curve"][p, r],
-                    ls="-" if r == 0 else "--",
-                    color=f"C{p}",
-                    label=f"{name} {region}",
-                )
-        axes[1].set_title("domains (solid) vs boundaries (dashed)")
-        for ax in axes:
-            ax.set_xlabel("angle (deg)")
-            ax.set_ylabel("mean intensity per pixel")
+    else:
+        axes[0].set_title("scans have different angles: see rocking_curves_by_scan.png")
+    for r, region in enumerate(ds["region"].values):
+        for p, name in enumerate(ds["particle"].values):
+            curve = ds["region_rocking_curve"][p, r]
+            kw = {"ls": "-" if r == 0 else "--", "color": f"C{p}", "label": f"{name} {region}"}
+            _scan_curve(axes[1], ds, p, curve, **kw)
+    axes[1].set_title("domains (solid) vs boundaries (dashed)")
+    for ax in axes:
+        ax.set_xlabel("angle (deg)")
+        ax.set_ylabel("mean intensity per pixel")
+        if ax.lines:
             ax.legend(fontsize=7)
-        paths.append(_save(fig, out / "cluster_rocking_curves.png"))
+    paths.append(_save(fig, out / "cluster_rocking_curves.png"))
+    paths.append(rocking_curves_by_scan(ds, out / "rocking_curves_by_scan.png"))
     for key, dim, name in (
         ("cluster_pattern", "cluster", "cluster_patterns.png"),
         ("region_pattern", "region", "region_patterns.png"),
