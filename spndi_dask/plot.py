@@ -2,8 +2,9 @@
 
 Per particle scan (``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing
 and intensity maps (µm axes, scale bar, background masked, diverging maps centred at zero with
-limits shared across all scans), the rocking curve of every particle label, and the joint
-density (Gaussian KDE) of strain vs tilt as the original study plotted. For the beamtime
+limits shared across all scans), the rocking curve of every particle label (mean per pixel,
+as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as the
+original study plotted. For the beamtime
 (``beamtime_overview.png``): violins of strain, tilt_x, tilt_y and d-spacing per particle, in
 manifest order.
 """
@@ -125,13 +126,15 @@ def _map_figure(name: str, ds: xr.Dataset, limits: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path:
+def _rocking_figure(
+    name: str, ds: xr.Dataset, curves: list, path: Path, *, per_pixel: bool = True
+) -> Path:
     angles = np.asarray(ds["angle"].values)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k, c in enumerate(curves, start=1):
         ax.plot(angles, c, marker="o", ms=3, label=f"particle {k}")
     ax.set_xlabel("rocking angle (deg)")
-    ax.set_ylabel("integrated intensity (counts)")
+    ax.set_ylabel("mean intensity per pixel" if per_pixel else "integrated intensity (counts)")
     ax.set_title(f"{name}: rocking curves")
     if curves:
         ax.legend(fontsize=8)
@@ -199,9 +202,12 @@ def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> li
     limits = map_limits(datasets)
     written = []
     for name, ds in datasets.items():
-        curves = ds.attrs.get("particles", {}).get("rocking_curves", [])
+        info = ds.attrs.get("particles", {})
+        per_pixel = "rocking_curves_mean" in info  # older stats stored the sums only
+        curves = info.get("rocking_curves_mean" if per_pixel else "rocking_curves", [])
         written.append(_map_figure(name, ds, limits, out_dir / f"{name}_maps.png"))
-        written.append(_rocking_figure(name, ds, curves, out_dir / f"{name}_rocking_curve.png"))
+        path = out_dir / f"{name}_rocking_curve.png"
+        written.append(_rocking_figure(name, ds, curves, path, per_pixel=per_pixel))
         written.append(_kde_figure(name, ds, out_dir / f"{name}_strain_tilt_kde.png"))
     written.append(beamtime_overview(datasets, out_dir / "beamtime_overview.png"))
     logger.info("wrote %d figures to %s", len(written), out_dir)

@@ -68,6 +68,22 @@ def clustered(tmp_path_factory):
     return out, m
 
 
+def test_stats_rocking_curve_is_the_mean_per_pixel_at_each_angle(clustered):
+    """The study's per-particle rocking curve, without its one-angle shift."""
+    _, m = clustered
+    for p in m.particles:
+        ds = open_results(m.output_dir, p.name)
+        info = ds.attrs["particles"]
+        rc, label = ds["rocking_curve"].values, ds["label"].values
+        for k, (mean, total) in enumerate(
+            zip(info["rocking_curves_mean"], info["rocking_curves"], strict=True), start=1
+        ):
+            use = (label == k) & np.isfinite(rc).all(axis=0)
+            assert np.allclose(mean, rc[:, use].mean(axis=1), rtol=1e-12)
+            assert np.allclose(total, np.nansum(np.where(label == k, rc, 0), axis=(1, 2)))
+            assert np.argmax(mean) == np.argmax(rc[:, use].sum(axis=1))
+
+
 def _usable_mean(pat, sel):
     p = pat[sel]
     return p[usable_patterns(p)].mean(axis=0), int(usable_patterns(p).sum())
