@@ -169,9 +169,19 @@ ANALYSIS_FIGURES = (
 )
 
 
+#: Version of what analysis.zarr holds; 2: per-scan curves on ``scan_angle``, per-scan patterns.
+ANALYSIS_LAYOUT = 2
+
+
 def _fingerprint(clusters: dict[str, Any], names: list[str], boundary_width: float) -> str:
-    """What an analysis depends on: the clustering, the scans, the width, the package version."""
-    key = [clusters.get("fingerprint"), sorted(names), float(boundary_width), __version__]
+    """What an analysis depends on: clustering, scans, width, package version and layout."""
+    key = [
+        clusters.get("fingerprint"),
+        sorted(names),
+        float(boundary_width),
+        __version__,
+        ANALYSIS_LAYOUT,
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
