@@ -2,14 +2,15 @@
 
 After ``spndi cluster`` every particle pixel has a cluster shared across the beamtime. Here:
 
-* **rocking curves** per cluster: the mean drift-corrected ``rocking_curve`` over the cluster's
-  pixels, per scan and pooled over the scans that share the same angles;
-* **mean 3D patterns** per cluster on the common q grid (pooled over all scans; patterns with a
-  masked voxel or no intensity are left out) and their three projections;
+* **rocking curves**, each the mean drift-corrected ``rocking_curve`` per pixel: of each scan's
+  particle pixels, of its clusters and of its domains and boundaries, on the scan's own angles
+  (``scan_angle``; scans may differ), and per cluster pooled over scans that share the angles;
+* **mean 3D patterns** per cluster and per region on the common q grid, per scan and pooled over
+  all scans (patterns with a masked voxel or no intensity are left out), and their projections;
 * **domains vs boundaries**: a particle pixel is a *boundary* pixel when a pixel of another
   cluster lies within ``boundary_width`` scan pixels (Euclidean), else a *domain* pixel. Their
-  mean patterns and rocking curves, and per scan the mean and std of strain and tilt in each and
-  the differences boundary − domain.
+  mean patterns and rocking curves, and per scan the mean and std of d-spacing, strain and tilt
+  in each and the differences boundary − domain (:func:`region_stats`).
 
 All pattern sums come from one dask pass over the pattern arrays (per block: one-hot cluster
 matrix × patterns). Results: ``<output>/analysis.zarr`` (xarray Dataset), ``region(y, x)`` in
@@ -36,7 +37,7 @@ from scipy import ndimage
 
 from spndi_dask import plot
 from spndi_dask._version import __version__
-from spndi_dask.cluster import map_stats
+from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.io.integrity import checksum_encoding
@@ -45,11 +46,9 @@ from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
-__all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums"]
+__all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums", "region_stats"]
 
 logger = logging.getLogger(__name__)
-
-STAT_MAPS = ("strain", "tilt_x", "tilt_y")
 
 
 class AnalysisError(StageError, ValueError):
@@ -120,6 +119,37 @@ def group_sums(patterns: da.Array, groups: da.Array, n_groups: int) -> da.Array:
     return parts.sum(axis=(0, 1))
 
 
+def region_stats(
+    maps: dict[str, np.ndarray], region: np.ndarray, keys: tuple[str, ...] = STAT_MAPS
+) -> dict[str, Any]:
+    """Pixels, mean and std of each map in domains (``region == 0``) and boundaries (``== 1``).
+
+    Keys: ``domain_pixels``, ``boundary_pixels``, ``domain_<map>_mean``, ``domain_<map>_std``,
+    the same for ``boundary_``, and ``diff_<map>_mean``, ``diff_<map>_std`` (boundary − domain:
+    the original study's "mean difference" and "std difference", there domain − boundary).
+    Means and (population) standard deviations are over the finite values of each map.
+
+    Examples
+    --------
+    >>> region = np.array([[0, 0, 1, 1, -1]])
+    >>> strain = np.array([[1.0, 3.0, 10.0, 10.0, 99.0]])
+    >>> row = region_stats({"strain": strain}, region, ("strain",))
+    >>> row["domain_strain_mean"], row["domain_strain_std"], row["diff_strain_mean"]
+    (2.0, 1.0, 8.0)
+    >>> row["diff_strain_std"], row["boundary_pixels"]
+    (-1.0, 2)
+    """
+    dom, bnd = map_stats(maps, region == 0, keys), map_stats(maps, region == 1, keys)
+    row: dict[str, Any] = {
+        "domain_pixels": int((region == 0).sum()),
+        "boundary_pixels": int((region == 1).sum()),
+    }
+    row.update({f"domain_{a}": b for a, b in dom.items()})
+    row.update({f"boundary_{a}": b for a, b in bnd.items()})
+    row.update({f"diff_{a}": bnd[a] - dom[a] for a in dom})
+    return row
+
+
 def _curve_means(curves: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """``(n_groups, angle)`` mean rocking curve of each group's pixels (NaN if none)."""
     out = np.full((n_groups, curves.shape[0]), np.nan)
@@ -131,12 +161,27 @@ def _curve_means(curves: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nd
 
 
 # -- orchestration ------------------------------------------------------------------------------
-ANALYSIS_FIGURES = ("cluster_rocking_curves.png", "cluster_patterns.png", "region_patterns.png")
+ANALYSIS_FIGURES = (
+    "cluster_rocking_curves.png",
+    "rocking_curves_by_scan.png",
+    "cluster_patterns.png",
+    "region_patterns.png",
+)
+
+
+#: Version of what analysis.zarr holds; 2: per-scan curves on ``scan_angle``, per-scan patterns.
+ANALYSIS_LAYOUT = 2
 
 
 def _fingerprint(clusters: dict[str, Any], names: list[str], boundary_width: float) -> str:
-    """What an analysis depends on: the clustering, the scans, the width, the package version."""
-    key = [clusters.get("fingerprint"), sorted(names), float(boundary_width), __version__]
+    """What an analysis depends on: clustering, scans, width, package version and layout."""
+    key = [
+        clusters.get("fingerprint"),
+        sorted(names),
+        float(boundary_width),
+        __version__,
+        ANALYSIS_LAYOUT,
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
@@ -208,8 +253,8 @@ def analyze(
             "table": str(out.regions_csv),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-    # groups per scan: clusters 0..k-1, then domain (k) and boundary (k+1)
-    regions, sums, curves, rows, counts = {}, [], {}, [], {}
+    # per scan: cluster and region pattern sums, mean rocking curves, region statistics
+    regions, sums, curves, rows, counts = {}, {}, {}, [], {}
     for name, ds in datasets.items():
         lab = np.asarray(ds["cluster"].values)
         counts[name] = np.bincount(lab[lab >= 0], minlength=k)
@@ -218,62 +263,68 @@ def analyze(
         regions[name] = region
         if "pattern" in ds:
             pat = ds["pattern"].data
-            sums.append(group_sums(pat, da.from_array(lab), k))
-            sums.append(group_sums(pat, da.from_array(region.astype(np.int32)), 2))
+            sums[name] = (
+                group_sums(pat, da.from_array(lab), k),
+                group_sums(pat, da.from_array(region.astype(np.int32)), 2),
+            )
         rc = np.asarray(ds["rocking_curve"].values, dtype=float)
-        curves[name] = (
-            _curve_means(rc, lab, k),
-            _curve_means(rc, region, 2),
-            np.asarray(ds["angle"].values),
-        )
-        maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
-        dom, bd = map_stats(maps, region == 0, STAT_MAPS), map_stats(maps, region == 1, STAT_MAPS)
-        row: dict[str, Any] = {
-            "particle": name,
-            "domain_pixels": int((region == 0).sum()),
-            "boundary_pixels": int((region == 1).sum()),
+        curves[name] = {
+            "particle": _curve_means(rc, np.where(lab >= 0, 0, -1), 1)[0],
+            "cluster": _curve_means(rc, lab, k),
+            "region": _curve_means(rc, region, 2),
+            "angle": np.asarray(ds["angle"].values, dtype=float),
         }
-        row.update({f"domain_{a}": b for a, b in dom.items()})
-        row.update({f"boundary_{a}": b for a, b in bd.items()})
-        row.update({f"diff_{a}": bd[a] - dom[a] for a in dom})
-        rows.append(row)
-    totals = compute(sums, progress) if sums else []
-    cluster_sum = region_sum = None
-    for i in range(0, len(totals), 2):
-        cs, rs = np.asarray(totals[i]), np.asarray(totals[i + 1])
-        cluster_sum = cs if cluster_sum is None else cluster_sum + cs
-        region_sum = rs if region_sum is None else region_sum + rs
+        maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
+        rows.append({"particle": name, **region_stats(maps, region)})
+    flat = compute([a for pair in sums.values() for a in pair], progress) if sums else []
+    totals = {nm: (flat[2 * i], flat[2 * i + 1]) for i, nm in enumerate(sums)}
     first = next(iter(datasets.values()))
     data: dict[str, Any] = {}
     coords: dict[str, Any] = {
         "cluster": np.arange(k),
         "region": np.array(["domain", "boundary"], dtype=object),
+        "particle": np.array(names, dtype=object),
     }
-    if cluster_sum is not None:
+    if totals:
         shape = (first.sizes["dq_x"], first.sizes["dq_y"], first.sizes["dq_z"])
         dims = ("dq_x", "dq_y", "dq_z")
-        for key, total, dim in (
-            ("cluster_pattern", cluster_sum, "cluster"),
-            ("region_pattern", region_sum, "region"),
-        ):
-            count = total[:, -1]
-            mean = total[:, :-1] / np.where(count > 0, count, np.nan)[:, None]
-            data[key] = ((dim, *dims), mean.reshape(-1, *shape), {"long_name": f"mean {key}"})
-            data[f"{key}_pixels"] = ((dim,), count.astype(np.int64))
         for d in dims:
             coords[d] = first[d].values
-    angle_sets = {tuple(np.round(c[2], 9)) for c in curves.values()}
-    coords["particle"] = np.array(names, dtype=object)
+        for j, (key, dim) in enumerate(
+            (("cluster_pattern", "cluster"), ("region_pattern", "region"))
+        ):
+            blank = np.zeros_like(np.asarray(next(iter(totals.values()))[j]))
+            per_scan = [np.asarray(totals[nm][j]) if nm in totals else blank for nm in names]
+            for name_, total, lead in (
+                (key, sum(per_scan), ()),
+                (f"{key}_scan", np.stack(per_scan), ("particle",)),
+            ):
+                count = total[..., -1]
+                mean = total[..., :-1] / np.where(count > 0, count, np.nan)[..., None]
+                data[name_] = (
+                    (*lead, dim, *dims),
+                    mean.reshape(*count.shape, *shape),
+                    {"long_name": f"mean {key}" + (" of each scan" if lead else "")},
+                )
+                data[f"{name_}_pixels"] = ((*lead, dim), count.astype(np.int64))
+    # rocking curves of each scan on its own angles (scans may differ: the original study's
+    # particles had 21 to 41 angles), padded with NaN to the longest scan
+    steps = max(len(c["angle"]) for c in curves.values())
+
+    def padded(key: str) -> np.ndarray:
+        arrs = [curves[nm][key] for nm in names]
+        out_ = np.full((len(arrs), *arrs[0].shape[:-1], steps), np.nan)
+        for i, a in enumerate(arrs):
+            out_[i, ..., : a.shape[-1]] = a
+        return out_
+
+    coords["scan_angle"] = (("particle", "step"), padded("angle"), {"units": "deg"})
+    data["particle_rocking_curve"] = (("particle", "step"), padded("particle"))
+    data["cluster_rocking_curve"] = (("particle", "cluster", "step"), padded("cluster"))
+    data["region_rocking_curve"] = (("particle", "region", "step"), padded("region"))
+    angle_sets = {tuple(np.round(c["angle"], 9)) for c in curves.values()}
     if len(angle_sets) == 1:
-        coords["angle"] = next(iter(curves.values()))[2]
-        data["cluster_rocking_curve"] = (
-            ("particle", "cluster", "angle"),
-            np.stack([curves[nm][0] for nm in names]),
-        )
-        data["region_rocking_curve"] = (
-            ("particle", "region", "angle"),
-            np.stack([curves[nm][1] for nm in names]),
-        )
+        coords["angle"] = curves[names[0]]["angle"]
         weights = np.stack([counts[nm] for nm in names]).astype(float)
         pooled = np.nansum(data["cluster_rocking_curve"][1] * weights[:, :, None], axis=0)
         data["cluster_rocking_curve_pooled"] = (
@@ -281,7 +332,10 @@ def analyze(
             pooled / np.where(weights.sum(0) > 0, weights.sum(0), np.nan)[:, None],
         )
     else:
-        logger.warning("scans have different angles: pooled rocking curves are not formed")
+        logger.warning(
+            "scans have different angles: per-scan rocking curves are kept on their own "
+            "angles (scan_angle); the pooled curve per cluster is not formed"
+        )
     ds_out = xr.Dataset(
         data,
         coords=coords,

@@ -350,7 +350,13 @@ def _scan_summary(
         np.nansum(np.where(labels == k, rocking, 0.0), axis=(1, 2))
         for k in range(1, int(labels.max()) + 1)
     ]
-    return {"rows": rows, "curves": curves}
+    # mean per pixel (the original study's rocking curve) over pixels with a curve at all angles
+    complete = np.isfinite(rocking).all(axis=0)
+    means = []
+    for k in range(1, int(labels.max()) + 1):
+        use = (labels == k) & complete
+        means.append(np.where(use, rocking, 0.0).sum(axis=(1, 2)) / np.maximum(use.sum(), 1))
+    return {"rows": rows, "curves": curves, "mean_curves": means}
 
 
 # -- orchestration ----------------------------------------------------------------------------
@@ -549,6 +555,7 @@ def stats(
                 "version": __version__,
                 "stats": [{k: _fmt(v) for k, v in r.items()} for r in result["rows"]],
                 "rocking_curves": [c.tolist() for c in result["curves"]],
+                "rocking_curves_mean": [c.tolist() for c in result["mean_curves"]],
             }
             _write_labels(root / name, labels, info)
     table = {k: v for k, v in table.items() if k in opened or k not in order}

@@ -2,8 +2,9 @@
 
 Per particle scan (``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing
 and intensity maps (µm axes, scale bar, background masked, diverging maps centred at zero with
-limits shared across all scans), the rocking curve of every particle label, and the joint
-density (Gaussian KDE) of strain vs tilt as the original study plotted. For the beamtime
+limits shared across all scans), the rocking curve of every particle label (mean per pixel,
+as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as the
+original study plotted. For the beamtime
 (``beamtime_overview.png``): violins of strain, tilt_x, tilt_y and d-spacing per particle, in
 manifest order.
 """
@@ -125,13 +126,15 @@ def _map_figure(name: str, ds: xr.Dataset, limits: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _rocking_figure(name: str, ds: xr.Dataset, curves: list, path: Path) -> Path:
+def _rocking_figure(
+    name: str, ds: xr.Dataset, curves: list, path: Path, *, per_pixel: bool = True
+) -> Path:
     angles = np.asarray(ds["angle"].values)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k, c in enumerate(curves, start=1):
         ax.plot(angles, c, marker="o", ms=3, label=f"particle {k}")
     ax.set_xlabel("rocking angle (deg)")
-    ax.set_ylabel("integrated intensity (counts)")
+    ax.set_ylabel("mean intensity per pixel" if per_pixel else "integrated intensity (counts)")
     ax.set_title(f"{name}: rocking curves")
     if curves:
         ax.legend(fontsize=8)
@@ -199,9 +202,12 @@ def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> li
     limits = map_limits(datasets)
     written = []
     for name, ds in datasets.items():
-        curves = ds.attrs.get("particles", {}).get("rocking_curves", [])
+        info = ds.attrs.get("particles", {})
+        per_pixel = "rocking_curves_mean" in info  # older stats stored the sums only
+        curves = info.get("rocking_curves_mean" if per_pixel else "rocking_curves", [])
         written.append(_map_figure(name, ds, limits, out_dir / f"{name}_maps.png"))
-        written.append(_rocking_figure(name, ds, curves, out_dir / f"{name}_rocking_curve.png"))
+        path = out_dir / f"{name}_rocking_curve.png"
+        written.append(_rocking_figure(name, ds, curves, path, per_pixel=per_pixel))
         written.append(_kde_figure(name, ds, out_dir / f"{name}_strain_tilt_kde.png"))
     written.append(beamtime_overview(datasets, out_dir / "beamtime_overview.png"))
     logger.info("wrote %d figures to %s", len(written), out_dir)
@@ -281,32 +287,65 @@ def _projections(ax_row: Any, pattern: np.ndarray, ds: xr.Dataset, title: str) -
         ax.set_title(f"{title}: sum over {names[axis]}", fontsize=9)
 
 
+def _scan_curve(ax: Any, ds: xr.Dataset, p: int, curve: Any, **kw: Any) -> None:
+    """Plot one scan's curve on that scan's own angles (``scan_angle``, NaN-padded)."""
+    angles = np.asarray(ds["scan_angle"][p].values)
+    keep = np.isfinite(angles)
+    ax.plot(angles[keep], np.asarray(curve)[keep], **kw)
+
+
+def rocking_curves_by_scan(ds: xr.Dataset, path: Path) -> Path:
+    """Per scan: the particle's mean rocking curve with domains and boundaries; each cluster's.
+
+    One row per scan, as the original study's figures (there in a 2 × 4 grid of particles), on
+    each scan's own angles. Curves are means per pixel (intensity per scan pixel).
+    """
+    names = [str(n) for n in ds["particle"].values]
+    k = ds.sizes["cluster"]
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3 * len(names)), squeeze=False)
+    for p, name in enumerate(names):
+        left, right = axes[p]
+        _scan_curve(left, ds, p, ds["particle_rocking_curve"][p], color="k", label="particle")
+        for r, (region, colour, ls) in enumerate((("domain", "C3", "-"), ("boundary", "C0", "--"))):
+            curve = ds["region_rocking_curve"][p, r]
+            _scan_curve(left, ds, p, curve, color=colour, ls=ls, label=region)
+        left.set_title(f"{name}: particle, domains, boundaries", fontsize=9)
+        for c in range(k):
+            _scan_curve(right, ds, p, ds["cluster_rocking_curve"][p, c], label=f"cluster {c}")
+        right.set_title(f"{name}: per cluster", fontsize=9)
+        for ax in (left, right):
+            ax.set_xlabel("angle (deg)")
+            ax.set_ylabel("mean intensity per pixel")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     """Cluster rocking curves, pattern projections per cluster, domains vs boundaries."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     k = ds.sizes["cluster"]
-    if "cluster_rocking_curve" in ds:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if "cluster_rocking_curve_pooled" in ds:
         for c in range(k):
             axes[0].plot(ds["angle"], ds["cluster_rocking_curve_pooled"][c], label=f"cluster {c}")
         axes[0].set_title("rocking curve per cluster (all scans)")
-        for r, region in enumerate(ds["region"].values):
-            for p, name in enumerate(ds["particle"].values):
-                axes[1].plot(
-                    ds["angle"],
-                    ds["region_rocking_curve"][p, r],
-                    ls="-" if r == 0 else "--",
-                    color=f"C{p}",
-                    label=f"{name} {region}",
-                )
-        axes[1].set_title("domains (solid) vs boundaries (dashed)")
-        for ax in axes:
-            ax.set_xlabel("angle (deg)")
-            ax.set_ylabel("mean intensity per pixel")
+    else:
+        axes[0].set_title("scans have different angles: see rocking_curves_by_scan.png")
+    for r, region in enumerate(ds["region"].values):
+        for p, name in enumerate(ds["particle"].values):
+            curve = ds["region_rocking_curve"][p, r]
+            kw = {"ls": "-" if r == 0 else "--", "color": f"C{p}", "label": f"{name} {region}"}
+            _scan_curve(axes[1], ds, p, curve, **kw)
+    axes[1].set_title("domains (solid) vs boundaries (dashed)")
+    for ax in axes:
+        ax.set_xlabel("angle (deg)")
+        ax.set_ylabel("mean intensity per pixel")
+        if ax.lines:
             ax.legend(fontsize=7)
-        paths.append(_save(fig, out / "cluster_rocking_curves.png"))
+    paths.append(_save(fig, out / "cluster_rocking_curves.png"))
+    paths.append(rocking_curves_by_scan(ds, out / "rocking_curves_by_scan.png"))
     for key, dim, name in (
         ("cluster_pattern", "cluster", "cluster_patterns.png"),
         ("region_pattern", "region", "region_patterns.png"),

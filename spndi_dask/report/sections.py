@@ -341,6 +341,7 @@ def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
                     "boundary mean": r.get(f"boundary_{q}_mean"),
                     "boundary std": r.get(f"boundary_{q}_std"),
                     "boundary − domain (mean)": r.get(f"diff_{q}_mean"),
+                    "boundary − domain (std)": r.get(f"diff_{q}_std"),
                 }
             )
     return out

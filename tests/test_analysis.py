@@ -1,0 +1,167 @@
+"""Analysis of clusters (the original study's cluster notebooks): fast, without a model.
+
+The clusters are made by hand (left and right half of every particle) on the reduced ``tiny``
+beamtime, so the tests check what ``analyze`` computes from them, not the clustering.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from spndi_dask import analysis
+from spndi_dask.analysis import analyze, region_stats
+from spndi_dask.io.results_store import write_map
+from spndi_dask.kernels import usable_patterns
+from spndi_dask.particles import stats
+from spndi_dask.reduce import open_results
+
+from .conftest import reduced_beamtime
+
+
+def test_region_stats_by_hand():
+    region = np.array([[0, 0, 0, 1, 1, -1]])
+    d = np.array([[4.0, 4.2, np.nan, 4.5, 4.7, 9.0]])  # NaN: not valid, left out
+    s = np.array([[-1.0, 1.0, 3.0, 5.0, 5.0, 9.0]])
+    row = region_stats({"d_spacing": d, "strain": s}, region, ("d_spacing", "strain"))
+    assert row["domain_pixels"] == 3 and row["boundary_pixels"] == 2
+    assert row["domain_d_spacing_mean"] == pytest.approx(4.1)
+    assert row["domain_d_spacing_std"] == pytest.approx(0.1)  # population std, as np.std
+    assert row["boundary_d_spacing_mean"] == pytest.approx(4.6)
+    assert row["diff_d_spacing_mean"] == pytest.approx(0.5)  # boundary − domain
+    assert row["domain_strain_mean"] == pytest.approx(1.0)
+    assert row["domain_strain_std"] == pytest.approx(np.sqrt(8 / 3))
+    assert row["diff_strain_std"] == pytest.approx(0.0 - np.sqrt(8 / 3))
+    # by default the d-spacing (the original study's quantity), strain and both tilts
+    keys = region_stats({k: s for k in ("d_spacing", "strain", "tilt_x", "tilt_y")}, region)
+    assert {"diff_d_spacing_mean", "diff_tilt_y_std"} <= set(keys)
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """``tiny`` reduced and segmented; cluster 0 / 1 = left / right half of each particle."""
+    out, m = reduced_beamtime(tmp_path_factory, "analysis", "tiny")
+    stats(m, figures=False)
+    root = m.layout.results
+    for p in m.particles:
+        ds = open_results(m.output_dir, p.name)
+        label = np.asarray(ds["label"].values)
+        cols = np.nonzero(label.any(axis=0))[0]
+        half = (cols.min() + cols.max()) // 2
+        lab = np.where(label > 0, (np.arange(label.shape[1]) > half)[None, :].astype(int), -1)
+        write_map(
+            root / p.name,
+            "cluster",
+            lab.astype(np.int32),
+            stage="cluster",
+            long_name="hand-made clusters",
+            fill_value=-1,
+            info={"fingerprint": "by-hand"},
+        )
+    zarr.open_group(str(root), mode="r+").attrs.update(
+        {"clusters": {"k": 2, "fingerprint": "by-hand"}}
+    )
+    return out, m
+
+
+def test_stats_rocking_curve_is_the_mean_per_pixel_at_each_angle(clustered):
+    """The study's per-particle rocking curve, without its one-angle shift."""
+    _, m = clustered
+    for p in m.particles:
+        ds = open_results(m.output_dir, p.name)
+        info = ds.attrs["particles"]
+        rc, label = ds["rocking_curve"].values, ds["label"].values
+        for k, (mean, total) in enumerate(
+            zip(info["rocking_curves_mean"], info["rocking_curves"], strict=True), start=1
+        ):
+            use = (label == k) & np.isfinite(rc).all(axis=0)
+            assert np.allclose(mean, rc[:, use].mean(axis=1), rtol=1e-12)
+            assert np.allclose(total, np.nansum(np.where(label == k, rc, 0), axis=(1, 2)))
+            assert np.argmax(mean) == np.argmax(rc[:, use].sum(axis=1))
+
+
+def _usable_mean(pat, sel):
+    p = pat[sel]
+    return p[usable_patterns(p)].mean(axis=0), int(usable_patterns(p).sum())
+
+
+def test_every_scan_gets_its_curves_patterns_and_statistics(clustered):
+    _, m = clustered
+    s = analyze(m, boundary_width=1.0, force=True)
+    res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
+    with open(m.output_dir / "regions.csv", newline="") as f:
+        rows = {r["particle"]: r for r in csv.DictReader(f)}
+    pooled_pat, pooled_n = 0.0, 0
+    for i, p in enumerate(m.particles):
+        assert res["particle"].values[i] == p.name
+        ds = open_results(m.output_dir, p.name)
+        lab, region = ds["cluster"].values, ds["region"].values
+        rc = ds["rocking_curve"].values
+        # the scan's own angles, in order: the curves are indexed by the same angle (the
+        # original notebook read angle i's curve at index i - 1)
+        assert np.array_equal(res["scan_angle"][i].values, ds["angle"].values)
+        ok = np.isfinite(rc).all(axis=0)
+        want = rc[:, (lab >= 0) & ok].mean(axis=1)
+        assert np.allclose(res["particle_rocking_curve"][i], want, rtol=1e-12)
+        assert np.argmax(res["particle_rocking_curve"][i].values) == np.argmax(want)
+        # domains and boundaries of every scan, not only the last one
+        for r in (0, 1):
+            sel = (region == r) & ok
+            assert sel.sum() > 0
+            got = res["region_rocking_curve"][i, r]
+            assert np.allclose(got, rc[:, sel].mean(axis=1), rtol=1e-12)
+            # mean pattern of this scan's region: divided by the patterns used, not by every
+            # pixel of the map
+            mean, n = _usable_mean(ds["pattern"].values, region == r)
+            assert int(res["region_pattern_scan_pixels"][i, r]) == n
+            assert np.allclose(res["region_pattern_scan"][i, r], mean, rtol=1e-6, atol=1e-9)
+            if r == 0:
+                pooled_pat = pooled_pat + mean * n
+                pooled_n += n
+        for c in (0, 1):
+            mean, n = _usable_mean(ds["pattern"].values, lab == c)
+            assert int(res["cluster_pattern_scan_pixels"][i, c]) == n
+            assert np.allclose(res["cluster_pattern_scan"][i, c], mean, rtol=1e-6, atol=1e-9)
+        # regions.csv: d-spacing (the study's quantity) and the difference of the stds
+        row = rows[p.name]
+        d = ds["d_spacing"].values
+        for r, key in ((0, "domain"), (1, "boundary")):
+            v = d[(region == r) & np.isfinite(d)]
+            assert float(row[f"{key}_d_spacing_mean"]) == pytest.approx(v.mean(), rel=1e-5)
+            assert float(row[f"{key}_d_spacing_std"]) == pytest.approx(v.std(), rel=1e-5)
+        diff = float(row["boundary_d_spacing_std"]) - float(row["domain_d_spacing_std"])
+        assert float(row["diff_d_spacing_std"]) == pytest.approx(diff, rel=1e-4, abs=1e-9)
+    assert np.allclose(res["region_pattern"][0], pooled_pat / pooled_n, rtol=1e-6, atol=1e-9)
+    assert "cluster_rocking_curve_pooled" in res  # same angles in both scans
+    assert (m.output_dir / "figures" / "rocking_curves_by_scan.png").stat().st_size > 5000
+
+
+def test_scans_with_different_angles_keep_their_own_curves(clustered, monkeypatch):
+    """The study's particles had 21 to 41 angles: per-scan curves must not be dropped."""
+    _, m = clustered
+    real = analysis.open_results
+    second = m.particles[1].name
+
+    def fewer_angles(root, name):
+        ds = real(root, name)
+        return ds.isel(angle=slice(0, 6)) if name == second else ds
+
+    monkeypatch.setattr(analysis, "open_results", fewer_angles)
+    s = analyze(m, boundary_width=1.0, force=True)
+    res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
+    assert "cluster_rocking_curve_pooled" not in res
+    n = real(m.output_dir, m.particles[0].name).sizes["angle"]
+    assert res.sizes["step"] == n
+    assert np.isfinite(res["scan_angle"][0]).all()
+    assert np.isfinite(res["scan_angle"][1][:6]).all() and np.isnan(res["scan_angle"][1][6:]).all()
+    ds = fewer_angles(m.output_dir, second)
+    lab, rc = ds["cluster"].values, ds["rocking_curve"].values
+    for c in (0, 1):
+        sel = (lab == c) & np.isfinite(rc).all(axis=0)
+        got = res["cluster_rocking_curve"][1, c].values
+        assert np.allclose(got[:6], rc[:, sel].mean(axis=1)) and np.isnan(got[6:]).all()
+    assert (m.output_dir / "figures" / "rocking_curves_by_scan.png").exists()
