@@ -11,12 +11,16 @@ from spndi_dask.reduce._detector import bad_pixels, fill_operator, find_roi, mod
 from spndi_dask.reduce._moments import (
     FEATURES,
     MOMENTS,
+    VARIANCES,
+    com_covariance,
     corrected,
     filled_features,
     maps_from_moments,
     moment_features,
     moment_sums,
     parabolic_peak,
+    strain_tilt_sigma,
+    variance_features,
 )
 from spndi_dask.reduce._qgrid import (
     _detector_pixel,  # noqa: F401 (scripts/bench_reduce.py)
@@ -31,7 +35,9 @@ from spndi_dask.reduce._registration import register_chain, register_to_referenc
 __all__ = [
     "FEATURES",
     "MOMENTS",
+    "VARIANCES",
     "bad_pixels",
+    "com_covariance",
     "corrected",
     "fill_operator",
     "fill_patterns_operator",
@@ -47,5 +53,7 @@ __all__ = [
     "register_chain",
     "register_to_reference",
     "solve_rocking_angle",
+    "strain_tilt_sigma",
     "used_voxels",
+    "variance_features",
 ]

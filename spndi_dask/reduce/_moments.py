@@ -8,25 +8,34 @@ channels of :data:`MOMENTS` are additive over voxels, scan points and angles. Re
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import sparse
 
 __all__ = [
     "FEATURES",
     "MOMENTS",
+    "VARIANCES",
+    "com_covariance",
     "corrected",
     "filled_features",
     "maps_from_moments",
     "moment_features",
     "moment_sums",
     "parabolic_peak",
+    "strain_tilt_sigma",
+    "variance_features",
 ]
 
+#: Channels of the per-(angle, y, x) moment sums. ``w`` is the corrected intensity of a voxel,
 #: ``dq`` its q minus the reference, ``row``/``col`` its detector pixel, ``w_filled`` the part of
 #: ``w`` filled into masked detector pixels from their neighbours (:func:`fill_operator`),
 #: ``var`` the Poisson variance of ``w`` (for the signal-to-noise test), ``n_saturated`` the
 #: number of voxels masked as saturated. The first :data:`FEATURES` channels are ``w @ features``
-#: (:func:`moment_features`).
+#: (:func:`moment_features`). The last, ``var_*``, are ``var @ variance_features``
+#: (:func:`variance_features`): the variance-weighted sums the standard errors of the centre of
+#: mass need (:func:`com_covariance`).
 MOMENTS = (
     "w",
     "w_dqx",
@@ -43,11 +52,22 @@ MOMENTS = (
     "w_filled",
     "var",
     "n_saturated",
+    "var_dqx",
+    "var_dqy",
+    "var_dqz",
+    "var_dqxx",
+    "var_dqyy",
+    "var_dqzz",
+    "var_dqxy",
+    "var_dqxz",
+    "var_dqyz",
 )
 #: Channels made from per-voxel features (all before ``var``).
 FEATURES = MOMENTS.index("var")
 _VAR, _FILLED, _SATURATED = MOMENTS.index("var"), MOMENTS.index("w_filled"), FEATURES + 1
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+#: The ``var_*`` channels made from :func:`variance_features` (``var @ variance_features``).
+VARIANCES = slice(MOMENTS.index("var_dqx"), len(MOMENTS))
 
 
 def filled_features(
@@ -164,6 +184,37 @@ def moment_features(dq: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.nd
     ).astype(np.float32)
 
 
+def variance_features(features: np.ndarray) -> np.ndarray:
+    """Per-voxel factors of the ``var_*`` :data:`MOMENTS` (:data:`VARIANCES`).
+
+    A moment sum is linear in the voxels, ``M_k = Σ_i w_i f_ik`` with the (filled) features
+    ``f`` of :func:`filled_features`: ``r_i = f_i0`` (1, or ``Pᵀ 1`` where a voxel also stands
+    in for masked ones) and ``g_i = f_i,1:4`` (``dq``, or ``Pᵀ dq``). With independent voxels
+    ``Cov(M_k, M_l) = Σ_i var_i f_ik f_il``; the centre of mass needs those of ``r`` and ``g``
+    (:func:`com_covariance`): ``var`` (``Σ var r²``, already a channel) and these nine.
+
+    Parameters
+    ----------
+    features : array (n_angle, n_voxel, FEATURES)
+        From :func:`moment_features` (through :func:`filled_features`).
+
+    Returns
+    -------
+    numpy.ndarray (n_angle, n_voxel, 9), float32
+        ``r·g_x, r·g_y, r·g_z, g_x², g_y², g_z², g_x·g_y, g_x·g_z, g_y·g_z``.
+
+    Examples
+    --------
+    >>> f = np.zeros((1, 1, FEATURES)); f[0, 0, :4] = [1.0, 1.0, 2.0, 3.0]
+    >>> variance_features(f)[0, 0].tolist()
+    [1.0, 2.0, 3.0, 1.0, 4.0, 9.0, 2.0, 3.0, 6.0]
+    """
+    f = np.asarray(features, np.float64)
+    r, g = f[..., 0], f[..., 1:4]
+    cols = [r * g[..., i] for i in range(3)] + [g[..., i] * g[..., j] for i, j in _PAIRS]
+    return np.stack(cols, -1).astype(np.float32)
+
+
 def moment_sums(
     w: np.ndarray,
     var: np.ndarray,
@@ -200,15 +251,19 @@ def moment_sums(
     >>> w = np.zeros((1, 1, 1, 2, 2), np.float32); w[0, 0, 0, 1, 0] = 2
     >>> dq = np.zeros((1, 2, 2, 3)); dq[0, 1, 0] = [1, 2, 3]
     >>> m = moment_sums(w, w, dq, np.arange(2), np.arange(2))
-    >>> m[0, 0, 0].tolist()
+    >>> m[0, 0, 0, :VARIANCES.start].tolist()
     [2.0, 2.0, 4.0, 6.0, 2.0, 8.0, 18.0, 4.0, 6.0, 12.0, 2.0, 0.0, 0.0, 2.0, 0.0]
+    >>> m[0, 0, 0, VARIANCES].tolist()  # var = w: var·dq, var·dq_i·dq_j
+    [2.0, 4.0, 6.0, 2.0, 8.0, 18.0, 4.0, 6.0, 12.0]
     """
     na, ny, nx, nr, nc = w.shape
     v = nr * nc
     feats, var_weight = filled_features(moment_features(dq, rows, cols), fill)
     out = np.zeros((na, ny * nx, len(MOMENTS)), dtype=np.float64)
     out[..., :FEATURES] = np.matmul(w.reshape(na, ny * nx, v), feats)
-    out[..., _VAR] = (var.reshape(na, ny * nx, v) * var_weight).sum(axis=-1, dtype=np.float64)
+    var = var.reshape(na, ny * nx, v)
+    out[..., _VAR] = (var * var_weight).sum(axis=-1, dtype=np.float64)
+    out[..., VARIANCES] = np.matmul(var, variance_features(feats))
     if saturated is not None:
         out[..., _SATURATED] = saturated.reshape(na, ny * nx, v).sum(axis=-1)
     return out.reshape(na, ny, nx, len(MOMENTS))
@@ -258,6 +313,122 @@ def maps_from_moments(
         "det_row": m[..., 10] / safe,
         "det_col": m[..., 11] / safe,
     }
+
+
+def com_covariance(m: np.ndarray) -> np.ndarray:
+    """Covariance of the centre of mass ``q̄`` from Poisson counting statistics (1/Å²).
+
+    The centre of mass of a pixel is ``q̄ = h_ref + μ`` with ``μ = Σ_i w_i g_i / Σ_i w_i r_i``
+    over its voxels ``i`` (all ROI voxels at all angles; :func:`variance_features` defines
+    ``r`` and ``g``, which are 1 and ``dq`` without masked pixels). ``w_i`` is the corrected
+    intensity ``(c_i − dark) · gain · scale − b`` of the raw count ``c_i``: under Poisson noise
+    ``Var(c_i) = c_i`` (the count itself estimates its mean), so ``Var(w_i) = var_i =
+    max(c_i − dark, 0) · (gain · scale)²`` — the flat-field gain and the monitor scale enter
+    squared (:func:`corrected`). Voxels are independent, so to first order (delta method)
+
+    ``∂μ_c/∂w_i = (g_ic − μ_c r_i) / W``, ``W = Σ_i w_i r_i``, and
+
+    ``Cov(μ_c, μ_d) = Σ_i var_i (g_ic − μ_c r_i)(g_id − μ_d r_i) / W²
+    = (V_cd − μ_c V_0d − μ_d V_0c + μ_c μ_d V_00) / W²``
+
+    with ``V_00 = Σ var r²`` (channel ``var``), ``V_0c = Σ var r g_c`` (``var_dq{c}``) and
+    ``V_cd = Σ var g_c g_d`` (``var_dq{cd}``) — additive over voxels, scan points and angles
+    like the moments themselves. Without masked pixels this is the textbook
+    ``Σ_i var_i (q_i − q̄)(q_i − q̄)ᵀ / W²``. Negative corrected intensities keep their sign
+    (no clipping), so ``q̄`` is linear-fractional in the counts and the first order is the
+    whole story up to ``O(1/W²)``.
+
+    Where the moments were brought to the reference scan grid by a bilinear drift shift
+    (weights ``α_j`` over neighbouring scan points, independent frames), the variance channels
+    must be shifted with ``α_j²`` (:func:`~spndi_dask.kernels.shift_maps` with ``power=2``).
+    The background ``b`` (per frame, the mean over every detector pixel outside the ROI and
+    every scan point) is treated as exact: its own variance is that of one voxel divided by
+    the number of values it averages (10⁴–10⁷), far below the counts' — it is left out.
+
+    Parameters
+    ----------
+    m : array (..., len(MOMENTS))
+        Moment sums summed over angles, with the variance channels (``var`` and
+        :data:`VARIANCES`) as described.
+
+    Returns
+    -------
+    numpy.ndarray (..., 3, 3)
+        ``Cov(q̄)``; NaN where ``Σ w r ≤ 0``.
+
+    Examples
+    --------
+    Two voxels along x with counts 1 and 3 at dq = 0 and 4: ``q̄_x = 3`` and
+    ``Var(q̄_x) = (1·3² + 3·1²)/4² = 0.75``.
+
+    >>> w = np.zeros((1, 1, 1, 1, 2), np.float32); w[..., 0], w[..., 1] = 1, 3
+    >>> dq = np.zeros((1, 1, 2, 3)); dq[0, 0, 1, 0] = 4.0
+    >>> m = moment_sums(w, w, dq, np.arange(1), np.arange(2))[0]
+    >>> float(com_covariance(m)[0, 0, 0, 0])
+    0.75
+    """
+    m = np.asarray(m, np.float64)
+    s = m[..., 0]
+    w = np.where(s > 0, s, np.nan)
+    mu = m[..., 1:4] / w[..., None]
+    v00 = m[..., _VAR]
+    v0 = m[..., VARIANCES.start : VARIANCES.start + 3]
+    cov = np.empty((*s.shape, 3, 3))
+    for k, (i, j) in enumerate(_PAIRS):
+        vij = m[..., VARIANCES.start + 3 + k]
+        c = vij - mu[..., i] * v0[..., j] - mu[..., j] * v0[..., i] + mu[..., i] * mu[..., j] * v00
+        cov[..., i, j] = cov[..., j, i] = c / (w * w)
+    return cov
+
+
+def strain_tilt_sigma(q: np.ndarray, cov: np.ndarray, frame: Any) -> dict[str, np.ndarray]:
+    """Standard errors of d-spacing, strain and tilts from the covariance of ``q̄`` (delta method).
+
+    With ``n = |q|``, ``u = q/n`` and the crystal frame ``(x̂, ŷ, ẑ)`` of reference ``h``
+    (:func:`~spndi_dask.geometry.strain_tilt`): ``σ_n² = uᵀ C u``;
+    ``d = 2π/n`` gives ``σ_d = 2π σ_n / n²``; ``strain = |h|/n − 1`` gives
+    ``σ_strain = |h| σ_n / n²``; ``tilt_x = atan2(a, b)`` with ``a = q·x̂``, ``b = q·ẑ`` has the
+    gradient ``(b x̂ − a ẑ)/(a² + b²)`` and ``σ² = ∇ᵀ C ∇`` (``tilt_y`` likewise with ``ŷ``).
+    The reference ``h`` is held fixed (it averages a whole particle).
+
+    Parameters
+    ----------
+    q : array (..., 3)
+        Centre-of-mass vectors (1/Å, sample frame).
+    cov : array (..., 3, 3)
+        Their covariance (:func:`com_covariance`).
+    frame : CrystalFrame
+
+    Returns
+    -------
+    dict
+        ``d_spacing`` (Å), ``strain`` (1), ``tilt_x``, ``tilt_y`` (rad) standard errors.
+
+    Examples
+    --------
+    >>> from spndi_dask.geometry import crystal_frame
+    >>> f = crystal_frame([0.0, 0.0, 2.0])
+    >>> s = strain_tilt_sigma(np.array([0.0, 0.0, 2.0]), np.diag([1e-6, 4e-6, 9e-6]), f)
+    >>> {k: round(float(v), 7) for k, v in s.items()}
+    {'d_spacing': 0.0047124, 'strain': 0.0015, 'tilt_x': 0.0005, 'tilt_y': 0.001}
+    """
+    q = np.asarray(q, np.float64)
+    n = np.linalg.norm(q, axis=-1)
+
+    def quad(g: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(np.einsum("...i,...ij,...j->...", g, cov, g), 0.0))
+
+    sigma_n = quad(q / n[..., None])
+    b = q @ frame.z
+    out = {
+        "d_spacing": 2 * np.pi * sigma_n / n**2,
+        "strain": np.linalg.norm(frame.h) * sigma_n / n**2,
+    }
+    for name, axis in (("tilt_x", frame.x), ("tilt_y", frame.y)):
+        a = q @ axis
+        grad = (b[..., None] * axis - a[..., None] * frame.z) / (a * a + b * b)[..., None]
+        out[name] = quad(grad)
+    return out
 
 
 def parabolic_peak(curves: np.ndarray, angles: np.ndarray) -> np.ndarray:

@@ -63,11 +63,19 @@ def _finish_maps(
 ) -> np.ndarray:
     """All per-pixel outputs from the per-angle moments (NumPy; one small block per particle).
 
-    Returns ``(ny, nx, n_angle + 16)``: rocking curve, then :data:`_FINISHED` channels.
+    Returns ``(ny, nx, n_angle + len(_FINISHED))``: rocking curve, then :data:`_FINISHED`
+    channels. The ``*_sigma`` maps are the standard errors of the centre of mass from Poisson
+    counting statistics (:func:`~spndi_dask.reduce._kernels.com_covariance`, variances brought
+    to the reference grid with squared shift weights) through the delta method
+    (:func:`~spndi_dask.reduce._kernels.strain_tilt_sigma`).
     """
     per_angle = shift_maps(moments, drift)
     curves = per_angle[..., 0]
     summed = per_angle.sum(axis=0)
+    # variances through the bilinear drift shift: squared weights (independent frames)
+    with_var = summed.copy()
+    var_channels = [_VAR, *range(len(K.MOMENTS))[K.VARIANCES]]
+    with_var[..., var_channels] = shift_maps(moments[..., var_channels], drift, power=2).sum(0)
     # the frame for the widths: the particle's mean q
     s = summed[..., 0]
     lit = (s > 0) & (s > min_snr * np.sqrt(np.maximum(summed[..., _VAR], 0)))
@@ -82,6 +90,7 @@ def _finish_maps(
     maps = K.maps_from_moments(summed, h_ref, frame.matrix, min_snr=min_snr)
     valid = maps["valid"]
     st = strain_tilt(maps["q_com"], frame)
+    sigma = K.strain_tilt_sigma(maps["q_com"], K.com_covariance(with_var), frame)
     order = np.argsort(angles)
     peak = K.parabolic_peak(curves[order], angles[order])
     quality = np.where(valid, 0, QUALITY["no_signal"]) | flags
@@ -107,6 +116,7 @@ def _finish_maps(
         np.where(nan, np.nan, peak),
         maps["det_row"],
         maps["det_col"],
+        *(sigma[name] for name in _SIGMAS),
         maps["q_com"][..., 0],
         maps["q_com"][..., 1],
         maps["q_com"][..., 2],
@@ -114,10 +124,11 @@ def _finish_maps(
         quality.astype(float),
     ]
     out = np.concatenate([np.moveaxis(curves, 0, -1), np.stack(chans, -1)], axis=-1)
-    out[nan, len(angles) : len(angles) + 14] = np.nan
+    out[nan, len(angles) : len(angles) + len(MAP_VARIABLES) + 3] = np.nan
     return out, h
 
 
+_SIGMAS = ("d_spacing", "strain", "tilt_x", "tilt_y")
 _FINISHED = (*MAP_VARIABLES, "q_x", "q_y", "q_z", "valid", "quality")
 
 
@@ -203,6 +214,13 @@ def reduce_particle(
                 values.astype(np.uint8),
                 {"flags": QUALITY, "long_name": "quality bit flags (0 = good)"},
             )
+        elif var.endswith("_sigma"):
+            of = var.removesuffix("_sigma")
+            attrs = {
+                "units": MAP_VARIABLES[var],
+                "long_name": f"standard error of {of} (Poisson counting statistics)",
+            }
+            data[var] = (("y", "x"), values, attrs)
         else:
             data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
     q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)
