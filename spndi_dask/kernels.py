@@ -23,7 +23,13 @@ __all__ = ["shift_bilinear", "shift_maps", "usable_patterns"]
 
 
 def shift_bilinear(
-    block: np.ndarray, dy: float, dx: float, *, halo: int, out_shape: tuple[int, int]
+    block: np.ndarray,
+    dy: float,
+    dx: float,
+    *,
+    halo: int,
+    out_shape: tuple[int, int],
+    power: int = 1,
 ) -> np.ndarray:
     """Sample ``block`` (y, x, ...) at ``(y + halo + dy, x + halo + dx)`` for the core points.
 
@@ -40,6 +46,9 @@ def shift_bilinear(
         Extra points on every side of the core.
     out_shape : tuple of int
         ``(ty, tx)``, the core.
+    power : int
+        Raise the interpolation weights to this power: 2 carries variances of independent
+        values (``Var(Σ α_j v_j) = Σ α_j² Var(v_j)``).
 
     Returns
     -------
@@ -71,12 +80,14 @@ def shift_bilinear(
             if wy * wx == 0:
                 continue
             part = block[y0 + oy : y0 + oy + ty, x0 + ox : x0 + ox + tx]
-            term = part * np.asarray(wy * wx, dtype=block.dtype)
+            term = part * np.asarray((wy * wx) ** power, dtype=block.dtype)
             out = term if out is None else out + term
     return out
 
 
-def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.ndarray:
+def shift_maps(
+    maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0, power: int = 1
+) -> np.ndarray:
     """Bring per-angle maps ``(angle, y, x, ...)`` back to the reference scan grid (bilinear).
 
     ``out[a, y, x] = maps[a, y + drift[a, 0], x + drift[a, 1]]``; points that fall outside the
@@ -90,6 +101,8 @@ def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.
         ``(angle, 2)``: displacement (y, x) of the content at each angle, in scan points.
     fill : float
         Value of the points brought in from outside the scan.
+    power : int
+        Power of the interpolation weights (2: the maps are variances; :func:`shift_bilinear`).
 
     Returns
     -------
@@ -101,6 +114,8 @@ def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.
     >>> m = np.arange(9.0).reshape(1, 3, 3)
     >>> shift_maps(m, np.array([[0.5, 0.0]]), fill=np.nan)[0].tolist()
     [[1.5, 2.5, 3.5], [4.5, 5.5, 6.5], [nan, nan, nan]]
+    >>> shift_maps(m, np.array([[0.5, 0.0]]), power=2)[0].tolist()  # variances: weights 1/4
+    [[0.75, 1.25, 1.75], [2.25, 2.75, 3.25], [1.5, 1.75, 2.0]]
     """
     maps = np.asarray(maps)
     halo = int(np.ceil(np.abs(drift).max())) + 1 if len(drift) else 1
@@ -108,7 +123,7 @@ def shift_maps(maps: np.ndarray, drift: np.ndarray, *, fill: float = 0.0) -> np.
     padded = np.pad(maps, pad, constant_values=fill)
     return np.stack(
         [
-            shift_bilinear(padded[a], dy, dx, halo=halo, out_shape=maps.shape[1:3])
+            shift_bilinear(padded[a], dy, dx, halo=halo, out_shape=maps.shape[1:3], power=power)
             for a, (dy, dx) in enumerate(drift)
         ]
     )

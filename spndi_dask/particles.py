@@ -59,6 +59,8 @@ from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
     "MAPS",
+    "SEM",
+    "SIGMA_MAPS",
     "STATS",
     "ParticleError",
     "label_stats",
@@ -73,6 +75,13 @@ logger = logging.getLogger(__name__)
 MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y", "width_x", "width_y", "width_z", "intensity")
 #: Statistics of every map (columns ``<map>_<stat>`` of ``particles.csv``).
 STATS = ("mean", "std", "median", "p5", "p25", "p75", "p95")
+#: Maps with per-pixel standard errors (``<map>_sigma`` from reduce), and the two standard errors
+#: of their particle mean: ``<map>_sem`` = std / √n from the pixel-to-pixel scatter (real
+#: variation and noise: the uncertainty of the mean as a sample of the particle's pixels), and
+#: ``<map>_sem_counting`` = √(Σ σ²) / n from the counting statistics alone (the error of the
+#: mean of exactly these pixels; pixels taken as independent).
+SIGMA_MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y")
+SEM = ("sem", "sem_counting")
 _PERCENTILES = {"p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95}
 
 
@@ -282,8 +291,9 @@ def label_stats(
     """Statistics of every map over every label's valid pixels (one dict per label).
 
     Keys: ``label, pixels, valid_pixels, area_um2, centroid_y_um, centroid_x_um``,
-    ``<map>_<stat>`` for :data:`MAPS` × :data:`STATS`, ``corr_strain_tilt_x``,
-    ``corr_strain_tilt_y`` (Pearson, over the label's valid pixels).
+    ``<map>_<stat>`` for :data:`MAPS` × :data:`STATS`, ``<map>_sem`` and ``<map>_sem_counting``
+    for :data:`SIGMA_MAPS` (:data:`SEM`; the latter NaN without ``<map>_sigma`` in ``maps``),
+    ``corr_strain_tilt_x``, ``corr_strain_tilt_y`` (Pearson, over the label's valid pixels).
     """
     rows = []
     yy, xx = np.meshgrid(y_um, x_um, indexing="ij")
@@ -309,6 +319,15 @@ def label_stats(
                     row[f"{name}_{key}"] = float(value)
             else:
                 row.update({f"{name}_{s}": math.nan for s in STATS})
+            if name in SIGMA_MAPS:
+                ok = use & np.isfinite(maps[name])
+                n = int(ok.sum())
+                row[f"{name}_sem"] = row[f"{name}_std"] / math.sqrt(n) if n else math.nan
+                sigma = maps.get(f"{name}_sigma")
+                counting = math.nan
+                if sigma is not None and n:
+                    counting = np.sqrt(np.sum(sigma[ok] ** 2)) / n
+                row[f"{name}_sem_counting"] = float(counting)
         row["corr_strain_tilt_x"] = _corr(maps["strain"][use], maps["tilt_x"][use])
         row["corr_strain_tilt_y"] = _corr(maps["strain"][use], maps["tilt_y"][use])
         rows.append(row)
@@ -325,6 +344,7 @@ COLUMNS = (
     "centroid_y_um",
     "centroid_x_um",
     *(f"{m}_{s}" for m in MAPS for s in STATS),
+    *(f"{m}_{s}" for m in SIGMA_MAPS for s in SEM),
     "corr_strain_tilt_x",
     "corr_strain_tilt_y",
     "warning",
@@ -524,6 +544,8 @@ def stats(
         dx = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
         meta = {"pixel_area_um2": abs(dy * dx), "y": y, "x": x}
         maps = {m: ds[m].data for m in MAPS}
+        # results reduced before the standard errors existed have no *_sigma (NaN columns)
+        maps |= {f"{m}_sigma": ds[f"{m}_sigma"].data for m in SIGMA_MAPS if f"{m}_sigma" in ds}
         jobs[name] = (
             dask.delayed(_scan_summary)(
                 maps, ds["rocking_curve"].data, labels, ds["valid"].data, meta

@@ -79,6 +79,16 @@ def test_statistics_match_the_true_fields(small):
         assert float(row["strain_std"]) == pytest.approx(truth["strain"][inside].std(), abs=1e-4)
         for tilt in ("tilt_x", "tilt_y"):
             assert float(row[f"{tilt}_std"]) == pytest.approx(truth[tilt][inside].std(), abs=1e-4)
+        # standard errors of the mean: pixel scatter std/√n, counting √Σσ²/n (smaller: the
+        # scatter holds the real strain/tilt variation too)
+        for name in ("d_spacing", "strain", "tilt_x", "tilt_y"):
+            n = int(row["valid_pixels"])
+            sem = float(row[f"{name}_std"]) / np.sqrt(n)
+            assert float(row[f"{name}_sem"]) == pytest.approx(sem, rel=1e-6)
+            sigma = ds[f"{name}_sigma"].values[region]
+            counting = float(row[f"{name}_sem_counting"])
+            assert counting == pytest.approx(np.sqrt(np.sum(sigma**2)) / n, rel=1e-6)
+            assert 0 < counting < float(row[f"{name}_sem"])
         # the correlation is what the table says it is
         s, t = ds["strain"].values[region], ds["tilt_x"].values[region]
         assert float(row["corr_strain_tilt_x"]) == pytest.approx(np.corrcoef(s, t)[0, 1], abs=1e-6)

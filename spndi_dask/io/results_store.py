@@ -71,6 +71,10 @@ MAP_VARIABLES = {
     "peak_angle": "deg",
     "det_row_com": "detector pixel",
     "det_col_com": "detector pixel",
+    "d_spacing_sigma": "Å",
+    "strain_sigma": "1",
+    "tilt_x_sigma": "rad",
+    "tilt_y_sigma": "rad",
 }
 
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 
-from spndi_dask.reduce._kernels import FEATURES, MOMENTS
+from spndi_dask.reduce._kernels import FEATURES, MOMENTS, VARIANCES, variance_features
 
 __all__ = ["Mosaic", "block_reduce", "correction_tables"]
 
@@ -142,6 +142,7 @@ def _correct_angle(
     window,
     voxels,
     w,
+    var_rows,
     var_out,
     sat_out,
 ):  # pragma: no cover
@@ -150,7 +151,8 @@ def _correct_angle(
     Point ``(y, x)`` of the block is ``pieces[source[y, x]][a, prow[y, x], pcol[y, x]]``, or
     zero where ``source`` is −1 (outside the scan); it goes into row ``rank[y, x]`` of
     ``w (points, row · col)``. Core points (``halo`` inside the block's edge) are corrected
-    whole, with Σ var · var_weight per point into ``var_out[rank]`` and the number of saturated
+    whole, with each voxel's variance into ``var_rows[rank]`` (core points come first), Σ var ·
+    var_weight per point into ``var_out[rank]`` and the number of saturated
     voxels (of unmasked pixels at a valid point) into ``sat_out[rank]``; halo points only
     inside ``window``
     ``(y0, y1, x0, x1)`` (where the drift shift of this angle reads; empty without ``voxels``)
@@ -172,6 +174,7 @@ def _correct_angle(
             if k < 0:
                 if core:
                     out[:] = zero
+                    var_rows[rank[y, x]] = zero
                 else:
                     for v in voxels:
                         out[v] = zero
@@ -179,10 +182,12 @@ def _correct_angle(
                 raw = pieces[k][a, prow[y, x], pcol[y, x]].reshape(nv)
                 s = scale[a, y, x]
                 if core:
+                    vrow = var_rows[rank[y, x]]
                     for v in range(nv):
                         f = np.float32(raw[v])
                         g = gain[v] * s
                         out[v], var = _corrected(f, offset[v], g, b, sat)
+                        vrow[v] = var
                         vs += var * var_weight[v]
                         if f >= sat and g != zero:
                             ns += np.float32(1)
@@ -277,6 +282,7 @@ def block_reduce(
     saturation: float | None,
     features: np.ndarray,
     var_weight: np.ndarray | None = None,
+    var_features: np.ndarray | None = None,
     operator: Any = None,
     voxels: list[np.ndarray] | None = None,
     halo: int = 0,
@@ -299,6 +305,8 @@ def block_reduce(
         where masked pixels are filled).
     var_weight : array (n_row · n_col,), optional
         Weight of each voxel's variance (from :func:`~._kernels.filled_features`; default 1).
+    var_features : array (n_angle, n_row · n_col, 9), optional
+        :func:`~._kernels.variance_features` of ``features`` (computed when not given).
     operator : scipy.sparse.csr_matrix (n_grid, n_voxel), optional
         q-grid operator over ``voxels`` (:func:`~._kernels.used_voxels`); None skips patterns.
     voxels : list of int arrays, optional
@@ -325,6 +333,9 @@ def block_reduce(
     if var_weight is None:
         var_weight = np.ones(nv, np.float32)
     var_weight = np.ascontiguousarray(var_weight, np.float32).reshape(nv)
+    if var_features is None:
+        var_features = variance_features(features)
+    var_features = np.asarray(var_features, np.float32)
     features = np.asarray(features, np.float32)
     # rows of the point-major buffer: the core points first (in raster order), then the halo
     core = np.zeros((ny, nx), bool)
@@ -357,6 +368,8 @@ def block_reduce(
             raise ValueError(f"operator has {operator.shape[1]} columns for {starts[-1]} voxels")
         columns = _workspace("columns", (int(starts[-1]), ty * tx))
     w = _workspace("w", (ny * nx, nv))
+    var_rows = _workspace("var_rows", (ty * tx, nv))
+    m_var = _workspace("m_var", (ty * tx, var_features.shape[-1]))
     var = _workspace("var", (ty * tx,))
     n_sat = _workspace("n_saturated", (ty * tx,))
     m_features = _workspace("m_features", (ty * tx, FEATURES))
@@ -382,6 +395,7 @@ def block_reduce(
             window,
             used,
             w,
+            var_rows,
             var,
             n_sat,
         )
@@ -389,6 +403,8 @@ def block_reduce(
         moments[a, ..., :FEATURES] = m_features.reshape(ty, tx, FEATURES)
         moments[a, ..., FEATURES] = var.reshape(ty, tx)
         moments[a, ..., FEATURES + 1] = n_sat.reshape(ty, tx)
+        np.matmul(var_rows, var_features[a], out=m_var)
+        moments[a, ..., VARIANCES] = m_var.reshape(ty, tx, -1)
         if len(used):
             _shift_t(
                 w,

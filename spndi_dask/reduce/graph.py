@@ -171,6 +171,7 @@ def _context(plan: ParticlePlan, grid: BeamtimeGrid | None) -> dict[str, Any]:
     ctx: dict[str, Any] = {
         "features": features,
         "var_weight": var_weight,
+        "var_features": K.variance_features(features),
         "offset": offset,
         "gain": gain,
         "background": plan.background,
@@ -281,6 +282,7 @@ def _block_task(
         saturation=ctx["saturation"],
         features=ctx["features"],
         var_weight=ctx["var_weight"],
+        var_features=ctx["var_features"],
         operator=ctx.get("operator"),
         voxels=ctx.get("voxels"),
         halo=halo,

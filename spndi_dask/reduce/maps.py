@@ -66,13 +66,23 @@ def _finish_maps(
 ) -> np.ndarray:
     """All per-pixel outputs from the per-angle moments (NumPy; one small block per particle).
 
-    Returns ``(ny, nx, n_angle + 16)``: rocking curve, then :data:`_FINISHED` channels; with
-    ``fit`` (``(ny, nx, len(PEAK_CHANNELS))`` of :func:`~spndi_dask.reduce.peakfit.gaussian_peaks`)
-    the maps of the centre and widths are the fit's and :data:`_FITTED` channels follow.
+    Returns ``(ny, nx, n_angle + len(_FINISHED))``: rocking curve, then :data:`_FINISHED`
+    channels; with ``fit`` (``(ny, nx, len(PEAK_CHANNELS))`` of
+    :func:`~spndi_dask.reduce.peakfit.gaussian_peaks`) the maps of the centre and widths are the
+    fit's and :data:`_FITTED` channels follow. The ``*_sigma`` maps are the standard errors of
+    the centre of mass from Poisson counting statistics
+    (:func:`~spndi_dask.reduce._kernels.com_covariance`, variances brought to the reference grid
+    with squared shift weights) through the delta method
+    (:func:`~spndi_dask.reduce._kernels.strain_tilt_sigma`). The fit's own standard errors are
+    not estimated: with ``fit`` the ``*_sigma`` maps are NaN rather than the moments' errors.
     """
     per_angle = shift_maps(moments, drift)
     curves = per_angle[..., 0]
     summed = per_angle.sum(axis=0)
+    # variances through the bilinear drift shift: squared weights (independent frames)
+    with_var = summed.copy()
+    var_channels = [_VAR, *range(len(K.MOMENTS))[K.VARIANCES]]
+    with_var[..., var_channels] = shift_maps(moments[..., var_channels], drift, power=2).sum(0)
     # the frame for the widths: the particle's mean q
     s = summed[..., 0]
     lit = (s > 0) & (s > min_snr * np.sqrt(np.maximum(summed[..., _VAR], 0)))
@@ -87,11 +97,13 @@ def _finish_maps(
     maps = K.maps_from_moments(summed, h_ref, frame.matrix, min_snr=min_snr)
     valid = maps["valid"]
     st = strain_tilt(maps["q_com"], frame)
+    sigma = K.strain_tilt_sigma(maps["q_com"], K.com_covariance(with_var), frame)
     fit_failed = np.zeros_like(valid)
     if fit is not None:  # the fitted centre makes the maps; a failed fit leaves the pixel out
         fit_failed = valid & ~np.isfinite(fit[..., 1:4]).all(axis=-1)
         valid = valid & ~fit_failed
         st = strain_tilt(fit[..., 1:4], frame)
+        sigma = {name: np.full(valid.shape, np.nan) for name in _SIGMAS}
         for axis in "xyz":
             maps[f"width_{axis}"] = fit[..., PEAK_CHANNELS.index(f"width_{axis}")]
     order = np.argsort(angles)
@@ -120,6 +132,7 @@ def _finish_maps(
         np.where(nan, np.nan, peak),
         maps["det_row"],
         maps["det_col"],
+        *(sigma[name] for name in _SIGMAS),
         maps["q_com"][..., 0],
         maps["q_com"][..., 1],
         maps["q_com"][..., 2],
@@ -129,11 +142,12 @@ def _finish_maps(
     if fit is not None:
         chans += [fit[..., PEAK_CHANNELS.index(c)] for c in _FITTED]
     out = np.concatenate([np.moveaxis(curves, 0, -1), np.stack(chans, -1)], axis=-1)
-    out[nan, len(angles) : len(angles) + 14] = np.nan
+    out[nan, len(angles) : len(angles) + len(MAP_VARIABLES) + 3] = np.nan
     out[nan, len(angles) + len(_FINISHED) :] = np.nan
     return out, h
 
 
+_SIGMAS = ("d_spacing", "strain", "tilt_x", "tilt_y")
 _FINISHED = (*MAP_VARIABLES, "q_x", "q_y", "q_z", "valid", "quality")
 #: Channels after :data:`_FINISHED` with ``[reduce] peak = "gaussian"`` (of PEAK_CHANNELS).
 _FITTED = ("q_x", "q_y", "q_z", "amplitude", "background", "chi2")
@@ -249,6 +263,13 @@ def reduce_particle(
                 values.astype(np.uint8),
                 {"flags": QUALITY, "long_name": "quality bit flags (0 = good)"},
             )
+        elif var.endswith("_sigma"):
+            of = var.removesuffix("_sigma")
+            attrs = {
+                "units": MAP_VARIABLES[var],
+                "long_name": f"standard error of {of} (Poisson counting statistics)",
+            }
+            data[var] = (("y", "x"), values, attrs)
         else:
             data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
     q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)

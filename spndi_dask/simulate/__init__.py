@@ -96,8 +96,10 @@ _LAZY = {
     "THETA_DATASET": "spndi_dask.simulate.beamline",
     "XRF_DATASET": "spndi_dask.simulate.beamline",
     "SimulatedParticle": "spndi_dask.simulate.physics",
+    "SIGMA_QUANTITIES": "spndi_dask.simulate.truth",
     "TRUTH_ERRORS": "spndi_dask.simulate.truth",
     "errors_vs_truth": "spndi_dask.simulate.truth",
+    "sigma_z_vs_truth": "spndi_dask.simulate.truth",
     "datasets": "spndi_dask.simulate.beamline",
     "expected_counts": "spndi_dask.simulate.physics",
     "make_particle": "spndi_dask.simulate.physics",
@@ -112,6 +114,7 @@ __all__ = [
     "IDEAL_LAYOUT",
     "MONITOR_DATASET",
     "PRESETS",
+    "SIGMA_QUANTITIES",
     "THETA_DATASET",
     "TRUTH_ERRORS",
     "XRF_DATASET",
@@ -124,6 +127,7 @@ __all__ = [
     "preset",
     "pupil_rings",
     "scan_path",
+    "sigma_z_vs_truth",
     "simulate_beamtime",
 ]
 
@@ -144,7 +148,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
         make_particle,
         pupil_rings,
     )
-    from spndi_dask.simulate.truth import TRUTH_ERRORS, errors_vs_truth
+    from spndi_dask.simulate.truth import (
+        SIGMA_QUANTITIES,
+        TRUTH_ERRORS,
+        errors_vs_truth,
+        sigma_z_vs_truth,
+    )
 
 
 def __getattr__(name: str) -> Any:

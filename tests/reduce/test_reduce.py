@@ -26,7 +26,13 @@ from spndi_dask.reduce import (
     reduce_particle,
 )
 from spndi_dask.reduce import _kernels as K
-from spndi_dask.simulate import errors_vs_truth, preset, simulate_beamtime
+from spndi_dask.simulate import (
+    SIGMA_QUANTITIES,
+    errors_vs_truth,
+    preset,
+    sigma_z_vs_truth,
+    simulate_beamtime,
+)
 
 from ..conftest import load, manifest_dict, write_angle_files
 
@@ -450,6 +456,22 @@ def test_results_open_as_a_datatree_with_units_and_provenance(tiny):
     for var in ("d_spacing", "strain", "tilt_x", "width_z", "peak_angle"):
         v = ds[var].values
         assert np.isfinite(v[valid]).all() and np.isnan(v[~valid]).all(), var
+
+
+def test_sigma_maps_are_written_with_units_and_are_calibrated(tiny):
+    out, m, _ = tiny
+    for p in m.particles:
+        ds = open_results(m.output_dir, p.name)
+        for name in SIGMA_QUANTITIES:
+            sig = ds[f"{name}_sigma"]
+            assert sig.attrs["units"] == ds[name].attrs["units"]
+            assert sig.attrs["long_name"].startswith(f"standard error of {name}")
+            valid = ds["valid"].values
+            assert np.all(sig.values[valid] > 0) and np.all(np.isnan(sig.values[~valid]))
+        z = sigma_z_vs_truth(ds, out / "ground_truth" / f"{p.name}.npz")
+        for name in SIGMA_QUANTITIES:
+            # away from grain boundaries (where the probe mixes neighbouring pixels' patterns)
+            assert 0.7 <= z[name]["rms_smooth"] <= 1.5, (p.name, name, z[name])
 
 
 def test_particle_mean_reference_has_zero_mean_strain_and_tilt(tiny):
