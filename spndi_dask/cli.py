@@ -15,7 +15,7 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.interrupt import Interrupted, at_forced_exit, deferred, handle_signals, received
-from spndi_dask.io.layout import OutputLayout
+from spndi_dask.io.layout import OutputLayout, disk_usage
 from spndi_dask.stages import STAGE_NAMES, STAGES, Outcome, Stage, StageError, parse_stages
 from spndi_dask.stages import stage as stage_info
 
@@ -349,10 +349,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
                 logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 @contextmanager
 def _session(args: argparse.Namespace) -> Iterator[Any]:
     """The command's cluster; Ctrl-C is this process's to handle, not its local workers'.
@@ -432,7 +428,7 @@ def _print_ingest(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None
             "raw GB": (lambda s: f"{s.get('raw_bytes', 0) / 1e9:.3f}", 10),
         },
     )
-    print(f"raw.zarr: {out.raw} ({_du(out.raw) / 1e6:.1f} MB on disk)")
+    print(f"raw.zarr: {out.raw} ({disk_usage(out.raw) / 1e6:.1f} MB on disk)")
 
 
 def _print_reduce(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
@@ -697,7 +693,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"simulated {cfg.n_particles} particles × {cfg.n_angles} angles × "
         f"{cfg.scan_shape[0]}×{cfg.scan_shape[1]} points × {cfg.detector_shape[0]}×"
         f"{cfg.detector_shape[1]} pixels ({cfg.raw_bytes / 1e9:.2f} GB raw, "
-        f"{_du(out / 'raw') / 1e6:.1f} MB as compressed HDF5) in {time.perf_counter() - t0:.1f} s"
+        f"{disk_usage(out / 'raw') / 1e6:.1f} MB as compressed HDF5) "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
     print(f"manifest: {out / 'beamtime.toml'}\nground truth: {out / 'ground_truth'}")
     return 0 if manifest else 1

@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from spndi_dask.io.layout import OutputLayout
+from spndi_dask.io.layout import OutputLayout, disk_usage
 from spndi_dask.stages import StageError
 
 __all__ = [
@@ -488,17 +488,6 @@ class VerifyReport:
         }
 
 
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def verify(
     manifest: Any,
     *,
@@ -548,7 +537,7 @@ def verify(
                 continue
             name = inside.rsplit("/", 1)[-1]
             if deep or (kind, name) not in _LARGE:
-                checked += _du(root / inside)
+                checked += disk_usage(root / inside)
             jobs.append((kind, root, inside))
     t0 = time.perf_counter()
     n = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
