@@ -84,8 +84,8 @@ from spndi_dask.io.hashing import (
     stable_key,
 )
 from spndi_dask.io.integrity import is_damage, writable
-from spndi_dask.io.layout import check_output
-from spndi_dask.io.raw_store import RawLayout, create_particle_store
+from spndi_dask.io.layout import check_output, read_attrs
+from spndi_dask.io.raw_store import ANGLE_SOURCES, RawLayout, create_particle_store
 from spndi_dask.io.sources import (
     SourceError,
     SourceInfo,
@@ -785,6 +785,9 @@ def _finish_angle(
     record = _source_record(source, base_dir, checksum)
     record["zeroed_values"] = int(sum(t[0] for t in tile_results))
     record["flagged_values"] = int(flagged.sum(dtype=np.uint64))
+    # the angle's own record, before its done mark: an ingest interrupted before it records
+    # every angle (_finalize) leaves it for the next run (_refresh), which need not hash again
+    group[ANGLE_SOURCES].create_group(str(angle), attributes=record, overwrite=True)
     group["done"][angle] = np.uint64(fingerprint)
     return record
 
@@ -1021,10 +1024,19 @@ def _refresh(plan: IngestPlan, sources: list[dict[str, Any] | None]) -> None:
     done = zarr.open_group(plan.group_url, mode="r+")["done"]
     sources += [None] * (len(plan.sources) - len(sources))
     for a, rec in plan.moved.items():
-        sources[a] = _source_record(
-            plan.sources[a], plan.base_dir, plan.checksum, rec or None, stat=False
-        )
+        kept = rec or _angle_record(plan.group_url, a)
+        if not rec and kept and _recorded_paths(kept) == plan.sources[a].paths:
+            sources[a] = kept  # finished, then interrupted before _finalize recorded it
+        else:  # stores written before angles kept their records hash the files again
+            sources[a] = _source_record(
+                plan.sources[a], plan.base_dir, plan.checksum, kept or None, stat=False
+            )
         done[a] = np.uint64(plan.fingerprints[a])
+
+
+def _angle_record(group_url: str, angle: int) -> dict[str, Any] | None:
+    """The source record :func:`_finish_angle` kept for one angle (None: none, an old store)."""
+    return read_attrs(Path(group_url) / ANGLE_SOURCES / str(angle)) or None
 
 
 def _keep_moved(plan: IngestPlan) -> None:
@@ -1049,6 +1061,7 @@ def _clear_angles(plan: IngestPlan) -> None:
     group.attrs.put(
         {**dict(group.attrs), "spndi_dask": {**plan.attrs["spndi_dask"], "complete": False}}
     )
+    group.require_group(ANGLE_SOURCES)  # a store written before angles kept their records
     frames = Path(plan.group_url) / "frames" / "c"
     for a in plan.todo:
         group["done"][a] = 0

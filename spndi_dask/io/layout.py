@@ -172,7 +172,19 @@ class ForeignOutputError(StageError, ValueError):
 #: The arrays ``ingest`` creates in a particle's group of ``raw.zarr``: a group without attributes
 #: that holds only these is one whose creation was interrupted (its attributes come last).
 _RAW_ARRAYS = frozenset(
-    {"frames", "monitor", "xrf", "valid", "position_y", "position_x", "det_sum", "done"}
+    {
+        "frames",
+        "monitor",
+        "xrf",
+        "valid",
+        "position_y",
+        "position_x",
+        "det_sum",
+        "flagged",
+        "pixel_mask",
+        "done",
+        "angle_sources",
+    }
 )
 
 
