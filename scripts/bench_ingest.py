@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spndi_dask.io.layout import disk_usage
+
 
 def _read_file(path: str, dataset: str) -> int:
     import h5py
@@ -32,10 +34,6 @@ def _read_file(path: str, dataset: str) -> int:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _reduce_like_read(frames_url: str, ys: slice, xs: slice, roi: tuple[slice, slice]) -> float:
@@ -93,7 +91,7 @@ def main() -> None:
         ingest(m)
         t_ingest = time.perf_counter() - t0
         rss_ingest = max(client.run(_peak_rss_mb).values())
-        zarr_bytes = _du(m.layout.raw)
+        zarr_bytes = disk_usage(m.layout.raw)
 
         print(
             f"\n== ingest, preset {args.preset}: {len(files)} files, {raw_bytes / 1e9:.2f} GB raw,"
@@ -176,7 +174,7 @@ def main() -> None:
                 )
             )
             t_r = time.perf_counter() - t0
-            print(f"{label:<36}{t_w:9.2f}{t_r:9.2f}{_du(cfg.layout.raw) / 1e6:8.1f}")
+            print(f"{label:<36}{t_w:9.2f}{t_r:9.2f}{disk_usage(cfg.layout.raw) / 1e6:8.1f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from spndi_dask.ingest import IngestError, _flag_invalid, ingest, plan_ingest
+from spndi_dask.ingest import IngestError, ingest, plan_ingest
+from spndi_dask.ingest.write import _flag_invalid
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.sources import SourceError, XrfSource, probe_xrf, read_xrf
 

@@ -9,8 +9,11 @@ import pytest
 import zarr
 
 import spndi_dask.ingest as ingest_mod
+import spndi_dask.ingest.records as ingest_records
+import spndi_dask.ingest.write as ingest_write
 from spndi_dask.ingest import IngestError, ingest
 from spndi_dask.io.hashing import sha256_file
+from spndi_dask.io.layout import read_attrs
 from spndi_dask.io.raw_store import IncompleteError, open_raw
 
 from .conftest import load, manifest_dict, write_angle_files
@@ -91,14 +94,14 @@ def test_float_frames_and_bad_values(tmp_path):
 def test_resume_redoes_only_unfinished_angles(handmade, monkeypatch):
     tmp, data, frames, *_ = handmade
     m = load(tmp, data)
-    real = ingest_mod._write_tile
+    real = ingest_write._write_tile
 
     def dies_on_angle_3(*args, **kwargs):
         if args[3] == 3:
             raise OSError("worker killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_mod, "_write_tile", dies_on_angle_3)
+    monkeypatch.setattr(ingest_write, "_write_tile", dies_on_angle_3)
     import dask
 
     # the particle fails alone (named, with the error), the store stays resumable
@@ -108,11 +111,54 @@ def test_resume_redoes_only_unfinished_angles(handmade, monkeypatch):
         open_raw(m.output_dir, "p1")
     done = zarr.open_array(str(m.output_dir / "raw.zarr/p1/done"), mode="r")[:]
     assert done[3] == 0 and (done != 0).sum() >= 1  # the angles written before the crash count
-    monkeypatch.setattr(ingest_mod, "_write_tile", real)
+    # each finished angle kept its own source record (the run stopped before recording them all)
+    group = m.output_dir / "raw.zarr/p1"
+    assert not (read_attrs(group) or {}).get("sources")
+    finished = [a for a in range(len(done)) if done[a]]
+    for a in finished:
+        kept = read_attrs(group / "angle_sources" / str(a))
+        assert kept["path"].endswith(f"angle_{a:03d}.h5")
+        assert kept["sha256"] == sha256_file(kept["path"])
+    monkeypatch.setattr(ingest_write, "_write_tile", real)
+    hashed = []
+
+    def counted(path):
+        hashed.append(os.path.basename(path))
+        return sha256_file(path)
+
+    monkeypatch.setattr(ingest_records, "sha256_file", counted)
     summary = ingest(m)
     assert summary["p1"]["angles_written"] == (done == 0).sum()
+    # only the angles written now were hashed: the finished ones' records were kept
+    assert sorted(hashed) == [f"angle_{a:03d}.h5" for a in range(len(done)) if not done[a]]
+    sources = read_attrs(group)["sources"]
+    for a in finished:
+        assert sources[a] == read_attrs(group / "angle_sources" / str(a))
+    assert all(rec["sha256"] == sha256_file(rec["path"]) for rec in sources)
     assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, frames)
     assert ingest(m)["p1"]["status"] == "up to date"
+
+
+def test_an_old_store_without_angle_records_is_recorded_by_hashing(handmade, monkeypatch):
+    """Angles finished before an interrupt in a store from before angles kept their records."""
+    tmp, data, *_ = handmade
+    m = load(tmp, data)
+    ingest(m)
+    group = zarr.open_group(str(m.output_dir / "raw.zarr/p1"), mode="r+")
+    expected = dict(group.attrs)["sources"]
+    del group["angle_sources"]
+    group.attrs.put({**dict(group.attrs), "sources": [None] * len(expected)})
+    hashed = []
+
+    def counted(path):
+        hashed.append(path)
+        return sha256_file(path)
+
+    monkeypatch.setattr(ingest_records, "sha256_file", counted)
+    assert ingest(m)["p1"]["status"] == "up to date"
+    assert len(hashed) == len(expected)
+    got = read_attrs(m.output_dir / "raw.zarr/p1")["sources"]
+    assert [r["sha256"] for r in got] == [r["sha256"] for r in expected]
 
 
 def test_half_written_angle_never_counts_as_done(handmade):
@@ -507,11 +553,11 @@ def test_reading_a_tile_reads_only_its_points(tmp_path):
     info = probe_source(files, "data")
     file_bytes = sum(p.stat().st_size for p in files)
     # a 2-row band across the file boundary in snake order (every other row reversed)
-    idx = ingest_mod._point_index(slice(39, 41), slice(0, nx), nx, "snake")
+    idx = ingest_write._point_index(slice(39, 41), slice(0, nx), nx, "snake")
     tile_bytes = idx.size * shape[0] * shape[1] * 2
     tracemalloc.start()
     try:
-        block, lo, hi = ingest_mod._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
+        block, lo, hi = ingest_write._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -523,10 +569,10 @@ def test_reading_a_tile_reads_only_its_points(tmp_path):
     )
     assert peak < 2.2 * tile_bytes and peak < file_bytes / 15
     # a raster band of as many points inside one file is one read without a copy
-    idx = ingest_mod._point_index(slice(4, 6), slice(0, nx), nx, "raster")
+    idx = ingest_write._point_index(slice(4, 6), slice(0, nx), nx, "raster")
     tracemalloc.start()
     try:
-        block, *_ = ingest_mod._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
+        block, *_ = ingest_write._read_tile(info, "data", idx, shape, np.dtype(np.uint16))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -203,7 +203,7 @@ def test_sigterm_during_ingest_stops_the_run_and_the_next_run_resumes(prepared):
     """SIGTERM (as a batch system or ``kill`` sends) mid-ingest: the stores stay incomplete."""
     manifest = _beamtime(prepared, "ingest", copy=False)
     cmd = _cli("run", str(manifest), "--stages", "ingest-reduce", "--no-performance-report")
-    slow = "spndi_dask.ingest:_write_tile:0.5"
+    slow = "spndi_dask.ingest.write:_write_tile:0.5"
     stopped = _interrupt(cmd, MARKER, signal.SIGTERM, slow=slow, settle=1.5)  # angles done
     _assert_stopped(manifest, stopped, "ingest", signal.SIGTERM)
     assert _last_run(manifest) == {"ingest": "interrupted", "reduce": "not run"}

@@ -261,7 +261,7 @@ def test_a_jittered_overshooting_snake_is_placed_on_the_grid(tmp_path, caplog):
 def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
     import dask
 
-    import spndi_dask.ingest as ingest_mod
+    import spndi_dask.ingest.write as ingest_write
 
     paths, data, frames, monitor, xrf = _handmade(tmp_path)
     plain = load(tmp_path, data)
@@ -270,7 +270,7 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
     rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05), jitter=0.1, overshoot=1)
     data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
     m = load(tmp_path, data)
-    real = ingest_mod._write_tile
+    real = ingest_write._write_tile
 
     def dies_on_angle_1(*args, **kwargs):
         if args[3] == 1:
@@ -278,10 +278,10 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     # the plain store is replaced by one with positions; an ingest killed half-way resumes
-    monkeypatch.setattr(ingest_mod, "_write_tile", dies_on_angle_1)
+    monkeypatch.setattr(ingest_write, "_write_tile", dies_on_angle_1)
     with dask.config.set(scheduler="sync"), pytest.raises(IngestError, match="worker killed"):
         ingest(m)
-    monkeypatch.setattr(ingest_mod, "_write_tile", real)
+    monkeypatch.setattr(ingest_write, "_write_tile", real)
     done = zarr.open_array(str(m.output_dir / "raw.zarr/p1/done"), mode="r")[:]
     assert done[1] == 0
     assert ingest(m)["p1"]["angles_written"] == (done == 0).sum()

@@ -24,6 +24,7 @@ True
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -39,8 +40,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from spndi_dask.io.layout import OutputLayout
+from spndi_dask.io.layout import OutputLayout, disk_usage, read_attrs
+from spndi_dask.io.shards import ShardError, ShardReader
 from spndi_dask.stages import StageError
+from spndi_dask.stages import stage as stage_of
 
 __all__ = [
     "Damage",
@@ -153,8 +156,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def is_damage(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it came from) says a stored chunk is damaged."""
-    from spndi_dask.io.shards import ShardError
-
     for e in _chain(exc):
         if isinstance(e, DamagedStoreError | ShardError):
             return True
@@ -219,8 +220,6 @@ def describe(damage: list[Damage], manifest: str = "beamtime.toml") -> str:
 def _manifest_of(store_root: Path) -> str:
     """The manifest of an output, for the commands an error suggests: the one ingest recorded
     when it lies beside the output, else the only manifest there, else ``beamtime.toml``."""
-    from spndi_dask.io.layout import read_attrs
-
     out = store_root.parent
     recorded = None
     for node in sorted(OutputLayout(out).raw.glob("*/zarr.json"))[:1]:
@@ -236,8 +235,6 @@ def _manifest_of(store_root: Path) -> str:
 def _shard_damage(exc: BaseException) -> tuple[Damage, Path] | None:
     """The damaged shard a :class:`~spndi_dask.io.shards.ShardError` names (angle = first index)
     and its store's root."""
-    from spndi_dask.io.shards import ShardError
-
     for e in _chain(exc):
         if isinstance(e, ShardError) and getattr(e, "path", None):
             where = _store_of(Path(e.path))
@@ -350,8 +347,6 @@ def _check_array(
 ) -> list[Damage]:
     """Every damaged unit of one array (read whole, or by files and shard index when not deep;
     only the units that overlap ``within`` where that is given)."""
-    from spndi_dask.io.shards import ShardError, ShardReader
-
     particle = _particle_of(kind, inside)
     stage = _stage_of(kind, inside)
     try:
@@ -438,8 +433,6 @@ def _arrays(root: Path) -> Iterator[str]:
         if node == root:
             continue
         try:
-            import json
-
             if json.loads(meta.read_text()).get("node_type") == "array":
                 yield node.relative_to(root).as_posix()
         except (OSError, ValueError):
@@ -486,17 +479,6 @@ class VerifyReport:
             "damage": [asdict(d) for d in self.damage],
             "marked": self.marked,
         }
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def verify(
@@ -548,7 +530,7 @@ def verify(
                 continue
             name = inside.rsplit("/", 1)[-1]
             if deep or (kind, name) not in _LARGE:
-                checked += _du(root / inside)
+                checked += disk_usage(root / inside)
             jobs.append((kind, root, inside))
     t0 = time.perf_counter()
     n = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
@@ -605,8 +587,6 @@ def mark_damaged(layout: OutputLayout, damage: list[Damage]) -> list[str]:
                 if stage == "reduce":
                     attrs["spndi_dask"] = {**attrs.get("spndi_dask", {}), "complete": False}
                 else:
-                    from spndi_dask.stages import stage as stage_of
-
                     attrs.pop(stage_of(stage).attrs_key, None)
                 group.attrs.put(attrs)
                 marked.append(f"{particle}: {stage} to be recomputed")

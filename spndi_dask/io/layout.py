@@ -32,6 +32,7 @@ __all__ = [
     "OutputLayout",
     "atomic_path",
     "check_output",
+    "disk_usage",
     "read_attrs",
     "replace_tree",
     "write_text_atomic",
@@ -171,7 +172,19 @@ class ForeignOutputError(StageError, ValueError):
 #: The arrays ``ingest`` creates in a particle's group of ``raw.zarr``: a group without attributes
 #: that holds only these is one whose creation was interrupted (its attributes come last).
 _RAW_ARRAYS = frozenset(
-    {"frames", "monitor", "xrf", "valid", "position_y", "position_x", "det_sum", "done"}
+    {
+        "frames",
+        "monitor",
+        "xrf",
+        "valid",
+        "position_y",
+        "position_x",
+        "det_sum",
+        "flagged",
+        "pixel_mask",
+        "done",
+        "angle_sources",
+    }
 )
 
 
@@ -303,6 +316,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def disk_usage(path: str | os.PathLike[str]) -> int:
+    """Bytes in the files under the directory ``path`` (0 if it does not exist).
+
+    Files that vanish or cannot be read while it walks (a store being written) are skipped.
+    """
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

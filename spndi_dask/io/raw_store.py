@@ -47,6 +47,7 @@ from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import StageError
 
 __all__ = [
+    "ANGLE_SOURCES",
     "FRAME_DIMS",
     "IncompleteError",
     "RawLayout",
@@ -56,6 +57,10 @@ __all__ = [
 ]
 
 FRAME_DIMS = ("angle", "y", "x", "det_row", "det_col")
+#: The group of a particle that keeps each finished angle's source record (a child group per
+#: angle index, the record as its attributes) until ingest records them all in the particle's
+#: ``sources`` attribute.
+ANGLE_SOURCES = "angle_sources"
 
 
 class IncompleteError(StageError, RuntimeError):
@@ -203,6 +208,7 @@ def create_particle_store(
         dimension_names=("angle",),
         compressors=checksummed(None),
     )
+    group.require_group(ANGLE_SOURCES)
     group.attrs.put({**attrs, "spndi_dask": {**attrs.get("spndi_dask", {}), "complete": False}})
     return group
 

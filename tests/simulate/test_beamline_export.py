@@ -12,6 +12,8 @@ from scipy import ndimage
 from spndi_dask.config import load_manifest
 from spndi_dask.simulate import datasets, preset, scan_path, simulate_beamtime
 
+from . import CLEAN_PHYSICS
+
 EIGER = "/entry/instrument/eiger"
 FLAG = 2**32 - 1
 
@@ -147,12 +149,7 @@ def test_diffraction_is_seen_at_the_recorded_position(tmp_path):
         domain_types=((0.0, 0.0, 0.0, 1.5e-3),),
         gradient_strain=0.0,
         particle_tilt_spread=0.0,
-        background=0.0,
-        hot_fraction=0.0,
-        dead_fraction=0.0,
-        drift_step_px=0.0,
-        monitor_noise=0.0,
-        monitor_decay=0.0,
+        **CLEAN_PHYSICS,
         peak_counts=200.0,
         fly_scan=True,
         position_jitter=0.3,

@@ -8,6 +8,8 @@ import pytest
 from spndi_dask.geometry import crystal_frame, q_sample, rotation_matrix, strain_tilt
 from spndi_dask.simulate import expected_counts, preset, pupil_rings, simulate_beamtime
 
+from . import CLEAN_PHYSICS
+
 FRAMES = "/entry/instrument/detector/data"
 
 
@@ -95,12 +97,7 @@ def test_centre_of_mass_of_clean_frames_is_G(tmp_path):
         "tiny",
         n_particles=1,
         pupil=False,
-        background=0.0,
-        hot_fraction=0.0,
-        dead_fraction=0.0,
-        drift_step_px=0.0,
-        monitor_noise=0.0,
-        monitor_decay=0.0,
+        **CLEAN_PHYSICS,
         peak_counts=5000.0,
         n_angles=21,
         angle_step_deg=0.05,

@@ -1,0 +1,132 @@
+"""What the ``spndi`` subcommands share: manifest and cluster arguments, the cluster session,
+the output's lock, the per-particle summary table, the pipeline's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from spndi_dask.interrupt import at_forced_exit, deferred
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--cluster",
+        metavar="NAME|FILE|ADDRESS",
+        help="cluster config: local (default), slurm, slurm-gpu, pbs, mpi or one of yours, a "
+        "YAML file, or a running scheduler's address tcp://host:port",
+    )
+    g.add_argument("--scheduler", dest="cluster", help=argparse.SUPPRESS)  # the old name
+    g.add_argument(
+        "--workers", type=int, help="LocalCluster workers (default: cores); SLURM/PBS: jobs"
+    )
+    g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
+
+
+def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose first argument is the beamtime manifest."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("manifest", help="beamtime TOML manifest, or the folder holding it")
+    return p
+
+
+@contextmanager
+def _session(args: argparse.Namespace) -> Iterator[Any]:
+    """The command's cluster; Ctrl-C is this process's to handle, not its local workers'.
+
+    A signal while a LocalCluster starts is raised once it is up (a second or two): one
+    stopped half-way fails distributed's own close at exit with a traceback.
+    """
+    from spndi_dask.dask_clusters import load_cluster_config, open_cluster
+    from spndi_dask.worker_plugins import IgnoreInterrupts
+
+    local = load_cluster_config(args.cluster).type == "local"
+    with ExitStack() as stack:
+        with deferred() if local else nullcontext():
+            session = stack.enter_context(
+                open_cluster(
+                    args.cluster,
+                    n_workers=args.workers,
+                    threads_per_worker=args.threads_per_worker,
+                )
+            )
+            session.client.register_plugin(IgnoreInterrupts(os.getpid()))
+        yield session
+
+
+@contextmanager
+def _locked(output_dir: Path) -> Iterator[Path]:
+    """Hold the output's lock; a forced exit (a second signal) still removes it."""
+    from spndi_dask.io.lock import output_lock, read_lock
+
+    with output_lock(output_dir) as path:
+
+        def release() -> None:
+            if (read_lock(output_dir) or {}).get("pid") == os.getpid():
+                path.unlink(missing_ok=True)
+
+        with at_forced_exit(release):
+            yield path
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    with _session(args) as session:
+        print(f"dask dashboard: {session.client.dashboard_link}")
+        yield session.client
+
+
+def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[Any, int]]) -> None:
+    """One row per particle: name, status and ``columns``.
+
+    ``columns`` maps a header to ``(summary key or function of the summary, width)``; width 0
+    is a last free-width column.
+    """
+
+    def cell(text: Any, width: int) -> str:
+        return f"{text!s:>{width}}" if width else f"  {text}"
+
+    print(
+        f"\n{'particle':<16}{'status':<14}" + "".join(cell(h, w) for h, (_, w) in columns.items())
+    )
+    for name, s in summary.items():
+        cells = "".join(
+            cell(get(s) if callable(get) else s.get(get, ""), w) for get, w in columns.values()
+        )
+        print(f"{name:<16}{s['status']:<14}{cells}")
+        for w in s.get("warnings", []):
+            print(f"  warning: {w}")
+        for key in ("warning", "error"):
+            if key in s:
+                print(f"  {key}: {s[key]}")
+
+
+def _print_epoch(row: dict[str, Any]) -> None:
+    print(
+        f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
+        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s)",
+        flush=True,
+    )
+
+
+def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
+    """The pipeline's RunOptions from a command's arguments (those it has)."""
+    from spndi_dask.pipeline import RunOptions
+
+    return RunOptions(
+        particles=getattr(args, "particles", None),
+        force=getattr(args, "force", False),
+        checkpoint=getattr(args, "checkpoint", None),
+        device=getattr(args, "device", None),
+        k=getattr(args, "k", None),
+        boundary_width=getattr(args, "boundary_width", 1.0),
+        figures=not getattr(args, "no_figures", False),
+        on_epoch=_print_epoch,
+        **extra,
+    )
