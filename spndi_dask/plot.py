@@ -323,18 +323,12 @@ def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     return paths
 
 
-#: The beamtime figures of :func:`decomposition_figures`: (file, caption).
-DECOMPOSITION_FIGURES = (
-    ("decomposition_variance.png", "PCA: explained variance ratio per component and cumulative"),
-    ("decomposition_components.png", "First PCA and NMF components (three projections each)"),
-    ("decomposition_loadings.png", "Loading maps of the first PCA and NMF components per scan"),
-)
-
-
 def decomposition_figures(
     out_dir: str | Path, ds: xr.Dataset, datasets: dict[str, xr.Dataset], *, first: int = 3
 ) -> list[Path]:
     """PCA explained variance, the ``first`` components of each kind, their loading maps."""
+    from spndi_dask.report.context import DECOMPOSITION_FIGURES  # file names and captions
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [f for f, _ in DECOMPOSITION_FIGURES]
