@@ -1,7 +1,10 @@
-"""k-means over the latent vectors of all particles of a beamtime at once (dask-ml).
+"""k-means over the features of all particles of a beamtime at once (dask-ml).
 
-The latent vectors of every pixel inside a segmented particle (``label > 0``) of every selected
-scan form one matrix, so cluster identities are shared across particles. Features are scaled
+The feature vectors (``[cluster] features``: the autoencoder's ``latent`` by default, the
+``pca_loading`` or ``nmf_loading`` of ``spndi decompose``, or the ``moments`` maps of reduce:
+d_spacing, tilt_x, tilt_y, width_x/y/z) of every pixel inside a segmented particle
+(``label > 0``) of every selected scan form one matrix, so cluster identities are shared across
+particles. Features are scaled
 (min–max, as the original study, or z-score), then clustered with ``dask_ml.cluster.KMeans``:
 
 * ``init = "k-means||"`` (default): dask-ml's scalable k-means++;
@@ -46,6 +49,7 @@ __all__ = [
     "choose_k",
     "cluster",
     "elbow_k",
+    "feature_array",
     "fit_kmeans",
     "inertia",
     "scaling",
@@ -230,6 +234,37 @@ def choose_k(
 
 # -- orchestration ------------------------------------------------------------------------------
 STAT_MAPS = ("d_spacing", "strain", "tilt_x", "tilt_y")
+#: The reduce maps of ``[cluster] features = "moments"`` (scaled by ``[cluster] standardize``).
+MOMENT_MAPS = ("d_spacing", "tilt_x", "tilt_y", "width_x", "width_y", "width_z")
+#: Per ``[cluster] features``: (what it is, in words; the node attrs key of the stage making it;
+#: the command that makes it)
+FEATURES = {
+    "latent": ("latent vectors", "features", "spndi encode"),
+    "pca": ("PCA loadings", "decompose", "spndi decompose"),
+    "nmf": ("NMF loadings", "decompose", "spndi decompose"),
+    "moments": ("moment maps", "spndi_dask", "spndi reduce"),
+}
+
+
+def feature_array(ds: Any, features: str, *, name: str = "?") -> da.Array:
+    """Lazy ``(y, x, feature)`` array of the ``[cluster] features`` of one scan's node.
+
+    Raises
+    ------
+    ClusterError
+        When the features were not computed for this scan, naming the command that makes them.
+    """
+    what, key, command = FEATURES[features]
+    var = {"latent": "latent", "pca": "pca_loading", "nmf": "nmf_loading"}.get(features)
+    have = all(m in ds for m in MOMENT_MAPS) if var is None else var in ds
+    if not have or not ds.attrs.get(key):
+        raise ClusterError(
+            f"particle '{name}' has no {what}; run `{command}` first ([cluster] features = "
+            f"{features!r}; `spndi run` computes what the features need)"
+        )
+    if var is not None:
+        return ds[var].data
+    return da.stack([ds[m].data for m in MOMENT_MAPS], axis=-1)
 
 
 def map_stats(
@@ -288,42 +323,41 @@ def cluster(
     root = manifest.layout.results
     names = manifest.select_particles(particles, error=ClusterError)
     warnings: list[str] = []
-    datasets, index, blocks = {}, {}, []
+    datasets, index, blocks, arrays = {}, {}, [], {}
     for name in names:
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, RuntimeError, StageError) as exc:
             raise ClusterError(f"particle '{name}': {exc}") from None
-        if "latent" not in ds or not ds.attrs.get("features"):
-            raise ClusterError(f"particle '{name}' has no latent vectors; run `spndi encode` first")
         if "label" not in ds or not ds.attrs.get("particles"):
             raise ClusterError(f"particle '{name}' has no labels; run `spndi stats` first")
         datasets[name] = ds
+        arrays[name] = feature_array(ds, settings.features, name=name)
     masks = compute(
         [
-            (ds["label"].data > 0) & da.isfinite(ds["latent"].data).all(axis=-1)
-            for ds in datasets.values()
+            (ds["label"].data > 0) & da.isfinite(arrays[name]).all(axis=-1)
+            for name, ds in datasets.items()
         ]
     )
-    for (name, ds), mask in zip(datasets.items(), masks, strict=True):
+    what = FEATURES[settings.features][0]
+    for name, mask in zip(datasets, masks, strict=True):
         flat = np.flatnonzero(mask)
         if not len(flat):
-            warnings.append(
-                f"particle '{name}' has no pixel with a latent vector inside a particle"
-            )
+            warnings.append(f"particle '{name}' has no pixel with {what} inside a particle")
             logger.warning(warnings[-1])
         index[name] = flat
-        f = ds.sizes["feature"]
+        f = arrays[name].shape[-1]
         if len(flat):
-            blocks.append(ds["latent"].data.reshape(-1, f)[flat])
+            blocks.append(arrays[name].reshape(-1, f)[flat])
     total = sum(len(v) for v in index.values())
     if total == 0:
-        raise ClusterError("no latent vectors inside particles in any scan: nothing to cluster")
+        raise ClusterError(f"no {what} inside particles in any scan: nothing to cluster")
     x = da.concatenate(blocks, axis=0).astype(np.float64).rechunk((min(50_000, total), -1))
     if active_client() is not None:
         x = x.persist()
+    source = FEATURES[settings.features][1]
     key = dask.base.tokenize(
-        {n: datasets[n].attrs["features"].get("fingerprint") for n in names},
+        {n: datasets[n].attrs[source].get("fingerprint") for n in names},
         {n: datasets[n].attrs["particles"].get("fingerprint") for n in names},
         settings.model_dump(mode="json"),
         k,
@@ -346,23 +380,24 @@ def cluster(
     fits: dict[int, KMeansFit] = {}
     if fixed is None:
         chosen, fits, sil = choose_k(xs, settings, sample=np.asarray(sample))
-        source = "elbow"
+        k_source = "elbow"
     else:
         if fixed > total:
             raise ClusterError(
-                f"K = {fixed} clusters but only {total} pixels have latent vectors inside "
+                f"K = {fixed} clusters but only {total} pixels have {what} inside "
                 "particles; lower [cluster] k (or use k = 'auto')"
             )
         chosen = fixed
         fits[chosen] = _fit(xs, chosen, settings, settings.n_init)
-        source = "argument" if k is not None else "manifest"
+        k_source = "argument" if k is not None else "manifest"
     best = fits[chosen]
     (labels,) = compute([assign(xs, best.centers)], progress)
     labels = np.asarray(labels)
     info_root = {
         "fingerprint": key,
+        "features": settings.features,
         "k": chosen,
-        "k_source": source,
+        "k_source": k_source,
         "init": settings.init,
         "n_init": settings.n_init,
         "seed": best.seed,
@@ -423,11 +458,19 @@ def cluster(
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:
         plot.cluster_figures(manifest, info_root, {n: open_results(root, n) for n in names})
-    logger.info("k-means K=%d (%s) over %d pixels of %d scans", chosen, source, total, len(names))
+    logger.info(
+        "k-means K=%d (%s) over %s of %d pixels of %d scans",
+        chosen,
+        k_source,
+        what,
+        total,
+        len(names),
+    )
     return {
         "status": Outcome.CLUSTERED,
         "k": chosen,
-        "k_source": source,
+        "k_source": k_source,
+        "features": settings.features,
         "inertia": best.inertia,
         "silhouette": sil,
         "inertia_by_k": {kk: f.inertia for kk, f in fits.items()},

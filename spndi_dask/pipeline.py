@@ -1,7 +1,8 @@
 """``spndi run``: every stage for every particle of a beamtime under one dask client.
 
 Stages, in the order of :data:`spndi_dask.stages.STAGES`: ingest → reduce → stats (particles)
-→ train → encode → cluster → analyze → report. Each is a function of ``(manifest, client,
+→ train → encode → decompose (when ``[cluster] features`` needs it, or ``[decompose] run =
+"always"``) → cluster → analyze → report. Each is a function of ``(manifest, client,
 options)`` returning the stage's summary; :func:`run` calls them in order, passes on only the
 particles that succeeded upstream (one failing particle never stops the others), skips what
 depends on a failed stage, and returns one :class:`StageResult` per stage for the summary
@@ -30,6 +31,7 @@ from distributed import performance_report as dask_performance_report
 from spndi_dask.analysis import analyze
 from spndi_dask.cluster import cluster
 from spndi_dask.config import Manifest
+from spndi_dask.decompose import decompose
 from spndi_dask.features import encode, train
 from spndi_dask.ingest import IngestError, ingest
 from spndi_dask.interrupt import (
@@ -167,6 +169,10 @@ def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) ->
     return encode(m, checkpoint=o.checkpoint, **_feature_args(o, names))
 
 
+def _decompose(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
+    return decompose(m, particles=names, force=o.force, figures=o.figures, progress=o.progress)
+
+
 def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     return cluster(m, particles=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
 
@@ -189,9 +195,36 @@ STAGE_FUNCTIONS: dict[str, Callable[[Manifest, Any, RunOptions, list[str] | None
     "stats": _stats,
     "train": _train,
     "encode": _encode,
+    "decompose": _decompose,
     "cluster": _cluster,
     "analyze": _analyze,
 }
+
+
+#: what the cluster stage reads for each ``[cluster] features`` (instead of its table's needs)
+_CLUSTER_NEEDS = {
+    "latent": ("encode", "stats"),
+    "pca": ("decompose", "stats"),
+    "nmf": ("decompose", "stats"),
+    "moments": ("stats",),
+}
+
+
+def _needs(manifest: Manifest, stage: str) -> tuple[str, ...]:
+    """The stages ``stage`` reads in this manifest (cluster's depend on its features)."""
+    if stage == "cluster":
+        return _CLUSTER_NEEDS[manifest.cluster.features]
+    return stage_info(stage).needs
+
+
+def _not_needed(manifest: Manifest, stage: str) -> str | None:
+    """Why ``spndi run`` leaves ``stage`` out (``[decompose] run``), or None to run it."""
+    if stage != "decompose":
+        return None
+    when, features = manifest.decompose.run, manifest.cluster.features
+    if when == "never" or (when == "auto" and features not in ("pca", "nmf")):
+        return f"[cluster] features = {features!r}, [decompose] run = {when!r}"
+    return None
 
 
 def _record(stage: str, summary: Any, seconds: float) -> StageResult:
@@ -259,7 +292,7 @@ def run(
                 check_interrupted()  # between stages: nothing is running
                 if on_stage:
                     on_stage(stage, i, len(chosen))
-                blocked = [s for s in stage_info(stage).needs if s in failed_stages]
+                blocked = [s for s in _needs(manifest, stage) if s in failed_stages]
                 if blocked:
                     note = f"needs {', '.join(blocked)}, which failed"
                     logger.warning("stage %s skipped: %s", stage, note)
@@ -270,6 +303,10 @@ def run(
                     note = "no particle left"
                     results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
                     failed_stages.add(stage)
+                    continue
+                why = _not_needed(manifest, stage)
+                if why:
+                    results.append(StageResult(stage, Outcome.NOT_NEEDED, errors={"all": why}))
                     continue
                 t0 = log.start(stage)
                 logger.debug("stage %s: %d particle(s)", stage, len(ok))

@@ -31,6 +31,7 @@ __all__ = [
     "analysis_figures",
     "beamtime_overview",
     "cluster_figures",
+    "decomposition_figures",
     "map_limits",
     "particle_figures",
 ]
@@ -358,4 +359,48 @@ def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
             label = f"{dim} {ds[dim].values[i]}"
             _projections(axes[i], np.asarray(ds[key][i].values), ds, label)
         paths.append(_save(fig, out / name))
+    return paths
+
+
+def decomposition_figures(
+    out_dir: str | Path, ds: xr.Dataset, datasets: dict[str, xr.Dataset], *, first: int = 3
+) -> list[Path]:
+    """PCA explained variance, the ``first`` components of each kind, their loading maps."""
+    from spndi_dask.report.context import DECOMPOSITION_FIGURES  # file names and captions
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f for f, _ in DECOMPOSITION_FIGURES]
+    ratio = np.asarray(ds["pca_explained_variance_ratio"].values)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    idx = np.arange(1, len(ratio) + 1)
+    ax.bar(idx, ratio, color="C0", label="per component")
+    ax.plot(idx, np.cumsum(ratio), "o-", color="C1", label="cumulative")
+    ax.set_xlabel("PCA component")
+    ax.set_ylabel("explained variance ratio")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    paths = [_save(fig, out / names[0])]
+    kinds = [
+        (kind, i)
+        for kind in ("pca", "nmf")
+        for i in range(min(first, ds.sizes[f"{kind}_component"]))
+    ]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(10, 2.8 * len(kinds)), squeeze=False)
+    for row, (kind, i) in zip(axes, kinds, strict=True):
+        comp = np.asarray(ds[f"{kind}_components"][i].values)
+        _projections(row, comp, ds, f"{kind.upper()} {i}")
+    paths.append(_save(fig, out / names[1]))
+    fig, axes = plt.subplots(
+        len(datasets), len(kinds), figsize=(2.6 * len(kinds), 2.6 * len(datasets)), squeeze=False
+    )
+    for row, (name, scan) in zip(axes, datasets.items(), strict=True):
+        for ax, (kind, i) in zip(row, kinds, strict=True):
+            img = np.asarray(scan[f"{kind}_loading"][:, :, i].values, dtype=float)
+            lim = np.nanmax(np.abs(img)) if np.isfinite(img).any() else 1.0
+            cmap, lo = ("RdBu_r", -lim) if kind == "pca" else ("viridis", 0.0)
+            ax.imshow(img, cmap=cmap, vmin=lo, vmax=lim, extent=_extent(scan))
+            ax.set_title(f"{name}: {kind.upper()} {i}", fontsize=9)
+            ax.set_xlabel("x (µm)", fontsize=8)
+    paths.append(_save(fig, out / names[2]))
     return paths

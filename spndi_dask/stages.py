@@ -59,6 +59,7 @@ class Outcome(str, Enum):
     DONE = "done"
     TRAINED = "trained"
     ENCODED = "encoded"
+    DECOMPOSED = "decomposed"
     CLUSTERED = "clustered"
     WRITTEN = "written"
     UP_TO_DATE = "up to date"
@@ -179,13 +180,26 @@ STAGES: tuple[Stage, ...] = (
         options=("checkpoint", "device"),
     ),
     Stage(
+        "decompose",
+        Outcome.DECOMPOSED,
+        needs=("reduce", "stats"),
+        per_particle=False,
+        help="PCA and NMF of the particle pixels' patterns -> pca_loading, nmf_loading",
+        description="Fit PCA and NMF on patterns drawn across all particles and project every "
+        "particle pixel: pca_loading and nmf_loading in results.zarr, the components in "
+        "<output>/decomposition.zarr, figures. `spndi run` runs it when [cluster] features is "
+        "'pca' or 'nmf' (or [decompose] run = 'always').",
+        options=("figures",),
+    ),
+    Stage(
         "cluster",
         Outcome.CLUSTERED,
         needs=("encode", "stats"),
         per_particle=False,
         attrs_key="cluster",
-        help="k-means over the latent vectors of all particles -> cluster, clusters.csv",
-        description="Cluster the latent vectors of every pixel inside a particle of all scans "
+        help="k-means over the features of all particles -> cluster, clusters.csv",
+        description="Cluster the [cluster] features (latent vectors by default; PCA or NMF "
+        "loadings, or the moment maps) of every pixel inside a particle of all scans "
         "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
         "maps, <output>/clusters.csv and figures.",
         options=("k", "figures"),

@@ -47,7 +47,7 @@ def test_every_stage_has_a_subcommand_with_its_options():
 
 
 def test_stage_names_aliases_and_ranges():
-    assert parse_stages("features-cluster") == ["encode", "cluster"]
+    assert parse_stages("features-cluster") == ["encode", "decompose", "cluster"]
     assert parse_stages(["analysis", "segment"]) == ["stats", "analyze"]
     assert parse_stages(None) == [s.name for s in STAGES]
     with pytest.raises(ValueError, match=r"unknown stage 'reduction'.*aliases: particles=stats"):

@@ -114,6 +114,18 @@ def _print_cluster(s: dict[str, Any], out: OutputLayout) -> None:
     print(f"table: {out.clusters_csv}\nfigures: {out.figures}")
 
 
+def _print_decompose(s: dict[str, Any], out: OutputLayout) -> None:
+    if s["status"] == Outcome.UP_TO_DATE:
+        print(f"decomposition up to date: {s['decomposition']}")
+        return
+    print(
+        f"fitted on {s['sample']} patterns in {s['fit_seconds']} s: PCA explains "
+        f"{100 * s['pca_explained']:.1f} % of the variance, NMF relative error "
+        f"{s['nmf_error']:.3g}; {sum(s['pixels'].values())} pixels projected, {s['seconds']} s"
+        f"\ncomponents: {s['decomposition']}"
+    )
+
+
 def _print_analyze(s: dict[str, Any], out: OutputLayout) -> None:
     print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
     for name, (dom, bnd) in s["regions"].items():
@@ -128,6 +140,7 @@ _PRINTERS: dict[str, Callable[[Any, OutputLayout], None]] = {
     "stats": _print_stats,
     "train": _print_train,
     "encode": _print_encode,
+    "decompose": _print_decompose,
     "cluster": _print_cluster,
     "analyze": _print_analyze,
 }

@@ -29,6 +29,7 @@ from spndi_dask.config.manifest import (
 )
 from spndi_dask.config.settings import (
     ClusterSettings,
+    DecomposeSettings,
     FeatureSettings,
     IngestSettings,
     ReduceSettings,
@@ -39,6 +40,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "AngleRange",
     "ClusterSettings",
+    "DecomposeSettings",
     "FeatureSettings",
     "GeometrySettings",
     "IngestSettings",

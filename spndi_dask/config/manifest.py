@@ -284,6 +284,7 @@ class Manifest(SettingsModel):
     reduce: settings.ReduceSettings = Field(default_factory=settings.ReduceSettings)
     segment: settings.SegmentSettings = Field(default_factory=settings.SegmentSettings)
     features: settings.FeatureSettings = Field(default_factory=settings.FeatureSettings)
+    decompose: settings.DecomposeSettings = Field(default_factory=settings.DecomposeSettings)
     cluster: settings.ClusterSettings = Field(default_factory=settings.ClusterSettings)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -384,6 +385,16 @@ class Manifest(SettingsModel):
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))
         return particles
+
+    @model_validator(mode="after")
+    def _features_computed(self) -> Manifest:
+        if self.cluster.features in ("pca", "nmf") and self.decompose.run == "never":
+            raise ValueError(
+                f"[cluster] features = {self.cluster.features!r} clusters the loadings of "
+                "`spndi decompose`, but [decompose] run = 'never'; set run = 'auto' or choose "
+                "features = 'latent' or 'moments'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _output_is_safe(self, info: ValidationInfo) -> Manifest:
@@ -614,6 +625,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "reduce": settings.ReduceSettings,
     "segment": settings.SegmentSettings,
     "features": settings.FeatureSettings,
+    "decompose": settings.DecomposeSettings,
     "cluster": settings.ClusterSettings,
     "geometry": GeometrySettings,
     "AngleRange": AngleRange,

@@ -24,6 +24,7 @@ from spndi_dask.config._base import SettingsModel
 
 __all__ = [
     "ClusterSettings",
+    "DecomposeSettings",
     "FeatureSettings",
     "IngestSettings",
     "ReduceSettings",
@@ -225,9 +226,33 @@ class FeatureSettings(SettingsModel):
         return int(self.latent_dim)
 
 
+class DecomposeSettings(SettingsModel):
+    """``[decompose]``: PCA and NMF of the particle pixels' patterns (``spndi decompose``)."""
+
+    run: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="whether `spndi run` decomposes: 'auto' (when [cluster] features is 'pca' "
+        "or 'nmf'), 'always' or 'never'",
+    )
+    pca_components: PositiveInt = Field(8, description="PCA components kept")
+    nmf_components: PositiveInt = Field(6, description="NMF components")
+    sample_size: PositiveInt = Field(
+        2048,
+        description="particle pixels drawn across all scans to fit on (seeded; every pixel is "
+        "then projected)",
+    )
+    nmf_max_iter: PositiveInt = Field(400, description="iterations of the NMF fit")
+    seed: int = Field(0, description="random seed of the sample and the fits")
+
+
 class ClusterSettings(SettingsModel):
     """``[cluster]``: k-means over the latent vectors of all particles."""
 
+    features: Literal["latent", "pca", "nmf", "moments"] = Field(
+        "latent",
+        description="what is clustered: 'latent' (autoencoder), 'pca' or 'nmf' (loadings of "
+        "`spndi decompose`), 'moments' (d_spacing, tilt_x, tilt_y, width_x/y/z of reduce)",
+    )
     k: Literal["auto"] | PositiveInt = Field("auto", description="'auto' (elbow) or a fixed K")
     k_max: int = Field(10, ge=2, description="largest K tried by the elbow rule")
     init: Literal["k-means||", "k-means++"] = Field(

@@ -86,6 +86,11 @@ class OutputLayout:
         """``analysis.zarr``: cluster rocking curves, mean patterns, domains vs boundaries."""
         return self.root / "analysis.zarr"
 
+    @property
+    def decomposition(self) -> Path:
+        """``decomposition.zarr``: PCA and NMF components of the patterns (``spndi decompose``)."""
+        return self.root / "decomposition.zarr"
+
     # -- tables, figures, report -------------------------------------------------------------
     @property
     def particles_csv(self) -> Path:
@@ -275,7 +280,7 @@ def check_output(root: str | os.PathLike[str]) -> None:
             f"the output {layout.root} is a file, not a folder: set `output` in the manifest to a "
             "folder (spndi makes it), or move the file away"
         )
-    stores = (layout.raw, layout.results, layout.analysis)
+    stores = (layout.raw, layout.results, layout.analysis, layout.decomposition)
     problems = [f"{path} {why}" for path in stores if (why := _foreign(path))]
     if problems:
         raise ForeignOutputError(

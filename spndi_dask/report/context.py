@@ -20,6 +20,7 @@ from spndi_dask.status import scan_status
 __all__ = [
     "ANALYSIS_FIGURES",
     "BEAMTIME_FIGURES",
+    "DECOMPOSITION_FIGURES",
     "PARTICLE_FIGURES",
     "ReportContext",
     "read_csv",
@@ -42,9 +43,20 @@ ANALYSIS_FIGURES = (
     ("cluster_patterns.png", "Mean 3D pattern of every cluster (three projections)"),
     ("region_patterns.png", "Mean 3D pattern of domains and of boundaries"),
 )
+#: Figures of the decompose stage (``plot.decomposition_figures``): (file name, caption).
+DECOMPOSITION_FIGURES = (
+    ("decomposition_variance.png", "PCA: explained variance ratio per component and cumulative"),
+    ("decomposition_components.png", "First PCA and NMF components (three projections each)"),
+    ("decomposition_loadings.png", "Loading maps of the first PCA and NMF components per scan"),
+)
 #: Beamtime figures shown in their own sections (not under "Other figures").
 BEAMTIME_FIGURES = frozenset(
-    {"beamtime_overview.png", "clusters_k.png", *(f for f, _ in ANALYSIS_FIGURES)}
+    {
+        "beamtime_overview.png",
+        "clusters_k.png",
+        *(f for f, _ in ANALYSIS_FIGURES),
+        *(f for f, _ in DECOMPOSITION_FIGURES),
+    }
 )
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -100,6 +112,7 @@ class ReportContext:
         self.clusters_csv = read_csv(layout.clusters_csv)
         self.regions_csv = read_csv(layout.regions_csv)
         self.analysis = read_attrs(layout.analysis)
+        self.decomposition = read_attrs(layout.decomposition)
         figures = layout.figures
         pngs = sorted(figures.glob("*.png")) if figures.is_dir() else []
         self.particle_pngs: dict[str, list[Path]] = {n: [] for n in self.names}

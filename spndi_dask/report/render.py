@@ -108,6 +108,12 @@ def render_report(
         )
     items += [
         _section("features", "Features", "features.html", lambda: sections.features(ctx)),
+        _section(
+            "decomposition",
+            "Decomposition: PCA and NMF",
+            "decomposition.html",
+            lambda: sections.decomposition(ctx),
+        ),
         _section("clustering", "Clustering", "clustering.html", lambda: sections.clustering(ctx)),
         _section(
             "analysis",

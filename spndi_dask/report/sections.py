@@ -16,13 +16,19 @@ from spndi_dask.config import Manifest
 from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.particles import MAPS, STATS
 from spndi_dask.provenance import input_fingerprints, iso_time, library_versions, manifest_source
-from spndi_dask.report.context import ANALYSIS_FIGURES, PARTICLE_FIGURES, ReportContext
+from spndi_dask.report.context import (
+    ANALYSIS_FIGURES,
+    DECOMPOSITION_FIGURES,
+    PARTICLE_FIGURES,
+    ReportContext,
+)
 from spndi_dask.report.format import Badge, Link, anchor, as_json, kv, number, table
 from spndi_dask.stages import status_stages
 
 __all__ = [
     "analysis",
     "clustering",
+    "decomposition",
     "features",
     "header",
     "other_figures",
@@ -318,6 +324,30 @@ def clustering(ctx: ReportContext) -> dict[str, Any]:
             {"name": name, "id": anchor("clusters", name), "status": status, "figure": fig}
         )
     return out
+
+
+def decomposition(ctx: ReportContext) -> dict[str, Any]:
+    """PCA and NMF of the patterns: the fits' figures of merit, variance curve, components, maps."""
+    info = ctx.decomposition
+    if not info or not info.get("fingerprint"):
+        return {"done": False}
+    facts = {
+        "patterns fitted on (sample)": info.get("sample"),
+        "sample per scan": info.get("sample_scans"),
+        "normalisation": info.get("normalisation"),
+        "PCA components": info.get("pca_components"),
+        "PCA explained variance (sum of ratios)": info.get("pca_explained"),
+        "NMF components": info.get("nmf_components"),
+        "NMF relative reconstruction error": info.get("nmf_error"),
+        "NMF iterations": info.get("nmf_iterations"),
+        "clustered features": (ctx.clusters or {}).get("features", "latent"),
+        "version": info.get("version"),
+    }
+    return {
+        "done": True,
+        "info": kv(facts),
+        "figures": [ctx.figure(f, caption) for f, caption in DECOMPOSITION_FIGURES],
+    }
 
 
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
