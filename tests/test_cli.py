@@ -99,3 +99,33 @@ def test_a_folder_stands_for_its_manifest(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"error: {empty} is a folder without a beamtime manifest" in err
         assert str(empty / "beamtime.toml") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose", "quiet"),
+    [
+        (["status", "b.toml"], 0, False),
+        (["-v", "status", "b.toml"], 1, False),
+        (["status", "b.toml", "-vv"], 2, False),
+        (["run", "b.toml", "--verbose"], 1, False),
+        (["verify", "b.toml", "-q"], 0, True),
+        (["-q", "reduce", "b.toml"], 0, True),
+    ],
+)
+def test_verbosity_flags_are_accepted_before_and_after_the_subcommand(argv, verbose, quiet):
+    from spndi_dask.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_every_subcommand_lists_the_verbosity_flags_in_its_help(capsys):
+    from spndi_dask.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in commands:
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--help"])
+        out = capsys.readouterr().out
+        assert "-v, --verbose" in out and "-q, --quiet" in out, name

@@ -46,12 +46,35 @@ def _parser() -> argparse.ArgumentParser:
         "reduce them to strain and tilt maps, and cluster lattice defects with dask.",
     )
     parser.add_argument("--version", action="version", version=f"spndi_dask {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_verbosity(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    _add_verbosity_to_subcommands(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """``-v``/``-q`` on ``parser``; ``default=argparse.SUPPRESS`` keeps the outer value."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if default == 0 else default,
+        help="only warnings and errors",
+    )
+
+
+def _add_verbosity_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v``/``-q`` after any subcommand too (``spndi run beamtime.toml -v``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                _add_verbosity(sub, default=argparse.SUPPRESS)
+                _add_verbosity_to_subcommands(sub)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

@@ -70,7 +70,10 @@ def _print_reduce(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None
             "ROI": ("roi", 0),
         },
     )
-    print(f"results: {out.results} (open with xarray.open_datatree(path, engine='zarr'))")
+    print(
+        f"results: {out.results} (open with spndi_dask.open_results(output_dir), or "
+        "xarray.open_datatree(path, engine='zarr', consolidated=False))"
+    )
 
 
 def _print_stats(summary: dict[str, dict[str, Any]], out: OutputLayout) -> None:
