@@ -17,6 +17,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -351,7 +352,8 @@ def replace_tree(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> N
 
     The previous ``dest`` is moved aside (one rename) before it is deleted, so a reader finds
     the old tree whole, briefly none, then the new one whole; if the move fails, the old tree is
-    put back. ``tmp`` and ``dest`` must be on one file system.
+    put back. ``tmp`` and ``dest`` must be on one file system. A ``.tmp/`` folder that
+    held ``tmp`` is removed once it is empty (other writers' stores keep it).
     """
     tmp, dest = Path(tmp), Path(dest)
     old = tmp.with_name(tmp.name + ".old")
@@ -366,3 +368,6 @@ def replace_tree(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> N
             old.replace(dest)  # the previous tree stays
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if tmp.parent.name == ".tmp":
+        with contextlib.suppress(OSError):  # not empty: another store is being written
+            tmp.parent.rmdir()

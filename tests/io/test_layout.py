@@ -67,8 +67,11 @@ def test_replace_tree_swaps_whole_directories(tmp_path):
     replace_tree(tmp, dest)
     assert [p.relative_to(dest).as_posix() for p in sorted(dest.rglob("*"))] == ["b", "b/new"]
     assert not tmp.exists() and not tmp.with_name(tmp.name + ".old").exists()
+    assert not (tmp_path / ".tmp").exists()  # no empty .tmp/ left behind
+    other = _tree(tmp_path / ".tmp" / "other")  # another store still being written
     replace_tree(_tree(tmp_path / ".tmp" / "first"), tmp_path / "fresh")  # nothing to replace
     assert (tmp_path / "fresh" / "x").read_text() == "x"
+    assert other.exists()  # a .tmp/ that is not empty stays
 
 
 def _tree(path: Path) -> Path:
