@@ -276,10 +276,10 @@ def open_raw(
         "angle": (
             "angle",
             np.asarray(attrs.get("angles_deg", np.arange(n_angle)), float),
-            {"units": "deg"},
+            {"units": "deg", "long_name": "rocking angle"},
         ),
-        "y": ("y", np.arange(ny) * step[0], {"units": "µm"}),
-        "x": ("x", np.arange(nx) * step[1], {"units": "µm"}),
+        "y": ("y", np.arange(ny) * step[0], {"units": "µm", "long_name": "scan position y"}),
+        "x": ("x", np.arange(nx) * step[1], {"units": "µm", "long_name": "scan position x"}),
         "det_row": np.arange(frames.shape[3]),
         "det_col": np.arange(frames.shape[4]),
     }

@@ -58,9 +58,10 @@ __all__ = [
 
 #: Scan rows of the patterns per dask task when results are opened (stored one row per chunk).
 PATTERN_ROWS = 16
-#: The maps ``reduce`` writes to every particle's node, with their units (``attrs['units']``).
+#: The maps ``reduce`` writes to every particle's node, with their units (``attrs['units']``,
+#: CF style: a unit string only, ``"1"`` for dimensionless; the meaning is in ``long_name``).
 MAP_VARIABLES = {
-    "intensity": "counts (monitor-normalised, background-subtracted, ROI-integrated)",
+    "intensity": "counts",
     "d_spacing": "Å",
     "strain": "1",
     "tilt_x": "rad",
@@ -69,12 +70,30 @@ MAP_VARIABLES = {
     "width_y": "1/Å",
     "width_z": "1/Å",
     "peak_angle": "deg",
-    "det_row_com": "detector pixel",
-    "det_col_com": "detector pixel",
+    "det_row_com": "pixel",
+    "det_col_com": "pixel",
     "d_spacing_sigma": "Å",
     "strain_sigma": "1",
     "tilt_x_sigma": "rad",
     "tilt_y_sigma": "rad",
+}
+#: The maps' ``attrs['long_name']``.
+MAP_LONG_NAMES = {
+    "intensity": "ROI-integrated counts, monitor-normalised, background-subtracted",
+    "d_spacing": "lattice spacing 2π/|q| of the peak's centre",
+    "strain": "lattice strain |h|/|q| − 1 against the reference vector h",
+    "tilt_x": "lattice tilt about the crystal frame's y axis (rocking direction x)",
+    "tilt_y": "lattice tilt about the crystal frame's x axis",
+    "width_x": "peak standard deviation along the crystal x axis",
+    "width_y": "peak standard deviation along the crystal y axis",
+    "width_z": "peak standard deviation along the crystal z axis (along h)",
+    "peak_angle": "rocking angle of the rocking-curve maximum (parabola-refined)",
+    "det_row_com": "detector row of the peak's centre of mass",
+    "det_col_com": "detector column of the peak's centre of mass",
+    **{
+        f"{name}_sigma": f"standard error of {name} (Poisson counting statistics)"
+        for name in ("d_spacing", "strain", "tilt_x", "tilt_y")
+    },
 }
 
 

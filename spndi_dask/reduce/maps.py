@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from spndi_dask.geometry import crystal_frame, strain_tilt
-from spndi_dask.io.results_store import MAP_VARIABLES
+from spndi_dask.io.results_store import MAP_LONG_NAMES, MAP_VARIABLES
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
@@ -263,15 +263,9 @@ def reduce_particle(
                 values.astype(np.uint8),
                 {"flags": QUALITY, "long_name": "quality bit flags (0 = good)"},
             )
-        elif var.endswith("_sigma"):
-            of = var.removesuffix("_sigma")
-            attrs = {
-                "units": MAP_VARIABLES[var],
-                "long_name": f"standard error of {of} (Poisson counting statistics)",
-            }
-            data[var] = (("y", "x"), values, attrs)
         else:
-            data[var] = (("y", "x"), values, {"units": MAP_VARIABLES[var]})
+            attrs = {"units": MAP_VARIABLES[var], "long_name": MAP_LONG_NAMES[var]}
+            data[var] = (("y", "x"), values, attrs)
     q_com = da.stack([finished[..., na + _FINISHED.index(c)] for c in ("q_x", "q_y", "q_z")], -1)
     data["q_com"] = (
         ("y", "x", "component"),
@@ -292,7 +286,7 @@ def reduce_particle(
         ("angle", "axis"),
         plan.drift,
         {
-            "units": "scan pixels",
+            "units": "pixel",
             "method": plan.drift_method,
             "long_name": "displacement of the sample content at each angle vs the reference angle",
         },
@@ -320,7 +314,7 @@ def reduce_particle(
             dims,
             patterns,
             {
-                "units": MAP_VARIABLES["intensity"] + " per voxel",
+                "units": "counts",
                 "long_name": "drift-corrected 3D diffraction pattern on the common crystal-frame "
                 "q grid (offsets from the beamtime reference vector), clipped at 0",
             },
@@ -331,7 +325,9 @@ def reduce_particle(
             {"long_name": "grid point inside the measured angle and ROI range"},
         )
         for name, off in zip(dims[2:], grid.offsets, strict=True):
-            coords[name] = (name, off, {"units": "1/Å"})
+            axis = name[-1]
+            long_name = f"q offset along the crystal {axis} axis from the beamtime reference"
+            coords[name] = (name, off, {"units": "1/Å", "long_name": long_name})
     attrs = {
         "roi": list(plan.roi),
         "roi_at_detector_edge": plan.roi_at_edge,
@@ -367,7 +363,7 @@ def _fitted_variables(data: dict[str, Any], fitted: da.Array) -> None:
         q_fit,
         {"units": "1/Å", "frame": "sample", "long_name": "centre of the fitted 3D Gaussian"},
     )
-    units = MAP_VARIABLES["intensity"] + " per voxel"
+    units = "counts"  # per voxel of the q grid
     for name, long_name, unit in (
         ("amplitude", "height of the fitted 3D Gaussian", units),
         ("background", "constant under the fitted 3D Gaussian", units),

@@ -442,6 +442,13 @@ def test_results_open_as_a_datatree_with_units_and_provenance(tiny):
     assert ds["drift"].dims == ("angle", "axis")
     assert ds["d_spacing"].attrs["units"] == "Å" and ds["tilt_x"].attrs["units"] == "rad"
     assert ds["y"].attrs["units"] == "µm" and ds["angle"].attrs["units"] == "deg"
+    # CF style: every variable says what it is in long_name; units is a unit string only
+    unit_strings = {"counts", "Å", "1", "rad", "1/Å", "deg", "pixel", "µm"}
+    for name, var in {**ds.data_vars, **ds.coords}.items():
+        if name not in ("component", "axis"):
+            assert var.attrs.get("long_name"), name
+        assert var.attrs.get("units", "1") in unit_strings, (name, var.attrs["units"])
+        assert "_FillValue" not in var.attrs, name
     meta = ds.attrs["spndi_dask"]
     assert meta["complete"] and meta["kind"] == "reduce"
     assert ds.attrs["manifest_hash"] == m.manifest_hash and ds.attrs["raw_sources"]
