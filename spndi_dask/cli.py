@@ -329,6 +329,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, action="append", help="mean pattern of this label")
     p.add_argument("--threshold", type=float, default=0.05, help="fraction of the max (0.05)")
     p.add_argument("-o", "--out", help="directory (default <output>/ply)")
+
+    from spndi_dask.explorer.cli import add_view_parser
+
+    add_view_parser(sub)
     return parser
 
 
@@ -797,6 +801,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from spndi_dask.explorer.cli import cmd_view
+
+    return cmd_view(args)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the input's or the environment's, printed without a traceback.
 
@@ -848,8 +858,9 @@ def main(argv: list[str] | None = None) -> int:
         "export-ply": _cmd_export_ply,
         "status": _cmd_status,
         "verify": _cmd_verify,
+        "view": _cmd_view,
     }
-    if args.command not in ("init", "status", "report", "export-ply"):
+    if args.command not in ("init", "status", "report", "export-ply", "view"):
         # dask_jobqueue sets its own SIGINT handler (sys.exit) when imported: import it first
         import spndi_dask.dask_clusters  # noqa: F401
 

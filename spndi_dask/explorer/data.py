@@ -108,7 +108,8 @@ def projections(pattern: np.ndarray) -> dict[str, np.ndarray]:
 def selection_stats(maps: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, Any]:
     """Count, and NaN-skipping mean and std of each map over the pixels where ``mask`` is true.
 
-    >>> s = selection_stats({"strain": np.array([[1.0, 3.0], [np.nan, 5.0]])}, np.ones((2, 2), bool))
+    >>> maps = {"strain": np.array([[1.0, 3.0], [np.nan, 5.0]])}
+    >>> s = selection_stats(maps, np.ones((2, 2), bool))
     >>> s["count"], s["strain"]
     (4, (3.0, 1.632993161855452, 3))
     """
@@ -356,7 +357,11 @@ class ExplorerData:
     def cluster_pattern(self, cluster: int) -> np.ndarray | None:
         """The mean 3D pattern of one cluster (pooled over scans) from ``analysis.zarr``."""
         a = self.analysis
-        if a is None or "cluster_pattern" not in a or not 0 <= cluster < a["cluster_pattern"].shape[0]:
+        if (
+            a is None
+            or "cluster_pattern" not in a
+            or not 0 <= cluster < a["cluster_pattern"].shape[0]
+        ):
             return None
         self.reads[("analysis", "cluster_pattern")] += 1
         return np.asarray(read(a["cluster_pattern"], (cluster,)))
@@ -389,7 +394,8 @@ class ExplorerData:
         have = {
             "stats": all("particles" in s.stages for s in self.scans.values()),
             "encode": all("features" in s.stages for s in self.scans.values()),
-            "cluster": self.k is not None and all("cluster" in s.stages for s in self.scans.values()),
+            "cluster": self.k is not None
+            and all("cluster" in s.stages for s in self.scans.values()),
             "analyze": self.analysis is not None,
         }
         return {
