@@ -199,6 +199,16 @@ _JS_FRAME = """(name) => {
 }"""
 
 
+_JS_TOOL = """([name, type]) => {
+  const figure = Bokeh.documents[0].get_model_by_name(name);
+  const toolbar = Bokeh.index.find_one(figure.toolbar);
+  const button = toolbar.tool_button_views.find((v) => v.model.tool.type === type);
+  if (button == null) throw new Error(`no ${type} in the toolbar of ${name}`);
+  const box = button.el.getBoundingClientRect();
+  return [box.left + box.width / 2, box.top + box.height / 2];
+}"""
+
+
 def wait_ready(page: Any, names: list[str], timeout_ms: int = UPDATE_TIMEOUT_MS) -> None:
     """Wait until the document holds every named model and every named plot has its view."""
     page.wait_for_function(_JS_READY, arg=names, timeout=timeout_ms)
@@ -236,6 +246,11 @@ def to_page(page: Any, figure: str, x: float, y: float) -> tuple[float, float]:
 def click_data(page: Any, figure: str, x: float, y: float) -> None:
     """A real mouse click at data coordinates ``(x, y)`` of the named figure."""
     page.mouse.click(*to_page(page, figure, x, y))
+
+
+def click_tool(page: Any, figure: str, tool_type: str) -> None:
+    """Click the toolbar button of the figure's tool of type ``tool_type`` (``"BoxSelectTool"``)."""
+    page.mouse.click(*page.evaluate(_JS_TOOL, [figure, tool_type]))
 
 
 def drag_data(page: Any, figure: str, start: tuple[float, float], end: tuple[float, float]) -> None:
