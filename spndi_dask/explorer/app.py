@@ -134,8 +134,7 @@ class ExplorerApp:
             )
             self.cluster_legend.on_change("active", self._guard(self._on_clusters))
             controls.append(column(Div(text="<b>clusters shown</b>"), self.cluster_legend))
-        for scan in scans:
-            self.figures[scan] = self._map_figure(scan, visible=scan in self.scan_select.value)
+        self.maps_row = row(*[self._figure(scan) for scan in self.scan_select.value])
         self._show_map()
         self.pixel_source = ColumnDataSource(
             name="pixel_source",
@@ -155,7 +154,7 @@ class ExplorerApp:
             Div(text=f"<h2>{html.escape(self.data.output.name)}: spndi explorer</h2>"),
             self.status_info,
             row(*controls),
-            row(*self.figures.values()),
+            self.maps_row,
             row(column(*side), column(*rows)),
             *([table] if table is not None else []),
         )
@@ -163,7 +162,13 @@ class ExplorerApp:
         self.doc.add_root(self.pixel_source)  # drawn by no glyph: a root, so the browser has it
         self.doc.title = f"spndi explorer: {self.data.output.name}"
 
-    def _map_figure(self, scan: str, *, visible: bool) -> Any:
+    def _figure(self, scan: str) -> Any:
+        """The map figure of a scan, made when the scan is first shown."""
+        if scan not in self.figures:
+            self.figures[scan] = self._map_figure(scan)
+        return self.figures[scan]
+
+    def _map_figure(self, scan: str) -> Any:
         s = self.data.scans[scan]
         dy, dx = s.step
         x0, y0 = float(s.x[0] - dx / 2), float(s.y[0] - dy / 2)
@@ -180,7 +185,6 @@ class ExplorerApp:
             y_axis_label="y (µm)",
             tools="pan,wheel_zoom,reset,save",
             match_aspect=True,
-            visible=visible,
         )
         src = ColumnDataSource(name=f"map_source:{scan}", data=_image_data(None, x0, y0, w, h))
         fig.image(
@@ -439,8 +443,7 @@ class ExplorerApp:
         self._show_map()
 
     def _on_scans(self, attr: str, old: Any, new: list[str]) -> None:
-        for scan, fig in self.figures.items():
-            fig.visible = scan in new
+        self.maps_row.children = [self._figure(scan) for scan in new]
         self._show_map()
 
     def _on_clusters(self, attr: str, old: Any, new: list[int]) -> None:
@@ -468,7 +471,7 @@ class ExplorerApp:
         if iy.size:  # zoom to the particle, a pixel of margin
             s = self.data.scans[scan]
             dy, dx = s.step
-            fig = self.figures[scan]
+            fig = self._figure(scan)
             fig.x_range.update(
                 start=float(s.x[ix.min()] - 1.5 * dx), end=float(s.x[ix.max()] + 1.5 * dx)
             )
