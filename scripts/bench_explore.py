@@ -76,6 +76,7 @@ def main() -> None:
 
     from spndi_dask.explorer import ExplorerData, build_document
     from spndi_dask.io.layout import OutputLayout
+    from spndi_dask.simulate import PRESETS, preset
 
     def open_doc():
         data = ExplorerData(out)
@@ -86,12 +87,13 @@ def main() -> None:
     warm = statistics.median(_timed(open_doc) for _ in range(5))
     doc, app = open_doc()
     scans = app.data.scans
+    raw_gb = preset(args.preset).raw_bytes / 1e9 if args.preset in PRESETS else float("nan")
     first = next(iter(scans.values()))
     pattern = zarr.open_array(str(OutputLayout(out).node(first.name) / "pattern"), mode="r")
     print(
         f"{args.preset}: {len(scans)} scans of {first.shape[0]}×{first.shape[1]} points, "
         f"{first.angle.size} angles, patterns {pattern.shape[2:]} stored in chunks of "
-        f"{pattern.chunks[:2]} scan points; raw {_du(out / 'raw') / 1e9:.2f} GB, "
+        f"{pattern.chunks[:2]} scan points; raw frames {raw_gb:.1f} GB uncompressed, "
         f"results.zarr {_du(OutputLayout(out).results) / 1e9:.2f} GB"
     )
 
@@ -128,6 +130,10 @@ def main() -> None:
     box[y0 : y0 + 10, x0 : x0 + 10] = True
     boxes = [_timed(select, first, box) for _ in range(5)]
     whole = [_timed(select, first, np.ones(first.shape, dtype=bool)) for _ in range(2)]
+    box_read = statistics.median(
+        _timed(lambda: pattern[y0 : y0 + 10, x0 : x0 + 10]) for _ in range(5)
+    )
+    whole_read = min(_timed(lambda: pattern[...]) for _ in range(2))
 
     med_plain = statistics.median(plain)
     rows = [
@@ -138,7 +144,9 @@ def main() -> None:
         ("zarr read of one pixel's pattern (median)", med_plain),
         ("zarr read of one pixel's rocking curve (median)", statistics.median(curves)),
         ("selection: 10×10 box (median of 5)", statistics.median(boxes)),
+        ("zarr read of the box's patterns (median of 5)", box_read),
         (f"selection: whole scan, {first.shape[0] * first.shape[1]} pixels", min(whole)),
+        ("zarr read of the whole scan's patterns", whole_read),
     ]
     print(f"\n{'':<52}{'seconds':>10}{'÷ zarr pattern read':>22}")
     for label, sec in rows:
