@@ -247,6 +247,11 @@ class ExplorerData:
     def __repr__(self) -> str:
         return f"ExplorerData({str(self.output)!r}, scans={list(self.scans)})"
 
+    @property
+    def name(self) -> str:
+        """The beamtime's name (recorded on ``results.zarr``), else the output folder's."""
+        return str(self._root_attrs.get("name") or self.output.name)
+
     @staticmethod
     def _scan(group: zarr.Group) -> Scan:
         attrs = dict(group.attrs)
