@@ -102,6 +102,7 @@ class ExplorerApp:
         self.marker_sources: dict[str, ColumnDataSource] = {}
         self.figures: dict[str, Any] = {}
         self.pattern_sources: dict[str, ColumnDataSource] = {}
+        self.pattern_figures: dict[str, Any] = {}
         self.cluster_pattern_sources: dict[str, ColumnDataSource] = {}
         self.cluster_legend: CheckboxGroup | None = None
         self.selection_stats: dict[str, Any] | None = None
@@ -134,8 +135,7 @@ class ExplorerApp:
             )
             self.cluster_legend.on_change("active", self._guard(self._on_clusters))
             controls.append(column(Div(text="<b>clusters shown</b>"), self.cluster_legend))
-        for scan in scans:
-            self.figures[scan] = self._map_figure(scan, visible=scan in self.scan_select.value)
+        self.maps_row = row(*[self._figure(scan) for scan in self.scan_select.value])
         self._show_map()
         self.pixel_source = ColumnDataSource(
             name="pixel_source",
@@ -152,18 +152,24 @@ class ExplorerApp:
             rows.append(row(*self._pattern_figures("cluster_pattern_source", "its cluster's mean")))
         table = self._particles_table()
         layout = column(
-            Div(text=f"<h2>{html.escape(self.data.output.name)}: spndi explorer</h2>"),
+            Div(text=f"<h2>{html.escape(self.data.name)}: spndi explorer</h2>"),
             self.status_info,
             row(*controls),
-            row(*self.figures.values()),
+            self.maps_row,
             row(column(*side), column(*rows)),
             *([table] if table is not None else []),
         )
         self.doc.add_root(layout)
         self.doc.add_root(self.pixel_source)  # drawn by no glyph: a root, so the browser has it
-        self.doc.title = f"spndi explorer: {self.data.output.name}"
+        self.doc.title = f"spndi explorer: {self.data.name}"
 
-    def _map_figure(self, scan: str, *, visible: bool) -> Any:
+    def _figure(self, scan: str) -> Any:
+        """The map figure of a scan, made when the scan is first shown."""
+        if scan not in self.figures:
+            self.figures[scan] = self._map_figure(scan)
+        return self.figures[scan]
+
+    def _map_figure(self, scan: str) -> Any:
         s = self.data.scans[scan]
         dy, dx = s.step
         x0, y0 = float(s.x[0] - dx / 2), float(s.y[0] - dy / 2)
@@ -180,7 +186,6 @@ class ExplorerApp:
             y_axis_label="y (µm)",
             tools="pan,wheel_zoom,reset,save",
             match_aspect=True,
-            visible=visible,
         )
         src = ColumnDataSource(name=f"map_source:{scan}", data=_image_data(None, x0, y0, w, h))
         fig.image(
@@ -261,6 +266,7 @@ class ExplorerApp:
                 legend_label="cluster mean",
             )
         fig.legend.location = "top_left"
+        self.rocking_figure = fig
         return fig
 
     def _pattern_figures(self, prefix: str, what: str) -> list[Any]:
@@ -304,6 +310,8 @@ class ExplorerApp:
             )
             fig.xaxis.ticker.desired_num_ticks = 3
             figs.append(fig)
+            if prefix == "pattern_source":
+                self.pattern_figures[name] = fig
         self._q_axes = axes
         return figs
 
@@ -342,6 +350,7 @@ class ExplorerApp:
             width=1100,
             height=min(300, 30 + 26 * len(rows)),
             selectable=True,
+            reorderable=False,
         )
 
     # -- what is shown ----------------------------------------------------------------------------
@@ -439,8 +448,7 @@ class ExplorerApp:
         self._show_map()
 
     def _on_scans(self, attr: str, old: Any, new: list[str]) -> None:
-        for scan, fig in self.figures.items():
-            fig.visible = scan in new
+        self.maps_row.children = [self._figure(scan) for scan in new]
         self._show_map()
 
     def _on_clusters(self, attr: str, old: Any, new: list[int]) -> None:
@@ -468,7 +476,7 @@ class ExplorerApp:
         if iy.size:  # zoom to the particle, a pixel of margin
             s = self.data.scans[scan]
             dy, dx = s.step
-            fig = self.figures[scan]
+            fig = self._figure(scan)
             fig.x_range.update(
                 start=float(s.x[ix.min()] - 1.5 * dx), end=float(s.x[ix.max()] + 1.5 * dx)
             )
@@ -491,6 +499,7 @@ class ExplorerApp:
         for name, m in self.marker_sources.items():
             m.data = {"x": [x_um], "y": [y_um]} if name == scan else {"x": [], "y": []}
         self.rocking_source.data = {"angle": s.angle, "intensity": d.rocking_curve(scan, iy, ix)}
+        self._titles(f"{scan} pixel ({iy}, {ix})", "pattern of the pixel")
         self._show_patterns(self.pattern_sources, d.pattern(scan, iy, ix))
         values = d.pixel_values(scan, iy, ix)
         cluster = int(values["cluster"]) if np.isfinite(values.get("cluster", np.nan)) else None
@@ -527,6 +536,7 @@ class ExplorerApp:
             return
         sel = self.data.selection(scan, mask)
         self.rocking_source.data = {"angle": s.angle, "intensity": sel["rocking_curve"]}
+        self._titles(f"mean of {idx.size} pixels of {scan}", "mean of the selection")
         self._show_patterns(self.pattern_sources, sel["pattern"])
         stats = sel["stats"]
         rows = "".join(
@@ -538,6 +548,12 @@ class ExplorerApp:
             f"views show their mean)<table>{rows}</table>"
         )
         self.selection_stats = stats
+
+    def _titles(self, curve: str, pattern: str) -> None:
+        self.rocking_figure.title.text = f"rocking curve (drift-corrected): {curve}"
+        for name, fig in self.pattern_figures.items():
+            h, v, _ = PROJECTIONS[name]
+            fig.title.text = f"{pattern}: {_AXIS[h]}–{_AXIS[v]}"
 
     def _show_patterns(
         self, sources: dict[str, ColumnDataSource], pattern: np.ndarray | None

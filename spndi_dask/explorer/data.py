@@ -71,6 +71,8 @@ PROJECTIONS: dict[str, tuple[int, int, int]] = {
     "qx_qz": (0, 2, 1),
     "qy_qz": (1, 2, 0),
 }
+#: Patterns read at once for a selection's mean (bytes).
+SELECTION_BYTES = 64 * 2**20
 #: The maps summarised for a pixel and a selection.
 STAT_VARIABLES = ("strain", "tilt_x", "tilt_y", "d_spacing")
 
@@ -245,6 +247,11 @@ class ExplorerData:
     def __repr__(self) -> str:
         return f"ExplorerData({str(self.output)!r}, scans={list(self.scans)})"
 
+    @property
+    def name(self) -> str:
+        """The beamtime's name (recorded on ``results.zarr``), else the output folder's."""
+        return str(self._root_attrs.get("name") or self.output.name)
+
     @staticmethod
     def _scan(group: zarr.Group) -> Scan:
         attrs = dict(group.attrs)
@@ -314,8 +321,8 @@ class ExplorerData:
     def selection(self, scan: str, mask: np.ndarray) -> dict[str, Any]:
         """Mean rocking curve, mean pattern and map statistics over the pixels of ``mask``.
 
-        The patterns are read one stored scan row at a time (rows without a selected pixel are
-        not read), so memory stays at one row's patterns.
+        The patterns are read in blocks of whole stored rows of at most
+        :data:`SELECTION_BYTES`, only the columns and blocks holding a selected pixel.
 
         Returns
         -------
@@ -332,9 +339,25 @@ class ExplorerData:
         out["rocking_curve"] = rc[:, mask].mean(axis=1)
         total = count = None
         if "pattern" in self.scans[scan].variables:
-            for iy in np.flatnonzero(mask.any(axis=1)):
-                row = self._read(scan, "pattern", (int(iy),))[mask[iy]].astype(np.float64)
-                s, c = np.nansum(row, axis=0), np.isfinite(row).sum(axis=0)
+            arr = self._array(scan, "pattern")
+            cols = np.flatnonzero(mask.any(axis=0))
+            x0, x1 = int(cols[0]), int(cols[-1]) + 1
+            # blocks of whole stored rows, at most SELECTION_BYTES of patterns at once
+            row_bytes = (x1 - x0) * int(np.prod(arr.shape[2:])) * arr.dtype.itemsize
+            step = max(1, SELECTION_BYTES // max(row_bytes, 1))
+            step = max(arr.chunks[0], step - step % arr.chunks[0])
+            rows = np.flatnonzero(mask.any(axis=1))
+            first, stop = int(rows[0]) - int(rows[0]) % arr.chunks[0], int(rows[-1]) + 1
+            for start in range(first, stop, step):
+                sub = mask[start : min(start + step, stop), x0:x1]
+                if not sub.any():
+                    continue
+                block = self._read(
+                    scan, "pattern", (slice(start, start + sub.shape[0]), slice(x0, x1))
+                )
+                picked = block[sub]  # a copy: NaN (uncovered voxels) set to 0 in place
+                c = np.isfinite(picked).sum(axis=0)
+                s = np.nan_to_num(picked, copy=False).sum(axis=0, dtype=np.float64)
                 total = s if total is None else total + s
                 count = c if count is None else count + c
         out["pattern"] = None if total is None else total / np.where(count > 0, count, np.nan)
