@@ -82,6 +82,35 @@ class PageWatch:
             self.errors.append(f"HTTP {response.status}: {response.url}")
 
 
+def processed_beamtime(
+    root: Path, cfg: Any, *, k: int = 2, copy_after_reduce: Path | None = None
+) -> Any:
+    """Simulate ``cfg`` (a :class:`~spndi_dask.simulate.SimulationConfig`) in ``root`` and run
+    every stage in-process (clustering with ``k``); the manifest.
+
+    ``copy_after_reduce``: a folder to copy the beamtime to after reduce (a partial output).
+    """
+    from spndi_dask.analysis import analyze
+    from spndi_dask.cluster import cluster
+    from spndi_dask.features import encode, train
+    from spndi_dask.ingest import ingest
+    from spndi_dask.particles import stats
+    from spndi_dask.reduce import reduce
+    from spndi_dask.simulate import simulate_beamtime
+
+    m = simulate_beamtime(root, cfg, scheduler="sync")
+    ingest(m)
+    reduce(m)
+    if copy_after_reduce is not None:
+        shutil.copytree(root, copy_after_reduce)
+    stats(m, figures=False)
+    train(m)
+    encode(m)
+    cluster(m, k=k, figures=False)
+    analyze(m, figures=False)
+    return m
+
+
 # -- the explorer as a subprocess ------------------------------------------------------------------
 class Explorer:
     """``spndi view TARGET --port 0 --no-browser`` in a subprocess; ``url`` from its one line."""
@@ -224,6 +253,26 @@ def model_data(page: Any, name: str) -> dict[str, list] | None:
     return page.evaluate(_JS_DATA, name)
 
 
+def source_image(page: Any, name: str) -> Any:
+    """The first entry of a named source's ``image`` column as a 2-D float64 NumPy array."""
+    import numpy as np
+
+    entry = model_data(page, name)["image"][0]
+    if isinstance(entry, dict):
+        return np.asarray(entry["flat"], dtype=np.float64).reshape(entry["shape"])
+    return np.asarray(entry, dtype=np.float64)
+
+
+def pixel_centre(page: Any, scan: str, iy: float, ix: float) -> tuple[float, float]:
+    """Data coordinates ``(x, y)`` (µm) of the centre of pixel ``(iy, ix)`` of the scan's map,
+    from the image as drawn (``map_source:<scan>``: anchor ``x``, ``y``, size ``dw``, ``dh``)."""
+    src = model_data(page, f"map_source:{scan}")
+    ny, nx = source_image(page, f"map_source:{scan}").shape
+    x = src["x"][0] + (ix + 0.5) * src["dw"][0] / nx
+    y = src["y"][0] + (iy + 0.5) * src["dh"][0] / ny
+    return x, y
+
+
 def model_property(page: Any, name: str, prop: str) -> Any:
     """One property of a named model (e.g. a Div's ``text``, a Select's ``value``)."""
     return page.evaluate(
@@ -251,6 +300,14 @@ def click_data(page: Any, figure: str, x: float, y: float) -> None:
 def click_tool(page: Any, figure: str, tool_type: str) -> None:
     """Click the toolbar button of the figure's tool of type ``tool_type`` (``"BoxSelectTool"``)."""
     page.mouse.click(*page.evaluate(_JS_TOOL, [figure, tool_type]))
+
+
+def choose(page: Any, select: str, value: str) -> None:
+    """Choose ``value`` in the named Select's ``<select>`` element, as a user does."""
+    handle = page.evaluate_handle(
+        "(n) => Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name(n)).input_el", select
+    )
+    handle.as_element().select_option(value)
 
 
 def drag_data(page: Any, figure: str, start: tuple[float, float], end: tuple[float, float]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 from contextlib import contextmanager
 
 import numpy as np
@@ -35,26 +34,12 @@ RTOL = 1e-6
 def outputs(tmp_path_factory):
     """``(full_manifest, partial_manifest)``: the tiny beamtime processed to the end, and a copy
     of it taken after reduce."""
-    from spndi_dask.analysis import analyze
-    from spndi_dask.cluster import cluster
     from spndi_dask.config import load_manifest
-    from spndi_dask.features import encode, train
-    from spndi_dask.ingest import ingest
-    from spndi_dask.particles import stats
-    from spndi_dask.reduce import reduce
-    from spndi_dask.simulate import preset, simulate_beamtime
+    from spndi_dask.simulate import preset
 
-    full = tmp_path_factory.mktemp("explore-full")
-    m = simulate_beamtime(full, preset("tiny", train_epochs=1), scheduler="sync")
-    ingest(m)
-    reduce(m)
     partial = tmp_path_factory.mktemp("explore-partial") / "beamtime"
-    shutil.copytree(full, partial)
-    stats(m, figures=False)
-    train(m)
-    encode(m)
-    cluster(m, k=2, figures=False)
-    analyze(m, figures=False)
+    full = tmp_path_factory.mktemp("explore-full")
+    m = bw.processed_beamtime(full, preset("tiny", train_epochs=1), copy_after_reduce=partial)
     return m, load_manifest(partial / "beamtime.toml")
 
 
@@ -111,23 +96,6 @@ def _no_errors(pg):
     assert pg.watch.errors == [], "\n".join(pg.watch.errors)
 
 
-def _image(pg, name):
-    """The first image of a named source as a 2-D array."""
-    entry = bw.model_data(pg, name)["image"][0]
-    if isinstance(entry, dict):
-        return np.asarray(entry["flat"], dtype=np.float64).reshape(entry["shape"])
-    return np.asarray(entry, dtype=np.float64)
-
-
-def _pixel_centre(pg, scan, iy, ix):
-    """Data coordinates (µm) of the centre of pixel (iy, ix) of the scan's drawn map image."""
-    src = bw.model_data(pg, f"map_source:{scan}")
-    ny, nx = _image(pg, f"map_source:{scan}").shape
-    x = src["x"][0] + (ix + 0.5) * src["dw"][0] / nx
-    y = src["y"][0] + (iy + 0.5) * src["dh"][0] / ny
-    return x, y
-
-
 def _pixel_inside(ds, rank=0):
     """A pixel inside the particle, away from the edge: the ``rank``-th brightest."""
     intensity = ds["intensity"].values.copy()
@@ -147,7 +115,8 @@ def test_page_loads_without_errors_and_draws_every_scans_map(page, outputs):
     for scan in scans:
         # the map sent is the store's map of the selected variable
         expected = open_results(m.output_dir, scan)[variable].values
-        np.testing.assert_allclose(_image(page, f"map_source:{scan}"), expected, rtol=RTOL)
+        got = bw.source_image(page, f"map_source:{scan}")
+        np.testing.assert_allclose(got, expected, rtol=RTOL)
         # and it is drawn: the plot frame on the screen holds many colours
         f = bw.frame(page, f"map_figure:{scan}")
         assert f["width"] > 100 and f["height"] > 100, f
@@ -169,7 +138,7 @@ def test_a_click_on_a_pixel_sends_exactly_that_pixels_data(page, outputs):
         ds = open_results(m.output_dir, scan)
         iy, ix = _pixel_inside(ds, rank)
         before = bw.model_data(page, "pixel_source")
-        bw.click_data(page, f"map_figure:{scan}", *_pixel_centre(page, scan, iy, ix))
+        bw.click_data(page, f"map_figure:{scan}", *bw.pixel_centre(page, scan, iy, ix))
         page.wait_for_function(
             "(b) => JSON.stringify(Bokeh.documents[0].get_model_by_name('pixel_source').data"
             ".ix) !== b",
@@ -196,7 +165,7 @@ def test_a_click_on_a_pixel_sends_exactly_that_pixels_data(page, outputs):
         }
         for name, image in expected.items():
             np.testing.assert_allclose(
-                _image(page, f"pattern_source:{name}"), image, rtol=RTOL, err_msg=name
+                bw.source_image(page, f"pattern_source:{name}"), image, rtol=RTOL, err_msg=name
             )
         info = bw.model_property(page, "pixel_info", "text")
         assert scan in info, info
@@ -219,8 +188,8 @@ def test_a_box_selection_counts_its_pixels(page, outputs):
     iy0, iy1, ix0, ix1 = 2, ny - 4, 3, nx - 3  # rows 2..ny-4, columns 3..nx-3
     # corners a quarter pixel outside the corner pixels' centres: by centre or by overlap,
     # exactly those pixels are in the box
-    x0, y0 = _pixel_centre(page, scan, iy0 - 0.25, ix0 - 0.25)
-    x1, y1 = _pixel_centre(page, scan, iy1 + 0.25, ix1 + 0.25)
+    x0, y0 = bw.pixel_centre(page, scan, iy0 - 0.25, ix0 - 0.25)
+    x1, y1 = bw.pixel_centre(page, scan, iy1 + 0.25, ix1 + 0.25)
     before = bw.model_property(page, "selection_info", "text")
     bw.drag_data(page, figure, (x0, y1), (x1, y0))
     after = bw.wait_for_change(
@@ -241,7 +210,7 @@ def test_choosing_a_variable_redraws_every_map_with_its_values(page, outputs):
     variable = next(v for v in ("tilt_x", "d_spacing", "strain") if v in values and v != current)
     old = bw.data_expression("map_source:p1", "image")
     before = page.evaluate(f"() => {old}")
-    page.locator("select").first.select_option(variable)  # the real <select> in the page
+    bw.choose(page, "map_select", variable)
     bw.wait_for_change(page, old, before)
     assert bw.model_property(page, "map_select", "value") == variable
     for p in m.particles:
@@ -250,7 +219,8 @@ def test_choosing_a_variable_redraws_every_map_with_its_values(page, outputs):
             "(n) => Bokeh.documents[0].get_model_by_name(n).data.image.length > 0",
             arg=f"map_source:{p.name}",
         )
-        np.testing.assert_allclose(_image(page, f"map_source:{p.name}"), expected, rtol=RTOL)
+        got = bw.source_image(page, f"map_source:{p.name}")
+        np.testing.assert_allclose(got, expected, rtol=RTOL)
     _no_errors(page)
 
 
@@ -275,7 +245,7 @@ def test_a_partial_output_names_the_missing_stages_and_a_damaged_chunk(
             chunk = partial.layout.node("p1") / "pattern" / "c" / str(iy) / "0" / "0" / "0" / "0"
             assert chunk.is_file(), f"the pattern's chunk layout changed: no {chunk}"
             chunk.write_bytes(b"not a blosc chunk")
-            bw.click_data(pg, "map_figure:p1", *_pixel_centre(pg, "p1", iy, ix))
+            bw.click_data(pg, "map_figure:p1", *bw.pixel_centre(pg, "p1", iy, ix))
             text = bw.wait_for_change(
                 pg, "Bokeh.documents[0].get_model_by_name('status_info').text", status
             )
