@@ -43,7 +43,10 @@ def missing_browser() -> str | None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return "playwright is not installed (pip install -e '.[test]')"
-    if find_chromium() is None:
+    found = find_chromium()
+    if found is not None and not Path(found).is_file():
+        return f"SPNDI_CHROMIUM={found} is not a file"
+    if found is None:
         return (
             "no Chromium found (install Debian's `chromium`, as .ci/run does, "
             "or set SPNDI_CHROMIUM to a Chromium binary)"
