@@ -12,7 +12,6 @@ missing; ``.ci/run`` installs both.
 from __future__ import annotations
 
 import io
-import json
 import re
 from contextlib import contextmanager
 
@@ -137,14 +136,13 @@ def test_a_click_on_a_pixel_sends_exactly_that_pixels_data(page, outputs):
     for scan, rank in (("p2", 0), ("p1", 5)):  # two scans, two pixels: no stale data passes
         ds = open_results(m.output_dir, scan)
         iy, ix = _pixel_inside(ds, rank)
-        before = bw.model_data(page, "pixel_source")
-        bw.click_data(page, f"map_figure:{scan}", *bw.pixel_centre(page, scan, iy, ix))
-        page.wait_for_function(
-            "(b) => JSON.stringify(Bokeh.documents[0].get_model_by_name('pixel_source').data"
-            ".ix) !== b",
-            arg=json.dumps(before["ix"]),
-            timeout=bw.UPDATE_TIMEOUT_MS,
+        shown = (  # the pixel shown, as JSON
+            "['scan', 'iy', 'ix'].map((c) => "
+            "Array.from(Bokeh.documents[0].get_model_by_name('pixel_source').data[c]))"
         )
+        before = page.evaluate(f"() => {shown}")
+        bw.click_data(page, f"map_figure:{scan}", *bw.pixel_centre(page, scan, iy, ix))
+        bw.wait_for_change(page, shown, before)
         pixel = bw.model_data(page, "pixel_source")
         assert (pixel["scan"], pixel["iy"], pixel["ix"]) == ([scan], [iy], [ix])
         np.testing.assert_allclose(pixel["y_um"], [ds.y.values[iy]], rtol=RTOL)
