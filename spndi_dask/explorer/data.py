@@ -150,6 +150,12 @@ def resolve_output(source: str | Path) -> tuple[Path, Any]:
             f"{path} does not exist: give a beamtime manifest (beamtime.toml), the folder holding "
             "it, or an output directory holding results.zarr"
         )
+    elif path.is_dir() and not any(path.glob("*.toml")):
+        raise ExplorerError(
+            f"{path} holds neither results.zarr nor a beamtime manifest: give the manifest "
+            "(beamtime.toml) or its output directory, and if there are no results yet run "
+            "`spndi reduce beamtime.toml` first"
+        )
     else:
         from spndi_dask.config import load_manifest
 
