@@ -15,7 +15,7 @@ Examples
 >>> p = np.arange(24, dtype=np.float32).reshape(2, 3, 4)  # (dq_x, dq_y, dq_z)
 >>> proj = projections(p)
 >>> proj["qx_qy"].shape, float(proj["qx_qy"][0, 1])  # rows qy, columns qx; sum over qz
-((3, 2), 60.0)
+((3, 2), 54.0)
 """
 
 from __future__ import annotations
