@@ -357,7 +357,8 @@ class ExplorerApp:
     def _status_text(self) -> str:
         d = self.data
         stages = {s for sc in d.scans.values() for s in sc.stages}
-        have = ["maps", "rocking curves", "patterns"] + [
+        patterns = any("pattern" in sc.variables for sc in d.scans.values())
+        have = ["maps", "rocking curves", *(["patterns"] if patterns else [])] + [
             {"particles": "particles", "features": "features", "cluster": "clusters"}[s]
             for s in ("particles", "features", "cluster")
             if s in stages

@@ -14,8 +14,8 @@ Examples
 >>> import numpy as np
 >>> p = np.arange(24, dtype=np.float32).reshape(2, 3, 4)  # (dq_x, dq_y, dq_z)
 >>> proj = projections(p)
->>> proj["qx_qy"].shape, proj["qx_qy"][0, 1]  # rows qy, columns qx; summed over qz
-((3, 2), 60.0)
+>>> proj["qx_qy"].shape, float(proj["qx_qy"][0, 1])  # rows qy, columns qx; sum over qz
+((3, 2), 54.0)
 """
 
 from __future__ import annotations
@@ -149,6 +149,12 @@ def resolve_output(source: str | Path) -> tuple[Path, Any]:
         raise ExplorerError(
             f"{path} does not exist: give a beamtime manifest (beamtime.toml), the folder holding "
             "it, or an output directory holding results.zarr"
+        )
+    elif path.is_dir() and not any(path.glob("*.toml")):
+        raise ExplorerError(
+            f"{path} holds neither results.zarr nor a beamtime manifest: give the manifest "
+            "(beamtime.toml) or its output directory, and if there are no results yet run "
+            "`spndi reduce beamtime.toml` first"
         )
     else:
         from spndi_dask.config import load_manifest

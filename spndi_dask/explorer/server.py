@@ -10,6 +10,7 @@ The server listens on 127.0.0.1 by default: on a remote machine, forward the por
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import logging
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
+from bokeh.models import Div
 
 from spndi_dask.explorer.app import build_document
 from spndi_dask.explorer.data import ExplorerData
@@ -27,11 +29,29 @@ __all__ = ["address_warning", "explore", "make_application", "serve"]
 logger = logging.getLogger(__name__)
 
 
-def make_application(data: ExplorerData) -> Application:
-    """A Bokeh application whose sessions each build the explorer of ``data``."""
+def make_application(source: str | Path, *, particles: list[str] | None = None) -> Application:
+    """A Bokeh application whose sessions each open ``source`` and build its explorer.
+
+    Every session (a page load) opens the output anew, so a stage finished while the server
+    runs (clusters, say) shows on the next reload. A session whose output cannot be opened
+    gets a page with one Div named ``error_info`` saying why and what to run.
+    """
 
     def modify_doc(doc: Any) -> None:
-        build_document(doc, data)
+        try:
+            build_document(doc, ExplorerData(source, particles=particles))
+        except Exception as exc:
+            logger.exception("explorer session failed to open %s", source)
+            doc.clear()
+            doc.add_root(
+                Div(
+                    name="error_info",
+                    text=f"<h2>spndi explorer</h2><p style='color:#b00'>cannot show "
+                    f"{html.escape(str(source))}: {html.escape(str(exc))}</p>",
+                    width=900,
+                )
+            )
+            doc.title = "spndi explorer: error"
 
     return Application(FunctionHandler(modify_doc))
 
@@ -63,7 +83,8 @@ def explore(source: str | Path, *, particles: list[str] | None = None) -> Applic
     >>> output_notebook()  # doctest: +SKIP
     >>> show(explore("spndi-demo/results"))  # doctest: +SKIP
     """
-    return make_application(ExplorerData(source, particles=particles))
+    ExplorerData(source, particles=particles)  # fails here, not in the notebook's server
+    return make_application(source, particles=particles)
 
 
 def address_warning(address: str) -> str | None:
@@ -133,7 +154,7 @@ def serve(
         port = _free_port(address)
     hosts = {f"localhost:{port}", f"127.0.0.1:{port}", f"{address}:{port}"}
     server = Server(
-        {"/": make_application(data)},
+        {"/": make_application(source, particles=particles)},
         port=port,
         address=address,
         allow_websocket_origin=sorted(hosts),

@@ -261,6 +261,21 @@ def test_explore_returns_an_application_for_notebooks(reduced):
     assert doc.get_model_by_name("map_figure:p1") is None
 
 
+def test_a_session_without_results_gets_an_error_page(tmp_path, reduced):
+    from spndi_dask.explorer import make_application
+
+    out = tmp_path / "out"
+    shutil.copytree(reduced.output_dir / "results.zarr", out / "results.zarr")
+    app = make_application(out)
+    assert app.create_document().get_model_by_name("map_figure:p1") is not None
+    shutil.rmtree(out / "results.zarr")  # gone while the server runs: the next page load says so
+    doc = app.create_document()
+    error = doc.get_model_by_name("error_info")
+    assert "neither results.zarr nor a beamtime manifest" in error.text
+    assert "run `spndi reduce beamtime.toml` first" in error.text
+    assert doc.get_model_by_name("map_figure:p1") is None
+
+
 def test_missing_results_name_the_command(tmp_path, reduced):
     shutil.copy(reduced.source, tmp_path / "beamtime.toml")
     with pytest.raises(ExplorerError, match=r"results.zarr does not exist; run `spndi reduce "):
