@@ -183,7 +183,9 @@ _JS_READY = """(names) => {
   for (const name of names) {
     const model = Bokeh.documents[0].get_model_by_name(name);
     if (model == null) return false;
-    if (model.type === undefined && Bokeh.index.find_one(model) == null) return false;
+    // a shown widget or plot must have its view (a data source has none)
+    const shown = model.data === undefined && model.visible !== false;
+    if (shown && Bokeh.index.find_one(model) == null) return false;
   }
   return true;
 }"""
@@ -242,7 +244,8 @@ _JS_TOOL = """([name, type]) => {
 
 
 def wait_ready(page: Any, names: list[str], timeout_ms: int = UPDATE_TIMEOUT_MS) -> None:
-    """Wait until the document holds every named model and every named plot has its view."""
+    """Wait until the document holds every named model, and every shown widget or plot among
+    them has its view (is laid out on the page)."""
     page.wait_for_function(_JS_READY, arg=names, timeout=timeout_ms)
 
 

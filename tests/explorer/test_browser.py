@@ -224,7 +224,7 @@ def test_choosing_a_variable_redraws_every_map_with_its_values(page, outputs):
 
 @needs_browser
 @pytest.mark.slow
-def test_a_partial_output_names_the_missing_stages_and_a_damaged_chunk(
+def test_a_partial_output_names_the_missing_stages_damage_and_a_lost_store(
     chromium, outputs, tmp_path_factory
 ):
     partial = outputs[1]
@@ -249,6 +249,22 @@ def test_a_partial_output_names_the_missing_stages_and_a_damaged_chunk(
             )
             assert "error" in text and "pattern" in text and "spndi" in text, text
             _no_errors(pg)  # told in the page, not a crash of the page
+        # the results store gone while the server runs: the next page is an error page
+        results = partial.layout.results
+        results.rename(results.with_name("elsewhere.zarr"))
+        context = chromium.new_context()
+        try:
+            pg = context.new_page()
+            watch = bw.PageWatch(pg)
+            pg.goto(server.url)
+            bw.wait_ready(pg, ["error_info"])
+            text = bw.model_property(pg, "error_info", "text")
+            assert "results.zarr" in text and "spndi reduce" in text, text
+            assert bw.model_names(pg, "map_figure:") == []
+            pg.wait_for_timeout(300)
+            assert watch.errors == [], watch.errors
+        finally:
+            context.close()
     finally:
         assert server.stop() == 0, server.stderr()
 
