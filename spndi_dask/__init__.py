@@ -24,6 +24,7 @@ _EXPORTS = {
     "SimulationConfig": "spndi_dask.simulate",
     "StageError": "spndi_dask.stages",
     "crystal_frame": "spndi_dask.geometry",
+    "explore": "spndi_dask.explorer",
     "load_manifest": "spndi_dask.config",
     "open_raw": "spndi_dask.io.raw_store",
     "open_results": "spndi_dask.io.results_store",
@@ -44,6 +45,7 @@ __all__ = [
     "StageError",
     "__version__",
     "crystal_frame",
+    "explore",
     "load_manifest",
     "open_raw",
     "open_results",
@@ -55,6 +57,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from spndi_dask.config import Manifest, ManifestError, load_manifest
+    from spndi_dask.explorer import explore
     from spndi_dask.geometry import Geometry, crystal_frame, q_sample, strain_tilt
     from spndi_dask.ingest import IngestError
     from spndi_dask.io.raw_store import open_raw

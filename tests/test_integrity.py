@@ -94,6 +94,20 @@ def test_a_flipped_byte_in_a_result_is_an_error_naming_array_particle_and_fix(co
     assert main(["verify", str(copy.source), "--deep"]) == 0
 
 
+def test_reading_one_pixel_of_a_damaged_chunk_names_the_array(copy):
+    from spndi_dask.io.integrity import read
+
+    node = copy.layout.node("p1")
+    _flip(node / "pattern" / "c" / "3" / "0" / "0" / "0" / "0")  # pattern rows are chunks
+    pattern = zarr.open_array(str(node / "pattern"), mode="r")
+    assert np.isfinite(read(pattern, (2, 4))).any()  # another row reads
+    for selection in ((3, 4), (3,), (slice(None), 4), ...):  # integers, as one pixel's read
+        with pytest.raises(DamagedStoreError) as err:
+            read(pattern, selection)
+        assert "results.zarr/p1/pattern" in str(err.value), selection
+        assert [d.array for d in err.value.damage] == ["p1/pattern"], selection
+
+
 def test_verify_reports_per_particle_and_stage_without_marking(copy, capsys):
     _flip(copy.layout.node("p2") / "valid" / "c" / "0" / "0")
     (copy.layout.node("p1") / "d_spacing" / "c" / "0" / "0").unlink()

@@ -1,4 +1,4 @@
-"""The examples/ notebook runs top to bottom (attach, run stages, open lazily, plot)."""
+"""The examples/ notebook runs top to bottom (attach, run stages, open lazily, plot, explore)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,6 @@ def test_walkthrough_notebook_executes(tmp_path, monkeypatch):
     assert "dask.array" in text  # the results opened lazily
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the maps were plotted
     assert (tmp_path / "beamtime" / "results" / "particles.csv").is_file()
+    # the explorer was served by the kernel and shown inline (a Bokeh server session)
+    exec_mime = "application/vnd.bokehjs_exec.v0+json"
+    assert any("server_id" in o.get("metadata", {}).get(exec_mime, {}) for o in outputs)

@@ -643,11 +643,29 @@ def guarded_getter(a: Any, b: Any, asarray: bool = True, lock: Any = None) -> An
         raise damage_error(exc, array=array, within=within) from exc
 
 
-def read(array: zarr.Array, selection: tuple[slice, ...]) -> np.ndarray:
-    """``array[selection]``; a damaged chunk raises :class:`DamagedStoreError` naming it."""
+def read(array: zarr.Array, selection: Any) -> np.ndarray:
+    """``array[selection]``; a damaged chunk raises :class:`DamagedStoreError` naming it.
+
+    ``selection`` is a tuple of slices and integers (an integer reads one index), or ``...``.
+    """
     try:
         return array[selection]
     except Exception as exc:
         if not is_damage(exc):
             raise
-        raise damage_error(exc, array=array, within=selection) from exc
+        raise damage_error(exc, array=array, within=_as_slices(selection)) from exc
+
+
+def _as_slices(selection: Any) -> tuple[slice, ...] | None:
+    """A basic selection as slices (an integer ``i`` as ``i:i+1``); None for anything else."""
+    if not isinstance(selection, tuple):
+        selection = (selection,)
+    out = []
+    for s in selection:
+        if isinstance(s, (int, np.integer)) and s >= 0:
+            out.append(slice(int(s), int(s) + 1))
+        elif isinstance(s, slice) and s.step in (None, 1):
+            out.append(s)
+        else:  # Ellipsis, arrays: check the whole array
+            return None
+    return tuple(out)
