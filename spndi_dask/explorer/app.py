@@ -270,15 +270,7 @@ class ExplorerApp:
         return fig
 
     def _pattern_figures(self, prefix: str, what: str) -> list[Any]:
-        s = next(iter(self.data.scans.values()))
-        node = self.data.layout.node(s.name)
-        axes = {}
-        if "pattern" in s.variables:
-            import zarr
-
-            axes = {
-                i: np.asarray(zarr.open_array(str(node / f"dq_{_AXIS[i][1]}"))[...]) for i in _AXIS
-            }
+        axes = self.data.q_axes()
         figs = []
         for name, (h, v, _) in PROJECTIONS.items():
             src = ColumnDataSource(name=f"{prefix}:{name}", data=_image_data(None, 0, 0, 0, 0))
@@ -329,20 +321,14 @@ class ExplorerApp:
                 data[c] = vals
         self.table_source = ColumnDataSource(data=data)
         self.table_source.selected.on_change("indices", self._guard(self._on_table))
-        columns = [
-            TableColumn(
-                field=c,
-                title=c,
-                formatter=NumberFormatter(format="0.[0000]")
-                if c in ("pixels", "label", "area_um2")
-                else NumberFormatter(format="0.000e+0")
-                if c != "particle"
-                else None,
-            )
-            if c != "particle"
-            else TableColumn(field=c, title=c)
-            for c in cols
-        ]
+
+        def column(c: str) -> TableColumn:
+            if c == "particle":
+                return TableColumn(field=c, title=c)
+            fmt = "0.[0000]" if c in ("pixels", "label", "area_um2") else "0.000e+0"
+            return TableColumn(field=c, title=c, formatter=NumberFormatter(format=fmt))
+
+        columns = [column(c) for c in cols]
         return DataTable(
             name="particles_table",
             source=self.table_source,

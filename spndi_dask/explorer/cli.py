@@ -42,6 +42,15 @@ def add_view_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Run ``spndi view`` with parsed ``args``; returns the exit status."""
+    from spndi_dask.interrupt import Interrupted
+
+    try:
+        return _serve(args)
+    except Interrupted:  # stopped while starting: nothing to clean up
+        return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
     from spndi_dask.config import ManifestError
     from spndi_dask.explorer.data import ExplorerError
     from spndi_dask.explorer.server import serve, url
@@ -56,7 +65,7 @@ def cmd_view(args: argparse.Namespace) -> int:
             show=not args.no_browser,
             block=False,
         )
-    except (ExplorerError, ManifestError) as exc:
+    except (ExplorerError, ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the port is taken, the address is not this machine's

@@ -318,6 +318,17 @@ class ExplorerData:
             return None
         return self._read(scan, "pattern", (iy, ix))
 
+    def q_axes(self) -> dict[int, np.ndarray]:
+        """The common q grid's axes (0: dq_x, 1: dq_y, 2: dq_z; 1/Å); empty without patterns."""
+        scan = next((s for s in self.scans.values() if "pattern" in s.variables), None)
+        if scan is None:
+            return {}
+        node = self.layout.node(scan.name)
+        return {
+            i: np.asarray(zarr.open_array(str(node / f"dq_{c}"), mode="r")[...])
+            for i, c in enumerate("xyz")
+        }
+
     def pixel_values(self, scan: str, iy: int, ix: int) -> dict[str, float]:
         """The maps' values at one pixel (one read of each ``(y, x)`` map present)."""
         names = [m for m in (*STAT_VARIABLES, "intensity", "label", "cluster") if self.has(scan, m)]

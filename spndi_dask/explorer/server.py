@@ -13,7 +13,9 @@ from __future__ import annotations
 import html
 import ipaddress
 import logging
+import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,13 @@ def address_warning(address: str) -> str | None:
     )
 
 
+def _has_display() -> bool:
+    """Whether a graphical web browser can open here (a text one would take the terminal)."""
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+
+
 def _free_port(address: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
         s.bind((address, 0))
@@ -129,7 +138,7 @@ def serve(
     particles : list of str, optional
         Scans to show; default all.
     show : bool
-        Open the page in the default web browser.
+        Open the page in the default web browser (where there is a display).
     block : bool
         Run the server's event loop until it is stopped (Ctrl-C); else return it started (the
         caller runs ``server.io_loop.start()``).
@@ -161,8 +170,10 @@ def serve(
     )
     server.start()
     logger.info("explorer of %s at http://%s:%d/", data.output, address, server.port)
-    if show:
+    if show and _has_display():
         server.io_loop.add_callback(server.show, "/")
+    elif show:
+        logger.info("no display here: open the link in a browser (through `ssh -L` if remote)")
     if block:
         try:
             server.io_loop.start()
