@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -668,6 +669,27 @@ def _pin_local_workers(client: Any, config: DaskClusterConfig, overrides: dict[s
     client.register_plugin(PinToCore(cores))
 
 
+@contextmanager
+def _dashboard_port_note() -> Iterator[None]:
+    """distributed's three-line warning for a dashboard port in use, as one log line.
+
+    The dashboard then listens on another port, which ``client.dashboard_link`` gives.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        if m := re.match(r"Port (\d+) is already in use.*on port (\d+) instead", text, re.S):
+            logger.warning(
+                "dashboard port %s is in use (another dask cluster?): the dashboard is on "
+                "port %s instead (the link below)",
+                *m.groups(),
+            )
+        elif not issubclass(w.category, ResourceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _local_cluster(config: DaskClusterConfig, overrides: dict[str, Any]) -> Any:
 
     opts = {**(config.spndi.get("local") or {}), **overrides}
@@ -763,7 +785,7 @@ def open_cluster(
                 )
                 if v is not None
             }
-            with dask.config.set(worker_environ()):
+            with dask.config.set(worker_environ()), _dashboard_port_note():
                 cluster = stack.enter_context(_local_cluster(config, overrides))
             client = stack.enter_context(Client(cluster))
             _pin_local_workers(client, config, overrides)

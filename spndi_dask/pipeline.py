@@ -16,6 +16,7 @@ records of ``spndi_dask``) and ``<output>/logs/run-<time>-dask.html`` (dask's
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -47,7 +48,7 @@ from spndi_dask.reduce import reduce
 from spndi_dask.report import write_report
 from spndi_dask.stages import Outcome, parse_stages
 from spndi_dask.stages import stage as stage_info
-from spndi_dask.status import write_last_run
+from spndi_dask.status import record_stage_timings, write_last_run
 from spndi_dask.worker_plugins import WorkerLogLevel
 
 __all__ = ["RunOptions", "StageResult", "parse_stages", "run", "run_logging"]
@@ -387,10 +388,7 @@ class _RunLog:
         records = self.records(signum)
         record: dict[str, Any] = {
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "stages": [
-                {k: getattr(r, k) for k in ("stage", "status", "seconds", "particles", "errors")}
-                for r in records
-            ],
+            "stages": [_stage_record(r) for r in records],
         }
         if signum is not None:
             record["interrupted"] = {"signal": signal.Signals(signum).name, "stage": self.running}
@@ -404,9 +402,33 @@ class _RunLog:
             self.write(signum)
 
 
+_UNFINISHED = (Outcome.FAILED, Outcome.INTERRUPTED, Outcome.NOT_RUN)
+
+
+def _stage_record(r: StageResult) -> dict[str, Any]:
+    """A stage in ``last-run.json``: ``errors`` only for what failed or did not finish, other
+    messages (warnings, why a stage was skipped) under ``notes``, files made under ``outputs``."""
+    rec: dict[str, Any] = {k: getattr(r, k) for k in ("stage", "status", "seconds", "particles")}
+    if r.status in _UNFINISHED:
+        errors = dict(r.errors)
+    else:
+        errors = {n: e for n, e in r.errors.items() if r.particles.get(n) in _UNFINISHED}
+    if errors:
+        rec["errors"] = errors
+    if r.stage == "report" and r.status not in _UNFINISHED:
+        rec["outputs"] = {"report": str(r.summary)}
+    elif notes := {n: e for n, e in r.errors.items() if n not in errors}:
+        rec["notes"] = notes
+    return rec
+
+
 def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> StageResult:
     start = time.perf_counter()
     timings = [row for r in done for row in r.rows()]
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record_stage_timings(
+        manifest.output_dir, json.loads(json.dumps(timings, default=str)), finished
+    )
     path = write_report(manifest, timings=timings, run_info=o.run_info)
     return StageResult(
         "report",

@@ -22,7 +22,18 @@ from spndi_dask.io.layout import OutputLayout, read_attrs, write_text_atomic
 from spndi_dask.io.lock import lock_holder
 from spndi_dask.stages import status_stages
 
-__all__ = ["STATUS_STAGES", "lock_note", "scan_status", "with_damage", "write_last_run"]
+__all__ = [
+    "STATUS_STAGES",
+    "lock_note",
+    "read_stage_timings",
+    "record_stage_timings",
+    "scan_status",
+    "with_damage",
+    "write_last_run",
+]
+
+#: Outcomes of a stage that did no work (a re-run keeps the timing of the run that did).
+NO_WORK = frozenset({"up to date", "not needed", "skipped", "no particle", "not run"})
 
 # the columns of `spndi status`: the stages that record completion per scan (stages.STAGES)
 STATUS_STAGES = tuple(s.name for s in status_stages())
@@ -39,6 +50,37 @@ def write_last_run(output_dir: Path, record: dict[str, Any]) -> Path:
     return write_text_atomic(
         OutputLayout(output_dir).last_run, json.dumps(record, indent=1, default=str)
     )
+
+
+def record_stage_timings(
+    output_dir: Path, rows: list[dict[str, Any]], finished: str
+) -> dict[str, dict[str, Any]]:
+    """Keep, per stage, the timing rows of the last run that did its work.
+
+    ``rows`` are this run's timing rows (``stage``, ``particles``, ``status``, ``seconds``, ...);
+    a stage whose rows all say it did no work (:data:`NO_WORK`, e.g. "up to date") keeps the
+    rows recorded before. Written to ``logs/stage-timings.json`` in one move; returns the
+    record (stage -> ``{"finished", "rows"}``).
+    """
+    record = read_stage_timings(output_dir)
+    by_stage: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_stage.setdefault(row["stage"], []).append(row)
+    for stage, mine in by_stage.items():
+        if any(str(r.get("status")) not in NO_WORK for r in mine):
+            record[stage] = {"finished": finished, "rows": mine}
+    path = OutputLayout(output_dir).stage_timings
+    write_text_atomic(path, json.dumps(record, indent=1, default=str))
+    return record
+
+
+def read_stage_timings(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """``logs/stage-timings.json`` (see :func:`record_stage_timings`); empty when absent."""
+    try:
+        record = json.loads(OutputLayout(output_dir).stage_timings.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def lock_note(output_dir: str | os.PathLike[str]) -> str | None:

@@ -141,3 +141,22 @@ def test_jobqueue_settings_of_a_local_config_are_checked_and_said_unused(tmp_pat
     with caplog.at_level("WARNING", logger="spndi_dask"):
         assert load().jobqueue == {}
     assert f"{path} is of type 'local': its jobqueue.slurm settings are not used" in caplog.text
+
+
+def test_a_dashboard_port_in_use_is_one_line_and_the_link_is_the_real_one(caplog):
+    import socket
+    import warnings
+
+    from spndi_dask.dask_clusters import open_cluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # distributed's warning would fail
+            with open_cluster(n_workers=1, dashboard_address=f"127.0.0.1:{port}") as session:
+                link = session.client.dashboard_link
+    notes = [r.getMessage() for r in caplog.records if "dashboard port" in r.getMessage()]
+    assert len(notes) == 1 and f"dashboard port {port} is in use" in notes[0]
+    assert f":{port}/" not in link and link.startswith("http://127.0.0.1:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -244,7 +245,7 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
     args = ["run", str(out / "beamtime.toml"), "-k", "2", "--workers", "2"]
     assert cli.main(args) == 1  # p3 failed: non-zero exit, the others completed
     text = capsys.readouterr().out
-    assert "[1/8] ingest" in text and "[8/8] report" in text
+    assert "[1/9] ingest" in text and "[9/9] report" in text
     summary = text.split("stage    status")[1]
     assert "ingest   failed" in summary and "p3" in summary
     for stage in ("reduce", "stats", "encode"):
@@ -272,6 +273,17 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
         assert any(
             line.startswith(stage) and "up to date" in line for line in rerun.splitlines()
         ), (stage, rerun)
+    # the re-run keeps the timings of the run that did the work, and shows itself separately
+    worked = json.loads((results / "logs" / "stage-timings.json").read_text())
+    statuses = [r["status"] for r in worked["reduce"]["rows"]]
+    assert "reduced" in statuses and "up to date" not in statuses, worked["reduce"]
+    assert worked["reduce"]["rows"][0]["seconds"] > 0
+    html = (results / "report" / "index.html").read_text()
+    assert "This run" in html and "up to date" in html and "reduced" in html
+    last = json.loads((results / "logs" / "last-run.json").read_text())
+    assert all("errors" not in s for s in last["stages"]), last  # nothing failed
+    report = next(s for s in last["stages"] if s["stage"] == "report")
+    assert report["outputs"]["report"].endswith("index.html")
     # a raw file rewritten after ingest makes that particle's ingest and everything after stale
     raw = out / "raw" / "p1" / "angle_000.h5"
     os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))

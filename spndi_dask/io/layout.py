@@ -150,6 +150,11 @@ class OutputLayout:
         return self.logs / "last-run.json"
 
     @property
+    def stage_timings(self) -> Path:
+        """``logs/stage-timings.json``: per stage, the timing of the last run that did its work."""
+        return self.logs / "stage-timings.json"
+
+    @property
     def lock(self) -> Path:
         """``.spndi.lock``: held by the one process writing the output."""
         return self.root / ".spndi.lock"

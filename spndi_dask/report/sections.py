@@ -24,6 +24,7 @@ from spndi_dask.report.context import (
 )
 from spndi_dask.report.format import Badge, Link, anchor, as_json, kv, number, table
 from spndi_dask.stages import status_stages
+from spndi_dask.status import NO_WORK, read_stage_timings
 
 __all__ = [
     "analysis",
@@ -408,28 +409,52 @@ def other_figures(ctx: ReportContext) -> dict[str, Any]:
 def run(
     ctx: ReportContext, timings: list[dict[str, Any]] | None, run_info: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Stage timings with their total, the run's facts and the latest run logs."""
-    out: dict[str, Any] = {"timings": None, "info": kv(run_info) if run_info else None}
-    if timings:
-        rows = [dict(r) for r in timings]
-        for r in rows:
-            if isinstance(r.get("particles"), (list, tuple)):
-                r["particles"] = ", ".join(map(str, r["particles"]))
-        total = sum(x for r in rows if (x := number(r.get("seconds"))) is not None)
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        rows.append({cols[0]: "total", "seconds": total})
-        out["timings"] = table(
-            rows,
-            cols,
-            text=[c for c in cols if c != "seconds"],
-            row_class=lambda r: "total" if r.get(cols[0]) == "total" else "",
-        )
+    """Stage timings with their total, the run's facts and the latest run logs.
+
+    The main table has, per stage, the timing of the last run that did its work
+    (``logs/stage-timings.json``), so a re-run that finds everything up to date does not
+    replace it; this run's own rows follow when some stage of it did no work.
+    """
+    out: dict[str, Any] = {"timings": None, "this_run": None}
+    info = dict(run_info or {})
+    if "dashboard" in info:  # the link of a cluster that is gone once the run ends
+        info = {
+            (k if k != "dashboard" else "dashboard (live only while that run lasted)"): v
+            for k, v in info.items()
+        }
+    out["info"] = kv(info) if info else None
+    worked = read_stage_timings(ctx.manifest.output_dir)
+    current = [dict(r) for r in timings or []]
+    if worked:
+        rows = [{**r, "run finished": w["finished"]} for w in worked.values() for r in w["rows"]]
+        out["timings"] = _timing_table(rows)
+        if any(str(r.get("status")) in NO_WORK for r in current):
+            out["this_run"] = _timing_table(current)
+    elif current:
+        out["timings"] = _timing_table(current)
     logs = [
         {"file": str(f), "bytes": f.stat().st_size, "modified": iso_time(f.stat().st_mtime)}
         for f in ctx.run_logs()[:10]
     ]
     out["logs"] = table(logs, text=("file", "modified")) if logs else None
     return out
+
+
+def _timing_table(timings: list[dict[str, Any]]) -> Any:
+    """Timing rows as a table with their total."""
+    rows = [dict(r) for r in timings]
+    for r in rows:
+        if isinstance(r.get("particles"), (list, tuple)):
+            r["particles"] = ", ".join(map(str, r["particles"]))
+    total = sum(x for r in rows if (x := number(r.get("seconds"))) is not None)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rows.append({cols[0]: "total", "seconds": total})
+    return table(
+        rows,
+        cols,
+        text=[c for c in cols if c != "seconds"],
+        row_class=lambda r: "total" if r.get(cols[0]) == "total" else "",
+    )
 
 
 def _inputs(manifest: Manifest) -> dict[str, Any]:

@@ -159,6 +159,7 @@ def test_report_shows_particles_clusters_and_provenance(processed):
     # run: timings with their total, run info as escaped text (no link, no script)
     run = page.sections["run"]
     assert "p1, p2" in run and "3.75" in run and "http://127.0.0.1:8787/status" in run
+    assert "live only while that run lasted" in run  # not shown as if it were live
     assert html.escape(RUN_INFO["note"]) in text and "<script" not in text
     # provenance: the manifest file's hash and text, versions, inputs, stage records
     prov = page.sections["provenance"]
