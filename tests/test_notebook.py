@@ -25,6 +25,11 @@ def test_walkthrough_notebook_executes(tmp_path, monkeypatch):
     assert "dask.array" in text  # the results opened lazily
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the maps were plotted
     assert (tmp_path / "beamtime" / "results" / "particles.csv").is_file()
+    assert (tmp_path / "beamtime" / "results" / "clusters.csv").is_file()  # features, clusters
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # maps, clusters, pattern
+    # its example data is clean: no warning of its own (e.g. the ROI at the detector edge)
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "detector edge" not in stderr, stderr
     # the explorer was served by the kernel and shown inline (a Bokeh server session)
     exec_mime = "application/vnd.bokehjs_exec.v0+json"
     assert any("server_id" in o.get("metadata", {}).get(exec_mime, {}) for o in outputs)
