@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 
@@ -129,3 +130,25 @@ def test_every_subcommand_lists_the_verbosity_flags_in_its_help(capsys):
             parser.parse_args([name, "--help"])
         out = capsys.readouterr().out
         assert "-v, --verbose" in out and "-q, --quiet" in out, name
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, tmp_path, capfd):
+    import io
+
+    from spndi_dask.cli.common import _run_options
+    from spndi_dask.simulate import preset, simulate_beamtime
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    args = argparse.Namespace()
+    assert _run_options(args).progress is False  # pytest's captured stdout is not a terminal
+    monkeypatch.setattr("sys.stdout", Tty())
+    assert _run_options(args).progress is True
+    monkeypatch.undo()
+    cfg = preset("tiny", n_particles=1, n_angles=3)
+    simulate_beamtime(tmp_path / "quiet", cfg, scheduler="sync")
+    assert "%" not in capfd.readouterr().out
+    simulate_beamtime(tmp_path / "bar", cfg, scheduler="sync", progress=True)
+    assert "100% Completed" in capfd.readouterr().out

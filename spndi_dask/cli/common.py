@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -128,5 +129,10 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
         boundary_width=getattr(args, "boundary_width", 1.0),
         figures=not getattr(args, "no_figures", False),
         on_epoch=_print_epoch,
-        **extra,
+        **{"progress": _progress_bars(), **extra},
     )
+
+
+def _progress_bars() -> bool:
+    """Progress bars only on a terminal: never ``\\r`` sequences in a redirected log."""
+    return sys.stdout.isatty()

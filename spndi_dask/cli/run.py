@@ -14,6 +14,7 @@ from spndi_dask.cli.common import (
     _client,
     _locked,
     _manifest_parser,
+    _progress_bars,
     _run_options,
     _session,
 )
@@ -104,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
     with _client(args):
-        manifest = simulate_beamtime(args.out, cfg)
+        manifest = simulate_beamtime(args.out, cfg, progress=_progress_bars())
     out = Path(args.out)
     print(
         f"simulated {cfg.n_particles} particles × {cfg.n_angles} angles × "
@@ -196,7 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"-> {out}",
             flush=True,
         )
-        simulate_beamtime(out, cfg)
+        simulate_beamtime(out, cfg, progress=_progress_bars())
         manifest = load_manifest(out / "beamtime.toml")
         with _locked(manifest.output_dir):
             code = _run_pipeline(args, manifest, session, first=1)

@@ -23,10 +23,11 @@ import dask
 import h5py
 import hdf5plugin
 import numpy as np
+from dask.diagnostics import ProgressBar
 from scipy import ndimage
 from scipy.special import ndtr
 
-from spndi_dask.compute import active_client
+from spndi_dask.compute import active_client, compute
 from spndi_dask.config import Manifest
 from spndi_dask.geometry import q_sample, rotation_matrix
 from spndi_dask.io.layout import atomic_path
@@ -512,6 +513,7 @@ def simulate_beamtime(
     config: SimulationConfig | None = None,
     *,
     scheduler: str | None = None,
+    progress: bool = False,
 ) -> Manifest:
     """Simulate a whole beamtime into ``out_dir`` and return its validated manifest.
 
@@ -524,6 +526,8 @@ def simulate_beamtime(
     scheduler : str, optional
         dask scheduler for the per-(particle, angle) tasks; default: the active distributed
         client if any, else ``'processes'`` (spawned) for large and ``'threads'`` for small jobs.
+    progress : bool
+        Show a progress bar of the scans written (the CLI: on a terminal only).
 
     Returns
     -------
@@ -623,7 +627,13 @@ def simulate_beamtime(
     logger.info(
         "simulating %d scans (%.2f GB raw) into %s", len(tasks), config.raw_bytes / 1e9, out
     )
-    results = dask.compute(*tasks, scheduler=scheduler) if scheduler else dask.compute(*tasks)
+    if scheduler is None:  # the active distributed client
+        results = compute(tasks, progress=progress)
+    elif progress:
+        with ProgressBar():
+            results = dask.compute(*tasks, scheduler=scheduler)
+    else:
+        results = dask.compute(*tasks, scheduler=scheduler)
 
     data = {
         "name": config.name,
