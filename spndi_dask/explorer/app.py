@@ -98,6 +98,7 @@ class ExplorerApp:
         self._cache: dict[tuple[str, str], np.ndarray] = {}
         self.mapper = LinearColorMapper(palette=Viridis256, nan_color=(0, 0, 0, 0))
         self.map_sources: dict[str, ColumnDataSource] = {}
+        self.color_bars: dict[str, ColorBar] = {}
         self.pixels_sources: dict[str, ColumnDataSource] = {}
         self.marker_sources: dict[str, ColumnDataSource] = {}
         self.figures: dict[str, Any] = {}
@@ -116,6 +117,7 @@ class ExplorerApp:
             name="map_select", title="map", value=self.shown, options=self.maps, width=160
         )
         self.map_select.on_change("value", self._guard(self._on_map))
+        self.map_info = Div(name="map_info", width=400)
         scans = list(d.scans)
         self.scan_select = MultiChoice(
             name="scan_select",
@@ -155,6 +157,7 @@ class ExplorerApp:
             Div(text=f"<h2>{html.escape(self.data.name)}: spndi explorer</h2>"),
             self.status_info,
             row(*controls),
+            self.map_info,
             self.maps_row,
             row(column(*side), column(*rows)),
             *([table] if table is not None else []),
@@ -228,7 +231,9 @@ class ExplorerApp:
             line_color="red",
             line_width=2,
         )
-        fig.add_layout(ColorBar(color_mapper=self.mapper, width=10), "right")
+        bar = ColorBar(name=f"color_bar:{scan}", color_mapper=self.mapper, width=10)
+        fig.add_layout(bar, "right")
+        self.color_bars[scan] = bar
         fig.on_event(Tap, self._guard_event(partial(self._on_tap, scan)))
         self.map_sources[scan] = src
         self.pixels_sources[scan] = pix
@@ -383,6 +388,9 @@ class ExplorerApp:
             hi = hi if hi > lo else lo + 1e-12
             self.mapper.update(palette=Viridis256, low=float(lo), high=float(hi))
         unit = self.data.units(name)
+        title = f"{name} ({unit})" if unit else name
+        about = html.escape(self.data.long_name(name))
+        self.map_info.text = f"<b>{html.escape(title)}</b>: {about}"
         for scan, img in images.items():
             src = self.map_sources[scan]
             data = dict(src.data)
@@ -399,7 +407,8 @@ class ExplorerApp:
             else:
                 data["image"] = [img]
             src.data = data
-            self.figures[scan].title.text = f"{scan}: {name}" + (f" ({unit})" if unit else "")
+            self.figures[scan].title.text = f"{scan}: {name}"
+            self.color_bars[scan].title = title
 
     # -- callbacks --------------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:

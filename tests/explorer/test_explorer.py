@@ -205,6 +205,44 @@ def test_map_select_shows_that_map_on_every_scan(reduced):
         assert "tilt_x" in doc.get_model_by_name(f"map_figure:{scan}").title.text
 
 
+def test_sigma_loading_and_peak_maps_are_offered_lazily_with_units(reduced, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(reduced.output_dir / "results.zarr", root / "results.zarr")
+    # a decompose stage's loadings (3 PCA components) and a gaussian reduce's peak_chi2 on p1
+    node = zarr.open_group(str(root / "results.zarr" / "p1"), mode="r+")
+    ny, nx = node["strain"].shape
+    loading = np.arange(ny * nx * 3, dtype=np.float32).reshape(ny, nx, 3)
+    arr = node.create_array("pca_loading", shape=loading.shape, dtype="f4", chunks=(ny, nx, 3))
+    arr[...] = loading
+    arr.attrs.update({"_ARRAY_DIMENSIONS": ["y", "x", "pca_component"], "long_name": "PCA"})
+    node.attrs.update({"decompose": {"fingerprint": "made-up"}})
+    chi2 = node.create_array("peak_chi2", shape=(ny, nx), dtype="f4", chunks=(ny, nx))
+    chi2[...] = 2.0
+    chi2.attrs.update({"units": "1", "long_name": "reduced chi-square of the fit"})
+    doc, app = _doc(root)
+    options = doc.get_model_by_name("map_select").options
+    sigmas = ["strain_sigma", "tilt_x_sigma", "tilt_y_sigma", "d_spacing_sigma"]
+    assert set(sigmas) <= set(options)  # reduce writes them
+    assert [o for o in options if o.startswith("pca")] == [f"pca_loading[{i}]" for i in range(3)]
+    assert "peak_chi2" in options and "nmf_loading[0]" not in options
+    assert ("p1", "pca_loading") not in app.data.reads  # offered from metadata alone
+    doc.get_model_by_name("map_select").value = "pca_loading[2]"
+    np.testing.assert_array_equal(
+        doc.get_model_by_name("map_source:p1").data["image"][0], loading[:, :, 2]
+    )
+    assert np.isnan(doc.get_model_by_name("map_source:p2").data["image"][0]).all()  # p2 lacks it
+    assert app.data.reads[("p1", "pca_loading")] == 1
+    doc.get_model_by_name("map_select").value = "tilt_x_sigma"
+    expect = zarr.open_array(str(root / "results.zarr" / "p2" / "tilt_x_sigma"), mode="r")
+    np.testing.assert_array_equal(
+        doc.get_model_by_name("map_source:p2").data["image"][0], expect[...]
+    )
+    assert doc.get_model_by_name("color_bar:p2").title == "tilt_x_sigma (rad)"
+    assert "standard error of tilt_x" in doc.get_model_by_name("map_info").text
+    doc.get_model_by_name("map_select").value = "strain"  # dimensionless: no unit
+    assert doc.get_model_by_name("color_bar:p1").title == "strain"
+
+
 # -- partial and complete results ----------------------------------------------------------------
 def test_partial_results_say_what_is_missing(reduced):
     doc, _ = _doc(reduced.source)
