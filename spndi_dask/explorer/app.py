@@ -35,10 +35,14 @@ from bokeh.models import (
     ColumnDataSource,
     DataTable,
     Div,
+    InlineStyleSheet,
     LassoSelectTool,
+    Legend,
+    LegendItem,
     LinearColorMapper,
     MultiChoice,
     NumberFormatter,
+    PrintfTickFormatter,
     Range1d,
     Select,
     TableColumn,
@@ -56,6 +60,11 @@ _AXIS = {0: "qx", 1: "qy", 2: "qz"}
 _GREY = "#d9d9d9"
 #: Scans shown side by side when the document opens (the others through ``scan_select``).
 SHOWN_SCANS = 4
+#: A clicked map (the focused canvas) keeps no dotted focus outline (a stylesheet per figure:
+#: a Bokeh model belongs to one document).
+_NO_FOCUS_OUTLINE = (
+    ":host, :host(:focus), :host(:focus-visible), :focus, :focus-visible { outline: none; }"
+)
 _TABLE_COLUMNS = (
     "particle",
     "label",
@@ -66,6 +75,15 @@ _TABLE_COLUMNS = (
     "tilt_y_mean",
     "d_spacing_mean",
 )
+
+
+#: Stage attrs of a scan's node -> what the status line calls them.
+_STAGE_NAMES = {
+    "particles": "particles",
+    "features": "features",
+    "decompose": "decomposition (PCA/NMF loadings)",
+    "cluster": "clusters",
+}
 
 
 def _image_data(img: np.ndarray | None, x0: float, y0: float, dw: float, dh: float) -> dict:
@@ -189,6 +207,7 @@ class ExplorerApp:
             y_axis_label="y (µm)",
             tools="pan,wheel_zoom,reset,save",
             match_aspect=True,
+            stylesheets=[InlineStyleSheet(css=_NO_FOCUS_OUTLINE)],
         )
         src = ColumnDataSource(name=f"map_source:{scan}", data=_image_data(None, x0, y0, w, h))
         fig.image(
@@ -212,9 +231,9 @@ class ExplorerApp:
             size=4,
             fill_alpha=0,
             line_alpha=0,
-            selection_fill_alpha=0,
-            selection_line_color="white",
-            selection_line_alpha=0.8,
+            selection_fill_color="white",  # a translucent wash: the map's colours show through
+            selection_fill_alpha=0.35,
+            selection_line_alpha=0,
             nonselection_fill_alpha=0,
             nonselection_line_alpha=0,
         )
@@ -231,7 +250,12 @@ class ExplorerApp:
             line_color="red",
             line_width=2,
         )
-        bar = ColorBar(name=f"color_bar:{scan}", color_mapper=self.mapper, width=10)
+        bar = ColorBar(
+            name=f"color_bar:{scan}",
+            color_mapper=self.mapper,
+            width=10,
+            formatter=PrintfTickFormatter(format="%.3g"),  # 0.001, not 1.000e-3
+        )
         fig.add_layout(bar, "right")
         self.color_bars[scan] = bar
         fig.on_event(Tap, self._guard_event(partial(self._on_tap, scan)))
@@ -253,24 +277,36 @@ class ExplorerApp:
             y_axis_label="intensity",
             tools="pan,wheel_zoom,reset,save",
         )
-        fig.line(
-            "angle", "intensity", source=self.rocking_source, line_width=2, legend_label="shown"
-        )
-        fig.scatter("angle", "intensity", source=self.rocking_source, size=5)
+        shown = [
+            fig.line("angle", "intensity", source=self.rocking_source, line_width=2),
+            fig.scatter("angle", "intensity", source=self.rocking_source, size=5),
+        ]
+        items = [LegendItem(label="shown", renderers=shown)]
         self.cluster_rocking_source = None
         if self.data.analysis is not None and "cluster_rocking_curve" in self.data.analysis:
             self.cluster_rocking_source = ColumnDataSource(
                 name="cluster_rocking_source", data={"angle": [], "intensity": []}
             )
-            fig.line(
+            mean = fig.line(
                 "angle",
                 "intensity",
                 source=self.cluster_rocking_source,
                 line_dash="dashed",
                 color="grey",
-                legend_label="cluster mean",
             )
-        fig.legend.location = "top_left"
+            items.append(LegendItem(label="cluster mean", renderers=[mean]))
+        # above the plot (never over the curve); a click on an entry hides that curve
+        legend = Legend(
+            name="rocking_legend",
+            items=items,
+            orientation="horizontal",
+            click_policy="hide",
+            location="top_right",
+            padding=2,
+            margin=0,
+            border_line_alpha=0,
+        )
+        fig.add_layout(legend, "above")
         self.rocking_figure = fig
         return fig
 
@@ -350,10 +386,10 @@ class ExplorerApp:
         stages = {s for sc in d.scans.values() for s in sc.stages}
         patterns = any("pattern" in sc.variables for sc in d.scans.values())
         have = ["maps", "rocking curves", *(["patterns"] if patterns else [])] + [
-            {"particles": "particles", "features": "features", "cluster": "clusters"}[s]
-            for s in ("particles", "features", "cluster")
-            if s in stages
+            _STAGE_NAMES[s] for s in _STAGE_NAMES if s in stages
         ]
+        if d.analysis is not None:
+            have.append("cluster means (analysis)")
         lines = [f"<b>{html.escape(str(d.output))}</b>: {', '.join(have)}"]
         lines += [html.escape(m) for m in d.missing().values()]
         return "<br>".join(lines)

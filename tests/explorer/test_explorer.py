@@ -243,6 +243,22 @@ def test_sigma_loading_and_peak_maps_are_offered_lazily_with_units(reduced, tmp_
     assert doc.get_model_by_name("color_bar:p1").title == "strain"
 
 
+def test_views_keep_the_data_visible(reduced):
+    doc, _ = _doc(reduced.output_dir)
+    rocking = doc.get_model_by_name("rocking_figure")
+    legend = doc.get_model_by_name("rocking_legend")
+    assert legend in rocking.above and legend.click_policy == "hide"  # not over the curve
+    assert not [r for r in rocking.center if r.__class__.__name__ == "Legend"]
+    fig = doc.get_model_by_name("map_figure:p1")
+    bar = doc.get_model_by_name("color_bar:p1")
+    assert bar.formatter.format == "%.3g"  # 0.001, not 1.000e-3
+    pixels = doc.get_model_by_name("pixels_source:p1")
+    (selectable,) = [r for r in fig.renderers if r.data_source is pixels]
+    assert 0 < selectable.selection_glyph.fill_alpha < 1  # the map's colours show through
+    assert selectable.selection_glyph.line_alpha == 0
+    assert any("outline: none" in sheet.css for sheet in fig.stylesheets)
+
+
 # -- partial and complete results ----------------------------------------------------------------
 def test_partial_results_say_what_is_missing(reduced):
     doc, _ = _doc(reduced.source)
@@ -256,9 +272,9 @@ def test_partial_results_say_what_is_missing(reduced):
 def test_cluster_views_once_clustered(clustered):
     out = clustered.output_dir
     doc, app = _doc(out)
-    assert "not computed" not in doc.get_model_by_name("status_info").text.replace(
-        "latent features: not computed yet", ""
-    )
+    status = doc.get_model_by_name("status_info").text
+    assert "not computed" not in status.replace("latent features: not computed yet", "")
+    assert "particles, clusters, cluster means (analysis)" in status
     ds = open_results(out, "p1")
     clusters = ds["cluster"].values
     iy, ix = map(int, np.argwhere(clusters == 1)[0])
