@@ -92,8 +92,24 @@ def _image_data(img: np.ndarray | None, x0: float, y0: float, dw: float, dh: flo
     return {"image": [img], "x": [x0], "y": [y0], "dw": [dw], "dh": [dh]}
 
 
-def _fmt(v: float) -> str:
-    return "–" if not np.isfinite(v) else f"{v:.5g}"
+#: How the pixel and selection views print a quantity: name -> (scale, unit, format); one
+#: format per quantity, so a pixel's value and a selection's mean ± std read alike.
+_SHOWN = {
+    "strain": (1e4, "×10⁻⁴", "{:.3g}"),
+    "tilt_x": (1e3, "mrad", "{:.3g}"),
+    "tilt_y": (1e3, "mrad", "{:.3g}"),
+    "d_spacing": (1.0, "Å", "{:.5f}"),
+    "intensity": (1.0, "counts", "{:.4g}"),
+    "label": (1.0, "", "{:.0f}"),
+    "cluster": (1.0, "", "{:.0f}"),
+}
+
+
+def _fmt(name: str, *values: float) -> str:
+    """``values`` of quantity ``name`` in its :data:`_SHOWN` scale and format, joined by ±."""
+    scale, unit, fmt = _SHOWN.get(name, (1.0, "", "{:.4g}"))
+    text = " ± ".join("–" if not np.isfinite(v) else fmt.format(v * scale) for v in values)
+    return f"{text} {unit}" if unit else text
 
 
 class ExplorerApp:
@@ -123,6 +139,7 @@ class ExplorerApp:
         self.pattern_sources: dict[str, ColumnDataSource] = {}
         self.pattern_figures: dict[str, Any] = {}
         self.cluster_pattern_sources: dict[str, ColumnDataSource] = {}
+        self.cluster_pattern_figures: dict[str, Any] = {}
         self.cluster_legend: CheckboxGroup | None = None
         self.selection_stats: dict[str, Any] | None = None
 
@@ -343,8 +360,8 @@ class ExplorerApp:
             )
             fig.xaxis.ticker.desired_num_ticks = 3
             figs.append(fig)
-            if prefix == "pattern_source":
-                self.pattern_figures[name] = fig
+            figures = self.pattern_figures if prefix == "pattern_source" else None
+            (figures if figures is not None else self.cluster_pattern_figures)[name] = fig
         self._q_axes = axes
         return figs
 
@@ -394,13 +411,18 @@ class ExplorerApp:
         lines += [html.escape(m) for m in d.missing().values()]
         return "<br>".join(lines)
 
-    def map_image(self, scan: str, name: str) -> np.ndarray:
-        """The map as shown: float64, NaN where a cluster is toggled off in the legend."""
+    def map_image(self, scan: str, name: str, *, masked: bool = True) -> np.ndarray:
+        """The map as shown: float64, NaN where a cluster is toggled off in the legend (unless
+        ``masked`` is false); each map is read once."""
         key = (scan, name)
         if key not in self._cache:
             self._cache[key] = self.data.map(scan, name)
         img = self._cache[key]
-        if self.cluster_legend is not None and len(self.cluster_legend.active) < (self.k or 0):
+        if (
+            masked
+            and self.cluster_legend is not None
+            and len(self.cluster_legend.active) < (self.k or 0)
+        ):
             if (scan, "cluster") not in self._cache:
                 self._cache[(scan, "cluster")] = self.data.map(scan, "cluster")
             clusters = self._cache[(scan, "cluster")]
@@ -535,22 +557,9 @@ class ExplorerApp:
         self._show_patterns(self.pattern_sources, d.pattern(scan, iy, ix))
         values = d.pixel_values(scan, iy, ix)
         cluster = int(values["cluster"]) if np.isfinite(values.get("cluster", np.nan)) else None
-        if self.cluster_pattern_sources:
-            pat = d.cluster_pattern(cluster) if cluster is not None and cluster >= 0 else None
-            self._show_patterns(self.cluster_pattern_sources, pat)
-        if self.cluster_rocking_source is not None:
-            curve = (
-                d.cluster_rocking_curve(scan, cluster)
-                if cluster is not None and cluster >= 0
-                else None
-            )
-            self.cluster_rocking_source.data = (
-                {"angle": s.angle, "intensity": curve}
-                if curve is not None
-                else {"angle": [], "intensity": []}
-            )
+        self._show_cluster(scan, cluster, "its cluster's mean")
         rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in values.items()
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>" for k, v in values.items()
         )
         self.pixel_info.text = (
             f"<b>{html.escape(scan)}</b> pixel (iy={iy}, ix={ix}) at y={y_um:.4g} µm, "
@@ -572,7 +581,7 @@ class ExplorerApp:
         self._show_patterns(self.pattern_sources, sel["pattern"])
         stats = sel["stats"]
         rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{_fmt(m)} ± {_fmt(sd)}</td><td>({n} valid)</td></tr>"
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(k, m, sd)}</td><td>({n} valid)</td></tr>"
             for k, (m, sd, n) in ((k, v) for k, v in stats.items() if k != "count")
         )
         self.selection_info.text = (
@@ -580,6 +589,45 @@ class ExplorerApp:
             f"views show their mean)<table>{rows}</table>"
         )
         self.selection_stats = stats
+        # the cluster row: the mean of the selection's cluster when it lies in one
+        clusters: list[int] = []
+        if self.data.has(scan, "cluster"):
+            found = self.map_image(scan, "cluster", masked=False)[mask]
+            clusters = sorted({int(c) for c in found[np.isfinite(found) & (found >= 0)]})
+        cluster = clusters[0] if len(clusters) == 1 else None
+        self._show_cluster(
+            scan, cluster, f"cluster {cluster}'s mean" if cluster is not None else "cluster mean"
+        )
+        self.pixel_source.data = {k: [] for k in self.pixel_source.data}
+        for m in self.marker_sources.values():
+            m.data = {"x": [], "y": []}
+        where = f" in clusters {{{', '.join(map(str, clusters))}}}" if clusters else ""
+        self.pixel_info.text = (
+            f"<i>the views show the selection</i>: {stats['count']} pixels of "
+            f"<b>{html.escape(scan)}</b>{where}"
+            + ("" if cluster is not None or not clusters else " (no one cluster's mean shown)")
+            + "; click a pixel to show it"
+        )
+
+    def _show_cluster(self, scan: str, cluster: int | None, title: str) -> None:
+        """The cluster row: one cluster's mean pattern and rocking curve, or empty (None or a
+        pixel outside the clusters)."""
+        d, s = self.data, self.data.scans[scan]
+        if cluster is not None and cluster < 0:
+            cluster = None
+        if self.cluster_pattern_sources:
+            pat = d.cluster_pattern(cluster) if cluster is not None else None
+            self._show_patterns(self.cluster_pattern_sources, pat)
+            for name, fig in self.cluster_pattern_figures.items():
+                h, v, _ = PROJECTIONS[name]
+                fig.title.text = f"{title}: {_AXIS[h]}–{_AXIS[v]}"
+        if self.cluster_rocking_source is not None:
+            curve = d.cluster_rocking_curve(scan, cluster) if cluster is not None else None
+            self.cluster_rocking_source.data = (
+                {"angle": s.angle, "intensity": curve}
+                if curve is not None
+                else {"angle": [], "intensity": []}
+            )
 
     def _titles(self, curve: str, pattern: str) -> None:
         self.rocking_figure.title.text = f"rocking curve (drift-corrected): {curve}"

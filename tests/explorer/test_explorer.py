@@ -152,7 +152,8 @@ def test_click_shows_that_pixels_curve_and_pattern_bit_exact(reduced):
         np.testing.assert_array_equal(got, img)
     info = doc.get_model_by_name("pixel_info").text
     assert f"iy={iy}, ix={ix}" in info
-    assert f"{float(ds['strain'].values[iy, ix]):.5g}" in info
+    assert f"{1e4 * float(ds['strain'].values[iy, ix]):.3g} ×10⁻⁴" in info
+    assert f"{1e3 * float(ds['tilt_x'].values[iy, ix]):.3g} mrad" in info
     # one pixel's pattern read, not the scan's
     assert app.data.reads[("p2", "pattern")] == 1
 
@@ -189,6 +190,10 @@ def test_selection_shows_mean_curve_pattern_and_statistics(reduced):
         assert n == np.isfinite(v).sum()
     text = doc.get_model_by_name("selection_info").text
     assert f"{int(mask.sum())} pixels" in text
+    m, sd, _ = stats["tilt_y"]  # one format per quantity, with its unit
+    assert f"{1e3 * m:.3g} ± {1e3 * sd:.3g} mrad" in text
+    m, sd, _ = stats["d_spacing"]
+    assert f"{m:.5f} ± {sd:.5f} Å" in text
     # the patterns are read in one block here (the tiny scan is 12 rows)
     assert app.data.reads[("p1", "pattern")] == 1
 
@@ -306,6 +311,32 @@ def test_cluster_views_once_clustered(clustered):
     ]
     assert fig.x_range.start < xs.min() and fig.x_range.end > xs.max()
     assert fig.x_range.end - fig.x_range.start < 0.05 * (label.shape[1] + 4)
+
+
+def test_a_selection_replaces_the_clicked_pixel_in_every_view(clustered):
+    out = clustered.output_dir
+    doc, _ = _doc(out)
+    ds = open_results(out, "p1")
+    clusters = ds["cluster"].values
+    analysis = zarr.open_group(str(out / "analysis.zarr"), mode="r")
+    iy, ix = map(int, np.argwhere(clusters == 0)[0])
+    _tap(doc, "p1", float(ds.y[iy]), float(ds.x[ix]))
+    pixels = doc.get_model_by_name("pixels_source:p1")
+    # inside cluster 1 alone: the cluster row shows cluster 1's mean
+    pixels.selected.indices = [int(i) for i in np.flatnonzero(clusters == 1)[:3]]
+    info = doc.get_model_by_name("pixel_info").text
+    assert "the views show the selection" in info and "3 pixels" in info
+    assert "in clusters {1}" in info and f"iy={iy}" not in info
+    assert doc.get_model_by_name("pixel_source").data["iy"] == []
+    curve = doc.get_model_by_name("cluster_rocking_source").data["intensity"]
+    np.testing.assert_array_equal(curve, analysis["cluster_rocking_curve"][0, 1])
+    assert "cluster 1's mean" in doc.get_model_by_name("cluster_pattern_figure:qx_qy").title.text
+    # across both clusters: no one cluster's mean
+    both = [int(np.flatnonzero(clusters == c)[0]) for c in (0, 1)]
+    pixels.selected.indices = both
+    assert "in clusters {0, 1}" in doc.get_model_by_name("pixel_info").text
+    assert len(doc.get_model_by_name("cluster_rocking_source").data["intensity"]) == 0
+    assert doc.get_model_by_name("cluster_pattern_source:qx_qy").data["image"] == []
 
 
 def test_explore_returns_an_application_for_notebooks(reduced):
