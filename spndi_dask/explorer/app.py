@@ -46,6 +46,8 @@ from bokeh.models import (
     Range1d,
     Select,
     TableColumn,
+    TabPanel,
+    Tabs,
 )
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
@@ -60,11 +62,14 @@ _AXIS = {0: "qx", 1: "qy", 2: "qz"}
 _GREY = "#d9d9d9"
 #: Scans shown side by side when the document opens (the others through ``scan_select``).
 SHOWN_SCANS = 4
-#: A clicked map (the focused canvas) keeps no dotted focus outline (a stylesheet per figure:
-#: a Bokeh model belongs to one document).
-_NO_FOCUS_OUTLINE = (
-    ":host, :host(:focus), :host(:focus-visible), :focus, :focus-visible { outline: none; }"
-)
+#: The layout's width (px; a 1280 × 800 screen shows maps and views without scrolling) and the
+#: width of the pixel/selection text beside the maps.
+PAGE_WIDTH = 1270
+INFO_WIDTH = 290
+#: A clicked map keeps no dotted focus outline: the focused element (the canvas' events layer)
+#: is in the canvas' own shadow root, out of reach of the figure's selectors, but it draws the
+#: outline in ``--highlight-color``, a custom property that the canvas inherits.
+_NO_FOCUS_OUTLINE = ".bk-Canvas { --highlight-color: transparent; }"
 _TABLE_COLUMNS = (
     "particle",
     "label",
@@ -133,6 +138,7 @@ class ExplorerApp:
         self.mapper = LinearColorMapper(palette=Viridis256, nan_color=(0, 0, 0, 0))
         self.map_sources: dict[str, ColumnDataSource] = {}
         self.color_bars: dict[str, ColorBar] = {}
+        self._map_width = PAGE_WIDTH - INFO_WIDTH  # per shown map, set by build
         self.pixels_sources: dict[str, ColumnDataSource] = {}
         self.marker_sources: dict[str, ColumnDataSource] = {}
         self.figures: dict[str, Any] = {}
@@ -147,12 +153,12 @@ class ExplorerApp:
     def build(self) -> None:
         """Add the layout to the document (reads one map per scan, nothing else)."""
         d = self.data
-        self.status_info = Div(name="status_info", text=self._status_text(), width=900)
+        self.status_info = Div(name="status_info", text=self._status_text(), width=PAGE_WIDTH)
         self.map_select = Select(
             name="map_select", title="map", value=self.shown, options=self.maps, width=160
         )
         self.map_select.on_change("value", self._guard(self._on_map))
-        self.map_info = Div(name="map_info", width=400)
+        self.map_info = Div(name="map_info", width=300)
         scans = list(d.scans)
         self.scan_select = MultiChoice(
             name="scan_select",
@@ -172,30 +178,36 @@ class ExplorerApp:
             )
             self.cluster_legend.on_change("active", self._guard(self._on_clusters))
             controls.append(column(Div(text="<b>clusters shown</b>"), self.cluster_legend))
+        self._map_width = (PAGE_WIDTH - INFO_WIDTH) // max(1, len(self.scan_select.value))
         self.maps_row = row(*[self._figure(scan) for scan in self.scan_select.value])
         self._show_map()
         self.pixel_source = ColumnDataSource(
             name="pixel_source",
             data={"scan": [], "iy": [], "ix": [], "y_um": [], "x_um": []},
         )
-        self.pixel_info = Div(name="pixel_info", text="<i>click a scan pixel</i>", width=420)
+        self.pixel_info = Div(name="pixel_info", text="<i>click a scan pixel</i>", width=INFO_WIDTH)
         self.selection_info = Div(
-            name="selection_info", text="<i>draw a box or lasso on a map</i>", width=420
+            name="selection_info", text="<i>draw a box or lasso on a map</i>", width=INFO_WIDTH
         )
-        side = [self.pixel_info, self.selection_info, self._rocking_figure()]
-        patterns = self._pattern_figures("pattern_source", "pattern of the pixel")
-        rows = [row(*patterns)]
+        rows = [row(*self._pattern_figures("pattern_source", "pattern of the pixel"))]
         if self.data.analysis is not None and "cluster_pattern" in self.data.analysis:
             rows.append(row(*self._pattern_figures("cluster_pattern_source", "its cluster's mean")))
+        views = row(self._rocking_figure(), column(*rows))
         table = self._particles_table()
+        if table is not None:  # the table in a tab: the views fit 1280 × 800 above the fold
+            views = Tabs(
+                name="views_tabs",
+                tabs=[
+                    TabPanel(child=views, title="pixel / selection"),
+                    TabPanel(child=table, title="particles"),
+                ],
+            )
         layout = column(
-            Div(text=f"<h2>{html.escape(self.data.name)}: spndi explorer</h2>"),
+            Div(text=f"<h3 style='margin:0'>{html.escape(self.data.name)}: spndi explorer</h3>"),
             self.status_info,
-            row(*controls),
-            self.map_info,
-            self.maps_row,
-            row(column(*side), column(*rows)),
-            *([table] if table is not None else []),
+            row(*controls, self.map_info),
+            row(self.maps_row, column(self.pixel_info, self.selection_info)),
+            views,
         )
         self.doc.add_root(layout)
         self.doc.add_root(self.pixel_source)  # drawn by no glyph: a root, so the browser has it
@@ -212,14 +224,16 @@ class ExplorerApp:
         dy, dx = s.step
         x0, y0 = float(s.x[0] - dx / 2), float(s.y[0] - dy / 2)
         w, h = dx * s.shape[1], dy * s.shape[0]
-        size = 320
+        # frame: 200 px high, narrower where the shown maps need it (axes, bar: ~130 px)
+        frame_w = min(200 * w / h, max(120, self._map_width - 130))
         fig = figure(
             name=f"map_figure:{scan}",
             title=scan,
             x_range=Range1d(x0, x0 + w),
             y_range=Range1d(y0 + h, y0),  # rows down, as the scan is shown everywhere
-            width=size + 80,
-            height=max(160, int(size * h / w)),
+            frame_width=int(frame_w),
+            frame_height=max(60, int(frame_w * h / w)),
+            toolbar_location="above",
             x_axis_label="x (µm)",
             y_axis_label="y (µm)",
             tools="pan,wheel_zoom,reset,save",
@@ -270,7 +284,10 @@ class ExplorerApp:
         bar = ColorBar(
             name=f"color_bar:{scan}",
             color_mapper=self.mapper,
-            width=10,
+            width=8,
+            padding=2,
+            label_standoff=3,
+            major_label_text_font_size="9px",
             formatter=PrintfTickFormatter(format="%.3g"),  # 0.001, not 1.000e-3
         )
         fig.add_layout(bar, "right")
@@ -287,11 +304,11 @@ class ExplorerApp:
         )
         fig = figure(
             name="rocking_figure",
-            title="rocking curve (drift-corrected)",
-            width=420,
-            height=260,
+            title="rocking curve",
+            width=400,
+            height=350,
             x_axis_label="angle (deg)",
-            y_axis_label="intensity",
+            y_axis_label="intensity (drift-corrected)",
             tools="pan,wheel_zoom,reset,save",
         )
         shown = [
@@ -341,8 +358,9 @@ class ExplorerApp:
             fig = figure(
                 name=f"{prefix.replace('source', 'figure')}:{name}",
                 title=f"{what}: {_AXIS[h]}–{_AXIS[v]}",
-                width=250,
-                height=230,
+                width=(PAGE_WIDTH - 400) // 3,
+                height=175,
+                toolbar_location="above",
                 x_range=extent[0],
                 y_range=extent[1],
                 x_axis_label=f"Δ{_AXIS[h]} (1/Å)",
@@ -391,8 +409,8 @@ class ExplorerApp:
             name="particles_table",
             source=self.table_source,
             columns=columns,
-            width=1100,
-            height=min(300, 30 + 26 * len(rows)),
+            width=PAGE_WIDTH - 20,
+            height=min(340, 30 + 26 * len(rows)),
             selectable=True,
             reorderable=False,
         )
@@ -630,7 +648,7 @@ class ExplorerApp:
             )
 
     def _titles(self, curve: str, pattern: str) -> None:
-        self.rocking_figure.title.text = f"rocking curve (drift-corrected): {curve}"
+        self.rocking_figure.title.text = f"rocking curve: {curve}"
         for name, fig in self.pattern_figures.items():
             h, v, _ = PROJECTIONS[name]
             fig.title.text = f"{pattern}: {_AXIS[h]}–{_AXIS[v]}"

@@ -261,7 +261,7 @@ def test_views_keep_the_data_visible(reduced):
     (selectable,) = [r for r in fig.renderers if r.data_source is pixels]
     assert 0 < selectable.selection_glyph.fill_alpha < 1  # the map's colours show through
     assert selectable.selection_glyph.line_alpha == 0
-    assert any("outline: none" in sheet.css for sheet in fig.stylesheets)
+    assert any("--highlight-color: transparent" in sheet.css for sheet in fig.stylesheets)
 
 
 # -- partial and complete results ----------------------------------------------------------------
