@@ -259,7 +259,7 @@ class ExplorerApp:
             "y",
             source=pix,
             marker="square",
-            size=4,
+            size=max(3.0, frame_w / s.shape[1]),  # a scan pixel's width: selected pixels tile
             fill_alpha=0,
             line_alpha=0,
             selection_fill_color="white",  # a translucent wash: the map's colours show through
