@@ -12,7 +12,9 @@ JavaScript. The model names (``name=``) are the interface the browser tests look
 * ``pixel_source`` (``scan``, ``iy``, ``ix``, ``y_um``, ``x_um``), ``rocking_source``
   (``angle``, ``intensity``), ``pattern_source:qx_qy|qx_qz|qy_qz`` and, once ``spndi analyze``
   has run, ``cluster_pattern_source:...`` and ``cluster_rocking_source``;
-* ``pixel_info``, ``selection_info``, ``status_info`` (Divs), ``particles_table``.
+* ``pixel_info``, ``selection_info``, ``status_info``, ``map_info`` (Divs), ``particles_table``
+  (in the ``views_tabs`` tab "particles"), ``color_bar:<scan>`` (titled with the map's unit),
+  ``rocking_legend``.
 
 A click on a map (a :class:`bokeh.events.Tap`) shows that pixel; a box or lasso selection on a
 map shows the selection's mean rocking curve and pattern and its statistics.
