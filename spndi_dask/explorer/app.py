@@ -12,7 +12,9 @@ JavaScript. The model names (``name=``) are the interface the browser tests look
 * ``pixel_source`` (``scan``, ``iy``, ``ix``, ``y_um``, ``x_um``), ``rocking_source``
   (``angle``, ``intensity``), ``pattern_source:qx_qy|qx_qz|qy_qz`` and, once ``spndi analyze``
   has run, ``cluster_pattern_source:...`` and ``cluster_rocking_source``;
-* ``pixel_info``, ``selection_info``, ``status_info`` (Divs), ``particles_table``.
+* ``pixel_info``, ``selection_info``, ``status_info``, ``map_info`` (Divs), ``particles_table``
+  (in the ``views_tabs`` tab "particles"), ``color_bar:<scan>`` (titled with the map's unit),
+  ``rocking_legend``.
 
 A click on a map (a :class:`bokeh.events.Tap`) shows that pixel; a box or lasso selection on a
 map shows the selection's mean rocking curve and pattern and its statistics.
@@ -35,13 +37,19 @@ from bokeh.models import (
     ColumnDataSource,
     DataTable,
     Div,
+    InlineStyleSheet,
     LassoSelectTool,
+    Legend,
+    LegendItem,
     LinearColorMapper,
     MultiChoice,
     NumberFormatter,
+    PrintfTickFormatter,
     Range1d,
     Select,
     TableColumn,
+    TabPanel,
+    Tabs,
 )
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
@@ -56,6 +64,14 @@ _AXIS = {0: "qx", 1: "qy", 2: "qz"}
 _GREY = "#d9d9d9"
 #: Scans shown side by side when the document opens (the others through ``scan_select``).
 SHOWN_SCANS = 4
+#: The layout's width (px; a 1280 × 800 screen shows maps and views without scrolling) and the
+#: width of the pixel/selection text beside the maps.
+PAGE_WIDTH = 1270
+INFO_WIDTH = 290
+#: A clicked map keeps no dotted focus outline: the focused element (the canvas' events layer)
+#: is in the canvas' own shadow root, out of reach of the figure's selectors, but it draws the
+#: outline in ``--highlight-color``, a custom property that the canvas inherits.
+_NO_FOCUS_OUTLINE = ".bk-Canvas { --highlight-color: transparent; }"
 _TABLE_COLUMNS = (
     "particle",
     "label",
@@ -68,14 +84,39 @@ _TABLE_COLUMNS = (
 )
 
 
+#: Stage attrs of a scan's node -> what the status line calls them.
+_STAGE_NAMES = {
+    "particles": "particles",
+    "features": "features",
+    "decompose": "decomposition (PCA/NMF loadings)",
+    "cluster": "clusters",
+}
+
+
 def _image_data(img: np.ndarray | None, x0: float, y0: float, dw: float, dh: float) -> dict:
     if img is None:
         return {"image": [], "x": [], "y": [], "dw": [], "dh": []}
     return {"image": [img], "x": [x0], "y": [y0], "dw": [dw], "dh": [dh]}
 
 
-def _fmt(v: float) -> str:
-    return "–" if not np.isfinite(v) else f"{v:.5g}"
+#: How the pixel and selection views print a quantity: name -> (scale, unit, format); one
+#: format per quantity, so a pixel's value and a selection's mean ± std read alike.
+_SHOWN = {
+    "strain": (1e4, "×10⁻⁴", "{:.3g}"),
+    "tilt_x": (1e3, "mrad", "{:.3g}"),
+    "tilt_y": (1e3, "mrad", "{:.3g}"),
+    "d_spacing": (1.0, "Å", "{:.5f}"),
+    "intensity": (1.0, "counts", "{:.4g}"),
+    "label": (1.0, "", "{:.0f}"),
+    "cluster": (1.0, "", "{:.0f}"),
+}
+
+
+def _fmt(name: str, *values: float) -> str:
+    """``values`` of quantity ``name`` in its :data:`_SHOWN` scale and format, joined by ±."""
+    scale, unit, fmt = _SHOWN.get(name, (1.0, "", "{:.4g}"))
+    text = " ± ".join("–" if not np.isfinite(v) else fmt.format(v * scale) for v in values)
+    return f"{text} {unit}" if unit else text
 
 
 class ExplorerApp:
@@ -98,12 +139,15 @@ class ExplorerApp:
         self._cache: dict[tuple[str, str], np.ndarray] = {}
         self.mapper = LinearColorMapper(palette=Viridis256, nan_color=(0, 0, 0, 0))
         self.map_sources: dict[str, ColumnDataSource] = {}
+        self.color_bars: dict[str, ColorBar] = {}
+        self._map_width = PAGE_WIDTH - INFO_WIDTH  # per shown map, set by build
         self.pixels_sources: dict[str, ColumnDataSource] = {}
         self.marker_sources: dict[str, ColumnDataSource] = {}
         self.figures: dict[str, Any] = {}
         self.pattern_sources: dict[str, ColumnDataSource] = {}
         self.pattern_figures: dict[str, Any] = {}
         self.cluster_pattern_sources: dict[str, ColumnDataSource] = {}
+        self.cluster_pattern_figures: dict[str, Any] = {}
         self.cluster_legend: CheckboxGroup | None = None
         self.selection_stats: dict[str, Any] | None = None
 
@@ -111,11 +155,12 @@ class ExplorerApp:
     def build(self) -> None:
         """Add the layout to the document (reads one map per scan, nothing else)."""
         d = self.data
-        self.status_info = Div(name="status_info", text=self._status_text(), width=900)
+        self.status_info = Div(name="status_info", text=self._status_text(), width=PAGE_WIDTH)
         self.map_select = Select(
             name="map_select", title="map", value=self.shown, options=self.maps, width=160
         )
         self.map_select.on_change("value", self._guard(self._on_map))
+        self.map_info = Div(name="map_info", width=300)
         scans = list(d.scans)
         self.scan_select = MultiChoice(
             name="scan_select",
@@ -135,29 +180,36 @@ class ExplorerApp:
             )
             self.cluster_legend.on_change("active", self._guard(self._on_clusters))
             controls.append(column(Div(text="<b>clusters shown</b>"), self.cluster_legend))
+        self._map_width = (PAGE_WIDTH - INFO_WIDTH) // max(1, len(self.scan_select.value))
         self.maps_row = row(*[self._figure(scan) for scan in self.scan_select.value])
         self._show_map()
         self.pixel_source = ColumnDataSource(
             name="pixel_source",
             data={"scan": [], "iy": [], "ix": [], "y_um": [], "x_um": []},
         )
-        self.pixel_info = Div(name="pixel_info", text="<i>click a scan pixel</i>", width=420)
+        self.pixel_info = Div(name="pixel_info", text="<i>click a scan pixel</i>", width=INFO_WIDTH)
         self.selection_info = Div(
-            name="selection_info", text="<i>draw a box or lasso on a map</i>", width=420
+            name="selection_info", text="<i>draw a box or lasso on a map</i>", width=INFO_WIDTH
         )
-        side = [self.pixel_info, self.selection_info, self._rocking_figure()]
-        patterns = self._pattern_figures("pattern_source", "pattern of the pixel")
-        rows = [row(*patterns)]
+        rows = [row(*self._pattern_figures("pattern_source", "pattern of the pixel"))]
         if self.data.analysis is not None and "cluster_pattern" in self.data.analysis:
             rows.append(row(*self._pattern_figures("cluster_pattern_source", "its cluster's mean")))
+        views = row(self._rocking_figure(), column(*rows))
         table = self._particles_table()
+        if table is not None:  # the table in a tab: the views fit 1280 × 800 above the fold
+            views = Tabs(
+                name="views_tabs",
+                tabs=[
+                    TabPanel(child=views, title="pixel / selection"),
+                    TabPanel(child=table, title="particles"),
+                ],
+            )
         layout = column(
-            Div(text=f"<h2>{html.escape(self.data.name)}: spndi explorer</h2>"),
+            Div(text=f"<h3 style='margin:0'>{html.escape(self.data.name)}: spndi explorer</h3>"),
             self.status_info,
-            row(*controls),
-            self.maps_row,
-            row(column(*side), column(*rows)),
-            *([table] if table is not None else []),
+            row(*controls, self.map_info),
+            row(self.maps_row, column(self.pixel_info, self.selection_info)),
+            views,
         )
         self.doc.add_root(layout)
         self.doc.add_root(self.pixel_source)  # drawn by no glyph: a root, so the browser has it
@@ -174,18 +226,21 @@ class ExplorerApp:
         dy, dx = s.step
         x0, y0 = float(s.x[0] - dx / 2), float(s.y[0] - dy / 2)
         w, h = dx * s.shape[1], dy * s.shape[0]
-        size = 320
+        # frame: 200 px high, narrower where the shown maps need it (axes, bar: ~130 px)
+        frame_w = min(200 * w / h, max(120, self._map_width - 130))
         fig = figure(
             name=f"map_figure:{scan}",
             title=scan,
             x_range=Range1d(x0, x0 + w),
             y_range=Range1d(y0 + h, y0),  # rows down, as the scan is shown everywhere
-            width=size + 80,
-            height=max(160, int(size * h / w)),
+            frame_width=int(frame_w),
+            frame_height=max(60, int(frame_w * h / w)),
+            toolbar_location="above",
             x_axis_label="x (µm)",
             y_axis_label="y (µm)",
             tools="pan,wheel_zoom,reset,save",
             match_aspect=True,
+            stylesheets=[InlineStyleSheet(css=_NO_FOCUS_OUTLINE)],
         )
         src = ColumnDataSource(name=f"map_source:{scan}", data=_image_data(None, x0, y0, w, h))
         fig.image(
@@ -206,12 +261,12 @@ class ExplorerApp:
             "y",
             source=pix,
             marker="square",
-            size=4,
+            size=max(3.0, frame_w / s.shape[1]),  # a scan pixel's width: selected pixels tile
             fill_alpha=0,
             line_alpha=0,
-            selection_fill_alpha=0,
-            selection_line_color="white",
-            selection_line_alpha=0.8,
+            selection_fill_color="white",  # a translucent wash: the map's colours show through
+            selection_fill_alpha=0.35,
+            selection_line_alpha=0,
             nonselection_fill_alpha=0,
             nonselection_line_alpha=0,
         )
@@ -228,7 +283,17 @@ class ExplorerApp:
             line_color="red",
             line_width=2,
         )
-        fig.add_layout(ColorBar(color_mapper=self.mapper, width=10), "right")
+        bar = ColorBar(
+            name=f"color_bar:{scan}",
+            color_mapper=self.mapper,
+            width=8,
+            padding=2,
+            label_standoff=3,
+            major_label_text_font_size="9px",
+            formatter=PrintfTickFormatter(format="%.3g"),  # 0.001, not 1.000e-3
+        )
+        fig.add_layout(bar, "right")
+        self.color_bars[scan] = bar
         fig.on_event(Tap, self._guard_event(partial(self._on_tap, scan)))
         self.map_sources[scan] = src
         self.pixels_sources[scan] = pix
@@ -241,31 +306,43 @@ class ExplorerApp:
         )
         fig = figure(
             name="rocking_figure",
-            title="rocking curve (drift-corrected)",
-            width=420,
-            height=260,
+            title="rocking curve",
+            width=400,
+            height=350,
             x_axis_label="angle (deg)",
-            y_axis_label="intensity",
+            y_axis_label="intensity (drift-corrected)",
             tools="pan,wheel_zoom,reset,save",
         )
-        fig.line(
-            "angle", "intensity", source=self.rocking_source, line_width=2, legend_label="shown"
-        )
-        fig.scatter("angle", "intensity", source=self.rocking_source, size=5)
+        shown = [
+            fig.line("angle", "intensity", source=self.rocking_source, line_width=2),
+            fig.scatter("angle", "intensity", source=self.rocking_source, size=5),
+        ]
+        items = [LegendItem(label="shown", renderers=shown)]
         self.cluster_rocking_source = None
         if self.data.analysis is not None and "cluster_rocking_curve" in self.data.analysis:
             self.cluster_rocking_source = ColumnDataSource(
                 name="cluster_rocking_source", data={"angle": [], "intensity": []}
             )
-            fig.line(
+            mean = fig.line(
                 "angle",
                 "intensity",
                 source=self.cluster_rocking_source,
                 line_dash="dashed",
                 color="grey",
-                legend_label="cluster mean",
             )
-        fig.legend.location = "top_left"
+            items.append(LegendItem(label="cluster mean", renderers=[mean]))
+        # above the plot (never over the curve); a click on an entry hides that curve
+        legend = Legend(
+            name="rocking_legend",
+            items=items,
+            orientation="horizontal",
+            click_policy="hide",
+            location="top_right",
+            padding=2,
+            margin=0,
+            border_line_alpha=0,
+        )
+        fig.add_layout(legend, "above")
         self.rocking_figure = fig
         return fig
 
@@ -283,8 +360,9 @@ class ExplorerApp:
             fig = figure(
                 name=f"{prefix.replace('source', 'figure')}:{name}",
                 title=f"{what}: {_AXIS[h]}–{_AXIS[v]}",
-                width=250,
-                height=230,
+                width=(PAGE_WIDTH - 400) // 3,
+                height=175,
+                toolbar_location="above",
                 x_range=extent[0],
                 y_range=extent[1],
                 x_axis_label=f"Δ{_AXIS[h]} (1/Å)",
@@ -302,8 +380,8 @@ class ExplorerApp:
             )
             fig.xaxis.ticker.desired_num_ticks = 3
             figs.append(fig)
-            if prefix == "pattern_source":
-                self.pattern_figures[name] = fig
+            figures = self.pattern_figures if prefix == "pattern_source" else None
+            (figures if figures is not None else self.cluster_pattern_figures)[name] = fig
         self._q_axes = axes
         return figs
 
@@ -333,8 +411,8 @@ class ExplorerApp:
             name="particles_table",
             source=self.table_source,
             columns=columns,
-            width=1100,
-            height=min(300, 30 + 26 * len(rows)),
+            width=PAGE_WIDTH - 20,
+            height=min(340, 30 + 26 * len(rows)),
             selectable=True,
             reorderable=False,
         )
@@ -345,21 +423,26 @@ class ExplorerApp:
         stages = {s for sc in d.scans.values() for s in sc.stages}
         patterns = any("pattern" in sc.variables for sc in d.scans.values())
         have = ["maps", "rocking curves", *(["patterns"] if patterns else [])] + [
-            {"particles": "particles", "features": "features", "cluster": "clusters"}[s]
-            for s in ("particles", "features", "cluster")
-            if s in stages
+            _STAGE_NAMES[s] for s in _STAGE_NAMES if s in stages
         ]
+        if d.analysis is not None:
+            have.append("cluster means (analysis)")
         lines = [f"<b>{html.escape(str(d.output))}</b>: {', '.join(have)}"]
         lines += [html.escape(m) for m in d.missing().values()]
         return "<br>".join(lines)
 
-    def map_image(self, scan: str, name: str) -> np.ndarray:
-        """The map as shown: float64, NaN where a cluster is toggled off in the legend."""
+    def map_image(self, scan: str, name: str, *, masked: bool = True) -> np.ndarray:
+        """The map as shown: float64, NaN where a cluster is toggled off in the legend (unless
+        ``masked`` is false); each map is read once."""
         key = (scan, name)
         if key not in self._cache:
             self._cache[key] = self.data.map(scan, name)
         img = self._cache[key]
-        if self.cluster_legend is not None and len(self.cluster_legend.active) < (self.k or 0):
+        if (
+            masked
+            and self.cluster_legend is not None
+            and len(self.cluster_legend.active) < (self.k or 0)
+        ):
             if (scan, "cluster") not in self._cache:
                 self._cache[(scan, "cluster")] = self.data.map(scan, "cluster")
             clusters = self._cache[(scan, "cluster")]
@@ -383,6 +466,9 @@ class ExplorerApp:
             hi = hi if hi > lo else lo + 1e-12
             self.mapper.update(palette=Viridis256, low=float(lo), high=float(hi))
         unit = self.data.units(name)
+        title = f"{name} ({unit})" if unit else name
+        about = html.escape(self.data.long_name(name))
+        self.map_info.text = f"<b>{html.escape(title)}</b>: {about}"
         for scan, img in images.items():
             src = self.map_sources[scan]
             data = dict(src.data)
@@ -399,7 +485,8 @@ class ExplorerApp:
             else:
                 data["image"] = [img]
             src.data = data
-            self.figures[scan].title.text = f"{scan}: {name}" + (f" ({unit})" if unit else "")
+            self.figures[scan].title.text = f"{scan}: {name}"
+            self.color_bars[scan].title = title
 
     # -- callbacks --------------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:
@@ -490,22 +577,9 @@ class ExplorerApp:
         self._show_patterns(self.pattern_sources, d.pattern(scan, iy, ix))
         values = d.pixel_values(scan, iy, ix)
         cluster = int(values["cluster"]) if np.isfinite(values.get("cluster", np.nan)) else None
-        if self.cluster_pattern_sources:
-            pat = d.cluster_pattern(cluster) if cluster is not None and cluster >= 0 else None
-            self._show_patterns(self.cluster_pattern_sources, pat)
-        if self.cluster_rocking_source is not None:
-            curve = (
-                d.cluster_rocking_curve(scan, cluster)
-                if cluster is not None and cluster >= 0
-                else None
-            )
-            self.cluster_rocking_source.data = (
-                {"angle": s.angle, "intensity": curve}
-                if curve is not None
-                else {"angle": [], "intensity": []}
-            )
+        self._show_cluster(scan, cluster, "its cluster's mean")
         rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in values.items()
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(k, v)}</td></tr>" for k, v in values.items()
         )
         self.pixel_info.text = (
             f"<b>{html.escape(scan)}</b> pixel (iy={iy}, ix={ix}) at y={y_um:.4g} µm, "
@@ -527,7 +601,7 @@ class ExplorerApp:
         self._show_patterns(self.pattern_sources, sel["pattern"])
         stats = sel["stats"]
         rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{_fmt(m)} ± {_fmt(sd)}</td><td>({n} valid)</td></tr>"
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(k, m, sd)}</td><td>({n} valid)</td></tr>"
             for k, (m, sd, n) in ((k, v) for k, v in stats.items() if k != "count")
         )
         self.selection_info.text = (
@@ -535,9 +609,48 @@ class ExplorerApp:
             f"views show their mean)<table>{rows}</table>"
         )
         self.selection_stats = stats
+        # the cluster row: the mean of the selection's cluster when it lies in one
+        clusters: list[int] = []
+        if self.data.has(scan, "cluster"):
+            found = self.map_image(scan, "cluster", masked=False)[mask]
+            clusters = sorted({int(c) for c in found[np.isfinite(found) & (found >= 0)]})
+        cluster = clusters[0] if len(clusters) == 1 else None
+        self._show_cluster(
+            scan, cluster, f"cluster {cluster}'s mean" if cluster is not None else "cluster mean"
+        )
+        self.pixel_source.data = {k: [] for k in self.pixel_source.data}
+        for m in self.marker_sources.values():
+            m.data = {"x": [], "y": []}
+        where = f" in clusters {{{', '.join(map(str, clusters))}}}" if clusters else ""
+        self.pixel_info.text = (
+            f"<i>the views show the selection</i>: {stats['count']} pixels of "
+            f"<b>{html.escape(scan)}</b>{where}"
+            + ("" if cluster is not None or not clusters else " (no one cluster's mean shown)")
+            + "; click a pixel to show it"
+        )
+
+    def _show_cluster(self, scan: str, cluster: int | None, title: str) -> None:
+        """The cluster row: one cluster's mean pattern and rocking curve, or empty (None or a
+        pixel outside the clusters)."""
+        d, s = self.data, self.data.scans[scan]
+        if cluster is not None and cluster < 0:
+            cluster = None
+        if self.cluster_pattern_sources:
+            pat = d.cluster_pattern(cluster) if cluster is not None else None
+            self._show_patterns(self.cluster_pattern_sources, pat)
+            for name, fig in self.cluster_pattern_figures.items():
+                h, v, _ = PROJECTIONS[name]
+                fig.title.text = f"{title}: {_AXIS[h]}–{_AXIS[v]}"
+        if self.cluster_rocking_source is not None:
+            curve = d.cluster_rocking_curve(scan, cluster) if cluster is not None else None
+            self.cluster_rocking_source.data = (
+                {"angle": s.angle, "intensity": curve}
+                if curve is not None
+                else {"angle": [], "intensity": []}
+            )
 
     def _titles(self, curve: str, pattern: str) -> None:
-        self.rocking_figure.title.text = f"rocking curve (drift-corrected): {curve}"
+        self.rocking_figure.title.text = f"rocking curve: {curve}"
         for name, fig in self.pattern_figures.items():
             h, v, _ = PROJECTIONS[name]
             fig.title.text = f"{pattern}: {_AXIS[h]}–{_AXIS[v]}"

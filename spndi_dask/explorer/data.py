@@ -32,9 +32,9 @@ import zarr
 
 from spndi_dask.io.integrity import read
 from spndi_dask.io.layout import OutputLayout, read_attrs
-from spndi_dask.io.results_store import MAP_VARIABLES
 
 __all__ = [
+    "COMPONENT_MAPS",
     "MAPS",
     "PROJECTIONS",
     "STAT_VARIABLES",
@@ -53,16 +53,27 @@ MAPS: dict[str, str] = {
     "tilt_x": "reduce",
     "tilt_y": "reduce",
     "d_spacing": "reduce",
+    "strain_sigma": "reduce",
+    "tilt_x_sigma": "reduce",
+    "tilt_y_sigma": "reduce",
+    "d_spacing_sigma": "reduce",
     "width_x": "reduce",
     "width_y": "reduce",
     "width_z": "reduce",
     "intensity": "reduce",
     "peak_angle": "reduce",
     "quality": "reduce",
+    "peak_amplitude": "reduce",  # peak = "gaussian" only
+    "peak_background": "reduce",
+    "peak_chi2": "reduce",
     "label": "stats",
     "cluster": "cluster",
     "region": "analyze",
+    "pca_loading": "decompose",  # (y, x, component): one menu entry per component
+    "nmf_loading": "decompose",
 }
+#: Maps with a component axis, offered as ``name[i]``.
+COMPONENT_MAPS = ("pca_loading", "nmf_loading")
 #: Integer maps (shown with a categorical palette).
 CATEGORICAL = ("quality", "label", "cluster", "region")
 #: The three projections of a 3D pattern: name -> (horizontal axis, vertical axis, summed axis).
@@ -262,7 +273,9 @@ class ExplorerData:
     def _scan(group: zarr.Group) -> Scan:
         attrs = dict(group.attrs)
         coords = {c: np.asarray(group[c][...]) for c in ("y", "x", "angle")}
-        stages = tuple(s for s in ("particles", "features", "cluster", "analysis") if s in attrs)
+        stages = tuple(
+            s for s in ("particles", "features", "decompose", "cluster", "analysis") if s in attrs
+        )
         return Scan(
             name=group.basename,
             y=coords["y"],
@@ -284,28 +297,62 @@ class ExplorerData:
         return np.asarray(read(self._array(scan, name), selection))
 
     def has(self, scan: str, name: str) -> bool:
-        """Whether scan ``scan`` has the array ``name`` (written by a stage that completed)."""
+        """Whether scan ``scan`` has the array (or map entry) ``name``, written by a stage that
+        completed."""
+        name, _ = _split(name)
         s = self.scans[scan]
-        stage = {"label": "particles", "latent": "features", "cluster": "cluster"}.get(name)
-        if name == "region":
-            stage = "analysis"
+        stage = {
+            "label": "particles",
+            "latent": "features",
+            "cluster": "cluster",
+            "region": "analysis",
+            "pca_loading": "decompose",
+            "nmf_loading": "decompose",
+        }.get(name)
         return name in s.variables and (stage is None or stage in s.stages)
 
     def maps(self) -> list[str]:
-        """The maps present in at least one shown scan, in :data:`MAPS` order."""
-        return [m for m in MAPS if any(self.has(s, m) for s in self.scans)]
+        """The maps present in at least one shown scan, in :data:`MAPS` order; a loading map
+        gives one entry per component (``pca_loading[0]``, ...; shape metadata only)."""
+        out = []
+        for m in MAPS:
+            scans = [s for s in self.scans if self.has(s, m)]
+            if not scans:
+                continue
+            if m in COMPONENT_MAPS:
+                n = max(self._array(s, m).shape[2] for s in scans)
+                out += [f"{m}[{i}]" for i in range(n)]
+            else:
+                out.append(m)
+        return out
 
     def map(self, scan: str, name: str) -> np.ndarray:
-        """One ``(y, x)`` map of one scan (float64; NaN where the scan lacks it)."""
-        if not self.has(scan, name):
+        """One ``(y, x)`` map of one scan (float64; NaN where the scan lacks it).
+
+        ``name`` is a :meth:`maps` entry: ``pca_loading[2]`` reads that component's plane only.
+        """
+        base, component = _split(name)
+        if not self.has(scan, base):
             return np.full(self.scans[scan].shape, np.nan)
-        return self._read(scan, name).astype(np.float64)
+        if component is None:
+            return self._read(scan, base).astype(np.float64)
+        if component >= self._array(scan, base).shape[2]:
+            return np.full(self.scans[scan].shape, np.nan)
+        return self._read(scan, base, (slice(None), slice(None), component)).astype(np.float64)
 
     def units(self, name: str) -> str:
-        """The unit of a map (as ``reduce`` records it)."""
-        return {"strain": "", "tilt_x": "rad", "tilt_y": "rad"}.get(
-            name, MAP_VARIABLES.get(name, "")
-        )
+        """The unit of a map (its ``units`` attr; empty for a dimensionless ``"1"``)."""
+        unit = str(self._map_attrs(name).get("units", ""))
+        return "" if unit == "1" else unit
+
+    def long_name(self, name: str) -> str:
+        """What a map is (its ``long_name`` attr, else its name)."""
+        return str(self._map_attrs(name).get("long_name") or _split(name)[0])
+
+    def _map_attrs(self, name: str) -> dict[str, Any]:
+        base, _ = _split(name)
+        scan = next((s for s in self.scans if self.has(s, base)), None)
+        return {} if scan is None else dict(self._array(scan, base).attrs)
 
     # -- one pixel --------------------------------------------------------------------------------
     def rocking_curve(self, scan: str, iy: int, ix: int) -> np.ndarray:
@@ -443,6 +490,14 @@ class ExplorerData:
             for stage, (what, cmd) in _STAGES.items()
             if not have[stage]
         }
+
+
+def _split(name: str) -> tuple[str, int | None]:
+    """``"pca_loading[2]"`` -> ``("pca_loading", 2)``; a plain map name -> ``(name, None)``."""
+    if name.endswith("]") and "[" in name:
+        base, _, index = name[:-1].partition("[")
+        return base, int(index)
+    return name, None
 
 
 def _node_meta(path: Path) -> dict[str, Any]:

@@ -167,7 +167,21 @@ def test_a_click_on_a_pixel_sends_exactly_that_pixels_data(page, outputs):
             )
         info = bw.model_property(page, "pixel_info", "text")
         assert scan in info, info
+        # the clicked map has focus but draws no focus outline
+        focused = page.evaluate(_JS_FOCUS_OUTLINE)
+        assert focused is not None  # the click focused an element of the map
+        assert focused[0] == "none" or focused[1] == "rgba(0, 0, 0, 0)", focused
     _no_errors(page)
+
+
+# the focused element's outline (style, colour), through the open shadow roots
+_JS_FOCUS_OUTLINE = """() => {
+  let e = document.activeElement;
+  while (e && e.shadowRoot && e.shadowRoot.activeElement) e = e.shadowRoot.activeElement;
+  if (!e || e === document.body) return null;
+  const cs = getComputedStyle(e);
+  return [cs.outlineStyle, cs.outlineColor];
+}"""
 
 
 @needs_browser

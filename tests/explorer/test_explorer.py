@@ -152,7 +152,8 @@ def test_click_shows_that_pixels_curve_and_pattern_bit_exact(reduced):
         np.testing.assert_array_equal(got, img)
     info = doc.get_model_by_name("pixel_info").text
     assert f"iy={iy}, ix={ix}" in info
-    assert f"{float(ds['strain'].values[iy, ix]):.5g}" in info
+    assert f"{1e4 * float(ds['strain'].values[iy, ix]):.3g} ×10⁻⁴" in info
+    assert f"{1e3 * float(ds['tilt_x'].values[iy, ix]):.3g} mrad" in info
     # one pixel's pattern read, not the scan's
     assert app.data.reads[("p2", "pattern")] == 1
 
@@ -189,6 +190,10 @@ def test_selection_shows_mean_curve_pattern_and_statistics(reduced):
         assert n == np.isfinite(v).sum()
     text = doc.get_model_by_name("selection_info").text
     assert f"{int(mask.sum())} pixels" in text
+    m, sd, _ = stats["tilt_y"]  # one format per quantity, with its unit
+    assert f"{1e3 * m:.3g} ± {1e3 * sd:.3g} mrad" in text
+    m, sd, _ = stats["d_spacing"]
+    assert f"{m:.5f} ± {sd:.5f} Å" in text
     # the patterns are read in one block here (the tiny scan is 12 rows)
     assert app.data.reads[("p1", "pattern")] == 1
 
@@ -205,6 +210,60 @@ def test_map_select_shows_that_map_on_every_scan(reduced):
         assert "tilt_x" in doc.get_model_by_name(f"map_figure:{scan}").title.text
 
 
+def test_sigma_loading_and_peak_maps_are_offered_lazily_with_units(reduced, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(reduced.output_dir / "results.zarr", root / "results.zarr")
+    # a decompose stage's loadings (3 PCA components) and a gaussian reduce's peak_chi2 on p1
+    node = zarr.open_group(str(root / "results.zarr" / "p1"), mode="r+")
+    ny, nx = node["strain"].shape
+    loading = np.arange(ny * nx * 3, dtype=np.float32).reshape(ny, nx, 3)
+    arr = node.create_array("pca_loading", shape=loading.shape, dtype="f4", chunks=(ny, nx, 3))
+    arr[...] = loading
+    arr.attrs.update({"_ARRAY_DIMENSIONS": ["y", "x", "pca_component"], "long_name": "PCA"})
+    node.attrs.update({"decompose": {"fingerprint": "made-up"}})
+    chi2 = node.create_array("peak_chi2", shape=(ny, nx), dtype="f4", chunks=(ny, nx))
+    chi2[...] = 2.0
+    chi2.attrs.update({"units": "1", "long_name": "reduced chi-square of the fit"})
+    doc, app = _doc(root)
+    options = doc.get_model_by_name("map_select").options
+    sigmas = ["strain_sigma", "tilt_x_sigma", "tilt_y_sigma", "d_spacing_sigma"]
+    assert set(sigmas) <= set(options)  # reduce writes them
+    assert [o for o in options if o.startswith("pca")] == [f"pca_loading[{i}]" for i in range(3)]
+    assert "peak_chi2" in options and "nmf_loading[0]" not in options
+    assert ("p1", "pca_loading") not in app.data.reads  # offered from metadata alone
+    doc.get_model_by_name("map_select").value = "pca_loading[2]"
+    np.testing.assert_array_equal(
+        doc.get_model_by_name("map_source:p1").data["image"][0], loading[:, :, 2]
+    )
+    assert np.isnan(doc.get_model_by_name("map_source:p2").data["image"][0]).all()  # p2 lacks it
+    assert app.data.reads[("p1", "pca_loading")] == 1
+    doc.get_model_by_name("map_select").value = "tilt_x_sigma"
+    expect = zarr.open_array(str(root / "results.zarr" / "p2" / "tilt_x_sigma"), mode="r")
+    np.testing.assert_array_equal(
+        doc.get_model_by_name("map_source:p2").data["image"][0], expect[...]
+    )
+    assert doc.get_model_by_name("color_bar:p2").title == "tilt_x_sigma (rad)"
+    assert "standard error of tilt_x" in doc.get_model_by_name("map_info").text
+    doc.get_model_by_name("map_select").value = "strain"  # dimensionless: no unit
+    assert doc.get_model_by_name("color_bar:p1").title == "strain"
+
+
+def test_views_keep_the_data_visible(reduced):
+    doc, _ = _doc(reduced.output_dir)
+    rocking = doc.get_model_by_name("rocking_figure")
+    legend = doc.get_model_by_name("rocking_legend")
+    assert legend in rocking.above and legend.click_policy == "hide"  # not over the curve
+    assert not [r for r in rocking.center if r.__class__.__name__ == "Legend"]
+    fig = doc.get_model_by_name("map_figure:p1")
+    bar = doc.get_model_by_name("color_bar:p1")
+    assert bar.formatter.format == "%.3g"  # 0.001, not 1.000e-3
+    pixels = doc.get_model_by_name("pixels_source:p1")
+    (selectable,) = [r for r in fig.renderers if r.data_source is pixels]
+    assert 0 < selectable.selection_glyph.fill_alpha < 1  # the map's colours show through
+    assert selectable.selection_glyph.line_alpha == 0
+    assert any("--highlight-color: transparent" in sheet.css for sheet in fig.stylesheets)
+
+
 # -- partial and complete results ----------------------------------------------------------------
 def test_partial_results_say_what_is_missing(reduced):
     doc, _ = _doc(reduced.source)
@@ -218,9 +277,9 @@ def test_partial_results_say_what_is_missing(reduced):
 def test_cluster_views_once_clustered(clustered):
     out = clustered.output_dir
     doc, app = _doc(out)
-    assert "not computed" not in doc.get_model_by_name("status_info").text.replace(
-        "latent features: not computed yet", ""
-    )
+    status = doc.get_model_by_name("status_info").text
+    assert "not computed" not in status.replace("latent features: not computed yet", "")
+    assert "particles, clusters, cluster means (analysis)" in status
     ds = open_results(out, "p1")
     clusters = ds["cluster"].values
     iy, ix = map(int, np.argwhere(clusters == 1)[0])
@@ -252,6 +311,32 @@ def test_cluster_views_once_clustered(clustered):
     ]
     assert fig.x_range.start < xs.min() and fig.x_range.end > xs.max()
     assert fig.x_range.end - fig.x_range.start < 0.05 * (label.shape[1] + 4)
+
+
+def test_a_selection_replaces_the_clicked_pixel_in_every_view(clustered):
+    out = clustered.output_dir
+    doc, _ = _doc(out)
+    ds = open_results(out, "p1")
+    clusters = ds["cluster"].values
+    analysis = zarr.open_group(str(out / "analysis.zarr"), mode="r")
+    iy, ix = map(int, np.argwhere(clusters == 0)[0])
+    _tap(doc, "p1", float(ds.y[iy]), float(ds.x[ix]))
+    pixels = doc.get_model_by_name("pixels_source:p1")
+    # inside cluster 1 alone: the cluster row shows cluster 1's mean
+    pixels.selected.indices = [int(i) for i in np.flatnonzero(clusters == 1)[:3]]
+    info = doc.get_model_by_name("pixel_info").text
+    assert "the views show the selection" in info and "3 pixels" in info
+    assert "in clusters {1}" in info and f"iy={iy}" not in info
+    assert doc.get_model_by_name("pixel_source").data["iy"] == []
+    curve = doc.get_model_by_name("cluster_rocking_source").data["intensity"]
+    np.testing.assert_array_equal(curve, analysis["cluster_rocking_curve"][0, 1])
+    assert "cluster 1's mean" in doc.get_model_by_name("cluster_pattern_figure:qx_qy").title.text
+    # across both clusters: no one cluster's mean
+    both = [int(np.flatnonzero(clusters == c)[0]) for c in (0, 1)]
+    pixels.selected.indices = both
+    assert "in clusters {0, 1}" in doc.get_model_by_name("pixel_info").text
+    assert len(doc.get_model_by_name("cluster_rocking_source").data["intensity"]) == 0
+    assert doc.get_model_by_name("cluster_pattern_source:qx_qy").data["image"] == []
 
 
 def test_explore_returns_an_application_for_notebooks(reduced):
