@@ -197,6 +197,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         pixel_size_m=110e-6,
         pupil_rings=2,
         block_points=64,
+        train_epochs=3,  # a test's training: the model quality is asserted on `demo`
     ),
     "small": dict(
         _TWO_SCANS,
