@@ -67,14 +67,15 @@ def choose_worker(
     -------
     dict or None
         ``{'resources': {'GPU': 1}}``, or ``{'workers': [address], 'allow_other_workers':
-        False}`` for the candidate with the most threads (then the most memory, then the first
-        address); None when there is no candidate.
+        True}`` for the candidate with the most threads (then the most memory, then the first
+        address): the task goes there, and to another worker only if that one leaves the
+        cluster (a retired or lost job) before the task ends. None when there is no candidate.
 
     Examples
     --------
     >>> ws = {"tcp://a:1": {"nthreads": 2}, "tcp://b:1": {"nthreads": 8}}
     >>> choose_worker(ws)
-    {'workers': ['tcp://b:1'], 'allow_other_workers': False}
+    {'workers': ['tcp://b:1'], 'allow_other_workers': True}
     >>> choose_worker({**ws, "tcp://g:1": {"nthreads": 1, "resources": {"GPU": 1}}})
     {'resources': {'GPU': 1}}
     """
@@ -91,7 +92,8 @@ def choose_worker(
             a,
         ),
     )
-    return {"workers": [best], "allow_other_workers": False}
+    # loose: a task restricted to a worker that has left would wait for it for ever
+    return {"workers": [best], "allow_other_workers": True}
 
 
 @contextmanager

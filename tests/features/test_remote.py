@@ -8,7 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_worker
 
 from spndi_dask.features.remote import TaskCancelled, choose_worker, run_on_worker, worker_cores
 from spndi_dask.worker_plugins import PinToCore, set_affinity
@@ -29,7 +29,7 @@ def test_a_gpu_worker_is_chosen_when_any_declares_one():
 
 
 def test_else_the_worker_with_most_threads_then_most_memory():
-    most = {"workers": ["tcp://10.0.0.3:1"], "allow_other_workers": False}
+    most = {"workers": ["tcp://10.0.0.3:1"], "allow_other_workers": True}
     assert choose_worker(CPU_ONLY) == most
     assert choose_worker(WITH_GPU, device="cpu") == most  # a GPU worker is not needed for CPU
     # equal threads and memory: the first address, whatever the order of the mapping
@@ -66,13 +66,13 @@ SEEN = threading.Event()
 STOPPED = threading.Event()
 
 
-def _emit(n: int, *, gate: bool = False, callback=None) -> bool:
+def _emit(n: int, *, gate: bool = False, callback=None) -> tuple[bool, str]:
     waited = True
     for i in range(1, n + 1):
         callback({"epoch": i, "loss": 1.0 / i})
         if gate and i == 1:
             waited = SEEN.wait(30)  # set by the client's callback while this task still runs
-    return waited
+    return waited, get_worker().address
 
 
 def _forever(*, callback=None) -> None:
@@ -106,9 +106,12 @@ def test_rows_reach_the_client_in_order_while_the_task_runs(client):
         SEEN.set()
 
     addr = sorted(client.scheduler_info()["workers"])[1]
-    target = {"workers": [addr], "allow_other_workers": False}
-    waited, delivered = run_on_worker(client, _emit, 40, gate=True, target=target, callback=on_row)
+    target = choose_worker({addr: {"nthreads": 1}})
+    (waited, ran_on), delivered = run_on_worker(
+        client, _emit, 40, gate=True, target=target, callback=on_row
+    )
     assert waited  # the first row arrived before the task finished
+    assert ran_on == addr
     assert [r["epoch"] for r in rows] == list(range(1, 41)) and all(threads)
     assert rows == delivered and rows[1] == {"epoch": 2, "loss": 0.5}
 
@@ -123,7 +126,7 @@ def test_rows_the_events_did_not_bring_come_from_the_result(client):
         callback=rows.append,
         final_rows=lambda r: [{"epoch": 1}, {"epoch": 2}],
     )
-    assert result is True and [r["epoch"] for r in rows] == [1, 2]
+    assert result[0] is True and [r["epoch"] for r in rows] == [1, 2]
 
 
 def test_an_error_in_the_client_cancels_the_task_on_the_worker(client):
