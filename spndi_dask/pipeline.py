@@ -79,7 +79,11 @@ class RunOptions:
     progress : bool
         Show a progress bar per stage.
     on_epoch : callable, optional
-        Called with each training epoch's summary dict.
+        Called with each training epoch's summary dict (as the epoch ends, also when the model
+        trains on a worker).
+    train_on_worker : bool, optional
+        Train as a task on a dask worker (default: when there is a distributed client); False
+        trains in this process (see :func:`spndi_dask.features.train`).
     run_info : dict
         Cluster description etc. for the report's provenance.
     """
@@ -93,6 +97,7 @@ class RunOptions:
     figures: bool = True
     progress: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None
+    train_on_worker: bool | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,7 +168,7 @@ def _feature_args(o: RunOptions, names: list[str] | None) -> dict[str, Any]:
 def _train(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     if o.checkpoint:
         return {"status": Outcome.NOT_NEEDED, "note": f"--checkpoint {o.checkpoint}"}
-    return train(m, callback=o.on_epoch, **_feature_args(o, names))
+    return train(m, callback=o.on_epoch, on_worker=o.train_on_worker, **_feature_args(o, names))
 
 
 def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:

@@ -5,11 +5,18 @@
 their number, reads only their patterns (one dask computation), fits the model with Adam on a
 seeded train/validation split with early stopping, and writes the best weights with their
 metadata to ``<output>/features/model.safetensors`` (+ ``model.json``).
+
+Under a distributed client the fit is one task on a worker (a ``GPU`` worker when there is one,
+else the worker with the most threads; see :mod:`spndi_dask.features.remote`): the workers read
+the sample and send it there, the client only waits and passes each epoch's row to
+``callback`` as it arrives. Without a client the fit runs in this process. Either way the model
+is the same for the same seed and number of torch threads (all the cores the process may use).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +34,12 @@ import torch
 from torch import nn
 
 from spndi_dask._version import __version__
-from spndi_dask.compute import compute
+from spndi_dask.compute import active_client, compute
 from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
 from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
 from spndi_dask.features.model import build_model
+from spndi_dask.features.remote import choose_worker, run_on_worker
 from spndi_dask.interrupt import check_interrupted, deferred
 from spndi_dask.io.hashing import sha256_file
 from spndi_dask.io.results_store import open_results
@@ -295,6 +303,8 @@ class _Draw:
     candidates: dict[str, int]
     source: str
     fingerprint: str
+    grid: dict[str, Any]
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _draw(
@@ -352,6 +362,7 @@ def _draw(
         "reduce": {n: datasets[n].attrs.get("spndi_dask", {}).get("fingerprint") for n in scans},
         "pixels": dask.base.tokenize([(ys.tobytes(), xs.tobytes()) for ys, xs in pixels], scans),
     }
+    first = datasets[scans[0]]
     return _Draw(
         datasets=datasets,
         scans=scans,
@@ -359,34 +370,47 @@ def _draw(
         candidates={n: len(c) for n, c in cands.items()},
         source="label" if sources == {"label"} else "valid" if sources == {"valid"} else "mixed",
         fingerprint=dask.base.tokenize(json.dumps(key, sort_keys=True)),
+        grid=dict(first.attrs["q_grid"]),
+        offsets=tuple(np.asarray(first[d].values) for d in ("dq_x", "dq_y", "dq_z")),  # type: ignore[arg-type]
     )
 
 
-def _read(draw: _Draw, progress: bool) -> Sample:
-    """Read the drawn patterns (``vindex``, one computation); masked or empty ones are dropped."""
-    graphs, index = [], []
-    for i, (name, (ys, xs)) in enumerate(zip(draw.scans, draw.pixels, strict=True)):
-        graphs.append(draw.datasets[name]["pattern"].data.vindex[ys, xs])
-        index.append(np.stack([np.full(len(ys), i), ys, xs], axis=1))
-    patterns = np.concatenate(compute(graphs, progress), axis=0).astype(np.float32, copy=False)
-    index = np.concatenate(index, axis=0)
+def _parts(draw: _Draw) -> list[Any]:
+    """The drawn patterns of each scan: lazy ``vindex`` selections, (k_scan, n, n, n)."""
+    return [
+        draw.datasets[name]["pattern"].data.vindex[ys, xs]
+        for name, (ys, xs) in zip(draw.scans, draw.pixels, strict=True)
+    ]
+
+
+def _assemble(parts: list[np.ndarray], draw: _Draw) -> Sample:
+    """The sample from the scans' drawn patterns; masked (NaN) or empty patterns are dropped."""
+    patterns = np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+    index = np.concatenate(
+        [np.stack([np.full(len(ys), i), ys, xs], axis=1) for i, (ys, xs) in enumerate(draw.pixels)],
+        axis=0,
+    )
     ok = K.usable_patterns(patterns)
     if not ok.all():
         logger.info("%d drawn patterns are masked (NaN) or empty; left out", int((~ok).sum()))
     patterns, index = patterns[ok], index[ok]
     if not len(patterns):
         raise FeatureError("all drawn patterns are masked or empty")
-    first = draw.datasets[draw.scans[0]]
     return Sample(
         patterns=patterns,
         scans=draw.scans,
         index=index,
-        grid=dict(first.attrs["q_grid"]),
-        offsets=tuple(np.asarray(first[d].values) for d in ("dq_x", "dq_y", "dq_z")),  # type: ignore[arg-type]
+        grid=draw.grid,
+        offsets=draw.offsets,
         candidates=draw.candidates,
         source=draw.source,
         fingerprint=draw.fingerprint,
     )
+
+
+def _read(draw: _Draw, progress: bool) -> Sample:
+    """Read the drawn patterns into this process (``vindex``, one computation)."""
+    return _assemble(compute(_parts(draw), progress), draw)
 
 
 def sample_patterns(
@@ -443,35 +467,27 @@ def _all_cores(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def train(
-    manifest: Manifest,
-    *,
-    particles: list[str] | None = None,
-    force: bool = False,
-    device: str | None = None,
-    progress: bool = False,
-    callback: EpochCallback | None = None,
-) -> dict[str, Any]:
-    """Train the ``[features]`` model on a beamtime sample; write ``<output>/features/model``.
+@dataclass
+class _Fitted:
+    """A fit of the sample and where it ran (what a training task sends back)."""
 
-    Returns a summary: ``status`` ('trained' or 'up to date'), ``checkpoint``, ``n_train``,
-    ``n_val``, ``epochs``, ``best_val_loss``, ``seconds``, ``device``.
-    A checkpoint trained on the same sample with the same settings is kept unless ``force``.
-    """
-    settings = manifest.features
-    dev = resolve_device(device or settings.device)
-    t0 = time.perf_counter()
-    draw = _draw(manifest, None, None, particles)
-    out = manifest.layout.checkpoint
-    key = _training_key(settings, draw)
-    if not force and out.exists():
-        try:
-            _, meta = load_checkpoint(out)
-            if meta.get("training", {}).get("key") == key:
-                return {"status": Outcome.UP_TO_DATE, "checkpoint": str(out), "seconds": 0.0}
-        except (ValueError, OSError) as exc:  # unreadable: retrain over it
-            logger.warning("existing checkpoint %s is unusable (%s); retraining", out, exc)
-    sample = _read(draw, progress)
+    result: TrainingResult  # its model on the CPU
+    meta: dict[str, Any]  # kind, hyper, normalisation
+    sample: Sample  # without its patterns
+    device: str
+    threads: int
+    worker: str | None = None
+
+
+def _fit_sample(
+    sample: Sample,
+    settings: FeatureSettings,
+    device: str | torch.device,
+    *,
+    callback: EpochCallback | None = None,
+) -> _Fitted:
+    """Model inputs of the sample, the seeded model, :func:`fit` on all cores of this process."""
+    dev = resolve_device(device) if isinstance(device, str) else device
     hyper = hyper_parameters(settings, sample.grid["n"])
     norm = normalisation(settings, sample.grid)
     meta: dict[str, Any] = {"kind": settings.model, "hyper": hyper, "normalisation": norm}
@@ -487,9 +503,144 @@ def train(
         dev,
     )
     with _all_cores(dev):
+        threads = torch.get_num_threads()
         kwargs = settings.model_dump(include=FIT_SETTINGS)
         result = fit(model, inputs, device=dev, callback=callback, **kwargs)
-    n_val = result.n_val
+    result.model = result.model.cpu()
+    return _Fitted(result, meta, sample, str(dev), threads)
+
+
+def _fit_task(
+    parts: list[np.ndarray],
+    draw: _Draw,
+    settings: FeatureSettings,
+    device: str,
+    *,
+    callback: EpochCallback | None = None,
+) -> _Fitted:
+    """On the training worker: the sample from the parts the workers read, fitted there."""
+    from distributed import get_worker
+
+    address = get_worker().address
+    try:
+        fitted = _fit_sample(_assemble(parts, draw), settings, device, callback=callback)
+    except FeatureError as exc:
+        raise FeatureError(f"worker {address}: {exc}") from None
+    fitted.sample = dataclasses.replace(fitted.sample, patterns=fitted.sample.patterns[:0])
+    fitted.worker = address
+    return fitted
+
+
+def _fit_on_worker(
+    client: Any,
+    draw: _Draw,
+    settings: FeatureSettings,
+    device: str,
+    *,
+    callback: EpochCallback | None,
+    progress: bool,
+) -> _Fitted:
+    """The fit as one task on the worker :func:`choose_worker` picks; the workers read the sample.
+
+    The drawn patterns are computed on the workers and move to the training worker as the
+    task's arguments; the client receives only the epochs' rows and the trained weights.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cuda = None
+    if device == "cuda":
+        cuda = {a for a, ok in client.run(torch.cuda.is_available).items() if ok}
+    target = choose_worker(workers, device=device, cuda=cuda) if workers else {}
+    if target is None:
+        raise FeatureError(
+            "device 'cuda' was asked for but no dask worker sees a CUDA GPU; use --device cpu "
+            "or auto, or start GPU workers (cluster_configs/slurm-gpu.yaml)"
+        )
+    logger.info("training on %s", target.get("workers", target.get("resources", "any worker")))
+    parts = client.compute(_parts(draw))
+    try:
+        if progress:
+            from distributed import progress as show_progress
+
+            show_progress(parts)
+        light = dataclasses.replace(draw, datasets={})
+        fitted, _ = run_on_worker(
+            client,
+            _fit_task,
+            parts,
+            light,
+            settings,
+            device,
+            target=target,
+            callback=callback,
+            final_rows=lambda f: f.result.history,
+        )
+    finally:
+        client.cancel(parts)  # the sample's memory on the workers
+    return fitted
+
+
+def train(
+    manifest: Manifest,
+    *,
+    particles: list[str] | None = None,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = False,
+    callback: EpochCallback | None = None,
+    on_worker: bool | None = None,
+) -> dict[str, Any]:
+    """Train the ``[features]`` model on a beamtime sample; write ``<output>/features/model``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    particles : list of str, optional
+        Draw from these scans only (default: all reduced ones).
+    force : bool
+        Retrain even if the checkpoint was trained on the same sample with the same settings.
+    device : {'auto', 'cpu', 'cuda'}, optional
+        Default ``[features] device``; ``auto`` is resolved where the model trains.
+    progress : bool
+        A progress bar while the sample is read.
+    callback : callable, optional
+        Called with each epoch's row (``epoch``, ``max_epochs``, ``train_loss``, ``val_loss``,
+        ``seconds``) as the epoch ends, in this thread, also when the fit runs on a worker.
+    on_worker : bool, optional
+        Fit as a task on a dask worker (see :mod:`spndi_dask.features.remote`); default: when
+        a distributed client is active. ``False`` fits in this process.
+
+    Returns
+    -------
+    dict
+        ``status`` ('trained' or 'up to date'), ``checkpoint``, ``n_train``, ``n_val``,
+        ``epochs``, ``best_val_loss``, ``seconds``, ``device``, ``worker`` (the address, or
+        None in this process) and ``threads`` (torch threads of the fit).
+    """
+    settings = manifest.features
+    device = device or settings.device
+    client = active_client() if on_worker is not False else None
+    if on_worker and client is None:
+        raise FeatureError("on_worker=True needs an active dask distributed Client")
+    if client is None:
+        resolve_device(device)  # 'cuda' without a GPU: say so before reading anything
+    t0 = time.perf_counter()
+    draw = _draw(manifest, None, None, particles)
+    out = manifest.layout.checkpoint
+    key = _training_key(settings, draw)
+    if not force and out.exists():
+        try:
+            _, meta = load_checkpoint(out)
+            if meta.get("training", {}).get("key") == key:
+                return {"status": Outcome.UP_TO_DATE, "checkpoint": str(out), "seconds": 0.0}
+        except (ValueError, OSError) as exc:  # unreadable: retrain over it
+            logger.warning("existing checkpoint %s is unusable (%s); retraining", out, exc)
+    if client is None:
+        fitted = _fit_sample(_read(draw, progress), settings, device, callback=callback)
+    else:
+        fitted = _fit_on_worker(
+            client, draw, settings, device, callback=callback, progress=progress
+        )
+    result, meta, sample = fitted.result, fitted.meta, fitted.sample
     meta.update(
         {
             "grid": sample.grid,
@@ -503,14 +654,16 @@ def train(
                 "candidates": sample.candidates,
                 "source": sample.source,
                 "n_train": result.n_train,
-                "n_val": n_val,
+                "n_val": result.n_val,
                 "epochs": len(result.history),
                 "best_epoch": result.best_epoch,
                 "best_val_loss": result.best_val_loss,
                 "stopped_early": result.stopped_early,
                 "history": result.history,
                 "seed": settings.seed,
-                "device": str(dev),
+                "device": fitted.device,
+                "threads": fitted.threads,
+                "worker": fitted.worker,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "settings": settings.model_dump(mode="json"),
             },
@@ -522,11 +675,13 @@ def train(
         "status": Outcome.TRAINED,
         "checkpoint": str(path),
         "sha256": sha256_file(path),
-        "n_train": meta["training"]["n_train"],
-        "n_val": n_val,
+        "n_train": result.n_train,
+        "n_val": result.n_val,
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "seconds": round(time.perf_counter() - t0, 2),
-        "device": str(dev),
+        "device": fitted.device,
+        "worker": fitted.worker,
+        "threads": fitted.threads,
     }

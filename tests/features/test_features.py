@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import json
+import os
 import pickle
+import threading
 from pathlib import Path
 
 import dask
@@ -221,6 +224,47 @@ def test_training_writes_a_checkpoint_with_its_provenance(trained):
     assert train(m)["status"] == "up to date"
 
 
+def test_training_on_a_worker_gives_the_same_model_and_streams_its_epochs(trained, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    _, m, summary = trained
+    ref, ref_meta = load_checkpoint(summary["checkpoint"])
+    module = importlib.import_module("spndi_dask.features.train")
+
+    def read_in_client(*args, **kwargs):
+        raise AssertionError("the client read the training sample")
+
+    monkeypatch.setattr(module, "_read", read_in_client)
+    rows, main = [], []
+
+    def on_epoch(row):
+        rows.append(row)
+        main.append(threading.current_thread() is threading.main_thread())
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        s = train(m, force=True, callback=on_epoch)
+        workers = client.scheduler_info()["workers"]
+        if not torch.cuda.is_available():
+            with pytest.raises(FeatureError, match="no dask worker sees a CUDA GPU"):
+                train(m, force=True, device="cuda")
+    assert s["worker"] in workers and summary["worker"] is None  # the fixture: in-process
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(main)
+    model, meta = load_checkpoint(s["checkpoint"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    t, t_ref = meta["training"], ref_meta["training"]
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in t_ref["history"]]
+    assert t["worker"] == s["worker"] and t["threads"] == t_ref["threads"] == s["threads"]
+    assert (t["key"], t["scans"], t["n_val"]) == (t_ref["key"], t_ref["scans"], t_ref["n_val"])
+    with pytest.raises(FeatureError, match="needs an active dask distributed Client"):
+        train(m, force=True, on_worker=True)
+
+
 class _CountComputes:
     def __init__(self):
         self.calls = 0
@@ -262,20 +306,28 @@ def test_distributed_encoding_equals_single_process(trained):
 
     _, m, summary = trained
     root = m.output_dir / "results.zarr"
-    # a masked pixel (NaN pattern) inside the particle, and an empty scan
-    g = zarr.open_group(str(root / "p1"), mode="r+")
-    y, x = np.argwhere(g["valid"][:])[3]
-    pat = g["pattern"]
-    block = pat[y, x]
-    block[0, 0, 0] = np.nan
-    pat[y, x] = block
-    # tiles of 4 x 4 pixels: many tasks per scan, each reading its own tile of the store
-    m = Manifest.from_dict(
-        {**m.to_dict(), "features": {**m.features.model_dump(mode="json"), "block": 4}},
-        base_dir=m.base_dir,
-        source=m.source,
-    )
+    ref, _ = load_checkpoint(summary["checkpoint"])
     with start_client(n_workers=2, threads_per_worker=1) as client:
+        # training on a worker process (pinned to one core, given all back while it trains):
+        # the model trained in this process, bit for bit
+        s = train(m, force=True)
+        assert s["worker"] in client.scheduler_info()["workers"]
+        assert s["threads"] == summary["threads"] == len(os.sched_getaffinity(0))
+        model, _ = load_checkpoint(s["checkpoint"])
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+        # a masked pixel (NaN pattern) inside the particle, and an empty scan
+        g = zarr.open_group(str(root / "p1"), mode="r+")
+        y, x = np.argwhere(g["valid"][:])[3]
+        pat = g["pattern"]
+        block = pat[y, x]
+        block[0, 0, 0] = np.nan
+        pat[y, x] = block
+        # tiles of 4 x 4 pixels: many tasks per scan, each reading its own tile of the store
+        m = Manifest.from_dict(
+            {**m.to_dict(), "features": {**m.features.model_dump(mode="json"), "block": 4}},
+            base_dir=m.base_dir,
+            source=m.source,
+        )
         res = encode(m)
         assert {s["status"] for s in res.values()} == {"encoded"}
         assert encode(m)["p1"]["status"] == "up to date"
