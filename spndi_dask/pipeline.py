@@ -447,6 +447,13 @@ def _report(manifest: Manifest, o: RunOptions, done: list[StageResult]) -> Stage
 # ---- logging and diagnostics for a run ----------------------------------------------------------
 
 
+#: What the command line prints for the user (epoch lines, the summary table): recorded in the
+#: run log by :func:`run_logging`, never shown twice on the console (it does not propagate).
+CONSOLE = logging.getLogger("spndi_dask.console")
+CONSOLE.propagate = False
+CONSOLE.setLevel(logging.INFO)
+
+
 @contextmanager
 def run_logging(
     output_dir: Path, client: Any = None, *, performance_report: bool = True
@@ -473,6 +480,8 @@ def run_logging(
         ours.setLevel(level)
         stack.callback(ours.setLevel, old_level)
         stack.callback(ours.removeHandler, handler)
+        CONSOLE.addHandler(handler)  # what the CLI prints (epochs...) goes to the log too
+        stack.callback(CONSOLE.removeHandler, handler)
         stack.callback(handler.close)
         if client is not None:
             try:

@@ -165,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
         help="train the autoencoder on a sample of all particles -> <output>/features/model",
         description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
         "across all particles of the beamtime; write weights + JSON metadata.",
-        options=("device",),
+        options=("device", "train_in_client"),
     ),
     Stage(
         "encode",

@@ -108,12 +108,31 @@ def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[An
                 print(f"  {key}: {s[key]}")
 
 
+_EPOCH_SECONDS: list[float] = []
+
+
 def _print_epoch(row: dict[str, Any]) -> None:
-    print(
+    """One line per training epoch, with the time left at most (early stopping may end it
+    sooner); printed, and recorded in the run log."""
+    from spndi_dask.pipeline import CONSOLE
+
+    if row["epoch"] == 1:
+        _EPOCH_SECONDS.clear()
+    _EPOCH_SECONDS.append(row["seconds"])
+    left = (row["max_epochs"] - row["epoch"]) * sum(_EPOCH_SECONDS) / len(_EPOCH_SECONDS)
+    eta = f", at most {_duration(left)} left" if row["epoch"] < row["max_epochs"] else ""
+    text = (
         f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
-        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s)",
-        flush=True,
+        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s{eta})"
     )
+    print(text, flush=True)
+    CONSOLE.info(text.strip())
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``."""
+    s = round(seconds)
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s"
 
 
 def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
@@ -128,6 +147,7 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
         k=getattr(args, "k", None),
         boundary_width=getattr(args, "boundary_width", 1.0),
         figures=not getattr(args, "no_figures", False),
+        train_on_worker=False if getattr(args, "train_in_client", False) else None,
         on_epoch=_print_epoch,
         **{"progress": _progress_bars(), **extra},
     )

@@ -36,6 +36,11 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--checkpoint", help="use this trained model (skips train)")
         p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [features] device")
+    p.add_argument(
+        "--train-in-client",
+        action="store_true",
+        help="train in this process, not as a task on a dask worker",
+    )
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument(
         "--no-performance-report",
@@ -118,14 +123,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if manifest else 1
 
 
-def _print_summary(results: list[Any]) -> None:
-    print(f"\n{'stage':<9}{'status':<12}{'seconds':>8}  {'particles':<18}note")
-    for r in results:
-        for row in r.rows():
-            print(
-                f"{row['stage']:<9}{row['status']:<12}{row['seconds']!s:>8}  "
-                f"{row['particles']:<18}{row['note']}"
-            )
+def _summary(results: list[Any]) -> str:
+    """The run's summary table, one line per stage and status."""
+    rows = [row for r in results for row in r.rows()]
+    w = max([len("stage"), *(len(str(row["stage"])) for row in rows)]) + 2
+    lines = [f"{'stage':<{w}}{'status':<12}{'seconds':>8}  {'particles':<18}note"]
+    for row in rows:
+        lines.append(
+            f"{row['stage']:<{w}}{row['status']:<12}{row['seconds']!s:>8}  "
+            f"{row['particles']:<18}{row['note']}"
+        )
+    return "\n".join(lines)
 
 
 def _run_pipeline(args: argparse.Namespace, manifest: Any, session: Any, first: int = 0) -> int:
@@ -147,8 +155,10 @@ def _run_pipeline(args: argparse.Namespace, manifest: Any, session: Any, first: 
             options=options,
             on_stage=lambda name, i, n: print(f"[{i + first}/{total}] {name}", flush=True),
         )
-    _print_summary(results)
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s; run log: {logs['log']}")
+    summary = f"{_summary(results)}\n\ntotal {time.perf_counter() - t0:.1f} s"
+    print(f"\n{summary}; run log: {logs['log']}")
+    with open(logs["log"], "a", encoding="utf-8") as f:  # the log ends with the same table
+        f.write(f"summary:\n{summary}\n")
     if "dask_report" in logs:
         print(f"dask performance report: {logs['dask_report']}")
     report = next((r.summary for r in results if r.stage == "report" and r.summary), None)

@@ -33,6 +33,12 @@ _STAGE_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], Any]] = {
         "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
     ),
     "figures": lambda p: p.add_argument("--no-figures", action="store_true", help="skip figures"),
+    "train_in_client": lambda p: p.add_argument(
+        "--train-in-client",
+        action="store_true",
+        help="train in this process, not as a task on a dask worker (the GPU worker, else the "
+        "one with most threads)",
+    ),
 }
 
 
@@ -91,7 +97,9 @@ def _print_train(s: dict[str, Any], out: OutputLayout) -> None:
     print(
         f"trained on {s['n_train']} patterns (+{s['n_val']} validation), {s['epochs']} epochs, "
         f"best validation loss {s['best_val_loss']:.4g} at epoch {s['best_epoch']}, "
-        f"{s['seconds']} s on {s['device']}\ncheckpoint: {s['checkpoint']}"
+        f"{s['seconds']} s on {s['device']}"
+        + (f" (worker {s['worker']}, {s['threads']} threads)" if s.get("worker") else "")
+        + f"\ncheckpoint: {s['checkpoint']}"
     )
 
 
