@@ -116,27 +116,25 @@ def _lloyd_stats(block: np.ndarray, centers: tuple[np.ndarray, ...]) -> np.ndarr
 
 def _sample_rows(
     block: np.ndarray,
-    candidates: tuple[np.ndarray, ...],
+    start: int,
+    candidates: list[np.ndarray],
     phi: np.ndarray,
     factor: np.ndarray,
-    seeds: np.ndarray,
+    seeds: list[int],
     rnd: int,
-    block_info: dict | None = None,
-) -> np.ndarray:
+) -> list[np.ndarray]:
     """k-means|| sampling of one block: every row with probability ``factor · d² / phi``.
 
-    One column per seed group; the uniform draws come from ``(seed, round, first row)``, so the
-    sample does not depend on where or in which order blocks run. Returns a 0/1 mask
-    ``(rows, groups)``.
+    Per seed group, the rows drawn. The uniform draws come from ``(seed, round, first row)``, so
+    the sample does not depend on where or in which order the blocks run.
     """
     b = np.asarray(block, dtype=np.float64)
-    start = block_info[0]["array-location"][0][0] if block_info else 0
-    picked = np.zeros((len(b), len(candidates)), dtype=np.int8)
+    out = []
     for j, c in enumerate(candidates):
         d2 = nearest(b, c)[1]
-        u = np.random.default_rng([int(seeds[j]), rnd, start]).random(len(b))
-        picked[:, j] = u * phi[j] < factor[j] * d2
-    return picked
+        u = np.random.default_rng([seeds[j], rnd, start]).random(len(b))
+        out.append(b[u * phi[j] < factor[j] * d2])
+    return out
 
 
 def _sklearn_fit(
@@ -230,23 +228,17 @@ def _parallel_seeds(
         phi = np.array([p[:, -1].sum() for p in phi])
         if not (phi > 0).any():
             break
-        mask = x.map_blocks(
-            _sample_rows,
-            tuple(cand),
-            np.where(phi > 0, phi, 1.0),
-            np.where(phi > 0, factor, 0.0),
-            np.asarray(seeds),
-            rnd,
-            chunks=(x.chunks[0], (len(seeds),)),
-            dtype=np.int8,
-            meta=np.empty((0, 0), np.int8),
-        )
-        (picked,) = compute([mask])
-        rows = [np.flatnonzero(picked[:, j]) for j in range(len(seeds))]
-        new = compute([x[r] for r in rows])
+        factor = np.where(phi > 0, factor, 0.0)
+        phi = np.where(phi > 0, phi, 1.0)
+        starts = np.cumsum((0, *x.chunks[0][:-1]))
+        picks = [
+            dask.delayed(_sample_rows)(block, int(i0), cand, phi, factor, seeds, rnd)
+            for block, i0 in zip(x.to_delayed().ravel(), starts, strict=True)
+        ]
+        per_block = compute(picks)
         cand = [
-            np.unique(np.concatenate([c, np.asarray(m, float)]), axis=0)
-            for c, m in zip(cand, new, strict=True)
+            np.unique(np.concatenate([c, *(p[j] for p in per_block)]), axis=0)
+            for j, c in enumerate(cand)
         ]
     (stats,) = compute([_pass(x, cand)])
     weights = [s[:, -2] for s in _split(stats, cand)]
@@ -287,15 +279,24 @@ def _split(stats: np.ndarray, centers: list[np.ndarray]) -> list[np.ndarray]:
 def _lloyd_dask(
     x: da.Array, starts: dict[Any, np.ndarray], max_iter: int, tol: float
 ) -> dict[Any, tuple[np.ndarray, float, int]]:
-    """Lloyd iterations of every model, one pass over ``x`` per iteration for all of them."""
+    """Lloyd iterations of every model, one pass over ``x`` per iteration for all of them.
+
+    ``tol`` is relative to the mean feature variance (scikit-learn's rule), computed in the
+    first pass.
+    """
     d = x.shape[1]
+    abs_tol = None
     centers = {m: np.asarray(c, np.float64) for m, c in starts.items()}
     n_iter = dict.fromkeys(starts, 0)
     active, finishing, out = list(starts), [], {}
     while active or finishing:
         check_interrupted()
         models = active + finishing
-        (stats,) = compute([_pass(x, [centers[m] for m in models])])
+        if abs_tol is None:  # the variances in the same pass (blocks read once)
+            stats, var = compute([_pass(x, [centers[m] for m in models]), x.var(axis=0)])
+            abs_tol = float(np.mean(var)) * tol
+        else:
+            (stats,) = compute([_pass(x, [centers[m] for m in models])])
         done = []
         for m, s in zip(models, _split(stats, [centers[m] for m in models]), strict=True):
             if m in finishing:  # a pass at the final centres: the inertia
@@ -307,7 +308,7 @@ def _lloyd_dask(
             n_iter[m] += 1
             if shift == 0:  # labels unchanged: this pass's inertia is the final one
                 out[m] = (centers[m], float(s[:, d + 1].sum()), n_iter[m])
-            elif shift <= tol or n_iter[m] >= max_iter:
+            elif shift <= abs_tol or n_iter[m] >= max_iter:
                 done.append(m)
             centers[m] = new
         active = [m for m in active if m not in out and m not in done]
@@ -421,8 +422,5 @@ def fit_models(
     if path == "memory":
         raw = _fit_in_memory(x, models, starts, max_iter, tol, threads)
     else:
-        # scikit-learn's tolerance: relative to the mean feature variance
-        (var,) = compute([x.var(axis=0)])
-        abs_tol = float(np.mean(var)) * tol
-        raw = _lloyd_dask(x, starts, max_iter, abs_tol)
+        raw = _lloyd_dask(x, starts, max_iter, tol)
     return {m: KMeansFit(m[0], c, i, n, m[1]) for m, (c, i, n) in raw.items()}
