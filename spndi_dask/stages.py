@@ -186,7 +186,7 @@ STAGES: tuple[Stage, ...] = (
         attrs_key="cluster",
         help="k-means over the latent vectors of all particles -> cluster, clusters.csv",
         description="Cluster the latent vectors of every pixel inside a particle of all scans "
-        "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
+        "jointly with k-means (K from the elbow rule unless fixed); write the cluster "
         "maps, <output>/clusters.csv and figures.",
         options=("k", "figures"),
     ),
