@@ -1,19 +1,18 @@
-"""k-means over the features of all particles of a beamtime at once (dask-ml).
+"""k-means over the features of all particles of a beamtime at once.
 
 The feature vectors (``[cluster] features``: the autoencoder's ``latent`` by default, the
 ``pca_loading`` or ``nmf_loading`` of ``spndi decompose``, or the ``moments`` maps of reduce:
 d_spacing, tilt_x, tilt_y, width_x/y/z) of every pixel inside a segmented particle
 (``label > 0``) of every selected scan form one matrix, so cluster identities are shared across
-particles. Features are scaled
-(min–max, as the original study, or z-score), then clustered with ``dask_ml.cluster.KMeans``:
+particles. Features are scaled (min–max, as the original study, or z-score), then clustered by
+:mod:`spndi_dask.kmeans`: scikit-learn on a worker when the matrix fits there, else Lloyd passes
+over the dask blocks (``[cluster] engine``, ``memory_fraction``), seeded by
 
-* ``init = "k-means||"`` (default): dask-ml's scalable k-means++;
-* ``init = "k-means++"``: seeds from ``sklearn.cluster.kmeans_plusplus`` on a sample, passed to
-  dask-ml as ``init`` (dask-ml's own k-means++ path fails with scikit-learn ≥ 1.3).
+* ``init = "k-means||"`` (default): scikit-learn's k-means++ in memory, k-means|| out of core;
+* ``init = "k-means++"``: seeds from ``sklearn.cluster.kmeans_plusplus`` on a sample.
 
 ``n_init`` restarts (seeds ``seed, seed+1, ...``); the lowest inertia is kept, the inertia being
-recomputed here as the sum of squared distances to the nearest centre (dask-ml's attribute is
-not always that).
+the sum of squared distances to the nearest centre.
 
 Choosing K (``k = "auto"``): the original elbow rule — the smallest K whose share of the inertia
 drop from K=1 to ``k_max`` reaches ``elbow_fraction`` (0.95) — with the silhouette score of each
@@ -24,15 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import dask
 import dask.array as da
 import numpy as np
 import zarr
-from dask_ml.cluster import KMeans
-from sklearn.cluster import kmeans_plusplus
 from sklearn.metrics import silhouette_score
 
 from spndi_dask import plot
@@ -40,6 +36,8 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
 from spndi_dask.io.results_store import open_results, write_csv, write_map
+from spndi_dask.kmeans import Engine, KMeansFit, fit_models
+from spndi_dask.kmeans import nearest as _nearest
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -63,14 +61,6 @@ class ClusterError(StageError, ValueError):
 
 
 # -- kernels ------------------------------------------------------------------------------------
-def _nearest(block: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the nearest centre, squared distance to it) of each row."""
-    b = np.asarray(block, dtype=np.float64)
-    d = (b**2).sum(1)[:, None] - 2 * b @ centers.T + (centers**2).sum(1)[None, :]
-    idx = d.argmin(axis=1)
-    return idx, np.maximum(d[np.arange(len(b)), idx], 0.0)
-
-
 def elbow_k(inertias: dict[int, float], fraction: float = 0.95) -> int:
     """Smallest K whose share of the inertia drop (K=1 → largest K) reaches ``fraction``.
 
@@ -127,18 +117,6 @@ def inertia(x: da.Array, centers: np.ndarray) -> da.Array:
     return per_row.sum()
 
 
-@dataclass
-class KMeansFit:
-    """The kept restart of a k-means fit (centres in the scaled feature space)."""
-
-    k: int
-    centers: np.ndarray
-    inertia: float
-    n_iter: int
-    seed: int
-    restarts: list[float] = field(default_factory=list)  # inertia of every restart
-
-
 def fit_kmeans(
     x: da.Array,
     k: int,
@@ -150,61 +128,66 @@ def fit_kmeans(
     tol: float = 1e-4,
     sample_size: int = 10_000,
     init_rounds: int = 5,
+    engine: Engine = "auto",
+    memory_fraction: float = 0.25,
 ) -> KMeansFit:
-    """k-means of the rows of ``x`` with dask-ml; ``n_init`` restarts, lowest inertia kept.
+    """k-means of the rows of ``x``; ``n_init`` restarts (seeds ``seed, seed+1, ...``), lowest
+    inertia kept. The engine (in memory or out of core) is :mod:`spndi_dask.kmeans`'s.
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> pts = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(3, 0.1, (50, 2))])
     >>> fit = fit_kmeans(da.from_array(pts, chunks=25), 2, init="k-means++", n_init=2)
-    >>> sorted(np.round(fit.centers[:, 0]).tolist()) == [0.0, 3.0]
-    True
+    >>> sorted(np.round(fit.centers[:, 0]).astype(int).tolist())
+    [0, 3]
     """
+    return _best(
+        _models(
+            x,
+            [(k, seed + r) for r in range(n_init)],
+            init=init,
+            max_iter=max_iter,
+            tol=tol,
+            sample_size=sample_size,
+            init_rounds=init_rounds,
+            engine=engine,
+            memory_fraction=memory_fraction,
+        ),
+        k,
+    )
+
+
+def _models(x: da.Array, models: list[tuple[int, int]], **options: Any) -> dict:
     n = x.shape[0]
-    if k > n:
+    if max(k for k, _ in models) > n:
+        k = max(k for k, _ in models)
         raise ClusterError(f"K = {k} clusters need at least {k} latent vectors; there are {n}")
-    best: KMeansFit | None = None
-    restarts = []
-    for r in range(n_init):
-        rs = seed + r
-        if init == "k-means++":
-            rng = np.random.default_rng(rs)
-            idx = np.sort(rng.choice(n, size=min(n, max(sample_size, k)), replace=False))
-            (sample,) = compute([x[idx]])
-            start, _ = kmeans_plusplus(np.asarray(sample, float), k, random_state=rs)
-            model = KMeans(n_clusters=k, init=start, max_iter=max_iter, tol=tol, random_state=rs)
-        else:
-            model = KMeans(
-                n_clusters=k,
-                init="k-means||",
-                init_max_iter=init_rounds,
-                max_iter=max_iter,
-                tol=tol,
-                random_state=rs,
-            )
-        model.fit(x)
-        centers = np.asarray(model.cluster_centers_, dtype=np.float64)
-        (value,) = compute([inertia(x, centers)])
-        restarts.append(float(value))
-        if best is None or value < best.inertia:
-            best = KMeansFit(k, centers, float(value), int(getattr(model, "n_iter_", 0)), rs)
-    assert best is not None
-    best.restarts = restarts
-    return best
+    return fit_models(x, models, **options)
+
+
+def _best(fits: dict[tuple[int, int], KMeansFit], k: int) -> KMeansFit:
+    """The restart of K with the lowest inertia, with the inertia of every restart."""
+    mine = [f for (kk, _), f in sorted(fits.items()) if kk == k]
+    best = min(mine, key=lambda f: f.inertia)
+    return KMeansFit(
+        k, best.centers, best.inertia, best.n_iter, best.seed, [f.inertia for f in mine]
+    )
+
+
+def _options(settings: ClusterSettings) -> dict[str, Any]:
+    return {
+        "init": settings.init,
+        "max_iter": settings.max_iter,
+        "tol": settings.tol,
+        "init_rounds": settings.init_rounds,
+        "engine": settings.engine,
+        "memory_fraction": settings.memory_fraction,
+    }
 
 
 def _fit(x: da.Array, k: int, settings: ClusterSettings, n_init: int) -> KMeansFit:
-    return fit_kmeans(
-        x,
-        k,
-        init=settings.init,
-        n_init=n_init,
-        seed=settings.seed,
-        max_iter=settings.max_iter,
-        tol=settings.tol,
-        init_rounds=settings.init_rounds,
-    )
+    return fit_kmeans(x, k, n_init=n_init, seed=settings.seed, **_options(settings))
 
 
 def choose_k(
@@ -216,9 +199,11 @@ def choose_k(
     ``n_init``.
     """
     k_max = min(settings.k_max, x.shape[0])
-    fits = {}
-    for k in range(1, k_max + 1):
-        fits[k] = _fit(x, k, settings, settings.scan_restarts)
+    seeds = range(settings.seed, settings.seed + settings.scan_restarts)
+    # all K and restarts together: parallel tasks in memory, shared passes out of core
+    done = _models(x, [(k, s) for k in range(1, k_max + 1) for s in seeds], **_options(settings))
+    fits = {k: _best(done, k) for k in range(1, k_max + 1)}
+    for k in fits:
         logger.info("K = %d: inertia %.6g", k, fits[k].inertia)
     sil = {}
     if sample is not None and len(sample) > 2:
@@ -228,7 +213,9 @@ def choose_k(
                 sil[k] = float(silhouette_score(sample, lab))
     k = elbow_k({k: f.inertia for k, f in fits.items()}, settings.elbow_fraction)
     if settings.n_init > settings.scan_restarts:  # the chosen K gets all its restarts
-        fits[k] = _fit(x, k, settings, settings.n_init)
+        more = range(settings.seed + settings.scan_restarts, settings.seed + settings.n_init)
+        done |= _models(x, [(k, s) for s in more], **_options(settings))
+        fits[k] = _best(done, k)
     return k, fits, sil
 
 

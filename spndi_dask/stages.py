@@ -200,7 +200,7 @@ STAGES: tuple[Stage, ...] = (
         help="k-means over the features of all particles -> cluster, clusters.csv",
         description="Cluster the [cluster] features (latent vectors by default; PCA or NMF "
         "loadings, or the moment maps) of every pixel inside a particle of all scans "
-        "jointly with dask-ml k-means (K from the elbow rule unless fixed); write the cluster "
+        "jointly with k-means (K from the elbow rule unless fixed); write the cluster "
         "maps, <output>/clusters.csv and figures.",
         options=("k", "figures"),
     ),

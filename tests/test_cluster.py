@@ -1,4 +1,4 @@
-"""Clustering: dask-ml k-means vs ground truth and scikit-learn, K selection, outputs, bad input."""
+"""Clustering: k-means vs ground truth and scikit-learn, K selection, outputs, bad input."""
 
 from __future__ import annotations
 

@@ -277,3 +277,14 @@ class ClusterSettings(SettingsModel):
     )
     max_iter: PositiveInt = Field(300, description="Lloyd iterations per restart")
     tol: float = Field(1e-4, gt=0, description="convergence tolerance of k-means")
+    engine: Literal["auto", "memory", "dask"] = Field(
+        "auto",
+        description="'auto': scikit-learn on a worker when the matrix fits (memory_fraction), "
+        "else Lloyd passes over dask blocks; 'memory' or 'dask' force a path",
+    )
+    memory_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="in memory when the matrix is at most this share of a worker's memory limit",
+    )
