@@ -212,8 +212,8 @@ def test_analysis_curves_patterns_and_regions(encoded):
         rows = list(csv.DictReader(f))
     for r in rows:
         assert np.isclose(
-            float(r["diff_strain_mean"]),
-            float(r["boundary_strain_mean"]) - float(r["domain_strain_mean"]),
+            float(r["diff_domain_minus_boundary_strain_mean"]),
+            float(r["domain_strain_mean"]) - float(r["boundary_strain_mean"]),
             rtol=1e-4,
             atol=1e-9,
         )

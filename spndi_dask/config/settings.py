@@ -23,6 +23,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from spndi_dask.config._base import SettingsModel
 
 __all__ = [
+    "AnalysisSettings",
     "ClusterSettings",
     "DecomposeSettings",
     "FeatureSettings",
@@ -277,3 +278,21 @@ class ClusterSettings(SettingsModel):
     )
     max_iter: PositiveInt = Field(300, description="Lloyd iterations per restart")
     tol: float = Field(1e-4, gt=0, description="convergence tolerance of k-means")
+
+
+class AnalysisSettings(SettingsModel):
+    """``[analysis]``: domains vs boundaries (``spndi analyze``)."""
+
+    rim_width: float = Field(
+        1.0,
+        ge=0,
+        description="particle pixels within this many scan pixels of the particle outline are "
+        "left out of the domains (the study: the Canny edge of the mask, about 1 pixel); 0 keeps "
+        "them",
+    )
+    permutations: NonNegativeInt = Field(
+        1000,
+        description="random relabellings of the permutation test of each domain − boundary "
+        "difference (0: no test)",
+    )
+    seed: int = Field(0, description="random seed of the permutation test")

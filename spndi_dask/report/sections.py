@@ -350,8 +350,20 @@ def decomposition(ctx: ReportContext) -> dict[str, Any]:
     }
 
 
+def _pm(row: dict[str, str], col: str) -> str | None:
+    """``"value ± se"`` of a regions.csv difference (None when the column is missing)."""
+    value, se = row.get(col), row.get(f"{col}_se")
+    if value in (None, ""):
+        return None
+    try:
+        return f"{float(value):.4g} ± {float(se):.2g}"
+    except (TypeError, ValueError):
+        return value
+
+
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """regions.csv as rows (particle, quantity): domain and boundary mean ± std, difference."""
+    d = "diff_domain_minus_boundary"
     out = []
     for r in rows:
         quantities = [
@@ -366,12 +378,15 @@ def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
                     "quantity": f"{q} ({_UNITS.get(q, '')})",
                     "domain pixels": r.get("domain_pixels"),
                     "boundary pixels": r.get("boundary_pixels"),
+                    "rim pixels": r.get("rim_pixels"),
                     "domain mean": r.get(f"domain_{q}_mean"),
                     "domain std": r.get(f"domain_{q}_std"),
                     "boundary mean": r.get(f"boundary_{q}_mean"),
                     "boundary std": r.get(f"boundary_{q}_std"),
-                    "boundary − domain (mean)": r.get(f"diff_{q}_mean"),
-                    "boundary − domain (std)": r.get(f"diff_{q}_std"),
+                    "domain − boundary (mean) ± SE": _pm(r, f"{d}_{q}_mean"),
+                    "p (mean)": r.get(f"{d}_{q}_mean_p"),
+                    "domain − boundary (std) ± SE": _pm(r, f"{d}_{q}_std"),
+                    "p (std)": r.get(f"{d}_{q}_std_p"),
                 }
             )
     return out
@@ -387,6 +402,7 @@ def analysis(ctx: ReportContext) -> dict[str, Any]:
             {
                 "K": ctx.analysis.get("k"),
                 "boundary width (scan pixels)": ctx.analysis.get("boundary_width"),
+                "rim width (scan pixels)": ctx.analysis.get("rim_width"),
                 "version": ctx.analysis.get("version"),
             }
         )
