@@ -223,6 +223,11 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     axes[0].plot(ks, [inertia[k] for k in ks], "o-")
     axes[0].axvline(info["k"], color="C3", ls="--", label=f"K = {info['k']} ({info['k_source']})")
+    if sil:
+        best = max(sil, key=sil.get)
+        axes[0].axvline(best, color="C2", ls=":", label=f"K = {best} (best silhouette)")
+        axes[1].axvline(best, color="C2", ls=":")
+        axes[1].axvline(info["k"], color="C3", ls="--")
     axes[0].set_xlabel("K")
     axes[0].set_ylabel("inertia (scaled features)")
     axes[0].legend()
@@ -236,7 +241,7 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
         axes[1].plot(sorted(sil), [sil[k] for k in sorted(sil)], "o-", color="C2")
     axes[1].set_xlabel("K")
     axes[1].set_ylabel("silhouette (sample)")
-    fig.suptitle("choosing K")
+    fig.suptitle(f"choosing K over K = {ks[0]}..{ks[-1]}")
     return _save(fig, path)
 
 

@@ -16,7 +16,7 @@ Value error, scan_shard [12, 12] must be a multiple of scan_chunk [8, 8]
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
@@ -255,7 +255,16 @@ class ClusterSettings(SettingsModel):
         "`spndi decompose`), 'moments' (d_spacing, tilt_x, tilt_y, width_x/y/z of reduce)",
     )
     k: Literal["auto"] | PositiveInt = Field("auto", description="'auto' (elbow) or a fixed K")
-    k_max: int = Field(10, ge=2, description="largest K tried by the elbow rule")
+    k_min: PositiveInt = Field(1, description="smallest K tried by the elbow rule")
+    k_max: Literal["auto"] | Annotated[int, Field(ge=2)] = Field(
+        "auto",
+        description="largest K tried by the elbow rule: 'auto' is the original study's range, "
+        "15 for one scan and 80 for a joint clustering of several, capped at one K per "
+        "`pixels_per_k` particle pixels; or a number ≥ 2",
+    )
+    pixels_per_k: PositiveInt = Field(
+        100, description="k_max = 'auto': at most one K per this many particle pixels"
+    )
     init: Literal["k-means||", "k-means++"] = Field(
         "k-means||", description="'k-means||' (default) or 'k-means++'"
     )
@@ -278,6 +287,29 @@ class ClusterSettings(SettingsModel):
     )
     max_iter: PositiveInt = Field(300, description="Lloyd iterations per restart")
     tol: float = Field(1e-4, gt=0, description="convergence tolerance of k-means")
+
+    @model_validator(mode="after")
+    def _k_range(self) -> ClusterSettings:
+        if self.k_max != "auto" and self.k_min >= self.k_max:
+            raise ValueError(f"k_min {self.k_min} must be smaller than k_max {self.k_max}")
+        return self
+
+    def k_range(self, pixels: int, scans: int) -> tuple[int, int]:
+        """``(k_min, k_max)`` of the elbow scan for ``pixels`` feature vectors of ``scans`` scans.
+
+        Examples
+        --------
+        >>> s = ClusterSettings()
+        >>> s.k_range(50_000, 1), s.k_range(50_000, 8), s.k_range(1_200, 3), s.k_range(90, 2)
+        ((1, 15), (1, 80), (1, 12), (1, 2))
+        """
+        if self.k_max == "auto":
+            top = 15 if scans == 1 else 80
+            top = max(2, min(top, pixels // self.pixels_per_k))
+        else:
+            top = self.k_max
+        top = min(top, pixels)
+        return min(self.k_min, top), top
 
 
 class AnalysisSettings(SettingsModel):

@@ -263,10 +263,11 @@ def _k_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
 def _how_chosen(info: dict[str, Any], manifest: Manifest) -> str:
     k, source = info.get("k"), info.get("k_source")
     s = manifest.cluster
+    ks = [int(v) for v in info.get("inertia_by_k", {})]
     if source == "elbow":
         return (
             f"K = {k} by the elbow rule: the smallest K whose share of the inertia drop from "
-            f"K = 1 to K = {s.k_max} reaches {s.elbow_fraction:g} ([cluster] elbow_fraction); the "
+            f"K = {min(ks, default='?')} to K = {max(ks, default='?')} reaches {s.elbow_fraction:g} ([cluster] elbow_fraction); the "
             f"silhouette score of each K on a sample of up to {s.silhouette_sample} pixels is "
             "shown beside it."
         )
