@@ -267,7 +267,8 @@ def _how_chosen(info: dict[str, Any], manifest: Manifest) -> str:
     if source == "elbow":
         return (
             f"K = {k} by the elbow rule: the smallest K whose share of the inertia drop from "
-            f"K = {min(ks, default='?')} to K = {max(ks, default='?')} reaches {s.elbow_fraction:g} ([cluster] elbow_fraction); the "
+            f"K = {min(ks, default='?')} to K = {max(ks, default='?')} reaches "
+            f"{s.elbow_fraction:g} ([cluster] elbow_fraction); the "
             f"silhouette score of each K on a sample of up to {s.silhouette_sample} pixels is "
             "shown beside it."
         )
