@@ -43,7 +43,9 @@ EXPORT_MAPS = {
 
 def map_stack(ds: xr.Dataset) -> dict[str, np.ndarray]:
     """The exported ``(y, x)`` maps of one scan's node, in :data:`EXPORT_MAPS` order."""
-    return {k: np.asarray(ds[k].values) for k in EXPORT_MAPS if k in ds and ds[k].dims == ("y", "x")}
+    return {
+        k: np.asarray(ds[k].values) for k in EXPORT_MAPS if k in ds and ds[k].dims == ("y", "x")
+    }
 
 
 def _step_um(ds: xr.Dataset, dim: str) -> float:
