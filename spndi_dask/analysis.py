@@ -42,8 +42,10 @@ from spndi_dask._version import __version__
 from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
+from spndi_dask.figures_study import cluster_detector_images, detector_images_figure
 from spndi_dask.io.integrity import checksum_encoding
 from spndi_dask.io.layout import OutputLayout, replace_tree
+from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
@@ -344,6 +346,23 @@ def _is_current(
     return not figures or all((out.figures / f).exists() for f in ANALYSIS_FIGURES)
 
 
+def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> dict[str, Any]:
+    """Lazy ``(k, det_row, det_col)`` per scan with raw frames (:func:`cluster_detector_images`)."""
+    out = {}
+    for name, ds in datasets.items():
+        try:
+            raw = open_raw(manifest.layout.root, name)
+        except (FileNotFoundError, ValueError, StageError) as exc:
+            logger.warning("particle '%s': no detector images per cluster (%s)", name, exc)
+            continue
+        lab = np.asarray(ds["cluster"].values)
+        if raw["frames"].shape[1:3] != lab.shape:
+            logger.warning("particle '%s': raw scan grid differs from the maps; skipped", name)
+            continue
+        out[name] = cluster_detector_images(raw["frames"].data, lab, k)
+    return out
+
+
 def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -440,8 +459,11 @@ def analyze(
                 ),
             }
         )
-    flat = compute([a for pair in sums.values() for a in pair], progress) if sums else []
+    detector = _detector_images(manifest, datasets, k) if settings["detector_images"] else {}
+    lazy = [a for pair in sums.values() for a in pair] + list(detector.values())
+    flat = compute(lazy, progress) if lazy else []
     totals = {nm: (flat[2 * i], flat[2 * i + 1]) for i, nm in enumerate(sums)}
+    detector = dict(zip(detector, flat[2 * len(sums) :], strict=True))
     first = next(iter(datasets.values()))
     data: dict[str, Any] = {}
     coords: dict[str, Any] = {
@@ -500,6 +522,13 @@ def analyze(
             "scans have different angles: per-scan rocking curves are kept on their own "
             "angles (scan_angle); the pooled curve per cluster is not formed"
         )
+    shapes = {np.shape(v) for v in detector.values()}
+    if detector and len(shapes) == 1 and len(detector) == len(names):
+        data["cluster_detector_image"] = (
+            ("particle", "cluster", "det_row", "det_col"),
+            np.stack([np.asarray(detector[nm]) for nm in names]),
+            {"long_name": "mean raw frame of each cluster over angles and pixels"},
+        )
     ds_out = xr.Dataset(
         data,
         coords=coords,
@@ -544,6 +573,12 @@ def analyze(
     write_csv(out.regions_csv, rows)
     if figures:
         plot.analysis_figures(out.figures, ds_out)
+        for name, images in detector.items():
+            detector_images_figure(
+                np.asarray(images),
+                out.figures / f"{name}_cluster_detector_images.png",
+                title=f"{name}: mean detector image per cluster (log10, over angle and pixels)",
+            )
     return {
         "status": Outcome.DONE,
         "k": k,

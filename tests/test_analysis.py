@@ -200,3 +200,46 @@ def test_scans_with_different_angles_keep_their_own_curves(clustered, monkeypatc
         got = res["cluster_rocking_curve"][1, c].values
         assert np.allclose(got[:6], rc[:, sel].mean(axis=1)) and np.isnan(got[6:]).all()
     assert (m.output_dir / "figures" / "rocking_curves_by_scan.png").exists()
+
+
+def test_cluster_detector_images_are_the_mean_frame_over_angles_and_pixels():
+    import dask
+    import dask.array as da
+
+    from spndi_dask.figures_study import cluster_detector_images
+
+    from .conftest import RaiseOnCompute
+
+    rng = np.random.default_rng(2)
+    frames = rng.poisson(5.0, size=(3, 4, 5, 2, 3)).astype(np.uint16)
+    lab = np.array([[0, 0, 1, 1, -1]] * 4)
+    lab[3] = -1
+    with dask.config.set(scheduler=RaiseOnCompute()):  # lazy: nothing computed
+        lazy = cluster_detector_images(da.from_array(frames, chunks=(1, 2, 3, 2, 3)), lab, 3)
+    assert isinstance(lazy, da.Array) and lazy.shape == (3, 2, 3)
+    got = lazy.compute()
+    for c in (0, 1):
+        want = frames[:, lab == c].astype(float).mean(axis=(0, 1))  # (angle, pixel) -> frame
+        assert np.allclose(got[c], want, rtol=1e-12)
+    assert np.isnan(got[2]).all()  # no pixel in cluster 2
+
+
+def test_study_figures_kde_and_detector_images(clustered):
+    from spndi_dask.config import AnalysisSettings
+    from spndi_dask.figures_study import centred_kde_figure
+    from spndi_dask.io.raw_store import open_raw
+
+    _, m = clustered
+    with_images = m.model_copy(update={"analysis": AnalysisSettings(detector_images=True)})
+    s = analyze(with_images, force=True)
+    res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
+    for i, p in enumerate(m.particles):
+        lab = open_results(m.output_dir, p.name)["cluster"].values
+        frames = open_raw(m.output_dir, p.name)["frames"].values
+        want = frames[:, lab == 1].astype(float).mean(axis=(0, 1))
+        assert np.allclose(res["cluster_detector_image"][i, 1], want, rtol=1e-9)
+        path = m.output_dir / "figures" / f"{p.name}_cluster_detector_images.png"
+        assert path.stat().st_size > 5000
+    datasets = {p.name: open_results(m.output_dir, p.name) for p in m.particles}
+    path = centred_kde_figure(datasets, m.output_dir / "figures" / "kde.png")
+    assert path.stat().st_size > 5000

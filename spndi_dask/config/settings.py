@@ -328,3 +328,8 @@ class AnalysisSettings(SettingsModel):
         "difference (0: no test)",
     )
     seed: int = Field(0, description="random seed of the permutation test")
+    detector_images: bool = Field(
+        False,
+        description="also average the raw frames of each cluster over angle and pixels (the "
+        "study's detector-plane image per cluster; reads every raw frame once more)",
+    )
