@@ -124,6 +124,11 @@ def overview(ctx: ReportContext) -> dict[str, Any]:
         particles = table(rows, cols, text=("particle", "warning"))
     return {
         "figure": ctx.figure("beamtime_overview.png", "Per-particle distributions"),
+        "kde": ctx.figure(
+            "tilt_d_spacing_kde.png",
+            "Per particle: tilt_y vs d-spacing centred on the particle's means, one scale for "
+            "all particles, with marginal densities",
+        ),
         "not_run": rows is None,
         "particles": particles,
     }
