@@ -40,7 +40,7 @@ def test_demo_end_to_end(tmp_path):
     assert "dask dashboard: http://127.0.0.1:" in out.stdout
     assert "demo done" in out.stdout
     # the demo is simulate + `spndi run`: every stage, the summary table, the report
-    assert "[9/9] report" in out.stdout and "report   written" in out.stdout
+    assert "[10/10] report" in out.stdout and "report   written" in out.stdout
     assert (tmp_path / "demo/results/report/index.html").stat().st_size > 100_000
     ds = open_raw(tmp_path / "demo/results", "p2")
     assert ds.attrs["spndi_dask"]["complete"]
