@@ -8,13 +8,15 @@ After ``spndi cluster`` every particle pixel has a cluster shared across the bea
 * **mean 3D patterns** per cluster and per region on the common q grid, per scan and pooled over
   all scans (patterns with a masked voxel or no intensity are left out), and their projections;
 * **domains vs boundaries**: a particle pixel is a *boundary* pixel when a pixel of another
-  cluster lies within ``boundary_width`` scan pixels (Euclidean), else a *domain* pixel. Their
-  mean patterns and rocking curves, and per scan the mean and std of d-spacing, strain and tilt
-  in each and the differences boundary − domain (:func:`region_stats`).
+  cluster lies within ``boundary_width`` scan pixels (Euclidean), else a *domain* pixel unless
+  it lies within ``[analysis] rim_width`` of the particle outline (the *rim*, in neither, as the
+  original study left the Canny edge of the mask out). Their mean patterns and rocking curves,
+  and per scan the mean and std of d-spacing, strain and tilt in each and the differences
+  domain − boundary with standard errors and permutation-test p-values (:func:`region_stats`).
 
 All pattern sums come from one dask pass over the pattern arrays (per block: one-hot cluster
 matrix × patterns). Results: ``<output>/analysis.zarr`` (xarray Dataset), ``region(y, x)`` in
-each scan's node (−1 outside particles, 0 domain, 1 boundary), ``<output>/regions.csv`` and
+each scan's node (−1 outside particles, 0 domain, 1 boundary, 2 rim), ``<output>/regions.csv`` and
 figures.
 """
 
@@ -40,13 +42,24 @@ from spndi_dask._version import __version__
 from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
+from spndi_dask.figures_study import cluster_detector_images, detector_images_figure
 from spndi_dask.io.integrity import checksum_encoding
 from spndi_dask.io.layout import OutputLayout, replace_tree
+from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
-__all__ = ["AnalysisError", "analyze", "boundary_mask", "group_sums", "region_stats"]
+__all__ = [
+    "AnalysisError",
+    "analyze",
+    "boundary_mask",
+    "difference_test",
+    "group_sums",
+    "region_map",
+    "region_stats",
+    "rim_mask",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +69,12 @@ class AnalysisError(StageError, ValueError):
 
 
 # -- kernels ------------------------------------------------------------------------------------
+def _disk(width: float) -> np.ndarray:
+    r = int(np.floor(width))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy**2 + xx**2) <= width**2 + 1e-9
+
+
 def boundary_mask(clusters: np.ndarray, width: float = 1.0) -> np.ndarray:
     """Pixels (cluster ≥ 0) with a pixel of another cluster within ``width`` pixels.
 
@@ -67,9 +86,7 @@ def boundary_mask(clusters: np.ndarray, width: float = 1.0) -> np.ndarray:
     >>> boundary_mask(np.array([[0, 0, -1, 1, 1]]), 1).astype(int).tolist()  # -1 is not a cluster
     [[0, 0, 0, 0, 0]]
     """
-    r = int(np.floor(width))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (yy**2 + xx**2) <= width**2 + 1e-9
+    disk = _disk(width)
     out = np.zeros(clusters.shape, dtype=bool)
     inside = clusters >= 0
     for c in np.unique(clusters[inside]):
@@ -77,6 +94,52 @@ def boundary_mask(clusters: np.ndarray, width: float = 1.0) -> np.ndarray:
         others = inside & ~own
         out |= own & ndimage.binary_dilation(others, structure=disk)
     return out
+
+
+def rim_mask(clusters: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Particle pixels (cluster ≥ 0) with a pixel outside the particles within ``width`` pixels.
+
+    The particle's outline, which the original study left out of the domains (the Canny edge of
+    the mask). Outside the scan does not count as outside a particle; ``width = 0``: no rim.
+
+    Examples
+    --------
+    >>> c = np.array([[-1, 0, 0, 0, 1, 1, -1]])
+    >>> rim_mask(c, 1).astype(int).tolist()
+    [[0, 1, 0, 0, 0, 1, 0]]
+    >>> rim_mask(c, 2).astype(int).tolist(), bool(rim_mask(c, 0).any())
+    ([[0, 1, 1, 0, 1, 1, 0]], False)
+    """
+    inside = clusters >= 0
+    if width <= 0:
+        return np.zeros(clusters.shape, dtype=bool)
+    return inside & ndimage.binary_dilation(~inside, structure=_disk(width))
+
+
+#: ``region(y, x)`` codes
+OUTSIDE, DOMAIN, BOUNDARY, RIM = -1, 0, 1, 2
+
+
+def region_map(
+    clusters: np.ndarray, *, boundary_width: float = 1.0, rim_width: float = 1.0
+) -> np.ndarray:
+    """``int8`` map: −1 outside, 0 domain, 1 boundary between clusters, 2 particle rim.
+
+    A boundary pixel stays a boundary on the rim (as in the study); the rim is left out of
+    the domains only.
+
+    Examples
+    --------
+    >>> c = np.array([[-1, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    >>> region_map(c).tolist()
+    [[-1, 2, 0, 0, 1, 1, 0, 0, 2, -1]]
+    """
+    bnd = boundary_mask(clusters, boundary_width)
+    rim = rim_mask(clusters, rim_width) & ~bnd
+    out = np.where(bnd, np.int8(BOUNDARY), np.int8(DOMAIN))
+    out[rim] = RIM
+    out[clusters < 0] = OUTSIDE
+    return out.astype(np.int8)
 
 
 def _block_sums(patterns: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -119,34 +182,115 @@ def group_sums(patterns: da.Array, groups: da.Array, n_groups: int) -> da.Array:
     return parts.sum(axis=(0, 1))
 
 
-def region_stats(
-    maps: dict[str, np.ndarray], region: np.ndarray, keys: tuple[str, ...] = STAT_MAPS
-) -> dict[str, Any]:
-    """Pixels, mean and std of each map in domains (``region == 0``) and boundaries (``== 1``).
+#: Prefix of the domain − boundary columns of regions.csv (the study's sign)
+DIFF = "diff_domain_minus_boundary"
 
-    Keys: ``domain_pixels``, ``boundary_pixels``, ``domain_<map>_mean``, ``domain_<map>_std``,
-    the same for ``boundary_``, and ``diff_<map>_mean``, ``diff_<map>_std`` (boundary − domain:
-    the original study's "mean difference" and "std difference", there domain − boundary).
-    Means and (population) standard deviations are over the finite values of each map.
+
+def difference_test(
+    domain: np.ndarray,
+    boundary: np.ndarray,
+    *,
+    permutations: int = 1000,
+    rng: np.random.Generator | int | None = 0,
+) -> dict[str, float]:
+    """Domain − boundary difference of the means and of the (population) stds, with errors.
+
+    ``mean``, ``std``: the differences; ``mean_se``: Welch's standard error
+    √(s²_d/n_d + s²_b/n_b) (sample variances); ``std_se``: the normal-theory standard error
+    √(σ²_d/2(n_d−1) + σ²_b/2(n_b−1)); ``mean_p``, ``std_p``: two-sided permutation-test p-values
+    (``scipy.stats.permutation_test``, pixels relabelled at random ``permutations`` times;
+    NaN when 0). Pixels are treated as independent: neighbouring pixels are correlated, so the
+    errors are lower bounds and the p-values optimistic.
 
     Examples
     --------
-    >>> region = np.array([[0, 0, 1, 1, -1]])
-    >>> strain = np.array([[1.0, 3.0, 10.0, 10.0, 99.0]])
-    >>> row = region_stats({"strain": strain}, region, ("strain",))
-    >>> row["domain_strain_mean"], row["domain_strain_std"], row["diff_strain_mean"]
-    (2.0, 1.0, 8.0)
-    >>> row["diff_strain_std"], row["boundary_pixels"]
-    (-1.0, 2)
+    >>> t = difference_test(np.array([1.0, 3.0]), np.array([10.0, 10.0]), permutations=0)
+    >>> t["mean"], t["std"], round(t["mean_se"], 4)
+    (-8.0, 1.0, 1.0)
     """
-    dom, bnd = map_stats(maps, region == 0, keys), map_stats(maps, region == 1, keys)
+    from scipy.stats import permutation_test
+
+    d, b = np.asarray(domain, dtype=float), np.asarray(boundary, dtype=float)
+    nan = float("nan")
+    out = {k: nan for k in ("mean", "std", "mean_se", "std_se", "mean_p", "std_p")}
+    if not len(d) or not len(b):
+        return out
+    out["mean"] = float(d.mean() - b.mean())
+    out["std"] = float(d.std() - b.std())
+    if len(d) < 2 or len(b) < 2:
+        return out
+    out["mean_se"] = float(np.sqrt(d.var(ddof=1) / len(d) + b.var(ddof=1) / len(b)))
+    out["std_se"] = float(np.sqrt(d.var() / (2 * (len(d) - 1)) + b.var() / (2 * (len(b) - 1))))
+    if permutations > 0:
+        rng = np.random.default_rng(rng)
+        batch = max(1, int(2e7 // (len(d) + len(b))))  # ≤ 160 MB of relabelled values
+        for key, stat in (
+            ("mean", lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis)),
+            ("std", lambda x, y, axis: x.std(axis=axis) - y.std(axis=axis)),
+        ):
+            res = permutation_test(
+                (d, b),
+                stat,
+                permutation_type="independent",
+                vectorized=True,
+                n_resamples=permutations,
+                batch=batch,
+                rng=rng,
+            )
+            out[f"{key}_p"] = float(res.pvalue)
+    return out
+
+
+def region_stats(
+    maps: dict[str, np.ndarray],
+    region: np.ndarray,
+    keys: tuple[str, ...] = STAT_MAPS,
+    *,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pixels, mean and std of each map in domains and boundaries, and their differences.
+
+    ``region``: −1 outside, 0 domain, 1 boundary, 2 rim (:func:`region_map`; the rim is in
+    neither). Keys: ``domain_pixels``, ``boundary_pixels``, ``rim_pixels``,
+    ``domain_<map>_mean``, ``domain_<map>_std``, the same for ``boundary_``, and per map
+    ``diff_domain_minus_boundary_<map>_{mean,std}`` — domain − boundary, the original study's
+    "mean difference" and "std difference" — each with ``_se`` and ``_p``
+    (:func:`difference_test`). Means and (population) standard deviations are over the finite
+    values of each map. The test of each map is seeded with ``seed`` and the map's position.
+
+    Examples
+    --------
+    >>> region = np.array([[0, 0, 1, 1, -1, 2]])
+    >>> strain = np.array([[1.0, 3.0, 10.0, 10.0, 99.0, 50.0]])
+    >>> row = region_stats({"strain": strain}, region, ("strain",), permutations=0)
+    >>> row["domain_strain_mean"], row["domain_strain_std"], row["rim_pixels"]
+    (2.0, 1.0, 1)
+    >>> row["diff_domain_minus_boundary_strain_mean"], row["diff_domain_minus_boundary_strain_std"]
+    (-8.0, 1.0)
+    """
+    dom, bnd = map_stats(maps, region == DOMAIN, keys), map_stats(maps, region == BOUNDARY, keys)
     row: dict[str, Any] = {
-        "domain_pixels": int((region == 0).sum()),
-        "boundary_pixels": int((region == 1).sum()),
+        "domain_pixels": int((region == DOMAIN).sum()),
+        "boundary_pixels": int((region == BOUNDARY).sum()),
+        "rim_pixels": int((region == RIM).sum()),
     }
     row.update({f"domain_{a}": b for a, b in dom.items()})
     row.update({f"boundary_{a}": b for a, b in bnd.items()})
-    row.update({f"diff_{a}": bnd[a] - dom[a] for a in dom})
+    for i, key in enumerate(keys):
+        v = maps[key]
+        ok = np.isfinite(v)
+        test = difference_test(
+            v[ok & (region == DOMAIN)],
+            v[ok & (region == BOUNDARY)],
+            permutations=permutations,
+            rng=np.random.default_rng([seed, i]),
+        )
+        for what in ("mean", "std"):
+            col = f"{DIFF}_{key}_{what}"
+            row[col] = test[what]
+            row[f"{col}_se"] = test[f"{what}_se"]
+            row[f"{col}_p"] = test[f"{what}_p"]
     return row
 
 
@@ -169,16 +313,20 @@ ANALYSIS_FIGURES = (
 )
 
 
-#: Version of what analysis.zarr holds; 2: per-scan curves on ``scan_angle``, per-scan patterns.
-ANALYSIS_LAYOUT = 2
+#: Version of what analysis.zarr holds; 2: per-scan curves on ``scan_angle``, per-scan patterns;
+#: 3: the particle rim left out of the domains, regions.csv domain − boundary with errors.
+ANALYSIS_LAYOUT = 3
 
 
-def _fingerprint(clusters: dict[str, Any], names: list[str], boundary_width: float) -> str:
-    """What an analysis depends on: clustering, scans, width, package version and layout."""
+def _fingerprint(
+    clusters: dict[str, Any], names: list[str], boundary_width: float, settings: dict
+) -> str:
+    """What an analysis depends on: clustering, scans, widths, tests, version and layout."""
     key = [
         clusters.get("fingerprint"),
         sorted(names),
         float(boundary_width),
+        settings,
         __version__,
         ANALYSIS_LAYOUT,
     ]
@@ -198,6 +346,23 @@ def _is_current(
     return not figures or all((out.figures / f).exists() for f in ANALYSIS_FIGURES)
 
 
+def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> dict[str, Any]:
+    """Lazy ``(k, det_row, det_col)`` per scan with raw frames (:func:`cluster_detector_images`)."""
+    out = {}
+    for name, ds in datasets.items():
+        try:
+            raw = open_raw(manifest.layout.root, name)
+        except (FileNotFoundError, ValueError, StageError) as exc:
+            logger.warning("particle '%s': no detector images per cluster (%s)", name, exc)
+            continue
+        lab = np.asarray(ds["cluster"].values)
+        if raw["frames"].shape[1:3] != lab.shape:
+            logger.warning("particle '%s': raw scan grid differs from the maps; skipped", name)
+            continue
+        out[name] = cluster_detector_images(raw["frames"].data, lab, k)
+    return out
+
+
 def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -209,11 +374,15 @@ def analyze(
     *,
     particles: list[str] | None = None,
     boundary_width: float = 1.0,
+    rim_width: float | None = None,
     figures: bool = True,
     progress: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
     """Cluster rocking curves, mean patterns, domains vs boundaries for all clustered scans.
+
+    ``rim_width`` (default ``[analysis] rim_width``): particle pixels this close to the particle
+    outline are left out of the domains (:func:`region_map`).
 
     Returns a summary: ``status`` ('done' or 'up to date': the same clustering, scans and
     boundary width as the complete analysis on disk, unless ``force``), ``k``, ``regions``
@@ -243,7 +412,10 @@ def analyze(
         datasets[name] = ds
     out = manifest.layout
     path = out.analysis
-    fp = _fingerprint(meta, names, boundary_width)
+    settings = manifest.analysis.model_dump(mode="json")
+    if rim_width is not None:
+        settings["rim_width"] = float(rim_width)
+    fp = _fingerprint(meta, names, boundary_width, settings)
     if not force and _is_current(path, out, datasets, fp, figures):
         return {
             "status": Outcome.UP_TO_DATE,
@@ -258,9 +430,10 @@ def analyze(
     for name, ds in datasets.items():
         lab = np.asarray(ds["cluster"].values)
         counts[name] = np.bincount(lab[lab >= 0], minlength=k)
-        bnd = boundary_mask(lab, boundary_width)
-        region = np.where(lab >= 0, bnd.astype(np.int8), np.int8(-1))
-        regions[name] = region
+        regions[name] = region_map(
+            lab, boundary_width=boundary_width, rim_width=settings["rim_width"]
+        )
+        region = np.where(regions[name] == RIM, OUTSIDE, regions[name])  # rim: in neither
         if "pattern" in ds:
             pat = ds["pattern"].data
             sums[name] = (
@@ -275,9 +448,22 @@ def analyze(
             "angle": np.asarray(ds["angle"].values, dtype=float),
         }
         maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
-        rows.append({"particle": name, **region_stats(maps, region)})
-    flat = compute([a for pair in sums.values() for a in pair], progress) if sums else []
+        rows.append(
+            {
+                "particle": name,
+                **region_stats(
+                    maps,
+                    regions[name],
+                    permutations=settings["permutations"],
+                    seed=settings["seed"],
+                ),
+            }
+        )
+    detector = _detector_images(manifest, datasets, k) if settings["detector_images"] else {}
+    lazy = [a for pair in sums.values() for a in pair] + list(detector.values())
+    flat = compute(lazy, progress) if lazy else []
     totals = {nm: (flat[2 * i], flat[2 * i + 1]) for i, nm in enumerate(sums)}
+    detector = dict(zip(detector, flat[2 * len(sums) :], strict=True))
     first = next(iter(datasets.values()))
     data: dict[str, Any] = {}
     coords: dict[str, Any] = {
@@ -336,6 +522,13 @@ def analyze(
             "scans have different angles: per-scan rocking curves are kept on their own "
             "angles (scan_angle); the pooled curve per cluster is not formed"
         )
+    shapes = {np.shape(v) for v in detector.values()}
+    if detector and len(shapes) == 1 and len(detector) == len(names):
+        data["cluster_detector_image"] = (
+            ("particle", "cluster", "det_row", "det_col"),
+            np.stack([np.asarray(detector[nm]) for nm in names]),
+            {"long_name": "mean raw frame of each cluster over angles and pixels"},
+        )
     ds_out = xr.Dataset(
         data,
         coords=coords,
@@ -343,6 +536,7 @@ def analyze(
             "spndi_dask": {"kind": "analysis", "version": __version__},
             "k": k,
             "boundary_width": boundary_width,
+            "rim_width": settings["rim_width"],
             "version": __version__,
             "fingerprint": fp,
         },
@@ -366,13 +560,25 @@ def analyze(
             "region",
             region,
             stage="analysis",
-            long_name="-1 outside particles, 0 domain, 1 boundary between clusters",
+            long_name="-1 outside particles, 0 domain, 1 boundary between clusters, "
+            "2 particle rim (neither)",
             fill_value=-1,
-            info={"boundary_width": boundary_width, "k": k, "fingerprint": fp},
+            info={
+                "boundary_width": boundary_width,
+                "rim_width": settings["rim_width"],
+                "k": k,
+                "fingerprint": fp,
+            },
         )
     write_csv(out.regions_csv, rows)
     if figures:
         plot.analysis_figures(out.figures, ds_out)
+        for name, images in detector.items():
+            detector_images_figure(
+                np.asarray(images),
+                out.figures / f"{name}_cluster_detector_images.png",
+                title=f"{name}: mean detector image per cluster (log10, over angle and pixels)",
+            )
     return {
         "status": Outcome.DONE,
         "k": k,

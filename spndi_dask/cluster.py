@@ -15,8 +15,10 @@ over the dask blocks (``[cluster] engine``, ``memory_fraction``), seeded by
 the sum of squared distances to the nearest centre.
 
 Choosing K (``k = "auto"``): the original elbow rule — the smallest K whose share of the inertia
-drop from K=1 to ``k_max`` reaches ``elbow_fraction`` (0.95) — with the silhouette score of each
-K on a seeded sample reported beside it.
+drop from ``k_min`` (1) to ``k_max`` reaches ``elbow_fraction`` (0.95) — with the silhouette
+score of each K on a seeded sample reported beside it. ``k_max = "auto"`` is the study's range:
+K = 1..15 for one scan, 1..80 for a joint clustering, capped at one K per ``pixels_per_k``
+particle pixels (so that a small beamtime, as the demo, stays fast).
 """
 
 from __future__ import annotations
@@ -191,23 +193,29 @@ def _fit(x: da.Array, k: int, settings: ClusterSettings, n_init: int) -> KMeansF
 
 
 def choose_k(
-    x: da.Array, settings: ClusterSettings, *, sample: np.ndarray | None = None
+    x: da.Array,
+    settings: ClusterSettings,
+    *,
+    sample: np.ndarray | None = None,
+    scans: int = 1,
 ) -> tuple[int, dict[int, KMeansFit], dict[int, float]]:
-    """Fit K = 1..k_max; ``(elbow K, fits, silhouette per K ≥ 2 on the sample)``.
+    """Fit K = k_min..k_max; ``(elbow K, fits, silhouette per K ≥ 2 on the sample)``.
 
+    The range is :meth:`ClusterSettings.k_range` of the rows of ``x`` from ``scans`` scans.
     Each K of the scan gets ``scan_restarts`` restarts; the chosen K is refitted with
     ``n_init``.
     """
-    k_max = min(settings.k_max, x.shape[0])
+    k_min, k_max = settings.k_range(x.shape[0], scans)
     seeds = range(settings.seed, settings.seed + settings.scan_restarts)
+    ks = range(k_min, k_max + 1)
     # all K and restarts together: parallel tasks in memory, shared passes out of core
-    done = _models(x, [(k, s) for k in range(1, k_max + 1) for s in seeds], **_options(settings))
-    fits = {k: _best(done, k) for k in range(1, k_max + 1)}
+    done = _models(x, [(k, s) for k in ks for s in seeds], **_options(settings))
+    fits = {k: _best(done, k) for k in ks}
     for k in fits:
         logger.info("K = %d: inertia %.6g", k, fits[k].inertia)
     sil = {}
     if sample is not None and len(sample) > 2:
-        for k in range(2, k_max + 1):
+        for k in range(max(2, k_min), k_max + 1):
             lab = _nearest(sample, fits[k].centers)[0]
             if 1 < len(np.unique(lab)) < len(sample):
                 sil[k] = float(silhouette_score(sample, lab))
@@ -366,7 +374,9 @@ def cluster(
     sil: dict[int, float] = {}
     fits: dict[int, KMeansFit] = {}
     if fixed is None:
-        chosen, fits, sil = choose_k(xs, settings, sample=np.asarray(sample))
+        chosen, fits, sil = choose_k(
+            xs, settings, sample=np.asarray(sample), scans=sum(len(v) > 0 for v in index.values())
+        )
         k_source = "elbow"
     else:
         if fixed > total:

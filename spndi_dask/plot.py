@@ -211,6 +211,9 @@ def particle_figures(datasets: dict[str, xr.Dataset], out_dir: str | Path) -> li
         written.append(_rocking_figure(name, ds, curves, path, per_pixel=per_pixel))
         written.append(_kde_figure(name, ds, out_dir / f"{name}_strain_tilt_kde.png"))
     written.append(beamtime_overview(datasets, out_dir / "beamtime_overview.png"))
+    from spndi_dask.figures_study import centred_kde_figure  # it imports this module
+
+    written.append(centred_kde_figure(datasets, out_dir / "tilt_d_spacing_kde.png"))
     logger.info("wrote %d figures to %s", len(written), out_dir)
     return written
 
@@ -223,6 +226,11 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     axes[0].plot(ks, [inertia[k] for k in ks], "o-")
     axes[0].axvline(info["k"], color="C3", ls="--", label=f"K = {info['k']} ({info['k_source']})")
+    if sil:
+        best = max(sil, key=sil.get)
+        axes[0].axvline(best, color="C2", ls=":", label=f"K = {best} (best silhouette)")
+        axes[1].axvline(best, color="C2", ls=":")
+        axes[1].axvline(info["k"], color="C3", ls="--")
     axes[0].set_xlabel("K")
     axes[0].set_ylabel("inertia (scaled features)")
     axes[0].legend()
@@ -236,8 +244,20 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
         axes[1].plot(sorted(sil), [sil[k] for k in sorted(sil)], "o-", color="C2")
     axes[1].set_xlabel("K")
     axes[1].set_ylabel("silhouette (sample)")
-    fig.suptitle("choosing K")
+    fig.suptitle(f"choosing K over K = {ks[0]}..{ks[-1]}")
     return _save(fig, path)
+
+
+def _outlines(ax: Any, lab: np.ndarray, ds: xr.Dataset, clusters: Any) -> None:
+    """Outline of each of ``clusters`` on a map drawn with :func:`_extent` (as the study)."""
+    y, x = np.asarray(ds["y"].values), np.asarray(ds["x"].values)
+    limits = ax.get_xlim(), ax.get_ylim()
+    for c in clusters:
+        sel = (lab == c).astype(float)
+        if 0 < sel.sum() < sel.size:
+            ax.contour(x, y, sel, levels=[0.5], colors="k", linewidths=0.6)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
 
 
 def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
@@ -252,12 +272,14 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
     for c in range(k):
         rgb[lab == c] = colours(c % colours.N)[:3]
     axes[0].imshow(rgb, extent=_extent(ds))
+    _outlines(axes[0], lab, ds, range(k))
     axes[0].set_title(f"{name}: clusters")
     for c in range(k):
         img = np.ones((*lab.shape, 3))
         img[inside] = 0.75
         img[lab == c] = colours(c % colours.N)[:3]
         axes[c + 1].imshow(img, extent=_extent(ds))
+        _outlines(axes[c + 1], lab, ds, [c])
         axes[c + 1].set_title(f"cluster {c} ({int((lab == c).sum())} px)")
     for ax in axes:
         ax.set_xlabel("x (µm)")

@@ -22,7 +22,7 @@ def run(*args):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    commands = "demo run simulate ingest reduce stats train encode cluster analyze report"
+    commands = "demo run simulate ingest reduce stats train encode cluster analyze report export"
     for cmd in commands.split():
         assert cmd in out.stdout
 
@@ -66,6 +66,10 @@ def test_demo_end_to_end(tmp_path):
         str(tmp_path / f"demo/results/ply/p1_y{y}_x{x}.ply"),
         str(tmp_path / "demo/results/ply/p1_label1.ply"),
     ]
+    ply = run("export", "ply", manifest, "p1", "--label", "1")  # the new name of export-ply
+    assert ply.returncode == 0 and ply.stdout.split() == [
+        str(tmp_path / "demo/results/ply/p1_label1.ply")
+    ], ply.stderr
     bad = run("encode", manifest, "--checkpoint", str(tmp_path / "nothing.pt"))
     assert bad.returncode == 2 and "nothing.pt does not exist" in bad.stderr
 

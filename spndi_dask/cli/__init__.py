@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spndi_dask._version import __version__
-from spndi_dask.cli import init, run, stages, status, view
+from spndi_dask.cli import export, init, run, stages, status, view
 from spndi_dask.interrupt import Interrupted, at_forced_exit, handle_signals, received
 from spndi_dask.stages import STAGE_NAMES, StageError
 
@@ -35,7 +35,8 @@ COMMANDS: list[Callable[[Any], None]] = [
     status.add_status,
     status.add_verify,
     stages.add_report,
-    status.add_export_ply,
+    export.add_export,
+    export.add_export_ply,
     view.add_view,
 ]
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    if args.command not in ("init", "status", "report", "export-ply", "view"):
+    if args.command not in ("init", "status", "report", "export", "export-ply", "view"):
         # dask_jobqueue sets its own SIGINT handler (sys.exit) when imported: import it first
         import spndi_dask.dask_clusters  # noqa: F401
 

@@ -1,11 +1,8 @@
-"""``spndi status``, ``spndi verify`` and ``spndi export-ply``: what is done, what is damaged,
-and patterns as point clouds.
-"""
+"""``spndi status`` and ``spndi verify``: what is done and what is damaged."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import nullcontext
 from typing import Any
 
@@ -49,25 +46,6 @@ def add_verify(sub: Any) -> None:
     p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_verify)
-
-
-def add_export_ply(sub: Any) -> None:
-    """``spndi export-ply``."""
-    p = _manifest_parser(
-        sub,
-        "export-ply",
-        help="patterns -> PLY point clouds (1/Å coordinates + intensity)",
-        description="Write per-pixel or particle-mean 3D patterns of a scan as PLY point clouds "
-        "(crystal-frame q offsets in 1/Å, intensity property).",
-    )
-    p.add_argument("particle", help="particle scan name")
-    p.add_argument(
-        "--pixel", nargs=2, type=int, action="append", metavar=("Y", "X"), help="scan pixel"
-    )
-    p.add_argument("--label", type=int, action="append", help="mean pattern of this label")
-    p.add_argument("--threshold", type=float, default=0.05, help="fraction of the max (0.05)")
-    p.add_argument("-o", "--out", help="directory (default <output>/ply)")
-    p.set_defaults(func=_cmd_export_ply)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -129,28 +107,3 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(f"\n{describe(report.damage, str(manifest.source))}")
     return 1
-
-
-def _cmd_export_ply(args: argparse.Namespace) -> int:
-    from spndi_dask.config import load_manifest
-    from spndi_dask.features.ply import export_ply
-
-    manifest = load_manifest(args.manifest)
-    if not args.pixel and not args.label:
-        print("error: give --pixel Y X and/or --label L", file=sys.stderr)
-        return 2
-    try:
-        paths = export_ply(
-            manifest,
-            args.particle,
-            pixels=[tuple(p) for p in args.pixel or []],
-            labels=args.label,
-            threshold=args.threshold,
-            out_dir=args.out,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(p)
-    return 0

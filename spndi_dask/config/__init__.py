@@ -28,6 +28,7 @@ from spndi_dask.config.manifest import (
     load_manifest,
 )
 from spndi_dask.config.settings import (
+    AnalysisSettings,
     ClusterSettings,
     DecomposeSettings,
     FeatureSettings,
@@ -38,6 +39,7 @@ from spndi_dask.config.settings import (
 
 __all__ = [
     "MANIFEST_VERSION",
+    "AnalysisSettings",
     "AngleRange",
     "ClusterSettings",
     "DecomposeSettings",

@@ -286,6 +286,7 @@ class Manifest(SettingsModel):
     features: settings.FeatureSettings = Field(default_factory=settings.FeatureSettings)
     decompose: settings.DecomposeSettings = Field(default_factory=settings.DecomposeSettings)
     cluster: settings.ClusterSettings = Field(default_factory=settings.ClusterSettings)
+    analysis: settings.AnalysisSettings = Field(default_factory=settings.AnalysisSettings)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<manifest>")
@@ -627,6 +628,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "features": settings.FeatureSettings,
     "decompose": settings.DecomposeSettings,
     "cluster": settings.ClusterSettings,
+    "analysis": settings.AnalysisSettings,
     "geometry": GeometrySettings,
     "AngleRange": AngleRange,
 }

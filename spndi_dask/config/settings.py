@@ -16,13 +16,14 @@ Value error, scan_shard [12, 12] must be a multiple of scan_chunk [8, 8]
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from spndi_dask.config._base import SettingsModel
 
 __all__ = [
+    "AnalysisSettings",
     "ClusterSettings",
     "DecomposeSettings",
     "FeatureSettings",
@@ -254,7 +255,16 @@ class ClusterSettings(SettingsModel):
         "`spndi decompose`), 'moments' (d_spacing, tilt_x, tilt_y, width_x/y/z of reduce)",
     )
     k: Literal["auto"] | PositiveInt = Field("auto", description="'auto' (elbow) or a fixed K")
-    k_max: int = Field(10, ge=2, description="largest K tried by the elbow rule")
+    k_min: PositiveInt = Field(1, description="smallest K tried by the elbow rule")
+    k_max: Literal["auto"] | Annotated[int, Field(ge=2)] = Field(
+        "auto",
+        description="largest K tried by the elbow rule: 'auto' is the original study's range, "
+        "15 for one scan and 80 for a joint clustering of several, capped at one K per "
+        "`pixels_per_k` particle pixels; or a number ≥ 2",
+    )
+    pixels_per_k: PositiveInt = Field(
+        100, description="k_max = 'auto': at most one K per this many particle pixels"
+    )
     init: Literal["k-means||", "k-means++"] = Field(
         "k-means||", description="'k-means||' (default) or 'k-means++'"
     )
@@ -287,4 +297,50 @@ class ClusterSettings(SettingsModel):
         gt=0,
         le=1,
         description="in memory when the matrix is at most this share of a worker's memory limit",
+    )
+
+    @model_validator(mode="after")
+    def _k_range(self) -> ClusterSettings:
+        if self.k_max != "auto" and self.k_min >= self.k_max:
+            raise ValueError(f"k_min {self.k_min} must be smaller than k_max {self.k_max}")
+        return self
+
+    def k_range(self, pixels: int, scans: int) -> tuple[int, int]:
+        """``(k_min, k_max)`` of the elbow scan for ``pixels`` feature vectors of ``scans`` scans.
+
+        Examples
+        --------
+        >>> s = ClusterSettings()
+        >>> s.k_range(50_000, 1), s.k_range(50_000, 8), s.k_range(1_200, 3), s.k_range(90, 2)
+        ((1, 15), (1, 80), (1, 12), (1, 2))
+        """
+        if self.k_max == "auto":
+            top = 15 if scans == 1 else 80
+            top = max(2, min(top, pixels // self.pixels_per_k))
+        else:
+            top = self.k_max
+        top = min(top, pixels)
+        return min(self.k_min, top), top
+
+
+class AnalysisSettings(SettingsModel):
+    """``[analysis]``: domains vs boundaries (``spndi analyze``)."""
+
+    rim_width: float = Field(
+        1.0,
+        ge=0,
+        description="particle pixels within this many scan pixels of the particle outline are "
+        "left out of the domains (the study: the Canny edge of the mask, about 1 pixel); 0 keeps "
+        "them",
+    )
+    permutations: NonNegativeInt = Field(
+        1000,
+        description="random relabellings of the permutation test of each domain − boundary "
+        "difference (0: no test)",
+    )
+    seed: int = Field(0, description="random seed of the permutation test")
+    detector_images: bool = Field(
+        False,
+        description="also average the raw frames of each cluster over angle and pixels (the "
+        "study's detector-plane image per cluster; reads every raw frame once more)",
     )

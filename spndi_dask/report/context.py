@@ -53,6 +53,7 @@ DECOMPOSITION_FIGURES = (
 BEAMTIME_FIGURES = frozenset(
     {
         "beamtime_overview.png",
+        "tilt_d_spacing_kde.png",
         "clusters_k.png",
         *(f for f, _ in ANALYSIS_FIGURES),
         *(f for f, _ in DECOMPOSITION_FIGURES),

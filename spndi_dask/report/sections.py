@@ -125,6 +125,11 @@ def overview(ctx: ReportContext) -> dict[str, Any]:
         particles = table(rows, cols, text=("particle", "warning"))
     return {
         "figure": ctx.figure("beamtime_overview.png", "Per-particle distributions"),
+        "kde": ctx.figure(
+            "tilt_d_spacing_kde.png",
+            "Per particle: tilt_y vs d-spacing centred on the particle's means, one scale for "
+            "all particles, with marginal densities",
+        ),
         "not_run": rows is None,
         "particles": particles,
     }
@@ -264,10 +269,12 @@ def _k_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
 def _how_chosen(info: dict[str, Any], manifest: Manifest) -> str:
     k, source = info.get("k"), info.get("k_source")
     s = manifest.cluster
+    ks = [int(v) for v in info.get("inertia_by_k", {})]
     if source == "elbow":
         return (
             f"K = {k} by the elbow rule: the smallest K whose share of the inertia drop from "
-            f"K = 1 to K = {s.k_max} reaches {s.elbow_fraction:g} ([cluster] elbow_fraction); the "
+            f"K = {min(ks, default='?')} to K = {max(ks, default='?')} reaches "
+            f"{s.elbow_fraction:g} ([cluster] elbow_fraction); the "
             f"silhouette score of each K on a sample of up to {s.silhouette_sample} pixels is "
             "shown beside it."
         )
@@ -351,8 +358,20 @@ def decomposition(ctx: ReportContext) -> dict[str, Any]:
     }
 
 
+def _pm(row: dict[str, str], col: str) -> str | None:
+    """``"value ± se"`` of a regions.csv difference (None when the column is missing)."""
+    value, se = row.get(col), row.get(f"{col}_se")
+    if value in (None, ""):
+        return None
+    try:
+        return f"{float(value):.4g} ± {float(se):.2g}"
+    except (TypeError, ValueError):
+        return value
+
+
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """regions.csv as rows (particle, quantity): domain and boundary mean ± std, difference."""
+    d = "diff_domain_minus_boundary"
     out = []
     for r in rows:
         quantities = [
@@ -367,12 +386,15 @@ def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
                     "quantity": f"{q} ({_UNITS.get(q, '')})",
                     "domain pixels": r.get("domain_pixels"),
                     "boundary pixels": r.get("boundary_pixels"),
+                    "rim pixels": r.get("rim_pixels"),
                     "domain mean": r.get(f"domain_{q}_mean"),
                     "domain std": r.get(f"domain_{q}_std"),
                     "boundary mean": r.get(f"boundary_{q}_mean"),
                     "boundary std": r.get(f"boundary_{q}_std"),
-                    "boundary − domain (mean)": r.get(f"diff_{q}_mean"),
-                    "boundary − domain (std)": r.get(f"diff_{q}_std"),
+                    "domain − boundary (mean) ± SE": _pm(r, f"{d}_{q}_mean"),
+                    "p (mean)": r.get(f"{d}_{q}_mean_p"),
+                    "domain − boundary (std) ± SE": _pm(r, f"{d}_{q}_std"),
+                    "p (std)": r.get(f"{d}_{q}_std_p"),
                 }
             )
     return out
@@ -388,6 +410,7 @@ def analysis(ctx: ReportContext) -> dict[str, Any]:
             {
                 "K": ctx.analysis.get("k"),
                 "boundary width (scan pixels)": ctx.analysis.get("boundary_width"),
+                "rim width (scan pixels)": ctx.analysis.get("rim_width"),
                 "version": ctx.analysis.get("version"),
             }
         )

@@ -308,7 +308,7 @@ def test_missing_geometry_shows_the_key_and_where_to_set_it(base):
     [
         ("cluster", "k", 0, "cluster.k = 0: must be ≥ 1 or 'auto'"),
         ("cluster", "k", "x", "cluster.k = 'x': must be a whole number or 'auto'"),
-        ("cluster", "k_max", 1, "cluster.k_max = 1: must be ≥ 2"),
+        ("cluster", "k_max", 1, "cluster.k_max = 1: must be ≥ 2 or 'auto'"),
         ("cluster", "tol", 0, "cluster.tol = 0: must be > 0"),
         ("cluster", "n_init", 0, "cluster.n_init = 0: must be ≥ 1"),
         ("ingest", "clevel", 12, "ingest.clevel = 12: must be ≤ 9"),
@@ -333,6 +333,19 @@ def test_constrained_values_are_explained_in_plain_words(base, table, key, value
     assert expected in msg
     for internal in ("constrained", "Input should", "literal[", "function-after"):
         assert internal not in msg
+
+
+def test_k_range_of_the_elbow_scan(base):
+    base["cluster"] = {"k_min": 5, "k_max": 4}
+    assert "k_min 5 must be smaller than k_max 4" in errors(base)
+    from spndi_dask.config import ClusterSettings
+
+    # the study's ranges: 1..15 for one scan, 1..80 joint; capped by the pixels
+    assert ClusterSettings().k_range(100_000, 1) == (1, 15)
+    assert ClusterSettings().k_range(100_000, 2) == (1, 80)
+    assert ClusterSettings().k_range(2_345, 2) == (1, 23)
+    assert ClusterSettings(pixels_per_k=10).k_range(2_345, 2) == (1, 80)
+    assert ClusterSettings(k_min=3, k_max=40).k_range(20, 2) == (3, 20)
 
 
 def test_particle_values_in_plain_words(base):

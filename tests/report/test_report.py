@@ -184,7 +184,9 @@ def test_report_before_clustering_says_not_run(processed):
         assert "not run" in page.sections[sid], sid
     assert "No timings given" in page.sections["run"]
     assert "Label 1: statistics" in page.sections["particle-p1"]  # what ran is shown
-    assert early.count('src="data:image/png;base64,') == 7  # 3 per scan + overview
+    # 3 per scan + overview + the centred tilt vs d-spacing density of all particles
+    assert early.count('src="data:image/png;base64,') == 8
+    assert "centred on the particle's means" in page.sections["overview"]
 
 
 def test_missing_figure_is_skipped_with_a_note(processed):
