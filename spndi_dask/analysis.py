@@ -26,7 +26,6 @@ import csv
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,9 @@ from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.figures_study import cluster_detector_images, detector_images_figure
-from spndi_dask.io.integrity import checksum_encoding
-from spndi_dask.io.layout import OutputLayout, replace_tree
+from spndi_dask.io.layout import OutputLayout
 from spndi_dask.io.raw_store import open_raw
-from spndi_dask.io.results_store import open_results, write_csv, write_map
+from spndi_dask.io.results_store import open_results, write_csv, write_map, write_whole_store
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
 
@@ -541,19 +539,7 @@ def analyze(
             "fingerprint": fp,
         },
     )
-    tmp = out.tmp / path.name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    ds_out.to_zarr(
-        str(tmp),
-        mode="w",
-        consolidated=False,
-        zarr_format=3,
-        encoding=checksum_encoding(ds_out.variables),
-        write_empty_chunks=True,
-    )
-    replace_tree(tmp, path)
+    write_whole_store(ds_out, path, out.root)
     for name, region in regions.items():
         write_map(
             root / name,

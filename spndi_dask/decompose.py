@@ -33,7 +33,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -53,9 +52,12 @@ from spndi_dask.config import DecomposeSettings, Manifest
 from spndi_dask.features._kernels import normalise_patterns
 from spndi_dask.features.train import _draw, _read
 from spndi_dask.interrupt import check_interrupted
-from spndi_dask.io.integrity import checksum_encoding
-from spndi_dask.io.layout import replace_tree
-from spndi_dask.io.results_store import mark_complete, open_results, replace_array
+from spndi_dask.io.results_store import (
+    mark_complete,
+    open_results,
+    replace_array,
+    write_whole_store,
+)
 from spndi_dask.stages import Outcome, StageError
 
 __all__ = [
@@ -332,19 +334,7 @@ def decompose(
         "version": __version__,
     }
     comps = _components(models, next(iter(datasets.values())), info)
-    tmp = layout.tmp / store.name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    comps.to_zarr(
-        str(tmp),
-        mode="w",
-        consolidated=False,
-        zarr_format=3,
-        encoding=checksum_encoding(comps.variables),
-        write_empty_chunks=True,
-    )
-    replace_tree(tmp, store)
+    write_whole_store(comps, store, layout.root)
     for name in datasets:
         arr = arrays[(name, "pca")]
         pixels[name] = int(np.isfinite(arr[:, :, 0]).sum())

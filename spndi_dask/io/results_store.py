@@ -97,6 +97,29 @@ MAP_LONG_NAMES = {
 }
 
 
+def write_whole_store(ds: xr.Dataset, path: Path, output_dir: str | Path) -> Path:
+    """Write ``ds`` as the whole Zarr v3 store ``path`` (e.g. ``analysis.zarr``), replacing it.
+
+    Written to ``<output>/.tmp`` with a checksum on every chunk (every chunk written, fill
+    values too), then moved onto ``path`` (:func:`~spndi_dask.io.layout.replace_tree`): a
+    reader sees the previous store whole or the new one whole. Returns ``path``.
+    """
+    tmp = OutputLayout(output_dir).tmp / path.name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_zarr(
+        str(tmp),
+        mode="w",
+        consolidated=False,
+        zarr_format=3,
+        encoding=checksum_encoding(ds.variables),
+        write_empty_chunks=True,
+    )
+    replace_tree(tmp, path)
+    return path
+
+
 class IncompleteResultError(StageError, ValueError):
     """A particle's node exists but was never marked complete (its write was interrupted)."""
 
