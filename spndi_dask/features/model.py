@@ -188,7 +188,7 @@ def rotate_clouds(
     Examples
     --------
     >>> c = torch.tensor([[[1.0, 5.0, 0.0]]])
-    >>> rotate_clouds(c, torch.tensor([90.0])).round(decimals=6).tolist()
+    >>> (rotate_clouds(c, torch.tensor([90.0])).round(decimals=6) + 0.0).tolist()
     [[[0.0, 5.0, 1.0]]]
     """
     a, b = axes
