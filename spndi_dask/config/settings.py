@@ -23,11 +23,11 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from spndi_dask.config._base import SettingsModel
 
 __all__ = [
+    "STUDY_RECIPE",
     "ClusterSettings",
     "DecomposeSettings",
     "FeatureSettings",
     "IngestSettings",
-    "STUDY_RECIPE",
     "ReduceSettings",
     "SegmentSettings",
 ]
