@@ -264,3 +264,46 @@ def test_the_recipe_is_in_the_training_key():
         )
     }
     assert len(keys) == 3
+
+
+# -- end to end on a tiny beamtime --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """One tiny scan reduced; its manifest with [features] recipe = 'study'."""
+    from ..conftest import reduced_beamtime
+
+    _, m = reduced_beamtime(tmp_path_factory, "recipe", "tiny", n_particles=1, train_epochs=1)
+    study = FeatureSettings(recipe="study", sample_size=12, n_points=256, max_epochs=1)
+    return m.model_copy(update={"features": study})
+
+
+@pytest.mark.slow
+def test_study_weights_become_the_checkpoint_that_encode_uses(tiny_study, study_pkl):
+    from spndi_dask.features import encode, load_checkpoint
+    from spndi_dask.reduce import open_results
+
+    m = tiny_study
+    s = T.train(m, weights=study_pkl)
+    assert s["epochs"] == 0 and s["weights"] == str(study_pkl)
+    model, meta = load_checkpoint(s["checkpoint"])
+    assert meta["hyper"]["local_feature"] == "study" and meta["hyper"]["source"] == "gaussian"
+    assert meta["normalisation"]["patterns"] == "study_cloud"
+    assert meta["training"]["weights_sha256"] and T.train(m, weights=study_pkl)["status"] == (
+        "up to date"
+    )
+    direct = load_study_weights(study_pkl, build_model("foldingnet", **meta["hyper"]))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), direct.state_dict().values(), strict=True)
+    )
+    encode(m)
+    ds = open_results(m.output_dir, m.particles[0].name)
+    lat = ds["latent"].values
+    valid = ds["valid"].values
+    assert lat.shape[-1] == 512 and np.isfinite(lat[valid]).all() and np.isnan(lat[~valid]).all()
+
+
+@pytest.mark.slow
+def test_the_study_recipe_trains_on_its_clouds(tiny_study):
+    s = T.train(tiny_study, force=True, on_worker=False)
+    assert s["status"] == "trained" and s["epochs"] == 1 and np.isfinite(s["best_val_loss"])
