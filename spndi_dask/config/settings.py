@@ -275,6 +275,11 @@ class FeatureSettings(SettingsModel):
                 "weights (the study's released state_dict) load into the study model only; "
                 "set recipe = 'study'"
             )
+        if self.rotate_step is not None and self.model != "foldingnet":
+            raise ValueError(
+                "rotate_step rotates point clouds: it needs model = 'foldingnet' (or recipe = "
+                "'study'); remove it for conv3d"
+            )
         return self
 
     @property
