@@ -31,9 +31,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    import numpy as np
     import torch
-    from sklearn.metrics import adjusted_rand_score
 
     from spndi_dask.cluster import cluster
     from spndi_dask.config import load_manifest
@@ -43,6 +41,7 @@ def main() -> None:
     from spndi_dask.particles import stats
     from spndi_dask.reduce import open_results, reduce
     from spndi_dask.simulate import preset, simulate_beamtime
+    from spndi_dask.simulate.truth import cluster_ari_vs_truth
 
     base = Path(args.dir) / f"recipes-{args.preset}"
     if not (base / "beamtime.toml").exists():
@@ -82,16 +81,7 @@ def main() -> None:
         encode(mm, force=True)
         t_encode = time.perf_counter() - t0
         cluster(mm, k=k, figures=False)
-        got, truth, bnd = [], [], []
-        for n in names:
-            ds = open_results(m.output_dir, n)
-            gt = np.load(base / "ground_truth" / f"{n}.npz")
-            sel = ds["cluster"].values >= 0
-            got.append(ds["cluster"].values[sel])
-            truth.append(gt["domain"][sel])
-            bnd.append(gt["boundary"][sel])
-        got, truth, bnd = (np.concatenate(v) for v in (got, truth, bnd))
-        ari = adjusted_rand_score(truth[~bnd], got[~bnd])
+        ari = cluster_ari_vs_truth(mm, base / "ground_truth")
         print(
             f"{name:<18}{features.model:<12}{t_train:>9.1f}{t_train / s['epochs']:>9.1f}"
             f"{t_encode:>9.1f}{ari:>8.3f}",
