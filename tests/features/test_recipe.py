@@ -208,7 +208,7 @@ def test_study_weights_of_other_sizes_name_the_first_mismatch(tmp_path):
     assert "expects (512, 1024)" in msg and "recipe = 'study'" in msg
     other = tmp_path / "dgcnn.pkl"
     torch.save({"encoder.conv5.0.weight": torch.zeros(3)}, other)
-    with pytest.raises(CheckpointError, match="no parameter 'encoder.mlp1.0.weight'"):
+    with pytest.raises(CheckpointError, match=r"no parameter 'encoder\.mlp1\.0\.weight'"):
         load_study_weights(other, build_model("foldingnet", **STUDY_HYPER))
 
 
