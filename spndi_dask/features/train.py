@@ -482,6 +482,9 @@ def _training_key(settings: FeatureSettings, sample: Sample | _Draw) -> str:
     fields.pop("checkpoint", None)
     fields.pop("device", None)
     fields.pop("block", None)
+    for name in ("recipe", "weights", "weight_decay", "rotate_step"):  # added later: at their
+        if fields[name] == FeatureSettings.model_fields[name].default:  # defaults the key of
+            fields.pop(name)  # an existing default checkpoint stays the same
     return dask.base.tokenize(sample.fingerprint, json.dumps(fields, sort_keys=True), __version__)
 
 
