@@ -70,6 +70,9 @@ class RunOptions:
         Use this trained model: the train stage is skipped.
     device : str, optional
         ``auto``, ``cpu`` or ``cuda`` for train/encode (default: ``[features] device``).
+    weights : str, optional
+        The original study's released weights: train loads them instead of training
+        (default: ``[features] weights``).
     k : int, optional
         Number of clusters (default: ``[cluster] k`` or the elbow rule).
     boundary_width : float
@@ -92,6 +95,7 @@ class RunOptions:
     force: bool = False
     checkpoint: str | None = None
     device: str | None = None
+    weights: str | None = None
     k: int | None = None
     boundary_width: float = 1.0
     figures: bool = True
@@ -168,7 +172,13 @@ def _feature_args(o: RunOptions, names: list[str] | None) -> dict[str, Any]:
 def _train(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     if o.checkpoint:
         return {"status": Outcome.NOT_NEEDED, "note": f"--checkpoint {o.checkpoint}"}
-    return train(m, callback=o.on_epoch, on_worker=o.train_on_worker, **_feature_args(o, names))
+    return train(
+        m,
+        callback=o.on_epoch,
+        on_worker=o.train_on_worker,
+        weights=o.weights,
+        **_feature_args(o, names),
+    )
 
 
 def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:

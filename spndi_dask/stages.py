@@ -164,8 +164,9 @@ STAGES: tuple[Stage, ...] = (
         per_particle=False,
         help="train the autoencoder on a sample of all particles -> <output>/features/model",
         description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
-        "across all particles of the beamtime; write weights + JSON metadata.",
-        options=("device", "train_in_client"),
+        "across all particles of the beamtime; write weights + JSON metadata. With --weights "
+        "(recipe 'study') load the original study's released weights instead of training.",
+        options=("device", "weights", "train_in_client"),
     ),
     Stage(
         "encode",

@@ -8,6 +8,7 @@ import pytest
 
 from spndi_dask.analysis import AnalysisError
 from spndi_dask.cli import _parser
+from spndi_dask.cli.common import _run_options
 from spndi_dask.cluster import ClusterError
 from spndi_dask.features import CheckpointError, FeatureError
 from spndi_dask.ingest import IngestError
@@ -44,6 +45,9 @@ def test_every_stage_has_a_subcommand_with_its_options():
         assert ("-k" in flags) == ("k" in s.options)
         assert ("--checkpoint" in flags) == ("checkpoint" in s.options)
         assert ("--device" in flags) == ("device" in s.options)
+        assert ("--weights" in flags) == (s.name == "train")
+    args = _parser().parse_args(["train", "beamtime.toml", "--weights", "study.pkl"])
+    assert _run_options(args).weights == "study.pkl"
 
 
 def test_stage_names_aliases_and_ranges():

@@ -144,6 +144,7 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
         force=getattr(args, "force", False),
         checkpoint=getattr(args, "checkpoint", None),
         device=getattr(args, "device", None),
+        weights=getattr(args, "weights", None),
         k=getattr(args, "k", None),
         boundary_width=getattr(args, "boundary_width", 1.0),
         figures=not getattr(args, "no_figures", False),

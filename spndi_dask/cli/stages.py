@@ -28,6 +28,12 @@ _STAGE_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], Any]] = {
     "device": lambda p: p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="default: [features] device"
     ),
+    "weights": lambda p: p.add_argument(
+        "--weights",
+        metavar="FILE.pkl",
+        help="load the original study's released state_dict instead of training "
+        "([features] recipe = 'study'; default: [features] weights)",
+    ),
     "k": lambda p: p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)"),
     "boundary_width": lambda p: p.add_argument(
         "--boundary-width", type=float, default=1.0, help="scan pixels from another cluster (1)"
@@ -93,6 +99,9 @@ def _print_train(s: dict[str, Any], out: OutputLayout) -> None:
         return
     if s["status"] == Outcome.NOT_NEEDED:
         print(f"training not needed: {s.get('note', '')}")
+        return
+    if s.get("weights"):
+        print(f"study weights {s['weights']} loaded\ncheckpoint: {s['checkpoint']}")
         return
     print(
         f"trained on {s['n_train']} patterns (+{s['n_val']} validation), {s['epochs']} epochs, "

@@ -23,6 +23,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from spndi_dask.config._base import SettingsModel
 
 __all__ = [
+    "STUDY_RECIPE",
     "AnalysisSettings",
     "ClusterSettings",
     "DecomposeSettings",
@@ -178,9 +179,46 @@ class SegmentSettings(SettingsModel):
     erosion: int = Field(0, ge=0, description="erosion margin in scan pixels")
 
 
-class FeatureSettings(SettingsModel):
-    """``[features]``: autoencoder training and encoding."""
+#: what ``[features] recipe = "study"`` sets (keys given in the manifest win, except ``model``)
+STUDY_RECIPE = {
+    "model": "foldingnet",
+    "latent_dim": 512,
+    "n_points": 2048,
+    "k_neighbours": 32,
+    "batch_size": 16,
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-6,
+    "rotate_step": 15.0,
+}
 
+
+class FeatureSettings(SettingsModel):
+    """``[features]``: autoencoder training and encoding.
+
+    ``recipe = "study"`` is the original study's FoldingNet recipe: it sets
+    :data:`STUDY_RECIPE` for every key the manifest does not give (``model`` must be
+    ``foldingnet``) and the study's local feature, Gaussian decoder source, summed Chamfer loss
+    and point clouds (``features/_kernels.py``).
+    """
+
+    recipe: Literal["spndi", "study"] = Field(
+        "spndi",
+        description="'spndi' (default) or 'study' (the original study's FoldingNet recipe: "
+        "k=32, Gaussian source points, batch 16, Adam lr 1e-4, weight decay 1e-6, 15° rotations)",
+    )
+    weights: str | None = Field(
+        None,
+        description="the original study's released weights (a PyTorch state_dict .pkl) to "
+        "load into the study model instead of training (recipe 'study')",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    rotate_step: float | None = Field(
+        None,
+        gt=0,
+        le=180,
+        description="augment training clouds by random rotations in multiples of this many "
+        "degrees in the cloud's (axis 0, axis 2) plane; null: none",
+    )
     model: Literal["conv3d", "foldingnet"] = Field(
         "conv3d", description="'conv3d' (default) or 'foldingnet'"
     )
@@ -218,6 +256,32 @@ class FeatureSettings(SettingsModel):
         description="inference task = block × block scan pixels (one batch per task on a GPU, "
         "batches of 32 on CPU)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("recipe") != "study":
+            return data
+        if data.get("model", "foldingnet") != "foldingnet":
+            raise ValueError(
+                f"recipe 'study' is a foldingnet recipe but model = {data['model']!r}; remove "
+                "model or set model = 'foldingnet'"
+            )
+        return {**STUDY_RECIPE, **data}
+
+    @model_validator(mode="after")
+    def _weights_need_study(self) -> FeatureSettings:
+        if self.weights is not None and self.recipe != "study":
+            raise ValueError(
+                "weights (the study's released state_dict) load into the study model only; "
+                "set recipe = 'study'"
+            )
+        if self.rotate_step is not None and self.model != "foldingnet":
+            raise ValueError(
+                "rotate_step rotates point clouds: it needs model = 'foldingnet' (or recipe = "
+                "'study'); remove it for conv3d"
+            )
+        return self
 
     @property
     def latent_size(self) -> int:

@@ -13,6 +13,11 @@ Metadata (JSON)::
      "normalisation": {...},                          # see features/_kernels.py
      "version": package version, "torch": torch version, "created": ISO time,
      "training": {"fingerprint", "n_train", "n_val", "epochs", "history", ...}}
+
+The original study's released weights (``diffractiontest_best.pkl``) are a plain PyTorch
+state_dict of its ``ReconstructionNet`` (``encoder.*``, ``decoder.*``, 1×1 ``Conv1d`` layers);
+:func:`load_study_weights` reads one with ``torch.load(weights_only=True)`` and maps its names
+(:data:`STUDY_NAMES`) onto the study variant of :class:`~spndi_dask.features.model.FoldingNet`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ from spndi_dask.stages import StageError
 
 __all__ = [
     "FORMAT",
+    "STUDY_HYPER",
+    "STUDY_NAMES",
     "CheckpointError",
     "check_grid",
     "load_checkpoint",
+    "load_study_weights",
     "save_checkpoint",
 ]
 
@@ -74,6 +82,116 @@ def _json(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+#: the study's layer names (``ReconstructionNet`` state_dict prefixes) → this FoldingNet's
+STUDY_NAMES = {
+    "encoder.mlp1.0": "mlp1.0",
+    "encoder.mlp1.2": "mlp1.2",
+    "encoder.mlp1.4": "mlp1.4",
+    "encoder.linear1": "graph1.0",
+    "encoder.conv1": "graph1.1",
+    "encoder.linear2": "graph2.0",
+    "encoder.conv2": "graph2.1",
+    "encoder.mlp2.0": "mlp2.0",
+    "encoder.mlp2.2": "mlp2.2",
+    "decoder.folding1.0": "fold1.0",
+    "decoder.folding1.2": "fold1.2",
+    "decoder.folding1.4": "fold1.4",
+    "decoder.folding2.0": "fold2.0",
+    "decoder.folding2.2": "fold2.2",
+    "decoder.folding2.4": "fold2.4",
+}
+
+#: FoldingNet constructor arguments of the study's released run (its log.txt: k=32,
+#: feat_dims=512, num_points=2048, shape='gaussian')
+STUDY_HYPER = {
+    "n_points": 2048,
+    "latent_dim": 512,
+    "k": 32,
+    "hidden": 512,
+    "local_feature": "study",
+    "source": "gaussian",
+    "chamfer": "sum",
+}
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path} carries pickled code and is refused (only tensors and plain values are "
+            f"loaded; torch says: {first}). Re-save the weights as a plain state_dict "
+            "(torch.save(model.state_dict(), path))"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch file: {exc}") from None
+
+
+def load_study_weights(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load the original study's released state_dict at ``path`` into ``model`` (in place).
+
+    ``model`` is a study-variant FoldingNet (``build_model("foldingnet", **STUDY_HYPER)``).
+    A ``module.`` prefix (DataParallel) is dropped; 1×1 ``Conv1d`` weights ``(out, in, 1)``
+    become ``Linear`` weights ``(out, in)``.
+
+    Raises
+    ------
+    CheckpointError
+        Pickled code (refused), not a state_dict, names missing or unknown, or a shape that
+        does not fit (the first mismatch is named with both shapes).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"study weights {path} do not exist; give the path of the study's "
+            "models/.../diffractiontest_best.pkl ([features] weights or --weights)"
+        )
+    obj = _torch_load(path)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} is not a PyTorch state_dict (a dict of tensors), as the study's "
+            "diffractiontest_best.pkl is"
+        )
+    theirs = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    ours = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for old, new in STUDY_NAMES.items():
+        for leaf in ("weight", "bias"):
+            name = f"{old}.{leaf}"
+            if name not in theirs:
+                raise CheckpointError(
+                    f"{path} has no parameter {name!r} of the study's FoldingNet "
+                    f"(encoder 'foldnet', decoder 'gaussian'); is it a checkpoint of another "
+                    "encoder (dgcnn_*) or shape (plane, sphere)?"
+                )
+            t = theirs.pop(name)
+            want = ours[f"{new}.{leaf}"].shape
+            if t.ndim == 3 and t.shape[-1] == 1 and len(want) == 2:
+                t = t[..., 0]
+            if t.shape != want:
+                raise CheckpointError(
+                    f"{path}: parameter {name!r} has shape {tuple(_obj_shape(obj, name))} but the "
+                    f"study model expects {tuple(want)} ({new}.{leaf}); these weights were "
+                    "trained with other sizes (feat_dims, k or shape) than the study's released "
+                    "run: use the study's diffractiontest_best.pkl or train with recipe = 'study'"
+                )
+            mapped[f"{new}.{leaf}"] = t.to(ours[f"{new}.{leaf}"].dtype)
+    if theirs:
+        raise CheckpointError(
+            f"{path} has parameters the study's FoldingNet does not: {sorted(theirs)[:5]}; is "
+            "it a checkpoint of another encoder (dgcnn_*)?"
+        )
+    model.load_state_dict(mapped)
+    return model
+
+
+def _obj_shape(obj: dict[str, torch.Tensor], name: str) -> torch.Size:
+    """The shape of parameter ``name`` in a state_dict, with or without ``module.``."""
+    return (obj[name] if name in obj else obj["module." + name]).shape
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if path.suffix == ".safetensors":
         try:
@@ -85,19 +203,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 f"checkpoint {path} is not a readable safetensors file: {exc}"
             ) from None
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(
-                f"checkpoint {path} carries pickled code and is refused (only tensors and plain "
-                f"values are loaded; torch says: {first}). Use a checkpoint written by "
-                "`spndi train` (.safetensors) or re-save the weights as a plain state_dict"
-            ) from None
-        except (RuntimeError, OSError, EOFError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path} is not a readable torch file: {exc}"
-            ) from None
+        obj = _torch_load(path)
         if not isinstance(obj, dict) or "state_dict" not in obj or "metadata" not in obj:
             raise CheckpointError(
                 f"checkpoint {path} is not a spndi_dask checkpoint: a .pt file must hold "

@@ -12,14 +12,27 @@ with :func:`build_model` so a checkpoint can rebuild them from its JSON metadata
   features) → point MLP → two graph layers (k-NN max pooling + 1×1 convolutions) → global max
   pool → 512-d codeword; a two-stage folding decoder deforms a 2D grid into the cloud;
   Chamfer loss.
+
+  The study variant (``[features] recipe = "study"``: ``local_feature="study"``,
+  ``source="gaussian"``, ``chamfer="sum"``, ``k=32``) follows the original study's released
+  code (YijinLiu-Lab/NanoDiffractionAnalysis, ``foldingnet/model.py``, facts only): its
+  "local covariance" is the 3×3 outer product of each point with its nearest other point; the
+  decoder folds 2025 fixed Gaussian source points (codeword + 3 inputs) instead of a 2D grid;
+  its Chamfer loss sums squared nearest-neighbour distances over the points. The layer sizes
+  are the same as the default FoldingNet's, so the study's weights map one to one (its 1×1
+  ``Conv1d`` weights are this model's ``Linear`` weights with a trailing axis of 1; see
+  :func:`spndi_dask.features.checkpoint.load_study_weights`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +43,8 @@ __all__ = [
     "build_model",
     "chamfer_distance",
     "knn_indices",
+    "rotate_clouds",
+    "source_points",
 ]
 
 MODEL_KINDS = ("conv3d", "foldingnet")
@@ -132,6 +147,59 @@ def _local_covariance(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([points, cov.flatten(2)], dim=-1)
 
 
+def _study_local_feature(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per point: coordinates + the flattened outer product of the point with its nearest
+    other point (the original study's ``local_cov``; 12 features)."""
+    nb = _gather(points, idx[..., :2])
+    outer = nb[:, :, 0, :, None] * nb[:, :, 1, None, :]
+    return torch.cat([points, outer.flatten(2)], dim=-1)
+
+
+@cache
+def _gaussian_source() -> np.ndarray:
+    return np.load(Path(__file__).with_name("data") / "foldingnet_gaussian.npy")
+
+
+def source_points(source: str, n_points: int) -> torch.Tensor:
+    """The decoder's source points: a ``m × m`` plane (2D) or the study's Gaussian set (3D).
+
+    Examples
+    --------
+    >>> source_points("plane", 64).shape, source_points("gaussian", 2048).shape
+    (torch.Size([64, 2]), torch.Size([2025, 3]))
+    """
+    if source == "gaussian":
+        return torch.as_tensor(_gaussian_source(), dtype=torch.float32)
+    if source != "plane":
+        raise ValueError(f"unknown FoldingNet source {source!r}; use 'plane' or 'gaussian'")
+    m = max(2, round(math.sqrt(n_points)))
+    u = torch.linspace(-0.3, 0.3, m)
+    return torch.stack(torch.meshgrid(u, u, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def rotate_clouds(
+    x: torch.Tensor, degrees: torch.Tensor, axes: tuple[int, int] = (0, 2)
+) -> torch.Tensor:
+    """Clouds ``(batch, n, 3)`` rotated about the origin by ``degrees`` (batch,) in ``axes``.
+
+    The study's augmentation: random multiples of 15° in the (detector row, angle) plane, the
+    cloud's axes 0 and 2. Other coordinates are unchanged.
+
+    Examples
+    --------
+    >>> c = torch.tensor([[[1.0, 5.0, 0.0]]])
+    >>> (rotate_clouds(c, torch.tensor([90.0])).round(decimals=6) + 0.0).tolist()
+    [[[0.0, 5.0, 1.0]]]
+    """
+    a, b = axes
+    t = torch.deg2rad(degrees.to(x.dtype))[:, None]
+    c, s = torch.cos(t), torch.sin(t)
+    out = x.clone()
+    out[..., a] = c * x[..., a] - s * x[..., b]
+    out[..., b] = s * x[..., a] + c * x[..., b]
+    return out
+
+
 def _point_mlp(sizes: list[int], last_relu: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
@@ -154,6 +222,14 @@ class FoldingNet(nn.Module):
         Neighbours of the k-NN graph.
     hidden : int
         Width of the folding MLPs.
+    local_feature : {'covariance', 'study'}
+        Per-point input features: the centred k-NN covariance, or the study's outer product of
+        each point with its nearest other point.
+    source : {'plane', 'gaussian'}
+        Decoder source points: a 2D grid of ``≈ n_points`` points, or the study's 2025 fixed
+        3D Gaussian points (decoder input = codeword + 3).
+    chamfer : {'mean', 'sum'}
+        Chamfer loss per cloud: mean (default) or sum (the study) over the points.
 
     Examples
     --------
@@ -164,26 +240,38 @@ class FoldingNet(nn.Module):
     """
 
     def __init__(
-        self, n_points: int = 2048, latent_dim: int = 512, k: int = 16, hidden: int = 512
+        self,
+        n_points: int = 2048,
+        latent_dim: int = 512,
+        k: int = 16,
+        hidden: int = 512,
+        local_feature: Literal["covariance", "study"] = "covariance",
+        source: Literal["plane", "gaussian"] = "plane",
+        chamfer: Literal["mean", "sum"] = "mean",
     ) -> None:
         super().__init__()
         self.n_points = int(n_points)
         self.k = int(k)
+        if local_feature not in ("covariance", "study") or chamfer not in ("mean", "sum"):
+            raise ValueError(
+                f"FoldingNet local_feature {local_feature!r} / chamfer {chamfer!r}: use "
+                "'covariance' or 'study' / 'mean' or 'sum'"
+            )
+        self.local_feature, self.chamfer = local_feature, chamfer
         self.mlp1 = _point_mlp([12, 64, 64, 64])
         self.graph1 = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128), nn.ReLU())
         self.graph2 = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 1024))
         self.mlp2 = _point_mlp([1024, latent_dim, latent_dim], last_relu=False)
-        m = max(2, round(math.sqrt(self.n_points)))
-        u = torch.linspace(-0.3, 0.3, m)
-        plane = torch.stack(torch.meshgrid(u, u, indexing="ij"), dim=-1).reshape(-1, 2)
+        plane = source_points(source, self.n_points)
         self.register_buffer("plane", plane, persistent=False)
-        self.fold1 = _point_mlp([latent_dim + 2, hidden, hidden, 3], last_relu=False)
+        self.fold1 = _point_mlp([latent_dim + plane.shape[1], hidden, hidden, 3], last_relu=False)
         self.fold2 = _point_mlp([latent_dim + 3, hidden, hidden, 3], last_relu=False)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codewords ``(batch, latent_dim)`` of clouds ``(batch, n, 3)``."""
         idx = knn_indices(x, min(self.k, x.shape[1]))
-        f = self.mlp1(_local_covariance(x, idx))
+        local = _study_local_feature if self.local_feature == "study" else _local_covariance
+        f = self.mlp1(local(x, idx))
         f = self.graph1(_gather(f, idx).amax(dim=2))
         f = self.graph2(_gather(f, idx).amax(dim=2))
         return self.mlp2(f.amax(dim=1))
@@ -199,20 +287,30 @@ class FoldingNet(nn.Module):
         return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Chamfer distance between the clouds and their reconstructions."""
-        return chamfer_distance(x, self(x)).mean()
+        """Chamfer distance between the clouds and their reconstructions (batch mean)."""
+        return chamfer_distance(x, self(x), reduction=self.chamfer).mean()
 
 
-def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Symmetric Chamfer distance per cloud: mean squared nearest-neighbour distance both ways.
+def chamfer_distance(
+    a: torch.Tensor, b: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Symmetric Chamfer distance per cloud: squared nearest-neighbour distances both ways.
+
+    ``reduction='mean'`` averages them over each cloud's points, ``'sum'`` adds them up (the
+    original study; it also summed over the batch, which Adam's scale invariance makes
+    equivalent to the batch mean used here up to its ε).
 
     Examples
     --------
     >>> a = torch.tensor([[[0.0, 0, 0], [1, 0, 0]]])
     >>> chamfer_distance(a, a + torch.tensor([0.0, 0.5, 0])).tolist()
     [0.5]
+    >>> chamfer_distance(a, a + torch.tensor([0.0, 0.5, 0]), reduction="sum").tolist()
+    [1.0]
     """
     d = torch.cdist(a, b).square()
+    if reduction == "sum":
+        return d.min(dim=2).values.sum(dim=1) + d.min(dim=1).values.sum(dim=1)
     return d.min(dim=2).values.mean(dim=1) + d.min(dim=1).values.mean(dim=1)
 
 

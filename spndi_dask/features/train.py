@@ -37,8 +37,13 @@ from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import FeatureSettings, Manifest
 from spndi_dask.features import _kernels as K
-from spndi_dask.features.checkpoint import load_checkpoint, save_checkpoint
-from spndi_dask.features.model import build_model
+from spndi_dask.features.checkpoint import (
+    STUDY_HYPER,
+    load_checkpoint,
+    load_study_weights,
+    save_checkpoint,
+)
+from spndi_dask.features.model import build_model, rotate_clouds
 from spndi_dask.features.remote import choose_worker, run_on_worker
 from spndi_dask.interrupt import check_interrupted, deferred
 from spndi_dask.io.hashing import sha256_file
@@ -85,6 +90,14 @@ def hyper_parameters(settings: FeatureSettings, grid_n: int) -> dict[str, Any]:
     """Constructor arguments of the configured model."""
     if settings.model == "conv3d":
         return {"grid": grid_n, "latent_dim": settings.latent_size}
+    if settings.recipe == "study":
+        return {
+            **STUDY_HYPER,
+            "n_points": settings.n_points,
+            "latent_dim": settings.latent_size,
+            "hidden": settings.latent_size,
+            "k": settings.k_neighbours,
+        }
     return {
         "n_points": settings.n_points,
         "latent_dim": settings.latent_size,
@@ -96,6 +109,20 @@ def normalisation(settings: FeatureSettings, grid: dict[str, Any]) -> dict[str, 
     """How patterns become model inputs (stored with the model; see ``features/_kernels.py``)."""
     if settings.model == "conv3d":
         return {"patterns": "unit_sum_log1p", "n": grid["n"]}
+    if settings.recipe == "study":
+        # the study's clouds from the q-grid pattern: (dq_x, dq_y, dq_z) voxel indices stand
+        # for (row, col, angle); the grid is isotropic, so the angle axis is not stretched
+        return {
+            "patterns": "study_cloud",
+            "n_points": settings.n_points,
+            "clip": 0.05,
+            "threshold": 1e-4,
+            "angle_scale": 1.0,
+            "n_neighbours": 100,
+            "std_ratio": 0.8,
+            "centre": "mean",
+            "seed": settings.seed,
+        }
     return {
         "patterns": "point_cloud",
         "n_points": settings.n_points,
@@ -122,6 +149,14 @@ def model_inputs(
     if norm["patterns"] == "unit_sum_log1p":
         return K.normalise_patterns(patterns)
     clouds = np.empty((len(patterns), norm["n_points"], 3), dtype=np.float32)
+    if norm["patterns"] == "study_cloud":
+        keys = ("n_points", "clip", "threshold", "angle_scale", "n_neighbours", "std_ratio")
+        for i, (p, (y, x)) in enumerate(zip(patterns, yx, strict=True)):
+            check_interrupted()
+            rng = K.pixel_rng(norm["seed"], y, x)
+            c = K.study_cloud(p, rng=rng, **{k: norm[k] for k in keys})
+            clouds[i] = c - c.mean(axis=0)
+        return clouds
     for i, (p, (y, x)) in enumerate(zip(patterns, yx, strict=True)):
         check_interrupted()
         c = K.cloud_from_pattern(
@@ -166,6 +201,8 @@ def fit(
     validation_fraction: float = 0.1,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    rotate_step: float | None = None,
     max_epochs: int = 40,
     patience: int = 5,
     min_improvement: float = 0.002,
@@ -188,6 +225,11 @@ def fit(
     callback : callable, optional
         Called after every epoch with ``{"epoch", "max_epochs", "train_loss", "val_loss",
         "seconds"}`` (progress display).
+    weight_decay : float
+        Adam weight decay.
+    rotate_step : float, optional
+        Point clouds only: rotate each training cloud of each batch by a seeded random multiple
+        of this many degrees in its (axis 0, axis 2) plane (:func:`rotate_clouds`).
 
     Examples
     --------
@@ -210,8 +252,9 @@ def fit(
     if len(trn) == 0:
         raise FeatureError("no training data: the sample is empty")
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    turns = round(360 / rotate_step) if rotate_step else 0
     result = TrainingResult(model=model, n_train=len(trn), n_val=n_val)
     best_state = copy.deepcopy(model.state_dict())
     since_best = 0
@@ -221,7 +264,11 @@ def fit(
         total = 0.0
         for idx in torch.randperm(len(trn), generator=gen).split(batch_size):
             check_interrupted()  # a signal swallowed where it arrived (a gc callback) stops here
-            xb = trn[idx].to(device)
+            xb = trn[idx]
+            if turns:
+                steps = torch.randint(turns, (len(idx),), generator=gen)
+                xb = rotate_clouds(xb, steps.to(xb.dtype) * rotate_step)
+            xb = xb.to(device)
             opt.zero_grad(set_to_none=True)
             loss = model.loss(xb)
             loss.backward()
@@ -435,6 +482,9 @@ def _training_key(settings: FeatureSettings, sample: Sample | _Draw) -> str:
     fields.pop("checkpoint", None)
     fields.pop("device", None)
     fields.pop("block", None)
+    for name in ("recipe", "weights", "weight_decay", "rotate_step"):  # added later: at their
+        if fields[name] == FeatureSettings.model_fields[name].default:  # defaults the key of
+            fields.pop(name)  # an existing default checkpoint stays the same
     return dask.base.tokenize(sample.fingerprint, json.dumps(fields, sort_keys=True), __version__)
 
 
@@ -443,6 +493,8 @@ FIT_SETTINGS = {
     "validation_fraction",
     "batch_size",
     "learning_rate",
+    "weight_decay",
+    "rotate_step",
     "max_epochs",
     "patience",
     "min_improvement",
@@ -588,8 +640,13 @@ def train(
     progress: bool = False,
     callback: EpochCallback | None = None,
     on_worker: bool | None = None,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the ``[features]`` model on a beamtime sample; write ``<output>/features/model``.
+
+    With ``weights`` (or ``[features] weights``; recipe ``study``) nothing is trained: the
+    original study's released state_dict is loaded into the study model
+    (:func:`~spndi_dask.features.checkpoint.load_study_weights`) and written as the checkpoint.
 
     Parameters
     ----------
@@ -608,6 +665,9 @@ def train(
     on_worker : bool, optional
         Fit as a task on a dask worker (see :mod:`spndi_dask.features.remote`); default: when
         a distributed client is active. ``False`` fits in this process.
+    weights : str or Path, optional
+        The study's released weights (a PyTorch state_dict ``.pkl``) to load instead of
+        training; default ``[features] weights`` (relative to the manifest).
 
     Returns
     -------
@@ -624,6 +684,10 @@ def train(
     if client is None:
         resolve_device(device)  # 'cuda' without a GPU: say so before reading anything
     t0 = time.perf_counter()
+    if weights is None and settings.weights:
+        weights = manifest.resolve(settings.weights)
+    if weights is not None:
+        return _from_study_weights(manifest, Path(weights), particles, force=force)
     draw = _draw(manifest, None, None, particles)
     out = manifest.layout.checkpoint
     key = _training_key(settings, draw)
@@ -684,4 +748,71 @@ def train(
         "device": fitted.device,
         "worker": fitted.worker,
         "threads": fitted.threads,
+    }
+
+
+def _from_study_weights(
+    manifest: Manifest, weights: Path, particles: list[str] | None, *, force: bool
+) -> dict[str, Any]:
+    """The checkpoint of the study model with the study's released ``weights`` (no training)."""
+    settings = manifest.features
+    if settings.recipe != "study":
+        raise FeatureError(
+            f"study weights {weights} load into the study model only; set [features] recipe = "
+            "'study' in the manifest"
+        )
+    t0 = time.perf_counter()
+    draw = _draw(manifest, None, None, particles)  # the q grid (reads valid/label maps only)
+    if not weights.exists():
+        raise FeatureError(
+            f"study weights {weights} do not exist; give the path of the study's "
+            "models/.../diffractiontest_best.pkl ([features] weights or --weights)"
+        )
+    digest = sha256_file(weights)
+    key = _training_key(settings, draw) + ":" + digest
+    out = manifest.layout.checkpoint
+    if not force and out.exists():
+        try:
+            _, meta = load_checkpoint(out)
+            if meta.get("training", {}).get("key") == key:
+                return {"status": Outcome.UP_TO_DATE, "checkpoint": str(out), "seconds": 0.0}
+        except (ValueError, OSError) as exc:
+            logger.warning("existing checkpoint %s is unusable (%s); rewriting", out, exc)
+    hyper = hyper_parameters(settings, draw.grid["n"])
+    model = build_model("foldingnet", **hyper)
+    try:
+        load_study_weights(weights, model)
+    except ValueError as exc:  # CheckpointError
+        raise FeatureError(str(exc)) from None
+    meta: dict[str, Any] = {
+        "kind": "foldingnet",
+        "hyper": hyper,
+        "normalisation": normalisation(settings, draw.grid),
+        "grid": draw.grid,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training": {
+            "key": key,
+            "weights": str(weights),
+            "weights_sha256": digest,
+            "epochs": 0,
+            "settings": settings.model_dump(mode="json"),
+        },
+    }
+    with deferred():
+        path = save_checkpoint(model.eval(), out, meta)
+    logger.info("study weights %s written as checkpoint %s", weights, path)
+    return {
+        "status": Outcome.TRAINED,
+        "checkpoint": str(path),
+        "sha256": sha256_file(path),
+        "n_train": 0,
+        "n_val": 0,
+        "epochs": 0,
+        "best_epoch": 0,
+        "best_val_loss": float("nan"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "device": "cpu",
+        "worker": None,
+        "threads": torch.get_num_threads(),
+        "weights": str(weights),
     }

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SIGMA_QUANTITIES", "TRUTH_ERRORS", "errors_vs_truth", "sigma_z_vs_truth"]
+__all__ = [
+    "SIGMA_QUANTITIES",
+    "TRUTH_ERRORS",
+    "cluster_ari_vs_truth",
+    "errors_vs_truth",
+    "sigma_z_vs_truth",
+]
 
 #: What :func:`errors_vs_truth` returns, in words.
 TRUTH_ERRORS = {
@@ -131,3 +137,27 @@ def sigma_z_vs_truth(
             "n": int(inside.sum()),
         }
     return out
+
+
+def cluster_ari_vs_truth(manifest: Any, truth_dir: str | Path) -> float:
+    """Adjusted Rand index of the clusters of all scans against the true domains.
+
+    Pixels inside particles (``cluster >= 0``) of every scan of ``manifest``, pooled; the true
+    domain boundaries (a boundary pixel's probe sees two domains) are left out. ``truth_dir``
+    holds ``<particle>.npz`` with ``domain`` and ``boundary`` (``spndi simulate``'s
+    ``ground_truth/``). Chance agreement is ≈ 0, identical partitions 1.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    from spndi_dask.io.results_store import open_results
+
+    got, truth, boundary = [], [], []
+    for p in manifest.particles:
+        ds = open_results(manifest.output_dir, p.name)
+        gt = np.load(Path(truth_dir) / f"{p.name}.npz")
+        sel = ds["cluster"].values >= 0
+        got.append(ds["cluster"].values[sel])
+        truth.append(gt["domain"][sel])
+        boundary.append(gt["boundary"][sel])
+    g, t, b = (np.concatenate(v) for v in (got, truth, boundary))
+    return float(adjusted_rand_score(t[~b], g[~b]))
