@@ -41,8 +41,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import dask
-    import numpy as np
-    from sklearn.metrics import adjusted_rand_score
 
     from spndi_dask.cluster import cluster
     from spndi_dask.config import load_manifest
@@ -52,6 +50,7 @@ def main() -> None:
     from spndi_dask.particles import stats
     from spndi_dask.reduce import open_results, reduce
     from spndi_dask.simulate import preset, simulate_beamtime
+    from spndi_dask.simulate.truth import cluster_ari_vs_truth
 
     base = Path(args.dir) / f"decompose-{args.preset}"
     if not (base / "beamtime.toml").exists():
@@ -127,16 +126,7 @@ def main() -> None:
                 }
             )
             cluster(mm, k=k, figures=False)
-            got, truth, bnd = [], [], []
-            for name in scans:
-                ds = open_results(m.output_dir, name)
-                gt = np.load(base / "ground_truth" / f"{name}.npz")
-                sel = ds["cluster"].values >= 0
-                got.append(ds["cluster"].values[sel])
-                truth.append(gt["domain"][sel])
-                bnd.append(gt["boundary"][sel])
-            got, truth, bnd = (np.concatenate(v) for v in (got, truth, bnd))
-            scores.append(adjusted_rand_score(truth[~bnd], got[~bnd]))
+            scores.append(cluster_ari_vs_truth(mm, base / "ground_truth"))
         print(f"{features:<10}{scores[0]:>8.3f}{scores[1]:>8.3f}")
 
 

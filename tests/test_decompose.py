@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
 from spndi_dask.cluster import ClusterError, cluster
@@ -23,6 +22,7 @@ from spndi_dask.decompose import (
 )
 from spndi_dask.pipeline import RunOptions, run
 from spndi_dask.reduce import open_results
+from spndi_dask.simulate.truth import cluster_ari_vs_truth
 
 from .conftest import RaiseOnCompute, load
 
@@ -126,17 +126,8 @@ def test_clustering_on_decomposition_or_moments_finds_the_true_domains(
     mm = _with(m, features=features)
     s = cluster(mm, k=3, figures=False)
     assert s["status"] == "clustered" and s["features"] == features
-    got, truth, boundary = [], [], []
-    for p in m.particles:
-        ds = open_results(m.output_dir, p.name)
-        gt = np.load(root / "ground_truth" / f"{p.name}.npz")
-        sel = ds["cluster"].values >= 0
-        got.append(ds["cluster"].values[sel])
-        truth.append(gt["domain"][sel])
-        boundary.append(gt["boundary"][sel])
-    got, truth, boundary = (np.concatenate(v) for v in (got, truth, boundary))
     # domain interiors only (a boundary pixel's probe sees two domains); chance is ARI ≈ 0
-    assert adjusted_rand_score(truth[~boundary], got[~boundary]) >= ari_min
+    assert cluster_ari_vs_truth(m, root / "ground_truth") >= ari_min
     meta = dict(zarr.open_group(str(m.layout.results)).attrs)["clusters"]
     assert meta["features"] == features
     assert cluster(mm, k=3, figures=False)["status"] == "up to date"
