@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -108,25 +108,25 @@ def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[An
                 print(f"  {key}: {s[key]}")
 
 
-_EPOCH_SECONDS: list[float] = []
-
-
-def _print_epoch(row: dict[str, Any]) -> None:
-    """One line per training epoch, with the time left at most (early stopping may end it
-    sooner); printed, and recorded in the run log."""
+def _epoch_printer() -> Callable[[dict[str, Any]], None]:
+    """A training callback: one line per epoch with the time left at most (early stopping may
+    end it sooner); printed, and recorded in the run log. Each call gives a fresh clock."""
     from spndi_dask.pipeline import CONSOLE
 
-    if row["epoch"] == 1:
-        _EPOCH_SECONDS.clear()
-    _EPOCH_SECONDS.append(row["seconds"])
-    left = (row["max_epochs"] - row["epoch"]) * sum(_EPOCH_SECONDS) / len(_EPOCH_SECONDS)
-    eta = f", at most {_duration(left)} left" if row["epoch"] < row["max_epochs"] else ""
-    text = (
-        f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
-        f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s{eta})"
-    )
-    print(text, flush=True)
-    CONSOLE.info(text.strip())
+    seconds: list[float] = []
+
+    def print_epoch(row: dict[str, Any]) -> None:
+        seconds.append(row["seconds"])
+        left = (row["max_epochs"] - row["epoch"]) * sum(seconds) / len(seconds)
+        eta = f", at most {_duration(left)} left" if row["epoch"] < row["max_epochs"] else ""
+        text = (
+            f"  epoch {row['epoch']:>3}/{row['max_epochs']}  train {row['train_loss']:.4g}  "
+            f"validation {row['val_loss']:.4g}  ({row['seconds']:.1f} s{eta})"
+        )
+        print(text, flush=True)
+        CONSOLE.info(text.strip())
+
+    return print_epoch
 
 
 def _duration(seconds: float) -> str:
@@ -149,7 +149,7 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
         boundary_width=getattr(args, "boundary_width", 1.0),
         figures=not getattr(args, "no_figures", False),
         train_on_worker=False if getattr(args, "train_in_client", False) else None,
-        on_epoch=_print_epoch,
+        on_epoch=_epoch_printer(),
         **{"progress": _progress_bars(), **extra},
     )
 
