@@ -135,6 +135,19 @@ def test_rerun_is_up_to_date_and_force_redoes(small):
         assert [r["particle"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
 
 
+def test_a_table_in_stored_units_is_redone_with_unit_columns(small):
+    _, m, _ = small
+    path = m.output_dir / "particles.csv"
+    new = path.read_text()
+    header, rest = new.split("\n", 1)
+    old = (
+        header.replace("_mrad", "").replace("_A,", ",").replace("_per_A", "").replace("_counts", "")
+    )
+    path.write_text(f"{old}\n{rest}")  # as written before one unit per quantity
+    assert {s["status"] for s in stats(m, figures=False).values()} == {"done"}
+    assert path.read_text().split("\n", 1)[0] == header
+
+
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     out, m, _ = small
     ny, nx = m.particles[0].scan_shape
