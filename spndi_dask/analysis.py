@@ -47,6 +47,7 @@ from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.results_store import open_results, write_csv, write_map, write_whole_store
 from spndi_dask.kernels import usable_patterns
 from spndi_dask.stages import Outcome, StageError
+from spndi_dask.units import shown_row, stored_unit_table
 
 __all__ = [
     "AnalysisError",
@@ -337,6 +338,8 @@ def _is_current(
     """The analysis on disk is complete and has this fingerprint (and its figures, if asked)."""
     if not (path / "zarr.json").exists() or not out.regions_csv.exists():
         return False
+    if stored_unit_table(out.regions_csv):  # old column names (tilts in rad)
+        return False
     if dict(zarr.open_group(str(path), mode="r").attrs).get("fingerprint") != fp:
         return False
     if any(ds.attrs.get("analysis", {}).get("fingerprint") != fp for ds in datasets.values()):
@@ -556,7 +559,8 @@ def analyze(
                 "fingerprint": fp,
             },
         )
-    write_csv(out.regions_csv, rows)
+    prefixes = ("domain_", "boundary_", f"{DIFF}_")  # shown units, spndi_dask.units
+    write_csv(out.regions_csv, [shown_row(r, prefixes=prefixes) for r in rows])
     if figures:
         plot.analysis_figures(out.figures, ds_out)
         for name, images in detector.items():

@@ -41,6 +41,7 @@ from spndi_dask.io.results_store import open_results, write_csv, write_map
 from spndi_dask.kmeans import Engine, KMeansFit, fit_models
 from spndi_dask.kmeans import nearest as _nearest
 from spndi_dask.stages import Outcome, StageError
+from spndi_dask.units import shown_row, stored_unit_table
 
 __all__ = [
     "ClusterError",
@@ -363,6 +364,7 @@ def cluster(
         not force
         and meta.get("fingerprint") == key
         and all(datasets[n].attrs.get("cluster", {}).get("fingerprint") == key for n in names)
+        and not stored_unit_table(manifest.layout.clusters_csv)
     ):
         return {"status": Outcome.UP_TO_DATE, "k": meta.get("k"), "seconds": 0.0}
     offset, scale = scaling(x, settings.standardize)
@@ -451,7 +453,7 @@ def cluster(
         chosen,
     )
     table = manifest.layout.clusters_csv
-    write_csv(table, rows)
+    write_csv(table, [shown_row(r) for r in rows])  # tilt_x_mean_mrad, ... (spndi_dask.units)
     zarr.open_group(str(root), mode="r+").attrs.update({"clusters": info_root})
     if figures:
         plot.cluster_figures(manifest, info_root, {n: open_results(root, n) for n in names})

@@ -4,7 +4,8 @@ silx), MATLAB ``.mat``; PLY point clouds are :func:`spndi_dask.features.ply.expo
 ``spndi export tiff|nexus|mat|ply MANIFEST [--out DIR]`` writes under ``<output>/export/``:
 
 * ``tiff``: per scan ``<particle>_maps.tif``, an ImageJ hyperstack with one channel per map
-  (float32; channel labels are the map names; x/y resolution in µm per pixel), and from
+  (float32, stored units; channel labels are the map names with their units, ``tilt_x (rad)``;
+  x/y resolution in µm per pixel), and from
   ``analysis.zarr`` the mean 3D patterns ``cluster_patterns.tif`` (channel = cluster),
   ``region_patterns.tif`` (channel 0 domain, 1 boundary) and per scan
   ``<particle>_cluster_patterns.tif``, ``<particle>_region_patterns.tif`` (slices = dq_x,
@@ -96,7 +97,8 @@ def export_tiff(
                 "CYX",
                 (_step_um(ds, "y"), _step_um(ds, "x")),
                 unit="um",
-                Labels=list(maps),
+                # the stored units (tilts in rad), stated in every channel's label
+                Labels=[k if EXPORT_MAPS[k] == "1" else f"{k} ({EXPORT_MAPS[k]})" for k in maps],
             )
         )
     path = manifest.layout.analysis

@@ -20,6 +20,7 @@ import xarray as xr
 from scipy.stats import gaussian_kde
 
 from spndi_dask.plot import _save, plt
+from spndi_dask.units import shown, unit
 
 __all__ = [
     "centred_kde_figure",
@@ -117,7 +118,7 @@ def centred_kde_figure(
         dd, dt = centred_values(
             ds["d_spacing"].values, ds[tilt].values, np.asarray(ds["label"].values) > 0
         )
-        values[name] = (dd, dt * 1e3)
+        values[name] = (shown("d_spacing", dd), shown(tilt, dt))  # Å, mrad (spndi_dask.units)
     if limits is None:
         pooled = [np.concatenate([v[i] for v in values.values()]) for i in (0, 1)]
         limits = tuple(float(np.percentile(np.abs(p), 99)) if len(p) else 1.0 for p in pooled)  # type: ignore[assignment]
@@ -145,8 +146,8 @@ def centred_kde_figure(
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlim(-lx, lx)
         ax.set_ylim(-ly, ly)
-        ax.set_xlabel("d − mean d (Å)")
-        ax.set_ylabel(f"{tilt} − mean (mrad)")
+        ax.set_xlabel(f"d − mean d ({unit('d_spacing').shown})")
+        ax.set_ylabel(f"{tilt} − mean ({unit(tilt).shown})")
         top.set_title(f"{name} ({len(dd)} px)", fontsize=9)
         top.axis("off")
         right.axis("off")

@@ -56,6 +56,7 @@ from spndi_dask.io.results_store import open_results, write_map
 from spndi_dask.io.sources import SourceError
 from spndi_dask.kernels import shift_maps
 from spndi_dask.stages import Outcome, StageError
+from spndi_dask.units import column, shown_row, stored_unit_table
 
 __all__ = [
     "MAPS",
@@ -334,7 +335,8 @@ def label_stats(
     return rows
 
 
-#: Columns of ``particles.csv`` in order.
+#: Columns of ``particles.csv`` in order: :func:`label_stats`'s keys in the shown units
+#: (:func:`spndi_dask.units.column`: ``tilt_x_mean_mrad``, ``strain_mean``, ``d_spacing_p5_A``).
 COLUMNS = (
     "particle",
     "label",
@@ -343,8 +345,8 @@ COLUMNS = (
     "area_um2",
     "centroid_y_um",
     "centroid_x_um",
-    *(f"{m}_{s}" for m in MAPS for s in STATS),
-    *(f"{m}_{s}" for m in SIGMA_MAPS for s in SEM),
+    *(column(m, s) for m in MAPS for s in STATS),
+    *(column(m, s) for m in SIGMA_MAPS for s in SEM),
     "corr_strain_tilt_x",
     "corr_strain_tilt_y",
     "warning",
@@ -445,6 +447,9 @@ def _write_labels(node: Path, labels: np.ndarray, info: dict[str, Any]) -> None:
 
 def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:
     if not path.exists():
+        return {}
+    if stored_unit_table(path):  # old column names, tilts in rad: redo the scans
+        logger.info("%s has the old column names (before one unit per quantity); redoing it", path)
         return {}
     out: dict[str, list[dict[str, str]]] = {}
     with path.open(newline="") as f:
@@ -562,7 +567,7 @@ def stats(
                 opened.pop(name, None)
                 continue
             ds, labels = opened[name]
-            rows = [{"particle": name, **r} for r in result["rows"]]
+            rows = [{"particle": name, **shown_row(r)} for r in result["rows"]]
             if not rows:
                 msg = "no particle found in the scan"
                 logger.warning("particle '%s': %s (check [segment] or give a mask)", name, msg)

@@ -1,8 +1,10 @@
 """Figures (matplotlib, PNG) from computed results: no computation beyond what is plotted.
 
-Per particle scan (``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing
-and intensity maps (µm axes, scale bar, background masked, diverging maps centred at zero with
-limits shared across all scans), the rocking curve of every particle label (mean per pixel,
+Values and labels are in the shown units of :mod:`spndi_dask.units` (tilts in mrad, strain a
+plain number with matplotlib's one ×10⁻ⁿ factor on its axis). Per particle scan
+(``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing and intensity
+maps in rows of :data:`MAP_COLUMNS` (µm axes, scale bar, background masked, diverging maps
+centred at zero with limits shared across all scans), the rocking curve of every particle label (mean per pixel,
 as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as the
 original study plotted. For the beamtime
 (``beamtime_overview.png``): violins of strain, tilt_x, tilt_y and d-spacing per particle, in
@@ -22,10 +24,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from scipy.stats import gaussian_kde
 
 from spndi_dask.io.layout import atomic_path
+from spndi_dask.units import label, shown
 
 __all__ = [
     "analysis_figures",
@@ -34,19 +38,46 @@ __all__ = [
     "decomposition_figures",
     "map_limits",
     "particle_figures",
+    "pattern_grid",
+    "region_difference",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Maps of the per-particle map figure: (variable, label, colour map, diverging).
+#: Maps of the per-particle map figure: (variable, label, colour map, diverging); values and
+#: labels in the shown units of :mod:`spndi_dask.units` (tilts in mrad).
 MAP_PANELS = (
-    ("strain", "strain", "RdBu_r", True),
-    ("tilt_x", "tilt_x (mrad)", "PuOr_r", True),
-    ("tilt_y", "tilt_y (mrad)", "PuOr_r", True),
-    ("d_spacing", "d-spacing (Å)", "viridis", False),
-    ("intensity", "intensity (counts)", "magma", False),
+    ("strain", label("strain"), "RdBu_r", True),
+    ("tilt_x", label("tilt_x"), "PuOr_r", True),
+    ("tilt_y", label("tilt_y"), "PuOr_r", True),
+    ("d_spacing", label("d_spacing"), "viridis", False),
+    ("intensity", label("intensity"), "magma", False),
 )
-_SCALE = {"tilt_x": 1e3, "tilt_y": 1e3}  # radians -> mrad on the figures
+#: Panels per row of the map figure: readable at the report's width (about 1270 px).
+MAP_COLUMNS = 3
+#: Clusters are coloured ``CLUSTER_COLOURS(c)`` in every figure (maps and curves); the whole
+#: particle, domains and boundaries are drawn in greys (:data:`REGION_STYLE`) and scans are told
+#: apart by markers, so no colour has two meanings in one figure.
+CLUSTER_COLOURS = plt.get_cmap("tab10")
+REGION_STYLE = {
+    "particle": {"color": "k", "ls": ":", "lw": 2.0},
+    "domain": {"color": "0.3", "ls": "-", "lw": 1.3},
+    "boundary": {"color": "0.6", "ls": "--", "lw": 1.3},
+}
+_SCAN_MARKERS = "osD^v<>ph*"
+
+
+def _cluster_colour(c: int, k: int) -> Any:
+    cmap = CLUSTER_COLOURS if k <= 10 else plt.get_cmap("tab20")
+    return cmap(c % cmap.N)
+
+
+def _one_scale(axis: Any) -> None:
+    """Tick labels of a small quantity (strain) as plain numbers with one shared ``1e-4``
+    factor at the axis' end (matplotlib's offset text), not long decimals that overlap."""
+    fmt = ScalarFormatter(useMathText=True)
+    fmt.set_powerlimits((-2, 3))
+    axis.set_major_formatter(fmt)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -58,7 +89,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _masked(ds: xr.Dataset, name: str) -> np.ndarray:
-    v = np.asarray(ds[name].values, np.float64) * _SCALE.get(name, 1.0)
+    v = shown(name, np.asarray(ds[name].values, np.float64))
     inside = np.asarray(ds["label"].values) > 0
     return np.where(inside & np.isfinite(v), v, np.nan)
 
@@ -113,16 +144,21 @@ def _scale_bar(ax: Any, ds: xr.Dataset) -> None:
 
 
 def _map_figure(name: str, ds: xr.Dataset, limits: dict, path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(MAP_PANELS), figsize=(4 * len(MAP_PANELS), 3.6))
-    for ax, (var, label, cmap, _) in zip(axes, MAP_PANELS, strict=True):
+    rows = -(-len(MAP_PANELS) // MAP_COLUMNS)
+    fig, axes = plt.subplots(
+        rows, MAP_COLUMNS, figsize=(4 * MAP_COLUMNS, 3.4 * rows + 0.4), squeeze=False
+    )
+    for ax, (var, title, cmap, _) in zip(axes.flat, MAP_PANELS, strict=False):
         lo, hi = limits[var]
         cm = plt.get_cmap(cmap).with_extremes(bad="0.85")
         im = ax.imshow(_masked(ds, var), cmap=cm, vmin=lo, vmax=hi, extent=_extent(ds))
-        ax.set_title(label)
+        ax.set_title(title)
         ax.set_xlabel("x (µm)")
         ax.set_ylabel("y (µm)")
         _scale_bar(ax, ds)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        _one_scale(fig.colorbar(im, ax=ax, shrink=0.8).ax.yaxis)
+    for ax in axes.flat[len(MAP_PANELS) :]:
+        ax.set_axis_off()
     fig.suptitle(f"{name}: maps (grey = background)")
     return _save(fig, path)
 
@@ -152,8 +188,10 @@ def _kde_figure(name: str, ds: xr.Dataset, path: Path, *, max_points: int = 4000
         if len(s_ok) > max_points:
             pick = np.random.default_rng(0).choice(len(s_ok), max_points, replace=False)
             s_ok, t_ok = s_ok[pick], t_ok[pick]
-        ax.set_xlabel("strain")
-        ax.set_ylabel(f"{tilt} (mrad)")
+        ax.set_xlabel(label("strain"))
+        ax.set_ylabel(label(tilt))
+        _one_scale(ax.xaxis)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         if len(s_ok) >= 5 and np.std(s_ok) > 0 and np.std(t_ok) > 0:
             kde = gaussian_kde(np.vstack([s_ok, t_ok]))
             xs = np.linspace(s_ok.min(), s_ok.max(), 80)
@@ -176,7 +214,7 @@ def beamtime_overview(datasets: dict[str, xr.Dataset], path: Path) -> Path:
         data, names = [], []
         for name, ds in datasets.items():
             labels = np.asarray(ds["label"].values)
-            v = np.asarray(ds[var].values, np.float64) * _SCALE.get(var, 1.0)
+            v = shown(var, np.asarray(ds[var].values, np.float64))
             for k in range(1, int(labels.max()) + 1):
                 vals = v[(labels == k) & np.isfinite(v)]
                 if vals.size >= 2:
@@ -185,7 +223,8 @@ def beamtime_overview(datasets: dict[str, xr.Dataset], path: Path) -> Path:
         if data:
             ax.violinplot(data, showmedians=True)
             ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
-        ax.set_ylabel(dict((p[0], p[1]) for p in MAP_PANELS)[var])
+        ax.set_ylabel(label(var))
+        _one_scale(ax.yaxis)
     axes[0].set_title("beamtime overview: per-particle distributions")
     return _save(fig, path)
 
@@ -233,7 +272,8 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
         axes[1].axvline(info["k"], color="C3", ls="--")
     axes[0].set_xlabel("K")
     axes[0].set_ylabel("inertia (scaled features)")
-    axes[0].legend()
+    # above the axes, outside the data (the curves fill the plot at every K)
+    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, fontsize=8, frameon=False)
     if len(ks) > 1:
         drop = inertia[ks[0]] - inertia[ks[-1]]
         share = [(inertia[ks[0]] - inertia[k]) / drop if drop > 0 else 1.0 for k in ks]
@@ -244,6 +284,8 @@ def _k_selection_figure(info: dict[str, Any], path: Path) -> Path:
         axes[1].plot(sorted(sil), [sil[k] for k in sorted(sil)], "o-", color="C2")
     axes[1].set_xlabel("K")
     axes[1].set_ylabel("silhouette (sample)")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"choosing K over K = {ks[0]}..{ks[-1]}")
     return _save(fig, path)
 
@@ -264,20 +306,19 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
     """The combined cluster map, then each cluster highlighted on the grey particle."""
     lab = np.asarray(ds["cluster"].values)
     inside = np.asarray(ds["label"].values) > 0
-    colours = plt.get_cmap("tab10" if k <= 10 else "tab20")
     fig, axes = plt.subplots(1, k + 1, figsize=(3.2 * (k + 1), 3.2), squeeze=False)
     axes = axes[0]
     rgb = np.ones((*lab.shape, 3))
     rgb[inside] = 0.7
     for c in range(k):
-        rgb[lab == c] = colours(c % colours.N)[:3]
+        rgb[lab == c] = _cluster_colour(c, k)[:3]
     axes[0].imshow(rgb, extent=_extent(ds))
     _outlines(axes[0], lab, ds, range(k))
     axes[0].set_title(f"{name}: clusters")
     for c in range(k):
         img = np.ones((*lab.shape, 3))
         img[inside] = 0.75
-        img[lab == c] = colours(c % colours.N)[:3]
+        img[lab == c] = _cluster_colour(c, k)[:3]
         axes[c + 1].imshow(img, extent=_extent(ds))
         _outlines(axes[c + 1], lab, ds, [c])
         axes[c + 1].set_title(f"cluster {c} ({int((lab == c).sum())} px)")
@@ -298,13 +339,32 @@ def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.
     return paths
 
 
-def _projections(ax_row: Any, pattern: np.ndarray, ds: xr.Dataset, title: str) -> None:
+def _projections(
+    ax_row: Any,
+    pattern: np.ndarray,
+    ds: xr.Dataset,
+    title: str,
+    *,
+    diverging: bool = False,
+    vmax: list[float] | None = None,
+) -> None:
+    """The three sums of a 3D pattern over one q axis each, with a colour bar each
+    (``diverging``: a signed pattern, e.g. a difference, on a colour scale centred at zero;
+    ``vmax``: the top of each projection's colour scale, e.g. shared by the rows of a grid)."""
     names = ("dq_x", "dq_y", "dq_z")
+    fig = ax_row[0].figure
     for axis, ax in enumerate(ax_row):
         keep = [d for i, d in enumerate(names) if i != axis]
         proj = np.nansum(pattern, axis=axis)
         a, b = ds[keep[0]].values * 1e3, ds[keep[1]].values * 1e3
-        ax.imshow(proj.T, origin="lower", extent=(a[0], a[-1], b[0], b[-1]), aspect="auto")
+        kw: dict[str, Any] = {"vmin": 0.0, "vmax": vmax[axis]} if vmax else {}
+        if diverging:
+            m = float(np.nanmax(np.abs(proj))) if np.isfinite(proj).any() else 0.0
+            kw = {"cmap": "RdBu_r", "vmin": -(m or 1.0), "vmax": m or 1.0}
+        im = ax.imshow(
+            proj.T, origin="lower", extent=(a[0], a[-1], b[0], b[-1]), aspect="auto", **kw
+        )
+        _one_scale(fig.colorbar(im, ax=ax, shrink=0.9).ax.yaxis)
         ax.set_xlabel(f"{keep[0]} (1e-3/Å)")
         ax.set_ylabel(f"{keep[1]} (1e-3/Å)")
         ax.set_title(f"{title}: sum over {names[axis]}", fontsize=9)
@@ -328,13 +388,15 @@ def rocking_curves_by_scan(ds: xr.Dataset, path: Path) -> Path:
     fig, axes = plt.subplots(len(names), 2, figsize=(10, 3 * len(names)), squeeze=False)
     for p, name in enumerate(names):
         left, right = axes[p]
-        _scan_curve(left, ds, p, ds["particle_rocking_curve"][p], color="k", label="particle")
-        for r, (region, colour, ls) in enumerate((("domain", "C3", "-"), ("boundary", "C0", "--"))):
+        curve = ds["particle_rocking_curve"][p]
+        _scan_curve(left, ds, p, curve, label="particle", **REGION_STYLE["particle"])
+        for r, region in enumerate(("domain", "boundary")):
             curve = ds["region_rocking_curve"][p, r]
-            _scan_curve(left, ds, p, curve, color=colour, ls=ls, label=region)
+            _scan_curve(left, ds, p, curve, label=region, **REGION_STYLE[region])
         left.set_title(f"{name}: particle, domains, boundaries", fontsize=9)
         for c in range(k):
-            _scan_curve(right, ds, p, ds["cluster_rocking_curve"][p, c], label=f"cluster {c}")
+            curve = ds["cluster_rocking_curve"][p, c]
+            _scan_curve(right, ds, p, curve, label=f"cluster {c}", color=_cluster_colour(c, k))
         right.set_title(f"{name}: per cluster", fontsize=9)
         for ax in (left, right):
             ax.set_xlabel("angle (deg)")
@@ -352,16 +414,18 @@ def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     if "cluster_rocking_curve_pooled" in ds:
         for c in range(k):
-            axes[0].plot(ds["angle"], ds["cluster_rocking_curve_pooled"][c], label=f"cluster {c}")
+            curve = ds["cluster_rocking_curve_pooled"][c]
+            axes[0].plot(ds["angle"], curve, label=f"cluster {c}", color=_cluster_colour(c, k))
         axes[0].set_title("rocking curve per cluster (all scans)")
     else:
         axes[0].set_title("scans have different angles: see rocking_curves_by_scan.png")
     for r, region in enumerate(ds["region"].values):
         for p, name in enumerate(ds["particle"].values):
             curve = ds["region_rocking_curve"][p, r]
-            kw = {"ls": "-" if r == 0 else "--", "color": f"C{p}", "label": f"{name} {region}"}
-            _scan_curve(axes[1], ds, p, curve, **kw)
-    axes[1].set_title("domains (solid) vs boundaries (dashed)")
+            marker = _SCAN_MARKERS[p % len(_SCAN_MARKERS)]
+            kw = {**REGION_STYLE[str(region)], "marker": marker, "ms": 4}
+            _scan_curve(axes[1], ds, p, curve, label=f"{name} {region}", **kw)
+    axes[1].set_title("domains (solid) vs boundaries (dashed), per scan")
     for ax in axes:
         ax.set_xlabel("angle (deg)")
         ax.set_ylabel("mean intensity per pixel")
@@ -375,13 +439,32 @@ def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     ):
         if key not in ds:
             continue
-        rows = ds.sizes[dim]
-        fig, axes = plt.subplots(rows, 3, figsize=(10, 3 * rows), squeeze=False)
-        for i in range(rows):
-            label = f"{dim} {ds[dim].values[i]}"
-            _projections(axes[i], np.asarray(ds[key][i].values), ds, label)
-        paths.append(_save(fig, out / name))
+        paths.append(_save(pattern_grid(ds, key, dim), out / name))
     return paths
+
+
+def region_difference(ds: xr.Dataset) -> np.ndarray:
+    """The domain − boundary mean pattern ``(dq_x, dq_y, dq_z)`` of an analysis dataset."""
+    pat = np.asarray(ds["region_pattern"].values, np.float64)
+    return pat[0] - pat[1]
+
+
+def pattern_grid(ds: xr.Dataset, key: str, dim: str) -> Any:
+    """Figure of the mean patterns ``ds[key]`` (one row per ``dim`` value, three projections
+    with colour bars, one scale per projection for all rows); for the regions a last row of
+    domain − boundary (:func:`region_difference`, on a diverging scale centred at zero)."""
+    rows = ds.sizes[dim]
+    extra = key == "region_pattern" and rows == 2
+    fig, axes = plt.subplots(rows + extra, 3, figsize=(11, 3 * (rows + extra)), squeeze=False)
+    patterns = np.asarray(ds[key].values, np.float64)
+    # one colour scale per projection for all rows, so the rows compare
+    top = [float(np.nanmax(np.nansum(patterns, axis=a + 1), initial=0.0)) or 1.0 for a in range(3)]
+    for i in range(rows):
+        title = f"{dim} {ds[dim].values[i]}"
+        _projections(axes[i], patterns[i], ds, title, vmax=top)
+    if extra:
+        _projections(axes[rows], region_difference(ds), ds, "domain − boundary", diverging=True)
+    return fig
 
 
 def decomposition_figures(
@@ -411,7 +494,7 @@ def decomposition_figures(
     fig, axes = plt.subplots(len(kinds), 3, figsize=(10, 2.8 * len(kinds)), squeeze=False)
     for row, (kind, i) in zip(axes, kinds, strict=True):
         comp = np.asarray(ds[f"{kind}_components"][i].values)
-        _projections(row, comp, ds, f"{kind.upper()} {i}")
+        _projections(row, comp, ds, f"{kind.upper()} {i}", diverging=kind == "pca")
     paths.append(_save(fig, out / names[1]))
     fig, axes = plt.subplots(
         len(datasets), len(kinds), figsize=(2.6 * len(kinds), 2.6 * len(datasets)), squeeze=False

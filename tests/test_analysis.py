@@ -161,12 +161,12 @@ def test_every_scan_gets_its_curves_patterns_and_statistics(clustered):
         d = ds["d_spacing"].values
         for r, key in ((0, "domain"), (1, "boundary")):
             v = d[(region == r) & np.isfinite(d)]
-            assert float(row[f"{key}_d_spacing_mean"]) == pytest.approx(v.mean(), rel=1e-5)
-            assert float(row[f"{key}_d_spacing_std"]) == pytest.approx(v.std(), rel=1e-5)
-        diff = float(row["domain_d_spacing_std"]) - float(row["boundary_d_spacing_std"])
+            assert float(row[f"{key}_d_spacing_mean_A"]) == pytest.approx(v.mean(), rel=1e-5)
+            assert float(row[f"{key}_d_spacing_std_A"]) == pytest.approx(v.std(), rel=1e-5)
+        diff = float(row["domain_d_spacing_std_A"]) - float(row["boundary_d_spacing_std_A"])
         col = "diff_domain_minus_boundary_d_spacing_std"
-        assert float(row[col]) == pytest.approx(diff, rel=1e-4, abs=1e-9)
-        assert 0 <= float(row[col + "_p"]) <= 1 and float(row[col + "_se"]) > 0
+        assert float(row[col + "_A"]) == pytest.approx(diff, rel=1e-4, abs=1e-9)
+        assert 0 <= float(row[col + "_p"]) <= 1 and float(row[col + "_se_A"]) > 0
         # the particle rim (next to a pixel outside, not a cluster edge) is in neither region
         rim = analysis.rim_mask(lab, 1.0) & (region != 1)
         assert rim.any() and (region[rim] == 2).all() and int(row["rim_pixels"]) == rim.sum()

@@ -95,6 +95,10 @@ def test_cluster_maps_table_and_figures(encoded):
         assert np.isclose(sum(float(r["fraction"]) for r in mine), 1.0, atol=1e-5)
         strain = ds["strain"].values[(lab == 1) & np.isfinite(ds["strain"].values)]
         assert np.isclose(float(mine[1]["strain_mean"]), strain.mean(), rtol=1e-4, atol=1e-9)
+        tilt = ds["tilt_x"].values[(lab == 1) & np.isfinite(ds["tilt_x"].values)]  # rad
+        assert np.isclose(float(mine[1]["tilt_x_mean_mrad"]), 1e3 * tilt.mean(), rtol=1e-6)
+        d = ds["d_spacing"].values[(lab == 1) & np.isfinite(ds["d_spacing"].values)]
+        assert np.isclose(float(mine[1]["d_spacing_std_A"]), d.std(), rtol=1e-6)
         assert (m.output_dir / "figures" / f"{p.name}_clusters.png").stat().st_size > 5000
     pooled = [int(r["pixels"]) for r in rows if r["particle"] == "all"]
     assert pooled == [sum(int(r["pixels"]) for r in rows[c:6:3]) for c in range(3)]
@@ -219,5 +223,10 @@ def test_analysis_curves_patterns_and_regions(encoded):
             rtol=1e-4,
             atol=1e-9,
         )
+        ds = open_results(m.output_dir, r["particle"])
+        tilt = ds["tilt_y"].values[(ds["region"].values == 1) & np.isfinite(ds["tilt_y"].values)]
+        assert np.isclose(float(r["boundary_tilt_y_mean_mrad"]), 1e3 * tilt.mean(), rtol=1e-6)
+        assert 0 <= float(r["diff_domain_minus_boundary_tilt_y_mean_p"]) <= 1  # not scaled
+        assert float(r["diff_domain_minus_boundary_tilt_y_mean_se_mrad"]) > 0
     for name in ("cluster_rocking_curves.png", "cluster_patterns.png", "region_patterns.png"):
         assert (m.output_dir / "figures" / name).stat().st_size > 5000

@@ -36,7 +36,11 @@ def test_tiff_maps_and_patterns_round_trip(analysed, tmp_path):
             assert tif.is_imagej and tif.series[0].axes == "CYX"
             data = tif.asarray()
             ij = tif.imagej_metadata
-            assert ij["unit"] == "um" and ij["Labels"] == list(maps)
+            assert ij["unit"] == "um" and ij["Labels"][: len(maps)] == [
+                f"{k} ({export.EXPORT_MAPS[k]})" if export.EXPORT_MAPS[k] != "1" else k
+                for k in maps
+            ]
+            assert "tilt_x (rad)" in ij["Labels"] and "strain" in ij["Labels"]  # units stated
             xres = tif.pages[0].tags["XResolution"].value
         for i, values in enumerate(maps.values()):  # float32, NaN where the map is NaN
             assert np.array_equal(data[i], values.astype(np.float32), equal_nan=True)

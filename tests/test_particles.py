@@ -73,27 +73,39 @@ def test_statistics_match_the_true_fields(small):
             ("p5", lambda v: np.percentile(v, 5), 3e-4),
             ("p95", lambda v: np.percentile(v, 95), 3e-4),
         ):
-            got = float(row[f"d_spacing_{stat}"])
+            got = float(row[f"d_spacing_{stat}_A"])
             assert got == pytest.approx(fn(d_true), rel=tol), (row["particle"], row["label"], stat)
         # spreads are frame independent: compare with the true strain / tilt spreads
         assert float(row["strain_std"]) == pytest.approx(truth["strain"][inside].std(), abs=1e-4)
-        for tilt in ("tilt_x", "tilt_y"):
-            assert float(row[f"{tilt}_std"]) == pytest.approx(truth[tilt][inside].std(), abs=1e-4)
+        for tilt in ("tilt_x", "tilt_y"):  # mrad in the table, rad in the truth and the maps
+            std = 1e3 * truth[tilt][inside].std()
+            assert float(row[f"{tilt}_std_mrad"]) == pytest.approx(std, abs=1e-1)
+            mean = 1e3 * np.nanmean(ds[tilt].values[region])
+            assert float(row[f"{tilt}_mean_mrad"]) == pytest.approx(mean, rel=1e-6, abs=1e-9)
+        assert float(row["strain_mean"]) == pytest.approx(np.nanmean(ds["strain"].values[region]))
         # standard errors of the mean: pixel scatter std/√n, counting √Σσ²/n (smaller: the
-        # scatter holds the real strain/tilt variation too)
-        for name in ("d_spacing", "strain", "tilt_x", "tilt_y"):
+        # scatter holds the real strain/tilt variation too); in the quantity's shown unit
+        for name, unit, factor in (
+            ("d_spacing", "_A", 1.0),
+            ("strain", "", 1.0),
+            ("tilt_x", "_mrad", 1e3),
+            ("tilt_y", "_mrad", 1e3),
+        ):
             n = int(row["valid_pixels"])
-            sem = float(row[f"{name}_std"]) / np.sqrt(n)
-            assert float(row[f"{name}_sem"]) == pytest.approx(sem, rel=1e-6)
+            sem = float(row[f"{name}_std{unit}"]) / np.sqrt(n)
+            assert float(row[f"{name}_sem{unit}"]) == pytest.approx(sem, rel=1e-6)
             sigma = ds[f"{name}_sigma"].values[region]
-            counting = float(row[f"{name}_sem_counting"])
-            assert counting == pytest.approx(np.sqrt(np.sum(sigma**2)) / n, rel=1e-6)
-            assert 0 < counting < float(row[f"{name}_sem"])
+            counting = float(row[f"{name}_sem_counting{unit}"])
+            assert counting == pytest.approx(factor * np.sqrt(np.sum(sigma**2)) / n, rel=1e-6)
+            assert 0 < counting < float(row[f"{name}_sem{unit}"])
         # the correlation is what the table says it is
         s, t = ds["strain"].values[region], ds["tilt_x"].values[region]
         assert float(row["corr_strain_tilt_x"]) == pytest.approx(np.corrcoef(s, t)[0, 1], abs=1e-6)
         attrs = ds.attrs["particles"]["stats"][int(row["label"]) - 1]
         assert float(attrs["strain_mean"]) == pytest.approx(float(row["strain_mean"]))
+        # results.zarr keeps the stored units (rad): the table is 1000 × them
+        tilt = float(row["tilt_x_mean_mrad"])
+        assert 1e3 * float(attrs["tilt_x_mean"]) == pytest.approx(tilt, rel=1e-6)
 
 
 def test_figures_are_written_with_shared_centred_limits(small):
@@ -121,6 +133,19 @@ def test_rerun_is_up_to_date_and_force_redoes(small):
     assert again == {"p1": {"status": "done", "labels": 1, "method": "intensity otsu"}}
     with open(m.output_dir / "particles.csv", newline="") as f:
         assert [r["particle"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
+
+
+def test_a_table_in_stored_units_is_redone_with_unit_columns(small):
+    _, m, _ = small
+    path = m.output_dir / "particles.csv"
+    new = path.read_text()
+    header, rest = new.split("\n", 1)
+    old = (
+        header.replace("_mrad", "").replace("_A,", ",").replace("_per_A", "").replace("_counts", "")
+    )
+    path.write_text(f"{old}\n{rest}")  # as written before one unit per quantity
+    assert {s["status"] for s in stats(m, figures=False).values()} == {"done"}
+    assert path.read_text().split("\n", 1)[0] == header
 
 
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):

@@ -54,6 +54,7 @@ from bokeh.models import (
 from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
 
+from spndi_dask import units
 from spndi_dask.explorer.data import CATEGORICAL, PROJECTIONS, ExplorerData, projections
 
 __all__ = ["ExplorerApp", "build_document"]
@@ -77,10 +78,10 @@ _TABLE_COLUMNS = (
     "label",
     "pixels",
     "area_um2",
-    "strain_mean",
-    "tilt_x_mean",
-    "tilt_y_mean",
-    "d_spacing_mean",
+    units.column("strain", "mean"),
+    units.column("tilt_x", "mean"),
+    units.column("tilt_y", "mean"),
+    units.column("d_spacing", "mean"),
 )
 
 
@@ -99,24 +100,20 @@ def _image_data(img: np.ndarray | None, x0: float, y0: float, dw: float, dh: flo
     return {"image": [img], "x": [x0], "y": [y0], "dw": [dw], "dh": [dh]}
 
 
-#: How the pixel and selection views print a quantity: name -> (scale, unit, format); one
-#: format per quantity, so a pixel's value and a selection's mean ± std read alike.
-_SHOWN = {
-    "strain": (1e4, "×10⁻⁴", "{:.3g}"),
-    "tilt_x": (1e3, "mrad", "{:.3g}"),
-    "tilt_y": (1e3, "mrad", "{:.3g}"),
-    "d_spacing": (1.0, "Å", "{:.5f}"),
-    "intensity": (1.0, "counts", "{:.4g}"),
-    "label": (1.0, "", "{:.0f}"),
-    "cluster": (1.0, "", "{:.0f}"),
-}
+#: How the pixel and selection views print a quantity (in its shown unit of
+#: :mod:`spndi_dask.units`: tilts in mrad, strain a plain number); one format per quantity, so
+#: a pixel's value and a selection's mean ± std read alike.
+_FORMATS = {"d_spacing": "{:.5f}", "intensity": "{:.4g}", "label": "{:.0f}", "cluster": "{:.0f}"}
 
 
 def _fmt(name: str, *values: float) -> str:
-    """``values`` of quantity ``name`` in its :data:`_SHOWN` scale and format, joined by ±."""
-    scale, unit, fmt = _SHOWN.get(name, (1.0, "", "{:.4g}"))
-    text = " ± ".join("–" if not np.isfinite(v) else fmt.format(v * scale) for v in values)
-    return f"{text} {unit}" if unit else text
+    """``values`` (stored units) of quantity ``name`` in its shown unit, joined by ±."""
+    u = units.unit(name)
+    fmt = _FORMATS.get(name, "{:.3g}" if u is not None else "{:.4g}")
+    text = " ± ".join(
+        "–" if not np.isfinite(v) else fmt.format(units.shown(name, v)) for v in values
+    )
+    return f"{text} {u.shown}" if u is not None and u.shown else text
 
 
 class ExplorerApp:
@@ -435,8 +432,8 @@ class ExplorerApp:
         """The map as shown: float64, NaN where a cluster is toggled off in the legend (unless
         ``masked`` is false); each map is read once."""
         key = (scan, name)
-        if key not in self._cache:
-            self._cache[key] = self.data.map(scan, name)
+        if key not in self._cache:  # in the shown unit (tilts in mrad; spndi_dask.units)
+            self._cache[key] = units.shown(name, self.data.map(scan, name))
         img = self._cache[key]
         if (
             masked
@@ -465,8 +462,8 @@ class ExplorerApp:
             lo, hi = np.percentile(values, [1, 99])
             hi = hi if hi > lo else lo + 1e-12
             self.mapper.update(palette=Viridis256, low=float(lo), high=float(hi))
-        unit = self.data.units(name)
-        title = f"{name} ({unit})" if unit else name
+        stored = self.data.units(name)
+        title = units.label(name) if units.unit(name) else f"{name} ({stored})" if stored else name
         about = html.escape(self.data.long_name(name))
         self.map_info.text = f"<b>{html.escape(title)}</b>: {about}"
         for scan, img in images.items():

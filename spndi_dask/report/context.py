@@ -29,7 +29,7 @@ __all__ = [
 
 #: Per-scan figures of plot.py: (file suffix, caption).
 PARTICLE_FIGURES = (
-    ("maps", "Maps: strain, tilts, d-spacing and intensity (grey = background)"),
+    ("maps", "Maps: strain, tilts (mrad), d-spacing (Å) and intensity (grey = background)"),
     ("rocking_curve", "Rocking curve of every particle label"),
     ("strain_tilt_kde", "Joint density of strain and tilt"),
 )
@@ -41,7 +41,7 @@ ANALYSIS_FIGURES = (
         "Per scan: mean rocking curve of the particle, its domains and boundaries, each cluster",
     ),
     ("cluster_patterns.png", "Mean 3D pattern of every cluster (three projections)"),
-    ("region_patterns.png", "Mean 3D pattern of domains and of boundaries"),
+    ("region_patterns.png", "Mean 3D pattern of domains, of boundaries, and domain − boundary"),
 )
 #: Figures of the decompose stage (``plot.decomposition_figures``): (file name, caption).
 DECOMPOSITION_FIGURES = (

@@ -13,7 +13,6 @@ from typing import Any
 
 from spndi_dask._version import __version__
 from spndi_dask.config import Manifest
-from spndi_dask.io.results_store import MAP_VARIABLES
 from spndi_dask.particles import MAPS, STATS
 from spndi_dask.provenance import input_fingerprints, iso_time, library_versions, manifest_source
 from spndi_dask.report.context import (
@@ -25,6 +24,7 @@ from spndi_dask.report.context import (
 from spndi_dask.report.format import Badge, Link, anchor, as_json, kv, number, table
 from spndi_dask.stages import status_stages
 from spndi_dask.status import NO_WORK, read_stage_timings
+from spndi_dask.units import QUANTITIES, column, label
 
 __all__ = [
     "analysis",
@@ -40,17 +40,16 @@ __all__ = [
     "summary",
 ]
 
-_UNITS = {k: MAP_VARIABLES[k].split(" ")[0] for k in MAPS}
 _OVERVIEW_COLUMNS = (
     "particle",
     "label",
     "pixels",
     "area_um2",
-    "d_spacing_mean",
-    "strain_mean",
-    "strain_std",
-    "tilt_x_mean",
-    "tilt_y_mean",
+    column("d_spacing", "mean"),
+    column("strain", "mean"),
+    column("strain", "std"),
+    column("tilt_x", "mean"),
+    column("tilt_y", "mean"),
     "corr_strain_tilt_x",
     "corr_strain_tilt_y",
     "warning",
@@ -138,16 +137,15 @@ def overview(ctx: ReportContext) -> dict[str, Any]:
 def _stats_tables(rows: list[dict[str, str]]) -> dict[str, Any]:
     """The particles.csv rows of one scan: a summary table, then per label its statistics."""
     cols = list(rows[0])
-    quantities = [c[: -len("_mean")] for c in cols if c.endswith("_mean")]
-    stat_cols = {f"{q}_{s}" for q in quantities for s in STATS}
+    quantities = [q for q in MAPS if column(q, "mean") in cols]
+    stat_cols = {column(q, s) for q in quantities for s in STATS}
     summary_cols = [c for c in cols if c not in stat_cols and c != "particle"]
     labels = []
     for r in rows:
         stat_rows = []
         for q in quantities:
-            unit = _UNITS.get(q, "")
-            row: dict[str, Any] = {"quantity": f"{q} ({unit})" if unit else q}
-            row.update({s: r.get(f"{q}_{s}") for s in STATS if f"{q}_{s}" in r})
+            row: dict[str, Any] = {"quantity": label(q)}
+            row.update({s: r.get(column(q, s)) for s in STATS if column(q, s) in r})
             stat_rows.append(row)
         labels.append({"label": r.get("label", "?"), "table": table(stat_rows, text=("quantity",))})
     return {"summary": table(rows, summary_cols, text=("warning",)), "labels": labels}
@@ -358,9 +356,9 @@ def decomposition(ctx: ReportContext) -> dict[str, Any]:
     }
 
 
-def _pm(row: dict[str, str], col: str) -> str | None:
+def _pm(row: dict[str, str], col: str, se_col: str) -> str | None:
     """``"value ± se"`` of a regions.csv difference (None when the column is missing)."""
-    value, se = row.get(col), row.get(f"{col}_se")
+    value, se = row.get(col), row.get(se_col)
     if value in (None, ""):
         return None
     try:
@@ -371,30 +369,29 @@ def _pm(row: dict[str, str], col: str) -> str | None:
 
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """regions.csv as rows (particle, quantity): domain and boundary mean ± std, difference."""
-    d = "diff_domain_minus_boundary"
+    d = "diff_domain_minus_boundary_"
     out = []
     for r in rows:
-        quantities = [
-            c[len("domain_") : -len("_mean")]
-            for c in r
-            if c.startswith("domain_") and c.endswith("_mean")
-        ]
-        for q in quantities:
+        for q in (q for q in QUANTITIES if column(q, "mean", "domain_") in r):
             out.append(
                 {
                     "particle": r.get("particle"),
-                    "quantity": f"{q} ({_UNITS.get(q, '')})",
+                    "quantity": label(q),
                     "domain pixels": r.get("domain_pixels"),
                     "boundary pixels": r.get("boundary_pixels"),
                     "rim pixels": r.get("rim_pixels"),
-                    "domain mean": r.get(f"domain_{q}_mean"),
-                    "domain std": r.get(f"domain_{q}_std"),
-                    "boundary mean": r.get(f"boundary_{q}_mean"),
-                    "boundary std": r.get(f"boundary_{q}_std"),
-                    "domain − boundary (mean) ± SE": _pm(r, f"{d}_{q}_mean"),
-                    "p (mean)": r.get(f"{d}_{q}_mean_p"),
-                    "domain − boundary (std) ± SE": _pm(r, f"{d}_{q}_std"),
-                    "p (std)": r.get(f"{d}_{q}_std_p"),
+                    "domain mean": r.get(column(q, "mean", "domain_")),
+                    "domain std": r.get(column(q, "std", "domain_")),
+                    "boundary mean": r.get(column(q, "mean", "boundary_")),
+                    "boundary std": r.get(column(q, "std", "boundary_")),
+                    "domain − boundary (mean) ± SE": _pm(
+                        r, column(q, "mean", d), column(q, "mean_se", d)
+                    ),
+                    "p (mean)": r.get(f"{d}{q}_mean_p"),
+                    "domain − boundary (std) ± SE": _pm(
+                        r, column(q, "std", d), column(q, "std_se", d)
+                    ),
+                    "p (std)": r.get(f"{d}{q}_std_p"),
                 }
             )
     return out

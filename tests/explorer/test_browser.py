@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from spndi_dask.reduce import open_results
+from spndi_dask.units import shown
 
 from . import browser as bw
 
@@ -226,7 +227,7 @@ def test_choosing_a_variable_redraws_every_map_with_its_values(page, outputs):
     bw.wait_for_change(page, old, before)
     assert bw.model_property(page, "map_select", "value") == variable
     for p in m.particles:
-        expected = open_results(m.output_dir, p.name)[variable].values
+        expected = shown(variable, open_results(m.output_dir, p.name)[variable].values)  # mrad
         page.wait_for_function(
             "(n) => Bokeh.documents[0].get_model_by_name(n).data.image.length > 0",
             arg=f"map_source:{p.name}",

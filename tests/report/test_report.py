@@ -149,6 +149,7 @@ def test_report_shows_particles_clusters_and_provenance(processed):
         sec = page.sections[f"particle-{r['particle']}"]
         assert f"Label {r['label']}: statistics over its pixels" in sec
         assert f"{float(r['strain_mean']):.4g}" in sec
+        assert f"{float(r['tilt_x_p95_mrad']):.4g}" in sec and "tilt_x (mrad)" in sec
     clustering = page.sections["clustering"]
     assert "K = 2 given for this run" in clustering and "not run" not in clustering
     assert "clusters_k.png" in clustering and "p2_clusters.png" in clustering
