@@ -1,14 +1,13 @@
 """Figures (matplotlib, PNG) from computed results: no computation beyond what is plotted.
 
 Values and labels are in the shown units of :mod:`spndi_dask.units` (tilts in mrad, strain a
-plain number with matplotlib's one ×10⁻ⁿ factor on its axis). Per particle scan
-(``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing and intensity
-maps in rows of :data:`MAP_COLUMNS` (µm axes, scale bar, background masked, diverging maps
-centred at zero with limits shared across all scans), the rocking curve of every particle label (mean per pixel,
-as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as the
-original study plotted. For the beamtime
-(``beamtime_overview.png``): violins of strain, tilt_x, tilt_y and d-spacing per particle, in
-manifest order.
+plain number with matplotlib's one ×10⁻ⁿ factor on its axis). Per scan
+(``<output>/figures/<scan>_*.png``): the strain, tilt_x, tilt_y, d_spacing and intensity maps
+in rows of :data:`MAP_COLUMNS` (µm axes, scale bar, background masked, diverging maps centred
+at zero with limits shared across all scans), the rocking curve of every particle label (mean
+per pixel, as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as
+the original study plotted. For the beamtime (``beamtime_overview.png``): violins of strain,
+tilt_x, tilt_y and d-spacing per scan, in manifest order.
 """
 
 from __future__ import annotations
