@@ -9,11 +9,7 @@ estimate) not in the counting statistics shows as RMS z above 1 and a mean z awa
 "smooth" is the RMS z over the half of the pixels where the true G changes least between
 neighbouring scan pixels (the spatial resolution — probe, drift shift — mixes neighbours).
 
-With ``--peak moments,gaussian`` each level is reduced with both ``[reduce] peak`` methods
-(the Gaussian fit's sigma is its least-squares covariance, :mod:`spndi_dask.reduce._peakfit`).
-
-Usage: ``python scripts/accuracy_sigma.py [--preset small] [--factors 1,0.1] [--peak moments]
-[--dir ...]``
+Usage: ``python scripts/accuracy_sigma.py [--preset small] [--factors 1,0.1] [--dir ...]``
 """
 
 from __future__ import annotations
@@ -32,10 +28,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--factors", default="1,0.1", help="count levels, × the preset's peak_counts")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak", default="moments", help="[reduce] peak methods, comma-separated")
     args = ap.parse_args()
 
-    from spndi_dask.config import Manifest
     from spndi_dask.ingest import ingest
     from spndi_dask.io.results_store import open_results
     from spndi_dask.reduce import reduce
@@ -45,38 +39,31 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     base = preset(args.preset, seed=args.seed)
     print(
-        f"{'peak_counts':>11} {'peak':<9}{'quantity':<10}{'RMS z':>7}{'smooth':>7}{'mean z':>8}"
+        f"{'peak_counts':>11} {'quantity':<10}{'RMS z':>7}{'smooth':>7}{'mean z':>8}"
         f"{'median σ':>11}{'n':>6}"
     )
     for factor in (float(f) for f in args.factors.split(",")):
         counts = base.peak_counts * factor
         out = root / f"counts_{counts:g}"
         t0 = time.perf_counter()
-        m0 = simulate_beamtime(out, preset(args.preset, seed=args.seed, peak_counts=counts))
-        ingest(m0)
-        for peak in args.peak.split(","):
-            d = m0.to_dict()
-            d["reduce"] = {**d.get("reduce", {}), "peak": peak}
-            m = Manifest.from_dict(d, base_dir=m0.base_dir, source=m0.source)
-            reduce(m)
-            stats = [
-                sigma_z_vs_truth(
-                    open_results(m.output_dir, p.name), out / "ground_truth" / f"{p.name}.npz"
-                )
-                for p in m.particles
-            ]
-            for q in SIGMA_QUANTITIES:
-                n = np.array([s[q]["n"] for s in stats])
-                rms = np.sqrt(
-                    np.sum([s[q]["rms"] ** 2 * k for s, k in zip(stats, n, strict=True)]) / n.sum()
-                )
-                smooth = np.sqrt(np.mean([s[q]["rms_smooth"] ** 2 for s in stats]))
-                mean = np.sum([s[q]["mean"] * k for s, k in zip(stats, n, strict=True)]) / n.sum()
-                sig = np.median([s[q]["sigma"] for s in stats])
-                print(
-                    f"{counts:11g} {peak:<9}{q:<10}{rms:7.2f}{smooth:7.2f}{mean:8.2f}"
-                    f"{sig:11.3g}{n.sum():6d}"
-                )
+        m = simulate_beamtime(out, preset(args.preset, seed=args.seed, peak_counts=counts))
+        ingest(m)
+        reduce(m)
+        stats = [
+            sigma_z_vs_truth(
+                open_results(m.output_dir, p.name), out / "ground_truth" / f"{p.name}.npz"
+            )
+            for p in m.particles
+        ]
+        for q in SIGMA_QUANTITIES:
+            n = np.array([s[q]["n"] for s in stats])
+            rms = np.sqrt(
+                np.sum([s[q]["rms"] ** 2 * k for s, k in zip(stats, n, strict=True)]) / n.sum()
+            )
+            smooth = np.sqrt(np.mean([s[q]["rms_smooth"] ** 2 for s in stats]))
+            mean = np.sum([s[q]["mean"] * k for s, k in zip(stats, n, strict=True)]) / n.sum()
+            sig = np.median([s[q]["sigma"] for s in stats])
+            print(f"{counts:11g} {q:<10}{rms:7.2f}{smooth:7.2f}{mean:8.2f}{sig:11.3g}{n.sum():6d}")
         print(f"{'':11} ({time.perf_counter() - t0:.0f} s)")
 
 

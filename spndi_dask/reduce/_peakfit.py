@@ -12,13 +12,6 @@ of the main peak, not the weak flanks, decide the centre (with ``1/I`` weights a
 peak pulls harder). The start is the intensity-weighted centre and spread of the grid points
 above half the maximum (robust to a weaker second peak, which the full moments average in).
 
-Standard errors: the covariance of the fitted centre is the classical least-squares estimate
-``s² (JᵀJ)⁻¹`` (its 3×3 centre block) at the solution, ``s² = Σr² / (N − 8)`` the residual
-variance per grid point: it assumes independent grid points of equal variance. Counting noise
-is larger at the peak than on the flanks, and the trilinear resampling correlates neighbouring
-grid points, so it is an estimate, not a bound; ``scripts/accuracy_sigma.py --peak gaussian``
-compares it with the simulated truth.
-
 Goodness of fit: ``chi2`` is Pearson's χ² per degree of freedom at the solution,
 ``Σ (I − m)² / max(m, 1) / (N − 8)`` over the N covered points: about 1 when the residuals are
 counting noise of count-scaled data and the model describes the peak, larger where the pattern
@@ -48,7 +41,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["COV_PAIRS", "FIT_PARAMS", "FIT_STATUS", "centre_covariance", "fit_gaussian_3d"]
+__all__ = ["FIT_PARAMS", "FIT_STATUS", "fit_gaussian_3d"]
 
 #: Columns of :func:`fit_gaussian_3d`'s result (centres and widths in the grid's units).
 FIT_PARAMS = (
@@ -63,16 +56,7 @@ FIT_PARAMS = (
     "chi2",
     "iterations",
     "status",
-    "centre_cov_xx",
-    "centre_cov_yy",
-    "centre_cov_zz",
-    "centre_cov_xy",
-    "centre_cov_xz",
-    "centre_cov_yz",
 )
-#: The (row, column) of each ``centre_cov_*`` column of :data:`FIT_PARAMS` in the 3×3 matrix.
-COV_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
-_COV0 = 11  # the first ``centre_cov_*`` column
 #: The ``status`` column: fitted; stopped at the iteration limit (the parameters are kept);
 #: no signal (NaN, not fitted); failed (NaN: not finite, or the peak left the grid).
 FIT_STATUS = {"converged": 0, "iteration_limit": 1, "no_signal": 2, "failed": 3}
@@ -291,25 +275,6 @@ def _fit_one(d, cov, n_cov, max_iter, out):
     out[8] = _residuals(d, cov, par, scratch, True) / max(n_cov - _NP, 1)
     out[9] = it
     out[10] = status
-    _centre_covariance(jtj, ssr / max(n_cov - _NP, 1), out)
-
-
-@numba.njit(cache=True, nogil=True)
-def _centre_covariance(jtj, s2, out):
-    """``s² (JᵀJ)⁻¹`` of the centre (parameters 1-3) into the ``centre_cov_*`` columns."""
-    unit = np.zeros(_NP)
-    col = np.empty(_NP)
-    inv = np.empty((3, 3))
-    for a in range(3):
-        unit[:] = 0.0
-        unit[1 + a] = 1.0
-        if not _solve(jtj, unit, col):
-            return  # singular: the columns stay NaN
-        for b in range(3):
-            inv[b, a] = col[1 + b]
-    for c in range(6):
-        a, b = COV_PAIRS[c]
-        out[_COV0 + c] = s2 * inv[a, b]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -346,9 +311,8 @@ def fit_gaussian_3d(
     -------
     numpy.ndarray (..., len(FIT_PARAMS)) float64
         :data:`FIT_PARAMS` per pattern: amplitude, centre, widths (standard deviations),
-        background, Pearson χ² per degree of freedom, steps taken, :data:`FIT_STATUS`
-        (NaN parameters where there is no signal or the fit failed) and the covariance of the
-        centre (``centre_cov_*``, :data:`COV_PAIRS`, in the offsets' units squared).
+        background, Pearson χ² per degree of freedom, steps taken and :data:`FIT_STATUS`
+        (NaN parameters where there is no signal or the fit failed).
     """
     patterns = np.asarray(patterns)
     grid = patterns.shape[-3:]
@@ -363,23 +327,4 @@ def fit_gaussian_3d(
     step = np.array([float(o[1] - o[0]) if len(o) > 1 else 1.0 for o in offsets])
     out[:, 1:4] = origin + out[:, 1:4] * step
     out[:, 4:7] *= np.abs(step)
-    for c, (a, b) in enumerate(COV_PAIRS):
-        out[:, _COV0 + c] *= step[a] * step[b]
     return out.reshape(*patterns.shape[:-3], len(FIT_PARAMS))
-
-
-def centre_covariance(fit: np.ndarray) -> np.ndarray:
-    """The ``(..., 3, 3)`` covariance matrices from the ``*_cov_*`` columns of a fit result.
-
-    Examples
-    --------
-    >>> row = np.zeros(len(FIT_PARAMS))
-    >>> row[_COV0:] = [1.0, 4.0, 9.0, 0.5, 0.0, -1.0]
-    >>> centre_covariance(row).tolist()
-    [[1.0, 0.5, 0.0], [0.5, 4.0, -1.0], [0.0, -1.0, 9.0]]
-    """
-    fit = np.asarray(fit)
-    out = np.empty((*fit.shape[:-1], 3, 3))
-    for c, (a, b) in enumerate(COV_PAIRS):
-        out[..., a, b] = out[..., b, a] = fit[..., _COV0 + c]
-    return out

@@ -32,7 +32,7 @@ from spndi_dask.io.results_store import MAP_LONG_NAMES, MAP_VARIABLES
 from spndi_dask.kernels import shift_maps
 from spndi_dask.reduce import _kernels as K
 from spndi_dask.reduce.graph import _block_graph, _lazy_context, _pick
-from spndi_dask.reduce.peakfit import PEAK_CHANNELS, centre_covariance, gaussian_peaks
+from spndi_dask.reduce.peakfit import PEAK_CHANNELS, gaussian_peaks
 from spndi_dask.reduce.plan import FILLED_FRACTION, BeamtimeGrid, ParticlePlan, ReduceError
 
 __all__ = ["QUALITY", "reduce_particle"]
@@ -73,9 +73,8 @@ def _finish_maps(
     the centre of mass from Poisson counting statistics
     (:func:`~spndi_dask.reduce._kernels.com_covariance`, variances brought to the reference grid
     with squared shift weights) through the delta method
-    (:func:`~spndi_dask.reduce._kernels.strain_tilt_sigma`); with ``fit`` they are the fit's
-    own (its centre's least-squares covariance, :mod:`~spndi_dask.reduce._peakfit`), through the
-    same delta method.
+    (:func:`~spndi_dask.reduce._kernels.strain_tilt_sigma`). The fit's own standard errors are
+    not estimated: with ``fit`` the ``*_sigma`` maps are NaN rather than the moments' errors.
     """
     per_angle = shift_maps(moments, drift)
     curves = per_angle[..., 0]
@@ -104,7 +103,7 @@ def _finish_maps(
         fit_failed = valid & ~np.isfinite(fit[..., 1:4]).all(axis=-1)
         valid = valid & ~fit_failed
         st = strain_tilt(fit[..., 1:4], frame)
-        sigma = K.strain_tilt_sigma(fit[..., 1:4], centre_covariance(fit), frame)
+        sigma = {name: np.full(valid.shape, np.nan) for name in _SIGMAS}
         for axis in "xyz":
             maps[f"width_{axis}"] = fit[..., PEAK_CHANNELS.index(f"width_{axis}")]
     order = np.argsort(angles)

@@ -15,7 +15,7 @@ Examples
 >>> patterns = da.zeros((4, 6, 8, 8, 8), chunks=(2, 3, 8, 8, 8), dtype=np.float32)
 >>> fit = gaussian_peaks(patterns, np.ones((8, 8, 8), bool), grid)
 >>> fit.shape, fit.chunks[:2]
-((4, 6, 17), ((2, 2), (3, 3)))
+((4, 6, 11), ((2, 2), (3, 3)))
 >>> int(fit[0, 0, PEAK_CHANNELS.index("status")].compute())  # nothing to fit in zeros
 2
 """
@@ -30,18 +30,16 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from spndi_dask.reduce._peakfit import COV_PAIRS, FIT_PARAMS, centre_covariance, fit_gaussian_3d
+from spndi_dask.reduce._peakfit import FIT_PARAMS, fit_gaussian_3d
 from spndi_dask.reduce.plan import BeamtimeGrid
 
-__all__ = ["PEAK_CHANNELS", "centre_covariance", "failed_fits_note", "gaussian_peaks"]
+__all__ = ["PEAK_CHANNELS", "failed_fits_note", "gaussian_peaks"]
 
 logger = logging.getLogger(__name__)
 
 #: Channels of :func:`gaussian_peaks`: :data:`~spndi_dask.reduce._peakfit.FIT_PARAMS` with the
-#: centre as a sample-frame q vector (1/Å), the widths along the grid's crystal axes (1/Å) and
-#: the centre's covariance in the sample frame (``q_cov_*``, 1/Å²).
+#: centre as a sample-frame q vector (1/Å) and the widths along the grid's crystal axes (1/Å).
 PEAK_CHANNELS = tuple(c.replace("centre_", "q_") for c in FIT_PARAMS)
-_COV0 = PEAK_CHANNELS.index("q_cov_xx")
 
 
 def _fit_block(
@@ -55,10 +53,6 @@ def _fit_block(
 ) -> np.ndarray:
     out = fit_gaussian_3d(block, covered, offsets, max_iter=max_iter)
     out[..., 1:4] = h + out[..., 1:4] @ axes  # grid offsets along x̂_c, ŷ_c, ẑ_c -> sample q
-    # q = h + Aᵀo, so Cov(q) = Aᵀ Cov(o) A
-    cov = np.einsum("ia,...ij,jb->...ab", axes, centre_covariance(out), axes)
-    for c, (a, b) in enumerate(COV_PAIRS):
-        out[..., _COV0 + c] = cov[..., a, b]
     return out
 
 
