@@ -388,7 +388,7 @@ def analyze(
     """
     t0 = time.perf_counter()
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=AnalysisError)
+    names = manifest.select_scans(particles, error=AnalysisError)
     meta = (
         dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")
         if (root / "zarr.json").exists()

@@ -316,7 +316,7 @@ def cluster(
     t0 = time.perf_counter()
     settings = manifest.cluster
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=ClusterError)
+    names = manifest.select_scans(particles, error=ClusterError)
     warnings: list[str] = []
     datasets, index, blocks, arrays = {}, {}, [], {}
     for name in names:

@@ -233,7 +233,7 @@ def decompose(
     settings = manifest.decompose
     layout = manifest.layout
     root = layout.results
-    names = manifest.select_particles(particles, error=DecomposeError)
+    names = manifest.select_scans(particles, error=DecomposeError)
     datasets = {}
     for name in names:
         try:

@@ -60,7 +60,7 @@ def _out(manifest: Any, out_dir: str | Path | None) -> Path:
 
 
 def _scans(manifest: Any, particles: list[str] | None) -> dict[str, xr.Dataset]:
-    names = manifest.select_particles(particles, error=ValueError)
+    names = manifest.select_scans(particles, error=ValueError)
     return {n: open_results(manifest.layout.results, n) for n in names}
 
 

@@ -245,7 +245,7 @@ def read_user_mask(path: str | Path, *, particle: str, shape: tuple[int, int]) -
     path = Path(path)
     if not path.exists():
         raise ParticleError(
-            f"particle '{particle}': mask file {path} does not exist; fix [[particles]] mask"
+            f"scan '{particle}': mask file {path} does not exist; fix [[scans]] mask"
         )
     try:
         if path.suffix.lower() == ".npy":
@@ -384,7 +384,7 @@ def _segment_scan(
     manifest: Manifest, name: str, ds: xr.Dataset, settings: SegmentSettings
 ) -> tuple[np.ndarray, str]:
     """Labels of a scan and how they were made."""
-    particle = manifest.particle(name)
+    particle = manifest.scan(name)
     shape = (ds.sizes["y"], ds.sizes["x"])
     if particle.mask:
         path = manifest.resolve(particle.mask)
@@ -416,7 +416,7 @@ def _segment_scan(
 
 
 def _fingerprint(manifest: Manifest, name: str, ds: xr.Dataset) -> str:
-    mask = manifest.particle(name).mask
+    mask = manifest.scan(name).mask
     mask_stat = None
     if mask:
         p = manifest.resolve(mask)
@@ -494,8 +494,8 @@ def stats(
         (number of particles), ``method``, ``error``/``warning``.
     """
     root = manifest.layout.results
-    order = [p.name for p in manifest.particles]
-    wanted = manifest.select_particles(particles, error=ParticleError)
+    order = [p.name for p in manifest.scans]
+    wanted = manifest.select_scans(particles, error=ParticleError)
     table_path = manifest.layout.particles_csv
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}

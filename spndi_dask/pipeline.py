@@ -296,7 +296,7 @@ def run(
     """
     o = options or RunOptions()
     chosen = parse_stages(stages)
-    selected = manifest.select_particles(o.particles)
+    selected = manifest.select_scans(o.particles)
     check_output(manifest.output_dir)  # an output spndi did not write is left alone
     ok = list(selected)
     log = _RunLog(manifest, chosen)
@@ -339,7 +339,7 @@ def run(
                 log.finish(res)
                 if res.status == Outcome.FAILED:
                     failed_stages.add(stage)
-                bad = {n for n, s in res.particles.items() if s == Outcome.FAILED}
+                bad = {n for n, s in res.scans.items() if s == Outcome.FAILED}
                 if bad:
                     logger.warning(
                         "stage %s failed for %s; they skip later stages", stage, sorted(bad)
@@ -427,7 +427,7 @@ def _stage_record(r: StageResult) -> dict[str, Any]:
     if r.status in _UNFINISHED:
         errors = dict(r.errors)
     else:
-        errors = {n: e for n, e in r.errors.items() if r.particles.get(n) in _UNFINISHED}
+        errors = {n: e for n, e in r.errors.items() if r.scans.get(n) in _UNFINISHED}
     if errors:
         rec["errors"] = errors
     if r.stage == "report" and r.status not in _UNFINISHED:

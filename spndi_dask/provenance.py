@@ -118,7 +118,7 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
     """
     layout = manifest.layout
     rows: list[dict[str, Any]] = []
-    for p in manifest.particles:
+    for p in manifest.scans:
         sources = (read_attrs(layout.raw_node(p.name)) or {}).get("sources") or []
         recorded = {part.get("path"): part for s in sources for part in source_parts(s)}
         for i, paths in enumerate(p.frame_files(manifest.base_dir)):

@@ -141,7 +141,7 @@ def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str | None:
     recorded = list(raw.get("sources") or [])
-    files = manifest.particle(name).frame_files(manifest.base_dir)
+    files = manifest.scan(name).frame_files(manifest.base_dir)
     if len(files) != len(recorded):
         return f"{len(files)} angles' frame files now, {len(recorded)} when ingested"
     for a, (paths, rec) in enumerate(zip(files, recorded, strict=True)):
@@ -193,7 +193,7 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
     failures = _failures(out.root)
     digests: dict[str, tuple[str | None, str | None]] = {}
     table: dict[str, dict[str, tuple[str, str]]] = {}
-    for p in manifest.particles:
+    for p in manifest.scans:
         name = p.name
         raw = read_attrs(out.raw_node(name))
         node = read_attrs(out.node(name)) or {}

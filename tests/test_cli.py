@@ -79,8 +79,8 @@ def test_a_particle_that_fails_a_stage_is_named_and_the_exit_code_is_1(tmp_path,
     frames = rng.poisson(2.0, size=(2, 3, 3, 6, 6)).astype(np.uint16)
     write_angle_files(tmp_path, frames, name="good")
     data = manifest_dict("good", n_angles=2, scan_shape=(3, 3))
-    bad = manifest_dict("bad", n_angles=2, scan_shape=(3, 3))["particles"]
-    data["particles"] += bad  # no frame files written for 'bad'
+    bad = manifest_dict("bad", n_angles=2, scan_shape=(3, 3))["scans"]
+    data["scans"] += bad  # no frame files written for 'bad'
     path = tmp_path / "beamtime.toml"
     path.write_text(load(tmp_path, data).to_toml())
     assert main(["ingest", str(path), "--workers", "1"]) == 1

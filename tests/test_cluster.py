@@ -45,7 +45,7 @@ def encoded(tmp_path_factory):
 
 def _pooled(out, m, key="cluster"):
     got, truth, boundary, latent = [], [], [], []
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         gt = np.load(out / "ground_truth" / f"{p.name}.npz")
         sel = np.asarray(ds[key].values) >= 0
@@ -85,7 +85,7 @@ def test_cluster_maps_table_and_figures(encoded):
     assert [(r["particle"], int(r["cluster"])) for r in rows] == [
         (p, c) for p in ("p1", "p2", "all") for c in range(3)
     ]
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         lab, inside = ds["cluster"].values, ds["label"].values > 0
         assert ds["cluster"].dims == ("y", "x")
@@ -190,7 +190,7 @@ def test_analysis_curves_patterns_and_regions(encoded):
     s = analyze(m, boundary_width=1.0)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
     pats, labs, regions, truth_b = [], [], [], []
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         lab, region = ds["cluster"].values, ds["region"].values
         assert ((region >= 0) == (lab >= 0)).all()

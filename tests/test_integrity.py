@@ -195,9 +195,9 @@ def test_a_moved_or_copied_beamtime_is_not_recomputed(original, tmp_path):
     assert {s["reduce"][0] for s in scan_status(m).values()} == {"done"}  # nothing read
     assert _statuses(reduce(m)) == {"p1": "up to date", "p2": "up to date"}
     # a file whose content changed is ingested again
-    path = m.particle("p1").frame_paths(m.base_dir)[0]
+    path = m.scan("p1").frame_paths(m.base_dir)[0]
     with h5py.File(path, "r+") as f:
-        f[m.particle("p1").dataset][0, 0, 0] += 1
+        f[m.scan("p1").dataset][0, 0, 0] += 1
     assert ingest(m)["p1"]["angles_written"] == 1
 
 

@@ -30,7 +30,7 @@ def small(tmp_path_factory):
 
 def _with(m: Manifest, out, **particle_keys) -> Manifest:
     d = m.to_dict()
-    for p in d["particles"]:
+    for p in d["scans"]:
         p.update(particle_keys.get(p["name"], {}))
     return Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
 
@@ -38,7 +38,7 @@ def _with(m: Manifest, out, **particle_keys) -> Manifest:
 def test_masks_match_the_true_particles(small):
     out, m, summary = small
     assert {s["status"] for s in summary.values()} == {"done"}
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         truth = np.load(out / "ground_truth" / f"{p.name}.npz")
         labels = ds["label"].values
@@ -106,7 +106,7 @@ def test_figures_are_written_with_shared_centred_limits(small):
     assert "beamtime_overview.png" in names
     for path in fig_dir.iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    limits = map_limits({p.name: open_results(m.output_dir, p.name) for p in m.particles})
+    limits = map_limits({p.name: open_results(m.output_dir, p.name) for p in m.scans})
     for name in ("strain", "tilt_x", "tilt_y"):
         lo, hi = limits[name]
         assert lo == -hi and hi > 0
@@ -125,7 +125,7 @@ def test_rerun_is_up_to_date_and_force_redoes(small):
 
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     out, m, _ = small
-    ny, nx = m.particles[0].scan_shape
+    ny, nx = m.scans[0].scan_shape
     mask = np.zeros((ny, nx), np.uint8)
     mask[2:8, 3:9] = 1
     np.save(out / "p1_mask.npy", mask)

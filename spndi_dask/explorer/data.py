@@ -239,7 +239,7 @@ class ExplorerData:
         self._root_attrs = dict(root.attrs)
         names = sorted(k for k, _ in root.groups())
         if self.manifest is not None:  # manifest order, where the scans are there
-            order = [p.name for p in self.manifest.particles]
+            order = [p.name for p in self.manifest.scans]
             names = [n for n in order if n in names] + [n for n in names if n not in order]
         complete = [n for n in names if _node_meta(self.layout.node(n)).get("complete")]
         if particles:

@@ -333,7 +333,7 @@ def encode(
     check_grid(meta, grid, checkpoint=ckpt, results=root)
     digest = sha256_file(ckpt)
     latent_dim = int(meta["hyper"]["latent_dim"])
-    names = manifest.select_particles(particles, error=FeatureError)
+    names = manifest.select_scans(particles, error=FeatureError)
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:

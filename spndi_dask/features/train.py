@@ -366,7 +366,7 @@ def _draw(
     size = settings.sample_size if size is None else size
     seed = settings.seed if seed is None else seed
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=FeatureError)
+    names = manifest.select_scans(particles, error=FeatureError)
     rng = np.random.default_rng(seed)
     cands: dict[str, np.ndarray] = {}
     datasets: dict[str, Any] = {}

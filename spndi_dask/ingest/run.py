@@ -114,7 +114,7 @@ def ingest(
     IngestError
         After all good particles are ingested, if any particle failed (the message lists each).
     """
-    selected = [manifest.particle(n) for n in particles] if particles else manifest.particles
+    selected = [manifest.scan(n) for n in particles] if particles else manifest.scans
     summary: dict[str, dict[str, Any]] = {}
     plans: list[IngestPlan] = []
     for p in selected:

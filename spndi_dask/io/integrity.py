@@ -514,7 +514,7 @@ def verify(
     VerifyReport
     """
     layout = manifest.layout
-    wanted = set(particles) if particles else {p.name for p in manifest.particles}
+    wanted = set(particles) if particles else {p.name for p in manifest.scans}
     jobs = []
     checked = 0
     for kind, root in (

@@ -84,7 +84,7 @@ def _fingerprint(manifest: Manifest, plan: ParticlePlan, grid: BeamtimeGrid) -> 
         "raw_layout": plan.raw_layout,
         "geometry": plan.geometry.to_dict(),
         "settings": manifest.reduce.model_dump(mode="json"),
-        "dark": manifest.particle(plan.name).dark,
+        "dark": manifest.scan(plan.name).dark,
         "grid": grid.to_dict(),
         "version": __version__,
     }
@@ -218,12 +218,12 @@ def reduce(
     'up to date'
     """
     settings = manifest.reduce
-    wanted = manifest.select_particles(particles, error=ReduceError)
+    wanted = manifest.select_scans(particles, error=ReduceError)
     check_output(manifest.output_dir)  # results.zarr is spndi's, or absent
     out = manifest.layout
     summary: dict[str, dict[str, Any]] = {}
     plans: dict[str, ParticlePlan] = {}
-    for p in manifest.particles:
+    for p in manifest.scans:
         if p.name not in wanted:
             continue
         check_interrupted()
@@ -236,7 +236,7 @@ def reduce(
         return summary
     # the q grid is the beamtime's: kept when only some particles are redone (forced or not),
     # and made from every particle's projection when it is (re)made
-    whole = len(wanted) == len(manifest.particles)
+    whole = len(wanted) == len(manifest.scans)
     stored = None if force and whole else stored_q_grid(out.root)
     grid = None if stored is None else BeamtimeGrid.from_dict(stored)
     if grid is None or grid.n != settings.pattern_grid:
@@ -355,4 +355,4 @@ def reduce(
         axes = {n: plans[n].geometry.rocking_axis for n in reduced}
         with deferred():  # every particle's maps on the one reference, not some of them
             _apply_beamtime_median(out, reduced, axes)
-    return {p.name: summary[p.name] for p in manifest.particles if p.name in summary}
+    return {p.name: summary[p.name] for p in manifest.scans if p.name in summary}

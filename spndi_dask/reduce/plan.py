@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.config import Manifest, ScanSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.sources import SourceError, read_detector_image
@@ -187,7 +187,7 @@ def _masked_pixels(
     return reasons, flagged, warnings
 
 
-def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePlan:
+def plan_particle(manifest: Manifest, particle: ScanSettings) -> ParticlePlan:
     """Decide corrections, ROI, background, normalisation and (from XRF) drift of a particle.
 
     Reads only small arrays of ``raw.zarr`` (detector projection, monitor, XRF, validity) and
@@ -550,7 +550,7 @@ def beamtime_grid(manifest: Manifest, plans: list[ParticlePlan]) -> BeamtimeGrid
 def _other_plans(manifest: Manifest, plans: dict[str, ParticlePlan]) -> list[ParticlePlan]:
     """Plans of the manifest's particles not in ``plans`` that can be planned (for the grid)."""
     out = []
-    for p in manifest.particles:
+    for p in manifest.scans:
         if p.name in plans:
             continue
         try:

@@ -104,7 +104,7 @@ class ReportContext:
         self.manifest = manifest
         self.layout = layout = manifest.layout
         self._status: dict[str, dict[str, tuple[str, str]]] | None = None
-        self.names = [p.name for p in manifest.particles]
+        self.names = [p.name for p in manifest.scans]
         self.root = read_attrs(layout.results) or {}
         self.node = {n: read_attrs(layout.node(n)) for n in self.names}
         self.raw = {n: read_attrs(layout.raw_node(n)) for n in self.names}

@@ -180,9 +180,9 @@ def write_report(
     >>> m = Manifest.from_dict({
     ...     "name": "bt", "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
     ...                                "pixel_size_m": 55e-6, "beam_center": [32, 32]},
-    ...     "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
-    ...                    "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
-    ...                    "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]},
+    ...     "scans": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
+    ...                "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
+    ...                "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]},
     ...     base_dir=tempfile.mkdtemp())
     >>> path = write_report(m, timings=[{"stage": "ingest", "status": "failed", "seconds": 1}])
     >>> path.relative_to(m.output_dir).as_posix()

@@ -104,7 +104,7 @@ def summary(ctx: ReportContext) -> dict[str, Any]:
         info["clusters"] = f"K = {ctx.clusters.get('k')} ({ctx.clusters.get('k_source')})"
     rows = []
     for name in ctx.names:
-        p = m.particle(name)
+        p = m.scan(name)
         rows.append(
             {
                 "particle": Link(anchor("particle", name), name),
@@ -175,7 +175,7 @@ def _masked_text(masked: dict[str, int]) -> str:
 
 def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
     """One particle scan: reduction notes, statistics, maps and rocking curves."""
-    p = ctx.manifest.particle(name)
+    p = ctx.manifest.scan(name)
     status = ctx.stage_status(name)
     attrs = ctx.node.get(name)
     out: dict[str, Any] = {

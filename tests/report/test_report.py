@@ -169,7 +169,7 @@ def test_report_shows_particles_clusters_and_provenance(processed):
     assert html.escape(manifest_file.read_text(), quote=True) in text
     for lib in ("numpy", "dask", "distributed", "zarr", "xarray", "torch", "dask-ml"):
         assert f"<th>{lib}</th>" in text
-    frames = [f for p in m.particles for f in p.frame_paths(m.base_dir)]
+    frames = [f for p in m.scans for f in p.frame_paths(m.base_dir)]
     fp = file_fingerprint(frames[-1])
     assert fp["edge_sha256"] in prov and f"All {len(frames)} input files" in prov
     assert prov.count("same") >= len(frames)  # size and mtime as ingest recorded them
