@@ -460,9 +460,7 @@ def test_scan_axes_first_ingest_bit_for_bit_as_a_stack(handmade):
 def test_a_list_of_tiff_stacks_per_angle(tmp_path):
     frames = np.random.default_rng(4).integers(0, 1000, size=(3, 3, 5, 8, 6), dtype=np.uint16)
     data = manifest_dict(n_angles=3, scan_shape=(3, 5))
-    data["scans"][0]["frames"] = write_split_files(
-        tmp_path, frames, None, None, [4, 11], tiff=True
-    )
+    data["scans"][0]["frames"] = write_split_files(tmp_path, frames, None, None, [4, 11], tiff=True)
     ingest(load(tmp_path, data))
     assert np.array_equal(open_raw(tmp_path / "results", "p1").frames.values, frames)
 

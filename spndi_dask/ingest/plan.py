@@ -76,9 +76,7 @@ class IngestPlan:
         return str(self.root / self.particle.name)
 
 
-def plan_ingest(
-    manifest: Manifest, particle: ScanSettings, *, force: bool = False
-) -> IngestPlan:
+def plan_ingest(manifest: Manifest, particle: ScanSettings, *, force: bool = False) -> IngestPlan:
     """Check every angle file of a particle and decide which angles still need writing.
 
     Raises
