@@ -37,6 +37,7 @@ import zarr
 from scipy import ndimage
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
@@ -367,10 +368,11 @@ def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
     return {r["particle"]: (int(r["domain_pixels"]), int(r["boundary_pixels"])) for r in rows}
 
 
+@renamed_keyword(particles="scans")
 def analyze(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     boundary_width: float = 1.0,
     rim_width: float | None = None,
     figures: bool = True,
@@ -388,7 +390,7 @@ def analyze(
     """
     t0 = time.perf_counter()
     root = manifest.layout.results
-    names = manifest.select_scans(particles, error=AnalysisError)
+    names = manifest.select_scans(scans, error=AnalysisError)
     meta = (
         dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")
         if (root / "zarr.json").exists()

@@ -34,6 +34,7 @@ import zarr
 from sklearn.metrics import silhouette_score
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
@@ -291,10 +292,11 @@ def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) ->
     return rows
 
 
+@renamed_keyword(particles="scans")
 def cluster(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     k: int | None = None,
     force: bool = False,
     figures: bool = True,
@@ -316,7 +318,7 @@ def cluster(
     t0 = time.perf_counter()
     settings = manifest.cluster
     root = manifest.layout.results
-    names = manifest.select_scans(particles, error=ClusterError)
+    names = manifest.select_scans(scans, error=ClusterError)
     warnings: list[str] = []
     datasets, index, blocks, arrays = {}, {}, [], {}
     for name in names:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.results_store import MAP_VARIABLES, open_results
 
 __all__ = ["EXPORT_MAPS", "export_mat", "export_nexus", "export_tiff", "map_stack"]
@@ -59,8 +60,8 @@ def _out(manifest: Any, out_dir: str | Path | None) -> Path:
     return out
 
 
-def _scans(manifest: Any, particles: list[str] | None) -> dict[str, xr.Dataset]:
-    names = manifest.select_scans(particles, error=ValueError)
+def _scans(manifest: Any, scans: list[str] | None) -> dict[str, xr.Dataset]:
+    names = manifest.select_scans(scans, error=ValueError)
     return {n: open_results(manifest.layout.results, n) for n in names}
 
 
@@ -77,8 +78,9 @@ def _write_tiff(path: Path, data: np.ndarray, axes: str, res: tuple[float, float
     return path
 
 
+@renamed_keyword(particles="scans")
 def export_tiff(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> list[Path]:
     """Maps and mean cluster/domain/boundary patterns as ImageJ hyperstacks (float32).
 
@@ -86,7 +88,7 @@ def export_tiff(
     """
     out = _out(manifest, out_dir)
     written = []
-    for name, ds in _scans(manifest, particles).items():
+    for name, ds in _scans(manifest, scans).items():
         maps = map_stack(ds)
         stack = np.stack([m.astype(np.float32) for m in maps.values()])
         written.append(
@@ -125,8 +127,9 @@ def export_tiff(
     return written
 
 
+@renamed_keyword(particles="scans")
 def export_nexus(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> Path:
     """All scans' maps in one NeXus file (HDF5): ``/<particle>/maps`` ``NXdata`` per scan."""
     import h5py
@@ -136,7 +139,7 @@ def export_nexus(
     tmp = path.with_suffix(".nxs.tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs.update({"NX_class": "NXroot", "creator": "spndi_dask"})
-        scans = _scans(manifest, particles)
+        scans = _scans(manifest, scans)
         f.attrs["default"] = next(iter(scans))
         for name, ds in scans.items():
             entry = f.create_group(name)
@@ -165,15 +168,16 @@ def export_nexus(
     return path
 
 
+@renamed_keyword(particles="scans")
 def export_mat(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> list[Path]:
     """Per scan ``<particle>.mat`` (MATLAB 5): the maps, ``y_um``, ``x_um``, struct ``units``."""
     from scipy.io import savemat
 
     out = _out(manifest, out_dir)
     written = []
-    for name, ds in _scans(manifest, particles).items():
+    for name, ds in _scans(manifest, scans).items():
         maps = map_stack(ds)
         content: dict[str, Any] = dict(maps)
         content["y_um"] = np.asarray(ds["y"].values)

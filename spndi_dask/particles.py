@@ -46,6 +46,7 @@ from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute_each
 from spndi_dask.config import Manifest, SegmentSettings
@@ -468,10 +469,11 @@ def _write_table(path: Path, order: list[str], rows: dict[str, list[dict[str, An
                 writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
 
 
+@renamed_keyword(particles="scans")
 def stats(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     figures: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -480,7 +482,7 @@ def stats(
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to (re)process; default all. The table keeps the rows of the others.
     force : bool
         Redo scans whose labels are up to date.
@@ -495,7 +497,7 @@ def stats(
     """
     root = manifest.layout.results
     order = [p.name for p in manifest.scans]
-    wanted = manifest.select_scans(particles, error=ParticleError)
+    wanted = manifest.select_scans(scans, error=ParticleError)
     table_path = manifest.layout.particles_csv
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.integrity import read
 from spndi_dask.io.layout import OutputLayout, read_attrs
 
@@ -222,7 +223,7 @@ class ExplorerData:
     ----------
     source : path
         Output directory, ``results.zarr``, or the beamtime manifest (or its folder).
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to show; default all scans in ``results.zarr``.
 
     Attributes
@@ -231,7 +232,8 @@ class ExplorerData:
         ``(scan, array)`` -> number of reads made (what the views cost; tests check laziness).
     """
 
-    def __init__(self, source: str | Path, *, particles: list[str] | None = None) -> None:
+    @renamed_keyword(particles="scans")
+    def __init__(self, source: str | Path, *, scans: list[str] | None = None) -> None:
         self.output, self.manifest = resolve_output(source)
         self.layout = OutputLayout(self.output)
         self.reads: Counter[tuple[str, str]] = Counter()
@@ -242,19 +244,18 @@ class ExplorerData:
             order = [p.name for p in self.manifest.scans]
             names = [n for n in order if n in names] + [n for n in names if n not in order]
         complete = [n for n in names if _node_meta(self.layout.node(n)).get("complete")]
-        if particles:
-            unknown = [p for p in particles if p not in complete]
+        if scans:
+            unknown = [p for p in scans if p not in complete]
             if unknown:
                 raise ExplorerError(
-                    f"no complete results for particle(s) {', '.join(unknown)} in "
+                    f"no complete results for scan(s) {', '.join(unknown)} in "
                     f"{self.layout.results} (there are: {', '.join(complete) or 'none'}); run "
                     "`spndi reduce` on them first"
                 )
-            complete = list(particles)
+            complete = list(scans)
         if not complete:
             raise ExplorerError(
-                f"no complete particle results in {self.layout.results}; run `spndi reduce ...` "
-                "first"
+                f"no complete scan results in {self.layout.results}; run `spndi reduce ...` first"
             )
         self.scans: dict[str, Scan] = {n: self._scan(root[n]) for n in complete}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}

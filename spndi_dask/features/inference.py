@@ -29,6 +29,7 @@ import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 from torch import nn
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute_each
 from spndi_dask.config import Manifest
@@ -303,10 +304,11 @@ def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: in
     )
 
 
+@renamed_keyword(particles="scans")
 def encode(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     checkpoint: str | Path | None = None,
     device: str | None = None,
     force: bool = False,
@@ -319,7 +321,7 @@ def encode(
     Returns
     -------
     dict
-        Per particle: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
+        Per scan: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
         ``seconds``, and ``warning`` / ``error``.
     """
     settings = manifest.features
@@ -333,7 +335,7 @@ def encode(
     check_grid(meta, grid, checkpoint=ckpt, results=root)
     digest = sha256_file(ckpt)
     latent_dim = int(meta["hyper"]["latent_dim"])
-    names = manifest.select_scans(particles, error=FeatureError)
+    names = manifest.select_scans(scans, error=FeatureError)
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.ingest.errors import IngestError
@@ -81,10 +82,11 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     return attrs
 
 
+@renamed_keyword(particles="scans")
 def ingest(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
@@ -96,8 +98,8 @@ def ingest(
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
-        Only these particles (default: all).
+    scans : list of str, optional
+        Only these scans (default: all).
     force : bool
         Rewrite every angle even where the store is up to date.
     progress : bool
@@ -106,15 +108,15 @@ def ingest(
     Returns
     -------
     dict
-        Per particle: ``status`` ('ingested', 'up to date' or 'failed'), ``angles_written``,
+        Per scan: ``status`` ('ingested', 'up to date' or 'failed'), ``angles_written``,
         ``seconds``, ``raw_bytes`` and ``error`` for failures.
 
     Raises
     ------
     IngestError
-        After all good particles are ingested, if any particle failed (the message lists each).
+        After all good scans are ingested, if any scan failed (the message lists each).
     """
-    selected = [manifest.scan(n) for n in particles] if particles else manifest.scans
+    selected = [manifest.scan(n) for n in scans] if scans else manifest.scans
     summary: dict[str, dict[str, Any]] = {}
     plans: list[IngestPlan] = []
     for p in selected:
@@ -207,7 +209,7 @@ def _explain(plan: IngestPlan, exc: BaseException) -> str:
     if is_damage(exc):
         return (
             f"particle '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
-            f"`spndi ingest <manifest> --particles {plan.name} --force` writes it again"
+            f"`spndi ingest <manifest> --scans {plan.name} --force` writes it again"
         )
     return f"particle '{plan.name}': {type(exc).__name__}: {exc}"
 

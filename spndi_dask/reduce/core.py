@@ -41,6 +41,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute_as_completed, compute_each
 from spndi_dask.config import Manifest
@@ -178,19 +179,20 @@ def _explain_failure(manifest: Manifest, name: str, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@renamed_keyword(particles="scans")
 def reduce(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Reduce every (or the named) ingested particle into ``<output>/results.zarr``.
+    """Reduce every (or the named) ingested scan into ``<output>/results.zarr``.
 
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
+    scans : list of str, optional
         Names to reduce; default all.
     force : bool
         Recompute results that are up to date. The common q grid is remade only when every
@@ -201,7 +203,7 @@ def reduce(
     Returns
     -------
     dict
-        Per particle: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds`` (particles
+        Per scan: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds`` (scans
         are reduced together: the wall time until its result was complete), ``roi``,
         ``drift_method``, ``valid_pixels``, ``warnings`` or ``error``.
 
@@ -218,7 +220,7 @@ def reduce(
     'up to date'
     """
     settings = manifest.reduce
-    wanted = manifest.select_scans(particles, error=ReduceError)
+    wanted = manifest.select_scans(scans, error=ReduceError)
     check_output(manifest.output_dir)  # results.zarr is spndi's, or absent
     out = manifest.layout
     summary: dict[str, dict[str, Any]] = {}
@@ -234,7 +236,7 @@ def reduce(
             summary[p.name] = {"status": Outcome.FAILED, "error": str(exc)}
     if not plans:
         return summary
-    # the q grid is the beamtime's: kept when only some particles are redone (forced or not),
+    # the q grid is the beamtime's: kept when only some scans are redone (forced or not),
     # and made from every particle's projection when it is (re)made
     whole = len(wanted) == len(manifest.scans)
     stored = None if force and whole else stored_q_grid(out.root)
