@@ -186,7 +186,7 @@ def main() -> None:
         assert all(s["status"] == "reduced" for s in summary.values()), summary
         if name == args.small:  # (c): one particle alone
             p1 = m.scans[0].name
-            t_p1, _, _ = phase(lambda: reduce(m, particles=[p1], force=True))  # noqa: B023
+            t_p1, _, _ = phase(lambda: reduce(m, scans=[p1], force=True))  # noqa: B023
             ref_m, ref_plan, ref_grid = m, plans[0], beamtime_grid(m, plans)
         rows.append(
             (

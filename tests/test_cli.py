@@ -32,7 +32,7 @@ def test_bad_manifest_exit_code(tmp_path, capsys):
     path.write_text('name = "x"\nbogus = 1\n')
     assert main(["ingest", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "unknown key 'bogus'" in err and "particles is required" in err
+    assert "unknown key 'bogus'" in err and "scans is required" in err
 
 
 @pytest.mark.slow

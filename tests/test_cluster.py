@@ -137,7 +137,7 @@ def test_bad_input(encoded):
     _, m = encoded
     with pytest.raises(ClusterError, match=r"K = 100000 clusters but only \d+ pixels"):
         cluster(m, k=100000)
-    single = cluster(m, particles=["p1"], k=2, figures=False)
+    single = cluster(m, scans=["p1"], k=2, figures=False)
     assert set(single["pixels"]) == {"p1"} and single["pixels"]["p1"] > 0
     # a particle whose latent is all NaN: a warning, a map of -1, the other one clustered
     g = zarr.open_group(str(m.output_dir / "results.zarr" / "p2"), mode="r+")
@@ -156,7 +156,7 @@ def test_bad_input(encoded):
         with pytest.raises(ClusterError, match="'p2' has no latent vectors; run `spndi encode`"):
             cluster(m, k=2, force=True)
     finally:
-        encode(m, particles=["p2"], force=True)
+        encode(m, scans=["p2"], force=True)
 
 
 @contextmanager

@@ -145,7 +145,7 @@ def test_up_to_date_and_clear_errors(decomposed, tmp_path):
     _, m, _ = decomposed
     assert decompose(m, figures=False)["status"] == "up to date"
     with pytest.raises(DecomposeError, match=r"\['nope'\] are not in the manifest"):
-        decompose(m, particles=["nope"])
+        decompose(m, scans=["nope"])
     with pytest.raises(ValueError, match="unknown decomposition 'ica'"):
         fit_decomposition(np.ones((3, 4)), "ica", 2)
 

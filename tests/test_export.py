@@ -91,6 +91,6 @@ def test_mat_round_trip_and_the_cli(analysed, tmp_path, capsys):
     assert np.array_equal(got["cluster"], ds["cluster"].values)
     assert np.array_equal(got["x_um"], ds["x"].values)
     assert str(got["units"]["d_spacing"]) == "Å"
-    assert main(["export", "tiff", str(m.source), "--particles", first, "-o", str(tmp_path)]) == 0
+    assert main(["export", "tiff", str(m.source), "--scans", first, "-o", str(tmp_path)]) == 0
     assert (tmp_path / f"{first}_maps.tif").exists()
     assert not (tmp_path / f"{m.scans[1].name}_maps.tif").exists()

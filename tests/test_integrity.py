@@ -77,7 +77,7 @@ def test_a_flipped_byte_in_a_result_is_an_error_naming_array_particle_and_fix(co
         ds["strain"].values  # noqa: B018
     msg = str(err.value)
     assert "results.zarr/p1/strain" in msg
-    assert f"spndi reduce {copy.source} --particles p1 --force" in msg
+    assert f"spndi reduce {copy.source} --scans p1 --force" in msg
     assert [(d.particle, d.array, d.stage) for d in err.value.damage] == [
         ("p1", "p1/strain", "reduce")
     ]

@@ -117,7 +117,7 @@ def test_figures_are_written_with_shared_centred_limits(small):
 def test_rerun_is_up_to_date_and_force_redoes(small):
     _, m, _ = small
     assert {s["status"] for s in stats(m, figures=False).values()} == {"up to date"}
-    again = stats(m, particles=["p1"], force=True, figures=False)
+    again = stats(m, scans=["p1"], force=True, figures=False)
     assert again == {"p1": {"status": "done", "labels": 1, "method": "intensity otsu"}}
     with open(m.output_dir / "particles.csv", newline="") as f:
         assert [r["particle"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
@@ -145,12 +145,12 @@ def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     assert rows["p2"]["pixels"] == "0" and "no particle" in rows["p2"]["warning"]
 
     m2 = _with(m, out, p1={"mask": "wrong.npy"})
-    summary = stats(m2, particles=["p1"], figures=False)
+    summary = stats(m2, scans=["p1"], figures=False)
     assert summary["p1"]["status"] == "failed"
     assert f"[{ny + 1}, {nx}]" in summary["p1"]["error"]
     assert f"[{ny}, {nx}]" in summary["p1"]["error"]
     with pytest.raises(ParticleError, match="not in the manifest"):
-        stats(m, particles=["nope"])
+        stats(m, scans=["nope"])
     stats(m, force=True, figures=False)  # back to the automatic labels for other tests
 
 

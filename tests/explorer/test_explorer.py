@@ -123,9 +123,9 @@ def test_opening_reads_one_map_per_scan_and_no_pattern(reduced, raise_if_compute
 
 def test_source_may_be_the_output_or_results_zarr(reduced):
     assert list(ExplorerData(reduced.output_dir).scans) == ["p1", "p2"]
-    assert list(ExplorerData(reduced.layout.results, particles=["p2"]).scans) == ["p2"]
+    assert list(ExplorerData(reduced.layout.results, scans=["p2"]).scans) == ["p2"]
     with pytest.raises(ExplorerError, match=r"particle\(s\) nope .*there are: p1, p2"):
-        ExplorerData(reduced.output_dir, particles=["nope"])
+        ExplorerData(reduced.output_dir, scans=["nope"])
 
 
 # -- a click -----------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_a_selection_replaces_the_clicked_pixel_in_every_view(clustered):
 
 
 def test_explore_returns_an_application_for_notebooks(reduced):
-    app = explore(reduced.output_dir, particles=["p2"])
+    app = explore(reduced.output_dir, scans=["p2"])
     doc = app.create_document()
     assert doc.get_model_by_name("map_figure:p2") is not None
     assert doc.get_model_by_name("map_figure:p1") is None

@@ -532,7 +532,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
         "spndi_dask.io.layout.shutil.rmtree",
         lambda path, **kw: deleted.append(Path(path)) or real_rmtree(path, **kw),
     )
-    s = reduce(m, particles=["p2"], force=True)
+    s = reduce(m, scans=["p2"], force=True)
     assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
     assert deleted and root / "p2" not in deleted
     assert not list((m.output_dir / ".tmp").glob("*.old"))
@@ -546,7 +546,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
         return real_replace(self, target)
 
     monkeypatch.setattr(Path, "replace", replace)
-    s = reduce(m, particles=["p2"], force=True)
+    s = reduce(m, scans=["p2"], force=True)
     assert s["p2"]["status"] == "failed" and "disk quota" in s["p2"]["error"]
     monkeypatch.undo()
     np.testing.assert_array_equal(open_results(m.output_dir, "p2")["pattern"].values, p2)
@@ -555,7 +555,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
     np.testing.assert_array_equal(open_results(m.output_dir, "p1")["pattern"].values, p1)
     assert open_results(m.output_dir, "p2").attrs["q_grid"] == grid
     with pytest.raises(ReduceError, match="not in the manifest"):
-        reduce(m, particles=["nope"])
+        reduce(m, scans=["nope"])
 
 
 def test_d0_and_beamtime_median_references(tmp_path):
@@ -682,12 +682,12 @@ def test_bad_settings_and_files_name_the_fix(tiny, tmp_path):
     d = m.to_dict()
     d["reduce"] = {"roi": [0, 100, 0, 8]}
     bad_roi = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
-    s = reduce(bad_roi, particles=["p1"])
+    s = reduce(bad_roi, scans=["p1"])
     assert s["p1"]["status"] == "failed" and "beyond the detector" in s["p1"]["error"]
     np.save(tmp_path / "mask.npy", np.zeros((5, 5)))
     d["reduce"] = {"detector_mask": str(tmp_path / "mask.npy")}
     bad_mask = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
-    s = reduce(bad_mask, particles=["p1"])
+    s = reduce(bad_mask, scans=["p1"])
     assert "[5, 5]" in s["p1"]["error"] and "[32, 32]" in s["p1"]["error"]
 
 
