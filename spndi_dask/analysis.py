@@ -352,11 +352,11 @@ def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> di
         try:
             raw = open_raw(manifest.layout.root, name)
         except (FileNotFoundError, ValueError, StageError) as exc:
-            logger.warning("particle '%s': no detector images per cluster (%s)", name, exc)
+            logger.warning("scan '%s': no detector images per cluster (%s)", name, exc)
             continue
         lab = np.asarray(ds["cluster"].values)
         if raw["frames"].shape[1:3] != lab.shape:
-            logger.warning("particle '%s': raw scan grid differs from the maps; skipped", name)
+            logger.warning("scan '%s': raw scan grid differs from the maps; skipped", name)
             continue
         out[name] = cluster_detector_images(raw["frames"].data, lab, k)
     return out
@@ -365,7 +365,11 @@ def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> di
 def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {r["particle"]: (int(r["domain_pixels"]), int(r["boundary_pixels"])) for r in rows}
+    # "particle": the column's name before it was "scan"
+    return {
+        r.get("scan", r.get("particle")): (int(r["domain_pixels"]), int(r["boundary_pixels"]))
+        for r in rows
+    }
 
 
 @renamed_keyword(particles="scans")
@@ -406,7 +410,7 @@ def analyze(
             "fingerprint"
         ):
             raise AnalysisError(
-                f"particle '{name}' has no clusters of the current clustering; run "
+                f"scan '{name}' has no clusters of the current clustering; run "
                 "`spndi cluster` on these particles first"
             )
         datasets[name] = ds
@@ -450,7 +454,7 @@ def analyze(
         maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
         rows.append(
             {
-                "particle": name,
+                "scan": name,
                 **region_stats(
                     maps,
                     regions[name],
@@ -570,7 +574,7 @@ def analyze(
     return {
         "status": Outcome.DONE,
         "k": k,
-        "regions": {r["particle"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
+        "regions": {r["scan"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
         "analysis": str(path),
         "table": str(out.regions_csv),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -255,7 +255,7 @@ def feature_array(ds: Any, features: str, *, name: str = "?") -> da.Array:
     have = all(m in ds for m in MOMENT_MAPS) if var is None else var in ds
     if not have or not ds.attrs.get(key):
         raise ClusterError(
-            f"particle '{name}' has no {what}; run `{command}` first ([cluster] features = "
+            f"scan '{name}' has no {what}; run `{command}` first ([cluster] features = "
             f"{features!r}; `spndi run` computes what the features need)"
         )
     if var is not None:
@@ -282,7 +282,7 @@ def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) ->
     for c in range(k):
         sel = labels == c
         row: dict[str, Any] = {
-            "particle": name,
+            "scan": name,
             "cluster": c,
             "pixels": int(sel.sum()),
             "fraction": float(sel.sum() / n_all) if n_all else float("nan"),
@@ -325,9 +325,9 @@ def cluster(
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, RuntimeError, StageError) as exc:
-            raise ClusterError(f"particle '{name}': {exc}") from None
+            raise ClusterError(f"scan '{name}': {exc}") from None
         if "label" not in ds or not ds.attrs.get("particles"):
-            raise ClusterError(f"particle '{name}' has no labels; run `spndi stats` first")
+            raise ClusterError(f"scan '{name}' has no labels; run `spndi stats` first")
         datasets[name] = ds
         arrays[name] = feature_array(ds, settings.features, name=name)
     masks = compute(
@@ -340,7 +340,7 @@ def cluster(
     for name, mask in zip(datasets, masks, strict=True):
         flat = np.flatnonzero(mask)
         if not len(flat):
-            warnings.append(f"particle '{name}' has no pixel with {what} inside a particle")
+            warnings.append(f"scan '{name}' has no pixel with {what} inside a particle")
             logger.warning(warnings[-1])
         index[name] = flat
         f = arrays[name].shape[-1]

@@ -241,13 +241,13 @@ def decompose(
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, StageError) as exc:
-            raise DecomposeError(f"particle '{name}': {exc}") from None
+            raise DecomposeError(f"scan '{name}': {exc}") from None
         if "pattern" not in ds:
             raise DecomposeError(
-                f"particle '{name}' in {root} has no q-grid patterns; reduce with patterns first"
+                f"scan '{name}' in {root} has no q-grid patterns; reduce with patterns first"
             )
         if "label" not in ds or not ds.attrs.get("particles"):
-            raise DecomposeError(f"particle '{name}' has no labels; run `spndi stats` first")
+            raise DecomposeError(f"scan '{name}' has no labels; run `spndi stats` first")
         datasets[name] = ds
     draw = _draw(manifest, settings.sample_size, settings.seed, names)
     key = dask.base.tokenize(

@@ -255,12 +255,12 @@ def read_user_mask(path: str | Path, *, particle: str, shape: tuple[int, int]) -
             mask = tifffile.imread(path)
     except Exception as exc:
         raise ParticleError(
-            f"particle '{particle}': cannot read mask {path} ({exc}); use a TIFF or .npy image"
+            f"scan '{particle}': cannot read mask {path} ({exc}); use a TIFF or .npy image"
         ) from None
     mask = np.squeeze(np.asarray(mask))
     if mask.shape != tuple(shape):
         raise ParticleError(
-            f"particle '{particle}': mask {path} has shape {list(mask.shape)} but the scan is "
+            f"scan '{particle}': mask {path} has shape {list(mask.shape)} but the scan is "
             f"{list(shape)} (rows, cols); make the mask on the scan grid"
         )
     values = np.unique(mask[mask != 0])
@@ -335,9 +335,10 @@ def label_stats(
     return rows
 
 
-#: Columns of ``particles.csv`` in order.
+#: Columns of ``particles.csv`` in order: ``scan`` (the manifest entry), ``label`` (the particle's
+#: number in the scan's ``label`` map), then its statistics.
 COLUMNS = (
-    "particle",
+    "scan",
     "label",
     "pixels",
     "valid_pixels",
@@ -396,7 +397,7 @@ def _segment_scan(
         xrf = np.asarray(raw["xrf"].values, np.float64)
         if not np.isfinite(xrf).any() or not np.nanmax(np.abs(xrf)):
             raise ParticleError(
-                f"particle '{name}': [segment] source = 'xrf' but the scan has no XRF signal; "
+                f"scan '{name}': [segment] source = 'xrf' but the scan has no XRF signal; "
                 "set xrf in the manifest or use source = 'intensity'"
             )
         image = np.nanmean(shift_maps(xrf, np.asarray(ds["drift"].values), fill=np.nan), axis=0)
@@ -450,7 +451,7 @@ def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            out.setdefault(row["particle"], []).append(row)
+            out.setdefault(row.get("scan") or row.get("particle"), []).append(row)  # old: particle
     return out
 
 
@@ -508,7 +509,7 @@ def stats(
             ds = open_results(manifest.output_dir, name)
         except (FileNotFoundError, ValueError) as exc:  # incomplete: a StageError too
             if name in wanted:
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 summary[name] = {
                     "status": Outcome.FAILED,
                     "error": f"{exc}; run `spndi reduce` first",
@@ -521,7 +522,7 @@ def stats(
             try:
                 opened[name] = (ds, np.asarray(ds["label"].values))
             except DamagedStoreError as exc:
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 if name in wanted:
                     summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
                 continue
@@ -559,16 +560,16 @@ def stats(
         results = compute_each([j[0] for j in jobs.values()])
         for (name, (_, fp, how)), (result, exc) in zip(jobs.items(), results, strict=True):
             if exc is not None:  # one bad scan (a damaged map) never stops the others
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
                 opened.pop(name, None)
                 continue
             ds, labels = opened[name]
-            rows = [{"particle": name, **r} for r in result["rows"]]
+            rows = [{"scan": name, **r} for r in result["rows"]]
             if not rows:
                 msg = "no particle found in the scan"
-                logger.warning("particle '%s': %s (check [segment] or give a mask)", name, msg)
-                rows = [{"particle": name, "label": "", "pixels": 0, "warning": msg}]
+                logger.warning("scan '%s': %s (check [segment] or give a mask)", name, msg)
+                rows = [{"scan": name, "label": "", "pixels": 0, "warning": msg}]
                 summary[name].update(status=Outcome.NO_PARTICLE, warning=msg)
             table[name] = rows
             info = {

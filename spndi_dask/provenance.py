@@ -134,19 +134,17 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
                 role = f"frames {i}" + (
                     f" (file {j + 1} of {len(paths)})" if len(paths) > 1 else ""
                 )
-                rows.append({"particle": p.name, "role": role, **fp, "vs_ingest": vs})
+                rows.append({"scan": p.name, "role": role, **fp, "vs_ingest": vs})
         for role in ("dark", "mask"):
             value = getattr(p, role)
             if value:
                 rows.append(
-                    {"particle": p.name, "role": role, **file_fingerprint(manifest.resolve(value))}
+                    {"scan": p.name, "role": role, **file_fingerprint(manifest.resolve(value))}
                 )
     for role in ("detector_mask", "flat"):
         value = getattr(manifest.reduce, role)
         if value:
-            rows.append(
-                {"particle": "all", "role": role, **file_fingerprint(manifest.resolve(value))}
-            )
+            rows.append({"scan": "all", "role": role, **file_fingerprint(manifest.resolve(value))})
     return rows
 
 

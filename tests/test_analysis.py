@@ -124,7 +124,7 @@ def test_every_scan_gets_its_curves_patterns_and_statistics(clustered):
     s = analyze(m, boundary_width=1.0, force=True)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
     with open(m.output_dir / "regions.csv", newline="") as f:
-        rows = {r["particle"]: r for r in csv.DictReader(f)}
+        rows = {r["scan"]: r for r in csv.DictReader(f)}
     pooled_pat, pooled_n = 0.0, 0
     for i, p in enumerate(m.scans):
         assert res["particle"].values[i] == p.name

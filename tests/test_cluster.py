@@ -82,7 +82,7 @@ def test_cluster_maps_table_and_figures(encoded):
     cluster(m, k=3)
     with open(m.output_dir / "clusters.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["particle"], int(r["cluster"])) for r in rows] == [
+    assert [(r["scan"], int(r["cluster"])) for r in rows] == [
         (p, c) for p in ("p1", "p2", "all") for c in range(3)
     ]
     for p in m.scans:
@@ -90,13 +90,13 @@ def test_cluster_maps_table_and_figures(encoded):
         lab, inside = ds["cluster"].values, ds["label"].values > 0
         assert ds["cluster"].dims == ("y", "x")
         assert (lab[~inside] == -1).all() and (lab[inside] >= 0).all()
-        mine = [r for r in rows if r["particle"] == p.name]
+        mine = [r for r in rows if r["scan"] == p.name]
         assert [int(r["pixels"]) for r in mine] == np.bincount(lab[inside], minlength=3).tolist()
         assert np.isclose(sum(float(r["fraction"]) for r in mine), 1.0, atol=1e-5)
         strain = ds["strain"].values[(lab == 1) & np.isfinite(ds["strain"].values)]
         assert np.isclose(float(mine[1]["strain_mean"]), strain.mean(), rtol=1e-4, atol=1e-9)
         assert (m.output_dir / "figures" / f"{p.name}_clusters.png").stat().st_size > 5000
-    pooled = [int(r["pixels"]) for r in rows if r["particle"] == "all"]
+    pooled = [int(r["pixels"]) for r in rows if r["scan"] == "all"]
     assert pooled == [sum(int(r["pixels"]) for r in rows[c:6:3]) for c in range(3)]
 
 
@@ -174,7 +174,7 @@ def _incomplete(node):
 def test_an_incomplete_result_is_a_stage_error_not_a_traceback(encoded, capsys):
     _, m = encoded
     with _incomplete(m.output_dir / "results.zarr" / "p2"):
-        with pytest.raises(ClusterError, match=r"particle 'p2': .*p2.* is incomplete"):
+        with pytest.raises(ClusterError, match=r"scan 'p2': .*p2.* is incomplete"):
             cluster(m, k=2, force=True, figures=False)
         assert main(["cluster", str(m.source), "-k", "2", "--workers", "1"]) == 2
         assert "is incomplete" in capsys.readouterr().err

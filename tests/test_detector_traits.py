@@ -151,7 +151,7 @@ def test_a_bad_mask_dataset_names_file_dataset_and_fix(tmp_path, mask, match):
     m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(2, 2), mask_dataset=MASK))
     with pytest.raises(IngestError, match=match):
         plan_ingest(m, m.scans[0])
-    with pytest.raises(IngestError, match="particle 'p1'"):
+    with pytest.raises(IngestError, match="scan 'p1'"):
         ingest(m)
     assert not m.layout.raw_node("p1").exists()  # refused before anything was written
 
@@ -296,7 +296,7 @@ def test_xrf_errors_name_file_dataset_and_fix(tmp_path, keys, energy, match):
     data = _xrf_manifest(tmp_path, **keys)
     _write_spectra(tmp_path, _spectra(6), energy=energy)
     m = load(tmp_path, data)
-    with pytest.raises(IngestError, match=r"particle 'p1': .*" + match):
+    with pytest.raises(IngestError, match=r"scan 'p1': .*" + match):
         plan_ingest(m, m.scans[0])
 
 

@@ -351,7 +351,7 @@ def test_a_monitor_without_flux_at_one_angle_is_refused_before_writing(handmade,
     with pytest.raises(IngestError) as info:
         ingest_mod.plan_ingest(m, m.scans[0])
     msg = str(info.value)
-    assert "particle 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
+    assert "scan 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
     assert "/entry/instrument/monitor/Io" in msg and "every scan point" in msg
     assert "fix the file" in msg and "remove `monitor`" in msg and "angles_deg" in msg
     with pytest.raises(IngestError, match=r"angle_002\.h5"):

@@ -57,10 +57,10 @@ def test_statistics_match_the_true_fields(small):
     with open(m.output_dir / "particles.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(COLUMNS)
-    assert [r["particle"] for r in rows] == ["p1", "p2", "p2"]  # manifest order, one per label
+    assert [r["scan"] for r in rows] == ["p1", "p2", "p2"]  # manifest order, one per label
     for row in rows:
-        ds = open_results(m.output_dir, row["particle"])
-        truth = np.load(out / "ground_truth" / f"{row['particle']}.npz")
+        ds = open_results(m.output_dir, row["scan"])
+        truth = np.load(out / "ground_truth" / f"{row['scan']}.npz")
         region = (ds["label"].values == int(row["label"])) & ds["valid"].values
         assert int(row["valid_pixels"]) == region.sum()
         inside = region & truth["particle_mask"]  # the truth has no fields outside
@@ -74,7 +74,7 @@ def test_statistics_match_the_true_fields(small):
             ("p95", lambda v: np.percentile(v, 95), 3e-4),
         ):
             got = float(row[f"d_spacing_{stat}"])
-            assert got == pytest.approx(fn(d_true), rel=tol), (row["particle"], row["label"], stat)
+            assert got == pytest.approx(fn(d_true), rel=tol), (row["scan"], row["label"], stat)
         # spreads are frame independent: compare with the true strain / tilt spreads
         assert float(row["strain_std"]) == pytest.approx(truth["strain"][inside].std(), abs=1e-4)
         for tilt in ("tilt_x", "tilt_y"):
@@ -120,7 +120,7 @@ def test_rerun_is_up_to_date_and_force_redoes(small):
     again = stats(m, scans=["p1"], force=True, figures=False)
     assert again == {"p1": {"status": "done", "labels": 1, "method": "intensity otsu"}}
     with open(m.output_dir / "particles.csv", newline="") as f:
-        assert [r["particle"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
+        assert [r["scan"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
 
 
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
@@ -141,7 +141,7 @@ def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     assert summary["p2"]["status"] == "no particle"
     assert "no particle" in caplog.text
     with open(m.output_dir / "particles.csv", newline="") as f:
-        rows = {r["particle"]: r for r in csv.DictReader(f)}
+        rows = {r["scan"]: r for r in csv.DictReader(f)}
     assert rows["p2"]["pixels"] == "0" and "no particle" in rows["p2"]["warning"]
 
     m2 = _with(m, out, p1={"mask": "wrong.npy"})

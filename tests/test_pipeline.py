@@ -268,7 +268,7 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
     for line in capsys.readouterr().out.splitlines()[1:]:
         if line and not line.startswith(" "):  # the table, not the notes under it
             table.setdefault(line.split()[0], line.split()[1:])
-    assert table["particle"] == ["ingest", "reduce", "stats", "features", "cluster", "analysis"]
+    assert table["scan"] == ["ingest", "reduce", "stats", "features", "cluster", "analysis"]
     assert table["p1"] == ["done"] * 6 and table["p2"] == ["done"] * 6
     assert table["p3"][0] == "failed" and table["p3"][1] == "not"
     # a second run of the finished beamtime does no work again

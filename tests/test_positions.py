@@ -342,7 +342,7 @@ def test_positions_whose_length_is_not_the_frames_are_refused(tmp_path):
     with pytest.raises(IngestError) as info:
         ingest(m)
     msg = str(info.value)
-    assert "particle 'p1'" in msg and "angle_002.h5" in msg and POS_X in msg
+    assert "scan 'p1'" in msg and "angle_002.h5" in msg and POS_X in msg
     assert "41 values for 42 frames" in msg and "remove `positions`" in msg
     assert not m.layout.raw_node("p1").exists()
 

@@ -185,7 +185,7 @@ def resolve_output(source: str | Path) -> tuple[Path, Any]:
 
 @dataclass(frozen=True)
 class Scan:
-    """The coordinates of one particle scan (µm) and its node's stage attrs."""
+    """The coordinates of one scan (µm) and its node's stage attrs."""
 
     name: str
     y: np.ndarray
@@ -472,7 +472,7 @@ class ExplorerData:
             rows: list[dict[str, str]] = []
             if path.is_file():
                 with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("particle") in self.scans]
+                    rows = [r for r in csv.DictReader(f) if r.get("scan") in self.scans]
             self._particles_rows = rows
         return self._particles_rows
 

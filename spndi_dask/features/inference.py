@@ -348,7 +348,7 @@ def encode(
         if "pattern" not in ds:
             summary[name] = {
                 "status": Outcome.FAILED,
-                "error": f"particle '{name}' has no patterns",
+                "error": f"scan '{name}' has no patterns",
             }
             continue
         fp = _fingerprint(ds, digest)
@@ -369,7 +369,7 @@ def encode(
         n_mask = int(valid.sum())
         arr = _prepare_node(root / name, ds["valid"].shape, latent_dim, settings.block)
         if n_mask == 0:
-            logger.warning("particle '%s' has no pixels with signal; latent stays NaN", name)
+            logger.warning("scan '%s' has no pixels with signal; latent stays NaN", name)
             summary[name] = {"warning": "no pixels with signal: latent is all NaN"}
             jobs.append((name, None, arr, fp, 0))
             continue
@@ -408,7 +408,7 @@ def encode(
     for name, lat, arr, fp, _ in jobs:
         check_interrupted()
         if name in errors:
-            logger.error("particle '%s': encoding failed: %s", name, errors[name])
+            logger.error("scan '%s': encoding failed: %s", name, errors[name])
             summary[name] = {"status": Outcome.FAILED, "error": str(errors[name])}
             continue
         encoded = 0

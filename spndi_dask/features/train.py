@@ -376,11 +376,11 @@ def _draw(
         try:
             ds = open_results(root, name)
         except FileNotFoundError:
-            logger.warning("particle '%s' has no reduce result; left out of training", name)
+            logger.warning("scan '%s' has no reduce result; left out of training", name)
             continue
         if "pattern" not in ds:
             raise FeatureError(
-                f"particle '{name}' in {root} has no q-grid patterns; reduce with patterns "
+                f"scan '{name}' in {root} has no q-grid patterns; reduce with patterns "
                 "(`spndi reduce`) before training"
             )
         mask, source = _scan_candidates(ds)

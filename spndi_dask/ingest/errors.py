@@ -11,4 +11,4 @@ class IngestError(StageError, ValueError):
 
 
 def _prefix(p: ScanSettings) -> str:
-    return f"particle '{p.name}'"
+    return f"scan '{p.name}'"

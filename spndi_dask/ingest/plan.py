@@ -226,7 +226,7 @@ def plan_ingest(manifest: Manifest, particle: ScanSettings, *, force: bool = Fal
             if not is_damage(exc) and not isinstance(exc, ValueError | OSError | KeyError):
                 raise
             logger.warning(
-                "particle '%s': %s is damaged (%s); ingesting it again", p.name, root / p.name, exc
+                "scan '%s': %s is damaged (%s); ingesting it again", p.name, root / p.name, exc
             )
     attrs = {
         "spndi_dask": {"kind": "raw", "version": __version__},

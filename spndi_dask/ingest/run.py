@@ -52,7 +52,7 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     group.attrs.put(attrs)
     if incomplete and plan.positions is not None:
         logger.warning(
-            "particle '%s': %d scan grid node(s) at %d angle(s) (indices %s) have no recorded "
+            "scan '%s': %d scan grid node(s) at %d angle(s) (indices %s) have no recorded "
             "position within half a step; their frames are 0 and marked invalid in `valid` "
             "(raw attrs `positions`)",
             plan.name,
@@ -62,17 +62,17 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
         )
     elif incomplete:
         logger.warning(
-            "particle '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
+            "scan '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
             "and marked invalid in `valid`",
             plan.name,
             len(incomplete),
             incomplete,
         )
     if zeroed:
-        logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
+        logger.warning("scan '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
     if n_flagged:
         logger.info(
-            "particle '%s': %d values equal to the invalid value %s at %d detector pixels stored "
+            "scan '%s': %d values equal to the invalid value %s at %d detector pixels stored "
             "as 0 and counted in `flagged` (reduce masks those pixels)",
             plan.name,
             n_flagged,
@@ -144,7 +144,7 @@ def ingest(
             try:
                 _clear_angles(plan)
             except Exception as exc:  # the store's metadata is damaged: start it again
-                logger.warning("particle '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
+                logger.warning("scan '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
                 plan.todo = list(range(len(plan.sources)))
                 create_particle_store(
                     plan.root,
@@ -157,7 +157,7 @@ def ingest(
         work.append((plan, len(tasks), len(tasks) + len(t)))
         tasks.extend(t)
         logger.info(
-            "particle '%s': writing %d of %d angles", plan.name, len(plan.todo), len(plan.sources)
+            "scan '%s': writing %d of %d angles", plan.name, len(plan.todo), len(plan.sources)
         )
     if tasks:
         start = time.perf_counter()
@@ -205,13 +205,13 @@ def _explain(plan: IngestPlan, exc: BaseException) -> str:
     if isinstance(exc, IngestError):
         return str(exc)
     if isinstance(exc, SourceError):  # the angle file, not the store
-        return f"particle '{plan.name}': {exc}"
+        return f"scan '{plan.name}': {exc}"
     if is_damage(exc):
         return (
-            f"particle '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
+            f"scan '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
             f"`spndi ingest <manifest> --scans {plan.name} --force` writes it again"
         )
-    return f"particle '{plan.name}': {type(exc).__name__}: {exc}"
+    return f"scan '{plan.name}': {type(exc).__name__}: {exc}"
 
 
 def _ok(plan: IngestPlan, seconds: float) -> dict[str, Any]:

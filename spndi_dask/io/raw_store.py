@@ -255,7 +255,7 @@ def open_raw(
             else []
         )
         raise FileNotFoundError(
-            f"no ingested particle {particle!r} in {root} (have: {have or 'none'}); run "
+            f"no ingested scan {particle!r} in {root} (have: {have or 'none'}); run "
             "`spndi ingest beamtime.toml` first"
         )
     group = zarr.open_group(str(root / particle), mode="r")

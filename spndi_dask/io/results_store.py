@@ -272,7 +272,7 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
         return xr.open_datatree(str(root), engine="zarr", consolidated=False)
     node = root / particle
     if not (node / "zarr.json").exists():
-        raise FileNotFoundError(f"no reduce result for particle {particle!r} in {root}")
+        raise FileNotFoundError(f"no reduce result for scan {particle!r} in {root}")
     # a damaged chunk read from these arrays raises DamagedStoreError naming it (io.integrity)
     guarded = {"getitem": guarded_getter}
     try:
@@ -285,7 +285,7 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
         raise damage_error(exc, array=_first_damaged(node)) from exc
     if not ds.attrs.get("spndi_dask", {}).get("complete"):
         raise IncompleteResultError(
-            f"the result of particle {particle!r} in {root} is incomplete (interrupted, or "
+            f"the result of scan {particle!r} in {root} is incomplete (interrupted, or "
             f"marked damaged by `spndi verify`); `spndi reduce` makes it again"
         )
     if "pattern" in ds and ds["pattern"].chunks[0][0] < PATTERN_ROWS:
@@ -378,7 +378,7 @@ def write_map(
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows (floats as 6 significant digits) to ``path``, replacing it in one move."""
-    cols = list(rows[0]) if rows else ["particle"]
+    cols = list(rows[0]) if rows else ["scan"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()

@@ -160,7 +160,7 @@ def _saturation_note(tmp: Path, plan: ParticlePlan) -> str | None:
         "[reduce] saturation if that is not the detector's saturation level"
     )
     group.attrs.update({"warnings": [*group.attrs.get("warnings", []), note]})
-    logger.warning("particle '%s': %s", plan.name, note)
+    logger.warning("scan '%s': %s", plan.name, note)
     return note
 
 
@@ -172,7 +172,7 @@ def _explain_failure(manifest: Manifest, name: str, exc: BaseException) -> str:
             return str(err)
         store = manifest.layout.raw_node(name)
         return (
-            f"the ingested frames of particle '{name}' cannot be decoded "
+            f"the ingested frames of scan '{name}' cannot be decoded "
             f"({type(exc).__name__}: {exc}): a chunk of {store} is damaged; "
             f"`spndi verify {manifest.source}` finds it and marks it to be ingested again"
         )
@@ -232,7 +232,7 @@ def reduce(
         try:
             plans[p.name] = plan_particle(manifest, p)
         except (ReduceError, SourceError, FileNotFoundError, RuntimeError) as exc:
-            logger.error("particle '%s': %s", p.name, exc)
+            logger.error("scan '%s': %s", p.name, exc)
             summary[p.name] = {"status": Outcome.FAILED, "error": str(exc)}
     if not plans:
         return summary

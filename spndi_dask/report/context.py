@@ -38,7 +38,7 @@ ANALYSIS_FIGURES = (
     ("cluster_rocking_curves.png", "Rocking curves per cluster; domains vs boundaries"),
     (
         "rocking_curves_by_scan.png",
-        "Per scan: mean rocking curve of the particle, its domains and boundaries, each cluster",
+        "Per scan: mean rocking curve of its particles, their domains and boundaries, each cluster",
     ),
     ("cluster_patterns.png", "Mean 3D pattern of every cluster (three projections)"),
     ("region_patterns.png", "Mean 3D pattern of domains and of boundaries"),

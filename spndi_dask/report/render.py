@@ -69,14 +69,14 @@ def _section(sid: str, title: str, template: str, build: Callable[[], dict[str, 
 
 
 def _nav(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table of contents: the sections, particle scans grouped under one entry."""
+    """Table of contents: the sections, scans grouped under one entry."""
     out: list[dict[str, Any]] = []
     for sec in items:
         if sec["id"].startswith("particle-"):
             if not out or "group" not in out[-1]:
-                out.append({"group": "Particle scans", "entries": []})
+                out.append({"group": "Scans", "entries": []})
             out[-1]["entries"].append(
-                {"id": sec["id"], "label": sec["title"].removeprefix("Particle scan ")}
+                {"id": sec["id"], "label": sec["title"].removeprefix("Scan ")}
             )
         else:
             out.append({"id": sec["id"], "label": sec["title"]})
@@ -101,7 +101,7 @@ def render_report(
         items.append(
             _section(
                 anchor("particle", name),
-                f"Particle scan {name}",
+                f"Scan {name}",
                 "particle.html",
                 lambda n=name: sections.particle(ctx, n),
             )
@@ -161,7 +161,7 @@ def write_report(
     manifest : Manifest
         The beamtime.
     timings : list of dict, optional
-        Stage timings of the run (``stage``, ``particles``, ``status``, ``seconds``, and any
+        Stage timings of the run (``stage``, ``scans``, ``status``, ``seconds``, and any
         other keys), shown as a table with the total.
     run_info : dict, optional
         Facts about the run (cluster type, dashboard link, workers...), shown as a table.

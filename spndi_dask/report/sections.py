@@ -42,7 +42,7 @@ __all__ = [
 
 _UNITS = {k: MAP_VARIABLES[k].split(" ")[0] for k in MAPS}
 _OVERVIEW_COLUMNS = (
-    "particle",
+    "scan",
     "label",
     "pixels",
     "area_um2",
@@ -96,7 +96,7 @@ def summary(ctx: ReportContext) -> dict[str, Any]:
         "beamtime": m.name,
         "manifest": m.source,
         "output": str(ctx.layout.root),
-        "particle scans": len(ctx.names),
+        "scans": len(ctx.names),
         "report generated with": f"spndi_dask {__version__}",
     }
     info.update(ctx.dates())
@@ -107,9 +107,9 @@ def summary(ctx: ReportContext) -> dict[str, Any]:
         p = m.scan(name)
         rows.append(
             {
-                "particle": Link(anchor("particle", name), name),
+                "scan": Link(anchor("particle", name), name),
                 "angles": str(p.angles.size),
-                "scan": f"{p.scan_shape[0]} × {p.scan_shape[1]}",
+                "points": f"{p.scan_shape[0]} × {p.scan_shape[1]}",
                 **{s: Badge(v) for s, v in ctx.stage_status(name).items()},
             }
         )
@@ -122,13 +122,13 @@ def overview(ctx: ReportContext) -> dict[str, Any]:
     particles = None
     if rows:
         cols = [c for c in _OVERVIEW_COLUMNS if c in rows[0]]
-        particles = table(rows, cols, text=("particle", "warning"))
+        particles = table(rows, cols, text=("scan", "warning"))
     return {
         "figure": ctx.figure("beamtime_overview.png", "Per-particle distributions"),
         "kde": ctx.figure(
             "tilt_d_spacing_kde.png",
-            "Per particle: tilt_y vs d-spacing centred on the particle's means, one scale for "
-            "all particles, with marginal densities",
+            "Per scan: tilt_y vs d-spacing centred on the means of its particles, one scale for "
+            "all scans, with marginal densities",
         ),
         "not_run": rows is None,
         "particles": particles,
@@ -140,7 +140,7 @@ def _stats_tables(rows: list[dict[str, str]]) -> dict[str, Any]:
     cols = list(rows[0])
     quantities = [c[: -len("_mean")] for c in cols if c.endswith("_mean")]
     stat_cols = {f"{q}_{s}" for q in quantities for s in STATS}
-    summary_cols = [c for c in cols if c not in stat_cols and c != "particle"]
+    summary_cols = [c for c in cols if c not in stat_cols and c != "scan"]
     labels = []
     for r in rows:
         stat_rows = []
@@ -174,7 +174,7 @@ def _masked_text(masked: dict[str, int]) -> str:
 
 
 def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
-    """One particle scan: reduction notes, statistics, maps and rocking curves."""
+    """One scan: reduction notes, statistics of its particles, maps and rocking curves."""
     p = ctx.manifest.scan(name)
     status = ctx.stage_status(name)
     attrs = ctx.node.get(name)
@@ -192,7 +192,7 @@ def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
         if isinstance(attrs.get("masked_pixels"), dict):
             notes["masked detector pixels"] = _masked_text(attrs["masked_pixels"])
         out["reduce"] = {"info": kv(notes), "warnings": list(attrs.get("warnings", []))}
-    rows = [r for r in ctx.particles_csv or [] if r.get("particle") == name]
+    rows = [r for r in ctx.particles_csv or [] if r.get("scan") == name]
     out["stats"] = _stats_tables(rows) if rows else None
     out["stats_done"] = status["stats"] == "done"
     pngs = {png.name: png for png in ctx.particle_pngs.get(name, [])}
@@ -230,7 +230,7 @@ def features(ctx: ReportContext) -> dict[str, Any]:
     if any(done.values()):
         rows = [
             {
-                "particle": n,
+                "scan": n,
                 "encoded pixels": (d or {}).get("pixels"),
                 "model": (d or {}).get("model"),
                 "latent_dim": (d or {}).get("latent_dim"),
@@ -303,7 +303,7 @@ def clustering(ctx: ReportContext) -> dict[str, Any]:
         "inertia of every restart": info.get("restart_inertias"),
         "silhouette at K": sil,
         "pixels clustered": info.get("pixels"),
-        "particle scans": info.get("particles"),
+        "scans": info.get("particles"),
         "version": info.get("version"),
     }
     out: dict[str, Any] = {
@@ -320,8 +320,8 @@ def clustering(ctx: ReportContext) -> dict[str, Any]:
     if ctx.clusters_csv:
         out["clusters"] = table(
             ctx.clusters_csv,
-            text=("particle",),
-            row_class=lambda r: "total" if r.get("particle") == "all" else "",
+            text=("scan",),
+            row_class=lambda r: "total" if r.get("scan") == "all" else "",
         )
     for name in ctx.names:
         status = ctx.stage_status(name)["cluster"]
@@ -382,7 +382,7 @@ def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         for q in quantities:
             out.append(
                 {
-                    "particle": r.get("particle"),
+                    "scan": r.get("scan"),
                     "quantity": f"{q} ({_UNITS.get(q, '')})",
                     "domain pixels": r.get("domain_pixels"),
                     "boundary pixels": r.get("boundary_pixels"),
@@ -418,9 +418,7 @@ def analysis(ctx: ReportContext) -> dict[str, Any]:
     out["figures"] = [ctx.figure(f, caption) for f, caption in ANALYSIS_FIGURES]
     if ctx.regions_csv:
         rows = _region_rows(ctx.regions_csv)
-        out["regions"] = (
-            table(rows, text=("particle", "quantity")) if rows else table(ctx.regions_csv)
-        )
+        out["regions"] = table(rows, text=("scan", "quantity")) if rows else table(ctx.regions_csv)
     return out
 
 
@@ -467,8 +465,8 @@ def _timing_table(timings: list[dict[str, Any]]) -> Any:
     """Timing rows as a table with their total."""
     rows = [dict(r) for r in timings]
     for r in rows:
-        if isinstance(r.get("particles"), (list, tuple)):
-            r["particles"] = ", ".join(map(str, r["particles"]))
+        if isinstance(r.get("scans"), (list, tuple)):
+            r["scans"] = ", ".join(map(str, r["scans"]))
     total = sum(x for r in rows if (x := number(r.get("seconds"))) is not None)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     rows.append({cols[0]: "total", "seconds": total})
@@ -483,14 +481,14 @@ def _timing_table(timings: list[dict[str, Any]]) -> Any:
 def _inputs(manifest: Manifest) -> dict[str, Any]:
     rows = input_fingerprints(manifest)
     summary = []
-    for owner in dict.fromkeys(r["particle"] for r in rows):
-        mine = [r for r in rows if r["particle"] == owner]
+    for owner in dict.fromkeys(r["scan"] for r in rows):
+        mine = [r for r in rows if r["scan"] == owner]
         present = [r for r in mine if r["status"] == "present"]
         vs = [r.get("vs_ingest") for r in mine if r.get("vs_ingest") is not None]
         changed = sum(v == "changed" for v in vs)
         summary.append(
             {
-                "particle": owner,
+                "scan": owner,
                 "files": len(mine),
                 "present": len(present),
                 "missing": len(mine) - len(present),
@@ -509,9 +507,9 @@ def _inputs(manifest: Manifest) -> dict[str, Any]:
         path = Path(r["path"])
         rel = path.relative_to(base) if path.is_relative_to(base) else path
         shown.append({**r, "path": str(rel)})
-    cols = ["particle", "role", "path", "status", "size", "mtime", "edge_sha256", "vs_ingest"]
+    cols = ["scan", "role", "path", "status", "size", "mtime", "edge_sha256", "vs_ingest"]
     return {
-        "summary": table(summary, text=("particle", "newest mtime", "vs ingest")),
+        "summary": table(summary, text=("scan", "newest mtime", "vs ingest")),
         "count": len(rows),
         "base": str(base),
         "files": table(shown, cols, text=[c for c in cols if c != "size"]),

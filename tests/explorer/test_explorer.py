@@ -124,7 +124,7 @@ def test_opening_reads_one_map_per_scan_and_no_pattern(reduced, raise_if_compute
 def test_source_may_be_the_output_or_results_zarr(reduced):
     assert list(ExplorerData(reduced.output_dir).scans) == ["p1", "p2"]
     assert list(ExplorerData(reduced.layout.results, scans=["p2"]).scans) == ["p2"]
-    with pytest.raises(ExplorerError, match=r"particle\(s\) nope .*there are: p1, p2"):
+    with pytest.raises(ExplorerError, match=r"scan\(s\) nope .*there are: p1, p2"):
         ExplorerData(reduced.output_dir, scans=["nope"])
 
 
@@ -300,7 +300,7 @@ def test_cluster_views_once_clustered(clustered):
     np.testing.assert_array_equal(img[clusters != 0], clusters[clusters != 0])
     # a particles-table row shows that particle's scan alone, zoomed to it
     table = doc.get_model_by_name("particles_table")
-    row = table.source.data["particle"].index("p2")
+    row = table.source.data["scan"].index("p2")
     table.source.selected.indices = [row]
     assert doc.get_model_by_name("scan_select").value == ["p2"]
     assert [f.name for f in app.maps_row.children] == ["map_figure:p2"]
