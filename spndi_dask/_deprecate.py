@@ -10,8 +10,8 @@ Examples
 ...     warnings.simplefilter("always")
 ...     stats(None, particles=["p1"])
 ['p1']
->>> str(seen[0].message)
-"stats(particles=...) is deprecated; use scans=... (a manifest entry is a scan)"
+>>> print(seen[0].message)
+stats(particles=...) is deprecated; use scans=... (a manifest entry is a scan)
 """
 
 from __future__ import annotations

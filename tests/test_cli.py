@@ -86,7 +86,7 @@ def test_a_particle_that_fails_a_stage_is_named_and_the_exit_code_is_1(tmp_path,
     assert main(["ingest", str(path), "--workers", "1"]) == 1
     out, err = capsys.readouterr()
     assert "good            ingested" in out and "bad             failed" in out
-    assert "error: ingest failed for 1 of 2 particle(s): bad" in err
+    assert "error: ingest failed for 1 of 2 scan(s): bad" in err
     # a stage that refuses its input as a whole: exit code 2 and the message, no traceback
     assert main(["cluster", str(path), "--workers", "1"]) == 2
     assert "run `spndi reduce" in capsys.readouterr().err
