@@ -451,7 +451,9 @@ def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            out.setdefault(row.get("scan") or row.get("particle"), []).append(row)  # old: particle
+            if "scan" not in row and "particle" in row:  # written before the column was "scan"
+                row = {"scan": row.pop("particle"), **row}
+            out.setdefault(row["scan"], []).append(row)
     return out
 
 

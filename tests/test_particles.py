@@ -121,6 +121,15 @@ def test_rerun_is_up_to_date_and_force_redoes(small):
     assert again == {"p1": {"status": "done", "labels": 1, "method": "intensity otsu"}}
     with open(m.output_dir / "particles.csv", newline="") as f:
         assert [r["scan"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
+    # a table written before the column was "scan" is read, and rewritten with "scan"
+    path = m.output_dir / "particles.csv"
+    text = path.read_text()
+    assert text.startswith("scan,label,")
+    path.write_text("particle" + text.removeprefix("scan"))
+    with pytest.warns(DeprecationWarning, match=r"stats\(particles=...\) is deprecated"):
+        old_keyword = stats(m, particles=["p2"], figures=False)  # the old keyword still works
+    assert old_keyword == {"p2": {"status": "up to date", "labels": 2}}
+    assert path.read_text() == text
 
 
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
