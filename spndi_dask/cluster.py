@@ -1,4 +1,4 @@
-"""k-means over the features of all particles of a beamtime at once.
+"""k-means over the features of all scans of a beamtime at once.
 
 The feature vectors (``[cluster] features``: the autoencoder's ``latent`` by default, the
 ``pca_loading`` or ``nmf_loading`` of ``spndi decompose``, or the ``moments`` maps of reduce:
@@ -302,12 +302,12 @@ def cluster(
     figures: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Cluster the latent vectors of all (or the named) particle scans jointly.
+    """Cluster the latent vectors of all (or the named) scans jointly.
 
     Writes ``cluster(y, x)`` (−1 outside particles or where a pixel has no latent vector) to
     every scan's node, the centres and the K selection to the root attrs, ``<output>/clusters.csv``
     (pixels, fraction and strain/tilt/d statistics of every cluster in every scan, then pooled
-    as particle ``all``) and, with ``figures``, the K-selection and cluster-map figures.
+    as scan ``all``) and, with ``figures``, the K-selection and cluster-map figures.
 
     Returns
     -------

@@ -3,16 +3,16 @@ silx), MATLAB ``.mat``; PLY point clouds are :func:`spndi_dask.features.ply.expo
 
 ``spndi export tiff|nexus|mat|ply MANIFEST [--out DIR]`` writes under ``<output>/export/``:
 
-* ``tiff``: per scan ``<particle>_maps.tif``, an ImageJ hyperstack with one channel per map
+* ``tiff``: per scan ``<scan>_maps.tif``, an ImageJ hyperstack with one channel per map
   (float32; channel labels are the map names; x/y resolution in µm per pixel), and from
   ``analysis.zarr`` the mean 3D patterns ``cluster_patterns.tif`` (channel = cluster),
   ``region_patterns.tif`` (channel 0 domain, 1 boundary) and per scan
-  ``<particle>_cluster_patterns.tif``, ``<particle>_region_patterns.tif`` (slices = dq_x,
+  ``<scan>_cluster_patterns.tif``, ``<scan>_region_patterns.tif`` (slices = dq_x,
   rows = dq_y, columns = dq_z, 1/Å per voxel);
 * ``nexus``: ``<beamtime>.nxs``, one ``NXentry`` per scan with an ``NXdata`` group ``maps``
   (signal ``d_spacing``, the other maps as ``auxiliary_signals``, axes ``y``, ``x`` in µm, every
   map with its ``units``), values in their stored dtype;
-* ``mat``: per scan ``<particle>.mat`` with each map, ``y_um``, ``x_um`` and a struct ``units``.
+* ``mat``: per scan ``<scan>.mat`` with each map, ``y_um``, ``x_um`` and a struct ``units``.
 
 Maps are the reduce maps, ``label``, ``cluster`` and ``region`` where present.
 """
@@ -131,7 +131,7 @@ def export_tiff(
 def export_nexus(
     manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> Path:
-    """All scans' maps in one NeXus file (HDF5): ``/<particle>/maps`` ``NXdata`` per scan."""
+    """All scans' maps in one NeXus file (HDF5): ``/<scan>/maps`` ``NXdata`` per scan."""
     import h5py
 
     out = _out(manifest, out_dir)
@@ -172,7 +172,7 @@ def export_nexus(
 def export_mat(
     manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> list[Path]:
-    """Per scan ``<particle>.mat`` (MATLAB 5): the maps, ``y_um``, ``x_um``, struct ``units``."""
+    """Per scan ``<scan>.mat`` (MATLAB 5): the maps, ``y_um``, ``x_um``, struct ``units``."""
     from scipy.io import savemat
 
     out = _out(manifest, out_dir)

@@ -1,6 +1,6 @@
 """Figures (matplotlib, PNG) from computed results: no computation beyond what is plotted.
 
-Per particle scan (``<output>/figures/<particle>_*.png``): the strain, tilt_x, tilt_y, d_spacing
+Per scan (``<output>/figures/<scan>_*.png``): the strain, tilt_x, tilt_y, d_spacing
 and intensity maps (µm axes, scale bar, background masked, diverging maps centred at zero with
 limits shared across all scans), the rocking curve of every particle label (mean per pixel,
 as the original study's), and the joint density (Gaussian KDE) of strain vs tilt as the
@@ -289,7 +289,7 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
 
 
 def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.Dataset]) -> list:
-    """K selection (``clusters_k.png``) and per scan ``<particle>_clusters.png``."""
+    """K selection (``clusters_k.png``) and per scan ``<scan>_clusters.png``."""
     out = manifest.layout.figures
     out.mkdir(parents=True, exist_ok=True)
     paths = [_k_selection_figure(info, out / "clusters_k.png")]

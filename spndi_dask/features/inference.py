@@ -290,7 +290,7 @@ def _fingerprint(ds: Any, digest: str) -> str:
 
 
 def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: int) -> zarr.Array:
-    """An empty (NaN) ``latent`` array in a particle's node; the node's features attrs dropped."""
+    """An empty (NaN) ``latent`` array in a scan's node; the node's features attrs dropped."""
     return replace_array(
         node,
         "latent",

@@ -132,7 +132,7 @@ def export_ply(
     ----------
     manifest : Manifest
     particle : str
-        Scan (manifest particle) name.
+        Scan name (a manifest ``[[scans]]`` entry).
     pixels : list of (y, x), optional
         Scan-pixel indices; one file ``<particle>_y{y}_x{x}.ply`` each.
     labels : list of int, optional
@@ -154,7 +154,7 @@ def export_ply(
     written = []
     for y, x in pixels or []:
         if not (0 <= y < ny and 0 <= x < nx):
-            raise ValueError(f"pixel ({y}, {x}) is outside the {ny}×{nx} scan of scan '{particle}'")
+            raise ValueError(f"pixel ({y}, {x}) is outside the {ny}×{nx} scan '{particle}'")
         pattern = np.asarray(ds["pattern"][y, x].values)
         try:
             pts, w = pattern_vertices(pattern, offsets, threshold=threshold)  # type: ignore[arg-type]

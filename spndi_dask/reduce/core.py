@@ -196,9 +196,9 @@ def reduce(
         Names to reduce; default all.
     force : bool
         Recompute results that are up to date. The common q grid is remade only when every
-        particle is reduced (a subset keeps the stored one, so patterns stay comparable).
+        scan is reduced (a subset keeps the stored one, so patterns stay comparable).
     progress : bool
-        Show a progress bar per particle.
+        Show a progress bar per scan.
 
     Returns
     -------
@@ -266,7 +266,7 @@ def reduce(
     def fail(name: str, exc: BaseException) -> None:  # one bad particle never stops the others
         msg = _explain_failure(manifest, name, exc)
         logger.error(
-            "particle %r: reduce failed: %s", name, msg, exc_info=logger.isEnabledFor(logging.DEBUG)
+            "scan %r: reduce failed: %s", name, msg, exc_info=logger.isEnabledFor(logging.DEBUG)
         )
         summary[name] = {"status": Outcome.FAILED, "error": msg}
         todo.pop(name, None)

@@ -90,7 +90,7 @@ def header(ctx: ReportContext, generated: str) -> dict[str, Any]:
 
 
 def summary(ctx: ReportContext) -> dict[str, Any]:
-    """The beamtime's facts and the state of every stage per particle scan."""
+    """The beamtime's facts and the state of every stage per scan."""
     m = ctx.manifest
     info = {
         "beamtime": m.name,
@@ -370,7 +370,7 @@ def _pm(row: dict[str, str], col: str) -> str | None:
 
 
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """regions.csv as rows (particle, quantity): domain and boundary mean ± std, difference."""
+    """regions.csv as rows (scan, quantity): domain and boundary mean ± std, difference."""
     d = "diff_domain_minus_boundary"
     out = []
     for r in rows:
@@ -517,7 +517,7 @@ def _inputs(manifest: Manifest) -> dict[str, Any]:
 
 
 def _records(ctx: ReportContext, name: str) -> list[tuple[str, str]]:
-    """(title, JSON) of what every stage stored for one particle scan."""
+    """(title, JSON) of what every stage stored for one scan."""
     recs = {}
     if ctx.raw.get(name):
         recs["ingest (raw.zarr)"] = ctx.raw[name]
