@@ -278,7 +278,7 @@ def test_corrupt_frame_data_fails_that_particle_only(tmp_path):
     good = manifest_dict("good", n_angles=2, scan_shape=(4, 4))
     bad = manifest_dict("bad", n_angles=2, scan_shape=(4, 4))
     data = {**good, "scans": good["scans"] + bad["scans"]}
-    with pytest.raises(IngestError, match=r"1 of 2 particle\(s\).*\n.*bad.*angle_001.h5") as info:
+    with pytest.raises(IngestError, match=r"1 of 2 scan\(s\).*\n.*bad.*angle_001.h5") as info:
         ingest(load(tmp_path, data))
     assert info.value.summary["good"]["status"] == "ingested"
     assert np.array_equal(open_raw(tmp_path / "results", "good").frames.values, frames)

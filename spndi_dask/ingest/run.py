@@ -192,7 +192,7 @@ def ingest(
     failed = {k: v for k, v in summary.items() if v["status"] == Outcome.FAILED}
     if failed:
         err = IngestError(
-            f"ingest failed for {len(failed)} of {len(selected)} particle(s):\n"
+            f"ingest failed for {len(failed)} of {len(selected)} scan(s):\n"
             + "\n".join(f"  - {v['error']}" for v in failed.values())
         )
         err.summary = summary
