@@ -59,7 +59,7 @@ def main() -> None:
             p.name: errors_vs_truth(
                 open_results(m.output_dir, p.name), out / "ground_truth" / f"{p.name}.npz"
             )
-            for p in m.particles
+            for p in m.scans
         }
         print(f"{case}: simulated, ingested and reduced in {time.perf_counter() - t0:.1f} s")
 

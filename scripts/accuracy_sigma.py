@@ -53,7 +53,7 @@ def main() -> None:
             sigma_z_vs_truth(
                 open_results(m.output_dir, p.name), out / "ground_truth" / f"{p.name}.npz"
             )
-            for p in m.particles
+            for p in m.scans
         ]
         for q in SIGMA_QUANTITIES:
             n = np.array([s[q]["n"] for s in stats])

@@ -66,7 +66,7 @@ def main() -> None:
     m = load_manifest(base / "beamtime.toml")
     cores = len(os.sched_getaffinity(0))
     s = m.decompose
-    scans = {p.name: open_results(m.output_dir, p.name) for p in m.particles}
+    scans = {p.name: open_results(m.output_dir, p.name) for p in m.scans}
     masks = {n: ds["label"].data > 0 for n, ds in scans.items()}
     pixels = int(sum(int(v.sum().compute()) for v in masks.values()))
     grid = next(iter(scans.values())).sizes["dq_x"]

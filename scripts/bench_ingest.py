@@ -70,7 +70,7 @@ def main() -> None:
             simulate_beamtime(out, preset(args.preset))
             print(f"simulated {args.preset} in {time.perf_counter() - t0:.1f} s")
         m = load_manifest(out / "beamtime.toml")
-        files = [str(p) for part in m.particles for p in part.frame_paths(m.base_dir)]
+        files = [str(p) for part in m.scans for p in part.frame_paths(m.base_dir)]
         raw_bytes = preset(args.preset).raw_bytes
         h5_bytes = sum(Path(f).stat().st_size for f in files)
 
@@ -78,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         nbytes = sum(
             client.gather(
-                client.map(_read_file, files, [m.particles[0].dataset] * len(files), pure=False)
+                client.map(_read_file, files, [m.scans[0].dataset] * len(files), pure=False)
             )
         )
         t_read = time.perf_counter() - t0
@@ -107,12 +107,12 @@ def main() -> None:
         print(f"peak RSS per worker: read {rss_read:.0f} MB, ingest {rss_ingest:.0f} MB")
 
         # -- layout study: a subset of angles, written then read like reduce ------------------
-        p = m.particles[0]
+        p = m.scans[0]
         sub = Manifest.from_dict(
             {
                 **m.to_dict(),
                 "output": str(out / "layouts"),
-                "particles": [
+                "scans": [
                     {
                         **p.model_dump(mode="json"),
                         "frames": [str(x) for x in p.frame_paths(m.base_dir)[: args.layout_angles]],

@@ -176,7 +176,7 @@ def main() -> None:
     rows = []
     for name in (args.small, args.large):
         m = _prepare(Path(args.dir) / name, name)
-        plans = [plan_particle(m, p) for p in m.particles]
+        plans = [plan_particle(m, p) for p in m.scans]
         arrays = [roi_frames(p) for p in plans]
         roi_bytes = sum(a.nbytes for a in arrays)
         reads, zarr_reads = _reads(plans, direct=True), _reads(plans, direct=False)
@@ -185,8 +185,8 @@ def main() -> None:
         t_reduce, rss_reduce, summary = phase(lambda: reduce(m, force=True), name)  # noqa: B023
         assert all(s["status"] == "reduced" for s in summary.values()), summary
         if name == args.small:  # (c): one particle alone
-            p1 = m.particles[0].name
-            t_p1, _, _ = phase(lambda: reduce(m, particles=[p1], force=True))  # noqa: B023
+            p1 = m.scans[0].name
+            t_p1, _, _ = phase(lambda: reduce(m, scans=[p1], force=True))  # noqa: B023
             ref_m, ref_plan, ref_grid = m, plans[0], beamtime_grid(m, plans)
         rows.append(
             (

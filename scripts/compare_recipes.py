@@ -50,7 +50,7 @@ def main() -> None:
         reduce(m)
         stats(m, figures=False)
     m = load_manifest(base / "beamtime.toml")
-    names = [p.name for p in m.particles]
+    names = [p.name for p in m.scans]
     k = len(preset(args.preset).domain_types)
     pixels = sum(int((open_results(m.output_dir, n)["label"].values > 0).sum()) for n in names)
     grid = open_results(m.output_dir, names[0]).sizes["dq_x"]

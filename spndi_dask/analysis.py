@@ -37,6 +37,7 @@ import zarr
 from scipy import ndimage
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.cluster import STAT_MAPS, map_stats
 from spndi_dask.compute import compute
@@ -354,11 +355,11 @@ def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> di
         try:
             raw = open_raw(manifest.layout.root, name)
         except (FileNotFoundError, ValueError, StageError) as exc:
-            logger.warning("particle '%s': no detector images per cluster (%s)", name, exc)
+            logger.warning("scan '%s': no detector images per cluster (%s)", name, exc)
             continue
         lab = np.asarray(ds["cluster"].values)
         if raw["frames"].shape[1:3] != lab.shape:
-            logger.warning("particle '%s': raw scan grid differs from the maps; skipped", name)
+            logger.warning("scan '%s': raw scan grid differs from the maps; skipped", name)
             continue
         out[name] = cluster_detector_images(raw["frames"].data, lab, k)
     return out
@@ -367,13 +368,18 @@ def _detector_images(manifest: Manifest, datasets: dict[str, Any], k: int) -> di
 def _read_regions(table: Path) -> dict[str, tuple[int, int]]:
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {r["particle"]: (int(r["domain_pixels"]), int(r["boundary_pixels"])) for r in rows}
+    # "particle": the column's name before it was "scan"
+    return {
+        r.get("scan", r.get("particle")): (int(r["domain_pixels"]), int(r["boundary_pixels"]))
+        for r in rows
+    }
 
 
+@renamed_keyword(particles="scans")
 def analyze(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     boundary_width: float = 1.0,
     rim_width: float | None = None,
     figures: bool = True,
@@ -391,7 +397,7 @@ def analyze(
     """
     t0 = time.perf_counter()
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=AnalysisError)
+    names = manifest.select_scans(scans, error=AnalysisError)
     meta = (
         dict(zarr.open_group(str(root), mode="r").attrs).get("clusters")
         if (root / "zarr.json").exists()
@@ -407,7 +413,7 @@ def analyze(
             "fingerprint"
         ):
             raise AnalysisError(
-                f"particle '{name}' has no clusters of the current clustering; run "
+                f"scan '{name}' has no clusters of the current clustering; run "
                 "`spndi cluster` on these particles first"
             )
         datasets[name] = ds
@@ -451,7 +457,7 @@ def analyze(
         maps = {m: np.asarray(ds[m].values, dtype=float) for m in STAT_MAPS}
         rows.append(
             {
-                "particle": name,
+                "scan": name,
                 **region_stats(
                     maps,
                     regions[name],
@@ -572,7 +578,7 @@ def analyze(
     return {
         "status": Outcome.DONE,
         "k": k,
-        "regions": {r["particle"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
+        "regions": {r["scan"]: (r["domain_pixels"], r["boundary_pixels"]) for r in rows},
         "analysis": str(path),
         "table": str(out.regions_csv),
         "seconds": round(time.perf_counter() - t0, 2),

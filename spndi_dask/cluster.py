@@ -1,4 +1,4 @@
-"""k-means over the features of all particles of a beamtime at once.
+"""k-means over the features of all scans of a beamtime at once.
 
 The feature vectors (``[cluster] features``: the autoencoder's ``latent`` by default, the
 ``pca_loading`` or ``nmf_loading`` of ``spndi decompose``, or the ``moments`` maps of reduce:
@@ -34,6 +34,7 @@ import zarr
 from sklearn.metrics import silhouette_score
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import ClusterSettings, Manifest
@@ -255,7 +256,7 @@ def feature_array(ds: Any, features: str, *, name: str = "?") -> da.Array:
     have = all(m in ds for m in MOMENT_MAPS) if var is None else var in ds
     if not have or not ds.attrs.get(key):
         raise ClusterError(
-            f"particle '{name}' has no {what}; run `{command}` first ([cluster] features = "
+            f"scan '{name}' has no {what}; run `{command}` first ([cluster] features = "
             f"{features!r}; `spndi run` computes what the features need)"
         )
     if var is not None:
@@ -282,7 +283,7 @@ def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) ->
     for c in range(k):
         sel = labels == c
         row: dict[str, Any] = {
-            "particle": name,
+            "scan": name,
             "cluster": c,
             "pixels": int(sel.sum()),
             "fraction": float(sel.sum() / n_all) if n_all else float("nan"),
@@ -292,21 +293,22 @@ def _rows(name: str, labels: np.ndarray, maps: dict[str, np.ndarray], k: int) ->
     return rows
 
 
+@renamed_keyword(particles="scans")
 def cluster(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     k: int | None = None,
     force: bool = False,
     figures: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Cluster the latent vectors of all (or the named) particle scans jointly.
+    """Cluster the latent vectors of all (or the named) scans jointly.
 
     Writes ``cluster(y, x)`` (−1 outside particles or where a pixel has no latent vector) to
     every scan's node, the centres and the K selection to the root attrs, ``<output>/clusters.csv``
     (pixels, fraction and strain/tilt/d statistics of every cluster in every scan, then pooled
-    as particle ``all``) and, with ``figures``, the K-selection and cluster-map figures.
+    as scan ``all``) and, with ``figures``, the K-selection and cluster-map figures.
 
     Returns
     -------
@@ -317,16 +319,16 @@ def cluster(
     t0 = time.perf_counter()
     settings = manifest.cluster
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=ClusterError)
+    names = manifest.select_scans(scans, error=ClusterError)
     warnings: list[str] = []
     datasets, index, blocks, arrays = {}, {}, [], {}
     for name in names:
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, RuntimeError, StageError) as exc:
-            raise ClusterError(f"particle '{name}': {exc}") from None
+            raise ClusterError(f"scan '{name}': {exc}") from None
         if "label" not in ds or not ds.attrs.get("particles"):
-            raise ClusterError(f"particle '{name}' has no labels; run `spndi stats` first")
+            raise ClusterError(f"scan '{name}' has no labels; run `spndi stats` first")
         datasets[name] = ds
         arrays[name] = feature_array(ds, settings.features, name=name)
     masks = compute(
@@ -339,7 +341,7 @@ def cluster(
     for name, mask in zip(datasets, masks, strict=True):
         flat = np.flatnonzero(mask)
         if not len(flat):
-            warnings.append(f"particle '{name}' has no pixel with {what} inside a particle")
+            warnings.append(f"scan '{name}' has no pixel with {what} inside a particle")
             logger.warning(warnings[-1])
         index[name] = flat
         f = arrays[name].shape[-1]

@@ -46,6 +46,7 @@ import zarr
 from sklearn.decomposition import NMF, PCA
 from sklearn.exceptions import ConvergenceWarning
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute_each
 from spndi_dask.config import DecomposeSettings, Manifest
@@ -206,10 +207,11 @@ def _components(models: dict[str, Any], first: xr.Dataset, info: dict[str, Any])
     return xr.Dataset(data, coords=coords, attrs={"spndi_dask": {"kind": "decomposition"}, **info})
 
 
+@renamed_keyword(particles="scans")
 def decompose(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     figures: bool = True,
     progress: bool = False,
@@ -233,19 +235,19 @@ def decompose(
     settings = manifest.decompose
     layout = manifest.layout
     root = layout.results
-    names = manifest.select_particles(particles, error=DecomposeError)
+    names = manifest.select_scans(scans, error=DecomposeError)
     datasets = {}
     for name in names:
         try:
             ds = open_results(root, name)
         except (FileNotFoundError, StageError) as exc:
-            raise DecomposeError(f"particle '{name}': {exc}") from None
+            raise DecomposeError(f"scan '{name}': {exc}") from None
         if "pattern" not in ds:
             raise DecomposeError(
-                f"particle '{name}' in {root} has no q-grid patterns; reduce with patterns first"
+                f"scan '{name}' in {root} has no q-grid patterns; reduce with patterns first"
             )
         if "label" not in ds or not ds.attrs.get("particles"):
-            raise DecomposeError(f"particle '{name}' has no labels; run `spndi stats` first")
+            raise DecomposeError(f"scan '{name}' has no labels; run `spndi stats` first")
         datasets[name] = ds
     draw = _draw(manifest, settings.sample_size, settings.seed, names)
     key = dask.base.tokenize(

@@ -3,17 +3,17 @@ silx), MATLAB ``.mat``; PLY point clouds are :func:`spndi_dask.features.ply.expo
 
 ``spndi export tiff|nexus|mat|ply MANIFEST [--out DIR]`` writes under ``<output>/export/``:
 
-* ``tiff``: per scan ``<particle>_maps.tif``, an ImageJ hyperstack with one channel per map
+* ``tiff``: per scan ``<scan>_maps.tif``, an ImageJ hyperstack with one channel per map
   (float32, stored units; channel labels are the map names with their units, ``tilt_x (rad)``;
   x/y resolution in µm per pixel), and from
   ``analysis.zarr`` the mean 3D patterns ``cluster_patterns.tif`` (channel = cluster),
   ``region_patterns.tif`` (channel 0 domain, 1 boundary) and per scan
-  ``<particle>_cluster_patterns.tif``, ``<particle>_region_patterns.tif`` (slices = dq_x,
+  ``<scan>_cluster_patterns.tif``, ``<scan>_region_patterns.tif`` (slices = dq_x,
   rows = dq_y, columns = dq_z, 1/Å per voxel);
 * ``nexus``: ``<beamtime>.nxs``, one ``NXentry`` per scan with an ``NXdata`` group ``maps``
   (signal ``d_spacing``, the other maps as ``auxiliary_signals``, axes ``y``, ``x`` in µm, every
   map with its ``units``), values in their stored dtype;
-* ``mat``: per scan ``<particle>.mat`` with each map, ``y_um``, ``x_um`` and a struct ``units``.
+* ``mat``: per scan ``<scan>.mat`` with each map, ``y_um``, ``x_um`` and a struct ``units``.
 
 Maps are the reduce maps, ``label``, ``cluster`` and ``region`` where present.
 """
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.results_store import MAP_VARIABLES, open_results
 
 __all__ = ["EXPORT_MAPS", "export_mat", "export_nexus", "export_tiff", "map_stack"]
@@ -60,8 +61,8 @@ def _out(manifest: Any, out_dir: str | Path | None) -> Path:
     return out
 
 
-def _scans(manifest: Any, particles: list[str] | None) -> dict[str, xr.Dataset]:
-    names = manifest.select_particles(particles, error=ValueError)
+def _scans(manifest: Any, scans: list[str] | None) -> dict[str, xr.Dataset]:
+    names = manifest.select_scans(scans, error=ValueError)
     return {n: open_results(manifest.layout.results, n) for n in names}
 
 
@@ -78,8 +79,9 @@ def _write_tiff(path: Path, data: np.ndarray, axes: str, res: tuple[float, float
     return path
 
 
+@renamed_keyword(particles="scans")
 def export_tiff(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> list[Path]:
     """Maps and mean cluster/domain/boundary patterns as ImageJ hyperstacks (float32).
 
@@ -87,7 +89,7 @@ def export_tiff(
     """
     out = _out(manifest, out_dir)
     written = []
-    for name, ds in _scans(manifest, particles).items():
+    for name, ds in _scans(manifest, scans).items():
         maps = map_stack(ds)
         stack = np.stack([m.astype(np.float32) for m in maps.values()])
         written.append(
@@ -127,10 +129,11 @@ def export_tiff(
     return written
 
 
+@renamed_keyword(particles="scans")
 def export_nexus(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> Path:
-    """All scans' maps in one NeXus file (HDF5): ``/<particle>/maps`` ``NXdata`` per scan."""
+    """All scans' maps in one NeXus file (HDF5): ``/<scan>/maps`` ``NXdata`` per scan."""
     import h5py
 
     out = _out(manifest, out_dir)
@@ -138,7 +141,7 @@ def export_nexus(
     tmp = path.with_suffix(".nxs.tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs.update({"NX_class": "NXroot", "creator": "spndi_dask"})
-        scans = _scans(manifest, particles)
+        scans = _scans(manifest, scans)
         f.attrs["default"] = next(iter(scans))
         for name, ds in scans.items():
             entry = f.create_group(name)
@@ -167,15 +170,16 @@ def export_nexus(
     return path
 
 
+@renamed_keyword(particles="scans")
 def export_mat(
-    manifest: Any, *, particles: list[str] | None = None, out_dir: str | Path | None = None
+    manifest: Any, *, scans: list[str] | None = None, out_dir: str | Path | None = None
 ) -> list[Path]:
-    """Per scan ``<particle>.mat`` (MATLAB 5): the maps, ``y_um``, ``x_um``, struct ``units``."""
+    """Per scan ``<scan>.mat`` (MATLAB 5): the maps, ``y_um``, ``x_um``, struct ``units``."""
     from scipy.io import savemat
 
     out = _out(manifest, out_dir)
     written = []
-    for name, ds in _scans(manifest, particles).items():
+    for name, ds in _scans(manifest, scans).items():
         maps = map_stack(ds)
         content: dict[str, Any] = dict(maps)
         content["y_um"] = np.asarray(ds["y"].values)

@@ -1,8 +1,8 @@
 """The original study's comparison figures: data kernels, one lazy reduction, matplotlib figures.
 
-* :func:`centred_values` and :func:`centred_kde_figure`: per particle the joint density of
-  tilt vs d-spacing, each centred on the particle's mean, on one fixed scale for all particles,
-  with marginal densities, one panel per particle in one figure (``SPNDI_statistics``
+* :func:`centred_values` and :func:`centred_kde_figure`: per scan the joint density of tilt
+  vs d-spacing of its particle pixels, centred on their mean, on one fixed scale for all scans,
+  with marginal densities, one panel per scan in one figure (``SPNDI_statistics``
   "bias value … jointplot");
 * :func:`cluster_detector_images` and :func:`detector_images_figure`: each cluster's mean
   detector image, averaged over the rocking angle and the cluster's scan pixels
@@ -106,10 +106,10 @@ def centred_kde_figure(
     max_points: int = 4000,
     seed: int = 0,
 ) -> Path:
-    """Joint density of ``tilt`` vs d-spacing per particle, centred, one scale, with marginals.
+    """Joint density of ``tilt`` vs d-spacing per scan, centred, one scale, with marginals.
 
-    ``limits``: half-ranges (Å, mrad) of the axes, the same for every particle (default: the
-    99th percentile of the centred values pooled over all particles). Each scan's particle
+    ``limits``: half-ranges (Å, mrad) of the axes, the same for every scan (default: the
+    99th percentile of the centred values pooled over all scans). Each scan's particle
     pixels (``label > 0``) form one panel.
     """
     rng = np.random.default_rng(seed)

@@ -46,6 +46,7 @@ from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
 from spndi_dask import plot
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute_each
 from spndi_dask.config import Manifest, SegmentSettings
@@ -246,7 +247,7 @@ def read_user_mask(path: str | Path, *, particle: str, shape: tuple[int, int]) -
     path = Path(path)
     if not path.exists():
         raise ParticleError(
-            f"particle '{particle}': mask file {path} does not exist; fix [[particles]] mask"
+            f"scan '{particle}': mask file {path} does not exist; fix [[scans]] mask"
         )
     try:
         if path.suffix.lower() == ".npy":
@@ -255,12 +256,12 @@ def read_user_mask(path: str | Path, *, particle: str, shape: tuple[int, int]) -
             mask = tifffile.imread(path)
     except Exception as exc:
         raise ParticleError(
-            f"particle '{particle}': cannot read mask {path} ({exc}); use a TIFF or .npy image"
+            f"scan '{particle}': cannot read mask {path} ({exc}); use a TIFF or .npy image"
         ) from None
     mask = np.squeeze(np.asarray(mask))
     if mask.shape != tuple(shape):
         raise ParticleError(
-            f"particle '{particle}': mask {path} has shape {list(mask.shape)} but the scan is "
+            f"scan '{particle}': mask {path} has shape {list(mask.shape)} but the scan is "
             f"{list(shape)} (rows, cols); make the mask on the scan grid"
         )
     values = np.unique(mask[mask != 0])
@@ -335,10 +336,11 @@ def label_stats(
     return rows
 
 
-#: Columns of ``particles.csv`` in order: :func:`label_stats`'s keys in the shown units
-#: (:func:`spndi_dask.units.column`: ``tilt_x_mean_mrad``, ``strain_mean``, ``d_spacing_p5_A``).
+#: Columns of ``particles.csv`` in order: ``scan`` (the manifest entry), ``label`` (the
+#: particle's number in the scan's ``label`` map), then :func:`label_stats`'s keys in the
+#: shown units (:func:`spndi_dask.units.column`: ``tilt_x_mean_mrad``, ``d_spacing_p5_A``).
 COLUMNS = (
-    "particle",
+    "scan",
     "label",
     "pixels",
     "valid_pixels",
@@ -386,7 +388,7 @@ def _segment_scan(
     manifest: Manifest, name: str, ds: xr.Dataset, settings: SegmentSettings
 ) -> tuple[np.ndarray, str]:
     """Labels of a scan and how they were made."""
-    particle = manifest.particle(name)
+    particle = manifest.scan(name)
     shape = (ds.sizes["y"], ds.sizes["x"])
     if particle.mask:
         path = manifest.resolve(particle.mask)
@@ -397,7 +399,7 @@ def _segment_scan(
         xrf = np.asarray(raw["xrf"].values, np.float64)
         if not np.isfinite(xrf).any() or not np.nanmax(np.abs(xrf)):
             raise ParticleError(
-                f"particle '{name}': [segment] source = 'xrf' but the scan has no XRF signal; "
+                f"scan '{name}': [segment] source = 'xrf' but the scan has no XRF signal; "
                 "set xrf in the manifest or use source = 'intensity'"
             )
         image = np.nanmean(shift_maps(xrf, np.asarray(ds["drift"].values), fill=np.nan), axis=0)
@@ -418,7 +420,7 @@ def _segment_scan(
 
 
 def _fingerprint(manifest: Manifest, name: str, ds: xr.Dataset) -> str:
-    mask = manifest.particle(name).mask
+    mask = manifest.scan(name).mask
     mask_stat = None
     if mask:
         p = manifest.resolve(mask)
@@ -454,7 +456,9 @@ def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:
     out: dict[str, list[dict[str, str]]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            out.setdefault(row["particle"], []).append(row)
+            if "scan" not in row and "particle" in row:  # written before the column was "scan"
+                row = {"scan": row.pop("particle"), **row}
+            out.setdefault(row["scan"], []).append(row)
     return out
 
 
@@ -473,10 +477,11 @@ def _write_table(path: Path, order: list[str], rows: dict[str, list[dict[str, An
                 writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
 
 
+@renamed_keyword(particles="scans")
 def stats(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     figures: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -485,7 +490,7 @@ def stats(
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to (re)process; default all. The table keeps the rows of the others.
     force : bool
         Redo scans whose labels are up to date.
@@ -499,8 +504,8 @@ def stats(
         (number of particles), ``method``, ``error``/``warning``.
     """
     root = manifest.layout.results
-    order = [p.name for p in manifest.particles]
-    wanted = manifest.select_particles(particles, error=ParticleError)
+    order = [p.name for p in manifest.scans]
+    wanted = manifest.select_scans(scans, error=ParticleError)
     table_path = manifest.layout.particles_csv
     table = _read_table(table_path)
     summary: dict[str, dict[str, Any]] = {}
@@ -511,7 +516,7 @@ def stats(
             ds = open_results(manifest.output_dir, name)
         except (FileNotFoundError, ValueError) as exc:  # incomplete: a StageError too
             if name in wanted:
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 summary[name] = {
                     "status": Outcome.FAILED,
                     "error": f"{exc}; run `spndi reduce` first",
@@ -524,7 +529,7 @@ def stats(
             try:
                 opened[name] = (ds, np.asarray(ds["label"].values))
             except DamagedStoreError as exc:
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 if name in wanted:
                     summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
                 continue
@@ -562,16 +567,16 @@ def stats(
         results = compute_each([j[0] for j in jobs.values()])
         for (name, (_, fp, how)), (result, exc) in zip(jobs.items(), results, strict=True):
             if exc is not None:  # one bad scan (a damaged map) never stops the others
-                logger.error("particle '%s': %s", name, exc)
+                logger.error("scan '%s': %s", name, exc)
                 summary[name] = {"status": Outcome.FAILED, "error": str(exc)}
                 opened.pop(name, None)
                 continue
             ds, labels = opened[name]
-            rows = [{"particle": name, **shown_row(r)} for r in result["rows"]]
+            rows = [{"scan": name, **shown_row(r)} for r in result["rows"]]
             if not rows:
                 msg = "no particle found in the scan"
-                logger.warning("particle '%s': %s (check [segment] or give a mask)", name, msg)
-                rows = [{"particle": name, "label": "", "pixels": 0, "warning": msg}]
+                logger.warning("scan '%s': %s (check [segment] or give a mask)", name, msg)
+                rows = [{"scan": name, "label": "", "pixels": 0, "warning": msg}]
                 summary[name].update(status=Outcome.NO_PARTICLE, warning=msg)
             table[name] = rows
             info = {

@@ -1,10 +1,10 @@
-"""``spndi run``: every stage for every particle of a beamtime under one dask client.
+"""``spndi run``: every stage for every scan of a beamtime under one dask client.
 
 Stages, in the order of :data:`spndi_dask.stages.STAGES`: ingest → reduce → stats (particles)
 → train → encode → decompose (when ``[cluster] features`` needs it, or ``[decompose] run =
 "always"``) → cluster → analyze → report. Each is a function of ``(manifest, client,
 options)`` returning the stage's summary; :func:`run` calls them in order, passes on only the
-particles that succeeded upstream (one failing particle never stops the others), skips what
+scans that succeeded upstream (one failing scan never stops the others), skips what
 depends on a failed stage, and returns one :class:`StageResult` per stage for the summary
 table. Each stage skips work that is already up to date (its own fingerprints), so a re-run only
 does what is new.
@@ -20,9 +20,10 @@ import json
 import logging
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,8 @@ class RunOptions:
 
     Attributes
     ----------
-    particles : list of str, optional
-        Only these particle scans (default: all in the manifest).
+    scans : list of str, optional
+        Only these scans (default: all in the manifest). ``particles`` is the deprecated name.
     force : bool
         Redo stages even where their results are up to date.
     checkpoint : str, optional
@@ -91,7 +92,7 @@ class RunOptions:
         Cluster description etc. for the report's provenance.
     """
 
-    particles: list[str] | None = None
+    scans: list[str] | None = None
     force: bool = False
     checkpoint: str | None = None
     device: str | None = None
@@ -103,32 +104,43 @@ class RunOptions:
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     train_on_worker: bool | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
+    particles: InitVar[list[str] | None] = None
+
+    def __post_init__(self, particles: list[str] | None) -> None:
+        if particles is not None:
+            warnings.warn(
+                "RunOptions(particles=...) is deprecated; use scans=... (a manifest entry is a "
+                "scan)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.scans = particles
 
 
 @dataclass
 class StageResult:
-    """One stage of a run: per-particle statuses (or ``all``), wall time and messages."""
+    """One stage of a run: per-scan statuses (or ``all``), wall time and messages."""
 
     stage: str
     status: Outcome
     seconds: float = 0.0
-    particles: dict[str, Outcome] = field(default_factory=dict)
+    scans: dict[str, Outcome] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     summary: Any = None
 
     @property
     def failed(self) -> bool:
-        """True when the stage failed as a whole or for any particle."""
-        return self.status == Outcome.FAILED or Outcome.FAILED in self.particles.values()
+        """True when the stage failed as a whole or for any scan."""
+        return self.status == Outcome.FAILED or Outcome.FAILED in self.scans.values()
 
     def rows(self) -> list[dict[str, Any]]:
-        """Table rows: one per status, with the particles that have it."""
-        if not self.particles:
+        """Table rows: one per status, with the scans that have it."""
+        if not self.scans:
             note = self.errors.get("all", "")
-            row = {"stage": self.stage, "particles": "all", "status": self.status}
+            row = {"stage": self.stage, "scans": "all", "status": self.status}
             return [{**row, "seconds": round(self.seconds, 1), "note": note}]
         by_status: dict[str, list[str]] = {}
-        for name, status in self.particles.items():
+        for name, status in self.scans.items():
             by_status.setdefault(status, []).append(name)
         rows = []
         for i, (status, names) in enumerate(by_status.items()):
@@ -136,7 +148,7 @@ class StageResult:
             rows.append(
                 {
                     "stage": self.stage,
-                    "particles": ", ".join(names),
+                    "scans": ", ".join(names),
                     "status": status,
                     "seconds": round(self.seconds, 1) if i == 0 else "",
                     "note": notes,
@@ -145,28 +157,28 @@ class StageResult:
         return rows
 
 
-# ---- stages: each (manifest, client, options, particles or None for all) -> summary ----------
+# ---- stages: each (manifest, client, options, scans or None for all) -> summary --------------
 
 
 def _ingest(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     try:
-        return ingest(m, particles=names, force=o.force, progress=o.progress)
+        return ingest(m, scans=names, force=o.force, progress=o.progress)
     except IngestError as exc:
         if not hasattr(exc, "summary"):
             raise
-        return exc.summary  # per-particle failures; the good particles are ingested
+        return exc.summary  # per-scan failures; the good scans are ingested
 
 
 def _reduce(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    return reduce(m, particles=names, force=o.force, progress=o.progress)
+    return reduce(m, scans=names, force=o.force, progress=o.progress)
 
 
 def _stats(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    return stats(m, particles=names, force=o.force, figures=o.figures)
+    return stats(m, scans=names, force=o.force, figures=o.figures)
 
 
 def _feature_args(o: RunOptions, names: list[str] | None) -> dict[str, Any]:
-    return {"particles": names, "force": o.force, "device": o.device, "progress": o.progress}
+    return {"scans": names, "force": o.force, "device": o.device, "progress": o.progress}
 
 
 def _train(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
@@ -186,17 +198,17 @@ def _encode(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) ->
 
 
 def _decompose(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    return decompose(m, particles=names, force=o.force, figures=o.figures, progress=o.progress)
+    return decompose(m, scans=names, force=o.force, figures=o.figures, progress=o.progress)
 
 
 def _cluster(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
-    return cluster(m, particles=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
+    return cluster(m, scans=names, k=o.k, force=o.force, figures=o.figures, progress=o.progress)
 
 
 def _analyze(m: Manifest, client: Any, o: RunOptions, names: list[str] | None) -> Any:
     return analyze(
         m,
-        particles=names,
+        scans=names,
         boundary_width=o.boundary_width,
         figures=o.figures,
         progress=o.progress,
@@ -244,8 +256,8 @@ def _not_needed(manifest: Manifest, stage: str) -> str | None:
 
 
 def _record(stage: str, summary: Any, seconds: float) -> StageResult:
-    """A StageResult from a stage's summary (per particle, or one dict for the beamtime)."""
-    if stage_info(stage).per_particle:
+    """A StageResult from a stage's summary (per scan, or one dict for the beamtime)."""
+    if stage_info(stage).per_scan:
         parts = {n: Outcome(s["status"]) for n, s in summary.items()}
         errors = {n: s["error"] for n, s in summary.items() if "error" in s}
         for n, s in summary.items():
@@ -296,7 +308,7 @@ def run(
     """
     o = options or RunOptions()
     chosen = parse_stages(stages)
-    selected = manifest.select_particles(o.particles)
+    selected = manifest.select_scans(o.scans)
     check_output(manifest.output_dir)  # an output spndi did not write is left alone
     ok = list(selected)
     log = _RunLog(manifest, chosen)
@@ -316,7 +328,7 @@ def run(
                     failed_stages.add(stage)
                     continue
                 if not ok and stage != "report":
-                    note = "no particle left"
+                    note = "no scan left"
                     results.append(StageResult(stage, Outcome.SKIPPED, errors={"all": note}))
                     failed_stages.add(stage)
                     continue
@@ -325,7 +337,7 @@ def run(
                     results.append(StageResult(stage, Outcome.NOT_NEEDED, errors={"all": why}))
                     continue
                 t0 = log.start(stage)
-                logger.debug("stage %s: %d particle(s)", stage, len(ok))
+                logger.debug("stage %s: %d scan(s)", stage, len(ok))
                 try:
                     if stage == "report":
                         res = _report(manifest, o, results)
@@ -339,7 +351,7 @@ def run(
                 log.finish(res)
                 if res.status == Outcome.FAILED:
                     failed_stages.add(stage)
-                bad = {n for n, s in res.particles.items() if s == Outcome.FAILED}
+                bad = {n for n, s in res.scans.items() if s == Outcome.FAILED}
                 if bad:
                     logger.warning(
                         "stage %s failed for %s; they skip later stages", stage, sorted(bad)
@@ -423,11 +435,11 @@ _UNFINISHED = (Outcome.FAILED, Outcome.INTERRUPTED, Outcome.NOT_RUN)
 def _stage_record(r: StageResult) -> dict[str, Any]:
     """A stage in ``last-run.json``: ``errors`` only for what failed or did not finish, other
     messages (warnings, why a stage was skipped) under ``notes``, files made under ``outputs``."""
-    rec: dict[str, Any] = {k: getattr(r, k) for k in ("stage", "status", "seconds", "particles")}
+    rec: dict[str, Any] = {k: getattr(r, k) for k in ("stage", "status", "seconds", "scans")}
     if r.status in _UNFINISHED:
         errors = dict(r.errors)
     else:
-        errors = {n: e for n, e in r.errors.items() if r.particles.get(n) in _UNFINISHED}
+        errors = {n: e for n, e in r.errors.items() if r.scans.get(n) in _UNFINISHED}
     if errors:
         rec["errors"] = errors
     if r.stage == "report" and r.status not in _UNFINISHED:

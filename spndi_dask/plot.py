@@ -329,7 +329,7 @@ def _cluster_map_figure(name: str, ds: xr.Dataset, k: int, path: Path) -> Path:
 
 
 def cluster_figures(manifest: Any, info: dict[str, Any], datasets: dict[str, xr.Dataset]) -> list:
-    """K selection (``clusters_k.png``) and per scan ``<particle>_clusters.png``."""
+    """K selection (``clusters_k.png``) and per scan ``<scan>_clusters.png``."""
     out = manifest.layout.figures
     out.mkdir(parents=True, exist_ok=True)
     paths = [_k_selection_figure(info, out / "clusters_k.png")]

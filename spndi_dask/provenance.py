@@ -118,7 +118,7 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
     """
     layout = manifest.layout
     rows: list[dict[str, Any]] = []
-    for p in manifest.particles:
+    for p in manifest.scans:
         sources = (read_attrs(layout.raw_node(p.name)) or {}).get("sources") or []
         recorded = {part.get("path"): part for s in sources for part in source_parts(s)}
         for i, paths in enumerate(p.frame_files(manifest.base_dir)):
@@ -134,19 +134,17 @@ def input_fingerprints(manifest: Manifest) -> list[dict[str, Any]]:
                 role = f"frames {i}" + (
                     f" (file {j + 1} of {len(paths)})" if len(paths) > 1 else ""
                 )
-                rows.append({"particle": p.name, "role": role, **fp, "vs_ingest": vs})
+                rows.append({"scan": p.name, "role": role, **fp, "vs_ingest": vs})
         for role in ("dark", "mask"):
             value = getattr(p, role)
             if value:
                 rows.append(
-                    {"particle": p.name, "role": role, **file_fingerprint(manifest.resolve(value))}
+                    {"scan": p.name, "role": role, **file_fingerprint(manifest.resolve(value))}
                 )
     for role in ("detector_mask", "flat"):
         value = getattr(manifest.reduce, role)
         if value:
-            rows.append(
-                {"particle": "all", "role": role, **file_fingerprint(manifest.resolve(value))}
-            )
+            rows.append({"scan": "all", "role": role, **file_fingerprint(manifest.resolve(value))})
     return rows
 
 

@@ -3,14 +3,14 @@
 ``pipeline`` (order, what a failure skips), ``status`` (which columns, what makes a stage stale),
 ``report`` (stage sections) and ``cli`` (one subcommand per stage) all read :data:`STAGES`. Every
 error a stage raises for bad input or a missing upstream result derives from :class:`StageError`,
-and every per-particle (or beamtime) summary carries an :class:`Outcome` under ``"status"``.
+and every per-scan (or beamtime) summary carries an :class:`Outcome` under ``"status"``.
 
 This module imports nothing from the package, so the command line can read it without loading
 dask, xarray or torch.
 
 Examples
 --------
->>> [s.name for s in STAGES if s.per_particle]
+>>> [s.name for s in STAGES if s.per_scan]
 ['ingest', 'reduce', 'stats', 'encode']
 >>> stage("features").name, stage("encode").needs
 ('encode', ('reduce', 'train'))
@@ -45,7 +45,7 @@ class StageError(Exception):
 
 
 class Outcome(str, Enum):
-    """How a stage ended, for one particle scan or for the beamtime (``summary["status"]``).
+    """How a stage ended, for one scan or for the beamtime (``summary["status"]``).
 
     ``INTERRUPTED``: a signal stopped the run while the stage ran; ``NOT_RUN``: the run stopped
     before the stage started (both only in a run's records).
@@ -92,10 +92,10 @@ class Stage:
         The outcome of a run that did the stage's work.
     needs : tuple of str
         Stages whose results this one reads; a failed need skips it.
-    per_particle : bool
-        True when its summary is ``{particle: {...}}`` (False: one dict for the beamtime).
+    per_scan : bool
+        True when its summary is ``{scan: {...}}`` (False: one dict for the beamtime).
     attrs_key : str or None
-        The attrs key of a ``results.zarr/<particle>`` node (``raw.zarr/<particle>`` for ingest)
+        The attrs key of a ``results.zarr/<scan>`` node (``raw.zarr/<scan>`` for ingest)
         that records the stage complete for that scan; None for stages with nothing per scan.
         The stages with a key are the columns of ``spndi status``.
     aliases : tuple of str
@@ -105,7 +105,7 @@ class Stage:
     description : str
         The subcommand's description.
     options : tuple of str
-        Command-line options of its subcommand beyond ``--particles``, ``--force`` and the
+        Command-line options of its subcommand beyond ``--scans``, ``--force`` and the
         cluster options (names of ``cli``'s option table).
     label : str
         What ``spndi status`` and the report call the stage's product per scan (default: the
@@ -115,7 +115,7 @@ class Stage:
     name: str
     made: Outcome
     needs: tuple[str, ...] = ()
-    per_particle: bool = True
+    per_scan: bool = True
     attrs_key: str | None = None
     aliases: tuple[str, ...] = ()
     help: str = ""
@@ -161,10 +161,10 @@ STAGES: tuple[Stage, ...] = (
         "train",
         Outcome.TRAINED,
         needs=("reduce", "stats"),
-        per_particle=False,
-        help="train the autoencoder on a sample of all particles -> <output>/features/model",
+        per_scan=False,
+        help="train the autoencoder on a sample of all scans -> <output>/features/model",
         description="Train the [features] autoencoder (conv3d or foldingnet) on patterns drawn "
-        "across all particles of the beamtime; write weights + JSON metadata. With --weights "
+        "across all scans of the beamtime; write weights + JSON metadata. With --weights "
         "(recipe 'study') load the original study's released weights instead of training.",
         options=("device", "weights", "train_in_client"),
     ),
@@ -184,9 +184,9 @@ STAGES: tuple[Stage, ...] = (
         "decompose",
         Outcome.DECOMPOSED,
         needs=("reduce", "stats"),
-        per_particle=False,
+        per_scan=False,
         help="PCA and NMF of the particle pixels' patterns -> pca_loading, nmf_loading",
-        description="Fit PCA and NMF on patterns drawn across all particles and project every "
+        description="Fit PCA and NMF on patterns drawn across all scans and project every "
         "particle pixel: pca_loading and nmf_loading in results.zarr, the components in "
         "<output>/decomposition.zarr, figures. `spndi run` runs it when [cluster] features is "
         "'pca' or 'nmf' (or [decompose] run = 'always').",
@@ -196,9 +196,9 @@ STAGES: tuple[Stage, ...] = (
         "cluster",
         Outcome.CLUSTERED,
         needs=("encode", "stats"),
-        per_particle=False,
+        per_scan=False,
         attrs_key="cluster",
-        help="k-means over the features of all particles -> cluster, clusters.csv",
+        help="k-means over the features of all scans -> cluster, clusters.csv",
         description="Cluster the [cluster] features (latent vectors by default; PCA or NMF "
         "loadings, or the moment maps) of every pixel inside a particle of all scans "
         "jointly with k-means (K from the elbow rule unless fixed); write the cluster "
@@ -209,7 +209,7 @@ STAGES: tuple[Stage, ...] = (
         "analyze",
         Outcome.DONE,
         needs=("cluster",),
-        per_particle=False,
+        per_scan=False,
         attrs_key="analysis",
         aliases=("analysis",),
         label="analysis",
@@ -221,7 +221,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         Outcome.WRITTEN,
-        per_particle=False,
+        per_scan=False,
         help="write <output>/report/index.html from what the stages wrote",
         description="Write the self-contained HTML report of a beamtime (maps, statistics, "
         "clusters, analysis, provenance) from the results that exist; `spndi run` writes it too.",

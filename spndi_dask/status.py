@@ -1,4 +1,4 @@
-"""What is done, stale, failed or not run, per particle scan and stage (``spndi status``).
+"""What is done, stale, failed or not run, per scan and stage (``spndi status``).
 
 Read from what the stages leave behind, without computing anything: the completion attrs of
 ``raw.zarr`` and ``results.zarr`` (zarr.json files), the source files' size and modification time
@@ -57,7 +57,7 @@ def record_stage_timings(
 ) -> dict[str, dict[str, Any]]:
     """Keep, per stage, the timing rows of the last run that did its work.
 
-    ``rows`` are this run's timing rows (``stage``, ``particles``, ``status``, ``seconds``, ...);
+    ``rows`` are this run's timing rows (``stage``, ``scans``, ``status``, ``seconds``, ...);
     a stage whose rows all say it did no work (:data:`NO_WORK`, e.g. "up to date") keeps the
     rows recorded before. Written to ``logs/stage-timings.json`` in one move; returns the
     record (stage -> ``{"finished", "rows"}``).
@@ -116,7 +116,7 @@ def lock_note(output_dir: str | os.PathLike[str]) -> str | None:
 
 
 def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
-    """``(stage, particle or 'all') -> (state, note)`` of the stages the last run did not
+    """``(stage, scan or 'all') -> (state, note)`` of the stages the last run did not
     finish: ``failed`` (with its error) or ``interrupted`` (by a signal)."""
     try:
         record = json.loads(OutputLayout(output_dir).last_run.read_text())
@@ -126,7 +126,8 @@ def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
     signal = (record.get("interrupted") or {}).get("signal")
     for s in record.get("stages", []):
         stage = s["stage"]
-        for name, state in (s.get("particles") or {"all": s.get("status")}).items():
+        per_scan = s.get("scans") or s.get("particles")  # "particles": logs before the rename
+        for name, state in (per_scan or {"all": s.get("status")}).items():
             if state == "failed":
                 error = (s.get("errors") or {}).get(name) or "failed"
                 out[(stage, name)] = ("failed", error)
@@ -141,7 +142,7 @@ def _failures(output_dir: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 def _sources_changed(manifest: Manifest, name: str, raw: dict[str, Any]) -> str | None:
     recorded = list(raw.get("sources") or [])
-    files = manifest.particle(name).frame_files(manifest.base_dir)
+    files = manifest.scan(name).frame_files(manifest.base_dir)
     if len(files) != len(recorded):
         return f"{len(files)} angles' frame files now, {len(recorded)} when ingested"
     for a, (paths, rec) in enumerate(zip(files, recorded, strict=True)):
@@ -180,7 +181,7 @@ def _checkpoint_digest(node: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
-    """``{particle: {stage: (state, note)}}`` with state done/stale/failed/incomplete/not run.
+    """``{scan: {stage: (state, note)}}`` with state done/stale/failed/incomplete/not run.
 
     A stage is stale when something it was made from changed after it ran: the raw files since
     ingest, an upstream stage redone or stale, the model since encoding, the clustering since
@@ -193,7 +194,7 @@ def scan_status(manifest: Manifest) -> dict[str, dict[str, tuple[str, str]]]:
     failures = _failures(out.root)
     digests: dict[str, tuple[str | None, str | None]] = {}
     table: dict[str, dict[str, tuple[str, str]]] = {}
-    for p in manifest.particles:
+    for p in manifest.scans:
         name = p.name
         raw = read_attrs(out.raw_node(name))
         node = read_attrs(out.node(name)) or {}
@@ -256,13 +257,13 @@ def _state(
         if not info:
             return "not run", ""
         if info.get("fingerprint") != clusters.get("fingerprint"):
-            return "stale", "the joint clustering changed (other particles or settings)"
+            return "stale", "the joint clustering changed (other scans or settings)"
         return "done", ""
     info = node.get(_KEY["analyze"]) or {}  # analyze
     if not info:
         return "not run", ""
     if info.get("fingerprint") and info.get("fingerprint") != analysis.get("fingerprint"):
-        return "stale", "the analysis was redone for another clustering or particle set"
+        return "stale", "the analysis was redone for another clustering or set of scans"
     return "done", ""
 
 

@@ -79,7 +79,7 @@ def manifest_dict(name: str = "p1", *, n_angles: int, scan_shape, **particle) ->
         "scan_step_um": [0.05, 0.05],
         **particle,
     }
-    return {"name": "test", "output": "results", "geometry": dict(GEOMETRY), "particles": [entry]}
+    return {"name": "test", "output": "results", "geometry": dict(GEOMETRY), "scans": [entry]}
 
 
 @pytest.fixture

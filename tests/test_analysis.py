@@ -77,7 +77,7 @@ def clustered(tmp_path_factory):
     out, m = reduced_beamtime(tmp_path_factory, "analysis", "tiny")
     stats(m, figures=False)
     root = m.layout.results
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         label = np.asarray(ds["label"].values)
         cols = np.nonzero(label.any(axis=0))[0]
@@ -101,7 +101,7 @@ def clustered(tmp_path_factory):
 def test_stats_rocking_curve_is_the_mean_per_pixel_at_each_angle(clustered):
     """The study's per-particle rocking curve, without its one-angle shift."""
     _, m = clustered
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         info = ds.attrs["particles"]
         rc, label = ds["rocking_curve"].values, ds["label"].values
@@ -124,9 +124,9 @@ def test_every_scan_gets_its_curves_patterns_and_statistics(clustered):
     s = analyze(m, boundary_width=1.0, force=True)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
     with open(m.output_dir / "regions.csv", newline="") as f:
-        rows = {r["particle"]: r for r in csv.DictReader(f)}
+        rows = {r["scan"]: r for r in csv.DictReader(f)}
     pooled_pat, pooled_n = 0.0, 0
-    for i, p in enumerate(m.particles):
+    for i, p in enumerate(m.scans):
         assert res["particle"].values[i] == p.name
         ds = open_results(m.output_dir, p.name)
         lab, region = ds["cluster"].values, ds["region"].values
@@ -179,7 +179,7 @@ def test_scans_with_different_angles_keep_their_own_curves(clustered, monkeypatc
     """The study's particles had 21 to 41 angles: per-scan curves must not be dropped."""
     _, m = clustered
     real = analysis.open_results
-    second = m.particles[1].name
+    second = m.scans[1].name
 
     def fewer_angles(root, name):
         ds = real(root, name)
@@ -189,7 +189,7 @@ def test_scans_with_different_angles_keep_their_own_curves(clustered, monkeypatc
     s = analyze(m, boundary_width=1.0, force=True)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
     assert "cluster_rocking_curve_pooled" not in res
-    n = real(m.output_dir, m.particles[0].name).sizes["angle"]
+    n = real(m.output_dir, m.scans[0].name).sizes["angle"]
     assert res.sizes["step"] == n
     assert np.isfinite(res["scan_angle"][0]).all()
     assert np.isfinite(res["scan_angle"][1][:6]).all() and np.isnan(res["scan_angle"][1][6:]).all()
@@ -233,13 +233,13 @@ def test_study_figures_kde_and_detector_images(clustered):
     with_images = m.model_copy(update={"analysis": AnalysisSettings(detector_images=True)})
     s = analyze(with_images, force=True)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
-    for i, p in enumerate(m.particles):
+    for i, p in enumerate(m.scans):
         lab = open_results(m.output_dir, p.name)["cluster"].values
         frames = open_raw(m.output_dir, p.name)["frames"].values
         want = frames[:, lab == 1].astype(float).mean(axis=(0, 1))
         assert np.allclose(res["cluster_detector_image"][i, 1], want, rtol=1e-9)
         path = m.output_dir / "figures" / f"{p.name}_cluster_detector_images.png"
         assert path.stat().st_size > 5000
-    datasets = {p.name: open_results(m.output_dir, p.name) for p in m.particles}
+    datasets = {p.name: open_results(m.output_dir, p.name) for p in m.scans}
     path = centred_kde_figure(datasets, m.output_dir / "figures" / "kde.png")
     assert path.stat().st_size > 5000

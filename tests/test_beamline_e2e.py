@@ -39,7 +39,7 @@ def test_spndi_init_then_run_on_a_beamline_export_is_as_accurate_as_the_ideal_la
     printed = capsys.readouterr().out
     assert "p1" in printed and "samy" in printed  # the table of what it found
     m = load_manifest(manifest)
-    p = m.particle("p1")
+    p = m.scan("p1")
     assert p.positions is not None and p.mask_dataset and p.xrf_window_kev == (6.73, 7.13)
     assert all(len(files) > 1 for files in p.frame_files(m.base_dir))  # split scans
     assert main(["run", str(manifest), "--stages", "ingest-reduce", "--workers", "1"]) == 0

@@ -32,7 +32,7 @@ def test_bad_manifest_exit_code(tmp_path, capsys):
     path.write_text('name = "x"\nbogus = 1\n')
     assert main(["ingest", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "unknown key 'bogus'" in err and "particles is required" in err
+    assert "unknown key 'bogus'" in err and "scans is required" in err
 
 
 @pytest.mark.slow
@@ -79,14 +79,14 @@ def test_a_particle_that_fails_a_stage_is_named_and_the_exit_code_is_1(tmp_path,
     frames = rng.poisson(2.0, size=(2, 3, 3, 6, 6)).astype(np.uint16)
     write_angle_files(tmp_path, frames, name="good")
     data = manifest_dict("good", n_angles=2, scan_shape=(3, 3))
-    bad = manifest_dict("bad", n_angles=2, scan_shape=(3, 3))["particles"]
-    data["particles"] += bad  # no frame files written for 'bad'
+    bad = manifest_dict("bad", n_angles=2, scan_shape=(3, 3))["scans"]
+    data["scans"] += bad  # no frame files written for 'bad'
     path = tmp_path / "beamtime.toml"
     path.write_text(load(tmp_path, data).to_toml())
     assert main(["ingest", str(path), "--workers", "1"]) == 1
     out, err = capsys.readouterr()
     assert "good            ingested" in out and "bad             failed" in out
-    assert "error: ingest failed for 1 of 2 particle(s): bad" in err
+    assert "error: ingest failed for 1 of 2 scan(s): bad" in err
     # a stage that refuses its input as a whole: exit code 2 and the message, no traceback
     assert main(["cluster", str(path), "--workers", "1"]) == 2
     assert "run `spndi reduce" in capsys.readouterr().err

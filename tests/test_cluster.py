@@ -45,7 +45,7 @@ def encoded(tmp_path_factory):
 
 def _pooled(out, m, key="cluster"):
     got, truth, boundary, latent = [], [], [], []
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         gt = np.load(out / "ground_truth" / f"{p.name}.npz")
         sel = np.asarray(ds[key].values) >= 0
@@ -82,15 +82,15 @@ def test_cluster_maps_table_and_figures(encoded):
     cluster(m, k=3)
     with open(m.output_dir / "clusters.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["particle"], int(r["cluster"])) for r in rows] == [
+    assert [(r["scan"], int(r["cluster"])) for r in rows] == [
         (p, c) for p in ("p1", "p2", "all") for c in range(3)
     ]
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         lab, inside = ds["cluster"].values, ds["label"].values > 0
         assert ds["cluster"].dims == ("y", "x")
         assert (lab[~inside] == -1).all() and (lab[inside] >= 0).all()
-        mine = [r for r in rows if r["particle"] == p.name]
+        mine = [r for r in rows if r["scan"] == p.name]
         assert [int(r["pixels"]) for r in mine] == np.bincount(lab[inside], minlength=3).tolist()
         assert np.isclose(sum(float(r["fraction"]) for r in mine), 1.0, atol=1e-5)
         strain = ds["strain"].values[(lab == 1) & np.isfinite(ds["strain"].values)]
@@ -100,7 +100,7 @@ def test_cluster_maps_table_and_figures(encoded):
         d = ds["d_spacing"].values[(lab == 1) & np.isfinite(ds["d_spacing"].values)]
         assert np.isclose(float(mine[1]["d_spacing_std_A"]), d.std(), rtol=1e-6)
         assert (m.output_dir / "figures" / f"{p.name}_clusters.png").stat().st_size > 5000
-    pooled = [int(r["pixels"]) for r in rows if r["particle"] == "all"]
+    pooled = [int(r["pixels"]) for r in rows if r["scan"] == "all"]
     assert pooled == [sum(int(r["pixels"]) for r in rows[c:6:3]) for c in range(3)]
 
 
@@ -141,7 +141,7 @@ def test_bad_input(encoded):
     _, m = encoded
     with pytest.raises(ClusterError, match=r"K = 100000 clusters but only \d+ pixels"):
         cluster(m, k=100000)
-    single = cluster(m, particles=["p1"], k=2, figures=False)
+    single = cluster(m, scans=["p1"], k=2, figures=False)
     assert set(single["pixels"]) == {"p1"} and single["pixels"]["p1"] > 0
     # a particle whose latent is all NaN: a warning, a map of -1, the other one clustered
     g = zarr.open_group(str(m.output_dir / "results.zarr" / "p2"), mode="r+")
@@ -160,7 +160,7 @@ def test_bad_input(encoded):
         with pytest.raises(ClusterError, match="'p2' has no latent vectors; run `spndi encode`"):
             cluster(m, k=2, force=True)
     finally:
-        encode(m, particles=["p2"], force=True)
+        encode(m, scans=["p2"], force=True)
 
 
 @contextmanager
@@ -178,7 +178,7 @@ def _incomplete(node):
 def test_an_incomplete_result_is_a_stage_error_not_a_traceback(encoded, capsys):
     _, m = encoded
     with _incomplete(m.output_dir / "results.zarr" / "p2"):
-        with pytest.raises(ClusterError, match=r"particle 'p2': .*p2.* is incomplete"):
+        with pytest.raises(ClusterError, match=r"scan 'p2': .*p2.* is incomplete"):
             cluster(m, k=2, force=True, figures=False)
         assert main(["cluster", str(m.source), "-k", "2", "--workers", "1"]) == 2
         assert "is incomplete" in capsys.readouterr().err
@@ -194,7 +194,7 @@ def test_analysis_curves_patterns_and_regions(encoded):
     s = analyze(m, boundary_width=1.0)
     res = xr.open_dataset(s["analysis"], engine="zarr", consolidated=False)
     pats, labs, regions, truth_b = [], [], [], []
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         lab, region = ds["cluster"].values, ds["region"].values
         assert ((region >= 0) == (lab >= 0)).all()
@@ -223,7 +223,7 @@ def test_analysis_curves_patterns_and_regions(encoded):
             rtol=1e-4,
             atol=1e-9,
         )
-        ds = open_results(m.output_dir, r["particle"])
+        ds = open_results(m.output_dir, r["scan"])
         tilt = ds["tilt_y"].values[(ds["region"].values == 1) & np.isfinite(ds["tilt_y"].values)]
         assert np.isclose(float(r["boundary_tilt_y_mean_mrad"]), 1e3 * tilt.mean(), rtol=1e-6)
         assert 0 <= float(r["diff_domain_minus_boundary_tilt_y_mean_p"]) <= 1  # not scaled

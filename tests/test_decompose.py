@@ -80,7 +80,7 @@ def test_stored_loadings_are_the_projection_of_every_particle_pixel(decomposed):
     comp = xr.open_zarr(m.layout.decomposition, consolidated=False)
     c = comp["pca_components"].values.reshape(8, -1)
     mu = comp["pca_mean"].values.reshape(-1)
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         inside = ds["label"].values > 0
         pca, nmf = ds["pca_loading"].values, ds["nmf_loading"].values
@@ -94,7 +94,7 @@ def test_stored_loadings_are_the_projection_of_every_particle_pixel(decomposed):
 
 def test_dask_projection_equals_scikit_learn_in_memory_and_stays_lazy(decomposed):
     _, m, _ = decomposed
-    ds = open_results(m.output_dir, m.particles[0].name)
+    ds = open_results(m.output_dir, m.scans[0].name)
     pat, inside = ds["pattern"].values, ds["label"].values > 0
     rows, _ = pattern_rows(pat[inside])
     with threadpool_limits(1):
@@ -145,7 +145,7 @@ def test_up_to_date_and_clear_errors(decomposed, tmp_path):
     _, m, _ = decomposed
     assert decompose(m, figures=False)["status"] == "up to date"
     with pytest.raises(DecomposeError, match=r"\['nope'\] are not in the manifest"):
-        decompose(m, particles=["nope"])
+        decompose(m, scans=["nope"])
     with pytest.raises(ValueError, match="unknown decomposition 'ica'"):
         fit_decomposition(np.ones((3, 4)), "ica", 2)
 

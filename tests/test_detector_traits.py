@@ -150,8 +150,8 @@ def test_a_bad_mask_dataset_names_file_dataset_and_fix(tmp_path, mask, match):
                 f.create_dataset(MASK, data=mask)
     m = load(tmp_path, manifest_dict(n_angles=3, scan_shape=(2, 2), mask_dataset=MASK))
     with pytest.raises(IngestError, match=match):
-        plan_ingest(m, m.particles[0])
-    with pytest.raises(IngestError, match="particle 'p1'"):
+        plan_ingest(m, m.scans[0])
+    with pytest.raises(IngestError, match="scan 'p1'"):
         ingest(m)
     assert not m.layout.raw_node("p1").exists()  # refused before anything was written
 
@@ -164,9 +164,9 @@ def test_mask_dataset_with_tiff_frames_is_refused(tmp_path):
             tmp_path / f"tif/a{a}.tif", np.ones((4, 5, 6), np.uint16), photometric="minisblack"
         )
     data = manifest_dict(n_angles=2, scan_shape=(2, 2), mask_dataset=MASK)
-    data["particles"][0]["frames"] = "tif/a{index}.tif"
+    data["scans"][0]["frames"] = "tif/a{index}.tif"
     with pytest.raises(IngestError, match=r"a0\.tif is a TIFF stack.*\[reduce\] detector_mask"):
-        plan_ingest(load(tmp_path, data), load(tmp_path, data).particles[0])
+        plan_ingest(load(tmp_path, data), load(tmp_path, data).scans[0])
 
 
 # -- XRF spectra ------------------------------------------------------------------------------
@@ -296,8 +296,8 @@ def test_xrf_errors_name_file_dataset_and_fix(tmp_path, keys, energy, match):
     data = _xrf_manifest(tmp_path, **keys)
     _write_spectra(tmp_path, _spectra(6), energy=energy)
     m = load(tmp_path, data)
-    with pytest.raises(IngestError, match=r"particle 'p1': .*" + match):
-        plan_ingest(m, m.particles[0])
+    with pytest.raises(IngestError, match=r"scan 'p1': .*" + match):
+        plan_ingest(m, m.scans[0])
 
 
 def test_a_map_with_a_window_and_too_few_spectra_are_refused(tmp_path):
@@ -311,13 +311,13 @@ def test_a_map_with_a_window_and_too_few_spectra_are_refused(tmp_path):
             f.create_dataset(SPECTRA, data=np.ones(6))
     m = load(tmp_path, data)
     with pytest.raises(IngestError, match=r"has shape \(6,\); with xrf_window_kev it must hold"):
-        plan_ingest(m, m.particles[0])
+        plan_ingest(m, m.scans[0])
     for path in _files(tmp_path, 2):
         with h5py.File(path, "r+") as f:
             del f[SPECTRA]
             f.create_dataset(SPECTRA, data=_spectra(5))
     with pytest.raises(IngestError, match=r"has 5 spectra for 6 frames; fix the file"):
-        plan_ingest(m, m.particles[0])
+        plan_ingest(m, m.scans[0])
 
 
 def test_probe_xrf_reads_no_spectra(tmp_path, monkeypatch):

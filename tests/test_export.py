@@ -27,8 +27,8 @@ def analysed(clustered):  # noqa: F811
 def test_tiff_maps_and_patterns_round_trip(analysed, tmp_path):
     m = analysed
     paths = export.export_tiff(m, out_dir=tmp_path)
-    assert len(paths) == 2 + 2 * (1 + len(m.particles))
-    for p in m.particles:
+    assert len(paths) == 2 + 2 * (1 + len(m.scans))
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         maps = export.map_stack(ds)
         assert {"d_spacing", "strain", "tilt_x", "label", "cluster", "region"} <= set(maps)
@@ -53,7 +53,7 @@ def test_tiff_maps_and_patterns_round_trip(analysed, tmp_path):
         assert tif.imagej_metadata["unit"] == "1/A"
     want = res["cluster_pattern"].values.astype(np.float32)
     assert np.array_equal(data.transpose(1, 0, 2, 3), want, equal_nan=True)
-    second = m.particles[1].name
+    second = m.scans[1].name
     got = tifffile.imread(tmp_path / f"{second}_region_patterns.tif").transpose(1, 0, 2, 3)
     want = res["region_pattern_scan"].values[1].astype(np.float32)
     assert np.array_equal(got, want, equal_nan=True)
@@ -63,8 +63,8 @@ def test_nexus_nxdata_round_trip(analysed, tmp_path):
     m = analysed
     path = export.export_nexus(m, out_dir=tmp_path)
     with h5py.File(path, "r") as f:
-        assert f.attrs["NX_class"] == "NXroot" and f.attrs["default"] == m.particles[0].name
-        for p in m.particles:
+        assert f.attrs["NX_class"] == "NXroot" and f.attrs["default"] == m.scans[0].name
+        for p in m.scans:
             ds = open_results(m.output_dir, p.name)
             entry = f[p.name]
             assert entry.attrs["NX_class"] == "NXentry" and entry.attrs["default"] == "maps"
@@ -87,14 +87,14 @@ def test_nexus_nxdata_round_trip(analysed, tmp_path):
 def test_mat_round_trip_and_the_cli(analysed, tmp_path, capsys):
     m = analysed
     assert main(["export", "mat", str(m.source), "--out", str(tmp_path)]) == 0
-    first = m.particles[0].name
-    assert capsys.readouterr().out.split() == [str(tmp_path / f"{p.name}.mat") for p in m.particles]
+    first = m.scans[0].name
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"{p.name}.mat") for p in m.scans]
     got = loadmat(tmp_path / f"{first}.mat", squeeze_me=True)
     ds = open_results(m.output_dir, first)
     assert np.array_equal(got["strain"], ds["strain"].values, equal_nan=True)
     assert np.array_equal(got["cluster"], ds["cluster"].values)
     assert np.array_equal(got["x_um"], ds["x"].values)
     assert str(got["units"]["d_spacing"]) == "Å"
-    assert main(["export", "tiff", str(m.source), "--particles", first, "-o", str(tmp_path)]) == 0
+    assert main(["export", "tiff", str(m.source), "--scans", first, "-o", str(tmp_path)]) == 0
     assert (tmp_path / f"{first}_maps.tif").exists()
-    assert not (tmp_path / f"{m.particles[1].name}_maps.tif").exists()
+    assert not (tmp_path / f"{m.scans[1].name}_maps.tif").exists()

@@ -201,7 +201,7 @@ def test_aborted_scan(tmp_path, caplog):
         r"set `allow_incomplete = true`",
     ):
         ingest(load(tmp_path, data))
-    data["particles"][0]["allow_incomplete"] = True
+    data["scans"][0]["allow_incomplete"] = True
     with caplog.at_level(logging.WARNING, logger="spndi_dask"):
         ingest(load(tmp_path, data))
     assert "aborted scans" in caplog.text
@@ -227,15 +227,15 @@ def test_missing_angle_files_are_all_listed(handmade):
 
 def test_wrong_dataset_lists_existing(handmade):
     tmp, data, *_ = handmade
-    data["particles"][0]["dataset"] = "/entry/data/data"
+    data["scans"][0]["dataset"] = "/entry/data/data"
     with pytest.raises(
         IngestError,
         match=r"no dataset '/entry/data/data'.*\n.*"
         r"/entry/instrument/detector/data \(42, 9, 10\)",
     ):
         ingest(load(tmp, data))
-    data["particles"][0]["dataset"] = "/entry/instrument/detector/data"
-    data["particles"][0]["monitor"] = "/entry/Io"
+    data["scans"][0]["dataset"] = "/entry/instrument/detector/data"
+    data["scans"][0]["monitor"] = "/entry/Io"
     with pytest.raises(IngestError, match=r"no dataset '/entry/Io' \(monitor\)"):
         ingest(load(tmp, data))
 
@@ -277,8 +277,8 @@ def test_corrupt_frame_data_fails_that_particle_only(tmp_path):
         fh.write(b"\xff" * 64)
     good = manifest_dict("good", n_angles=2, scan_shape=(4, 4))
     bad = manifest_dict("bad", n_angles=2, scan_shape=(4, 4))
-    data = {**good, "particles": good["particles"] + bad["particles"]}
-    with pytest.raises(IngestError, match=r"1 of 2 particle\(s\).*\n.*bad.*angle_001.h5") as info:
+    data = {**good, "scans": good["scans"] + bad["scans"]}
+    with pytest.raises(IngestError, match=r"1 of 2 scan\(s\).*\n.*bad.*angle_001.h5") as info:
         ingest(load(tmp_path, data))
     assert info.value.summary["good"]["status"] == "ingested"
     assert np.array_equal(open_raw(tmp_path / "results", "good").frames.values, frames)
@@ -291,7 +291,7 @@ def test_tiff_stacks(tmp_path):
         (tmp_path / "tif").mkdir(exist_ok=True)
         tifffile.imwrite(tmp_path / f"tif/a{a}.tif", frames[a].reshape(15, 8, 6))
     data = manifest_dict(n_angles=3, scan_shape=(3, 5))
-    data["particles"][0]["frames"] = "tif/a{index}.tif"
+    data["scans"][0]["frames"] = "tif/a{index}.tif"
     ingest(load(tmp_path, data))
     assert np.array_equal(open_raw(tmp_path / "results", "p1").frames.values, frames)
 
@@ -309,7 +309,7 @@ def test_simulated_beamtime_round_trip(tiny_beamtime, tmp_path):
     ingest(m)
     import hdf5plugin  # noqa: F401
 
-    p = m.particles[1]
+    p = m.scans[1]
     ds = open_raw(m.output_dir, p.name)
     with h5py.File(p.frame_paths(m.base_dir)[4]) as f:
         src = f["/entry/instrument/detector/data"][:]
@@ -349,9 +349,9 @@ def test_a_monitor_without_flux_at_one_angle_is_refused_before_writing(handmade,
     write_angle_files(tmp, frames, monitor=monitor, xrf=xrf)
     m = load(tmp, data)
     with pytest.raises(IngestError) as info:
-        ingest_mod.plan_ingest(m, m.particles[0])
+        ingest_mod.plan_ingest(m, m.scans[0])
     msg = str(info.value)
-    assert "particle 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
+    assert "scan 'p1'" in msg and "angle_002.h5" in msg and "angle index 2" in msg
     assert "/entry/instrument/monitor/Io" in msg and "every scan point" in msg
     assert "fix the file" in msg and "remove `monitor`" in msg and "angles_deg" in msg
     with pytest.raises(IngestError, match=r"angle_002\.h5"):
@@ -418,7 +418,7 @@ def test_a_scan_split_across_files_ingests_bit_for_bit_as_one_file(handmade):
     ingest(whole)
     expected = _store(whole)
     # 42 points per angle in files of 5, 20 and 17 points: tiles cross the file boundaries
-    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
+    data["scans"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
     data["output"] = "results_split"
     m = load(tmp, data)
     assert ingest(m)["p1"]["status"] == "ingested"
@@ -442,7 +442,7 @@ def test_scan_axes_first_ingest_bit_for_bit_as_a_stack(handmade):
     ingest(whole)
     expected = _store(whole)
     # (rows, cols, r, c) datasets, one file of 2 rows and one of 4 per angle
-    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [14], four_d=True)
+    data["scans"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [14], four_d=True)
     data["output"] = "results_4d"
     m = load(tmp, data)
     ingest(m)
@@ -450,7 +450,7 @@ def test_scan_axes_first_ingest_bit_for_bit_as_a_stack(handmade):
     for name, value in expected.items():
         assert np.array_equal(got[name], value), name
     # one 4-D file per angle
-    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [], four_d=True)
+    data["scans"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [], four_d=True)
     data["output"] = "results_4d1"
     m = load(tmp, data)
     ingest(m)
@@ -460,9 +460,7 @@ def test_scan_axes_first_ingest_bit_for_bit_as_a_stack(handmade):
 def test_a_list_of_tiff_stacks_per_angle(tmp_path):
     frames = np.random.default_rng(4).integers(0, 1000, size=(3, 3, 5, 8, 6), dtype=np.uint16)
     data = manifest_dict(n_angles=3, scan_shape=(3, 5))
-    data["particles"][0]["frames"] = write_split_files(
-        tmp_path, frames, None, None, [4, 11], tiff=True
-    )
+    data["scans"][0]["frames"] = write_split_files(tmp_path, frames, None, None, [4, 11], tiff=True)
     ingest(load(tmp_path, data))
     assert np.array_equal(open_raw(tmp_path / "results", "p1").frames.values, frames)
 
@@ -472,7 +470,7 @@ def test_the_files_of_one_angle_must_share_the_detector(handmade):
     listing = write_split_files(tmp, frames, monitor, xrf, [20])
     with h5py.File(tmp / listing[2][1], "w") as f:
         f.create_dataset("/entry/instrument/detector/data", data=np.zeros((22, 9, 11), np.uint16))
-    data["particles"][0]["frames"] = listing
+    data["scans"][0]["frames"] = listing
     with pytest.raises(IngestError) as info:
         ingest(load(tmp, data))
     msg = str(info.value)
@@ -492,7 +490,7 @@ def test_a_split_angle_is_unchanged_while_all_its_files_are(handmade):
     from spndi_dask.status import scan_status
 
     tmp, data, frames, monitor, xrf = handmade
-    data["particles"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
+    data["scans"][0]["frames"] = write_split_files(tmp, frames, monitor, xrf, [5, 25])
     m = load(tmp, data)
     ingest(m)
     assert scan_status(m)["p1"]["ingest"] == ("done", "")
@@ -522,8 +520,8 @@ def test_a_split_angle_is_unchanged_while_all_its_files_are(handmade):
     assert np.array_equal(open_raw(m.output_dir, "p1").frames.values, new)
     # a folder moved whole: nothing read again
     shutil.move(tmp / "split", tmp / "moved")
-    data["particles"][0]["frames"] = [
-        [n.replace("split/", "moved/") for n in names] for names in data["particles"][0]["frames"]
+    data["scans"][0]["frames"] = [
+        [n.replace("split/", "moved/") for n in names] for names in data["scans"][0]["frames"]
     ]
     m2 = load(tmp, data)
     assert ingest(m2)["p1"]["status"] == "up to date"

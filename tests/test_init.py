@@ -151,7 +151,7 @@ def test_beamline_layout_gives_every_field(tmp_path):
     assert path.read_text() == result.text
     m = load_manifest(path)  # accepted unchanged
     data = tomllib.loads(result.text)
-    p1, p2 = (data["particles"][i] for i in range(2))
+    p1, p2 = (data["scans"][i] for i in range(2))
     assert [p1["name"], p2["name"]] == ["p1", "p2"]
     assert p1["frames"] == [f"raw/p1/scan_{i}.h5" for i in ids]
     assert p2["frames"] == [
@@ -197,7 +197,7 @@ def test_4d_frames_give_the_scan_shape(tmp_path):
     raw = tmp_path / "raw"
     write_particle(raw, "p1", [1, 2, 3], [0.0, 0.1, 0.2], four_d=True, scan=(3, 4))
     result = init(raw, tmp_path, step_um=(0.1, 0.1), gamma_deg=1.0, delta_deg=0.0, xrf="none")
-    p = result.manifest.particles[0]
+    p = result.manifest.scans[0]
     assert p.scan_shape == (3, 4) and p.scan_step_um == (0.1, 0.1) and p.xrf is None
     assert p.dataset == f"{EIGER}/data" and p.monitor == "/entry/instrument/monitor/i0"
     assert "# the scan axes of the 4-D frames; step --step" in result.text
@@ -214,12 +214,12 @@ def test_angle_files_without_metadata_need_angles(tmp_path):
     err = problems(raw, tmp_path, **shape)
     assert "particle 'p1': no rocking angle recorded" in err and "--angles START:STOP:NUM" in err
     result = init(raw, tmp_path, angles=(1.0, 2.0, 5), **shape)
-    p = tomllib.loads(result.text)["particles"][0]
+    p = tomllib.loads(result.text)["scans"][0]
     assert p["frames"] == "raw/p1/angle_{index:03d}.h5"
     assert p["angles_deg"] == {"start": 1.0, "stop": 2.0, "num": 5}
     assert p["scan_shape"] == [3, 4] and p["scan_step_um"] == [0.05, 0.05]
     assert "monitor" not in p and "xrf" not in p and "positions" not in p
-    assert result.manifest.particles[0].frame_paths(tmp_path)[4] == raw / "p1/angle_004.h5"
+    assert result.manifest.scans[0].frame_paths(tmp_path)[4] == raw / "p1/angle_004.h5"
     # the wrong number of angles is named
     err = problems(raw, tmp_path, angles=(1.0, 2.0, 4), **shape)
     assert "has 5 scans but --angles 1.0:2.0:4 gives 4 angles; give NUM = 5" in err
@@ -234,7 +234,7 @@ def test_tiff_stacks(tmp_path):
     assert "TIFF files record no angle; pass --angles START:STOP:NUM" in err
     result = init(raw, tmp_path, angles=(0.0, 0.2, 3), scan_shape=(2, 3), step_um=(1.0, 1.0),
                   **GEOMETRY)  # fmt: skip
-    p = tomllib.loads(result.text)["particles"][0]
+    p = tomllib.loads(result.text)["scans"][0]
     assert p["frames"] == [f"raw/p7/img_{a}.tif" for a in (1, 2, 3)]
     assert "dataset" not in p  # TIFF pages are the frames
     # too few frames for the scan shape: an error, or aborted scans with --allow-incomplete
@@ -243,7 +243,7 @@ def test_tiff_stacks(tmp_path):
     assert "fewer frames than scan_shape 3×3 = 9" in err and "--allow-incomplete" in err
     result = init(raw, tmp_path, angles=(0.0, 0.2, 3), scan_shape=(3, 3), step_um=(1.0, 1.0),
                   allow_incomplete=True, **GEOMETRY)  # fmt: skip
-    assert result.manifest.particles[0].allow_incomplete is True
+    assert result.manifest.scans[0].allow_incomplete is True
 
 
 def test_nested_particle_folders(tmp_path):
@@ -255,13 +255,13 @@ def test_nested_particle_folders(tmp_path):
     plain_file(raw / "bare" / "dark.h5", n=6)
     result = init(raw, tmp_path, scan_shape=(2, 3), step_um=(0.1, 0.1), **GEOMETRY)
     m = result.manifest
-    assert [p.name for p in m.particles] == ["bare_p1", "coated_p1"]
-    assert m.particles[1].frames == "raw/coated/p1/s{index}.h5"  # a template where one fits
-    assert m.particles[1].frame_paths(tmp_path) == [
+    assert [p.name for p in m.scans] == ["bare_p1", "coated_p1"]
+    assert m.scans[1].frames == "raw/coated/p1/s{index}.h5"  # a template where one fits
+    assert m.scans[1].frame_paths(tmp_path) == [
         raw / "coated/p1/s0.h5",
         raw / "coated/p1/s1.h5",
     ]
-    assert m.particles[0].angles.tolist() == [5.0, 5.1]
+    assert m.scans[0].angles.tolist() == [5.0, 5.1]
     assert m.name == tmp_path.name  # "raw" says nothing: the folder above names the beamtime
     skipped = "\n".join(result.report.skipped)
     assert "bare/dark.h5 (named like a dark" in skipped and "1 files that are not HDF5" in skipped
@@ -275,9 +275,9 @@ def test_group_regex_makes_particles_of_a_flat_folder(tmp_path):
     grid = dict(scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
     result = init(raw, tmp_path, group=r"(?P<particle>p\d+)_scan", **grid)
     m = result.manifest
-    assert [p.name for p in m.particles] == ["p1", "p2"]
-    assert m.particles[1].frames == "raw/p2_scan_{index}.h5"
-    assert m.particles[1].angles.tolist() == [3.0, 3.2, 3.4]
+    assert [p.name for p in m.scans] == ["p1", "p2"]
+    assert m.scans[1].frames == "raw/p2_scan_{index}.h5"
+    assert m.scans[1].angles.tolist() == [3.0, 3.2, 3.4]
     err = problems(raw, tmp_path, group=r"p\d+", **grid)
     assert "has no named group 'particle'" in err
     # without --group the flat folder is one particle whose angles repeat
@@ -296,7 +296,7 @@ def test_two_detector_datasets_of_the_same_size(tmp_path):
     assert "raw/p1/a0.h5" in err and "raw/p1/a1.h5" in err  # every file named
     result = init(raw, tmp_path, dataset="/entry/other/frames", scan_shape=(2, 3),
                   step_um=(0.1, 0.1), **GEOMETRY)  # fmt: skip
-    assert result.manifest.particles[0].dataset == "/entry/other/frames"
+    assert result.manifest.scans[0].dataset == "/entry/other/frames"
 
 
 def test_two_monitors_and_two_angles(tmp_path):
@@ -310,14 +310,14 @@ def test_two_monitors_and_two_angles(tmp_path):
     assert "pass --monitor PATH (or --monitor none)" in err
     assert "several recorded angles change from scan to scan" in err and "--angle-path" in err
     m = init(raw, tmp_path, monitor="/entry/ic1", angle_path="/entry/omega", **grid).manifest
-    assert m.particles[0].monitor == "/entry/ic1" and m.particles[0].angles.tolist() == [
+    assert m.scans[0].monitor == "/entry/ic1" and m.scans[0].angles.tolist() == [
         20.0, 19.0, 18.0
     ]  # fmt: skip
     m = init(raw, tmp_path, monitor="none", angle_path="/entry/theta", **grid).manifest
-    assert m.particles[0].monitor is None
+    assert m.scans[0].monitor is None
     # --angles settles it too
     m = init(raw, tmp_path, monitor="none", angles=(5.0, 6.0, 3), **grid).manifest
-    assert m.particles[0].angles.tolist() == [5.0, 5.5, 6.0]
+    assert m.scans[0].angles.tolist() == [5.0, 5.5, 6.0]
 
 
 def test_angles_not_monotonic_in_scan_order(tmp_path):
@@ -330,9 +330,9 @@ def test_angles_not_monotonic_in_scan_order(tmp_path):
     assert "raw/p1/scan_12.h5 (1.3) -> raw/p1/scan_13.h5 (1.2)" in err
     assert "--sort angle" in err and "--exclude" in err
     m = init(raw, tmp_path, sort="angle", **grid).manifest
-    assert m.particles[0].frames[2:] == ["raw/p1/scan_13.h5", "raw/p1/scan_12.h5"]
+    assert m.scans[0].frames[2:] == ["raw/p1/scan_13.h5", "raw/p1/scan_12.h5"]
     m = init(raw, tmp_path, exclude=("scan_13.h5",), **grid).manifest
-    assert m.particles[0].angles.tolist() == [1.0, 1.1, 1.3]
+    assert m.scans[0].angles.tolist() == [1.0, 1.1, 1.3]
 
 
 def test_inconsistent_scan_shapes_between_files(tmp_path):
@@ -357,7 +357,7 @@ def test_xrf_spectra_need_a_window_and_energies(tmp_path):
     err = problems(raw, tmp_path, xrf_window_kev=(6.8, 7.1), **grid)
     assert "no dataset of the energy of the 32 bins" in err and "--xrf-calibration" in err
     p = init(raw, tmp_path, xrf_window_kev=(6.8, 7.1), xrf_calibration=(0.0, 0.5), **grid)
-    particle = p.manifest.particles[0]
+    particle = p.manifest.scans[0]
     assert particle.xrf == "/entry/fluo/spectrum" and particle.xrf_window_kev == (6.8, 7.1)
     assert particle.xrf_calibration.gain_kev == 0.5 and particle.xrf_energy is None
 
@@ -397,7 +397,7 @@ def test_a_split_scan_whose_parts_record_different_angles(tmp_path):
     err = problems(raw, tmp_path, **grid)
     assert "scan_5/ was taken for one scan split across 3 files" in err and "--no-split" in err
     m = init(raw, tmp_path, split=False, **grid).manifest
-    assert m.particles[0].name == "scan_5" and m.particles[0].angles.tolist() == [0.0, 1.0, 2.0]
+    assert m.scans[0].name == "scan_5" and m.scans[0].angles.tolist() == [0.0, 1.0, 2.0]
 
 
 def test_other_names_by_flag(tmp_path):
@@ -415,14 +415,14 @@ def test_other_names_by_flag(tmp_path):
     options = dict(angle_path="/entry@rot", **GEOMETRY)
     result = init(raw, tmp_path, names=(("monitor", ("flux",), True),),
                   positions=("/entry/scan/motor_a", "/entry/scan/motor_b"), **options)  # fmt: skip
-    p = result.manifest.particles[0]
+    p = result.manifest.scans[0]
     assert p.monitor == "/entry/scan/flux" and p.angles.tolist() == [30.0, 31.0, 32.0]
     assert p.positions.y == "/entry/scan/motor_a" and p.positions.units == "um"
     assert p.scan_shape == (4, 5) and p.scan_step_um == (0.2, 0.2) and p.scan_order == "snake"
     assert any("no units attribute; µm assumed" in g for g in result.report.guesses)
     # the same by names: a monitor list of its own, a pair of position names
     names = (("monitor", ("flux",), False), ("positions", ("motor_a:motor_b",), True))
-    again = init(raw, tmp_path, names=names, **options).manifest.particles[0]
+    again = init(raw, tmp_path, names=names, **options).manifest.scans[0]
     assert again.positions == p.positions and again.monitor == p.monitor
 
 
@@ -442,7 +442,7 @@ def test_results_folder_is_never_the_raw_folder(tmp_path):
     plain_file(raw / "results" / "stray.h5", n=4)
     again = init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(**grid), force=True)
     assert again.manifest.output_dir == raw / "results"
-    assert [p.name for p in again.manifest.particles] == ["p1"]
+    assert [p.name for p in again.manifest.scans] == ["p1"]
 
 
 def test_an_angle_some_files_lack(tmp_path):

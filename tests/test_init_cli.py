@@ -27,17 +27,17 @@ def test_output_and_force(tmp_path, capsys):
     path = tmp_path / "bt" / "beamtime.toml"
     m = load_manifest(path)
     assert m.output_dir == tmp_path / "bt" / "results"
-    assert m.particles[0].frames == "../raw/p1/a{index}.h5"  # relative to the manifest
+    assert m.scans[0].frames == "../raw/p1/a{index}.h5"  # relative to the manifest
     path.write_text("# mine\n")
     assert main(args) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert path.read_text() == "# mine\n"
     assert main([*args, "--force"]) == 0
-    assert load_manifest(path).particles[0].name == "p1"
+    assert load_manifest(path).scans[0].name == "p1"
     # -o - prints the manifest and writes nothing
     capsys.readouterr()
     assert main([*args[:2], "-o", "-", *args[4:]]) == 0
-    assert tomllib.loads(capsys.readouterr().out)["particles"][0]["name"] == "p1"
+    assert tomllib.loads(capsys.readouterr().out)["scans"][0]["name"] == "p1"
 
 
 # -- end to end on the simulator's files -----------------------------------------------------------
@@ -64,7 +64,7 @@ def test_simulated_beamtime_gives_the_simulators_manifest(tmp_path, capsys):
     made = load_manifest(path)
     assert made.output_dir == truth.output_dir
     assert made.geometry_for("p1") == truth.geometry_for("p1")
-    for mine, theirs in zip(made.particles, truth.particles, strict=True):
+    for mine, theirs in zip(made.scans, truth.scans, strict=True):
         assert mine.name == theirs.name
         assert mine.frame_files(tmp_path) == theirs.frame_files(tmp_path)
         assert mine.frames == theirs.frames  # the same template
@@ -73,10 +73,10 @@ def test_simulated_beamtime_gives_the_simulators_manifest(tmp_path, capsys):
         assert mine.positions is None and mine.mask_dataset is None
         np.testing.assert_array_equal(mine.angles, theirs.angles)
     # --angles instead of the recorded angles: the same values
-    start, stop = truth.particles[0].angles[[0, -1]]
+    start, stop = truth.scans[0].angles[[0, -1]]
     args = ["init", str(tmp_path / "raw"), "-o", str(path), "--force", *simulator_flags(cfg)]
     assert main([*args, "--angles", f"{start}:{stop}:{cfg.n_angles}"]) == 0
-    np.testing.assert_allclose(load_manifest(path).particles[1].angles, truth.particles[1].angles)
+    np.testing.assert_allclose(load_manifest(path).scans[1].angles, truth.scans[1].angles)
 
 
 @pytest.mark.slow
@@ -128,7 +128,7 @@ def test_beamline_preset_gives_the_simulators_manifest(tmp_path, capsys, frames_
     split = {} if frames_4d else {"frames_per_file": 256}
     cfg = preset("beamline", n_particles=2, n_angles=4, frames_4d=frames_4d, **split)
     truth = simulate_beamtime(tmp_path, cfg, scheduler="threads")
-    window = truth.particles[0].xrf_window_kev
+    window = truth.scans[0].xrf_window_kev
     path = tmp_path / "init.toml"
     args = ["init", str(tmp_path / "raw"), "-o", str(path), "--xrf-window", "{}:{}".format(*window)]
     assert main(args) == 0, capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_beamline_preset_gives_the_simulators_manifest(tmp_path, capsys, frames_
     keys = ("name", "frames", "dataset", "monitor", "xrf", "xrf_window_kev", "xrf_energy",
             "xrf_calibration", "mask_dataset", "positions", "scan_shape", "scan_step_um",
             "scan_order")  # fmt: skip
-    for mine, theirs in zip(made.particles, truth.particles, strict=True):
+    for mine, theirs in zip(made.scans, truth.scans, strict=True):
         for key in keys:
             assert getattr(mine, key) == getattr(theirs, key), key
         np.testing.assert_array_equal(mine.angles, theirs.angles)

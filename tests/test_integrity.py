@@ -77,7 +77,7 @@ def test_a_flipped_byte_in_a_result_is_an_error_naming_array_particle_and_fix(co
         ds["strain"].values  # noqa: B018
     msg = str(err.value)
     assert "results.zarr/p1/strain" in msg
-    assert f"spndi reduce {copy.source} --particles p1 --force" in msg
+    assert f"spndi reduce {copy.source} --scans p1 --force" in msg
     assert [(d.particle, d.array, d.stage) for d in err.value.damage] == [
         ("p1", "p1/strain", "reduce")
     ]
@@ -195,9 +195,9 @@ def test_a_moved_or_copied_beamtime_is_not_recomputed(original, tmp_path):
     assert {s["reduce"][0] for s in scan_status(m).values()} == {"done"}  # nothing read
     assert _statuses(reduce(m)) == {"p1": "up to date", "p2": "up to date"}
     # a file whose content changed is ingested again
-    path = m.particle("p1").frame_paths(m.base_dir)[0]
+    path = m.scan("p1").frame_paths(m.base_dir)[0]
     with h5py.File(path, "r+") as f:
-        f[m.particle("p1").dataset][0, 0, 0] += 1
+        f[m.scan("p1").dataset][0, 0, 0] += 1
     assert ingest(m)["p1"]["angles_written"] == 1
 
 

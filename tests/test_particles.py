@@ -30,7 +30,7 @@ def small(tmp_path_factory):
 
 def _with(m: Manifest, out, **particle_keys) -> Manifest:
     d = m.to_dict()
-    for p in d["particles"]:
+    for p in d["scans"]:
         p.update(particle_keys.get(p["name"], {}))
     return Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
 
@@ -38,7 +38,7 @@ def _with(m: Manifest, out, **particle_keys) -> Manifest:
 def test_masks_match_the_true_particles(small):
     out, m, summary = small
     assert {s["status"] for s in summary.values()} == {"done"}
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         truth = np.load(out / "ground_truth" / f"{p.name}.npz")
         labels = ds["label"].values
@@ -57,10 +57,10 @@ def test_statistics_match_the_true_fields(small):
     with open(m.output_dir / "particles.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(COLUMNS)
-    assert [r["particle"] for r in rows] == ["p1", "p2", "p2"]  # manifest order, one per label
+    assert [r["scan"] for r in rows] == ["p1", "p2", "p2"]  # manifest order, one per label
     for row in rows:
-        ds = open_results(m.output_dir, row["particle"])
-        truth = np.load(out / "ground_truth" / f"{row['particle']}.npz")
+        ds = open_results(m.output_dir, row["scan"])
+        truth = np.load(out / "ground_truth" / f"{row['scan']}.npz")
         region = (ds["label"].values == int(row["label"])) & ds["valid"].values
         assert int(row["valid_pixels"]) == region.sum()
         inside = region & truth["particle_mask"]  # the truth has no fields outside
@@ -74,7 +74,7 @@ def test_statistics_match_the_true_fields(small):
             ("p95", lambda v: np.percentile(v, 95), 3e-4),
         ):
             got = float(row[f"d_spacing_{stat}_A"])
-            assert got == pytest.approx(fn(d_true), rel=tol), (row["particle"], row["label"], stat)
+            assert got == pytest.approx(fn(d_true), rel=tol), (row["scan"], row["label"], stat)
         # spreads are frame independent: compare with the true strain / tilt spreads
         assert float(row["strain_std"]) == pytest.approx(truth["strain"][inside].std(), abs=1e-4)
         for tilt in ("tilt_x", "tilt_y"):  # mrad in the table, rad in the truth and the maps
@@ -118,7 +118,7 @@ def test_figures_are_written_with_shared_centred_limits(small):
     assert "beamtime_overview.png" in names
     for path in fig_dir.iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    limits = map_limits({p.name: open_results(m.output_dir, p.name) for p in m.particles})
+    limits = map_limits({p.name: open_results(m.output_dir, p.name) for p in m.scans})
     for name in ("strain", "tilt_x", "tilt_y"):
         lo, hi = limits[name]
         assert lo == -hi and hi > 0
@@ -129,10 +129,19 @@ def test_figures_are_written_with_shared_centred_limits(small):
 def test_rerun_is_up_to_date_and_force_redoes(small):
     _, m, _ = small
     assert {s["status"] for s in stats(m, figures=False).values()} == {"up to date"}
-    again = stats(m, particles=["p1"], force=True, figures=False)
+    again = stats(m, scans=["p1"], force=True, figures=False)
     assert again == {"p1": {"status": "done", "labels": 1, "method": "intensity otsu"}}
     with open(m.output_dir / "particles.csv", newline="") as f:
-        assert [r["particle"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
+        assert [r["scan"] for r in csv.DictReader(f)] == ["p1", "p2", "p2"]
+    # a table written before the column was "scan" is read, and rewritten with "scan"
+    path = m.output_dir / "particles.csv"
+    text = path.read_text()
+    assert text.startswith("scan,label,")
+    path.write_text("particle" + text.removeprefix("scan"))
+    with pytest.warns(DeprecationWarning, match=r"stats\(particles=...\) is deprecated"):
+        old_keyword = stats(m, particles=["p2"], figures=False)  # the old keyword still works
+    assert old_keyword == {"p2": {"status": "up to date", "labels": 2}}
+    assert path.read_text() == text
 
 
 def test_a_table_in_stored_units_is_redone_with_unit_columns(small):
@@ -150,7 +159,7 @@ def test_a_table_in_stored_units_is_redone_with_unit_columns(small):
 
 def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     out, m, _ = small
-    ny, nx = m.particles[0].scan_shape
+    ny, nx = m.scans[0].scan_shape
     mask = np.zeros((ny, nx), np.uint8)
     mask[2:8, 3:9] = 1
     np.save(out / "p1_mask.npy", mask)
@@ -166,16 +175,16 @@ def test_user_masks_empty_scan_and_wrong_shape(small, caplog):
     assert summary["p2"]["status"] == "no particle"
     assert "no particle" in caplog.text
     with open(m.output_dir / "particles.csv", newline="") as f:
-        rows = {r["particle"]: r for r in csv.DictReader(f)}
+        rows = {r["scan"]: r for r in csv.DictReader(f)}
     assert rows["p2"]["pixels"] == "0" and "no particle" in rows["p2"]["warning"]
 
     m2 = _with(m, out, p1={"mask": "wrong.npy"})
-    summary = stats(m2, particles=["p1"], figures=False)
+    summary = stats(m2, scans=["p1"], figures=False)
     assert summary["p1"]["status"] == "failed"
     assert f"[{ny + 1}, {nx}]" in summary["p1"]["error"]
     assert f"[{ny}, {nx}]" in summary["p1"]["error"]
     with pytest.raises(ParticleError, match="not in the manifest"):
-        stats(m, particles=["nope"])
+        stats(m, scans=["nope"])
     stats(m, force=True, figures=False)  # back to the automatic labels for other tests
 
 

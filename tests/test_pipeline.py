@@ -268,12 +268,12 @@ def test_run_isolates_a_bad_particle_and_reruns_in_seconds(beamtime, capsys, mon
     for line in capsys.readouterr().out.splitlines()[1:]:
         if line and not line.startswith(" "):  # the table, not the notes under it
             table.setdefault(line.split()[0], line.split()[1:])
-    assert table["particle"] == ["ingest", "reduce", "stats", "features", "cluster", "analysis"]
+    assert table["scan"] == ["ingest", "reduce", "stats", "features", "cluster", "analysis"]
     assert table["p1"] == ["done"] * 6 and table["p2"] == ["done"] * 6
     assert table["p3"][0] == "failed" and table["p3"][1] == "not"
     # a second run of the finished beamtime does no work again
     t0 = time.perf_counter()
-    assert cli.main([*args, "--particles", "p1", "p2", "--no-performance-report"]) == 0
+    assert cli.main([*args, "--scans", "p1", "p2", "--no-performance-report"]) == 0
     rerun = capsys.readouterr().out
     assert time.perf_counter() - t0 < 30
     for stage in ("ingest", "reduce", "stats", "train", "encode", "cluster", "analyze"):
@@ -312,7 +312,7 @@ def test_failed_stage_skips_what_needs_it_and_still_reports(beamtime):
             session.client,
             stages=["encode", "cluster", "analyze", "report"],
             options=RunOptions(
-                particles=["p1", "p2"], checkpoint=str(out / "missing.safetensors"), force=True
+                scans=["p1", "p2"], checkpoint=str(out / "missing.safetensors"), force=True
             ),
         )
     status = {r.stage: r.status for r in results}
@@ -326,7 +326,7 @@ def test_failed_stage_skips_what_needs_it_and_still_reports(beamtime):
 def test_unknown_particle_is_refused_before_any_work(tmp_path):
     m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
     with pytest.raises(ValueError, match=r"\['nope'\] are not in the manifest"):
-        run(m, stages=["reduce"], options=RunOptions(particles=["nope"]))
+        run(m, stages=["reduce"], options=RunOptions(scans=["nope"]))
     assert not (Path(m.output_dir) / "results.zarr").exists()
     assert os.listdir(tmp_path)  # the beamtime itself is there
 

@@ -177,7 +177,7 @@ def test_positions_exactly_on_the_grid_give_the_raster_ingest_bit_for_bit(tmp_pa
             rows, cols = np.divmod(np.arange(6 * 7), 7)
             f[POS_Y] = (3.0 + rows * 0.05) * 1e-3
             f[POS_X] = (-2.0 + cols * 0.05) * 1e-3
-    data["particles"][0]["positions"] = {**POSITIONS, "units": "mm"}
+    data["scans"][0]["positions"] = {**POSITIONS, "units": "mm"}
     data["output"] = "results_positions"
     m = load(tmp_path, data)
     ingest(m)
@@ -211,7 +211,7 @@ def test_a_jittered_overshooting_snake_is_placed_on_the_grid(tmp_path, caplog):
         first_offset=(0.3, -0.3),
         drop={1: [2 * 7 + 3]},
     )
-    data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
+    data["scans"][0]["positions"] = {**POSITIONS, "units": "nm"}
     m = load(tmp_path, data)
     with caplog.at_level(logging.WARNING, logger="spndi_dask"):
         summary = ingest(m)
@@ -268,7 +268,7 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
     ingest(plain)
     assert "position_y" not in open_raw(plain.output_dir, "p1")
     rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05), jitter=0.1, overshoot=1)
-    data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
+    data["scans"][0]["positions"] = {**POSITIONS, "units": "nm"}
     m = load(tmp_path, data)
     real = ingest_write._write_tile
 
@@ -290,7 +290,7 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
     assert ingest(m)["p1"]["status"] == "up to date"
     # raster files without positions again: the position arrays go
     write_angle_files(tmp_path, frames, monitor=monitor, xrf=xrf)
-    del data["particles"][0]["positions"]
+    del data["scans"][0]["positions"]
     ingest(load(tmp_path, data))
     ds = open_raw(m.output_dir, "p1")
     assert "position_y" not in ds and np.array_equal(ds.frames.values, frames)
@@ -299,7 +299,7 @@ def test_resume_and_switching_positions_on_and_off(tmp_path, monkeypatch):
 def test_a_fly_scan_split_across_files_reads_as_one(tmp_path):
     paths, data, *_ = _handmade(tmp_path)
     rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05), jitter=0.15, overshoot=2, seed=5)
-    data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
+    data["scans"][0]["positions"] = {**POSITIONS, "units": "nm"}
     whole = load(tmp_path, data)
     ingest(whole)
     # each angle's 54 points in files of 20 and 34, positions with them, frames as (2, 10, r, c)
@@ -319,7 +319,7 @@ def test_a_fly_scan_split_across_files_reads_as_one(tmp_path):
                     f[key] = part
             names.append(name)
         listing.append(names)
-    data["particles"][0]["frames"] = listing
+    data["scans"][0]["frames"] = listing
     data["output"] = "results_split"
     split = load(tmp_path, data)
     ingest(split)
@@ -337,12 +337,12 @@ def test_positions_whose_length_is_not_the_frames_are_refused(tmp_path):
         x = f[POS_X][()]
         del f[POS_X]
         f[POS_X] = x[:-1]
-    data["particles"][0]["positions"] = POSITIONS
+    data["scans"][0]["positions"] = POSITIONS
     m = load(tmp_path, data)
     with pytest.raises(IngestError) as info:
         ingest(m)
     msg = str(info.value)
-    assert "particle 'p1'" in msg and "angle_002.h5" in msg and POS_X in msg
+    assert "scan 'p1'" in msg and "angle_002.h5" in msg and POS_X in msg
     assert "41 values for 42 frames" in msg and "remove `positions`" in msg
     assert not m.layout.raw_node("p1").exists()
 
@@ -350,7 +350,7 @@ def test_positions_whose_length_is_not_the_frames_are_refused(tmp_path):
 def test_positions_in_other_units_than_said_are_refused(tmp_path):
     paths, data, *_ = _handmade(tmp_path)
     rewrite_as_fly_scan(paths, (6, 7), (0.05, 0.05), units="nm")
-    data["particles"][0]["positions"] = POSITIONS  # µm: the scan looks 1000 times too large
+    data["scans"][0]["positions"] = POSITIONS  # µm: the scan looks 1000 times too large
     m = load(tmp_path, data)
     with pytest.raises(IngestError) as info:
         ingest(m)
@@ -380,7 +380,7 @@ def accuracy(tmp_path_factory):
     ingest(m)
     reduce(m)
     ideal = _errors(open_results(m.output_dir, "p1").compute(), out / "ground_truth" / "p1.npz")
-    p = m.particles[0]
+    p = m.scans[0]
     rewrite_as_fly_scan(
         p.frame_paths(m.base_dir),
         p.scan_shape,
@@ -391,7 +391,7 @@ def accuracy(tmp_path_factory):
         seed=3,
     )
     data = m.to_dict()
-    data["particles"][0]["positions"] = {**POSITIONS, "units": "nm"}
+    data["scans"][0]["positions"] = {**POSITIONS, "units": "nm"}
     data["output"] = "results_fly"
     fly = Manifest.from_dict(data, base_dir=out, source=str(out / "beamtime.toml"))
     ingest(fly)

@@ -133,11 +133,11 @@ def test_corrupt_chunk_fails_that_particle_with_a_clear_message(beamtime):
         chunk.write_bytes(bytes(data))
         results = run(m, s.client, stages="reduce-stats", options=RunOptions(progress=False))
     reduce = next(r for r in results if r.stage == "reduce")
-    assert reduce.particles == {"p1": "failed", "p2": "reduced"}
+    assert reduce.scans == {"p1": "failed", "p2": "reduced"}
     msg = reduce.errors["p1"]
     assert "is damaged" in msg and f"{m.output_dir / 'raw.zarr' / 'p1'}/frames, angle index" in msg
     assert f"spndi verify {m.source}" in msg
     stats = next(r for r in results if r.stage == "stats")
-    assert stats.particles == {"p2": "done"}  # p1 skipped the later stage, p2 went on
+    assert stats.scans == {"p2": "done"}  # p1 skipped the later stage, p2 went on
     p2 = _maps(m, ["p2"])
     _assert_identical(p2, {k: v for k, v in reference.items() if k.startswith("p2/")})

@@ -93,7 +93,7 @@ def test_gpu_config_requests_gres_and_routes_encode_to_gpu_workers(slurm, small_
         results = run(m, client, stages="ingest-encode", options=RunOptions(progress=False))
     status = {r.stage: r for r in results}
     assert not any(r.failed for r in results), [(r.stage, r.errors) for r in results]
-    assert status["encode"].particles == {"p1": "encoded"}
+    assert status["encode"].scans == {"p1": "encoded"}
     # no CUDA behind the fake GPU: the worker encoded on its CPU, the latents are finite
     latent = open_results(m.output_dir, "p1")["latent"].values
     assert np.isfinite(latent).all(axis=-1).sum() > 0

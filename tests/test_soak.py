@@ -38,9 +38,9 @@ def test_repeated_runs_keep_memory_flat_and_results_identical(tmp_path):
     simulate_beamtime(tmp_path, preset("tiny", n_particles=3), scheduler="sync")
     text = (tmp_path / "beamtime.toml").read_text()
     two = tmp_path / "beamtime-2.toml"  # the beamtime before p3 was measured
-    two.write_text("[[particles]]".join(text.split("[[particles]]")[:3]))
+    two.write_text("[[scans]]".join(text.split("[[scans]]")[:3]))
     m2, m3 = load_manifest(two), load_manifest(tmp_path / "beamtime.toml")
-    assert [p.name for p in m2.particles] == ["p1", "p2"]
+    assert [p.name for p in m2.scans] == ["p1", "p2"]
 
     memory, first = [], None
     with open_cluster(n_workers=2, dashboard_address="127.0.0.1:0") as s:
@@ -57,7 +57,7 @@ def test_repeated_runs_keep_memory_flat_and_results_identical(tmp_path):
             memory.append((_rss(), max(workers.values())))
         # p3 is measured: only it is ingested, reduced and segmented
         r = run(m3, s.client, stages="ingest-stats", options=RunOptions(progress=False))
-    status = {x.stage: x.particles for x in r}
+    status = {x.stage: x.scans for x in r}
     assert status["ingest"] == {"p1": "up to date", "p2": "up to date", "p3": "ingested"}
     assert status["reduce"] == {"p1": "up to date", "p2": "up to date", "p3": "reduced"}
     assert status["stats"]["p3"] == "done"

@@ -40,7 +40,7 @@ def test_every_stage_has_a_subcommand_with_its_options():
         assert p.description == s.description
         flags = {f for a in p._actions for f in a.option_strings}
         if s.name != "report":
-            assert {"--particles", "--force", "--cluster", "--workers"} <= flags
+            assert {"--scans", "--force", "--cluster", "--workers"} <= flags
         assert ("--no-figures" in flags) == ("figures" in s.options)
         assert ("-k" in flags) == ("k" in s.options)
         assert ("--checkpoint" in flags) == ("checkpoint" in s.options)
@@ -64,7 +64,7 @@ def test_outcome_reads_and_serialises_as_its_value():
     assert Outcome("clustered") is Outcome.CLUSTERED
     with pytest.raises(ValueError):
         Outcome("finished")
-    r = StageResult("reduce", Outcome.DONE, particles={"p1": Outcome.FAILED, "p2": Outcome.REDUCED})
+    r = StageResult("reduce", Outcome.DONE, scans={"p1": Outcome.FAILED, "p2": Outcome.REDUCED})
     assert r.failed and [row["status"] for row in r.rows()] == ["failed", "reduced"]
 
 
@@ -94,3 +94,26 @@ def test_stage_table_is_cheap_to_import():
     code = "import sys, spndi_dask.stages; print(sorted({'numpy', 'dask'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_old_particles_flag_is_a_hidden_alias_of_scans(tmp_path, capsys):
+    parser = _parser()
+    for argv in (["run", "bt.toml"], ["reduce", "bt.toml"], ["verify", "bt.toml"],
+                 ["export", "tiff", "bt.toml"]):  # fmt: skip
+        new = parser.parse_args([*argv, "--scans", "p1", "p2"])
+        old = parser.parse_args([*argv, "--particles", "p1", "p2"])
+        assert new.scans == old.scans == ["p1", "p2"]
+        assert not hasattr(new, "deprecated") and len(old.deprecated) == 1
+        assert "--particles is deprecated: use --scans" in old.deprecated[0]
+    assert parser.parse_args(["view", "out", "--particles", "p1,p2"]).scans == ["p1", "p2"]
+    assert parser.parse_args(["simulate", "out", "--particles", "4"]).scans == 4
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    assert "--scans" in sub["reduce"].format_help()
+    assert "--particles" not in sub["reduce"].format_help()  # hidden
+    # main() logs the one line (here before the missing manifest stops the command)
+    from spndi_dask.cli import main
+
+    assert main(["verify", str(tmp_path / "none.toml"), "--particles", "p1"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert lines == ["WARNING spndi_dask.cli: --particles is deprecated: use --scans (a manifest "
+                     "entry is a scan)"]  # fmt: skip

@@ -24,8 +24,8 @@ def _attrs(group, attrs):
 def beamtime(tmp_path):
     """Two scans whose every stage is recorded complete and current."""
     data = manifest_dict("p1", n_angles=2, scan_shape=(2, 2))
-    data["particles"].append({**data["particles"][0], "name": "p2"})
-    data["particles"][1]["frames"] = "raw/p2/angle_{index:03d}.h5"
+    data["scans"].append({**data["scans"][0], "name": "p2"})
+    data["scans"][1]["frames"] = "raw/p2/angle_{index:03d}.h5"
     m = load(tmp_path, data)
     out = m.output_dir
     ckpt = out / "features" / "model.safetensors"
@@ -34,7 +34,7 @@ def beamtime(tmp_path):
     digest = hashlib.sha256(b"weights v1").hexdigest()
     _attrs(out / "results.zarr", {"clusters": {"fingerprint": "c1"}})
     _attrs(out / "analysis.zarr", {"fingerprint": "a1"})
-    for p in m.particles:
+    for p in m.scans:
         sources = []
         for path in p.frame_paths(m.base_dir):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def test_nothing_written_reads_not_run(tmp_path):
 
 
 def test_a_changed_frame_file_makes_ingest_and_everything_after_it_stale(beamtime):
-    path = beamtime.particle("p1").frame_paths(beamtime.base_dir)[1]
+    path = beamtime.scan("p1").frame_paths(beamtime.base_dir)[1]
     path.write_bytes(b"frames, measured again")
     st = scan_status(beamtime)
     assert st["p1"]["ingest"][0] == "stale"

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    for note in getattr(args, "deprecated", []):
+        logger.warning("%s", note)
     if args.command not in ("init", "status", "report", "export", "export-ply", "view"):
         # dask_jobqueue sets its own SIGINT handler (sys.exit) when imported: import it first
         import spndi_dask.dask_clusters  # noqa: F401

@@ -1,5 +1,5 @@
-"""What the ``spndi`` subcommands share: manifest and cluster arguments, the cluster session,
-the output's lock, the per-particle summary table, the pipeline's options.
+"""What the ``spndi`` subcommands share: manifest, scan and cluster arguments, the cluster
+session, the output's lock, the per-scan summary table, the pipeline's options.
 """
 
 from __future__ import annotations
@@ -28,6 +28,36 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
         "--workers", type=int, help="LocalCluster workers (default: cores); SLURM/PBS: jobs"
     )
     g.add_argument("--threads-per-worker", type=int, help="threads per worker (default: 1)")
+
+
+class _OldName(argparse.Action):
+    """A deprecated option name: stores into the new option's ``dest``, and leaves one line in
+    ``args.deprecated`` that :func:`spndi_dask.cli.main` logs once logging is set up."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        note = f"{option_string} is deprecated: use {self.new} (a manifest entry is a scan)"
+        namespace.deprecated = [*getattr(namespace, "deprecated", []), note]
+
+
+def _add_scans_arg(
+    p: argparse.ArgumentParser, help: str = "only these scans (default: all)", **kwargs: Any
+) -> None:
+    """``--scans``, and its old name ``--particles`` (hidden; logs that it is deprecated)."""
+    kwargs = {"nargs": "+", "metavar": "NAME", **kwargs}
+    p.add_argument("--scans", help=help, **kwargs)
+    p.add_argument(
+        "--particles",
+        dest="scans",
+        action=_OldName,
+        new="--scans",
+        help=argparse.SUPPRESS,
+        **kwargs,
+    )
 
 
 def _manifest_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -84,7 +114,7 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[Any, int]]) -> None:
-    """One row per particle: name, status and ``columns``.
+    """One row per scan: name, status and ``columns``.
 
     ``columns`` maps a header to ``(summary key or function of the summary, width)``; width 0
     is a last free-width column.
@@ -93,9 +123,7 @@ def _print_table(summary: dict[str, dict[str, Any]], columns: dict[str, tuple[An
     def cell(text: Any, width: int) -> str:
         return f"{text!s:>{width}}" if width else f"  {text}"
 
-    print(
-        f"\n{'particle':<16}{'status':<14}" + "".join(cell(h, w) for h, (_, w) in columns.items())
-    )
+    print(f"\n{'scan':<16}{'status':<14}" + "".join(cell(h, w) for h, (_, w) in columns.items()))
     for name, s in summary.items():
         cells = "".join(
             cell(get(s) if callable(get) else s.get(get, ""), w) for get, w in columns.values()
@@ -140,7 +168,7 @@ def _run_options(args: argparse.Namespace, **extra: Any) -> Any:
     from spndi_dask.pipeline import RunOptions
 
     return RunOptions(
-        particles=getattr(args, "particles", None),
+        scans=getattr(args, "scans", None),
         force=getattr(args, "force", False),
         checkpoint=getattr(args, "checkpoint", None),
         device=getattr(args, "device", None),

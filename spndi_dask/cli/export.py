@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any
 
-from spndi_dask.cli.common import _manifest_parser
+from spndi_dask.cli.common import _add_scans_arg, _manifest_parser
 
 _FORMATS = {
     "tiff": "maps and mean cluster/domain/boundary patterns as ImageJ hyperstacks (Fiji, Avizo)",
@@ -19,7 +19,7 @@ _FORMATS = {
 
 
 def _ply_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("particle", help="particle scan name")
+    p.add_argument("particle", metavar="scan", help="scan name")
     p.add_argument(
         "--pixel", nargs=2, type=int, action="append", metavar=("Y", "X"), help="scan pixel"
     )
@@ -40,7 +40,7 @@ def add_export(sub: Any) -> None:
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for name, what in _FORMATS.items():
         f = _manifest_parser(formats, name, help=what, description=what)
-        f.add_argument("--particles", nargs="+", help="these scans only (default: all)")
+        _add_scans_arg(f)
         f.add_argument("-o", "--out", help="directory (default <output>/export)")
         f.set_defaults(func=_cmd_export)
     _ply_arguments(
@@ -73,7 +73,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     write = {"tiff": export.export_tiff, "nexus": export.export_nexus, "mat": export.export_mat}
     try:
-        paths = write[args.format](manifest, particles=args.particles, out_dir=args.out)
+        paths = write[args.format](manifest, scans=args.scans, out_dir=args.out)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

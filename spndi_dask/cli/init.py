@@ -15,7 +15,7 @@ def add_init(sub: Any) -> None:
         "init",
         help="write beamtime.toml from a folder of raw scan files (HDF5/TIFF per angle)",
         description="Inspect a folder of per-angle (per-scan) HDF5 files or TIFF stacks and write "
-        "a commented beamtime manifest: particles (one per sub-folder, or --group), angle files "
+        "a commented beamtime manifest: [[scans]] (one per sub-folder, or --group), angle files "
         "in scan order, the detector, monitor, XRF, mask and position datasets (found by name), "
         "the rocking angles, the scan grid and the geometry (from the files' metadata, else from "
         "the flags below). Prints what it found and every guess; anything ambiguous is an error "
@@ -97,7 +97,7 @@ def add_init(sub: Any) -> None:
         "--angles",
         metavar="START:STOP:NUM",
         type=init_.parse_angles,
-        help="rocking angles of every particle (degrees)",
+        help="rocking angles of every [[scans]] entry (degrees)",
     )
     g.add_argument("--scan-shape", metavar="R,C", type=init_.parse_shape, help="scan rows, cols")
     g.add_argument(

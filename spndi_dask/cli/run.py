@@ -11,6 +11,7 @@ from typing import Any
 
 from spndi_dask.cli.common import (
     _add_cluster_args,
+    _add_scans_arg,
     _client,
     _locked,
     _manifest_parser,
@@ -31,7 +32,7 @@ def _add_run_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         "default all)",
     )
     if not demo:
-        p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+        _add_scans_arg(p)
         p.add_argument("--force", action="store_true", help="redo stages even if up to date")
         p.add_argument("--checkpoint", help="use this trained model (skips train)")
         p.add_argument("-k", type=int, help="number of clusters (default: [cluster] k)")
@@ -62,7 +63,7 @@ def add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="simulate a beamtime and run every stage on it",
-        description="Simulate a small multi-particle beamtime (beamline HDF5 layout) and run "
+        description="Simulate a small beamtime of several scans (beamline HDF5 layout) and run "
         "every available stage on it on a LocalCluster.",
     )
     p.add_argument("out", nargs="?", default="spndi-demo", help="directory (default: spndi-demo)")
@@ -76,7 +77,7 @@ def add_run(sub: Any) -> None:
     p = _manifest_parser(
         sub,
         "run",
-        help="every stage for every particle: ingest ... analyze, report",
+        help="every stage for every scan: ingest ... analyze, report",
         description="Run the whole pipeline on a beamtime under one dask client: ingest, "
         "reduce, stats, train (or --checkpoint), encode, cluster, analyze, report. Up-to-date "
         "results are kept; a summary table, a run log and dask's performance report are written.",
@@ -96,7 +97,7 @@ def add_simulate(sub: Any) -> None:
         description="Write a physics-based simulated beamtime with ground truth.",
     )
     p.add_argument("out", help="output directory")
-    p.add_argument("--particles", type=int, help="number of particles (default: preset)")
+    _add_scans_arg(p, "number of scans (default: preset)", type=int, nargs=None, metavar="N")
     _add_simulation_args(p, PRESETS)
     p.set_defaults(func=_cmd_simulate)
 
@@ -105,15 +106,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from spndi_dask.simulate import preset, simulate_beamtime
 
     overrides: dict[str, Any] = {"seed": args.seed}
-    if getattr(args, "particles", None):
-        overrides["n_particles"] = args.particles
+    if getattr(args, "scans", None):
+        overrides["n_particles"] = args.scans
     cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
     with _client(args):
         manifest = simulate_beamtime(args.out, cfg, progress=_progress_bars())
     out = Path(args.out)
     print(
-        f"simulated {cfg.n_particles} particles × {cfg.n_angles} angles × "
+        f"simulated {cfg.n_particles} scans × {cfg.n_angles} angles × "
         f"{cfg.scan_shape[0]}×{cfg.scan_shape[1]} points × {cfg.detector_shape[0]}×"
         f"{cfg.detector_shape[1]} pixels ({cfg.raw_bytes / 1e9:.2f} GB raw, "
         f"{disk_usage(out / 'raw') / 1e6:.1f} MB as compressed HDF5) "
@@ -127,11 +128,11 @@ def _summary(results: list[Any]) -> str:
     """The run's summary table, one line per stage and status."""
     rows = [row for r in results for row in r.rows()]
     w = max([len("stage"), *(len(str(row["stage"])) for row in rows)]) + 2
-    lines = [f"{'stage':<{w}}{'status':<12}{'seconds':>8}  {'particles':<18}note"]
+    lines = [f"{'stage':<{w}}{'status':<12}{'seconds':>8}  {'scans':<18}note"]
     for row in rows:
         lines.append(
             f"{row['stage']:<{w}}{row['status']:<12}{row['seconds']!s:>8}  "
-            f"{row['particles']:<18}{row['note']}"
+            f"{row['scans']:<18}{row['note']}"
         )
     return "\n".join(lines)
 
@@ -203,8 +204,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _print_session(session)
         n = len(parse_stages(args.stages)) + 1
         print(
-            f"[1/{n}] simulate: {cfg.n_particles} particles, {cfg.raw_bytes / 1e9:.2f} GB raw "
-            f"-> {out}",
+            f"[1/{n}] simulate: {cfg.n_particles} scans, {cfg.raw_bytes / 1e9:.2f} GB raw -> {out}",
             flush=True,
         )
         simulate_beamtime(out, cfg, progress=_progress_bars())

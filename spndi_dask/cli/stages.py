@@ -11,6 +11,7 @@ from typing import Any
 
 from spndi_dask.cli.common import (
     _add_cluster_args,
+    _add_scans_arg,
     _client,
     _manifest_parser,
     _print_table,
@@ -53,7 +54,7 @@ def _stage_parser(sub: Any, info: Stage) -> argparse.ArgumentParser:
     p = _manifest_parser(sub, info.name, help=info.help, description=info.description)
     if info.name == "report":
         return p
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particle scans")
+    _add_scans_arg(p)
     for option in info.options:
         _STAGE_OPTIONS[option](p)
     p.add_argument("--force", action="store_true", help="redo even what is up to date")
@@ -126,7 +127,7 @@ def _print_cluster(s: dict[str, Any], out: OutputLayout) -> None:
         + (f", silhouette {sil[s['k']]:.3f}" if s["k"] in sil else "")
         + f", {sum(s['pixels'].values())} pixels, {s['seconds']} s"
     )
-    print(f"\n{'particle':<16}{'pixels':>8}")
+    print(f"\n{'scan':<16}{'pixels':>8}")
     for name, n in s["pixels"].items():
         print(f"{name:<16}{n:>8}")
     for w in s.get("warnings", []):
@@ -147,7 +148,7 @@ def _print_decompose(s: dict[str, Any], out: OutputLayout) -> None:
 
 
 def _print_analyze(s: dict[str, Any], out: OutputLayout) -> None:
-    print(f"\n{'particle':<16}{'domain px':>10}{'boundary px':>12}")
+    print(f"\n{'scan':<16}{'domain px':>10}{'boundary px':>12}")
     for name, (dom, bnd) in s["regions"].items():
         print(f"{name:<16}{dom:>10}{bnd:>12}")
     print(f"analysis: {s['analysis']}\ntable: {s['table']}")
@@ -169,7 +170,7 @@ _PRINTERS: dict[str, Callable[[Any, OutputLayout], None]] = {
 def _cmd_stage(args: argparse.Namespace) -> int:
     """``spndi <stage>``: one stage of the pipeline on the command's client, then its summary.
 
-    Exit code 1 when the stage failed for a particle scan (the others are done); a stage that
+    Exit code 1 when the stage failed for a scan (the others are done); a stage that
     refuses its input raises a StageError, which :func:`main` prints with exit code 2.
     """
     from spndi_dask.config import load_manifest
@@ -179,12 +180,12 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     options = _run_options(args)
     with _client(args):
-        summary = STAGE_FUNCTIONS[info.name](manifest, None, options, args.particles)
+        summary = STAGE_FUNCTIONS[info.name](manifest, None, options, args.scans)
     _PRINTERS[info.name](summary, manifest.layout)
-    failed = [n for n, s in summary.items() if info.per_particle and s["status"] == Outcome.FAILED]
+    failed = [n for n, s in summary.items() if info.per_scan and s["status"] == Outcome.FAILED]
     if failed:
         print(
-            f"\nerror: {info.name} failed for {len(failed)} of {len(summary)} particle(s): "
+            f"\nerror: {info.name} failed for {len(failed)} of {len(summary)} scan(s): "
             f"{', '.join(failed)} (the others are done; details above)",
             file=sys.stderr,
         )

@@ -6,7 +6,7 @@ import argparse
 from contextlib import nullcontext
 from typing import Any
 
-from spndi_dask.cli.common import _manifest_parser
+from spndi_dask.cli.common import _add_scans_arg, _manifest_parser
 from spndi_dask.stages import stage as stage_info
 
 
@@ -15,8 +15,8 @@ def add_status(sub: Any) -> None:
     p = _manifest_parser(
         sub,
         "status",
-        help="per particle and stage: done, stale, failed or not run",
-        description="Show per particle scan and stage what is done, stale (an input changed "
+        help="per scan and stage: done, stale, failed or not run",
+        description="Show per scan and stage what is done, stale (an input changed "
         "since), failed (in the last run) or not run, from the outputs alone.",
     )
     p.add_argument(
@@ -35,7 +35,7 @@ def add_verify(sub: Any) -> None:
         help="check every stored chunk against its checksum; mark damage to be recomputed",
         description="Read every chunk of raw.zarr, results.zarr and analysis.zarr and check it "
         "against its CRC32C checksum (the raw frames and the patterns by their files and shard "
-        "indexes unless --deep). Damage is reported per particle and stage and marked as not "
+        "indexes unless --deep). Damage is reported per scan and stage and marked as not "
         "done, so that the next `spndi run` recomputes only what is damaged. Exit status 1 when "
         "damage was found.",
     )
@@ -43,7 +43,7 @@ def add_verify(sub: Any) -> None:
         "--deep", action="store_true", help="also decode every chunk of the frames and patterns"
     )
     p.add_argument("--report-only", action="store_true", help="report damage without marking it")
-    p.add_argument("--particles", nargs="+", metavar="NAME", help="only these particles")
+    _add_scans_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_verify)
 
@@ -60,7 +60,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
         table = with_damage(table, verify(manifest, mark=False).damage)
     print(f"{manifest.name}: {manifest.output_dir}")
-    print(f"{'particle':<16}" + "".join(f"{stage_info(s).label:<11}" for s in STATUS_STAGES))
+    print(f"{'scan':<16}" + "".join(f"{stage_info(s).label:<11}" for s in STATUS_STAGES))
     notes = []
     for name, stages in table.items():
         print(f"{name:<16}" + "".join(f"{state:<11}" for state, _ in stages.values()))
@@ -83,7 +83,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     mark = not args.report_only
     lock = output_lock(manifest.output_dir) if mark else nullcontext()
     with lock:
-        report = verify(manifest, deep=args.deep, mark=mark, particles=args.particles)
+        report = verify(manifest, deep=args.deep, mark=mark, scans=args.scans)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0 if report.ok else 1
@@ -96,7 +96,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if report.ok:
         print("no damage found")
         return 0
-    print(f"\n{'particle':<16}{'stage':<10}damage")
+    print(f"\n{'scan':<16}{'stage':<10}damage")
     for particle, stages in report.by_particle().items():
         for stage, items in stages.items():
             for d in items:

@@ -6,10 +6,10 @@ validates it, reporting every problem at once as a :class:`ManifestError`.
 Modules
 -------
 manifest
-    :class:`Manifest`, its ``[[particles]]`` (:class:`ParticleSettings`, :class:`AngleRange`),
+    :class:`Manifest`, its ``[[scans]]`` (:class:`ScanSettings`, :class:`AngleRange`),
     loading, writing and :class:`ManifestError`.
 geometry
-    ``[geometry]``: :class:`GeometrySettings`, the default of every particle.
+    ``[geometry]``: :class:`GeometrySettings`, the default of every scan.
 settings
     The optional processing tables with their documented defaults: :class:`IngestSettings`,
     :class:`ReduceSettings`, :class:`SegmentSettings`, :class:`FeatureSettings`,
@@ -25,6 +25,7 @@ from spndi_dask.config.manifest import (
     Manifest,
     ManifestError,
     ParticleSettings,
+    ScanSettings,
     load_manifest,
 )
 from spndi_dask.config.settings import (
@@ -50,6 +51,7 @@ __all__ = [
     "ManifestError",
     "ParticleSettings",
     "ReduceSettings",
+    "ScanSettings",
     "SegmentSettings",
     "load_manifest",
 ]

@@ -1,7 +1,7 @@
 """pydantic validation errors as manifest messages: the key, the value, what is expected.
 
 Every function takes ``models``, the manifest's tables by name: ``""`` is the whole manifest,
-``"particles"``, ``"geometry"``, ``"ingest"``, ... the tables, ``"AngleRange"`` the
+``"scans"``, ``"geometry"``, ``"ingest"``, ... the tables, ``"AngleRange"`` the
 ``{start, stop, num}`` form of ``angles_deg``.
 
 pydantic's wording ("Input should be greater than 0") and its union tags (``constrained-int``,
@@ -52,15 +52,15 @@ def clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def loc_text(loc: tuple[Any, ...], data: dict[str, Any] | None) -> str:
-    """``particles[0] ('p1').scan_shape`` for an error location (pydantic's union tags left out)."""
+    """``scans[0] ('p1').scan_shape`` for an error location (pydantic's union tags left out)."""
     loc = clean_loc(loc)
     out = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-            if loc[:i] == ("particles",) and data is not None:
+            if loc[:i] == ("scans",) and data is not None:
                 try:
-                    out += f" ('{data['particles'][part]['name']}')"
+                    out += f" ('{data['scans'][part]['name']}')"
                 except (KeyError, IndexError, TypeError):
                     pass
         else:
@@ -77,7 +77,7 @@ def field_info(loc: tuple[Any, ...], models: Models) -> FieldInfo | None:
     table = names[0] if len(names) > 1 else ""
     model = models.get(table, models[""])
     info = model.model_fields.get(field) or models[""].model_fields.get(field)
-    if info is None and table == "particles" and "geometry" in models:
+    if info is None and table == "scans" and "geometry" in models:
         info = models["geometry"].model_fields.get(field)
     return info
 
@@ -198,7 +198,7 @@ def _is_table_array(value: Any) -> bool:
 def format_errors(
     exc: ValidationError, models: Models, *, data: dict[str, Any] | None = None, prefix: str = ""
 ) -> list[str]:
-    """One line per problem of ``exc`` (``data``: the validated dict, to name particles)."""
+    """One line per problem of ``exc`` (``data``: the validated dict, to name scans)."""
     errors = []
     for err in exc.errors():
         loc = tuple(err["loc"])

@@ -3,13 +3,13 @@
 Examples
 --------
 >>> print(dump_toml({"name": "bt", "geometry": {"energy_kev": 9.0},
-...                  "particles": [{"name": "p1", "scan_shape": [4, 5]}]}), end="")
+...                  "scans": [{"name": "p1", "scan_shape": [4, 5]}]}), end="")
 name = "bt"
 <BLANKLINE>
 [geometry]
 energy_kev = 9.0
 <BLANKLINE>
-[[particles]]
+[[scans]]
 name = "p1"
 scan_shape = [4, 5]
 """

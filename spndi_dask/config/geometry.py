@@ -1,6 +1,6 @@
 """``[geometry]``: the detector and rocking geometry of a manifest (see DESIGN.md, Geometry).
 
-The table in the manifest is the default of every particle; a particle's ``[particles.geometry]``
+The table in the manifest is the default of every scan; a scan's ``[scans.geometry]``
 overrides single keys (:meth:`~spndi_dask.config.Manifest.geometry_for` merges them).
 
 Examples
@@ -67,6 +67,6 @@ def _known_keys(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-#: Some ``[geometry]`` keys: the manifest's defaults or a particle's overrides. Only the keys are
+#: Some ``[geometry]`` keys: the manifest's defaults or a scan's overrides. Only the keys are
 #: checked here; the values once defaults and overrides are merged into :class:`GeometrySettings`.
 GeometryOverrides = Annotated[dict[str, Any], AfterValidator(_known_keys)]

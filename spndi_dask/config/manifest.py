@@ -9,12 +9,12 @@ Examples
 >>> cfg = Manifest.from_dict({
 ...     "name": "bt", "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
 ...                                "pixel_size_m": 55e-6, "beam_center": [32, 32]},
-...     "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
-...                    "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
-...                    "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]})
->>> cfg.particles[0].angles.tolist()
+...     "scans": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
+...                "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
+...                "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]})
+>>> cfg.scans[0].angles.tolist()
 [-0.5, 0.0, 0.5]
->>> cfg.particles[0].frame_paths(cfg.base_dir)[-1].name
+>>> cfg.scans[0].frame_paths(cfg.base_dir)[-1].name
 'angle_002.h5'
 """
 
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,12 +56,15 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ParticleSettings",
+    "ScanSettings",
     "find_manifest",
     "load_manifest",
 ]
 
 #: Version of the manifest format this package writes and reads.
 MANIFEST_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -95,8 +100,8 @@ class XrfCalibration(SettingsModel):
     gain_kev: PositiveFloat = Field(description="energy width of one bin (keV)")
 
 
-class ParticleSettings(SettingsModel):
-    """One ``[[particles]]`` entry: a scan of one particle at every rocking angle."""
+class ScanSettings(SettingsModel):
+    """One ``[[scans]]`` entry: a scan at every rocking angle (it may hold several particles)."""
 
     name: str = Field(description="letters, digits, '_', '.', '-' (used as a Zarr node name)")
     frames: str | list[str | list[str]] = Field(
@@ -155,7 +160,7 @@ class ParticleSettings(SettingsModel):
         None, description="fill missing points of aborted scans (default: [ingest] setting)"
     )
     geometry: GeometryOverrides = Field(
-        default_factory=dict, description="overrides of [geometry] keys for this particle"
+        default_factory=dict, description="overrides of [geometry] keys for this scan"
     )
 
     @field_validator("name")
@@ -186,7 +191,7 @@ class ParticleSettings(SettingsModel):
         return v
 
     @model_validator(mode="after")
-    def _frames_match_angles(self) -> ParticleSettings:
+    def _frames_match_angles(self) -> ScanSettings:
         n = self.angles.size
         if isinstance(self.frames, list):
             if len(self.frames) != n:
@@ -220,7 +225,7 @@ class ParticleSettings(SettingsModel):
         return np.asarray(self.angles_deg, dtype=float)
 
     @model_validator(mode="after")
-    def _xrf_window_ok(self) -> ParticleSettings:
+    def _xrf_window_ok(self) -> ScanSettings:
         if self.xrf_window_kev is None:
             if self.xrf_calibration is not None or self.xrf_energy is not None:
                 raise ValueError(
@@ -277,9 +282,9 @@ class Manifest(SettingsModel):
         "the home directory or the folder of the frame files)",
     )
     geometry: GeometryOverrides = Field(
-        default_factory=dict, description="default geometry of every particle"
+        default_factory=dict, description="default geometry of every scan"
     )
-    particles: list[ParticleSettings] = Field(min_length=1, description="at least one particle")
+    scans: list[ScanSettings] = Field(min_length=1, description="at least one scan")
     ingest: settings.IngestSettings = Field(default_factory=settings.IngestSettings)
     reduce: settings.ReduceSettings = Field(default_factory=settings.ReduceSettings)
     segment: settings.SegmentSettings = Field(default_factory=settings.SegmentSettings)
@@ -304,7 +309,7 @@ class Manifest(SettingsModel):
     @field_validator("geometry")
     @classmethod
     def _geometry_values(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # check the values given here on their own (particles may add the missing keys)
+        # check the values given here on their own (scans may add the missing keys)
         stand_in = {
             "energy_kev": 1.0,
             "detector_distance_m": 1.0,
@@ -326,43 +331,41 @@ class Manifest(SettingsModel):
             raise ValueError("\n".join(lines)) from None
         return v
 
-    @field_validator("particles")
+    @field_validator("scans")
     @classmethod
-    def _particles_ok(
-        cls, particles: list[ParticleSettings], info: ValidationInfo
-    ) -> list[ParticleSettings]:
+    def _scans_ok(cls, scans: list[ScanSettings], info: ValidationInfo) -> list[ScanSettings]:
         # every line names the entry at fault (the list itself is never shown)
         lines: list[str] = []
         first: dict[str, int] = {}
-        for i, p in enumerate(particles):
+        for i, p in enumerate(scans):
             if p.name in first:
                 j = first[p.name]
                 lines.append(
-                    f"particles[{i}] ('{p.name}').name = '{p.name}' is already the name of "
-                    f"particles[{j}]: particle names must be unique (they name the particle's "
+                    f"scans[{i}] ('{p.name}').name = '{p.name}' is already the name of "
+                    f"scans[{j}]: scan names must be unique (they name the scan's "
                     f"results); rename one, e.g. name = '{p.name}_{i + 1}'"
                 )
             first.setdefault(p.name, i)
         if "geometry" not in info.data:  # [geometry] itself is invalid: reported there
             if lines:
                 raise ValueError("\n".join(lines))
-            return particles
+            return scans
         default_geometry = info.data["geometry"]
-        missing: dict[str, list[int]] = {}  # geometry key -> particles lacking it
-        for i, p in enumerate(particles):
+        missing: dict[str, list[int]] = {}  # geometry key -> scans lacking it
+        for i, p in enumerate(scans):
             try:
                 GeometrySettings(**{**default_geometry, **p.geometry})
             except ValidationError as exc:
                 for err in exc.errors():
                     key = err["loc"][0] if err["loc"] else None
                     if key is None:  # a check across keys (detector plane)
-                        where = "geometry" if not p.geometry else f"particles[{i}] ('{p.name}')"
+                        where = "geometry" if not p.geometry else f"scans[{i}] ('{p.name}')"
                         lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
                     elif err["type"] == "missing":
                         missing.setdefault(key, []).append(i)
                     else:
                         where = (
-                            f"particles[{i}] ('{p.name}').geometry"
+                            f"scans[{i}] ('{p.name}').geometry"
                             if key in p.geometry
                             else ("geometry")
                         )
@@ -370,22 +373,22 @@ class Manifest(SettingsModel):
                             f"{where}.{key} = {err['input']!r}: {plain(err)}{_geometry_hint(key)}"
                         )
         for key, lacking in missing.items():
-            if len(lacking) == len(particles):
+            if len(lacking) == len(scans):
                 lines.append(
                     f"geometry.{key} is required{_geometry_hint(key)}: set it in [geometry] "
-                    "(all particles), or in [particles.geometry] of each particle"
+                    "(all scans), or in [scans.geometry] of each scan"
                 )
                 continue
             for i in lacking:
-                name = particles[i].name
+                name = scans[i].name
                 lines.append(
-                    f"particles[{i}] ('{name}'): geometry.{key} is required"
-                    f"{_geometry_hint(key)}: set it in [geometry] (all particles), or in "
-                    f"[particles.geometry] of '{name}' as the other particles do"
+                    f"scans[{i}] ('{name}'): geometry.{key} is required"
+                    f"{_geometry_hint(key)}: set it in [geometry] (all scans), or in "
+                    f"[scans.geometry] of '{name}' as the other scans do"
                 )
         if lines:
             raise ValueError("\n".join(dict.fromkeys(lines)))
-        return particles
+        return scans
 
     @model_validator(mode="after")
     def _features_computed(self) -> Manifest:
@@ -416,15 +419,13 @@ class Manifest(SettingsModel):
             home = None
         if out == home:
             raise ValueError(f"{where} is your home directory{fix}")
-        for p in self.particles:
+        for p in self.scans:
             inputs = [(f, "frame files") for fs in p.frame_files(Path(base)) for f in fs]
             if p.dark:
                 inputs.append((_resolve(Path(base), p.dark), "dark file"))
             for folder, what in dict.fromkeys((f.parent, what) for f, what in inputs):
                 if out == folder.resolve():
-                    raise ValueError(
-                        f"{where} is the folder of the {what} of particle '{p.name}'{fix}"
-                    )
+                    raise ValueError(f"{where} is the folder of the {what} of scan '{p.name}'{fix}")
         return self
 
     # -- construction -----------------------------------------------------------------------
@@ -434,6 +435,7 @@ class Manifest(SettingsModel):
     ) -> Manifest:
         """Validate a manifest given as a dict; raises :class:`ManifestError`."""
         base = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
+        data = _migrate(data, source)
         try:
             cfg = cls.model_validate(data, context={"base_dir": base})
         except ValidationError as exc:
@@ -448,7 +450,7 @@ class Manifest(SettingsModel):
         """Read and validate a manifest TOML file (or the one manifest of a folder).
 
         A folder stands for its ``beamtime.toml``, else for the one ``*.toml`` file in it that
-        has ``[[particles]]`` (see :func:`find_manifest`).
+        has ``[[scans]]`` (see :func:`find_manifest`).
         """
         path = find_manifest(path)
         try:
@@ -494,7 +496,7 @@ class Manifest(SettingsModel):
         Examples
         --------
         >>> m = Manifest.from_dict(
-        ...     {"name": "bt", "output": "out", "particles": [{
+        ...     {"name": "bt", "output": "out", "scans": [{
         ...         "name": "p1", "frames": ["a.h5", "b.h5"], "angles_deg": [0.0, 0.1],
         ...         "scan_shape": [2, 2], "scan_step_um": [0.1, 0.1],
         ...         "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
@@ -520,31 +522,55 @@ class Manifest(SettingsModel):
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def particle(self, name: str) -> ParticleSettings:
-        """The particle called ``name``."""
-        for p in self.particles:
+    @property
+    def particles(self) -> list[ScanSettings]:
+        """Deprecated name of :attr:`scans` (a manifest entry is a scan)."""
+        warnings.warn(
+            "Manifest.particles is deprecated; use Manifest.scans", DeprecationWarning, stacklevel=2
+        )
+        return self.scans
+
+    def particle(self, name: str) -> ScanSettings:
+        """Deprecated name of :meth:`scan`."""
+        warnings.warn(
+            "Manifest.particle() is deprecated; use Manifest.scan()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.scan(name)
+
+    def select_particles(self, names: list[str] | None, **kwargs: Any) -> list[str]:
+        """Deprecated name of :meth:`select_scans`."""
+        warnings.warn(
+            "Manifest.select_particles() is deprecated; use Manifest.select_scans()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.select_scans(names, **kwargs)
+
+    def scan(self, name: str) -> ScanSettings:
+        """The scan called ``name``."""
+        for p in self.scans:
             if p.name == name:
                 return p
-        raise KeyError(
-            f"no particle {name!r} in {self.source}; particles: {[p.name for p in self.particles]}"
-        )
+        raise KeyError(f"no scan {name!r} in {self.source}; scans: {[p.name for p in self.scans]}")
 
-    def select_particles(
+    def select_scans(
         self, names: list[str] | None, *, error: type[Exception] = ValueError
     ) -> list[str]:
-        """The named particle scans in the given order (default: all, manifest order).
+        """The named scans in the given order (default: all, manifest order).
 
-        Names not in the manifest raise ``error`` naming them and the manifest's particles.
+        Names not in the manifest raise ``error`` naming them and the manifest's scans.
         """
-        order = [p.name for p in self.particles]
+        order = [p.name for p in self.scans]
         unknown = sorted(set(names or []) - set(order))
         if unknown:
-            raise error(f"particles {unknown} are not in the manifest (it has {order})")
+            raise error(f"scans {unknown} are not in the manifest (it has {order})")
         return list(names) if names else order
 
-    def geometry_for(self, particle: str | ParticleSettings) -> Geometry:
-        """Geometry of a particle: ``[geometry]`` with its own overrides applied."""
-        p = self.particle(particle) if isinstance(particle, str) else particle
+    def geometry_for(self, scan: str | ScanSettings) -> Geometry:
+        """Geometry of a scan: ``[geometry]`` with its own overrides applied."""
+        p = self.scan(scan) if isinstance(scan, str) else scan
         return GeometrySettings(**{**self.geometry, **p.geometry}).to_geometry()
 
     def resolve(self, path: str) -> Path:
@@ -568,7 +594,8 @@ def find_manifest(path: str | Path) -> Path:
     """The manifest file ``path`` names: the file itself, or the manifest in a folder.
 
     A folder (as a newcomer types ``spndi run spndi-demo``) stands for its ``beamtime.toml``,
-    else for its one ``*.toml`` file with ``[[particles]]``; any other folder is a
+    else for its one ``*.toml`` file with ``[[scans]]`` (or the old ``[[particles]]``); any
+    other folder is a
     :class:`ManifestError` listing the manifests to choose from.
 
     Examples
@@ -585,11 +612,11 @@ def find_manifest(path: str | Path) -> Path:
     if (path / MANIFEST_NAME).is_file():
         return path / MANIFEST_NAME
     tomls = sorted(p for p in path.glob("*.toml") if p.is_file())
-    manifests = [p for p in tomls if _has_particles(p)]
+    manifests = [p for p in tomls if _has_scans(p)]
     if len(manifests) == 1:
         return manifests[0]
     if not manifests:
-        found = f" (its TOML files have no [[particles]]: {', '.join(map(str, tomls))})"
+        found = f" (its TOML files have no [[scans]]: {', '.join(map(str, tomls))})"
         raise ManifestError(
             f"{path} is a folder without a beamtime manifest{found if tomls else ''}; pass the "
             f"manifest file, e.g. {path / MANIFEST_NAME}, or write one there (see `spndi demo`)"
@@ -601,15 +628,42 @@ def find_manifest(path: str | Path) -> Path:
     )
 
 
-def _has_particles(path: Path) -> bool:
-    """Whether a TOML file reads as a manifest (has a ``particles`` array)."""
+def _has_scans(path: Path) -> bool:
+    """Whether a TOML file reads as a manifest (has a ``scans``, or old ``particles``, array)."""
     try:
-        return "particles" in tomllib.loads(path.read_text())
+        return not {"scans", "particles"}.isdisjoint(tomllib.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with the old key ``particles`` (manifest entries, now ``scans``) renamed.
+
+    Manifests written before the rename keep working: the old key is read as ``scans`` with one
+    warning naming the file; a manifest with both keys is a :class:`ManifestError`.
+
+    Examples
+    --------
+    >>> sorted(_migrate({"name": "bt", "particles": []}, "<dict>"))
+    ['name', 'scans']
+    """
+    if not isinstance(data, dict) or "particles" not in data:
+        return data
+    if "scans" in data:
+        raise ManifestError(
+            f"{source}: invalid manifest\n  - both [[scans]] and [[particles]] are given: "
+            "[[particles]] is the old name of [[scans]]; move its entries into [[scans]] "
+            "(one list of scans)"
+        )
+    logger.warning(
+        "%s: rename [[particles]] to [[scans]] (and [particles.geometry] to [scans.geometry]); "
+        "the old key is still read",
+        source,
+    )
+    return {("scans" if k == "particles" else k): v for k, v in data.items()}
+
+
 def _resolve(base_dir: Path, path: str | Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base_dir / p)
@@ -621,7 +675,7 @@ def _geometry_hint(key: str) -> str:
 
 _MODELS: dict[str, type[BaseModel]] = {
     "": Manifest,
-    "particles": ParticleSettings,
+    "scans": ScanSettings,
     "ingest": settings.IngestSettings,
     "reduce": settings.ReduceSettings,
     "segment": settings.SegmentSettings,
@@ -632,3 +686,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "geometry": GeometrySettings,
     "AngleRange": AngleRange,
 }
+
+
+#: Deprecated name of :class:`ScanSettings`.
+ParticleSettings = ScanSettings

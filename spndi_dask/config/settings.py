@@ -151,7 +151,7 @@ class ReduceSettings(SettingsModel):
 class SegmentSettings(SettingsModel):
     """``[segment]``: particle segmentation (``spndi stats``).
 
-    A particle's ``mask`` in the manifest (TIFF/.npy) replaces the automatic segmentation.
+    A scan's ``mask`` in the manifest (TIFF/.npy) replaces the automatic segmentation.
     """
 
     source: Literal["intensity", "xrf"] = Field(
@@ -239,7 +239,7 @@ class FeatureSettings(SettingsModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto', 'cpu' or 'cuda'")
     seed: int = Field(0, description="random seed for sampling and training")
     sample_size: PositiveInt = Field(
-        8192, description="training patterns drawn across all particles of the beamtime"
+        8192, description="training patterns drawn across all scans of the beamtime"
     )
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="held-out share")
     max_epochs: PositiveInt = Field(40, description="upper bound on training epochs")
@@ -311,7 +311,7 @@ class DecomposeSettings(SettingsModel):
 
 
 class ClusterSettings(SettingsModel):
-    """``[cluster]``: k-means over the latent vectors of all particles."""
+    """``[cluster]``: k-means over the latent vectors of all scans."""
 
     features: Literal["latent", "pca", "nmf", "moments"] = Field(
         "latent",

@@ -74,7 +74,7 @@ INFO_WIDTH = 290
 #: outline in ``--highlight-color``, a custom property that the canvas inherits.
 _NO_FOCUS_OUTLINE = ".bk-Canvas { --highlight-color: transparent; }"
 _TABLE_COLUMNS = (
-    "particle",
+    "scan",
     "label",
     "pixels",
     "area_um2",
@@ -398,7 +398,7 @@ class ExplorerApp:
         self.table_source.selected.on_change("indices", self._guard(self._on_table))
 
         def column(c: str) -> TableColumn:
-            if c == "particle":
+            if c == "scan":
                 return TableColumn(field=c, title=c)
             fmt = "0.[0000]" if c in ("pixels", "label", "area_um2") else "0.000e+0"
             return TableColumn(field=c, title=c, formatter=NumberFormatter(format=fmt))
@@ -537,7 +537,7 @@ class ExplorerApp:
         if not new:
             return
         i = new[0]
-        scan = self.table_source.data["particle"][i]
+        scan = self.table_source.data["scan"][i]
         label = self.table_source.data.get("label", [None] * (i + 1))[i]
         self.scan_select.value = [scan]
         if label is None or not self.data.has(scan, "label"):

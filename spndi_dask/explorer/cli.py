@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from spndi_dask.cli.common import _add_scans_arg
+
 __all__ = ["add_view_parser", "cmd_view"]
 
 
@@ -30,11 +32,12 @@ def add_view_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--address", default="127.0.0.1", help="interface to listen on (127.0.0.1; others warn)"
     )
-    p.add_argument(
-        "--particles",
+    _add_scans_arg(
+        p,
+        "only these scans (comma-separated)",
         type=lambda s: [n for n in s.split(",") if n],
+        nargs=None,
         metavar="P1,P2",
-        help="only these particle scans (comma-separated)",
     )
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     return p
@@ -61,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.source,
             port=args.port,
             address=args.address,
-            particles=args.particles,
+            scans=args.scans,
             show=not args.no_browser,
             block=False,
         )

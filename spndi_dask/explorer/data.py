@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.integrity import read
 from spndi_dask.io.layout import OutputLayout, read_attrs
 
@@ -184,7 +185,7 @@ def resolve_output(source: str | Path) -> tuple[Path, Any]:
 
 @dataclass(frozen=True)
 class Scan:
-    """The coordinates of one particle scan (µm) and its node's stage attrs."""
+    """The coordinates of one scan (µm) and its node's stage attrs."""
 
     name: str
     y: np.ndarray
@@ -222,7 +223,7 @@ class ExplorerData:
     ----------
     source : path
         Output directory, ``results.zarr``, or the beamtime manifest (or its folder).
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to show; default all scans in ``results.zarr``.
 
     Attributes
@@ -231,7 +232,8 @@ class ExplorerData:
         ``(scan, array)`` -> number of reads made (what the views cost; tests check laziness).
     """
 
-    def __init__(self, source: str | Path, *, particles: list[str] | None = None) -> None:
+    @renamed_keyword(particles="scans")
+    def __init__(self, source: str | Path, *, scans: list[str] | None = None) -> None:
         self.output, self.manifest = resolve_output(source)
         self.layout = OutputLayout(self.output)
         self.reads: Counter[tuple[str, str]] = Counter()
@@ -239,22 +241,21 @@ class ExplorerData:
         self._root_attrs = dict(root.attrs)
         names = sorted(k for k, _ in root.groups())
         if self.manifest is not None:  # manifest order, where the scans are there
-            order = [p.name for p in self.manifest.particles]
+            order = [p.name for p in self.manifest.scans]
             names = [n for n in order if n in names] + [n for n in names if n not in order]
         complete = [n for n in names if _node_meta(self.layout.node(n)).get("complete")]
-        if particles:
-            unknown = [p for p in particles if p not in complete]
+        if scans:
+            unknown = [p for p in scans if p not in complete]
             if unknown:
                 raise ExplorerError(
-                    f"no complete results for particle(s) {', '.join(unknown)} in "
+                    f"no complete results for scan(s) {', '.join(unknown)} in "
                     f"{self.layout.results} (there are: {', '.join(complete) or 'none'}); run "
                     "`spndi reduce` on them first"
                 )
-            complete = list(particles)
+            complete = list(scans)
         if not complete:
             raise ExplorerError(
-                f"no complete particle results in {self.layout.results}; run `spndi reduce ...` "
-                "first"
+                f"no complete scan results in {self.layout.results}; run `spndi reduce ...` first"
             )
         self.scans: dict[str, Scan] = {n: self._scan(root[n]) for n in complete}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
@@ -471,7 +472,7 @@ class ExplorerData:
             rows: list[dict[str, str]] = []
             if path.is_file():
                 with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("particle") in self.scans]
+                    rows = [r for r in csv.DictReader(f) if r.get("scan") in self.scans]
             self._particles_rows = rows
         return self._particles_rows
 

@@ -23,6 +23,7 @@ from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.models import Div
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.explorer.app import build_document
 from spndi_dask.explorer.data import ExplorerData
 
@@ -31,7 +32,8 @@ __all__ = ["address_warning", "explore", "make_application", "serve"]
 logger = logging.getLogger(__name__)
 
 
-def make_application(source: str | Path, *, particles: list[str] | None = None) -> Application:
+@renamed_keyword(particles="scans")
+def make_application(source: str | Path, *, scans: list[str] | None = None) -> Application:
     """A Bokeh application whose sessions each open ``source`` and build its explorer.
 
     Every session (a page load) opens the output anew, so a stage finished while the server
@@ -41,7 +43,7 @@ def make_application(source: str | Path, *, particles: list[str] | None = None) 
 
     def modify_doc(doc: Any) -> None:
         try:
-            build_document(doc, ExplorerData(source, particles=particles))
+            build_document(doc, ExplorerData(source, scans=scans))
         except Exception as exc:
             logger.exception("explorer session failed to open %s", source)
             doc.clear()
@@ -58,14 +60,15 @@ def make_application(source: str | Path, *, particles: list[str] | None = None) 
     return Application(FunctionHandler(modify_doc))
 
 
-def explore(source: str | Path, *, particles: list[str] | None = None) -> Application:
+@renamed_keyword(particles="scans")
+def explore(source: str | Path, *, scans: list[str] | None = None) -> Application:
     """The explorer of a beamtime's results, for a Jupyter notebook.
 
     Parameters
     ----------
     source : path
         The output directory (holding ``results.zarr``), or the beamtime manifest or its folder.
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to show; default all.
 
     Returns
@@ -85,8 +88,8 @@ def explore(source: str | Path, *, particles: list[str] | None = None) -> Applic
     >>> output_notebook()  # doctest: +SKIP
     >>> show(explore("spndi-demo/results"))  # doctest: +SKIP
     """
-    ExplorerData(source, particles=particles)  # fails here, not in the notebook's server
-    return make_application(source, particles=particles)
+    ExplorerData(source, scans=scans)  # fails here, not in the notebook's server
+    return make_application(source, scans=scans)
 
 
 def address_warning(address: str) -> str | None:
@@ -116,12 +119,13 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+@renamed_keyword(particles="scans")
 def serve(
     source: str | Path,
     *,
     port: int = 5006,
     address: str = "127.0.0.1",
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     show: bool = False,
     block: bool = True,
 ) -> Any:
@@ -135,7 +139,7 @@ def serve(
         TCP port; 0 picks a free one (the server's ``port`` tells which).
     address : str
         Interface to listen on; a non-loopback one is logged as a warning.
-    particles : list of str, optional
+    scans : list of str, optional
         Scans to show; default all.
     show : bool
         Open the page in the default web browser (where there is a display).
@@ -155,7 +159,7 @@ def serve(
     """
     from bokeh.server.server import Server
 
-    data = ExplorerData(source, particles=particles)
+    data = ExplorerData(source, scans=scans)
     warning = address_warning(address)
     if warning:
         logger.warning(warning)
@@ -163,7 +167,7 @@ def serve(
         port = _free_port(address)
     hosts = {f"localhost:{port}", f"127.0.0.1:{port}", f"{address}:{port}"}
     server = Server(
-        {"/": make_application(source, particles=particles)},
+        {"/": make_application(source, scans=scans)},
         port=port,
         address=address,
         allow_websocket_origin=sorted(hosts),

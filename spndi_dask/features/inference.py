@@ -29,6 +29,7 @@ import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 from torch import nn
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute_each
 from spndi_dask.config import Manifest
@@ -289,7 +290,7 @@ def _fingerprint(ds: Any, digest: str) -> str:
 
 
 def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: int) -> zarr.Array:
-    """An empty (NaN) ``latent`` array in a particle's node; the node's features attrs dropped."""
+    """An empty (NaN) ``latent`` array in a scan's node; the node's features attrs dropped."""
     return replace_array(
         node,
         "latent",
@@ -303,10 +304,11 @@ def _prepare_node(node: Path, shape: tuple[int, int], latent_dim: int, block: in
     )
 
 
+@renamed_keyword(particles="scans")
 def encode(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     checkpoint: str | Path | None = None,
     device: str | None = None,
     force: bool = False,
@@ -319,7 +321,7 @@ def encode(
     Returns
     -------
     dict
-        Per particle: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
+        Per scan: ``status`` ('encoded', 'up to date' or 'failed'), ``pixels`` (encoded),
         ``seconds``, and ``warning`` / ``error``.
     """
     settings = manifest.features
@@ -333,7 +335,7 @@ def encode(
     check_grid(meta, grid, checkpoint=ckpt, results=root)
     digest = sha256_file(ckpt)
     latent_dim = int(meta["hyper"]["latent_dim"])
-    names = manifest.select_particles(particles, error=FeatureError)
+    names = manifest.select_scans(scans, error=FeatureError)
     summary: dict[str, dict[str, Any]] = {}
     jobs: list[tuple[str, Any, Any, str, int]] = []
     for name in names:
@@ -346,7 +348,7 @@ def encode(
         if "pattern" not in ds:
             summary[name] = {
                 "status": Outcome.FAILED,
-                "error": f"particle '{name}' has no patterns",
+                "error": f"scan '{name}' has no patterns",
             }
             continue
         fp = _fingerprint(ds, digest)
@@ -367,7 +369,7 @@ def encode(
         n_mask = int(valid.sum())
         arr = _prepare_node(root / name, ds["valid"].shape, latent_dim, settings.block)
         if n_mask == 0:
-            logger.warning("particle '%s' has no pixels with signal; latent stays NaN", name)
+            logger.warning("scan '%s' has no pixels with signal; latent stays NaN", name)
             summary[name] = {"warning": "no pixels with signal: latent is all NaN"}
             jobs.append((name, None, arr, fp, 0))
             continue
@@ -406,7 +408,7 @@ def encode(
     for name, lat, arr, fp, _ in jobs:
         check_interrupted()
         if name in errors:
-            logger.error("particle '%s': encoding failed: %s", name, errors[name])
+            logger.error("scan '%s': encoding failed: %s", name, errors[name])
             summary[name] = {"status": Outcome.FAILED, "error": str(errors[name])}
             continue
         encoded = 0

@@ -132,7 +132,7 @@ def export_ply(
     ----------
     manifest : Manifest
     particle : str
-        Scan (manifest particle) name.
+        Scan name (a manifest ``[[scans]]`` entry).
     pixels : list of (y, x), optional
         Scan-pixel indices; one file ``<particle>_y{y}_x{x}.ply`` each.
     labels : list of int, optional
@@ -146,7 +146,7 @@ def export_ply(
     root = manifest.layout.results
     ds = open_results(root, particle)
     if "pattern" not in ds:
-        raise ValueError(f"particle '{particle}' in {root} has no q-grid patterns")
+        raise ValueError(f"scan '{particle}' in {root} has no q-grid patterns")
     out = Path(out_dir) if out_dir else manifest.layout.ply
     grid = ds.attrs["q_grid"]
     offsets = tuple(np.asarray(ds[d].values) for d in ("dq_x", "dq_y", "dq_z"))
@@ -154,25 +154,21 @@ def export_ply(
     written = []
     for y, x in pixels or []:
         if not (0 <= y < ny and 0 <= x < nx):
-            raise ValueError(
-                f"pixel ({y}, {x}) is outside the {ny}×{nx} scan of particle '{particle}'"
-            )
+            raise ValueError(f"pixel ({y}, {x}) is outside the {ny}×{nx} scan '{particle}'")
         pattern = np.asarray(ds["pattern"][y, x].values)
         try:
             pts, w = pattern_vertices(pattern, offsets, threshold=threshold)  # type: ignore[arg-type]
         except ValueError as exc:
-            raise ValueError(f"particle '{particle}', pixel ({y}, {x}): {exc}") from None
+            raise ValueError(f"scan '{particle}', pixel ({y}, {x}): {exc}") from None
         comments = grid_comments(grid, f"pattern of {particle} scan pixel y={y} x={x}")
         written.append(write_ply(out / f"{particle}_y{y}_x{x}.ply", pts, w, comments=comments))
     if labels:
         if "label" not in ds:
-            raise ValueError(f"particle '{particle}' has no labels; run `spndi stats` first")
+            raise ValueError(f"scan '{particle}' has no labels; run `spndi stats` first")
         lab = np.asarray(ds["label"].values)
         for L in labels:
             if not (lab == L).any():
-                raise ValueError(
-                    f"particle '{particle}' has no label {L} (labels 1..{int(lab.max())})"
-                )
+                raise ValueError(f"scan '{particle}' has no label {L} (labels 1..{int(lab.max())})")
         # group g = the g-th requested label; one pass over the patterns for all of them
         groups = np.full(lab.shape, -1, dtype=np.int32)
         for g, L in enumerate(labels):
@@ -182,7 +178,7 @@ def export_ply(
         for L, row in zip(labels, np.asarray(sums), strict=True):
             total, count = row[:-1].reshape(shape), row[-1]
             if not count:
-                raise ValueError(f"particle '{particle}', label {L}: no usable pattern")
+                raise ValueError(f"scan '{particle}', label {L}: no usable pattern")
             pts, w = pattern_vertices(total / count, offsets, threshold=threshold)  # type: ignore[arg-type]
             comments = grid_comments(
                 grid, f"mean pattern of {particle} label {L} over {int(count)} pixels"

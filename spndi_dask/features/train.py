@@ -1,4 +1,4 @@
-"""Training the autoencoder on a sample of pixels drawn across all particles of a beamtime.
+"""Training the autoencoder on a sample of pixels drawn across all scans of a beamtime.
 
 ``train(manifest)`` draws ``[features] sample_size`` pixels (inside segmented particles when
 ``spndi stats`` has run, else all pixels with signal) from every reduced scan, in proportion to
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import active_client, compute
 from spndi_dask.config import FeatureSettings, Manifest
@@ -354,9 +355,7 @@ class _Draw:
     offsets: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _draw(
-    manifest: Manifest, size: int | None, seed: int | None, particles: list[str] | None
-) -> _Draw:
+def _draw(manifest: Manifest, size: int | None, seed: int | None, scans: list[str] | None) -> _Draw:
     """Choose the sample's pixels: proportional across scans, seeded within each scan.
 
     Reads only the ``valid``/``label`` maps; the fingerprint is the drawn pixels and the reduce
@@ -366,7 +365,7 @@ def _draw(
     size = settings.sample_size if size is None else size
     seed = settings.seed if seed is None else seed
     root = manifest.layout.results
-    names = manifest.select_particles(particles, error=FeatureError)
+    names = manifest.select_scans(scans, error=FeatureError)
     rng = np.random.default_rng(seed)
     cands: dict[str, np.ndarray] = {}
     datasets: dict[str, Any] = {}
@@ -376,11 +375,11 @@ def _draw(
         try:
             ds = open_results(root, name)
         except FileNotFoundError:
-            logger.warning("particle '%s' has no reduce result; left out of training", name)
+            logger.warning("scan '%s' has no reduce result; left out of training", name)
             continue
         if "pattern" not in ds:
             raise FeatureError(
-                f"particle '{name}' in {root} has no q-grid patterns; reduce with patterns "
+                f"scan '{name}' in {root} has no q-grid patterns; reduce with patterns "
                 "(`spndi reduce`) before training"
             )
         mask, source = _scan_candidates(ds)
@@ -389,7 +388,7 @@ def _draw(
     total = sum(len(c) for c in cands.values())
     if total == 0:
         raise FeatureError(
-            f"no pixels with signal in any reduced particle of {root}: nothing to train on"
+            f"no pixels with signal in any reduced scan of {root}: nothing to train on"
         )
     # proportional allocation (largest remainder), then a seeded draw within each scan
     share = {n: len(c) * min(1.0, size / total) for n, c in cands.items()}
@@ -460,12 +459,13 @@ def _read(draw: _Draw, progress: bool) -> Sample:
     return _assemble(compute(_parts(draw), progress), draw)
 
 
+@renamed_keyword(particles="scans")
 def sample_patterns(
     manifest: Manifest,
     *,
     size: int | None = None,
     seed: int | None = None,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     progress: bool = False,
 ) -> Sample:
     """Draw up to ``size`` pixels across all (or the named) reduced scans; read their patterns.
@@ -474,7 +474,7 @@ def sample_patterns(
     every pixel with signal (``valid``); each scan contributes in proportion to its candidates.
     Only the drawn patterns are read (``vindex`` on the lazy arrays, one computation).
     """
-    return _read(_draw(manifest, size, seed, particles), progress)
+    return _read(_draw(manifest, size, seed, scans), progress)
 
 
 def _training_key(settings: FeatureSettings, sample: Sample | _Draw) -> str:
@@ -631,10 +631,11 @@ def _fit_on_worker(
     return fitted
 
 
+@renamed_keyword(particles="scans")
 def train(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     device: str | None = None,
     progress: bool = False,
@@ -651,7 +652,7 @@ def train(
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
+    scans : list of str, optional
         Draw from these scans only (default: all reduced ones).
     force : bool
         Retrain even if the checkpoint was trained on the same sample with the same settings.
@@ -687,8 +688,8 @@ def train(
     if weights is None and settings.weights:
         weights = manifest.resolve(settings.weights)
     if weights is not None:
-        return _from_study_weights(manifest, Path(weights), particles, force=force)
-    draw = _draw(manifest, None, None, particles)
+        return _from_study_weights(manifest, Path(weights), scans, force=force)
+    draw = _draw(manifest, None, None, scans)
     out = manifest.layout.checkpoint
     key = _training_key(settings, draw)
     if not force and out.exists():
@@ -752,7 +753,7 @@ def train(
 
 
 def _from_study_weights(
-    manifest: Manifest, weights: Path, particles: list[str] | None, *, force: bool
+    manifest: Manifest, weights: Path, scans: list[str] | None, *, force: bool
 ) -> dict[str, Any]:
     """The checkpoint of the study model with the study's released ``weights`` (no training)."""
     settings = manifest.features
@@ -762,7 +763,7 @@ def _from_study_weights(
             "'study' in the manifest"
         )
     t0 = time.perf_counter()
-    draw = _draw(manifest, None, None, particles)  # the q grid (reads valid/label maps only)
+    draw = _draw(manifest, None, None, scans)  # the q grid (reads valid/label maps only)
     if not weights.exists():
         raise FeatureError(
             f"study weights {weights} do not exist; give the path of the study's "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spndi_dask.config import ParticleSettings
+from spndi_dask.config import ScanSettings
 from spndi_dask.stages import StageError
 
 
@@ -10,5 +10,5 @@ class IngestError(StageError, ValueError):
     """An input problem that stops a particle's ingest; the message names the file and the fix."""
 
 
-def _prefix(p: ParticleSettings) -> str:
-    return f"particle '{p.name}'"
+def _prefix(p: ScanSettings) -> str:
+    return f"scan '{p.name}'"

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from spndi_dask.config import ParticleSettings
+from spndi_dask.config import ScanSettings
 from spndi_dask.ingest.errors import IngestError, _prefix
 from spndi_dask.io.sources import SourceError, SourceInfo, is_tiff, read_per_point
 from spndi_dask.positions import assign_to_grid, grid_origin
@@ -14,7 +14,7 @@ from spndi_dask.positions import assign_to_grid, grid_origin
 _UNITS = {"um": 1.0, "nm": 1e-3, "mm": 1e3}
 
 
-def _read_positions(p: ParticleSettings, info: SourceInfo) -> tuple[np.ndarray, np.ndarray]:
+def _read_positions(p: ScanSettings, info: SourceInfo) -> tuple[np.ndarray, np.ndarray]:
     """An angle's recorded positions (µm), one per frame (every file's, concatenated)."""
     pos = p.positions
     assert pos is not None
@@ -36,7 +36,7 @@ def _read_positions(p: ParticleSettings, info: SourceInfo) -> tuple[np.ndarray, 
 
 
 def _place_points(
-    p: ParticleSettings, infos: list[SourceInfo]
+    p: ScanSettings, infos: list[SourceInfo]
 ) -> tuple[list[np.ndarray], tuple[str, str, float, tuple[float, float]], dict[str, Any]]:
     """Recorded positions -> per angle the source point of every grid node (module docstring).
 

@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from spndi_dask._version import __version__
-from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.config import Manifest, ScanSettings
 from spndi_dask.ingest.errors import IngestError, _prefix
 from spndi_dask.ingest.placement import _place_points
 from spndi_dask.ingest.records import _recorded_paths
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class IngestPlan:
     """What ingesting one particle will do (built and checked before anything is written)."""
 
-    particle: ParticleSettings
+    particle: ScanSettings
     root: Path
     sources: list[SourceInfo]
     layout: RawLayout
@@ -76,9 +76,7 @@ class IngestPlan:
         return str(self.root / self.particle.name)
 
 
-def plan_ingest(
-    manifest: Manifest, particle: ParticleSettings, *, force: bool = False
-) -> IngestPlan:
+def plan_ingest(manifest: Manifest, particle: ScanSettings, *, force: bool = False) -> IngestPlan:
     """Check every angle file of a particle and decide which angles still need writing.
 
     Raises
@@ -228,7 +226,7 @@ def plan_ingest(
             if not is_damage(exc) and not isinstance(exc, ValueError | OSError | KeyError):
                 raise
             logger.warning(
-                "particle '%s': %s is damaged (%s); ingesting it again", p.name, root / p.name, exc
+                "scan '%s': %s is damaged (%s); ingesting it again", p.name, root / p.name, exc
             )
     attrs = {
         "spndi_dask": {"kind": "raw", "version": __version__},
@@ -275,7 +273,7 @@ def plan_ingest(
     )
 
 
-def _invalid_value(setting: str | int, dtype: np.dtype, p: ParticleSettings) -> int | float | None:
+def _invalid_value(setting: str | int, dtype: np.dtype, p: ScanSettings) -> int | float | None:
     """The value that flags a bad pixel in frames of ``dtype`` (``[ingest] invalid_value``).
 
     ``'auto'``: the largest value of an unsigned integer dtype (Eiger and Pilatus write
@@ -300,7 +298,7 @@ def _invalid_value(setting: str | int, dtype: np.dtype, p: ParticleSettings) -> 
     return float(value) if dtype.kind == "f" else value
 
 
-def _xrf_source(p: ParticleSettings) -> XrfSource | None:
+def _xrf_source(p: ScanSettings) -> XrfSource | None:
     """How the particle's fluorescence is read (manifest ``xrf`` and its window keys)."""
     if p.xrf is None:
         return None
@@ -315,7 +313,7 @@ def _xrf_source(p: ParticleSettings) -> XrfSource | None:
 
 
 def _check_traits(
-    p: ParticleSettings,
+    p: ScanSettings,
     infos: list[SourceInfo],
     detector_shape: tuple[int, int],
     xrf: XrfSource | None,
@@ -337,7 +335,7 @@ def _check_traits(
                 )
 
 
-def _traits_key(p: ParticleSettings, invalid: int | float | None, xrf: XrfSource | None) -> str:
+def _traits_key(p: ScanSettings, invalid: int | float | None, xrf: XrfSource | None) -> str:
     """The settings of the detector traits and XRF that change what ingest writes."""
     return json.dumps(
         {

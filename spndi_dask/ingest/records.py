@@ -110,7 +110,7 @@ def _keep_moved(plan: IngestPlan) -> None:
     _refresh(plan, sources)
     group.attrs.put({**attrs, "sources": sources})
     logger.info(
-        "particle '%s': %d angle file(s) moved, touched or unrecorded since ingest hold the "
+        "scan '%s': %d angle file(s) moved, touched or unrecorded since ingest hold the "
         "ingested data: kept",
         plan.name,
         len(plan.moved),

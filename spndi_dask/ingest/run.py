@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.compute import compute
 from spndi_dask.config import Manifest
 from spndi_dask.ingest.errors import IngestError
@@ -51,7 +52,7 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     group.attrs.put(attrs)
     if incomplete and plan.positions is not None:
         logger.warning(
-            "particle '%s': %d scan grid node(s) at %d angle(s) (indices %s) have no recorded "
+            "scan '%s': %d scan grid node(s) at %d angle(s) (indices %s) have no recorded "
             "position within half a step; their frames are 0 and marked invalid in `valid` "
             "(raw attrs `positions`)",
             plan.name,
@@ -61,17 +62,17 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
         )
     elif incomplete:
         logger.warning(
-            "particle '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
+            "scan '%s': %d angle(s) had aborted scans (indices %s); missing points are 0 "
             "and marked invalid in `valid`",
             plan.name,
             len(incomplete),
             incomplete,
         )
     if zeroed:
-        logger.warning("particle '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
+        logger.warning("scan '%s': %d NaN/negative values replaced by 0", plan.name, zeroed)
     if n_flagged:
         logger.info(
-            "particle '%s': %d values equal to the invalid value %s at %d detector pixels stored "
+            "scan '%s': %d values equal to the invalid value %s at %d detector pixels stored "
             "as 0 and counted in `flagged` (reduce masks those pixels)",
             plan.name,
             n_flagged,
@@ -81,10 +82,11 @@ def _finalize(plan: IngestPlan, records: list[dict[str, Any]]) -> dict[str, Any]
     return attrs
 
 
+@renamed_keyword(particles="scans")
 def ingest(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
@@ -96,8 +98,8 @@ def ingest(
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
-        Only these particles (default: all).
+    scans : list of str, optional
+        Only these scans (default: all).
     force : bool
         Rewrite every angle even where the store is up to date.
     progress : bool
@@ -106,15 +108,15 @@ def ingest(
     Returns
     -------
     dict
-        Per particle: ``status`` ('ingested', 'up to date' or 'failed'), ``angles_written``,
+        Per scan: ``status`` ('ingested', 'up to date' or 'failed'), ``angles_written``,
         ``seconds``, ``raw_bytes`` and ``error`` for failures.
 
     Raises
     ------
     IngestError
-        After all good particles are ingested, if any particle failed (the message lists each).
+        After all good scans are ingested, if any scan failed (the message lists each).
     """
-    selected = [manifest.particle(n) for n in particles] if particles else manifest.particles
+    selected = [manifest.scan(n) for n in scans] if scans else manifest.scans
     summary: dict[str, dict[str, Any]] = {}
     plans: list[IngestPlan] = []
     for p in selected:
@@ -142,7 +144,7 @@ def ingest(
             try:
                 _clear_angles(plan)
             except Exception as exc:  # the store's metadata is damaged: start it again
-                logger.warning("particle '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
+                logger.warning("scan '%s': recreating %s (%s)", plan.name, plan.group_url, exc)
                 plan.todo = list(range(len(plan.sources)))
                 create_particle_store(
                     plan.root,
@@ -155,7 +157,7 @@ def ingest(
         work.append((plan, len(tasks), len(tasks) + len(t)))
         tasks.extend(t)
         logger.info(
-            "particle '%s': writing %d of %d angles", plan.name, len(plan.todo), len(plan.sources)
+            "scan '%s': writing %d of %d angles", plan.name, len(plan.todo), len(plan.sources)
         )
     if tasks:
         start = time.perf_counter()
@@ -190,7 +192,7 @@ def ingest(
     failed = {k: v for k, v in summary.items() if v["status"] == Outcome.FAILED}
     if failed:
         err = IngestError(
-            f"ingest failed for {len(failed)} of {len(selected)} particle(s):\n"
+            f"ingest failed for {len(failed)} of {len(selected)} scan(s):\n"
             + "\n".join(f"  - {v['error']}" for v in failed.values())
         )
         err.summary = summary
@@ -203,13 +205,13 @@ def _explain(plan: IngestPlan, exc: BaseException) -> str:
     if isinstance(exc, IngestError):
         return str(exc)
     if isinstance(exc, SourceError):  # the angle file, not the store
-        return f"particle '{plan.name}': {exc}"
+        return f"scan '{plan.name}': {exc}"
     if is_damage(exc):
         return (
-            f"particle '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
-            f"`spndi ingest <manifest> --particles {plan.name} --force` writes it again"
+            f"scan '{plan.name}': {plan.group_url} is damaged ({type(exc).__name__}: {exc}); "
+            f"`spndi ingest <manifest> --scans {plan.name} --force` writes it again"
         )
-    return f"particle '{plan.name}': {type(exc).__name__}: {exc}"
+    return f"scan '{plan.name}': {type(exc).__name__}: {exc}"
 
 
 def _ok(plan: IngestPlan, seconds: float) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def _write_tile(
                     ]
                 )
                 raise IngestError(
-                    f"particle '{particle}': {src} has {n_bad} NaN/infinite or negative values "
+                    f"scan '{particle}': {src} has {n_bad} NaN/infinite or negative values "
                     f"in scan points {lo}-{hi - 1} (first at point {first}); fix the file, or "
                     "set [ingest] bad_values = 'zero' to replace them with 0"
                 )

@@ -70,7 +70,7 @@ Examples
 ...     scan_shape=(2, 3), step_um=(0.1, 0.1), energy_kev=9.0, distance_m=0.5,
 ...     pixel_size_m=55e-6, beam_center=(2.0, 2.0), gamma_deg=20.0, delta_deg=0.0))
 >>> m = result.manifest
->>> m.particles[0].frames, m.particles[0].angles.tolist()
+>>> m.scans[0].frames, m.scans[0].angles.tolist()
 (['raw/p1/scan_1.h5', 'raw/p1/scan_2.h5', 'raw/p1/scan_3.h5'], [10.0, 10.1, 10.2])
 >>> "/entry@theta" in result.text
 True

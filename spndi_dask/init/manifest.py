@@ -85,7 +85,7 @@ def _toml(
         _line("name", name, name_src),
         _line("output", inf.options.results, "results folder, relative to this file"),
         "",
-        f"{'[geometry]'.ljust(43)} # every particle (a particle may override keys)",
+        f"{'[geometry]'.ljust(43)} # every scan (a scan may override keys)",
     ]
     for key, (value, src) in geometry.items():
         lines.append(_line(key, value, src))
@@ -94,7 +94,7 @@ def _toml(
         lines += [_line(key, value, src) for key, (value, src) in reduce.items()]
     for p in particles:
         e, c = p.entry, p.comments
-        lines += ["", "[[particles]]", _line("name", p.name, p.where)]
+        lines += ["", "[[scans]]", _line("name", p.name, p.where)]
         files = [[inf.rel(f) for f in s.files] for s in p.scans]
         singles = [f[0] for f in files if len(f) == 1]
         template = _template(singles) if len(singles) == len(files) else None
@@ -135,7 +135,7 @@ def _toml(
             lines.append(_line("allow_incomplete", True, c["allow_incomplete"]))
         own = {k: v for k, v in p.geometry.items() if k not in geometry}
         if own:
-            lines.append("[particles.geometry]")
+            lines.append("[scans.geometry]")
             lines += [_line(k, v, src) for k, (v, src) in own.items()]
     return "\n".join(lines) + "\n"
 
@@ -292,7 +292,7 @@ def _beamtime_name(raw: Path, options: InitOptions) -> tuple[str, str]:
 def _merge_geometry(inf: _Inference, particles: list[_Particle]) -> dict[str, tuple[Any, str]]:
     """``[geometry]``: the flags, else values every particle's metadata agrees on.
 
-    A value that differs between particles stays in their ``[particles.geometry]``; a key found
+    A value that differs between particles stays in their ``[scans.geometry]``; a key found
     nowhere is a problem naming its flag.
     """
     opt = inf.options

@@ -40,6 +40,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.layout import OutputLayout, disk_usage, read_attrs
 from spndi_dask.io.shards import ShardError, ShardReader
 from spndi_dask.stages import StageError
@@ -200,7 +201,7 @@ def recompute_command(d: Damage, manifest: str = "beamtime.toml") -> str:
         return f"spndi verify {manifest} && spndi run {manifest}"
     if d.stage in ("cluster", "analyze") or d.particle is None:
         return f"spndi {d.stage} {manifest} --force"
-    return f"spndi {d.stage} {manifest} --particles {d.particle} --force"
+    return f"spndi {d.stage} {manifest} --scans {d.particle} --force"
 
 
 def describe(damage: list[Damage], manifest: str = "beamtime.toml") -> str:
@@ -481,12 +482,13 @@ class VerifyReport:
         }
 
 
+@renamed_keyword(particles="scans")
 def verify(
     manifest: Any,
     *,
     deep: bool = False,
     mark: bool = True,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
@@ -502,8 +504,8 @@ def verify(
     mark : bool
         Mark every damaged part as not done, so that the next ``spndi run`` recomputes only it
         (:func:`mark_damaged`).
-    particles : list of str, optional
-        Only these particles' nodes (``analysis.zarr`` is checked always).
+    scans : list of str, optional
+        Only these scans' nodes (``analysis.zarr`` is checked always).
     threads : int, optional
         Arrays checked at once (default: the usable cores).
     progress : callable, optional
@@ -514,7 +516,7 @@ def verify(
     VerifyReport
     """
     layout = manifest.layout
-    wanted = set(particles) if particles else {p.name for p in manifest.particles}
+    wanted = set(scans) if scans else {p.name for p in manifest.scans}
     jobs = []
     checked = 0
     for kind, root in (

@@ -66,20 +66,20 @@ class OutputLayout:
     # -- stores ----------------------------------------------------------------------------
     @property
     def raw(self) -> Path:
-        """``raw.zarr``: ingested frames, one array group per particle."""
+        """``raw.zarr``: ingested frames, one array group per scan."""
         return self.root / "raw.zarr"
 
     @property
     def results(self) -> Path:
-        """``results.zarr``: one node per particle (maps, patterns, label, latent, cluster)."""
+        """``results.zarr``: one node per scan (maps, patterns, label, latent, cluster)."""
         return self.root / "results.zarr"
 
     def node(self, particle: str) -> Path:
-        """``results.zarr/<particle>``."""
+        """``results.zarr/<scan>``."""
         return self.results / particle
 
     def raw_node(self, particle: str) -> Path:
-        """``raw.zarr/<particle>``."""
+        """``raw.zarr/<scan>``."""
         return self.raw / particle
 
     @property

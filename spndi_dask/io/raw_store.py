@@ -1,8 +1,8 @@
-"""``raw.zarr``: the ingested frames of every particle (Zarr v3, sharded) and its lazy view.
+"""``raw.zarr``: the ingested frames of every scan (Zarr v3, sharded) and its lazy view.
 
-Layout, one group per particle::
+Layout, one group per scan::
 
-    raw.zarr/<particle>/frames   (angle, y, x, det_row, det_col)  detector dtype, Blosc, sharded
+    raw.zarr/<scan>/frames   (angle, y, x, det_row, det_col)  detector dtype, Blosc, sharded
                        /monitor  (angle, y, x) float64   incident flux (1 where none recorded)
                        /xrf      (angle, y, x) float64   fluorescence (NaN where none recorded)
                        /valid    (angle, y, x) bool      False for points an aborted scan lacks
@@ -42,6 +42,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask.io.integrity import checksummed
 from spndi_dask.io.layout import OutputLayout
 from spndi_dask.stages import StageError
@@ -213,21 +214,22 @@ def create_particle_store(
     return group
 
 
+@renamed_keyword(particle="scan")
 def open_raw(
     output_dir: str | Path,
-    particle: str,
+    scan: str,
     *,
     chunks: tuple[int, ...] | None = None,
     allow_incomplete: bool = False,
 ) -> xr.Dataset:
-    """Lazy xarray view of one particle's ingested frames.
+    """Lazy xarray view of one scan's ingested frames.
 
     Parameters
     ----------
     output_dir : path
         The results directory (holding ``raw.zarr``), or the ``raw.zarr`` path itself.
-    particle : str
-        Particle name.
+    scan : str
+        Scan name (``particle`` is its deprecated name).
     chunks : tuple, optional
         dask chunks of ``frames``; default one shard (never the tiny inner chunks).
     allow_incomplete : bool
@@ -248,23 +250,23 @@ def open_raw(
     root = Path(output_dir)
     if root.suffix != ".zarr":
         root = raw_path(root)
-    if not (root / particle / "zarr.json").exists():
+    if not (root / scan / "zarr.json").exists():
         have = (
             sorted(p.name for p in root.iterdir() if (p / "zarr.json").exists())
             if (root.exists())
             else []
         )
         raise FileNotFoundError(
-            f"no ingested particle {particle!r} in {root} (have: {have or 'none'}); run "
+            f"no ingested scan {scan!r} in {root} (have: {have or 'none'}); run "
             "`spndi ingest beamtime.toml` first"
         )
-    group = zarr.open_group(str(root / particle), mode="r")
+    group = zarr.open_group(str(root / scan), mode="r")
     attrs = dict(group.attrs)
     if not attrs.get("spndi_dask", {}).get("complete") and not allow_incomplete:
         done = np.asarray(group["done"][:])
         missing = np.flatnonzero(done == 0).tolist()
         raise IncompleteError(
-            f"{root / particle} is incomplete (angle indices {missing} not ingested); re-run "
+            f"{root / scan} is incomplete (angle indices {missing} not ingested); re-run "
             "`spndi ingest` to finish it, or pass allow_incomplete=True"
         )
     frames = group["frames"]

@@ -1,6 +1,6 @@
-"""``results.zarr``: one node per particle, written whole by reduce and added to by later stages.
+"""``results.zarr``: one node per scan, written whole by reduce and added to by later stages.
 
-A particle's node is written whole into a temporary store beside ``results.zarr``, marked
+A scan's node is written whole into a temporary store beside ``results.zarr``, marked
 incomplete (:func:`write_temporary`), then marked complete and moved in with one rename
 (:func:`publish`): a reader finds the previous complete node or the new complete one, and a
 crash leaves only a temporary directory (removed by the next write). :func:`open_results`
@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.io.integrity import (
     checksum_encoding,
@@ -58,7 +59,7 @@ __all__ = [
 
 #: Scan rows of the patterns per dask task when results are opened (stored one row per chunk).
 PATTERN_ROWS = 16
-#: The maps ``reduce`` writes to every particle's node, with their units (``attrs['units']``,
+#: The maps ``reduce`` writes to every scan's node, with their units (``attrs['units']``,
 #: CF style: a unit string only, ``"1"`` for dimensionless; the meaning is in ``long_name``).
 MAP_VARIABLES = {
     "intensity": "counts",
@@ -121,7 +122,7 @@ def write_whole_store(ds: xr.Dataset, path: Path, output_dir: str | Path) -> Pat
 
 
 class IncompleteResultError(StageError, ValueError):
-    """A particle's node exists but was never marked complete (its write was interrupted)."""
+    """A scan's node exists but was never marked complete (its write was interrupted)."""
 
 
 def results_path(output_dir: str | Path) -> Path:
@@ -166,7 +167,7 @@ def stored_q_grid(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 def is_current(output_dir: str | Path, name: str, fingerprint: str) -> bool:
-    """Whether particle ``name``'s node is complete and was made from ``fingerprint``."""
+    """Whether scan ``name``'s node is complete and was made from ``fingerprint``."""
     meta = _meta(OutputLayout(output_dir).node(name))
     return bool(meta.get("complete")) and meta.get("fingerprint") == fingerprint
 
@@ -179,7 +180,7 @@ def write_temporary(
     *,
     encoding: dict[str, Any] | None = None,
 ) -> tuple[Any, Path]:
-    """The lazy write of particle ``name``'s whole node into ``<output>/.tmp`` (incomplete).
+    """The lazy write of scan ``name``'s whole node into ``<output>/.tmp`` (incomplete).
 
     Parameters
     ----------
@@ -237,27 +238,28 @@ def publish(tmp: str | Path, output_dir: str | Path, name: str, attrs: dict[str,
     replace_tree(tmp, OutputLayout(output_dir).node(name))
 
 
-def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
-    """Open ``results.zarr`` lazily: a ``DataTree`` of all particles, or one particle's Dataset.
+@renamed_keyword(particle="scan")
+def open_results(output_dir: str | Path, scan: str | None = None) -> Any:
+    """Open ``results.zarr`` lazily: a ``DataTree`` of all scans, or one scan's Dataset.
 
     Parameters
     ----------
     output_dir : path
         The beamtime's output directory, or the ``results.zarr`` path itself.
-    particle : str, optional
-        A particle's name; default all particles.
+    scan : str, optional
+        A scan's name; default all scans. ``particle`` is its deprecated name.
 
     Returns
     -------
     xarray.DataTree or xarray.Dataset
-        Dask-backed; a particle's ``pattern`` is read :data:`PATTERN_ROWS` scan rows per task.
+        Dask-backed; a scan's ``pattern`` is read :data:`PATTERN_ROWS` scan rows per task.
 
     Raises
     ------
     FileNotFoundError
-        If there are no results, or none for ``particle``.
+        If there are no results, or none for ``scan``.
     IncompleteResultError
-        If the particle's node was never marked complete.
+        If the scan's node was never marked complete.
 
     Examples
     --------
@@ -268,11 +270,11 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
     root = results_path(output_dir) if Path(output_dir).suffix != ".zarr" else Path(output_dir)
     if not (root / "zarr.json").exists():
         raise FileNotFoundError(f"no results in {root}; run `spndi reduce beamtime.toml` first")
-    if particle is None:
+    if scan is None:
         return xr.open_datatree(str(root), engine="zarr", consolidated=False)
-    node = root / particle
+    node = root / scan
     if not (node / "zarr.json").exists():
-        raise FileNotFoundError(f"no reduce result for particle {particle!r} in {root}")
+        raise FileNotFoundError(f"no reduce result for scan {scan!r} in {root}")
     # a damaged chunk read from these arrays raises DamagedStoreError naming it (io.integrity)
     guarded = {"getitem": guarded_getter}
     try:
@@ -285,7 +287,7 @@ def open_results(output_dir: str | Path, particle: str | None = None) -> Any:
         raise damage_error(exc, array=_first_damaged(node)) from exc
     if not ds.attrs.get("spndi_dask", {}).get("complete"):
         raise IncompleteResultError(
-            f"the result of particle {particle!r} in {root} is incomplete (interrupted, or "
+            f"the result of scan {scan!r} in {root} is incomplete (interrupted, or "
             f"marked damaged by `spndi verify`); `spndi reduce` makes it again"
         )
     if "pattern" in ds and ds["pattern"].chunks[0][0] < PATTERN_ROWS:
@@ -378,7 +380,7 @@ def write_map(
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows (floats as 6 significant digits) to ``path``, replacing it in one move."""
-    cols = list(rows[0]) if rows else ["particle"]
+    cols = list(rows[0]) if rows else ["scan"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()

@@ -41,6 +41,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
+from spndi_dask._deprecate import renamed_keyword
 from spndi_dask._version import __version__
 from spndi_dask.compute import compute_as_completed, compute_each
 from spndi_dask.config import Manifest
@@ -84,7 +85,7 @@ def _fingerprint(manifest: Manifest, plan: ParticlePlan, grid: BeamtimeGrid) -> 
         "raw_layout": plan.raw_layout,
         "geometry": plan.geometry.to_dict(),
         "settings": manifest.reduce.model_dump(mode="json"),
-        "dark": manifest.particle(plan.name).dark,
+        "dark": manifest.scan(plan.name).dark,
         "grid": grid.to_dict(),
         "version": __version__,
     }
@@ -159,7 +160,7 @@ def _saturation_note(tmp: Path, plan: ParticlePlan) -> str | None:
         "[reduce] saturation if that is not the detector's saturation level"
     )
     group.attrs.update({"warnings": [*group.attrs.get("warnings", []), note]})
-    logger.warning("particle '%s': %s", plan.name, note)
+    logger.warning("scan '%s': %s", plan.name, note)
     return note
 
 
@@ -171,37 +172,38 @@ def _explain_failure(manifest: Manifest, name: str, exc: BaseException) -> str:
             return str(err)
         store = manifest.layout.raw_node(name)
         return (
-            f"the ingested frames of particle '{name}' cannot be decoded "
+            f"the ingested frames of scan '{name}' cannot be decoded "
             f"({type(exc).__name__}: {exc}): a chunk of {store} is damaged; "
             f"`spndi verify {manifest.source}` finds it and marks it to be ingested again"
         )
     return f"{type(exc).__name__}: {exc}"
 
 
+@renamed_keyword(particles="scans")
 def reduce(
     manifest: Manifest,
     *,
-    particles: list[str] | None = None,
+    scans: list[str] | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Reduce every (or the named) ingested particle into ``<output>/results.zarr``.
+    """Reduce every (or the named) ingested scan into ``<output>/results.zarr``.
 
     Parameters
     ----------
     manifest : Manifest
-    particles : list of str, optional
+    scans : list of str, optional
         Names to reduce; default all.
     force : bool
         Recompute results that are up to date. The common q grid is remade only when every
-        particle is reduced (a subset keeps the stored one, so patterns stay comparable).
+        scan is reduced (a subset keeps the stored one, so patterns stay comparable).
     progress : bool
-        Show a progress bar per particle.
+        Show a progress bar per scan.
 
     Returns
     -------
     dict
-        Per particle: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds`` (particles
+        Per scan: ``status`` ('reduced', 'up to date' or 'failed'), ``seconds`` (scans
         are reduced together: the wall time until its result was complete), ``roi``,
         ``drift_method``, ``valid_pixels``, ``warnings`` or ``error``.
 
@@ -218,25 +220,25 @@ def reduce(
     'up to date'
     """
     settings = manifest.reduce
-    wanted = manifest.select_particles(particles, error=ReduceError)
+    wanted = manifest.select_scans(scans, error=ReduceError)
     check_output(manifest.output_dir)  # results.zarr is spndi's, or absent
     out = manifest.layout
     summary: dict[str, dict[str, Any]] = {}
     plans: dict[str, ParticlePlan] = {}
-    for p in manifest.particles:
+    for p in manifest.scans:
         if p.name not in wanted:
             continue
         check_interrupted()
         try:
             plans[p.name] = plan_particle(manifest, p)
         except (ReduceError, SourceError, FileNotFoundError, RuntimeError) as exc:
-            logger.error("particle '%s': %s", p.name, exc)
+            logger.error("scan '%s': %s", p.name, exc)
             summary[p.name] = {"status": Outcome.FAILED, "error": str(exc)}
     if not plans:
         return summary
-    # the q grid is the beamtime's: kept when only some particles are redone (forced or not),
+    # the q grid is the beamtime's: kept when only some scans are redone (forced or not),
     # and made from every particle's projection when it is (re)made
-    whole = len(wanted) == len(manifest.particles)
+    whole = len(wanted) == len(manifest.scans)
     stored = None if force and whole else stored_q_grid(out.root)
     grid = None if stored is None else BeamtimeGrid.from_dict(stored)
     if grid is None or grid.n != settings.pattern_grid:
@@ -264,7 +266,7 @@ def reduce(
     def fail(name: str, exc: BaseException) -> None:  # one bad particle never stops the others
         msg = _explain_failure(manifest, name, exc)
         logger.error(
-            "particle %r: reduce failed: %s", name, msg, exc_info=logger.isEnabledFor(logging.DEBUG)
+            "scan %r: reduce failed: %s", name, msg, exc_info=logger.isEnabledFor(logging.DEBUG)
         )
         summary[name] = {"status": Outcome.FAILED, "error": msg}
         todo.pop(name, None)
@@ -355,4 +357,4 @@ def reduce(
         axes = {n: plans[n].geometry.rocking_axis for n in reduced}
         with deferred():  # every particle's maps on the one reference, not some of them
             _apply_beamtime_median(out, reduced, axes)
-    return {p.name: summary[p.name] for p in manifest.particles if p.name in summary}
+    return {p.name: summary[p.name] for p in manifest.scans if p.name in summary}

@@ -189,7 +189,7 @@ def reduce_particle(
         Variables of the reduce stage (DESIGN.md results contract), dask-backed.
     """
     if plan.drift is None:
-        raise ReduceError(f"particle '{plan.name}': the drift is not known yet")
+        raise ReduceError(f"scan '{plan.name}': the drift is not known yet")
     if peak not in ("moments", "gaussian"):
         raise ReduceError(f"peak = {peak!r}: use 'moments' or 'gaussian' ([reduce] peak)")
     if peak == "gaussian" and grid is None:

@@ -117,5 +117,5 @@ def failed_fits_note(path: str | Path, name: str) -> str | None:
         "`quality`); widen the grid ([reduce] pattern_extent_sigma) or use peak = 'moments'"
     )
     group.attrs.update({"warnings": [*group.attrs.get("warnings", []), note]})
-    logger.warning("particle '%s': %s", name, note)
+    logger.warning("scan '%s': %s", name, note)
     return note

@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from spndi_dask.config import Manifest, ParticleSettings
+from spndi_dask.config import Manifest, ScanSettings
 from spndi_dask.geometry import Geometry, crystal_frame, q_sample
 from spndi_dask.io.raw_store import open_raw
 from spndi_dask.io.sources import SourceError, read_detector_image
@@ -187,7 +187,7 @@ def _masked_pixels(
     return reasons, flagged, warnings
 
 
-def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePlan:
+def plan_particle(manifest: Manifest, particle: ScanSettings) -> ParticlePlan:
     """Decide corrections, ROI, background, normalisation and (from XRF) drift of a particle.
 
     Reads only small arrays of ``raw.zarr`` (detector projection, monitor, XRF, validity) and
@@ -248,7 +248,7 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
         r0, r1, c0, c1 = settings.roi
         if r1 > nr or c1 > nc:
             raise ReduceError(
-                f"particle '{name}': [reduce] roi = {list(settings.roi)} reaches beyond the "
+                f"scan '{name}': [reduce] roi = {list(settings.roi)} reaches beyond the "
                 f"detector ({nr} × {nc}); use row_stop <= {nr} and col_stop <= {nc}"
             )
         roi, at_edge = (r0, r1, c0, c1), r0 == 0 or c0 == 0 or r1 == nr or c1 == nc
@@ -364,7 +364,7 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
         method = "xrf" if has_xrf else "intensity"
     if method == "xrf" and not has_xrf:
         raise ReduceError(
-            f"particle '{name}': [reduce] registration = 'xrf' but no XRF was recorded; set "
+            f"scan '{name}': [reduce] registration = 'xrf' but no XRF was recorded; set "
             f"`xrf` for the particle in the manifest or use registration = 'intensity'"
         )
     frames = raw["frames"]
@@ -408,7 +408,7 @@ def plan_particle(manifest: Manifest, particle: ParticleSettings) -> ParticlePla
             ),
         )
     for w in plan.warnings:
-        logger.warning("particle '%s': %s", name, w)
+        logger.warning("scan '%s': %s", name, w)
     return plan
 
 
@@ -464,7 +464,7 @@ def _checked_drift(plan: ParticlePlan, drift: np.ndarray) -> ParticlePlan:
             "the scan: clipped; check the maps or set [reduce] registration"
         )
         warnings = (*warnings, msg)
-        logger.warning("particle '%s': %s", plan.name, msg)
+        logger.warning("scan '%s': %s", plan.name, msg)
     return dataclasses.replace(plan, drift=np.clip(drift, -limit, limit), warnings=warnings)
 
 
@@ -550,11 +550,11 @@ def beamtime_grid(manifest: Manifest, plans: list[ParticlePlan]) -> BeamtimeGrid
 def _other_plans(manifest: Manifest, plans: dict[str, ParticlePlan]) -> list[ParticlePlan]:
     """Plans of the manifest's particles not in ``plans`` that can be planned (for the grid)."""
     out = []
-    for p in manifest.particles:
+    for p in manifest.scans:
         if p.name in plans:
             continue
         try:
             out.append(plan_particle(manifest, p))
         except (ReduceError, SourceError, OSError, RuntimeError, KeyError) as exc:
-            logger.debug("particle '%s' left out of the q grid: %s", p.name, exc)
+            logger.debug("scan '%s' left out of the q grid: %s", p.name, exc)
     return out

@@ -5,7 +5,7 @@ One file, readable offline: inline CSS, no script, no external resource; every f
 
 * **summary**: beamtime name, dates, package version, the status of every stage per scan;
 * **beamtime overview**: ``beamtime_overview.png`` and the per-particle statistics;
-* **one section per particle scan**: reduction notes, the statistics of ``particles.csv``, the
+* **one section per scan**: reduction notes, the statistics of ``particles.csv``, the
   maps, rocking curves, strain–tilt density and cluster maps;
 * **features**: the autoencoder and its training;
 * **clustering**: K, how it was chosen, inertia and silhouette per K, cluster statistics;

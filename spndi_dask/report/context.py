@@ -38,7 +38,7 @@ ANALYSIS_FIGURES = (
     ("cluster_rocking_curves.png", "Rocking curves per cluster; domains vs boundaries"),
     (
         "rocking_curves_by_scan.png",
-        "Per scan: mean rocking curve of the particle, its domains and boundaries, each cluster",
+        "Per scan: mean rocking curve of its particles, their domains and boundaries, each cluster",
     ),
     ("cluster_patterns.png", "Mean 3D pattern of every cluster (three projections)"),
     ("region_patterns.png", "Mean 3D pattern of domains, of boundaries, and domain − boundary"),
@@ -104,7 +104,7 @@ class ReportContext:
         self.manifest = manifest
         self.layout = layout = manifest.layout
         self._status: dict[str, dict[str, tuple[str, str]]] | None = None
-        self.names = [p.name for p in manifest.particles]
+        self.names = [p.name for p in manifest.scans]
         self.root = read_attrs(layout.results) or {}
         self.node = {n: read_attrs(layout.node(n)) for n in self.names}
         self.raw = {n: read_attrs(layout.raw_node(n)) for n in self.names}

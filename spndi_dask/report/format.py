@@ -53,7 +53,7 @@ class Link:
 
 
 def anchor(prefix: str, name: str) -> str:
-    """The id of a section or heading of one particle scan: ``particle-p1``, ``clusters-p1``."""
+    """The id of a section or heading of one scan: ``particle-p1``, ``clusters-p1``."""
     return f"{prefix}-{name}"
 
 

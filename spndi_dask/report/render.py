@@ -69,14 +69,14 @@ def _section(sid: str, title: str, template: str, build: Callable[[], dict[str, 
 
 
 def _nav(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table of contents: the sections, particle scans grouped under one entry."""
+    """Table of contents: the sections, scans grouped under one entry."""
     out: list[dict[str, Any]] = []
     for sec in items:
         if sec["id"].startswith("particle-"):
             if not out or "group" not in out[-1]:
-                out.append({"group": "Particle scans", "entries": []})
+                out.append({"group": "Scans", "entries": []})
             out[-1]["entries"].append(
-                {"id": sec["id"], "label": sec["title"].removeprefix("Particle scan ")}
+                {"id": sec["id"], "label": sec["title"].removeprefix("Scan ")}
             )
         else:
             out.append({"id": sec["id"], "label": sec["title"]})
@@ -101,7 +101,7 @@ def render_report(
         items.append(
             _section(
                 anchor("particle", name),
-                f"Particle scan {name}",
+                f"Scan {name}",
                 "particle.html",
                 lambda n=name: sections.particle(ctx, n),
             )
@@ -161,7 +161,7 @@ def write_report(
     manifest : Manifest
         The beamtime.
     timings : list of dict, optional
-        Stage timings of the run (``stage``, ``particles``, ``status``, ``seconds``, and any
+        Stage timings of the run (``stage``, ``scans``, ``status``, ``seconds``, and any
         other keys), shown as a table with the total.
     run_info : dict, optional
         Facts about the run (cluster type, dashboard link, workers...), shown as a table.
@@ -180,9 +180,9 @@ def write_report(
     >>> m = Manifest.from_dict({
     ...     "name": "bt", "geometry": {"energy_kev": 9.0, "detector_distance_m": 0.5,
     ...                                "pixel_size_m": 55e-6, "beam_center": [32, 32]},
-    ...     "particles": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
-    ...                    "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
-    ...                    "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]},
+    ...     "scans": [{"name": "p1", "frames": "raw/p1/angle_{index:03d}.h5",
+    ...                "angles_deg": {"start": -0.5, "stop": 0.5, "num": 3},
+    ...                "scan_shape": [4, 5], "scan_step_um": [0.05, 0.05]}]},
     ...     base_dir=tempfile.mkdtemp())
     >>> path = write_report(m, timings=[{"stage": "ingest", "status": "failed", "seconds": 1}])
     >>> path.relative_to(m.output_dir).as_posix()

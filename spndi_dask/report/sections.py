@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 _OVERVIEW_COLUMNS = (
-    "particle",
+    "scan",
     "label",
     "pixels",
     "area_um2",
@@ -89,13 +89,13 @@ def header(ctx: ReportContext, generated: str) -> dict[str, Any]:
 
 
 def summary(ctx: ReportContext) -> dict[str, Any]:
-    """The beamtime's facts and the state of every stage per particle scan."""
+    """The beamtime's facts and the state of every stage per scan."""
     m = ctx.manifest
     info = {
         "beamtime": m.name,
         "manifest": m.source,
         "output": str(ctx.layout.root),
-        "particle scans": len(ctx.names),
+        "scans": len(ctx.names),
         "report generated with": f"spndi_dask {__version__}",
     }
     info.update(ctx.dates())
@@ -103,12 +103,12 @@ def summary(ctx: ReportContext) -> dict[str, Any]:
         info["clusters"] = f"K = {ctx.clusters.get('k')} ({ctx.clusters.get('k_source')})"
     rows = []
     for name in ctx.names:
-        p = m.particle(name)
+        p = m.scan(name)
         rows.append(
             {
-                "particle": Link(anchor("particle", name), name),
+                "scan": Link(anchor("particle", name), name),
                 "angles": str(p.angles.size),
-                "scan": f"{p.scan_shape[0]} × {p.scan_shape[1]}",
+                "points": f"{p.scan_shape[0]} × {p.scan_shape[1]}",
                 **{s: Badge(v) for s, v in ctx.stage_status(name).items()},
             }
         )
@@ -121,13 +121,13 @@ def overview(ctx: ReportContext) -> dict[str, Any]:
     particles = None
     if rows:
         cols = [c for c in _OVERVIEW_COLUMNS if c in rows[0]]
-        particles = table(rows, cols, text=("particle", "warning"))
+        particles = table(rows, cols, text=("scan", "warning"))
     return {
         "figure": ctx.figure("beamtime_overview.png", "Per-particle distributions"),
         "kde": ctx.figure(
             "tilt_d_spacing_kde.png",
-            "Per particle: tilt_y vs d-spacing centred on the particle's means, one scale for "
-            "all particles, with marginal densities",
+            "Per scan: tilt_y vs d-spacing centred on the means of its particles, one scale for "
+            "all scans, with marginal densities",
         ),
         "not_run": rows is None,
         "particles": particles,
@@ -139,7 +139,7 @@ def _stats_tables(rows: list[dict[str, str]]) -> dict[str, Any]:
     cols = list(rows[0])
     quantities = [q for q in MAPS if column(q, "mean") in cols]
     stat_cols = {column(q, s) for q in quantities for s in STATS}
-    summary_cols = [c for c in cols if c not in stat_cols and c != "particle"]
+    summary_cols = [c for c in cols if c not in stat_cols and c != "scan"]
     labels = []
     for r in rows:
         stat_rows = []
@@ -172,8 +172,8 @@ def _masked_text(masked: dict[str, int]) -> str:
 
 
 def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
-    """One particle scan: reduction notes, statistics, maps and rocking curves."""
-    p = ctx.manifest.particle(name)
+    """One scan: reduction notes, statistics of its particles, maps and rocking curves."""
+    p = ctx.manifest.scan(name)
     status = ctx.stage_status(name)
     attrs = ctx.node.get(name)
     out: dict[str, Any] = {
@@ -190,7 +190,7 @@ def particle(ctx: ReportContext, name: str) -> dict[str, Any]:
         if isinstance(attrs.get("masked_pixels"), dict):
             notes["masked detector pixels"] = _masked_text(attrs["masked_pixels"])
         out["reduce"] = {"info": kv(notes), "warnings": list(attrs.get("warnings", []))}
-    rows = [r for r in ctx.particles_csv or [] if r.get("particle") == name]
+    rows = [r for r in ctx.particles_csv or [] if r.get("scan") == name]
     out["stats"] = _stats_tables(rows) if rows else None
     out["stats_done"] = status["stats"] == "done"
     pngs = {png.name: png for png in ctx.particle_pngs.get(name, [])}
@@ -228,7 +228,7 @@ def features(ctx: ReportContext) -> dict[str, Any]:
     if any(done.values()):
         rows = [
             {
-                "particle": n,
+                "scan": n,
                 "encoded pixels": (d or {}).get("pixels"),
                 "model": (d or {}).get("model"),
                 "latent_dim": (d or {}).get("latent_dim"),
@@ -301,7 +301,7 @@ def clustering(ctx: ReportContext) -> dict[str, Any]:
         "inertia of every restart": info.get("restart_inertias"),
         "silhouette at K": sil,
         "pixels clustered": info.get("pixels"),
-        "particle scans": info.get("particles"),
+        "scans": info.get("particles"),
         "version": info.get("version"),
     }
     out: dict[str, Any] = {
@@ -318,8 +318,8 @@ def clustering(ctx: ReportContext) -> dict[str, Any]:
     if ctx.clusters_csv:
         out["clusters"] = table(
             ctx.clusters_csv,
-            text=("particle",),
-            row_class=lambda r: "total" if r.get("particle") == "all" else "",
+            text=("scan",),
+            row_class=lambda r: "total" if r.get("scan") == "all" else "",
         )
     for name in ctx.names:
         status = ctx.stage_status(name)["cluster"]
@@ -368,14 +368,14 @@ def _pm(row: dict[str, str], col: str, se_col: str) -> str | None:
 
 
 def _region_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """regions.csv as rows (particle, quantity): domain and boundary mean ± std, difference."""
+    """regions.csv as rows (scan, quantity): domain and boundary mean ± std, difference."""
     d = "diff_domain_minus_boundary_"
     out = []
     for r in rows:
         for q in (q for q in QUANTITIES if column(q, "mean", "domain_") in r):
             out.append(
                 {
-                    "particle": r.get("particle"),
+                    "scan": r.get("scan"),
                     "quantity": label(q),
                     "domain pixels": r.get("domain_pixels"),
                     "boundary pixels": r.get("boundary_pixels"),
@@ -415,9 +415,7 @@ def analysis(ctx: ReportContext) -> dict[str, Any]:
     out["figures"] = [ctx.figure(f, caption) for f, caption in ANALYSIS_FIGURES]
     if ctx.regions_csv:
         rows = _region_rows(ctx.regions_csv)
-        out["regions"] = (
-            table(rows, text=("particle", "quantity")) if rows else table(ctx.regions_csv)
-        )
+        out["regions"] = table(rows, text=("scan", "quantity")) if rows else table(ctx.regions_csv)
     return out
 
 
@@ -464,8 +462,8 @@ def _timing_table(timings: list[dict[str, Any]]) -> Any:
     """Timing rows as a table with their total."""
     rows = [dict(r) for r in timings]
     for r in rows:
-        if isinstance(r.get("particles"), (list, tuple)):
-            r["particles"] = ", ".join(map(str, r["particles"]))
+        if isinstance(r.get("scans"), (list, tuple)):
+            r["scans"] = ", ".join(map(str, r["scans"]))
     total = sum(x for r in rows if (x := number(r.get("seconds"))) is not None)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     rows.append({cols[0]: "total", "seconds": total})
@@ -480,14 +478,14 @@ def _timing_table(timings: list[dict[str, Any]]) -> Any:
 def _inputs(manifest: Manifest) -> dict[str, Any]:
     rows = input_fingerprints(manifest)
     summary = []
-    for owner in dict.fromkeys(r["particle"] for r in rows):
-        mine = [r for r in rows if r["particle"] == owner]
+    for owner in dict.fromkeys(r["scan"] for r in rows):
+        mine = [r for r in rows if r["scan"] == owner]
         present = [r for r in mine if r["status"] == "present"]
         vs = [r.get("vs_ingest") for r in mine if r.get("vs_ingest") is not None]
         changed = sum(v == "changed" for v in vs)
         summary.append(
             {
-                "particle": owner,
+                "scan": owner,
                 "files": len(mine),
                 "present": len(present),
                 "missing": len(mine) - len(present),
@@ -506,9 +504,9 @@ def _inputs(manifest: Manifest) -> dict[str, Any]:
         path = Path(r["path"])
         rel = path.relative_to(base) if path.is_relative_to(base) else path
         shown.append({**r, "path": str(rel)})
-    cols = ["particle", "role", "path", "status", "size", "mtime", "edge_sha256", "vs_ingest"]
+    cols = ["scan", "role", "path", "status", "size", "mtime", "edge_sha256", "vs_ingest"]
     return {
-        "summary": table(summary, text=("particle", "newest mtime", "vs ingest")),
+        "summary": table(summary, text=("scan", "newest mtime", "vs ingest")),
         "count": len(rows),
         "base": str(base),
         "files": table(shown, cols, text=[c for c in cols if c != "size"]),
@@ -516,7 +514,7 @@ def _inputs(manifest: Manifest) -> dict[str, Any]:
 
 
 def _records(ctx: ReportContext, name: str) -> list[tuple[str, str]]:
-    """(title, JSON) of what every stage stored for one particle scan."""
+    """(title, JSON) of what every stage stored for one scan."""
     recs = {}
     if ctx.raw.get(name):
         recs["ingest (raw.zarr)"] = ctx.raw[name]

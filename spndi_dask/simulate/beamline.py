@@ -539,7 +539,7 @@ def simulate_beamtime(
     >>> import tempfile
     >>> from spndi_dask.simulate import preset
     >>> m = simulate_beamtime(tempfile.mkdtemp(), preset("tiny", n_particles=1, n_angles=3))
-    >>> [p.name for p in m.particles]
+    >>> [p.name for p in m.scans]
     ['p1']
     """
     config = config or SimulationConfig()
@@ -559,7 +559,7 @@ def simulate_beamtime(
     names = datasets(config)
     sigma_ref = float(np.median(np.asarray(config.domain_types)[:, 3]))
 
-    particles_toml = []
+    scans_toml = []
     tasks = []
     for i in range(config.n_particles):
         rng = np.random.default_rng([config.seed, i, 0])
@@ -618,7 +618,7 @@ def simulate_beamtime(
             entry["mask_dataset"] = names["mask"]
         if config.dark_counts > 0:
             entry["dark"] = "raw/dark.h5"
-        particles_toml.append(entry)
+        scans_toml.append(entry)
     if config.dark_counts > 0:
         _write_dark(out / "raw" / "dark.h5", config, dark)
 
@@ -639,7 +639,7 @@ def simulate_beamtime(
         "name": config.name,
         "output": "results",
         "geometry": geometry.to_dict(),
-        "particles": particles_toml,
+        "scans": scans_toml,
         "features": {"max_epochs": config.train_epochs},
     }
     dtype = np.dtype(config.dtype)

@@ -152,7 +152,7 @@ def cluster_ari_vs_truth(manifest: Any, truth_dir: str | Path) -> float:
     from spndi_dask.io.results_store import open_results
 
     got, truth, boundary = [], [], []
-    for p in manifest.particles:
+    for p in manifest.scans:
         ds = open_results(manifest.output_dir, p.name)
         gt = np.load(Path(truth_dir) / f"{p.name}.npz")
         sel = ds["cluster"].values >= 0

@@ -21,7 +21,7 @@ row_direction = "y-"
 col_direction = "x+"
 rocking_axis = "y+"
 
-[[particles]]
+[[scans]]
 name = "bare_LCO_p1"
 frames = "raw/p1/angle_{index:03d}.h5"
 dataset = "/entry/instrument/detector/data"
@@ -31,13 +31,13 @@ angles_deg = [-39.7, -39.6, -39.5]
 scan_shape = [140, 200]
 scan_step_um = [0.05, 0.05]
 
-[[particles]]
+[[scans]]
 name = "cycled_p2"
 frames = ["a.h5", "b.h5"]
 angles_deg = { start = -38.0, stop = -37.9, num = 2 }
 scan_shape = [10, 12]
 scan_step_um = [0.1, 0.1]
-[particles.geometry]
+[scans.geometry]
 energy_kev = 10.0
 """
 
@@ -52,7 +52,7 @@ def base():
             "pixel_size_m": 55e-6,
             "beam_center": [32, 32],
         },
-        "particles": [
+        "scans": [
             {
                 "name": "p1",
                 "frames": "raw/p1/angle_{index:03d}.h5",
@@ -74,19 +74,58 @@ def test_design_example_loads(tmp_path):
     path = tmp_path / "beamtime.toml"
     path.write_text(DESIGN_EXAMPLE)
     m = load_manifest(path)
-    p1, p2 = m.particles
+    p1, p2 = m.scans
     assert p1.angles.tolist() == [-39.7, -39.6, -39.5]
     assert p1.n_points == 28000
     assert p1.frame_paths(m.base_dir)[2] == tmp_path / "raw/p1/angle_002.h5"
     assert p2.frame_paths(m.base_dir) == [tmp_path / "a.h5", tmp_path / "b.h5"]
     assert p2.angles == pytest.approx([-38.0, -37.9])
     assert m.output_dir == tmp_path / "results"
-    # per-particle override merged onto the default geometry
+    # per-scan override merged onto the default geometry
     assert m.geometry_for("bare_LCO_p1").energy_kev == 9.0
     g2 = m.geometry_for("cycled_p2")
     assert (g2.energy_kev, g2.gamma_deg) == (10.0, 28.5)
     # processing defaults are filled in
     assert m.reduce.pattern_grid == 32 and m.cluster.init == "k-means||"
+
+
+# -- the old key [[particles]] (manifests written before [[scans]]) ----------------------------
+OLD_KEYS = DESIGN_EXAMPLE.replace("[[scans]]", "[[particles]]").replace(
+    "[scans.geometry]", "[particles.geometry]"
+)
+
+
+def test_old_particles_key_loads_as_scans_with_one_warning(tmp_path, caplog):
+    new, old = tmp_path / "new.toml", tmp_path / "old.toml"
+    new.write_text(DESIGN_EXAMPLE)
+    old.write_text(OLD_KEYS)
+    assert "[[scans]]" not in OLD_KEYS and OLD_KEYS.count("[[particles]]") == 2
+    with caplog.at_level("WARNING", logger="spndi_dask.config.manifest"):
+        m_old = load_manifest(old)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1
+    assert str(old) in warned[0].getMessage()
+    assert "rename [[particles]] to [[scans]]" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spndi_dask.config.manifest"):
+        m_new = load_manifest(new)
+    assert not caplog.records
+    assert m_old.to_dict() == m_new.to_dict() and m_old.manifest_hash == m_new.manifest_hash
+    assert m_old.geometry_for("cycled_p2").energy_kev == 10.0  # [particles.geometry] read
+    # the deprecated Python names still answer, with a DeprecationWarning
+    with pytest.warns(DeprecationWarning, match="Manifest.scans"):
+        assert m_old.particles == m_old.scans
+    # a folder holding only an old manifest still has one
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "lco.toml").write_text(OLD_KEYS)
+    assert load_manifest(folder).source == str(folder / "lco.toml")
+
+
+def test_both_scans_and_particles_is_an_error_naming_both(base):
+    base["particles"] = copy.deepcopy(base["scans"])
+    msg = errors(base)
+    assert "bt.toml" in msg and "[[scans]]" in msg and "[[particles]]" in msg
 
 
 def test_toml_round_trip_and_hash(tmp_path, base):
@@ -111,11 +150,11 @@ def test_layout_is_the_output_directory(tmp_path, base):
 
 def test_unknown_keys_named_with_allowed_ones(base):
     base["colour"] = "blue"
-    base["particles"][0]["scan_shap"] = [1, 2]
+    base["scans"][0]["scan_shap"] = [1, 2]
     base["reduce"] = {"pattern_gird": 3}
     msg = errors(base)
     assert "unknown key 'colour'" in msg
-    assert "unknown key 'scan_shap' in particles[0] ('p1')" in msg and "scan_shape" in msg
+    assert "unknown key 'scan_shap' in scans[0] ('p1')" in msg and "scan_shape" in msg
     assert "unknown key 'pattern_gird' in reduce" in msg and "pattern_grid" in msg
 
 
@@ -134,13 +173,13 @@ def test_nonsense_geometry(base, key, value, expected):
     assert expected in errors(base)
 
 
-def test_particle_geometry_override_errors_name_the_particle(base):
-    base["particles"][0]["geometry"] = {"energy_kev": -1.0}
-    assert "particles[0] ('p1').geometry.energy_kev = -1.0" in errors(base)
-    base["particles"][0]["geometry"] = {"energy_ev": 9000}
+def test_scan_geometry_override_errors_name_the_scan(base):
+    base["scans"][0]["geometry"] = {"energy_kev": -1.0}
+    assert "scans[0] ('p1').geometry.energy_kev = -1.0" in errors(base)
+    base["scans"][0]["geometry"] = {"energy_ev": 9000}
     assert "unknown geometry key(s) ['energy_ev']" in errors(base)
     del base["geometry"]["energy_kev"]
-    base["particles"][0]["geometry"] = {}
+    base["scans"][0]["geometry"] = {}
     assert "geometry.energy_kev is required" in errors(base)
 
 
@@ -155,33 +194,33 @@ def test_particle_geometry_override_errors_name_the_particle(base):
     ],
 )
 def test_bad_angles(base, angles, expected):
-    base["particles"][0]["angles_deg"] = angles
+    base["scans"][0]["angles_deg"] = angles
     assert expected in errors(base)
 
 
 def test_descending_angles_are_fine(base):
-    base["particles"][0]["angles_deg"] = [1.2, 1.1, 1.0]
-    assert Manifest.from_dict(base).particles[0].angles.tolist() == [1.2, 1.1, 1.0]
+    base["scans"][0]["angles_deg"] = [1.2, 1.1, 1.0]
+    assert Manifest.from_dict(base).scans[0].angles.tolist() == [1.2, 1.1, 1.0]
 
 
 def test_frames_and_names(base):
     d = copy.deepcopy(base)
-    d["particles"][0]["frames"] = ["a.h5", "b.h5"]
+    d["scans"][0]["frames"] = ["a.h5", "b.h5"]
     assert "lists 2 files but angles_deg has 3 angles" in errors(d)
     d = copy.deepcopy(base)
-    d["particles"][0]["frames"] = "one.h5"
+    d["scans"][0]["frames"] = "one.h5"
     assert "no {index} placeholder" in errors(d)
     d = copy.deepcopy(base)
-    d["particles"].append(copy.deepcopy(d["particles"][0]))
-    assert "particles[1] ('p1').name = 'p1' is already the name of particles[0]" in errors(d)
+    d["scans"].append(copy.deepcopy(d["scans"][0]))
+    assert "scans[1] ('p1').name = 'p1' is already the name of scans[0]" in errors(d)
     d = copy.deepcopy(base)
-    d["particles"][0]["name"] = "p 1/x"
-    assert "particles[0] ('p 1/x').name" in errors(d)
+    d["scans"][0]["name"] = "p 1/x"
+    assert "scans[0] ('p 1/x').name" in errors(d)
     for escaping in ("../elsewhere", "..", "/abs", ".hidden"):  # names become output paths
-        d["particles"][0]["name"] = escaping
-        assert f"particles[0] ('{escaping}').name" in errors(d)
+        d["scans"][0]["name"] = escaping
+        assert f"scans[0] ('{escaping}').name" in errors(d)
     d = copy.deepcopy(base)
-    d["particles"][0]["scan_shape"] = [0, 5]
+    d["scans"][0]["scan_shape"] = [0, 5]
     assert "scan_shape[0] = 0" in errors(d)
 
 
@@ -200,7 +239,7 @@ def test_settings_cross_checks(base):
 
 def test_all_problems_reported_at_once(base):
     base["geometry"]["energy_kev"] = -1
-    base["particles"][0]["angles_deg"] = [1, 1]
+    base["scans"][0]["angles_deg"] = [1, 1]
     base["bogus"] = 1
     msg = errors(base)
     assert msg.count("\n  - ") == 3
@@ -231,7 +270,7 @@ def test_angle_range_values():
                 "pixel_size_m": 1e-4,
                 "beam_center": [0, 0],
             },
-            "particles": [
+            "scans": [
                 {
                     "name": "a",
                     "frames": "f{index}.h5",
@@ -242,7 +281,7 @@ def test_angle_range_values():
             ],
         }
     )
-    assert m.particles[0].angles == pytest.approx(np.linspace(1, 0, 11))
+    assert m.scans[0].angles == pytest.approx(np.linspace(1, 0, 11))
 
 
 # -- a folder given for the manifest -------------------------------------------------------------
@@ -255,7 +294,7 @@ def test_a_folder_holding_one_manifest_is_read(tmp_path, base):
     single = tmp_path / "single"
     single.mkdir()
     (single / "lco-2024.toml").write_text(text)
-    (single / "notes.toml").write_text('title = "not a manifest"\n')  # no [[particles]]
+    (single / "notes.toml").write_text('title = "not a manifest"\n')  # no [[scans]]
     assert load_manifest(single).source == str(single / "lco-2024.toml")
 
 
@@ -275,31 +314,31 @@ def test_a_folder_without_exactly_one_manifest_says_which_to_pass(tmp_path, base
     assert "pass one of them" in msg
 
 
-# -- errors about the particles list show only the entry at fault --------------------------------
+# -- errors about the scans list show only the entry at fault --------------------------------
 def test_duplicate_names_show_the_entry_not_the_list(base):
-    base["particles"].append(copy.deepcopy(base["particles"][0]))
-    base["particles"][1]["scan_shape"] = [6, 7]
-    base["particles"][1]["geometry"] = {"energy_kev": -1.0}
+    base["scans"].append(copy.deepcopy(base["scans"][0]))
+    base["scans"][1]["scan_shape"] = [6, 7]
+    base["scans"][1]["geometry"] = {"energy_kev": -1.0}
     msg = errors(base)
-    assert "particles[1] ('p1').geometry.energy_kev = -1.0: must be > 0" in msg  # at once
-    assert "particles[1] ('p1').name = 'p1'" in msg and "particles[0]" in msg
+    assert "scans[1] ('p1').geometry.energy_kev = -1.0: must be > 0" in msg  # at once
+    assert "scans[1] ('p1').name = 'p1'" in msg and "scans[0]" in msg
     assert "unique" in msg and "rename" in msg
     assert "'frames'" not in msg and "scan_shape" not in msg  # the list is not dumped
-    assert "at least one particle" not in msg
+    assert "at least one scan" not in msg
 
 
 def test_missing_geometry_shows_the_key_and_where_to_set_it(base):
     del base["geometry"]["energy_kev"]
-    base["particles"].append({**copy.deepcopy(base["particles"][0]), "name": "p2"})
+    base["scans"].append({**copy.deepcopy(base["scans"][0]), "name": "p2"})
     msg = errors(base)
     assert "geometry.energy_kev is required (expected: photon energy in keV" in msg
     assert "set it in [geometry]" in msg
-    assert "'frames'" not in msg and "at least one particle" not in msg
-    assert msg.count("\n  - ") == 1  # one line for the key, not one per particle
-    base["particles"][0]["geometry"] = {"energy_kev": 9.0}  # only p2 lacks it now
+    assert "'frames'" not in msg and "at least one scan" not in msg
+    assert msg.count("\n  - ") == 1  # one line for the key, not one per scan
+    base["scans"][0]["geometry"] = {"energy_kev": 9.0}  # only p2 lacks it now
     msg = errors(base)
-    assert "particles[1] ('p2'): geometry.energy_kev is required" in msg
-    assert "'frames'" not in msg and "at least one particle" not in msg
+    assert "scans[1] ('p2'): geometry.energy_kev is required" in msg
+    assert "'frames'" not in msg and "at least one scan" not in msg
 
 
 # -- constrained values in plain words -----------------------------------------------------------
@@ -348,12 +387,12 @@ def test_k_range_of_the_elbow_scan(base):
     assert ClusterSettings(k_min=3, k_max=40).k_range(20, 2) == (3, 20)
 
 
-def test_particle_values_in_plain_words(base):
-    base["particles"][0]["scan_shape"] = [0, 5]
-    base["particles"][0]["scan_step_um"] = [0.05]
+def test_scan_values_in_plain_words(base):
+    base["scans"][0]["scan_shape"] = [0, 5]
+    base["scans"][0]["scan_step_um"] = [0.05]
     msg = errors(base)
-    assert "particles[0] ('p1').scan_shape[0] = 0: must be ≥ 1" in msg
-    assert "particles[0] ('p1').scan_step_um needs 2 values" in msg
+    assert "scans[0] ('p1').scan_shape[0] = 0: must be ≥ 1" in msg
+    assert "scans[0] ('p1').scan_step_um needs 2 values" in msg
     assert "Input should" not in msg and "is required" not in msg
 
 
@@ -364,9 +403,9 @@ def test_particle_values_in_plain_words(base):
         ("/", "raw/p1/angle_{index:03d}.h5", "file system root"),
         ("~", "raw/p1/angle_{index:03d}.h5", "home directory"),
         ("..", "raw/p1/angle_{index:03d}.h5", "home directory"),  # the manifest is in ~/bt
-        ("raw/p1", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
-        ("raw/p1/../p1/", "raw/p1/angle_{index:03d}.h5", "frame files of particle 'p1'"),
-        (".", "angle_{index:03d}.h5", "frame files of particle 'p1'"),
+        ("raw/p1", "raw/p1/angle_{index:03d}.h5", "frame files of scan 'p1'"),
+        ("raw/p1/../p1/", "raw/p1/angle_{index:03d}.h5", "frame files of scan 'p1'"),
+        (".", "angle_{index:03d}.h5", "frame files of scan 'p1'"),
     ],
 )
 def test_output_must_not_be_root_home_or_the_raw_data_folder(
@@ -376,7 +415,7 @@ def test_output_must_not_be_root_home_or_the_raw_data_folder(
     (home / "bt").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     base["output"] = output
-    base["particles"][0]["frames"] = frames
+    base["scans"][0]["frames"] = frames
     with pytest.raises(ManifestError) as info:
         Manifest.from_dict(base, base_dir=home / "bt", source="bt.toml")
     msg = str(info.value)
@@ -389,6 +428,6 @@ def test_output_beside_the_raw_data_is_fine(tmp_path, base, monkeypatch):
     for output in ("results", "raw", "raw/p1/results", str(tmp_path / "elsewhere")):
         base["output"] = output
         assert Manifest.from_dict(base, base_dir=tmp_path).output == output
-    base["particles"][0]["dark"] = "darks/dark.h5"
+    base["scans"][0]["dark"] = "darks/dark.h5"
     base["output"] = "darks"
-    assert "dark file of particle 'p1'" in errors(base)
+    assert "dark file of scan 'p1'" in errors(base)

@@ -109,7 +109,7 @@ def _pixel_inside(ds, rank=0):
 @pytest.mark.slow
 def test_page_loads_without_errors_and_draws_every_scans_map(page, outputs):
     m = outputs[0]
-    scans = [p.name for p in m.particles]
+    scans = [p.name for p in m.scans]
     assert bw.model_names(page, "map_figure:") == sorted(f"map_figure:{s}" for s in scans)
     variable = bw.model_property(page, "map_select", "value")
     for scan in scans:
@@ -226,7 +226,7 @@ def test_choosing_a_variable_redraws_every_map_with_its_values(page, outputs):
     bw.choose(page, "map_select", variable)
     bw.wait_for_change(page, old, before)
     assert bw.model_property(page, "map_select", "value") == variable
-    for p in m.particles:
+    for p in m.scans:
         expected = shown(variable, open_results(m.output_dir, p.name)[variable].values)  # mrad
         page.wait_for_function(
             "(n) => Bokeh.documents[0].get_model_by_name(n).data.image.length > 0",

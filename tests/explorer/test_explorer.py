@@ -123,9 +123,9 @@ def test_opening_reads_one_map_per_scan_and_no_pattern(reduced, raise_if_compute
 
 def test_source_may_be_the_output_or_results_zarr(reduced):
     assert list(ExplorerData(reduced.output_dir).scans) == ["p1", "p2"]
-    assert list(ExplorerData(reduced.layout.results, particles=["p2"]).scans) == ["p2"]
-    with pytest.raises(ExplorerError, match=r"particle\(s\) nope .*there are: p1, p2"):
-        ExplorerData(reduced.output_dir, particles=["nope"])
+    assert list(ExplorerData(reduced.layout.results, scans=["p2"]).scans) == ["p2"]
+    with pytest.raises(ExplorerError, match=r"scan\(s\) nope .*there are: p1, p2"):
+        ExplorerData(reduced.output_dir, scans=["nope"])
 
 
 # -- a click -----------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_cluster_views_once_clustered(clustered):
     np.testing.assert_array_equal(img[clusters != 0], clusters[clusters != 0])
     # a particles-table row shows that particle's scan alone, zoomed to it
     table = doc.get_model_by_name("particles_table")
-    row = table.source.data["particle"].index("p2")
+    row = table.source.data["scan"].index("p2")
     titles = [c.title for c in table.columns]
     assert "tilt_x_mean_mrad" in titles and "d_spacing_mean_A" in titles  # units in the names
     table.source.selected.indices = [row]
@@ -344,7 +344,7 @@ def test_a_selection_replaces_the_clicked_pixel_in_every_view(clustered):
 
 
 def test_explore_returns_an_application_for_notebooks(reduced):
-    app = explore(reduced.output_dir, particles=["p2"])
+    app = explore(reduced.output_dir, scans=["p2"])
     doc = app.create_document()
     assert doc.get_model_by_name("map_figure:p2") is not None
     assert doc.get_model_by_name("map_figure:p1") is None

@@ -352,7 +352,7 @@ def test_an_empty_particle_gets_an_all_nan_latent(trained, tmp_path):
     valid = g["valid"][:]
     g["valid"][:] = False
     try:
-        res = encode(m, particles=["p2"], force=True)
+        res = encode(m, scans=["p2"], force=True)
     finally:
         g["valid"][:] = valid
     assert res["p2"]["status"] == "encoded" and res["p2"]["pixels"] == 0
@@ -370,9 +370,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(trained):
 def test_unknown_particles_are_named(trained):
     _, m, _ = trained
     with pytest.raises(FeatureError, match=r"\['nope'\] are not in the manifest"):
-        sample_patterns(m, particles=["nope"])
+        sample_patterns(m, scans=["nope"])
     with pytest.raises(FeatureError, match=r"\['nope'\] are not in the manifest"):
-        encode(m, particles=["nope"])
+        encode(m, scans=["nope"])
 
 
 # -- PLY ----------------------------------------------------------------------------------------

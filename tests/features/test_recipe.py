@@ -297,7 +297,7 @@ def test_study_weights_become_the_checkpoint_that_encode_uses(tiny_study, study_
         for a, b in zip(model.state_dict().values(), direct.state_dict().values(), strict=True)
     )
     encode(m)
-    ds = open_results(m.output_dir, m.particles[0].name)
+    ds = open_results(m.output_dir, m.scans[0].name)
     lat = ds["latent"].values
     valid = ds["valid"].values
     assert lat.shape[-1] == 512 and np.isfinite(lat[valid]).all() and np.isnan(lat[~valid]).all()

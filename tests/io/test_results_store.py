@@ -48,7 +48,7 @@ def _write(out, name, ds, fingerprint, previous=None):
     delayed.compute()
     # written but not published: a reader finds the previous node (or none) whole
     if previous is None:
-        with pytest.raises(FileNotFoundError, match=f"no reduce result for particle '{name}'"):
+        with pytest.raises(FileNotFoundError, match=f"no reduce result for scan '{name}'"):
             open_results(out, name)
     else:
         assert open_results(out, name).attrs["spndi_dask"]["fingerprint"] == previous
@@ -91,7 +91,7 @@ def test_missing_and_incomplete_results_are_named(tmp_path):
     _write(tmp_path, "p1", _node(0), "f1")
     g = zarr.open_group(str(tmp_path / "results.zarr" / "p1"), mode="r+")
     g.attrs["spndi_dask"] = {"fingerprint": "f1", "complete": False}
-    with pytest.raises(IncompleteResultError, match=r"particle 'p1' .* is incomplete") as info:
+    with pytest.raises(IncompleteResultError, match=r"scan 'p1' .* is incomplete") as info:
         open_results(tmp_path, "p1")
     assert isinstance(info.value, StageError) and isinstance(info.value, ValueError)
     assert not is_current(tmp_path, "p1", "f1")
@@ -116,10 +116,10 @@ def test_a_rewritten_stage_array_reads_incomplete_until_marked(tmp_path):
 
 def test_write_csv_rounds_floats_and_replaces_in_one_move(tmp_path):
     path = tmp_path / "clusters.csv"
-    write_csv(path, [{"particle": "p1", "strain": 1.23456789e-4, "pixels": 7}])
-    write_csv(path, [{"particle": "p2", "strain": 0.5, "pixels": 1}])
+    write_csv(path, [{"scan": "p1", "strain": 1.23456789e-4, "pixels": 7}])
+    write_csv(path, [{"scan": "p2", "strain": 0.5, "pixels": 1}])
     with open(path, newline="") as f:
-        assert list(csv.DictReader(f)) == [{"particle": "p2", "strain": "0.5", "pixels": "1"}]
+        assert list(csv.DictReader(f)) == [{"scan": "p2", "strain": "0.5", "pixels": "1"}]
     write_csv(path, [])
-    assert path.read_text().strip() == "particle"
+    assert path.read_text().strip() == "scan"
     assert [p.name for p in tmp_path.iterdir()] == ["clusters.csv"]

@@ -304,7 +304,7 @@ def test_hot_pixels_equal_the_full_median_filter_test(counts):
 
 def test_bad_pixels_and_roi_on_a_simulated_projection(tiny):
     _out, m, _ = tiny
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     cfg = preset("tiny")
     rng = np.random.default_rng([cfg.seed, 7919])
     npix = int(np.prod(cfg.detector_shape))
@@ -326,7 +326,7 @@ def test_bad_pixels_and_roi_on_a_simulated_projection(tiny):
 # -- the lazy graph and the results layout ----------------------------------------------------
 def test_building_the_graph_computes_nothing(tiny, raise_if_computes):
     _out, m, _ = tiny
-    plans = [plan_particle(m, p) for p in m.particles]
+    plans = [plan_particle(m, p) for p in m.scans]
     grid = beamtime_grid(m, plans)
     ds = reduce_particle(plans[0], grid)
     for name in ("pattern", "strain", "rocking_curve", "q_com", "reference_q"):
@@ -344,7 +344,7 @@ def test_tiles_with_neighbour_strips_equal_one_block(tiny, shard):
     from spndi_dask.reduce import graph as reduce_graph
 
     _out, m, _ = tiny
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     grid = beamtime_grid(m, [plan])
     rng = np.random.default_rng(4)
     drift = rng.uniform(-2.4, 2.4, plan.drift.shape)  # halo 3: rows of 6 (shard 2 or 3)
@@ -377,7 +377,7 @@ def test_tiles_are_scheduled_in_raster_order(tiny, tmp_path):
     from spndi_dask.reduce import core
 
     _out, m, _ = tiny
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     layout = dict(plan.raw_layout)
     plan = dataclasses.replace(
         plan,
@@ -467,7 +467,7 @@ def test_results_open_as_a_datatree_with_units_and_provenance(tiny):
 
 def test_sigma_maps_are_written_with_units_and_are_calibrated(tiny):
     out, m, _ = tiny
-    for p in m.particles:
+    for p in m.scans:
         ds = open_results(m.output_dir, p.name)
         for name in SIGMA_QUANTITIES:
             sig = ds[f"{name}_sigma"]
@@ -532,7 +532,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
         "spndi_dask.io.layout.shutil.rmtree",
         lambda path, **kw: deleted.append(Path(path)) or real_rmtree(path, **kw),
     )
-    s = reduce(m, particles=["p2"], force=True)
+    s = reduce(m, scans=["p2"], force=True)
     assert list(s) == ["p2"] and s["p2"]["status"] == "reduced"
     assert deleted and root / "p2" not in deleted
     assert not list((m.output_dir / ".tmp").glob("*.old"))
@@ -546,7 +546,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
         return real_replace(self, target)
 
     monkeypatch.setattr(Path, "replace", replace)
-    s = reduce(m, particles=["p2"], force=True)
+    s = reduce(m, scans=["p2"], force=True)
     assert s["p2"]["status"] == "failed" and "disk quota" in s["p2"]["error"]
     monkeypatch.undo()
     np.testing.assert_array_equal(open_results(m.output_dir, "p2")["pattern"].values, p2)
@@ -555,7 +555,7 @@ def test_rerun_is_up_to_date_and_force_recomputes(tiny, monkeypatch):
     np.testing.assert_array_equal(open_results(m.output_dir, "p1")["pattern"].values, p1)
     assert open_results(m.output_dir, "p2").attrs["q_grid"] == grid
     with pytest.raises(ReduceError, match="not in the manifest"):
-        reduce(m, particles=["nope"])
+        reduce(m, scans=["nope"])
 
 
 def test_d0_and_beamtime_median_references(tmp_path):
@@ -655,7 +655,7 @@ def test_peak_outside_the_rocking_range_warns_and_flags(tmp_path, caplog):
     cfg = preset("tiny", n_particles=1)
     m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
     d = m.to_dict()
-    p = d["particles"][0]
+    p = d["scans"][0]
     p["frames"] = [f"raw/p1/angle_{i:03d}.h5" for i in range(3)]  # angles before the peak
     p["angles_deg"] = p["angles_deg"][:3]
     m = Manifest.from_dict(d, base_dir=tmp_path, source=str(tmp_path / "beamtime.toml"))
@@ -682,12 +682,12 @@ def test_bad_settings_and_files_name_the_fix(tiny, tmp_path):
     d = m.to_dict()
     d["reduce"] = {"roi": [0, 100, 0, 8]}
     bad_roi = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
-    s = reduce(bad_roi, particles=["p1"])
+    s = reduce(bad_roi, scans=["p1"])
     assert s["p1"]["status"] == "failed" and "beyond the detector" in s["p1"]["error"]
     np.save(tmp_path / "mask.npy", np.zeros((5, 5)))
     d["reduce"] = {"detector_mask": str(tmp_path / "mask.npy")}
     bad_mask = Manifest.from_dict(d, base_dir=out, source=str(out / "beamtime.toml"))
-    s = reduce(bad_mask, particles=["p1"])
+    s = reduce(bad_mask, scans=["p1"])
     assert "[5, 5]" in s["p1"]["error"] and "[32, 32]" in s["p1"]["error"]
 
 
@@ -731,11 +731,11 @@ def test_points_without_monitor_flux_are_masked_and_reported(tmp_path):
     import h5py
 
     m = simulate_beamtime(tmp_path, preset("tiny", n_particles=1), scheduler="sync")
-    frames_file = m.particles[0].frame_paths(m.base_dir)[2]
+    frames_file = m.scans[0].frame_paths(m.base_dir)[2]
     with h5py.File(frames_file, "r+") as f:
         # beam lost for a moment at angle 2, at the three brightest points of the particle
-        brightest = np.argsort(f[m.particles[0].dataset][...].sum(axis=(1, 2)))[-3:]
-        io = f[m.particles[0].monitor]
+        brightest = np.argsort(f[m.scans[0].dataset][...].sum(axis=(1, 2)))[-3:]
+        io = f[m.scans[0].monitor]
         values = io[...]
         values[brightest] = 0.0
         io[...] = values

@@ -91,7 +91,7 @@ def test_sigma_is_calibrated_at_a_quarter_of_the_counts(tmp_path):
 
     m = _ready(tmp_path, preset("tiny", peak_counts=10.0))
     reduce(m)
-    for p in m.particles:
+    for p in m.scans:
         z = sigma_z_vs_truth(
             open_results(m.output_dir, p.name), tmp_path / "ground_truth" / f"{p.name}.npz"
         )

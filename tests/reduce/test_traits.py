@@ -32,7 +32,7 @@ def _manifest(root, **reduce_settings) -> Manifest:
 
 def _edit_frames(m: Manifest, edit) -> None:
     """Apply ``edit(frames, angle)`` to the frames of every angle file of the first particle."""
-    p = m.particles[0]
+    p = m.scans[0]
     for a, path in enumerate(p.frame_paths(m.base_dir)):
         with h5py.File(path, "r+") as f:
             data = f[p.dataset]
@@ -138,7 +138,7 @@ def test_gap_cross_through_the_peak_is_found_and_filled_not_biasing(gap_runs):
     m_a, m_b = gap_runs
     raw = zarr.open_group(str(m_a.layout.raw_node("p1")), mode="r")
     total = np.asarray(raw["det_sum"][...]).sum(axis=0)
-    plan_a = plan_particle(m_a, m_a.particles[0])
+    plan_a = plan_particle(m_a, m_a.scans[0])
     r0, r1, c0, c1 = plan_a.roi
     roi = np.where(plan_a.bad, 0, total)[r0:r1, c0:c1]
     gap = np.zeros(total.shape, bool)
@@ -149,7 +149,7 @@ def test_gap_cross_through_the_peak_is_found_and_filled_not_biasing(gap_runs):
     truth = m_a.base_dir / "ground_truth" / "p1.npz"
     ref = open_results(m_a.output_dir, "p1").compute()
     got = open_results(m_b.output_dir, "p1").compute()
-    plan_b = plan_particle(m_b, m_b.particles[0])
+    plan_b = plan_particle(m_b, m_b.scans[0])
     assert got.attrs["masked_pixels"]["module_gaps"] == 2 * 32 + 2 * 32 - 4
     assert (plan_b.bad == (gap | plan_a.bad)).all()
     assert got.attrs["masked_pixels"]["filled_in_roi"] == got.attrs["masked_pixels"]["in_roi"]
@@ -186,7 +186,7 @@ def test_flagged_pixels_are_masked_everywhere_with_provenance(clean, tmp_path, g
     s = reduce(m)
     raw = zarr.open_group(str(m.layout.raw_node("p1")), mode="r")
     assert int(np.asarray(raw["frames"][:, :, :, 15:17, 12:14]).max()) == 0  # stored as 0
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     assert plan.bad[15:17, 12:14].all() and plan.bad[18, 15]  # masked in every frame
     ds = open_results(m.output_dir, "p1").compute()
     assert ds.attrs["masked_pixels"]["flagged"] == 5
@@ -204,7 +204,7 @@ def test_flagged_pixels_are_masked_everywhere_with_provenance(clean, tmp_path, g
 def test_mask_dataset_and_detector_mask_are_combined(clean, tmp_path):
     root = _copy(clean, tmp_path, "masks")
     m = _manifest(root)
-    p = m.particles[0]
+    p = m.scans[0]
     for a, path in enumerate(p.frame_paths(m.base_dir)):
         mask = np.zeros((32, 32), np.uint32)
         mask[3, 3] = 2  # dead (in every file)
@@ -217,12 +217,12 @@ def test_mask_dataset_and_detector_mask_are_combined(clean, tmp_path):
     user[7, 7] = user[3, 3] = 1
     np.save(root / "user_mask.npy", user)
     d = m.to_dict()
-    d["particles"][0]["mask_dataset"] = "/entry/instrument/detector/pixel_mask"
+    d["scans"][0]["mask_dataset"] = "/entry/instrument/detector/pixel_mask"
     d["reduce"] = {"detector_mask": "user_mask.npy"}
     m = Manifest.from_dict(d, base_dir=root, source=str(root / "beamtime.toml"))
     ingest(m)
     s = reduce(m)
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     masked = plan.masked
     assert masked["mask_dataset"] == 32 + 2 and masked["detector_mask"] == 2
     assert plan.bad[:, 30].all() and plan.bad[[3, 5, 7], [3, 5, 7]].all()
@@ -238,7 +238,7 @@ def test_saturated_voxels_are_masked_per_frame_counted_and_flagged(clean, tmp_pa
     m = _manifest(root, saturation=5.0)
     ingest(m)
     s = reduce(m)
-    plan = plan_particle(m, m.particles[0])
+    plan = plan_particle(m, m.scans[0])
     r0, r1, c0, c1 = plan.roi
     frames = zarr.open_array(str(m.layout.raw_node("p1") / "frames"), mode="r")[...]
     roi = frames[..., r0:r1, c0:c1]

@@ -37,8 +37,8 @@ from ..conftest import reduced_beamtime
 pytestmark = pytest.mark.slow
 
 TIMINGS = [
-    {"stage": "ingest", "particles": "p1, p2", "status": "ingested", "seconds": 1.5, "note": ""},
-    {"stage": "cluster", "particles": ["p1", "p2"], "status": "clustered", "seconds": 2.25},
+    {"stage": "ingest", "scans": "p1, p2", "status": "ingested", "seconds": 1.5, "note": ""},
+    {"stage": "cluster", "scans": ["p1", "p2"], "status": "clustered", "seconds": 2.25},
 ]
 RUN_INFO = {
     "type": "local",
@@ -139,14 +139,14 @@ def test_report_shows_particles_clusters_and_provenance(processed):
     page = _parse(text)
     assert page.headings[0] == m.name and __version__ in text
     for name in ("p1", "p2"):
-        assert f"Particle scan {name}" in page.headings
+        assert f"Scan {name}" in page.headings
         sec = page.sections[f"particle-{name}"]
         assert "Label 1: statistics over its pixels" in sec and "not run" not in sec
         assert f"{name}_maps.png" in sec and f"{name}_rocking_curve.png" in sec
     with open(m.output_dir / "particles.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:  # one statistics table per particle label, with its numbers
-        sec = page.sections[f"particle-{r['particle']}"]
+        sec = page.sections[f"particle-{r['scan']}"]
         assert f"Label {r['label']}: statistics over its pixels" in sec
         assert f"{float(r['strain_mean']):.4g}" in sec
         assert f"{float(r['tilt_x_p95_mrad']):.4g}" in sec and "tilt_x (mrad)" in sec
@@ -170,7 +170,7 @@ def test_report_shows_particles_clusters_and_provenance(processed):
     assert html.escape(manifest_file.read_text(), quote=True) in text
     for lib in ("numpy", "dask", "distributed", "zarr", "xarray", "torch", "dask-ml"):
         assert f"<th>{lib}</th>" in text
-    frames = [f for p in m.particles for f in p.frame_paths(m.base_dir)]
+    frames = [f for p in m.scans for f in p.frame_paths(m.base_dir)]
     fp = file_fingerprint(frames[-1])
     assert fp["edge_sha256"] in prov and f"All {len(frames)} input files" in prov
     assert prov.count("same") >= len(frames)  # size and mtime as ingest recorded them
@@ -187,7 +187,7 @@ def test_report_before_clustering_says_not_run(processed):
     assert "Label 1: statistics" in page.sections["particle-p1"]  # what ran is shown
     # 3 per scan + overview + the centred tilt vs d-spacing density of all particles
     assert early.count('src="data:image/png;base64,') == 8
-    assert "centred on the particle's means" in page.sections["overview"]
+    assert "centred on the means of its particles" in page.sections["overview"]
 
 
 def test_missing_figure_is_skipped_with_a_note(processed):
@@ -263,7 +263,7 @@ def test_report_renders_in_headless_chromium(processed, chromium, tmp_path):
         check=True,
     ).stdout
     page = _parse(dom)
-    for heading in ("Summary", "Beamtime overview", "Particle scan p1", "Particle scan p2"):
+    for heading in ("Summary", "Beamtime overview", "Scan p1", "Scan p2"):
         assert heading in page.headings
     for heading in ("Clustering", "Analysis: domains and boundaries", "Run", "Provenance"):
         assert heading in page.headings

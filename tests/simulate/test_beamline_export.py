@@ -46,10 +46,10 @@ def dataset_names(f):
 def test_scan_files_in_acquisition_order(beamline):
     out, cfg, _ = beamline
     m = load_manifest(out)  # the manifest written validates
-    assert [p.name for p in m.particles] == ["p1", "p2"]
+    assert [p.name for p in m.scans] == ["p1", "p2"]
     parts = [(0, 50), (50, 100), (100, 150), (150, 192)]  # 12 rows × (14 + 2 overshoot)
     ids = []
-    for p in m.particles:
+    for p in m.scans:
         files = p.frame_files(m.base_dir)
         assert len(files) == cfg.n_angles
         for scan in files:
@@ -68,13 +68,13 @@ def test_scan_files_in_acquisition_order(beamline):
     assert ids[:3] == [99998, 99999, 100000]
     assert ids == sorted(ids) and ids[cfg.n_angles] - ids[cfg.n_angles - 1] == 3
     # p1's scans sorted by name are not in acquisition (angle) order
-    folders = [scan[0].parent.name for scan in m.particles[0].frame_files(m.base_dir)]
+    folders = [scan[0].parent.name for scan in m.scans[0].frame_files(m.base_dir)]
     assert sorted(p.name for p in (out / "raw" / "p1").iterdir()) == [*folders[2:], *folders[:2]]
 
 
 def test_manifest_describes_the_files(beamline):
     out, cfg, m = beamline
-    p = m.particles[0]
+    p = m.scans[0]
     assert p.dataset == f"{EIGER}/data" and p.mask_dataset == f"{EIGER}/pixel_mask"
     assert p.monitor == "/entry/instrument/monitor/i0"
     assert p.positions.y == "/entry/measurement/samy"
@@ -87,13 +87,13 @@ def test_manifest_describes_the_files(beamline):
     assert m.ingest.invalid_value == FLAG
     assert m.reduce.saturation == cfg.saturation_counts
     raw = tomllib.loads((out / "beamtime.toml").read_text())
-    assert raw["particles"][0]["frames"][0][0] == "raw/p1/scan_99998/data_000.h5"
+    assert raw["scans"][0]["frames"][0][0] == "raw/p1/scan_99998/data_000.h5"
 
 
 def test_nexus_metadata_is_the_geometry(beamline):
     _, cfg, m = beamline
     g = m.geometry_for("p2")
-    with h5py.File(m.particles[1].frame_files(m.base_dir)[3][2]) as f:
+    with h5py.File(m.scans[1].frame_files(m.base_dir)[3][2]) as f:
         det = f[EIGER]
         assert det["x_pixel_size"][()] == det["y_pixel_size"][()] == g.pixel_size_m
         assert det["distance"][()] == g.detector_distance_m
@@ -119,7 +119,7 @@ def test_recorded_positions_jitter_around_a_snaked_grid(beamline):
     assert gt["scan_x_um"].mean() == pytest.approx(cfg.scan_center_um[1])
     nodes = scan_path(cfg)
     residuals = []
-    for scan in m.particles[0].frame_files(m.base_dir):
+    for scan in m.scans[0].frame_files(m.base_dir):
         y = read_scan(scan, "/entry/measurement/samy")
         x = read_scan(scan, "/entry/measurement/samx")
         assert y.shape == x.shape == (cfg.frames_per_scan,)
@@ -158,7 +158,7 @@ def test_diffraction_is_seen_at_the_recorded_position(tmp_path):
     m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
     gt = np.load(tmp_path / "ground_truth/p1.npz")
     origin = np.array([gt["scan_y_um"][0], gt["scan_x_um"][0]])
-    with h5py.File(m.particles[0].frame_paths(m.base_dir)[1]) as f:  # the Bragg angle
+    with h5py.File(m.scans[0].frame_paths(m.base_dir)[1]) as f:  # the Bragg angle
         counts = f["/entry/instrument/detector/data"][:].sum(axis=(1, 2)).astype(float)
         pos = np.stack([f["/entry/measurement/samy"][:], f["/entry/measurement/samx"][:]], -1)
     recorded = (pos - origin) / np.asarray(cfg.scan_step_um)  # in scan pixels
@@ -188,7 +188,7 @@ def test_module_gaps_flagged_and_saturated_pixels(beamline):
     gap[nr // 2 - 1 : nr // 2 + 1] = True  # a cross of 2-px lines through the centre
     gap[:, nc // 2 - 1 : nc // 2 + 1] = True
     mask = None
-    for p in m.particles:
+    for p in m.scans:
         n_saturated = 0
         total = 0
         for scan in p.frame_files(m.base_dir):
@@ -227,7 +227,7 @@ def test_beamline_preset_puts_the_peak_on_a_gap():
 # -- XRF --------------------------------------------------------------------------------------
 def test_xrf_spectra_follow_the_fluorescence_map(beamline):
     out, cfg, m = beamline
-    p = m.particles[1]
+    p = m.scans[1]
     gt = np.load(out / f"ground_truth/{p.name}.npz")
     origin = np.array([gt["scan_y_um"][0], gt["scan_x_um"][0]])
     got, want = [], []
@@ -266,9 +266,9 @@ def test_frames_4d_are_the_same_frames_with_the_scan_axes(tmp_path):
     cfg = preset("tiny", **base, frames_4d=True)
     four = simulate_beamtime(tmp_path / "4d", cfg, scheduler="sync")
     name = datasets(cfg)["frames"]
-    with h5py.File(flat.particles[0].frame_paths(flat.base_dir)[1]) as f:
+    with h5py.File(flat.scans[0].frame_paths(flat.base_dir)[1]) as f:
         a = f[name][:]
-    with h5py.File(four.particles[0].frame_paths(four.base_dir)[1]) as f:
+    with h5py.File(four.scans[0].frame_paths(four.base_dir)[1]) as f:
         b = f[name][:]
         assert f[name].chunks == (1, 1, *cfg.detector_shape)
     assert b.shape == (cfg.scan_shape[0], cfg.frames_per_row, *cfg.detector_shape)
@@ -278,7 +278,7 @@ def test_frames_4d_are_the_same_frames_with_the_scan_axes(tmp_path):
 def test_split_4d_files_hold_whole_rows(tmp_path):
     cfg = preset("tiny", n_particles=1, n_angles=2, frames_4d=True, frames_per_file=40)
     m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
-    files = m.particles[0].frame_files(m.base_dir)
+    files = m.scans[0].frame_files(m.base_dir)
     # the ideal names, each scan in a folder of parts: 40 frames -> 2 rows of 14 per part
     assert [f.relative_to(tmp_path).as_posix() for f in files[1]] == [
         f"raw/p1/angle_001/data_{k:03d}.h5" for k in range(6)
@@ -310,7 +310,7 @@ def test_ideal_layout_is_unchanged(tiny_beamtime):
     data = tomllib.loads((out / "beamtime.toml").read_text())
     keys = ("name", "frames", "dataset", "monitor", "xrf", "angles_deg", "scan_shape")
     h.update(repr(sorted(data["geometry"].items())).encode())
-    for p in data["particles"]:
+    for p in data["scans"]:
         h.update(repr([p.get(k) for k in (*keys, "scan_step_um")]).encode())
     assert h.hexdigest() == "3f5a2f508d4340b954085f6c9cc08cfb126467a00cada3d3392de52db2da205b"
 

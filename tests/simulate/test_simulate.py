@@ -16,8 +16,8 @@ FRAMES = "/entry/instrument/detector/data"
 def test_beamline_layout_and_manifest(tiny_beamtime):
     out, m = tiny_beamtime
     cfg = preset("tiny")
-    assert [p.name for p in m.particles] == ["p1", "p2"]
-    p = m.particles[0]
+    assert [p.name for p in m.scans] == ["p1", "p2"]
+    p = m.scans[0]
     assert len(p.angles) == cfg.n_angles and p.scan_shape == cfg.scan_shape
     with h5py.File(p.frame_paths(m.base_dir)[0]) as f:
         d = f[FRAMES]
@@ -53,7 +53,7 @@ def test_deterministic_per_seed(tmp_path):
     c = simulate_beamtime(
         tmp_path / "c", preset("tiny", n_particles=1, n_angles=3, seed=1), scheduler="sync"
     )
-    read = lambda m: h5py.File(m.particles[0].frame_paths(m.base_dir)[1])[FRAMES][:]  # noqa: E731
+    read = lambda m: h5py.File(m.scans[0].frame_paths(m.base_dir)[1])[FRAMES][:]  # noqa: E731
     assert np.array_equal(read(a), read(b))
     assert not np.array_equal(read(a), read(c))
 
@@ -104,7 +104,7 @@ def test_centre_of_mass_of_clean_frames_is_G(tmp_path):
         detector_shape=(48, 48),
     )
     m = simulate_beamtime(tmp_path, cfg, scheduler="sync")
-    p = m.particles[0]
+    p = m.scans[0]
     g = m.geometry_for(p)
     q = q_sample(g, p.angles, rows=np.arange(48), cols=np.arange(48)).reshape(len(p.angles), -1, 3)
     num = np.zeros((p.n_points, 3))
@@ -128,7 +128,7 @@ def test_drift_moves_the_xrf_map(tiny_beamtime):
     from skimage.registration import phase_cross_correlation
 
     out, m = tiny_beamtime
-    p = m.particles[0]
+    p = m.scans[0]
     gt = np.load(out / "ground_truth/p1.npz")
     maps = []
     for a in (0, len(p.angles) // 2):
@@ -142,7 +142,7 @@ def test_drift_moves_the_xrf_map(tiny_beamtime):
 
 def test_detector_defects_are_fixed(tiny_beamtime):
     _, m = tiny_beamtime
-    p = m.particles[0]
+    p = m.scans[0]
     with h5py.File(p.frame_paths(m.base_dir)[0]) as f:
         d = f[FRAMES][:]
     hot = (d > 1000).all(axis=0)
