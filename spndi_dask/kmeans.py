@@ -137,21 +137,39 @@ def _sample_rows(
     return out
 
 
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _sklearn_fit(
     x: np.ndarray, k: int, init: np.ndarray | None, seed: int, max_iter: int, tol: float, threads
 ) -> tuple[np.ndarray, float, int]:
-    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``."""
+    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``.
+
+    ``threads`` (at most this process's cores) bounds OpenMP (Lloyd) and BLAS (k-means++
+    distances) alike: dask's nannies start workers with ``OMP_NUM_THREADS=1``, which this lifts
+    for the fit.
+    """
     from threadpoolctl import threadpool_limits
 
     start = "k-means++" if init is None else init
     model = KMeans(k, init=start, n_init=1, max_iter=max_iter, tol=tol, random_state=seed)
-    with threadpool_limits(limits=max(1, min(threads, os.cpu_count() or 1)), user_api="openmp"):
+    with threadpool_limits(limits=max(1, min(threads, _cores()))):
         model.fit(x)
     return np.asarray(model.cluster_centers_, np.float64), float(model.inertia_), model.n_iter_
 
 
-def _concat(blocks: list[np.ndarray]) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate(blocks), dtype=np.float64)
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the in-memory fit: float32 stays float32 (as scikit-learn keeps it)."""
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
+
+
+def _concat(blocks: list[np.ndarray], dtype: np.dtype = np.float64) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(blocks), dtype=dtype)
 
 
 # -- choosing the path --------------------------------------------------------------------------
@@ -326,6 +344,37 @@ def _gather(client: Any, futures: list[Any]) -> list[Any]:
         raise
 
 
+def _hosts(workers: dict[str, dict], held: dict[str, int], n: int) -> list[tuple[str, int]]:
+    """Where ``n`` in-memory fits run: ``(worker, OpenMP threads of each of its fits)``.
+
+    One worker per host, the one holding most rows of the matrix there (fewest bytes to move),
+    on at most ``n`` hosts (those holding most rows first); each gets one copy of the matrix and
+    every ``len(result)``-th fit. A worker runs as many fits at once as it has threads (at most
+    its fits), and each fit gets its share of the threads of *all* the workers on its host: one
+    fit on a host of 1-thread workers uses every core while the other workers idle.
+
+    Examples
+    --------
+    >>> w = {"a": {"host": "h", "nthreads": 1}, "b": {"host": "h", "nthreads": 1}}
+    >>> _hosts(w, {"a": 10, "b": 30}, 2)
+    [('b', 2)]
+    """
+    by_host: dict[str, list[str]] = {}
+    for addr, info in workers.items():
+        by_host.setdefault(info.get("host", addr), []).append(addr)
+    ranked = []  # (rows held on the host, its threads, its chosen worker)
+    for addrs in by_host.values():
+        best = max(addrs, key=lambda a: (held.get(a, 0), workers[a].get("nthreads", 1), a))
+        cores = sum(int(workers[a].get("nthreads", 1)) for a in addrs)
+        ranked.append((sum(held.get(a, 0) for a in addrs), cores, best))
+    ranked = sorted(ranked, key=lambda r: (-r[0], -r[1], r[2]))[:n]
+    out = []
+    for j, (_, cores, best) in enumerate(ranked):
+        at_once = min(int(workers[best].get("nthreads", 1)), len(range(j, n, len(ranked))))
+        out.append((best, max(1, cores // at_once)))
+    return out
+
+
 def _fit_in_memory(
     x: da.Array,
     models: list[tuple[int, int]],
@@ -334,41 +383,63 @@ def _fit_in_memory(
     tol: float,
     threads: int,
 ) -> dict[tuple[int, int], tuple[np.ndarray, float, int]]:
-    """Every model as one scikit-learn task; on a client spread round-robin over the workers."""
+    """Every model as one scikit-learn task on one copy of the matrix per host used.
+
+    The blocks are computed (or, persisted, found) where the scheduler puts them, then
+    concatenated on the worker that holds most of them (see :func:`_hosts`). Without a client
+    the tasks run on this process's dask threads.
+    """
     order = sorted(models, key=lambda m: (-m[0], m[1]))  # the largest K first
-    cores = max(1, threads // len(models))  # OpenMP threads of one fit
-    blocks = x.to_delayed().ravel().tolist()
+    dtype = _work_dtype(x.dtype)
     client = active_client()
     if client is None:
-        whole = dask.delayed(_concat)(blocks)
+        cores = max(1, threads // len(models))  # OpenMP threads of one fit
+        whole = dask.delayed(_concat)(x.to_delayed().ravel().tolist(), dtype)
         fits = [
             dask.delayed(_sklearn_fit)(whole, k, starts[k, s], s, max_iter, tol, cores)
             for k, s in order
         ]
         return dict(zip(order, compute(fits), strict=True))
-    used = list(client.scheduler_info(n_workers=-1)["workers"])[: len(models)]
-    # one copy of the matrix on each worker used (its blocks fetched there)
-    wholes = [client.compute(dask.delayed(_concat, pure=False)(blocks), workers=[w]) for w in used]
-    futures = [
-        client.submit(
-            _sklearn_fit,
-            wholes[i % len(used)],
-            k,
-            starts[k, s],
-            s,
-            max_iter,
-            tol,
-            cores,
-            workers=[used[i % len(used)]],
-            allow_other_workers=True,
-            pure=False,
-        )
-        for i, (k, s) in enumerate(order)
-    ]
+    from distributed import wait
+
+    wholes: list[Any] = []
+    futures: list[Any] = []
     try:
+        blocks = client.compute(x.to_delayed().ravel().tolist())
+        check_interrupted()
+        wait(blocks)
+        who = client.who_has(blocks)
+        held: dict[str, int] = {}  # rows of the matrix per worker
+        for b, rows in zip(blocks, x.chunks[0], strict=True):
+            for w in who.get(b.key, ()):
+                held[w] = held.get(w, 0) + rows
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        places = _hosts(workers, held, len(order))
+        logger.debug("in-memory k-means on %s", places)
+        wholes = [
+            client.submit(_concat, blocks, dtype, workers=[w], pure=False) for w, _ in places
+        ]
+        wait(wholes)
+        del blocks  # the copies hold the matrix now (unless the caller persisted it)
+        for i, (k, s) in enumerate(order):
+            w, cores = places[i % len(places)]
+            futures.append(
+                client.submit(
+                    _sklearn_fit,
+                    wholes[i % len(places)],
+                    k,
+                    starts[k, s],
+                    s,
+                    max_iter,
+                    tol,
+                    cores,
+                    workers=[w],
+                    pure=False,
+                )
+            )
         return dict(zip(order, _gather(client, futures), strict=True))
     finally:
-        client.cancel(wholes)
+        client.cancel([*futures, *wholes])
 
 
 def fit_models(
@@ -400,15 +471,18 @@ def fit_models(
     ([0, 3], True)
     """
     models = list(dict.fromkeys((int(k), int(s)) for k, s in models))
-    x = x.astype(np.float64) if x.dtype != np.float64 else x
     if x.ndim != 2:
         raise ValueError(f"k-means needs a matrix of rows; got shape {x.shape}")
-    x = x.rechunk({1: -1})
     limit, threads = memory_limit()
-    path = choose_path(x.nbytes, engine=engine, memory_fraction=memory_fraction, limit=limit)
+    dtype = _work_dtype(x.dtype)  # in memory, float32 stays float32 (as in scikit-learn)
+    nbytes = x.shape[0] * x.shape[1] * dtype.itemsize
+    path = choose_path(nbytes, engine=engine, memory_fraction=memory_fraction, limit=limit)
+    if path == "dask":
+        dtype = np.dtype(np.float64)
+    x = (x.astype(dtype) if x.dtype != dtype else x).rechunk({1: -1})
     logger.info(
         "k-means of %d models on %d × %d (%.0f MB) %s (worker limit %.0f MB)",
-        len(models), *x.shape, x.nbytes / 1e6, "in memory" if path == "memory" else "out of core",
+        len(models), *x.shape, nbytes / 1e6, "in memory" if path == "memory" else "out of core",
         limit / 1e6,
     )  # fmt: skip
     if init == "k-means++":
