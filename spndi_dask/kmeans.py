@@ -416,9 +416,7 @@ def _fit_in_memory(
         workers = client.scheduler_info(n_workers=-1)["workers"]
         places = _hosts(workers, held, len(order))
         logger.debug("in-memory k-means on %s", places)
-        wholes = [
-            client.submit(_concat, blocks, dtype, workers=[w], pure=False) for w, _ in places
-        ]
+        wholes = [client.submit(_concat, blocks, dtype, workers=[w], pure=False) for w, _ in places]
         wait(wholes)
         del blocks  # the copies hold the matrix now (unless the caller persisted it)
         for i, (k, s) in enumerate(order):
