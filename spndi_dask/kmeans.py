@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,15 +44,23 @@ import dask.array as da
 import numpy as np
 import psutil
 from sklearn.cluster import KMeans, kmeans_plusplus
+from sklearn.utils.extmath import row_norms
 
 from spndi_dask.compute import active_client, compute
 from spndi_dask.interrupt import check_interrupted
+from spndi_dask.worker_plugins import worker_cores
+
+try:  # scikit-learn's Lloyd iterations, without the per-call setup of ``KMeans.fit``
+    from sklearn.cluster._kmeans import _kmeans_single_lloyd as _lloyd
+except ImportError:  # pragma: no cover - a scikit-learn that moved it: KMeans.fit each time
+    _lloyd = None
 
 __all__ = [
     "Engine",
     "KMeansFit",
     "choose_path",
     "fit_models",
+    "fit_threads",
     "memory_limit",
     "nearest",
 ]
@@ -137,39 +146,85 @@ def _sample_rows(
     return out
 
 
-def _cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+@contextmanager
+def fit_threads(threads: int) -> Iterator[int]:
+    """Run a fit on ``threads`` OpenMP and BLAS threads (at most the cores this process may use).
 
-
-def _sklearn_fit(
-    x: np.ndarray, k: int, init: np.ndarray | None, seed: int, max_iter: int, tol: float, threads
-) -> tuple[np.ndarray, float, int]:
-    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``.
-
-    ``threads`` (at most this process's cores) bounds OpenMP (Lloyd) and BLAS (k-means++
-    distances) alike: dask's nannies start workers with ``OMP_NUM_THREADS=1``, which this lifts
-    for the fit.
+    Dask's nannies start workers with ``OMP_NUM_THREADS=1``, which this lifts for the fit; a
+    worker pinned to one core runs the fit on the cores it was pinned from
+    (:func:`~spndi_dask.worker_plugins.worker_cores`). Yields the threads.
     """
     from threadpoolctl import threadpool_limits
 
-    start = "k-means++" if init is None else init
-    model = KMeans(k, init=start, n_init=1, max_iter=max_iter, tol=tol, random_state=seed)
-    with threadpool_limits(limits=max(1, min(threads, _cores()))):
-        model.fit(x)
-    return np.asarray(model.cluster_centers_, np.float64), float(model.inertia_), model.n_iter_
+    with worker_cores(_this_worker()) as cores:
+        n = max(1, min(threads, len(cores) if cores else os.cpu_count() or 1))
+        with threadpool_limits(limits=n):
+            yield n
+
+
+Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, float]
+
+
+def _prepare(blocks: list[np.ndarray], dtype: np.dtype = np.float64) -> Prepared:
+    """The matrix as scikit-learn's ``KMeans.fit`` prepares it, once for all the fits of a copy.
+
+    ``(rows minus their mean, the mean, the rows' squared norms, the mean feature variance)``:
+    the same centring, norms and tolerance base (``np.var`` of the rows) as ``KMeans.fit``,
+    which redoes them (and copies the matrix) on every call.
+    """
+    x = np.ascontiguousarray(np.concatenate(blocks), dtype=dtype)
+    variance = float(np.mean(np.var(x, axis=0)))
+    mean = x.mean(axis=0)
+    x -= mean
+    return x, mean, row_norms(x, squared=True), variance
+
+
+def _sklearn_fit(
+    prepared: Prepared,
+    k: int,
+    init: np.ndarray | None,
+    seed: int,
+    max_iter: int,
+    tol: float,
+    threads: int,
+) -> tuple[np.ndarray, float, int]:
+    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``.
+
+    ``KMeans(k, init=..., n_init=1, random_state=seed).fit`` on the rows of ``prepared``
+    (:func:`_prepare`): its k-means++ and its Lloyd iterations on the prepared rows.
+    """
+    x, mean, norms, variance = prepared
+    with fit_threads(threads) as n:
+        if _lloyd is None:  # scikit-learn moved its Lloyd iterations: the whole fit
+            start = "k-means++" if init is None else np.asarray(init, np.float64) - mean
+            model = KMeans(k, init=start, n_init=1, max_iter=max_iter, tol=tol, random_state=seed)
+            model.fit(x)
+            centers, inertia, n_iter = model.cluster_centers_, model.inertia_, model.n_iter_
+        else:
+            if init is None:
+                start = kmeans_plusplus(x, k, x_squared_norms=norms, random_state=seed)[0]
+            else:
+                start = np.asarray(init, x.dtype) - mean
+            weight = np.ones(len(x), x.dtype)
+            _, inertia, centers, n_iter = _lloyd(
+                x, weight, start, max_iter=max_iter, tol=variance * tol, n_threads=n
+            )
+    return np.asarray(centers + mean, np.float64), float(inertia), int(n_iter)
+
+
+def _this_worker() -> Any:
+    """The dask worker running this task, or None (dask's local threads)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
 
 
 def _work_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype of the in-memory fit: float32 stays float32 (as scikit-learn keeps it)."""
     return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
-
-
-def _concat(blocks: list[np.ndarray], dtype: np.dtype = np.float64) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate(blocks), dtype=dtype)
 
 
 # -- choosing the path --------------------------------------------------------------------------
@@ -394,7 +449,7 @@ def _fit_in_memory(
     client = active_client()
     if client is None:
         cores = max(1, threads // len(models))  # OpenMP threads of one fit
-        whole = dask.delayed(_concat)(x.to_delayed().ravel().tolist(), dtype)
+        whole = dask.delayed(_prepare)(x.to_delayed().ravel().tolist(), dtype)
         fits = [
             dask.delayed(_sklearn_fit)(whole, k, starts[k, s], s, max_iter, tol, cores)
             for k, s in order
@@ -415,8 +470,10 @@ def _fit_in_memory(
                 held[w] = held.get(w, 0) + rows
         workers = client.scheduler_info(n_workers=-1)["workers"]
         places = _hosts(workers, held, len(order))
-        logger.debug("in-memory k-means on %s", places)
-        wholes = [client.submit(_concat, blocks, dtype, workers=[w], pure=False) for w, _ in places]
+        logger.debug("k-means in memory on %s", places)
+        wholes = [
+            client.submit(_prepare, blocks, dtype, workers=[w], pure=False) for w, _ in places
+        ]
         wait(wholes)
         del blocks  # the copies hold the matrix now (unless the caller persisted it)
         for i, (k, s) in enumerate(order):
