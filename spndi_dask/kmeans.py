@@ -4,10 +4,14 @@ Every fit of a call — each K of the elbow scan times each restart seed — is 
 models of one call run together, on one of two paths chosen from the matrix size
 (:func:`choose_path`):
 
-* ``"memory"`` (the matrix fits on one worker): the matrix is concatenated on the workers (one
-  copy per worker used) and every model is one ``sklearn.cluster.KMeans(n_init=1)`` task,
-  spread over the workers, so the K values and restarts run in parallel. Without a distributed
-  client the tasks run in this process on dask's threads.
+* ``"memory"`` (the matrix fits on one worker): the matrix is concatenated on one worker per
+  host, the one holding most of its blocks, and prepared there once as ``KMeans.fit`` prepares
+  it (centred, squared row norms, feature variance); every model is then one task of
+  scikit-learn's k-means++ and Lloyd iterations on that copy, with all the host's cores
+  (:func:`fit_threads`), so that K values and restarts share the preparation (which
+  ``KMeans.fit`` redoes, with a copy of the matrix, on every call). float32 rows stay float32
+  (as in scikit-learn). Without a distributed client the tasks run in this process on dask's
+  threads.
 * ``"dask"`` (out of core): every Lloyd iteration of *all* models is one pass over the blocks of
   the matrix (per-block sums, counts and squared distances of every model's clusters, one tree
   reduction), so K values and restarts share their reads of the data; the matrix is never held
@@ -430,6 +434,11 @@ def _hosts(workers: dict[str, dict], held: dict[str, int], n: int) -> list[tuple
     return out
 
 
+def _on(worker: str) -> dict[str, Any]:
+    """``submit`` options: on ``worker``; elsewhere only if it leaves (else it would wait)."""
+    return {"workers": [worker], "allow_other_workers": True}
+
+
 def _fit_in_memory(
     x: da.Array,
     models: list[tuple[int, int]],
@@ -471,9 +480,7 @@ def _fit_in_memory(
         workers = client.scheduler_info(n_workers=-1)["workers"]
         places = _hosts(workers, held, len(order))
         logger.debug("k-means in memory on %s", places)
-        wholes = [
-            client.submit(_prepare, blocks, dtype, workers=[w], pure=False) for w, _ in places
-        ]
+        wholes = [client.submit(_prepare, blocks, dtype, **_on(w), pure=False) for w, _ in places]
         wait(wholes)
         del blocks  # the copies hold the matrix now (unless the caller persisted it)
         for i, (k, s) in enumerate(order):
@@ -488,7 +495,7 @@ def _fit_in_memory(
                     max_iter,
                     tol,
                     cores,
-                    workers=[w],
+                    **_on(w),
                     pure=False,
                 )
             )
