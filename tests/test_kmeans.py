@@ -141,6 +141,19 @@ def test_float32_rows_are_fitted_in_float32_as_scikit_learn_does(blobs, monkeypa
     np.testing.assert_allclose(fits[TRUE_K, 2].centers, ref.cluster_centers_, rtol=1e-5)
 
 
+def test_without_scikit_learns_lloyd_function_each_fit_is_a_whole_kmeans_fit(blobs, monkeypatch):
+    pts, _, x = blobs
+    models = [(3, 1), (TRUE_K, 1)]
+    fast = fit_models(x, models, engine="memory")  # k-means|| in memory: scikit-learn's k-means++
+    monkeypatch.setattr(km, "_lloyd", None)  # a scikit-learn that moved its private function
+    whole = fit_models(x, models, engine="memory")
+    for k, s in models:
+        ref = KMeans(k, n_init=1, random_state=s).fit(pts)
+        for fit in (fast[k, s], whole[k, s]):
+            assert fit.inertia == pytest.approx(ref.inertia_, rel=1e-9)
+            np.testing.assert_allclose(fit.centers, ref.cluster_centers_, rtol=1e-9, atol=1e-12)
+
+
 def test_in_memory_fits_go_to_one_worker_per_host_with_all_its_threads():
     one_host = {"a": {"host": "h1", "nthreads": 1}, "b": {"host": "h1", "nthreads": 1}}
     # the worker holding most rows keeps its blocks; every fit gets both cores, one at a time
