@@ -4,10 +4,14 @@ Every fit of a call — each K of the elbow scan times each restart seed — is 
 models of one call run together, on one of two paths chosen from the matrix size
 (:func:`choose_path`):
 
-* ``"memory"`` (the matrix fits on one worker): the matrix is concatenated on the workers (one
-  copy per worker used) and every model is one ``sklearn.cluster.KMeans(n_init=1)`` task,
-  spread over the workers, so the K values and restarts run in parallel. Without a distributed
-  client the tasks run in this process on dask's threads.
+* ``"memory"`` (the matrix fits on one worker): the matrix is concatenated on one worker per
+  host, the one holding most of its blocks, and prepared there once as ``KMeans.fit`` prepares
+  it (centred, squared row norms, feature variance); every model is then one task of
+  scikit-learn's k-means++ and Lloyd iterations on that copy, with all the host's cores
+  (:func:`fit_threads`), so that K values and restarts share the preparation (which
+  ``KMeans.fit`` redoes, with a copy of the matrix, on every call). float32 rows stay float32
+  (as in scikit-learn). Without a distributed client the tasks run in this process on dask's
+  threads.
 * ``"dask"`` (out of core): every Lloyd iteration of *all* models is one pass over the blocks of
   the matrix (per-block sums, counts and squared distances of every model's clusters, one tree
   reduction), so K values and restarts share their reads of the data; the matrix is never held
@@ -34,7 +38,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,15 +48,23 @@ import dask.array as da
 import numpy as np
 import psutil
 from sklearn.cluster import KMeans, kmeans_plusplus
+from sklearn.utils.extmath import row_norms
 
 from spndi_dask.compute import active_client, compute
 from spndi_dask.interrupt import check_interrupted
+from spndi_dask.worker_plugins import worker_cores
+
+try:  # scikit-learn's Lloyd iterations, without the per-call setup of ``KMeans.fit``
+    from sklearn.cluster._kmeans import _kmeans_single_lloyd as _lloyd
+except ImportError:  # pragma: no cover - a scikit-learn that moved it: KMeans.fit each time
+    _lloyd = None
 
 __all__ = [
     "Engine",
     "KMeansFit",
     "choose_path",
     "fit_models",
+    "fit_threads",
     "memory_limit",
     "nearest",
 ]
@@ -137,21 +150,85 @@ def _sample_rows(
     return out
 
 
-def _sklearn_fit(
-    x: np.ndarray, k: int, init: np.ndarray | None, seed: int, max_iter: int, tol: float, threads
-) -> tuple[np.ndarray, float, int]:
-    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``."""
+@contextmanager
+def fit_threads(threads: int) -> Iterator[int]:
+    """Run a fit on ``threads`` OpenMP and BLAS threads (at most the cores this process may use).
+
+    Dask's nannies start workers with ``OMP_NUM_THREADS=1``, which this lifts for the fit; a
+    worker pinned to one core runs the fit on the cores it was pinned from
+    (:func:`~spndi_dask.worker_plugins.worker_cores`). Yields the threads.
+    """
     from threadpoolctl import threadpool_limits
 
-    start = "k-means++" if init is None else init
-    model = KMeans(k, init=start, n_init=1, max_iter=max_iter, tol=tol, random_state=seed)
-    with threadpool_limits(limits=max(1, min(threads, os.cpu_count() or 1)), user_api="openmp"):
-        model.fit(x)
-    return np.asarray(model.cluster_centers_, np.float64), float(model.inertia_), model.n_iter_
+    with worker_cores(_this_worker()) as cores:
+        n = max(1, min(threads, len(cores) if cores else os.cpu_count() or 1))
+        with threadpool_limits(limits=n):
+            yield n
 
 
-def _concat(blocks: list[np.ndarray]) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate(blocks), dtype=np.float64)
+Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, float]
+
+
+def _prepare(blocks: list[np.ndarray], dtype: np.dtype = np.float64) -> Prepared:
+    """The matrix as scikit-learn's ``KMeans.fit`` prepares it, once for all the fits of a copy.
+
+    ``(rows minus their mean, the mean, the rows' squared norms, the mean feature variance)``:
+    the same centring, norms and tolerance base (``np.var`` of the rows) as ``KMeans.fit``,
+    which redoes them (and copies the matrix) on every call.
+    """
+    x = np.ascontiguousarray(np.concatenate(blocks), dtype=dtype)
+    variance = float(np.mean(np.var(x, axis=0)))
+    mean = x.mean(axis=0)
+    x -= mean
+    return x, mean, row_norms(x, squared=True), variance
+
+
+def _sklearn_fit(
+    prepared: Prepared,
+    k: int,
+    init: np.ndarray | None,
+    seed: int,
+    max_iter: int,
+    tol: float,
+    threads: int,
+) -> tuple[np.ndarray, float, int]:
+    """One scikit-learn Lloyd fit from ``init`` (its own k-means++ when None) on ``threads``.
+
+    ``KMeans(k, init=..., n_init=1, random_state=seed).fit`` on the rows of ``prepared``
+    (:func:`_prepare`): its k-means++ and its Lloyd iterations on the prepared rows.
+    """
+    x, mean, norms, variance = prepared
+    with fit_threads(threads) as n:
+        if _lloyd is None:  # scikit-learn moved its Lloyd iterations: the whole fit
+            start = "k-means++" if init is None else np.asarray(init, np.float64) - mean
+            model = KMeans(k, init=start, n_init=1, max_iter=max_iter, tol=tol, random_state=seed)
+            model.fit(x)
+            centers, inertia, n_iter = model.cluster_centers_, model.inertia_, model.n_iter_
+        else:
+            if init is None:
+                start = kmeans_plusplus(x, k, x_squared_norms=norms, random_state=seed)[0]
+            else:
+                start = np.asarray(init, x.dtype) - mean
+            weight = np.ones(len(x), x.dtype)
+            _, inertia, centers, n_iter = _lloyd(
+                x, weight, start, max_iter=max_iter, tol=variance * tol, n_threads=n
+            )
+    return np.asarray(centers + mean, np.float64), float(inertia), int(n_iter)
+
+
+def _this_worker() -> Any:
+    """The dask worker running this task, or None (dask's local threads)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the in-memory fit: float32 stays float32 (as scikit-learn keeps it)."""
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
 
 
 # -- choosing the path --------------------------------------------------------------------------
@@ -326,6 +403,42 @@ def _gather(client: Any, futures: list[Any]) -> list[Any]:
         raise
 
 
+def _hosts(workers: dict[str, dict], held: dict[str, int], n: int) -> list[tuple[str, int]]:
+    """Where ``n`` in-memory fits run: ``(worker, OpenMP threads of each of its fits)``.
+
+    One worker per host, the one holding most rows of the matrix there (fewest bytes to move),
+    on at most ``n`` hosts (those holding most rows first); each gets one copy of the matrix and
+    every ``len(result)``-th fit. A worker runs as many fits at once as it has threads (at most
+    its fits), and each fit gets its share of the threads of *all* the workers on its host: one
+    fit on a host of 1-thread workers uses every core while the other workers idle.
+
+    Examples
+    --------
+    >>> w = {"a": {"host": "h", "nthreads": 1}, "b": {"host": "h", "nthreads": 1}}
+    >>> _hosts(w, {"a": 10, "b": 30}, 2)
+    [('b', 2)]
+    """
+    by_host: dict[str, list[str]] = {}
+    for addr, info in workers.items():
+        by_host.setdefault(info.get("host", addr), []).append(addr)
+    ranked = []  # (rows held on the host, its threads, its chosen worker)
+    for addrs in by_host.values():
+        best = max(addrs, key=lambda a: (held.get(a, 0), workers[a].get("nthreads", 1), a))
+        cores = sum(int(workers[a].get("nthreads", 1)) for a in addrs)
+        ranked.append((sum(held.get(a, 0) for a in addrs), cores, best))
+    ranked = sorted(ranked, key=lambda r: (-r[0], -r[1], r[2]))[:n]
+    out = []
+    for j, (_, cores, best) in enumerate(ranked):
+        at_once = min(int(workers[best].get("nthreads", 1)), len(range(j, n, len(ranked))))
+        out.append((best, max(1, cores // at_once)))
+    return out
+
+
+def _on(worker: str) -> dict[str, Any]:
+    """``submit`` options: on ``worker``; elsewhere only if it leaves (else it would wait)."""
+    return {"workers": [worker], "allow_other_workers": True}
+
+
 def _fit_in_memory(
     x: da.Array,
     models: list[tuple[int, int]],
@@ -334,41 +447,61 @@ def _fit_in_memory(
     tol: float,
     threads: int,
 ) -> dict[tuple[int, int], tuple[np.ndarray, float, int]]:
-    """Every model as one scikit-learn task; on a client spread round-robin over the workers."""
+    """Every model as one scikit-learn task on one copy of the matrix per host used.
+
+    The blocks are computed (or, persisted, found) where the scheduler puts them, then
+    concatenated on the worker that holds most of them (see :func:`_hosts`). Without a client
+    the tasks run on this process's dask threads.
+    """
     order = sorted(models, key=lambda m: (-m[0], m[1]))  # the largest K first
-    cores = max(1, threads // len(models))  # OpenMP threads of one fit
-    blocks = x.to_delayed().ravel().tolist()
+    dtype = _work_dtype(x.dtype)
     client = active_client()
     if client is None:
-        whole = dask.delayed(_concat)(blocks)
+        cores = max(1, threads // len(models))  # OpenMP threads of one fit
+        whole = dask.delayed(_prepare)(x.to_delayed().ravel().tolist(), dtype)
         fits = [
             dask.delayed(_sklearn_fit)(whole, k, starts[k, s], s, max_iter, tol, cores)
             for k, s in order
         ]
         return dict(zip(order, compute(fits), strict=True))
-    used = list(client.scheduler_info(n_workers=-1)["workers"])[: len(models)]
-    # one copy of the matrix on each worker used (its blocks fetched there)
-    wholes = [client.compute(dask.delayed(_concat, pure=False)(blocks), workers=[w]) for w in used]
-    futures = [
-        client.submit(
-            _sklearn_fit,
-            wholes[i % len(used)],
-            k,
-            starts[k, s],
-            s,
-            max_iter,
-            tol,
-            cores,
-            workers=[used[i % len(used)]],
-            allow_other_workers=True,
-            pure=False,
-        )
-        for i, (k, s) in enumerate(order)
-    ]
+    from distributed import wait
+
+    wholes: list[Any] = []
+    futures: list[Any] = []
     try:
+        blocks = client.compute(x.to_delayed().ravel().tolist())
+        check_interrupted()
+        wait(blocks)
+        who = client.who_has(blocks)
+        held: dict[str, int] = {}  # rows of the matrix per worker
+        for b, rows in zip(blocks, x.chunks[0], strict=True):
+            for w in who.get(b.key, ()):
+                held[w] = held.get(w, 0) + rows
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        places = _hosts(workers, held, len(order))
+        logger.debug("k-means in memory on %s", places)
+        wholes = [client.submit(_prepare, blocks, dtype, **_on(w), pure=False) for w, _ in places]
+        wait(wholes)
+        del blocks  # the copies hold the matrix now (unless the caller persisted it)
+        for i, (k, s) in enumerate(order):
+            w, cores = places[i % len(places)]
+            futures.append(
+                client.submit(
+                    _sklearn_fit,
+                    wholes[i % len(places)],
+                    k,
+                    starts[k, s],
+                    s,
+                    max_iter,
+                    tol,
+                    cores,
+                    **_on(w),
+                    pure=False,
+                )
+            )
         return dict(zip(order, _gather(client, futures), strict=True))
     finally:
-        client.cancel(wholes)
+        client.cancel([*futures, *wholes])
 
 
 def fit_models(
@@ -400,15 +533,18 @@ def fit_models(
     ([0, 3], True)
     """
     models = list(dict.fromkeys((int(k), int(s)) for k, s in models))
-    x = x.astype(np.float64) if x.dtype != np.float64 else x
     if x.ndim != 2:
         raise ValueError(f"k-means needs a matrix of rows; got shape {x.shape}")
-    x = x.rechunk({1: -1})
     limit, threads = memory_limit()
-    path = choose_path(x.nbytes, engine=engine, memory_fraction=memory_fraction, limit=limit)
+    dtype = _work_dtype(x.dtype)  # in memory, float32 stays float32 (as in scikit-learn)
+    nbytes = x.shape[0] * x.shape[1] * dtype.itemsize
+    path = choose_path(nbytes, engine=engine, memory_fraction=memory_fraction, limit=limit)
+    if path == "dask":
+        dtype = np.dtype(np.float64)
+    x = (x.astype(dtype) if x.dtype != dtype else x).rechunk({1: -1})
     logger.info(
         "k-means of %d models on %d × %d (%.0f MB) %s (worker limit %.0f MB)",
-        len(models), *x.shape, x.nbytes / 1e6, "in memory" if path == "memory" else "out of core",
+        len(models), *x.shape, nbytes / 1e6, "in memory" if path == "memory" else "out of core",
         limit / 1e6,
     )  # fmt: skip
     if init == "k-means++":

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["IgnoreInterrupts", "PinToCore", "WorkerLogLevel", "set_affinity"]
+__all__ = ["IgnoreInterrupts", "PinToCore", "WorkerLogLevel", "set_affinity", "worker_cores"]
 
 
 def set_affinity(cores: set[int]) -> None:
@@ -49,6 +51,28 @@ class PinToCore(WorkerPlugin):
         except (TypeError, ValueError):
             return
         set_affinity({self.cores[index % len(self.cores)]})
+
+
+@contextmanager
+def worker_cores(worker: Any) -> Iterator[set[int] | None]:
+    """Run this worker process on all the cores it was pinned from (if pinned), then re-pin.
+
+    Yields the cores the process may now use (None where affinity is not available).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    plugin = getattr(worker, "plugins", {}).get(PinToCore.name)
+    cores = set(plugin.cores) if plugin is not None else before
+    widen = cores != before
+    if widen:
+        set_affinity(cores)
+    try:
+        yield cores
+    finally:
+        if widen:
+            set_affinity(before)
 
 
 class WorkerLogLevel(WorkerPlugin):

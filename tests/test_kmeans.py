@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, wait
 from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.metrics import adjusted_rand_score
+from threadpoolctl import threadpool_info
 
+import spndi_dask.kmeans as km
 from spndi_dask.cluster import choose_k, elbow_k, fit_kmeans
 from spndi_dask.config import ClusterSettings
-from spndi_dask.kmeans import choose_path, fit_models, nearest
+from spndi_dask.kmeans import choose_path, fit_models, fit_threads, nearest
+from spndi_dask.worker_plugins import PinToCore
 
 TRUE_K = 4
 
@@ -120,3 +124,94 @@ def test_elbow_scan_finds_the_true_k(blobs, engine):
     assert elbow_k(ref) == k
     for kk in (1, TRUE_K):
         assert fits[kk].inertia == pytest.approx(ref[kk], rel=1e-6)
+
+
+def test_float32_rows_are_fitted_in_float32_as_scikit_learn_does(blobs, monkeypatch):
+    pts = blobs[0].astype(np.float32)
+    seen = []
+    fit = km._sklearn_fit
+    monkeypatch.setattr(km, "_sklearn_fit", lambda p, *a: seen.append(p[0].dtype) or fit(p, *a))
+    x = da.from_array(pts, chunks=700)
+    fits = fit_models(x, [(TRUE_K, 2)], init="k-means++", sample_size=len(pts), engine="memory")
+    assert seen == [np.float32]  # not widened to float64 (twice the bytes per Lloyd step)
+    start = kmeans_plusplus(pts.astype(np.float64), TRUE_K, random_state=2)[0]
+    ref = KMeans(TRUE_K, init=start, n_init=1, random_state=2).fit(pts)
+    assert ref.cluster_centers_.dtype == np.float32
+    assert fits[TRUE_K, 2].inertia == pytest.approx(ref.inertia_, rel=1e-6)
+    np.testing.assert_allclose(fits[TRUE_K, 2].centers, ref.cluster_centers_, rtol=1e-5)
+
+
+def test_without_scikit_learns_lloyd_function_each_fit_is_a_whole_kmeans_fit(blobs, monkeypatch):
+    pts, _, x = blobs
+    models = [(3, 1), (TRUE_K, 1)]
+    fast = fit_models(x, models, engine="memory")  # k-means|| in memory: scikit-learn's k-means++
+    monkeypatch.setattr(km, "_lloyd", None)  # a scikit-learn that moved its private function
+    whole = fit_models(x, models, engine="memory")
+    for k, s in models:
+        ref = KMeans(k, n_init=1, random_state=s).fit(pts)
+        for fit in (fast[k, s], whole[k, s]):
+            assert fit.inertia == pytest.approx(ref.inertia_, rel=1e-9)
+            np.testing.assert_allclose(fit.centers, ref.cluster_centers_, rtol=1e-9, atol=1e-12)
+
+
+def test_in_memory_fits_go_to_one_worker_per_host_with_all_its_threads():
+    one_host = {"a": {"host": "h1", "nthreads": 1}, "b": {"host": "h1", "nthreads": 1}}
+    # the worker holding most rows keeps its blocks; every fit gets both cores, one at a time
+    assert km._hosts(one_host, {"a": 10, "b": 30}, 3) == [("b", 2)]
+    two = {**one_host, "c": {"host": "h2", "nthreads": 4}}
+    # h1 holds more rows: fits 0 and 2 there (one at a time, 2 threads), fit 1 on h2 (4)
+    assert km._hosts(two, {"a": 10, "b": 30, "c": 20}, 3) == [("b", 2), ("c", 4)]
+    assert km._hosts(two, {"a": 10, "b": 30, "c": 20}, 1) == [("b", 2)]
+    # a 4-thread worker alone on its host runs 4 fits at once, 1 thread each; 2 fits: 2 each
+    assert km._hosts({"c": {"host": "h2", "nthreads": 4}}, {}, 8) == [("c", 1)]
+    assert km._hosts({"c": {"host": "h2", "nthreads": 4}}, {}, 2) == [("c", 2)]
+
+
+def _threads_seen(threads):
+    """On a worker: (OMP_NUM_THREADS, OpenMP and BLAS threads and cores outside and inside)."""
+
+    def now():
+        apis = {i["user_api"]: i["num_threads"] for i in threadpool_info()}
+        return apis.get("openmp"), apis.get("blas"), len(os.sched_getaffinity(0))
+
+    before = now()
+    with fit_threads(threads) as n:
+        inside = now()
+    return os.environ.get("OMP_NUM_THREADS"), before, n, inside, now()
+
+
+@pytest.fixture(scope="module")
+def processes():
+    """Two 1-thread worker processes (their nannies set OMP_NUM_THREADS=1), pinned per core."""
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(PinToCore(sorted(os.sched_getaffinity(0))[:2]))
+        yield client
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_a_fit_on_a_pinned_worker_uses_the_threads_of_its_host(processes):
+    workers = list(processes.scheduler_info(n_workers=-1)["workers"])
+    seen = [processes.submit(_threads_seen, 2, workers=[w], pure=False) for w in workers]
+    for env, before, n, inside, after in processes.gather(seen):
+        assert env == "1" and before == (1, 1, 1) == after  # pinned, 1 thread, re-pinned after
+        assert n == 2 and inside == (2, 2, 2)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_in_memory_fits_run_where_most_rows_are(blobs, processes, caplog):
+    pts, _, x = blobs
+    x = x.persist()
+    wait(x)
+    rows = {}  # rows of the matrix per worker
+    for key, held in processes.who_has(x).items():
+        for w in held:
+            rows[w] = rows.get(w, 0) + x.chunks[0][key[1]]
+    with caplog.at_level(logging.DEBUG, logger="spndi_dask.kmeans"):
+        fits = fit_models(x, [(TRUE_K, 0), (3, 0)], init="k-means++", sample_size=len(pts))
+    assert f"in memory on [('{max(rows, key=rows.get)}', 2)]" in caplog.text, caplog.text
+    local = fit_models(blobs[2], [(TRUE_K, 0), (3, 0)], init="k-means++", sample_size=len(pts))
+    for m in local:
+        np.testing.assert_allclose(fits[m].centers, local[m].centers, rtol=1e-9)

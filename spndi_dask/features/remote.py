@@ -19,17 +19,15 @@ callback.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from distributed import get_worker
 
 from spndi_dask.interrupt import check_interrupted
-from spndi_dask.worker_plugins import PinToCore, set_affinity
+from spndi_dask.worker_plugins import worker_cores
 
 __all__ = ["TaskCancelled", "choose_worker", "run_on_worker", "worker_cores"]
 
@@ -94,28 +92,6 @@ def choose_worker(
     )
     # loose: a task restricted to a worker that has left would wait for it for ever
     return {"workers": [best], "allow_other_workers": True}
-
-
-@contextmanager
-def worker_cores(worker: Any) -> Iterator[set[int] | None]:
-    """Run this worker process on all the cores it was pinned from (if pinned), then re-pin.
-
-    Yields the cores the process may now use (None where affinity is not available).
-    """
-    if not hasattr(os, "sched_getaffinity"):
-        yield None
-        return
-    before = os.sched_getaffinity(0)
-    plugin = getattr(worker, "plugins", {}).get(PinToCore.name)
-    cores = set(plugin.cores) if plugin is not None else before
-    widen = cores != before
-    if widen:
-        set_affinity(cores)
-    try:
-        yield cores
-    finally:
-        if widen:
-            set_affinity(before)
 
 
 def _cancelled(worker: Any, key: Any) -> bool:
