@@ -15,7 +15,8 @@ Measured side by side in one run:
       - plain single-process loops on the same Zarr array: per pixel (batch 1, as a
         straightforward script would) and in batches of ``CPU_BATCH`` with all cores.
 (3) GPU (only when ``torch.cuda.is_available()``): single-process batched encoding on the GPU
-    and the GPU/CPU patterns/s ratio.
+    and the GPU/CPU patterns/s ratio; the same training as (1) on the GPU and its patterns/s
+    against (1) on the CPU (all cores, and per core).
 
 Usage: ``python scripts/bench_features.py [--dir /tmp/spndi-bench-features] [--pixels 16384]
 [--block 16]``
@@ -149,7 +150,7 @@ def main() -> None:
     print(f"machine: {cores} cores, torch {torch.__version__}, CUDA {torch.cuda.is_available()}")
     m = _prepare(root / "demo")
 
-    s = train(m, force=True)
+    s = train(m, force=True, device="cpu")
     n_seen = s["epochs"] * (s["n_train"] + s["n_val"])
     print(
         f"(1) training conv3d on the demo: {s['n_train']} + {s['n_val']} patterns, "
@@ -208,6 +209,14 @@ def main() -> None:
             f"(3) GPU model throughput (on-device batches of {len(x)}): {rate_gpu:.0f} patterns/s"
         )
         print(f"    GPU / CPU single-process batched: {rate_gpu / (n / t_batch):.1f}")
+        g = train(m, force=True, device="cuda")
+        rate_train = g["epochs"] * (g["n_train"] + g["n_val"]) / g["seconds"]
+        ratio = rate_train / (n_seen / s["seconds"])
+        print(
+            f"    training on the GPU ({torch.cuda.get_device_name()}): {g['epochs']} epochs, "
+            f"{g['seconds']:.1f} s, {rate_train:.0f} patterns/s; GPU / CPU ({cores} cores): "
+            f"{ratio:.1f}, GPU / one CPU core: {ratio * cores:.0f}"
+        )
     else:
         print("(3) no CUDA GPU on this machine: GPU numbers not measured")
 
