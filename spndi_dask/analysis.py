@@ -314,8 +314,9 @@ ANALYSIS_FIGURES = (
 
 
 #: Version of what analysis.zarr holds; 2: per-scan curves on ``scan_angle``, per-scan patterns;
-#: 3: the particle rim left out of the domains, regions.csv domain − boundary with errors.
-ANALYSIS_LAYOUT = 3
+#: 3: the particle rim left out of the domains, regions.csv domain − boundary with errors;
+#: 4: the scans' dimension is ``scan`` (was ``particle``).
+ANALYSIS_LAYOUT = 4
 
 
 def _fingerprint(
@@ -476,7 +477,7 @@ def analyze(
     coords: dict[str, Any] = {
         "cluster": np.arange(k),
         "region": np.array(["domain", "boundary"], dtype=object),
-        "particle": np.array(names, dtype=object),
+        "scan": np.array(names, dtype=object),
     }
     if totals:
         shape = (first.sizes["dq_x"], first.sizes["dq_y"], first.sizes["dq_z"])
@@ -490,7 +491,7 @@ def analyze(
             per_scan = [np.asarray(totals[nm][j]) if nm in totals else blank for nm in names]
             for name_, total, lead in (
                 (key, sum(per_scan), ()),
-                (f"{key}_scan", np.stack(per_scan), ("particle",)),
+                (f"{key}_scan", np.stack(per_scan), ("scan",)),
             ):
                 count = total[..., -1]
                 mean = total[..., :-1] / np.where(count > 0, count, np.nan)[..., None]
@@ -511,10 +512,10 @@ def analyze(
             out_[i, ..., : a.shape[-1]] = a
         return out_
 
-    coords["scan_angle"] = (("particle", "step"), padded("angle"), {"units": "deg"})
-    data["particle_rocking_curve"] = (("particle", "step"), padded("particle"))
-    data["cluster_rocking_curve"] = (("particle", "cluster", "step"), padded("cluster"))
-    data["region_rocking_curve"] = (("particle", "region", "step"), padded("region"))
+    coords["scan_angle"] = (("scan", "step"), padded("angle"), {"units": "deg"})
+    data["particle_rocking_curve"] = (("scan", "step"), padded("particle"))
+    data["cluster_rocking_curve"] = (("scan", "cluster", "step"), padded("cluster"))
+    data["region_rocking_curve"] = (("scan", "region", "step"), padded("region"))
     angle_sets = {tuple(np.round(c["angle"], 9)) for c in curves.values()}
     if len(angle_sets) == 1:
         coords["angle"] = curves[names[0]]["angle"]
@@ -532,7 +533,7 @@ def analyze(
     shapes = {np.shape(v) for v in detector.values()}
     if detector and len(shapes) == 1 and len(detector) == len(names):
         data["cluster_detector_image"] = (
-            ("particle", "cluster", "det_row", "det_col"),
+            ("scan", "cluster", "det_row", "det_col"),
             np.stack([np.asarray(detector[nm]) for nm in names]),
             {"long_name": "mean raw frame of each cluster over angles and pixels"},
         )

@@ -112,7 +112,7 @@ def export_tiff(
                 groups = [str(v) for v in res[res[key].dims[0]].values]
                 for scan, arr in [("", res[key].values)] + [
                     (f"{p}_", res[f"{key}_scan"].values[i])
-                    for i, p in enumerate(res["particle"].values)
+                    for i, p in enumerate(res["scan"].values)
                 ]:
                     written.append(
                         _write_tiff(

@@ -382,7 +382,7 @@ def rocking_curves_by_scan(ds: xr.Dataset, path: Path) -> Path:
     One row per scan, as the original study's figures (there in a 2 × 4 grid of particles), on
     each scan's own angles. Curves are means per pixel (intensity per scan pixel).
     """
-    names = [str(n) for n in ds["particle"].values]
+    names = [str(n) for n in ds["scan"].values]
     k = ds.sizes["cluster"]
     fig, axes = plt.subplots(len(names), 2, figsize=(10, 3 * len(names)), squeeze=False)
     for p, name in enumerate(names):
@@ -419,7 +419,7 @@ def analysis_figures(out_dir: str | Path, ds: xr.Dataset) -> list[Path]:
     else:
         axes[0].set_title("scans have different angles: see rocking_curves_by_scan.png")
     for r, region in enumerate(ds["region"].values):
-        for p, name in enumerate(ds["particle"].values):
+        for p, name in enumerate(ds["scan"].values):
             curve = ds["region_rocking_curve"][p, r]
             marker = _SCAN_MARKERS[p % len(_SCAN_MARKERS)]
             kw = {**REGION_STYLE[str(region)], "marker": marker, "ms": 4}

@@ -127,7 +127,7 @@ def test_every_scan_gets_its_curves_patterns_and_statistics(clustered):
         rows = {r["scan"]: r for r in csv.DictReader(f)}
     pooled_pat, pooled_n = 0.0, 0
     for i, p in enumerate(m.scans):
-        assert res["particle"].values[i] == p.name
+        assert res["scan"].values[i] == p.name
         ds = open_results(m.output_dir, p.name)
         lab, region = ds["cluster"].values, ds["region"].values
         rc = ds["rocking_curve"].values

@@ -199,7 +199,7 @@ def test_analysis_curves_patterns_and_regions(encoded):
         lab, region = ds["cluster"].values, ds["region"].values
         assert ((region >= 0) == (lab >= 0)).all()
         # per-scan rocking curve of a cluster = mean of its pixels' drift-corrected curves
-        i = list(res["particle"].values).index(p.name)
+        i = list(res["scan"].values).index(p.name)
         rc = ds["rocking_curve"].values[:, lab == 1]
         assert np.allclose(res["cluster_rocking_curve"][i, 1], rc.mean(axis=1), rtol=1e-9)
         pats.append(ds["pattern"].values[lab >= 0])

@@ -124,17 +124,17 @@ def _analysis(k: int = 3) -> xr.Dataset:
                 rng.uniform(0, 5, (k, *shape)),
             ),
             "region_pattern": (("region", "dq_x", "dq_y", "dq_z"), rng.uniform(0, 5, (2, *shape))),
-            "particle_rocking_curve": (("particle", "step"), np.stack([curve, curve])),
-            "cluster_rocking_curve": (("particle", "cluster", "step"), np.ones((2, k, 1)) * curve),
-            "region_rocking_curve": (("particle", "region", "step"), np.ones((2, 2, 1)) * curve),
+            "particle_rocking_curve": (("scan", "step"), np.stack([curve, curve])),
+            "cluster_rocking_curve": (("scan", "cluster", "step"), np.ones((2, k, 1)) * curve),
+            "region_rocking_curve": (("scan", "region", "step"), np.ones((2, 2, 1)) * curve),
             "cluster_rocking_curve_pooled": (("cluster", "angle"), np.ones((k, 1)) * curve),
         },
         coords={
             "cluster": np.arange(k),
             "region": np.array(["domain", "boundary"], dtype=object),
-            "particle": np.array(names, dtype=object),
+            "scan": np.array(names, dtype=object),
             "angle": angle,
-            "scan_angle": (("particle", "step"), np.stack([angle, angle])),
+            "scan_angle": (("scan", "step"), np.stack([angle, angle])),
             **{
                 d: np.linspace(-0.01, 0.01, n)
                 for d, n in zip(("dq_x", "dq_y", "dq_z"), shape, strict=True)

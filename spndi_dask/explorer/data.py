@@ -459,7 +459,7 @@ class ExplorerData:
         a = self.analysis
         if a is None or "cluster_rocking_curve" not in a:
             return None
-        names = [str(p) for p in np.asarray(a["particle"][...])]
+        names = [str(p) for p in np.asarray(a["scan"][...])]
         if scan not in names or not 0 <= cluster < a["cluster_rocking_curve"].shape[1]:
             return None
         self.reads[("analysis", "cluster_rocking_curve")] += 1
