@@ -1,4 +1,4 @@
-"""The rocking angle of each scan of a particle, and the order of the scans."""
+"""The rocking angle of each angle file of a scan, and the order of the angle files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from spndi_dask.init.names import _matches
 
 
 class _AnglesMixin:
-    """The rocking-angle methods of the per-particle inference (inference.py)."""
+    """The rocking-angle methods of the per-scan inference (inference.py)."""
 
     # the rocking angle -------------------------------------------------------------------------
     def angle_candidates(self, info: _File) -> dict[str, tuple[float, str]]:
@@ -50,7 +50,7 @@ class _AnglesMixin:
             return float(v[0]) if isinstance(v, np.ndarray) and v.size >= 1 else None
         d = info.datasets.get(path)
         if d is None or d.value is None:
-            if d is not None and d.size > 4:  # a per-point series not read at scan time
+            if d is not None and d.size > 4:  # a per-point series not read with the layout
                 return self.read_series_mean(info, path)
             return None
         return self.degrees(float(np.mean(d.value)), d.units)[0]
@@ -101,7 +101,7 @@ class _AnglesMixin:
                         s.label for s, c in zip(p.scans, cands, strict=True) if path not in c
                     ]
                     self.problems.add(
-                        f"particle '{p.name}': {path} changes from scan to scan but is missing "
+                        f"scan '{p.name}': {path} changes between the angle files but is missing "
                         f"from {', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}; "
                         "leave those out with --exclude, or pass --angles START:STOP:NUM or "
                         "--angle-path PATH"
@@ -116,7 +116,7 @@ class _AnglesMixin:
                     f"{' = '.join(ps)} ({min(v):.4g} … {max(v):.4g})" for v, ps in varying.items()
                 )
                 self.problems.add(
-                    f"particle '{p.name}': several recorded angles change from scan to scan "
+                    f"scan '{p.name}': several recorded angles change between the angle files "
                     f"({listing}); pass --angle-path PATH (GROUP@ATTRIBUTE for an attribute)"
                 )
                 p.broken = True
@@ -129,14 +129,14 @@ class _AnglesMixin:
             elif vectors and opt.angles is None:
                 const = ", ".join(ps[0] for ps in vectors.values())
                 self.guess(
-                    f"particle '{p.name}': {const} has the same value in every scan: not the "
+                    f"scan '{p.name}': {const} has the same value in every angle file: not the "
                     "rocking angle"
                 )
         for scan, v in zip(p.scans, recorded or [None] * len(p.scans), strict=True):
             scan.angle = v
         if len(p.scans) < 2:
             self.problems.add(
-                f"particle '{p.name}' ({p.where}) has only {len(p.scans)} scan; a rocking curve "
+                f"scan '{p.name}' ({p.where}) has only {len(p.scans)} angle file; a rocking curve "
                 "needs at least 2 angles: leave it out with --exclude, or group its files with "
                 "others (--group)"
             )
@@ -147,7 +147,7 @@ class _AnglesMixin:
             start, stop, num = opt.angles
             if num != len(p.scans):
                 self.problems.add(
-                    f"particle '{p.name}' has {len(p.scans)} scans but --angles {start}:{stop}:"
+                    f"scan '{p.name}' has {len(p.scans)} angle files but --angles {start}:{stop}:"
                     f"{num} gives {num} angles; give NUM = {len(p.scans)}"
                 )
                 p.broken = True
@@ -159,7 +159,7 @@ class _AnglesMixin:
                 got = np.array([s.angle for s in p.scans], dtype=float)
                 if np.max(np.abs(given - got)) > 1e-3:
                     self.guess(
-                        f"particle '{p.name}': --angles differ from the recorded {source} "
+                        f"scan '{p.name}': --angles differ from the recorded {source} "
                         f"({got.min():.4g} … {got.max():.4g}) by up to "
                         f"{np.max(np.abs(given - got)):.3g}°; the flag wins"
                     )
@@ -169,10 +169,10 @@ class _AnglesMixin:
             looked = ", ".join(self.names["angle"])
             what = "TIFF files record no angle" if not hdf5 else (
                 f"no rocking angle recorded in its files (looked for datasets and attributes "
-                f"named {looked} whose value changes from scan to scan)"
+                f"named {looked} whose value changes between the angle files)"
             )  # fmt: skip
             self.problems.add(
-                f"particle '{p.name}': {what}; pass --angles START:STOP:NUM, or --angle-path "
+                f"scan '{p.name}': {what}; pass --angles START:STOP:NUM, or --angle-path "
                 "PATH if it is recorded under another name"
             )
             p.broken = True
@@ -186,7 +186,7 @@ class _AnglesMixin:
         p.found.angle_source = f"recorded {source}"  # type: ignore[union-attr]
 
     def check_split(self, p: _Particle) -> None:
-        """The parts of a split scan must record one angle (else they are separate scans)."""
+        """The parts of a split angle file must record one angle (else they are angle files)."""
         for scan in p.scans:
             if len(scan.infos) < 2 or any(i.kind != "hdf5" for i in scan.infos):
                 continue
@@ -208,21 +208,22 @@ class _AnglesMixin:
                     if v is not None
                 )
                 self.problems.add(
-                    f"{scan.label} was taken for one scan split across {len(scan.files)} files "
-                    f"(named like a scan or like parts), but their {path} differ ({listing}); if "
-                    "each file is an angle of its own, pass --no-split"
+                    f"{scan.label} was taken for one angle file split across "
+                    f"{len(scan.files)} files (a folder named like a beamline scan, or of files "
+                    f"named like parts), but their {path} differ ({listing}); if each file is "
+                    "an angle of its own, pass --no-split"
                 )
                 p.broken = True
                 break
 
     def order(self, p: _Particle, recorded: bool) -> None:
-        """Acquisition order: by scan id, else by the recorded angle, else by name."""
+        """Acquisition order: by the scan number in the names, else by recorded angle, else name."""
         ids = [s.id for s in p.scans]
         unique_ids = None not in ids and len(set(ids)) == len(ids)
         how = self.options.sort
         if how == "id" and not unique_ids:
             self.problems.add(
-                f"particle '{p.name}': --sort id, but not every scan name has its own number "
+                f"scan '{p.name}': --sort id, but not every angle file's name has its own number "
                 f"({', '.join(s.label for s in p.scans[:4])} ...); use --sort angle"
             )
             p.broken = True
@@ -230,7 +231,7 @@ class _AnglesMixin:
         if how == "angle" or (how == "auto" and not unique_ids and recorded):
             if not recorded:
                 self.problems.add(
-                    f"particle '{p.name}': --sort angle needs recorded angles; pass --angle-path"
+                    f"scan '{p.name}': --sort angle needs recorded angles; pass --angle-path"
                 )
                 p.broken = True
                 return
@@ -243,8 +244,8 @@ class _AnglesMixin:
             p.scans.sort(key=lambda s: _natural(s.rel))
             p.entry["_order"] = "name"
             self.guess(
-                f"particle '{p.name}': scans ordered by name (no scan numbers, no recorded "
-                "angles); check the frames list"
+                f"scan '{p.name}': angle files ordered by name (no scan numbers in their names, no "
+                "recorded angles); check the frames list"
             )
 
     def monotonic(self, p: _Particle, values: list[float]) -> bool:
@@ -253,8 +254,8 @@ class _AnglesMixin:
             i = int(np.flatnonzero(steps == 0)[0])
             a, b = p.scans[i], p.scans[i + 1]
             self.problems.add(
-                f"particle '{p.name}': {a.label} and {b.label} record the same angle {values[i]:g} "
-                "(a repeated scan?); leave one out with --exclude"
+                f"scan '{p.name}': {a.label} and {b.label} record the same angle {values[i]:g} "
+                "(a repeated acquisition?); leave one out with --exclude"
             )
             p.broken = True
             return False
@@ -265,9 +266,9 @@ class _AnglesMixin:
                 for i in bad[:4]
             )
             self.problems.add(
-                f"particle '{p.name}': the recorded angles are not monotonic in "
-                f"{p.entry.get('_order', 'scan')} order: {listing}; leave the stray scans out "
-                "with --exclude, or pass --sort angle to order the scans by angle"
+                f"scan '{p.name}': the recorded angles are not monotonic in "
+                f"{p.entry.get('_order', 'scan number')} order: {listing}; leave the stray "
+                "angle files out with --exclude, or pass --sort angle to order them by angle"
             )
             p.broken = True
             return False

@@ -1,4 +1,4 @@
-"""Finding the scan files of a folder (splits, particles) and reading their layouts."""
+"""Finding the angle files of a folder (split files, scans) and reading their layouts."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ from spndi_dask.init.report import InitReport, ParticleFound
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
 TIFF_SUFFIXES = (".tif", ".tiff")
-#: a folder named like this holding several files is one scan split across them
+#: a folder named like this holding several files is one angle file split across them
 SPLIT_DIR = re.compile(r"(?i)^(?:scan)?[_-]?\d+$")
-#: files named like this are the parts of one scan (their folder is the scan)
+#: files named like this are the parts of one angle file (their folder is the angle file)
 PART_FILE = re.compile(r"(?i)^(?:data|part|chunk|frames?)[_-]?\d+$")
-#: files named like this are not scans
+#: files named like this are not angle files
 NOT_A_SCAN = re.compile(
     r"(?i)(?:^|[_.-])(?:darks?|flats?|flatfield|mask|background|bkg)(?:$|[_.-]|\d)"
 )
+#: the named group of ``--group`` that names the scan (``particle``: its old name)
+GROUP_NAMES = ("scan", "particle")
 _GENERIC_DIRS = {"raw", "data", "rawdata", "raw_data", "frames", "scans", "h5", "hdf5", "tiff"}
 
 
@@ -68,13 +70,13 @@ class _File:
 
 @dataclass
 class _Scan:
-    """One rocking angle: a file, or a folder of files holding one scan split in parts."""
+    """One angle file: a file, or a folder of files holding one rocking angle split in parts."""
 
     name: str
     rel: str  # relative to RAW_DIR
     files: list[Path]
     label: str = ""  # as shown in messages: raw/p1/scan_1.h5, raw/p2/scan_7/
-    particle: str = ""
+    scan_name: str = ""  # the name of its [[scans]] entry
     where: str = ""
     infos: list[_File] = field(default_factory=list)
     id: int | None = None
@@ -85,6 +87,8 @@ class _Scan:
 
 @dataclass
 class _Particle:
+    """One ``[[scans]]`` entry: its angle files and what was inferred."""
+
     name: str
     where: str
     scans: list[_Scan]
@@ -96,7 +100,7 @@ class _Particle:
 
 
 class _Problems:
-    """Every problem found, in order; one bad file or particle never hides the others."""
+    """Every problem found, in order; one bad file or scan never hides the others."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -208,7 +212,7 @@ def _is_data(path: Path) -> bool:
 def _discover(
     raw: Path, options: InitOptions, skip_dirs: set[Path], report: InitReport
 ) -> list[_Scan]:
-    """Every scan under ``raw`` (a file, or a folder of one scan's parts), unsorted."""
+    """Every angle file under ``raw`` (a file, or a folder of one angle's parts), unsorted."""
     scans: list[_Scan] = []
     other: Counter[str] = Counter()
 
@@ -240,8 +244,8 @@ def _discover(
                 continue
             if NOT_A_SCAN.search(path.stem):
                 report.skipped.append(
-                    f"{rel} (named like a dark/flat/mask file, not a scan: set dark or mask in "
-                    "the manifest yourself if it is one)"
+                    f"{rel} (named like a dark/flat/mask file, not an angle file: set dark or "
+                    "mask in the manifest yourself if it is one)"
                 )
                 continue
             data.append(path)
@@ -267,8 +271,11 @@ def _discover(
 def _assign_particles(
     raw: Path, scans: list[_Scan], options: InitOptions, problems: _Problems, report: InitReport
 ) -> dict[str, list[_Scan]]:
-    """Scans by particle name: their folder, or the ``particle`` group of ``--group``."""
-    by_particle: dict[str, list[_Scan]] = {}
+    """Angle files by scan name: their folder, or the ``scan`` group of ``--group``.
+
+    The group may also be named ``particle`` (its old name).
+    """
+    by_scan: dict[str, list[_Scan]] = {}
     wheres: dict[str, set[str]] = {}
     pattern = None
     if options.group:
@@ -277,20 +284,21 @@ def _assign_particles(
         except re.error as exc:
             problems.add(f"--group {options.group!r} is not a regular expression ({exc})")
             return {}
-        if "particle" not in pattern.groupindex:
+        key = next((k for k in GROUP_NAMES if k in pattern.groupindex), None)
+        if key is None:
             problems.add(
-                f"--group {options.group!r} has no named group 'particle': write it as e.g. "
-                r"'(?P<particle>p\d+)_scan'"
+                f"--group {options.group!r} has no named group 'scan': write it as e.g. "
+                r"'(?P<scan>p\d+)_scan'"
             )
             return {}
     unmatched = []
     for scan in scans:
         if pattern is not None:
             m = pattern.search(scan.rel)
-            if not m or not m.group("particle"):
+            if not m or not m.group(key):
                 unmatched.append(scan.rel)
                 continue
-            label, where = m.group("particle"), f"--group match {m.group('particle')!r}"
+            label, where = m.group(key), f"--group match {m.group(key)!r}"
         else:
             folder = Path(scan.rel).parent  # of the file, or of the folder of a split scan
             if folder == Path("."):
@@ -298,18 +306,18 @@ def _assign_particles(
             else:
                 label, where = "_".join(folder.parts), f"{raw.name}/{folder.as_posix()}/"
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", label).lstrip("_.-") or "p"
-        scan.particle, scan.where = name, where
-        by_particle.setdefault(name, []).append(scan)
+        scan.scan_name, scan.where = name, where
+        by_scan.setdefault(name, []).append(scan)
         wheres.setdefault(name, set()).add(where)
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (
             f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
         )
-        report.skipped.append(f"{len(unmatched)} scans not matched by --group: {shown}")
+        report.skipped.append(f"{len(unmatched)} angle files not matched by --group: {shown}")
     for name, places in wheres.items():
         if len(places) > 1 and pattern is None:
             problems.add(
-                f"particle name {name!r} stands for several folders ({', '.join(sorted(places))}); "
-                "rename a folder, or pass --group REGEX with a named group 'particle'"
+                f"scan name {name!r} stands for several folders ({', '.join(sorted(places))}); "
+                "rename a folder, or pass --group REGEX with a named group 'scan'"
             )
-    return by_particle
+    return by_scan

@@ -63,14 +63,14 @@ class _GeometryMixin:
             if not all(np.allclose(values[pp], values[first], rtol=1e-4) for pp in pick):
                 listing = ", ".join(f"{pp} = {values[pp][0]:.6g}" for pp in pick)
                 self.problems.add(
-                    f"particle '{p.name}': {len(pick)} different recorded {key.replace('_', ' ')}"
+                    f"scan '{p.name}': {len(pick)} different recorded {key.replace('_', ' ')}"
                     f" values ({listing}); pass {flag}"
                 )
                 return None
             for pp in sorted(paths - set(pick)):
                 if not np.allclose(values[pp], values[first], rtol=1e-3):
                     self.guess(
-                        f"particle '{p.name}': {key.replace('_', ' ')} from {first} "
+                        f"scan '{p.name}': {key.replace('_', ' ')} from {first} "
                         f"({values[first][0]:.6g}), not {pp} ({values[pp][0]:.6g}); {flag} "
                         "overrides"
                     )
@@ -80,14 +80,14 @@ class _GeometryMixin:
                     f"{i.rel}: {v:.6g}" for i, v in list(zip(infos, vals, strict=True))[:4]
                 )
                 self.problems.add(
-                    f"particle '{p.name}': {first} differs between its files ({listing}); pass "
+                    f"scan '{p.name}': {first} differs between its files ({listing}); pass "
                     f"{_GEOMETRY_FLAGS[key]}"
                 )
                 return None
             note = per_file[0][first][1]
             if "assumed" in note:
                 self.guess(
-                    f"particle '{p.name}': {first}{note}; {flag} overrides (or a units "
+                    f"scan '{p.name}': {first}{note}; {flag} overrides (or a units "
                     "attribute in the files)"
                 )
             value = float(np.median(vals))
@@ -111,7 +111,7 @@ class _GeometryMixin:
         px, py = got["x_pixel_size"], got["y_pixel_size"]
         if px and py and not np.isclose(px[0], py[0], rtol=1e-3):
             self.problems.add(
-                f"particle '{p.name}': pixels are not square (x {px[0]:.4g} m, y {py[0]:.4g} m); "
+                f"scan '{p.name}': pixels are not square (x {px[0]:.4g} m, y {py[0]:.4g} m); "
                 "spndi needs square pixels: pass --pixel-size-m if one of them is wrong"
             )
         elif px or py or got["pixel_size"]:

@@ -230,7 +230,7 @@ class _GridMixin:
         missing = [f for f, v in (("--scan-shape R,C", shape), ("--step Y,X", step)) if v is None]
         if missing:
             self.problems.add(
-                f"particle '{p.name}': no recorded positions (looked for pairs "
+                f"scan '{p.name}': no recorded positions (looked for pairs "
                 f"{', '.join(f'{a}/{b}' for a, b in self.pairs[:5])}, ...) and no scan "
                 f"{'shape' if shape is None else 'step'} in the files; pass {' and '.join(missing)}"
                 " (or --positions Y_PATH,X_PATH)"
@@ -243,7 +243,7 @@ class _GridMixin:
         else:
             p.entry["scan_order"] = "raster"
             self.guess(
-                f"particle '{p.name}': raster order (row by row, same direction) assumed: no "
+                f"scan '{p.name}': raster order (row by row, same direction) assumed: no "
                 "positions recorded; pass --scan-order snake if every other row runs backwards"
             )
         self.check_points(p)
@@ -272,7 +272,7 @@ class _GridMixin:
         if short and not self.options.allow_incomplete:
             listing = ", ".join(f"{s.label} ({s.n_points})" for s in short[:4])
             self.problems.add(
-                f"particle '{p.name}': scans with fewer frames than scan_shape {rows}×{cols} = "
+                f"scan '{p.name}': scans with fewer frames than scan_shape {rows}×{cols} = "
                 f"{need}: {listing}; pass the right --scan-shape R,C, or --allow-incomplete if "
                 "these scans were aborted (missing points are filled and marked invalid)"
             )
@@ -288,7 +288,7 @@ class _GridMixin:
         if None not in dims:
             if len(dims) > 1:
                 self.problems.add(
-                    f"particle '{p.name}': its scans have different scan shapes "
+                    f"scan '{p.name}': its scans have different scan shapes "
                     f"({', '.join(map(str, sorted(dims)))}) in their 4-D frames; pass "
                     "--scan-shape R,C or leave the odd scans out with --exclude"
                 )
@@ -340,7 +340,7 @@ class _GridMixin:
                 f"{s.label}: {v.tolist()}" for s, v in list(zip(p.scans, values, strict=True))[:4]
             )
             self.problems.add(
-                f"particle '{p.name}': inconsistent {path} between its files ({listing}); pass "
+                f"scan '{p.name}': inconsistent {path} between its files ({listing}); pass "
                 f"--scan-shape R,C --step Y,X, or leave the odd scans out with --exclude"
             )
             p.broken = True
@@ -361,7 +361,7 @@ class _GridMixin:
         known = {u for u in units if u in ("um", "nm", "mm")}
         if len(units) > 1 or units - known:
             self.problems.add(
-                f"particle '{p.name}': positions {paths[0]}, {paths[1]} have units "
+                f"scan '{p.name}': positions {paths[0]}, {paths[1]} have units "
                 f"{sorted(map(str, units))}; the manifest reads um, nm or mm: pass "
                 "--positions-units um|nm|mm"
             )
@@ -369,7 +369,7 @@ class _GridMixin:
             return None
         if not units:
             self.guess(
-                f"particle '{p.name}': positions {paths[0]}, {paths[1]} have no units attribute; "
+                f"scan '{p.name}': positions {paths[0]}, {paths[1]} have no units attribute; "
                 "µm assumed (--positions-units um|nm|mm)"
             )
             return "um"
@@ -399,7 +399,7 @@ class _GridMixin:
                 f"{s.label} {f.shape[0]}×{f.shape[1]}" for s, f in fits if f.shape != common
             )
             self.problems.add(
-                f"particle '{p.name}': inconsistent scan shapes between its files: most are "
+                f"scan '{p.name}': inconsistent scan shapes between its files: most are "
                 f"{common[0]}×{common[1]}, but {odd}; pass --scan-shape R,C --step Y,X, or leave "
                 "the odd scans out with --exclude"
             )
@@ -415,7 +415,7 @@ class _GridMixin:
                 if o > 0.15
             )
             self.problems.add(
-                f"particle '{p.name}': inconsistent scan steps between its files (median "
+                f"scan '{p.name}': inconsistent scan steps between its files (median "
                 f"{step[0]:.4g}×{step[1]:.4g} µm; {odd}); pass --scan-shape R,C --step Y,X"
             )
             p.broken = True
@@ -438,7 +438,7 @@ class _GridMixin:
         )
         if lost > 0.25:
             self.guess(
-                f"particle '{p.name}': up to {lost:.0%} of a scan's points lie off the inferred "
+                f"scan '{p.name}': up to {lost:.0%} of a scan's points lie off the inferred "
                 f"{fit.shape[0]}×{fit.shape[1]} grid (overshoot?); check --scan-shape/--step"
             )
 

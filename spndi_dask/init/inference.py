@@ -123,7 +123,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         if len(chosen) > 1:
             listing = "; ".join(f"{k} in {len(v)} files (e.g. {v[0]})" for k, v in chosen.items())
             self.problems.add(
-                f"particle '{p.name}': its files hold their frames in different datasets "
+                f"scan '{p.name}': its files hold their frames in different datasets "
                 f"({listing}); pass --dataset PATH"
             )
             p.broken = True
@@ -234,7 +234,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         everywhere = [k for k, n in found.items() if n == len(infos)]
         if len(everywhere) > 1:
             self.problems.add(
-                f"particle '{p.name}': {len(everywhere)} candidate {what} datasets: "
+                f"scan '{p.name}': {len(everywhere)} candidate {what} datasets: "
                 f"{', '.join(everywhere)}; pass {flag} PATH (or {flag} none)"
             )
             p.broken = True
@@ -242,7 +242,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         partial = [k for k in found if k not in everywhere]
         if partial:
             self.guess(
-                f"particle '{p.name}': {', '.join(partial)} ({what}) is not in every file; not "
+                f"scan '{p.name}': {', '.join(partial)} ({what}) is not in every file; not "
                 f"used ({flag} PATH uses it)"
             )
         return everywhere[0] if everywhere else None
@@ -288,7 +288,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         if not path:
             if self.options.xrf_window_kev:
                 self.problems.add(
-                    f"particle '{p.name}': --xrf-window is given but no XRF dataset was found; "
+                    f"scan '{p.name}': --xrf-window is given but no XRF dataset was found; "
                     "pass --xrf PATH"
                 )
             return
@@ -303,7 +303,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
             )
             if self.options.xrf_window_kev:
                 self.guess(
-                    f"particle '{p.name}': {path} is a per-point map, not spectra: "
+                    f"scan '{p.name}': {path} is a per-point map, not spectra: "
                     "--xrf-window does not apply to it"
                 )
             return
@@ -313,7 +313,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         window = self.options.xrf_window_kev
         if window is None:
             self.problems.add(
-                f"particle '{p.name}': {path} {_shape(d.shape)} holds XRF spectra; pass "
+                f"scan '{p.name}': {path} {_shape(d.shape)} holds XRF spectra; pass "
                 "--xrf-window LOW:HIGH (keV, the emission line's window, e.g. 6.8:7.1 for Co "
                 "Kα), or --xrf none to leave XRF out"
             )
@@ -336,14 +336,14 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
             ]  # fmt: skip
             if len(near) > 1:
                 self.problems.add(
-                    f"particle '{p.name}': {len(near)} candidate XRF bin-energy datasets beside "
+                    f"scan '{p.name}': {len(near)} candidate XRF bin-energy datasets beside "
                     f"{path}: {', '.join(near)}; pass --xrf-energy PATH"
                 )
                 p.broken = True
                 return
             if not near:
                 self.problems.add(
-                    f"particle '{p.name}': no dataset of the energy of the {bins} bins of {path} "
+                    f"scan '{p.name}': no dataset of the energy of the {bins} bins of {path} "
                     "(looked for " + ", ".join(self.names["xrf_energy"]) + " beside it); pass "
                     "--xrf-calibration OFFSET:GAIN (keV of bin 0 : keV per bin) or "
                     "--xrf-energy PATH"
@@ -366,7 +366,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         units = (info.datasets[energy].units or "").lower() if energy in info.datasets else ""
         if units == "ev":
             self.problems.add(
-                f"particle '{p.name}': {energy} is in eV; the manifest's xrf_energy is in keV: "
+                f"scan '{p.name}': {energy} is in eV; the manifest's xrf_energy is in keV: "
                 "pass --xrf-calibration OFFSET:GAIN in keV instead"
             )
             p.broken = True
@@ -383,7 +383,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
             missing = [i.rel for _, i in infos if given not in i.datasets]
             if missing:
                 self.problems.add(
-                    f"particle '{p.name}': --mask-dataset {given} is missing from "
+                    f"scan '{p.name}': --mask-dataset {given} is missing from "
                     f"{', '.join(missing[:3])}"
                 )
             p.entry["mask_dataset"] = given
@@ -423,7 +423,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         if len(everywhere) > 1:
             listing = "; ".join(f"{y},{x}" for y, x in everywhere)
             self.problems.add(
-                f"particle '{p.name}': {len(everywhere)} candidate pairs of recorded positions "
+                f"scan '{p.name}': {len(everywhere)} candidate pairs of recorded positions "
                 f"({listing}); pass --positions Y_PATH,X_PATH (or --positions none)"
             )
             p.broken = True

@@ -325,7 +325,7 @@ def _merge_geometry(inf: _Inference, particles: list[_Particle]) -> dict[str, tu
                 if not np.allclose(value, flags[key][0], rtol=1e-3):
                     inf.guess(
                         f"{flags[key][1]} {flags[key][0]} differs from {value} {src[9:]} of "
-                        f"particle '{pname}'; the flag wins"
+                        f"scan '{pname}'; the flag wins"
                     )
             for p in live:
                 p.geometry.pop(key, None)
