@@ -14,12 +14,12 @@ def add_init(sub: Any) -> None:
     p = sub.add_parser(
         "init",
         help="write beamtime.toml from a folder of raw scan files (HDF5/TIFF per angle)",
-        description="Inspect a folder of per-angle (per-scan) HDF5 files or TIFF stacks and write "
-        "a commented beamtime manifest: [[scans]] (one per sub-folder, or --group), angle files "
-        "in scan order, the detector, monitor, XRF, mask and position datasets (found by name), "
-        "the rocking angles, the scan grid and the geometry (from the files' metadata, else from "
-        "the flags below). Prints what it found and every guess; anything ambiguous is an error "
-        "naming the flag that settles it. Nothing is written until all is clear.",
+        description="Inspect a folder of per-angle HDF5 files or TIFF stacks (angle files) and "
+        "write a commented beamtime manifest: [[scans]] (one per sub-folder, or --group), angle "
+        "files in acquisition order, the detector, monitor, XRF, mask and position datasets (found "
+        "by name), the rocking angles, the scan grid and the geometry (from the files' metadata, "
+        "else from the flags below). Prints what it found and every guess; anything ambiguous is "
+        "an error naming the flag that settles it. Nothing is written until all is clear.",
         epilog="Dataset names looked for: spndi_dask.init.NAMES (README: Your own data).",
     )
     p.add_argument("raw_dir", metavar="RAW_DIR", help="folder of the raw scan files")
@@ -28,14 +28,14 @@ def add_init(sub: Any) -> None:
         help="manifest to write (default ./beamtime.toml; - prints it)",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing manifest")
-    g = p.add_argument_group("files and particles")
+    g = p.add_argument_group("files and scans")
     g.add_argument("--name", help="beamtime name (default: the folder's name)")
     g.add_argument("--results", default="results", help="output folder beside the manifest")
     g.add_argument(
         "--group",
         metavar="REGEX",
-        help=r"particle = named group of REGEX in each "
-        r"scan's path, e.g. '(?P<particle>p\d+)_scan' (default: one per folder)",
+        help=r"scan = named group of REGEX in each angle file's path, e.g. "
+        r"'(?P<scan>p\d+)_scan' (old name: (?P<particle>...); default: one scan per folder)",
     )
     g.add_argument(
         "--exclude",
@@ -48,13 +48,14 @@ def add_init(sub: Any) -> None:
         "--no-split",
         dest="split",
         action="store_false",
-        help="every file is a scan of its own (no folders of split scans)",
+        help="every file is an angle file of its own (no folders of split angle files)",
     )
     g.add_argument(
         "--sort",
         choices=["auto", "id", "angle"],
         default="auto",
-        help="scan order: scan number, else recorded angle (auto); or id, angle",
+        help="order of the angle files: the scan number in their names, else the recorded angle "
+        "(auto); or id, angle",
     )
     g = p.add_argument_group("datasets (found by name; give PATH, or none to leave one out)")
     g.add_argument("--dataset", metavar="PATH", help="detector frames")
@@ -111,7 +112,7 @@ def add_init(sub: Any) -> None:
     g.add_argument(
         "--allow-incomplete",
         action="store_true",
-        help="scans with fewer points were aborted: fill and mask the rest",
+        help="angle files with fewer points were aborted: fill and mask the rest",
     )
     g = p.add_argument_group("geometry (when the files do not record it)")
     g.add_argument(

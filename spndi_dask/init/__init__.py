@@ -1,10 +1,10 @@
 """``spndi init``: write a beamtime manifest from a folder of raw scan files.
 
-:func:`init_manifest` inspects a folder of per-angle (per-scan) HDF5 files or TIFF stacks and
+:func:`init_manifest` inspects a folder of per-angle HDF5 files or TIFF stacks (angle files) and
 returns the text of a commented ``beamtime.toml`` (every value says where it came from) and an
 :class:`InitReport` of what it found and every guess it made. Nothing is guessed silently:
-anything ambiguous (two candidate detector datasets of the same size, two monitors, scans of a
-particle with different shapes, angles that go back and forth, a file that cannot be read) is an
+anything ambiguous (two candidate detector datasets of the same size, two monitors, angle files
+of a scan with different shapes, angles that go back and forth, a file that cannot be read) is an
 :class:`InitError` that lists every problem at once, each naming the file or dataset and the flag
 of ``spndi init`` (the keyword of :class:`InitOptions`) that settles it.
 
@@ -13,16 +13,17 @@ How the folder is read
 * **Files**: ``.h5 .hdf5 .hdf .nxs .nx5 .cxi`` (HDF5) and ``.tif .tiff`` (one page per scan
   point), in any folder under ``RAW_DIR``; other files are listed as skipped. Files whose names
   say dark, flat, mask or background are skipped too (set ``dark``/``mask`` yourself).
-* **Scans**: one file per rocking angle, or one folder per angle holding a scan split across
-  several files (``scan_<id>/data_000.h5, data_001.h5``: a folder named like a scan, ``scan_12``
-  or ``12``, or a folder of files named like parts, ``data_000``, ``part1``), listed in order of
-  their numbers.
-* **Particles**: every folder holding scans is a particle (nested folders joined by ``_``), or
-  ``group`` (``--group``) is a regular expression with a named group ``particle`` searched in each
-  scan's path relative to ``RAW_DIR``.
-* **Order**: by scan id (the last number of the file or scan-folder name, compared as a number:
-  ``scan_99999 < scan_100000``), else by the recorded angle; the recorded angles must then be
-  strictly monotonic (``sort = "angle"`` orders by the angle instead).
+* **Angle files**: one file per rocking angle, or one folder per angle holding it split across
+  several files (``scan_<id>/data_000.h5, data_001.h5``: a folder named like a beamline scan,
+  ``scan_12`` or ``12``, or a folder of files named like parts, ``data_000``, ``part1``), listed
+  in order of their numbers.
+* **Scans** (the ``[[scans]]`` entries): every folder holding angle files is a scan (nested
+  folders joined by ``_``), or ``group`` (``--group``) is a regular expression with a named group
+  ``scan`` (or ``particle``, its old name) searched in each angle file's path relative to
+  ``RAW_DIR``.
+* **Order**: by the scan number in the names (the last number of the file or split-folder name,
+  compared as a number: ``scan_99999 < scan_100000``), else by the recorded angle; the recorded
+  angles must then be strictly monotonic (``sort = "angle"`` orders by the angle instead).
 * **Datasets** (HDF5), by name, case-insensitive, optionally followed by digits (``ic1``): see
   :data:`NAMES`; ``names`` (``--names KEY=a,b`` or ``KEY+=a,b``) replaces or extends a list.
 
@@ -39,7 +40,7 @@ How the folder is read
     (``samy``/``samx``, ``piezo_y``/``piezo_x``, ``y``/``x``, ...); their ``units`` attribute
     (µm if absent, noted as a guess);
   - rocking angle: a scalar (or constant per-point) dataset or an attribute named like ``angle``
-    (``theta``, ``eta``, ``omega``, ...) whose value differs between the scans of a particle;
+    (``theta``, ``eta``, ``omega``, ...) whose value differs between the angle files of a scan;
   - geometry: NeXus-style ``<detector group>/x_pixel_size, y_pixel_size, distance,
     beam_center_x, beam_center_y`` and ``.../monochromator/energy`` (or attributes such as
     ``energy_kev``), detector arm ``gamma``, ``delta``, with their ``units`` (values without
@@ -54,8 +55,8 @@ How the folder is read
 
 Modules: ``names`` (:data:`NAMES`, :data:`POSITION_PAIRS`), ``options`` (:class:`InitOptions`,
 :class:`InitError`, the argument parsers), ``report`` (:class:`InitReport`, :class:`InitResult`),
-``files`` (finding and reading the scan files), ``geometry``, ``grid`` (:func:`infer_grid`),
-``angles``, ``inference`` (per particle) and ``manifest`` (:func:`init_manifest`).
+``files`` (finding and reading the angle files), ``geometry``, ``grid`` (:func:`infer_grid`),
+``angles``, ``inference`` (per scan) and ``manifest`` (:func:`init_manifest`).
 
 Examples
 --------
@@ -100,6 +101,7 @@ from spndi_dask.init.options import parse_step as parse_step
 from spndi_dask.init.options import parse_window as parse_window
 from spndi_dask.init.report import InitReport, InitResult
 from spndi_dask.init.report import ParticleFound as ParticleFound
+from spndi_dask.init.report import ScanFound as ScanFound
 
 __all__ = [
     "NAMES",

@@ -15,7 +15,7 @@ import numpy as np
 
 from spndi_dask.init.names import _matches
 from spndi_dask.init.options import InitOptions
-from spndi_dask.init.report import InitReport, ParticleFound
+from spndi_dask.init.report import InitReport, ScanFound
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".cxi")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -95,7 +95,7 @@ class _Particle:
     entry: dict[str, Any] = field(default_factory=dict)  # manifest keys
     comments: dict[str, str] = field(default_factory=dict)  # manifest key -> source
     geometry: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    found: ParticleFound | None = None
+    found: ScanFound | None = None
     broken: bool = False
 
 
@@ -268,7 +268,7 @@ def _discover(
     return scans
 
 
-def _assign_particles(
+def _assign_scans(
     raw: Path, scans: list[_Scan], options: InitOptions, problems: _Problems, report: InitReport
 ) -> dict[str, list[_Scan]]:
     """Angle files by scan name: their folder, or the ``scan`` group of ``--group``.

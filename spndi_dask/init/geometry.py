@@ -1,4 +1,4 @@
-"""NeXus-style geometry of a particle's files, with the unit conversions it needs."""
+"""NeXus-style geometry of a scan's files, with the unit conversions it needs."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from spndi_dask.init.names import _matches
 
 
 class _GeometryMixin:
-    """The geometry methods of the per-particle inference (inference.py)."""
+    """The geometry methods of the per-scan inference (inference.py)."""
 
     # geometry -------------------------------------------------------------------------------------
     def geometry(self, p: _Particle) -> None:
-        """Metadata geometry of one particle: ``p.geometry[key] = (value, source)``."""
+        """Metadata geometry of one scan: ``p.geometry[key] = (value, source)``."""
         infos = [s.infos[0] for s in p.scans if s.infos and s.infos[0].kind == "hdf5"]
         if not infos:
             return

@@ -1,4 +1,4 @@
-"""The scan grid: :func:`infer_grid` from recorded positions, and per particle."""
+"""The scan grid: :func:`infer_grid` from recorded positions, and per scan."""
 
 from __future__ import annotations
 
@@ -190,13 +190,13 @@ def infer_grid(y: Any, x: Any) -> GridFit:
 
 
 class _GridMixin:
-    """The scan-grid methods of the per-particle inference (inference.py)."""
+    """The scan-grid methods of the per-scan inference (inference.py)."""
 
     # the scan grid --------------------------------------------------------------------------------
     def grid(self, p: _Particle) -> None:
         """``scan_shape``, ``scan_step_um``, ``scan_order`` (and ``positions``) of ``p``.
 
-        Checked whatever else went wrong with the particle, except the positions themselves.
+        Checked whatever else went wrong with the scan, except the positions themselves.
         """
         opt = self.options
         before = len(self.problems.lines)
@@ -272,15 +272,15 @@ class _GridMixin:
         if short and not self.options.allow_incomplete:
             listing = ", ".join(f"{s.label} ({s.n_points})" for s in short[:4])
             self.problems.add(
-                f"scan '{p.name}': scans with fewer frames than scan_shape {rows}×{cols} = "
+                f"scan '{p.name}': angle files with fewer frames than scan_shape {rows}×{cols} = "
                 f"{need}: {listing}; pass the right --scan-shape R,C, or --allow-incomplete if "
-                "these scans were aborted (missing points are filled and marked invalid)"
+                "they were aborted (missing points are filled and marked invalid)"
             )
             p.broken = True
         elif short:
             p.entry["allow_incomplete"] = True
             p.comments["allow_incomplete"] = (
-                f"--allow-incomplete: {len(short)} scan(s) have fewer than {need} frames"
+                f"--allow-incomplete: {len(short)} angle file(s) have fewer than {need} frames"
             )
 
     def metadata_shape(self, p: _Particle) -> tuple[tuple[int, int] | None, str]:
@@ -288,9 +288,9 @@ class _GridMixin:
         if None not in dims:
             if len(dims) > 1:
                 self.problems.add(
-                    f"scan '{p.name}': its scans have different scan shapes "
+                    f"scan '{p.name}': its angle files have different scan shapes "
                     f"({', '.join(map(str, sorted(dims)))}) in their 4-D frames; pass "
-                    "--scan-shape R,C or leave the odd scans out with --exclude"
+                    "--scan-shape R,C or leave the odd angle files out with --exclude"
                 )
                 p.broken = True
                 return None, ""
@@ -341,7 +341,7 @@ class _GridMixin:
             )
             self.problems.add(
                 f"scan '{p.name}': inconsistent {path} between its files ({listing}); pass "
-                f"--scan-shape R,C --step Y,X, or leave the odd scans out with --exclude"
+                f"--scan-shape R,C --step Y,X, or leave the odd angle files out with --exclude"
             )
             p.broken = True
             return None
@@ -401,7 +401,7 @@ class _GridMixin:
             self.problems.add(
                 f"scan '{p.name}': inconsistent scan shapes between its files: most are "
                 f"{common[0]}×{common[1]}, but {odd}; pass --scan-shape R,C --step Y,X, or leave "
-                "the odd scans out with --exclude"
+                "the odd angle files out with --exclude"
             )
             p.broken = True
             return
@@ -423,7 +423,7 @@ class _GridMixin:
         orders = Counter(f.order for _, f in fits)
         order = orders.most_common(1)[0][0]
         fit = fits[0][1]
-        src = f"inferred from {paths[0]}, {paths[1]} of every scan"
+        src = f"inferred from {paths[0]}, {paths[1]} of every angle file"
         shape = fit.shape
         step_um = tuple(_nice_step(float(v), max(shape)) for v in step)
         if self.options.scan_shape:
@@ -438,7 +438,7 @@ class _GridMixin:
         )
         if lost > 0.25:
             self.guess(
-                f"scan '{p.name}': up to {lost:.0%} of a scan's points lie off the inferred "
+                f"scan '{p.name}': up to {lost:.0%} of an angle file's points lie off the inferred "
                 f"{fit.shape[0]}×{fit.shape[1]} grid (overshoot?); check --scan-shape/--step"
             )
 

@@ -1,4 +1,4 @@
-"""Per-particle inference: the detector, monitor, XRF, mask and position datasets."""
+"""Per-scan inference: the detector, monitor, XRF, mask and position datasets."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from spndi_dask.init.options import InitOptions
 from spndi_dask.init.report import InitReport
 
 
-# -- per-particle inference ------------------------------------------------------------------------
+# -- per-scan inference ----------------------------------------------------------------------------
 class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
     def __init__(self, raw: Path, manifest_dir: Path, options: InitOptions) -> None:
         self.raw = raw
@@ -37,7 +37,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         self.options = options
         self.problems = _Problems()
         self.report = InitReport(raw)
-        self.frames_path: str | None = None  # the particle's detector dataset, once chosen
+        self.frames_path: str | None = None  # the scan's detector dataset, once chosen
         self.names = {k: tuple(v) for k, v in NAMES.items()}
         self.pairs = POSITION_PAIRS
         for key, values, extend in options.names:
@@ -66,9 +66,9 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         return any(_matches(part, self.names["xrf"]) for part in path.strip("/").split("/"))
 
     # reading ----------------------------------------------------------------------------------
-    def read_files(self, particles: dict[str, list[_Scan]]) -> None:
+    def read_files(self, grouped: dict[str, list[_Scan]]) -> None:
         """Read every file's layout; every unreadable file is a problem (all are listed)."""
-        for scans in particles.values():
+        for scans in grouped.values():
             for scan in scans:
                 for path in scan.files:
                     rel = self.shown(path)
@@ -108,8 +108,8 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
                 if d.shape[-2:] != p.entry["_detector"][0]:
                     self.problems.add(
                         f"{info.rel}: detector frames {_shape(d.shape[-2:])} differ from "
-                        f"{_shape(p.entry['_detector'][0])} of the other files of particle "
-                        f"'{p.name}'; leave it out with --exclude, or put it in a particle folder "
+                        f"{_shape(p.entry['_detector'][0])} of the other files of scan "
+                        f"'{p.name}'; leave it out with --exclude, or put it in a scan folder "
                         "of its own"
                     )
                 if len(d.shape) == 4:
@@ -201,7 +201,7 @@ class _Inference(_AnglesMixin, _GridMixin, _GeometryMixin):
         )
 
     def frames_of(self, info: _File) -> _Dataset | None:
-        """The frames dataset of the particle being inferred (``frames_path``) in ``info``."""
+        """The frames dataset of the scan being inferred (``frames_path``) in ``info``."""
         return info.datasets.get(self.frames_path) if self.frames_path else None
 
     def find_per_point(

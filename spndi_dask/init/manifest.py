@@ -15,7 +15,7 @@ import tomllib
 from spndi_dask.init.files import (
     _GENERIC_DIRS,
     HDF5_SUFFIXES,
-    _assign_particles,
+    _assign_scans,
     _discover,
     _natural,
     _Particle,
@@ -24,7 +24,7 @@ from spndi_dask.init.files import (
 from spndi_dask.init.inference import _Inference
 from spndi_dask.init.names import _ROCKING_AXES
 from spndi_dask.init.options import InitError, InitOptions
-from spndi_dask.init.report import InitResult, ParticleFound
+from spndi_dask.init.report import InitResult, ScanFound
 
 logger = logging.getLogger("spndi_dask.init")
 
@@ -65,7 +65,7 @@ def _template(files: list[str]) -> str | None:
 
 def _toml(
     inf: _Inference,
-    particles: list[_Particle],
+    entries: list[_Particle],
     geometry: dict[str, tuple[Any, str]],
     reduce: dict[str, tuple[Any, str]],
     name: str,
@@ -92,7 +92,7 @@ def _toml(
     if reduce:
         lines += ["", f"{'[reduce]'.ljust(43)} # other settings: defaults (README: The manifest)"]
         lines += [_line(key, value, src) for key, (value, src) in reduce.items()]
-    for p in particles:
+    for p in entries:
         e, c = p.entry, p.comments
         lines += ["", "[[scans]]", _line("name", p.name, p.where)]
         files = [[inf.rel(f) for f in s.files] for s in p.scans]
@@ -107,7 +107,7 @@ def _toml(
             )
         order = e.get("_order", "")
         if template:
-            lines.append(_line("frames", template, f"{len(files)} scans in {order} order"))
+            lines.append(_line("frames", template, f"{len(files)} angle files in {order} order"))
         else:
             items = [f[0] if len(f) == 1 else f for f in files]
             lines += _array_lines("frames", items, labels, f"one entry per angle, {order} order")
@@ -153,7 +153,7 @@ def init_manifest(
     Parameters
     ----------
     raw_dir : path
-        The folder of per-angle HDF5 files or TIFF stacks (in sub-folders per particle, or
+        The folder of per-angle HDF5 files or TIFF stacks (in sub-folders per scan, or
         grouped with ``options.group``).
     manifest : path
         Where the manifest will be written (paths in it are relative to its folder); nothing is
@@ -196,7 +196,7 @@ def init_manifest(
     scans = _discover(raw, options, {results} if is_output else set(), inf.report)
     if not scans:
         raise InitError(
-            f"{raw} holds no HDF5 ({', '.join(HDF5_SUFFIXES)}) or TIFF files of scans"
+            f"{raw} holds no HDF5 ({', '.join(HDF5_SUFFIXES)}) or TIFF angle files"
             + (" (" + "; ".join(inf.report.skipped) + ")" if inf.report.skipped else "")
         )
     frame_dirs = {f.parent.resolve() for scan in scans for f in scan.files}
@@ -207,14 +207,14 @@ def init_manifest(
             + ": spndi writes and replaces raw.zarr, results.zarr, figures/ ... there; pass "
             "--results DIR (relative to the manifest), or -o a manifest elsewhere"
         )
-    grouped = _assign_particles(raw, scans, options, inf.problems, inf.report)
+    grouped = _assign_scans(raw, scans, options, inf.problems, inf.report)
     inf.read_files(grouped)
-    particles: list[_Particle] = []
+    entries: list[_Particle] = []
     for pname in sorted(grouped, key=_natural):
         group = grouped[pname]
         p = _Particle(pname, group[0].where, group)
-        p.found = ParticleFound(pname, p.where, len(group), sum(len(s.files) for s in group))
-        particles.append(p)
+        p.found = ScanFound(pname, p.where, len(group), sum(len(s.files) for s in group))
+        entries.append(p)
         inf.detector(p)  # the readable files at least: one bad file never hides another's problem
         if any(len(s.infos) != len(s.files) for s in group):  # unreadable files: listed already
             p.broken = True
@@ -240,9 +240,9 @@ def init_manifest(
         else:
             found.datasets["positions"] = "none found"
         found.datasets = {k: v for k, v in found.datasets.items() if v}
-        inf.report.particles.append(found)
-    geometry = _merge_geometry(inf, particles)
-    reduce = _reduce_settings(inf, particles)
+        inf.report.scans.append(found)
+    geometry = _merge_geometry(inf, entries)
+    reduce = _reduce_settings(inf, entries)
     if inf.problems:
         n = len(inf.problems.lines)
         raise InitError(
@@ -250,7 +250,7 @@ def init_manifest(
             + "\n".join(f"  - {line}" for line in inf.problems.lines)
         )
     name, name_src = _beamtime_name(raw, options)
-    text = _toml(inf, particles, geometry, reduce, name, name_src)
+    text = _toml(inf, entries, geometry, reduce, name, name_src)
     try:
         data = tomllib.loads(text)
         validated = Manifest.from_dict(data, base_dir=path.parent, source=str(path))
@@ -258,24 +258,24 @@ def init_manifest(
         raise InitError(f"the manifest spndi init composed is not valid:\n{exc}") from None
     inf.report.geometry = {k: f"{v}  ({src})" for k, (v, src) in geometry.items()}
     logger.debug(
-        "%s: %d particles, %d scans", raw, len(particles), sum(len(p.scans) for p in particles)
+        "%s: %d scans, %d angle files", raw, len(entries), sum(len(p.scans) for p in entries)
     )
     return InitResult(text, path, inf.report, validated)
 
 
-def _reduce_settings(inf: _Inference, particles: list[_Particle]) -> dict[str, tuple[Any, str]]:
+def _reduce_settings(inf: _Inference, entries: list[_Particle]) -> dict[str, tuple[Any, str]]:
     """``[reduce]``: the detector's saturation level, from ``--saturation`` or the files."""
     if inf.options.saturation is not None:
         return {"saturation": (float(inf.options.saturation), "--saturation")}
-    recorded = {p.name: p.entry["_saturation"] for p in particles if "_saturation" in p.entry}
+    recorded = {p.name: p.entry["_saturation"] for p in entries if "_saturation" in p.entry}
     values = {v for v, _ in recorded.values()}
-    if len(values) == 1 and len(recorded) == len(particles):
+    if len(values) == 1 and len(recorded) == len(entries):
         value, src = next(iter(recorded.values()))
         return {"saturation": (float(value), f"counts at which pixels saturate: {src}")}
     if recorded:
         listing = ", ".join(f"{name} {v:g}" for name, (v, _) in recorded.items())
         inf.guess(
-            f"the recorded saturation level is not the same for every particle ({listing}); "
+            f"the recorded saturation level is not the same for every scan ({listing}); "
             "[reduce] saturation left at its default (the dtype maximum): --saturation COUNTS"
         )
     return {}
@@ -289,10 +289,10 @@ def _beamtime_name(raw: Path, options: InitOptions) -> tuple[str, str]:
     return name, f"the folder name {folder.name!r} (--name)"
 
 
-def _merge_geometry(inf: _Inference, particles: list[_Particle]) -> dict[str, tuple[Any, str]]:
-    """``[geometry]``: the flags, else values every particle's metadata agrees on.
+def _merge_geometry(inf: _Inference, entries: list[_Particle]) -> dict[str, tuple[Any, str]]:
+    """``[geometry]``: the flags, else values every scan's metadata agrees on.
 
-    A value that differs between particles stays in their ``[scans.geometry]``; a key found
+    A value that differs between scans stays in their ``[scans.geometry]``; a key found
     nowhere is a problem naming its flag.
     """
     opt = inf.options
@@ -307,7 +307,7 @@ def _merge_geometry(inf: _Inference, particles: list[_Particle]) -> dict[str, tu
     ):
         if value is not None:
             flags[key] = (value, flag)
-    live = [p for p in particles if not p.broken]
+    live = [p for p in entries if not p.broken]
     geometry: dict[str, tuple[Any, str]] = {}
     missing = []
     for key, flag in (
@@ -337,7 +337,7 @@ def _merge_geometry(inf: _Inference, particles: list[_Particle]) -> dict[str, tu
                 geometry[key] = first  # type: ignore[assignment]
                 for p in live:
                     p.geometry.pop(key, None)
-            continue  # else: per particle
+            continue  # else: per scan
         if any(v is not None for v in values):
             lacking = [p.name for p, v in zip(live, values, strict=True) if v is None]
             missing.append(f"{flag} (not recorded for {', '.join(lacking)})")

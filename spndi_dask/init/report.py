@@ -19,12 +19,12 @@ logger = logging.getLogger("spndi_dask.init")
 
 # -- report --------------------------------------------------------------------------------------
 @dataclass
-class ParticleFound:
-    """What was found for one particle (one row of the table :meth:`InitReport.format` prints)."""
+class ScanFound:
+    """What was found for one scan (one row of the table :meth:`InitReport.format` prints)."""
 
     name: str
     where: str
-    scans: int
+    angle_files: int
     files: int
     angles: tuple[float, float] | None = None
     angle_source: str = ""
@@ -36,25 +36,34 @@ class ParticleFound:
     datasets: dict[str, str] = field(default_factory=dict)
 
 
+#: the old name of :class:`ScanFound` (a manifest entry was called a particle)
+ParticleFound = ScanFound
+
+
 @dataclass
 class InitReport:
-    """What ``spndi init`` found: per particle, the geometry, its guesses and skipped files."""
+    """What ``spndi init`` found: per scan, the geometry, its guesses and skipped files."""
 
     raw_dir: Path
-    particles: list[ParticleFound] = field(default_factory=list)
+    scans: list[ScanFound] = field(default_factory=list)
     geometry: dict[str, str] = field(default_factory=dict)
     guesses: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def particles(self) -> list[ScanFound]:
+        """The old name of :attr:`scans`."""
+        return self.scans
+
     def format(self) -> str:
         """The table and the lists, as printed by ``spndi init``."""
-        rows = [("particle", "scans", "files", "angles (deg)", "scan", "step (µm)", "order")]
-        for p in self.particles:
+        rows = [("scan", "angle files", "files", "angles (deg)", "grid", "step (µm)", "order")]
+        for p in self.scans:
             lo, hi = p.angles or (float("nan"), float("nan"))
             rows.append(
                 (
                     p.name,
-                    str(p.scans),
+                    str(p.angle_files),
                     str(p.files),
                     f"{lo:.4g} … {hi:.4g}",
                     "×".join(map(str, p.scan_shape or ())),
@@ -67,7 +76,7 @@ class InitReport:
         lines += [
             "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
         ]
-        for p in self.particles:
+        for p in self.scans:
             lines.append(f"\n  {p.name} ({p.where}):")
             lines.append(f"    angles      {p.angle_source}")
             lines.append(f"    scan grid   {p.grid_source}")
