@@ -111,7 +111,7 @@ def beamline_file(
     return files
 
 
-def write_particle(raw: Path, name: str, ids, thetas, **kw) -> None:
+def write_scan_folder(raw: Path, name: str, ids, thetas, **kw) -> None:
     for i, (scan_id, theta) in enumerate(zip(ids, thetas, strict=True)):
         beamline_file(raw / name / f"scan_{scan_id}.h5", theta, seed=i, **kw)
 
@@ -141,7 +141,7 @@ def problems(raw, tmp_path, **options) -> str:
 def test_beamline_layout_gives_every_field(tmp_path):
     raw = tmp_path / "raw"
     ids = [99998, 99999, 100000, 100001]  # file-name order would put 100000 first
-    write_particle(raw, "p1", ids, [10.0, 10.05, 10.1, 10.15])
+    write_scan_folder(raw, "p1", ids, [10.0, 10.05, 10.1, 10.15])
     # p2: every angle split across files in scan_<id>/data_NNN.h5
     for i, (scan_id, theta) in enumerate(zip([7, 8, 9], [10.2, 10.1, 10.0], strict=True)):
         beamline_file(raw / "p2" / f"scan_{scan_id}", theta, seed=10 + i, parts=3)
@@ -191,11 +191,17 @@ def test_beamline_layout_gives_every_field(tmp_path):
     assert any("rocking axis y+" in g for g in result.report.guesses)
     table = result.report.format()
     assert "p1" in table and "5×6" in table and "snake" in table and "10 … 10.15" in table
+    # a scan per row: its angle files, and the files they are split across
+    lines = table.splitlines()
+    assert lines[1] == "  scan  angle files  files  angles (deg)  grid  step (µm)  order"
+    assert lines[2].split()[:3] == ["p1", "4", "4"] and lines[3].split()[:3] == ["p2", "3", "9"]
+    assert [s.name for s in result.report.scans] == ["p1", "p2"]
+    assert result.report.particles is result.report.scans  # the old name still reads
 
 
 def test_4d_frames_give_the_scan_shape(tmp_path):
     raw = tmp_path / "raw"
-    write_particle(raw, "p1", [1, 2, 3], [0.0, 0.1, 0.2], four_d=True, scan=(3, 4))
+    write_scan_folder(raw, "p1", [1, 2, 3], [0.0, 0.1, 0.2], four_d=True, scan=(3, 4))
     result = init(raw, tmp_path, step_um=(0.1, 0.1), gamma_deg=1.0, delta_deg=0.0, xrf="none")
     p = result.manifest.scans[0]
     assert p.scan_shape == (3, 4) and p.scan_step_um == (0.1, 0.1) and p.xrf is None
@@ -212,7 +218,7 @@ def test_angle_files_without_metadata_need_angles(tmp_path):
         plain_file(raw / "p1" / f"angle_{a:03d}.h5", n=12)
     shape = dict(scan_shape=(3, 4), step_um=(0.05, 0.05), **GEOMETRY)
     err = problems(raw, tmp_path, **shape)
-    assert "particle 'p1': no rocking angle recorded" in err and "--angles START:STOP:NUM" in err
+    assert "scan 'p1': no rocking angle recorded" in err and "--angles START:STOP:NUM" in err
     result = init(raw, tmp_path, angles=(1.0, 2.0, 5), **shape)
     p = tomllib.loads(result.text)["scans"][0]
     assert p["frames"] == "raw/p1/angle_{index:03d}.h5"
@@ -222,7 +228,7 @@ def test_angle_files_without_metadata_need_angles(tmp_path):
     assert result.manifest.scans[0].frame_paths(tmp_path)[4] == raw / "p1/angle_004.h5"
     # the wrong number of angles is named
     err = problems(raw, tmp_path, angles=(1.0, 2.0, 4), **shape)
-    assert "has 5 scans but --angles 1.0:2.0:4 gives 4 angles; give NUM = 5" in err
+    assert "has 5 angle files but --angles 1.0:2.0:4 gives 4 angles; give NUM = 5" in err
 
 
 def test_tiff_stacks(tmp_path):
@@ -246,7 +252,7 @@ def test_tiff_stacks(tmp_path):
     assert result.manifest.scans[0].allow_incomplete is True
 
 
-def test_nested_particle_folders(tmp_path):
+def test_nested_scan_folders(tmp_path):
     raw = tmp_path / "raw"
     for sample in ("bare", "coated"):
         for a, theta in enumerate([5.0, 5.1]):
@@ -267,20 +273,24 @@ def test_nested_particle_folders(tmp_path):
     assert "bare/dark.h5 (named like a dark" in skipped and "1 files that are not HDF5" in skipped
 
 
-def test_group_regex_makes_particles_of_a_flat_folder(tmp_path):
+def test_group_regex_makes_scans_of_a_flat_folder(tmp_path):
     raw = tmp_path / "raw"
     for p in ("p1", "p2"):
         for a, theta in enumerate([3.0, 3.2, 3.4]):
             plain_file(raw / f"{p}_scan_{a}.h5", n=4, entry__instrument__positioners__eta=theta)
     grid = dict(scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
-    result = init(raw, tmp_path, group=r"(?P<particle>p\d+)_scan", **grid)
+    result = init(raw, tmp_path, group=r"(?P<scan>p\d+)_scan", **grid)
     m = result.manifest
     assert [p.name for p in m.scans] == ["p1", "p2"]
     assert m.scans[1].frames == "raw/p2_scan_{index}.h5"
     assert m.scans[1].angles.tolist() == [3.0, 3.2, 3.4]
+    assert "# --group match 'p2'" in result.text
+    # the group's old name, particle, makes the same manifest
+    old = init(raw, tmp_path, group=r"(?P<particle>p\d+)_scan", **grid)
+    assert old.text == result.text
     err = problems(raw, tmp_path, group=r"p\d+", **grid)
-    assert "has no named group 'particle'" in err
-    # without --group the flat folder is one particle whose angles repeat
+    assert "has no named group 'scan'" in err and "(?P<scan>" in err
+    # without --group the flat folder is one scan whose angles repeat
     err = problems(raw, tmp_path, **grid)
     assert "record the same angle 3" in err and "--exclude" in err
 
@@ -308,7 +318,7 @@ def test_two_monitors_and_two_angles(tmp_path):
     err = problems(raw, tmp_path, **grid)
     assert "2 candidate per-point monitor datasets: /entry/i0, /entry/ic1" in err
     assert "pass --monitor PATH (or --monitor none)" in err
-    assert "several recorded angles change from scan to scan" in err and "--angle-path" in err
+    assert "several recorded angles change between the angle files" in err and "--angle-path" in err
     m = init(raw, tmp_path, monitor="/entry/ic1", angle_path="/entry/omega", **grid).manifest
     assert m.scans[0].monitor == "/entry/ic1" and m.scans[0].angles.tolist() == [
         20.0, 19.0, 18.0
@@ -337,7 +347,7 @@ def test_angles_not_monotonic_in_scan_order(tmp_path):
 
 def test_inconsistent_scan_shapes_between_files(tmp_path):
     raw = tmp_path / "raw"
-    write_particle(raw, "p1", [1, 2], [0.0, 0.1])
+    write_scan_folder(raw, "p1", [1, 2], [0.0, 0.1])
     beamline_file(raw / "p1" / "scan_3.h5", 0.2, scan=(6, 6), seed=5)
     err = problems(raw, tmp_path, xrf="none", gamma_deg=1.0, delta_deg=1.0)
     assert (
@@ -357,9 +367,9 @@ def test_xrf_spectra_need_a_window_and_energies(tmp_path):
     err = problems(raw, tmp_path, xrf_window_kev=(6.8, 7.1), **grid)
     assert "no dataset of the energy of the 32 bins" in err and "--xrf-calibration" in err
     p = init(raw, tmp_path, xrf_window_kev=(6.8, 7.1), xrf_calibration=(0.0, 0.5), **grid)
-    particle = p.manifest.scans[0]
-    assert particle.xrf == "/entry/fluo/spectrum" and particle.xrf_window_kev == (6.8, 7.1)
-    assert particle.xrf_calibration.gain_kev == 0.5 and particle.xrf_energy is None
+    scan = p.manifest.scans[0]
+    assert scan.xrf == "/entry/fluo/spectrum" and scan.xrf_window_kev == (6.8, 7.1)
+    assert scan.xrf_calibration.gain_kev == 0.5 and scan.xrf_energy is None
 
 
 def test_missing_geometry_names_every_flag(tmp_path):
@@ -389,13 +399,15 @@ def test_every_bad_file_is_reported(tmp_path):
     assert "raw/p2/a0.h5: no 3-D (n_points, rows, cols)" in err and "--dataset PATH" in err
 
 
-def test_a_split_scan_whose_parts_record_different_angles(tmp_path):
+def test_a_split_angle_file_whose_parts_record_different_angles(tmp_path):
     raw = tmp_path / "raw"
-    for a in range(3):  # a particle folder named like a scan: its files are angles, not parts
+    for a in range(3):  # a scan folder named like a beamline scan: its files are angles, not parts
         plain_file(raw / "scan_5" / f"data_{a}.h5", n=4, entry__theta=float(a))
     grid = dict(scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
     err = problems(raw, tmp_path, **grid)
-    assert "scan_5/ was taken for one scan split across 3 files" in err and "--no-split" in err
+    assert (
+        "scan_5/ was taken for one angle file split across 3 files" in err and "--no-split" in err
+    )
     m = init(raw, tmp_path, split=False, **grid).manifest
     assert m.scans[0].name == "scan_5" and m.scans[0].angles.tolist() == [0.0, 1.0, 2.0]
 
@@ -435,7 +447,7 @@ def test_results_folder_is_never_the_raw_folder(tmp_path):
         init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(results=".", **grid))
     with pytest.raises(InitError, match=r"would be a folder of frame files.*--results DIR"):
         init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(results="p1", **grid))
-    # a manifest inside RAW_DIR: results beside it, never read as scans once spndi wrote there
+    # a manifest inside RAW_DIR: results beside it, never read as angle files once spndi wrote there
     result = init_manifest(raw, manifest=raw / "bt.toml", options=InitOptions(**grid))
     result.write()
     (raw / "results" / "raw.zarr").mkdir(parents=True)
@@ -450,7 +462,7 @@ def test_an_angle_some_files_lack(tmp_path):
     for a in range(3):
         plain_file(raw / "p1" / f"a{a}.h5", n=4, **({"entry__theta": float(a)} if a else {}))
     err = problems(raw, tmp_path, scan_shape=(2, 2), step_um=(0.1, 0.1), **GEOMETRY)
-    assert "/entry/theta changes from scan to scan but is missing from raw/p1/a0.h5" in err
+    assert "/entry/theta changes between the angle files but is missing from raw/p1/a0.h5" in err
     assert "--exclude" in err and "--angles" in err
 
 

@@ -24,6 +24,7 @@ def test_output_and_force(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "found in" in out and "manifest: " in out and "spndi run" in out
+    assert "  scan  angle files  files  angles (deg)  grid  step (µm)  order" in out
     path = tmp_path / "bt" / "beamtime.toml"
     m = load_manifest(path)
     assert m.output_dir == tmp_path / "bt" / "results"
