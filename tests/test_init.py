@@ -196,7 +196,8 @@ def test_beamline_layout_gives_every_field(tmp_path):
     assert lines[1] == "  scan  angle files  files  angles (deg)  grid  step (µm)  order"
     assert lines[2].split()[:3] == ["p1", "4", "4"] and lines[3].split()[:3] == ["p2", "3", "9"]
     assert [s.name for s in result.report.scans] == ["p1", "p2"]
-    assert result.report.particles is result.report.scans  # the old name still reads
+    with pytest.warns(DeprecationWarning, match="InitReport.scans"):
+        assert result.report.particles is result.report.scans  # the old name still reads
 
 
 def test_4d_frames_give_the_scan_shape(tmp_path):

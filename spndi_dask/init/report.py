@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,7 +53,12 @@ class InitReport:
 
     @property
     def particles(self) -> list[ScanFound]:
-        """The old name of :attr:`scans`."""
+        """Deprecated name of :attr:`scans` (a manifest entry is a scan)."""
+        warnings.warn(
+            "InitReport.particles is deprecated; use InitReport.scans",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.scans
 
     def format(self) -> str:
