@@ -60,6 +60,14 @@ def _beamtime(args: argparse.Namespace) -> Any:
     return load_manifest(base / "beamtime.toml")
 
 
+def _given(manifest: Any) -> dict[str, Any]:
+    """The manifest's ``[features]`` keys that differ from the defaults (the demo's training)."""
+    from spndi_dask.config.settings import FeatureSettings
+
+    defaults = FeatureSettings.model_fields
+    return {k: v for k, v in manifest.features if v != defaults[k].default}
+
+
 def _scorer(manifest: Any, sample: Any, k: int) -> Any:
     """``score(latent) -> ARI`` of k-means on the sample pixels' latent vectors vs the truth."""
     import dask.array as da
@@ -110,7 +118,7 @@ def _run(name: str, manifest: Any, sample: Any, score: Any, args: argparse.Names
         normalisation,
     )
 
-    given = manifest.features.model_dump(exclude_unset=True)
+    given = _given(manifest)
     if name == "spndi":  # the manifest's own training (the demo's)
         settings = FeatureSettings(**{**given, **RECIPES[name]})
     else:  # the same sample, a fixed number of epochs
@@ -185,7 +193,7 @@ def _stage_ari(name: str, manifest: Any, k: int, epochs: int) -> tuple[float, fl
     from spndi_dask.features import encode, train
     from spndi_dask.simulate.truth import cluster_ari_vs_truth
 
-    given = manifest.features.model_dump(exclude_unset=True)
+    given = _given(manifest)
     run = {} if name == "spndi" else {"max_epochs": epochs, "patience": epochs}
     features = FeatureSettings(**{**given, **RECIPES[name], **run})
     mm = manifest.model_copy(update={"features": features})
