@@ -15,7 +15,8 @@ particles, seeded; on ``demo`` and ``small`` that is every particle pixel):
   vectors, and the adjusted Rand index (ARI) against the true domains, boundary pixels left
   out, is printed;
 - the table gives each recipe's training time, s/epoch, encoding cost, final ARI, and its ARI
-  at conv3d's training time (equal-time comparison; ``-`` if its first epoch was not done yet).
+  at conv3d's training time (equal-time comparison: the untrained model's ARI if its first
+  epoch was not done by then).
 
 The fit is :func:`spndi_dask.features.train.fit` on :func:`sample_patterns` and
 :func:`model_inputs`, as ``train`` runs it, but in this process with ``--threads`` torch
