@@ -198,7 +198,9 @@ class FeatureSettings(SettingsModel):
     ``recipe = "study"`` is the original study's FoldingNet recipe: it sets
     :data:`STUDY_RECIPE` for every key the manifest does not give (``model`` must be
     ``foldingnet``) and the study's local feature, Gaussian decoder source, summed Chamfer loss
-    and point clouds (``features/_kernels.py``).
+    and point clouds (``features/_kernels.py``). ``spndi`` (conv3d) stays the default: on the
+    demo it finds the true domains far better and trains ~100× faster per epoch on a CPU
+    (``scripts/compare_recipes.py``; the numbers are in the README's Features section).
     """
 
     recipe: Literal["spndi", "study"] = Field(
