@@ -182,7 +182,7 @@ _BENCHMARK: dict[str, Any] = dict(
     _TWO_SCANS, n_angles=31, angle_step_deg=0.035, detector_shape=(128, 128), block_points=96
 )
 
-#: Named sizes. ``demo`` runs end to end in about 8 minutes on 2 cores (mostly training);
+#: Named sizes. ``demo`` runs end to end in about 2 minutes on 2 quiet cores (mostly training);
 #: ``medium`` (2.6 GB raw) and ``large`` (10.5 GB) are for benchmarks; ``small`` and ``tiny``
 #: for tests; ``beamline`` (3 particles, 15 angles, 24×32 points, 64² pixels) has every trait of
 #: a nanoprobe beamline's export on (see :mod:`spndi_dask.simulate`): per-scan files split in
