@@ -12,6 +12,15 @@ Examples
 ['p1']
 >>> print(seen[0].message)
 stats(particles=...) is deprecated; use scans=... (a manifest entry is a scan)
+>>> class Beamtime:
+...     scans = ["p1"]
+...     particles = renamed_attribute("Beamtime", "particles", "scans")
+>>> with warnings.catch_warnings(record=True) as seen:
+...     warnings.simplefilter("always")
+...     Beamtime().particles
+['p1']
+>>> print(seen[0].message)
+Beamtime.particles is deprecated; use Beamtime.scans (a manifest entry is a scan)
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["renamed_keyword"]
+__all__ = ["renamed_attribute", "renamed_keyword"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,3 +67,25 @@ def renamed_keyword(**renames: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def renamed_attribute(owner: str, old: str, new: str) -> property:
+    """A read-only property ``old`` that warns and returns attribute ``new`` (a method too).
+
+    Parameters
+    ----------
+    owner : str
+        The class name, for the message (``Manifest``).
+    old, new : str
+        The old attribute name and the one it now is.
+    """
+
+    def get(self: Any) -> Any:
+        warnings.warn(
+            f"{owner}.{old} is deprecated; use {owner}.{new} (a manifest entry is a scan)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated name of :attr:`{new}` (a manifest entry is a scan).")

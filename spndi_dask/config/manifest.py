@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from spndi_dask._deprecate import renamed_attribute
 from spndi_dask.config import settings
 from spndi_dask.config._base import FiniteFloat, SettingsModel
 from spndi_dask.config._errors import format_errors, hint, plain
@@ -522,31 +522,10 @@ class Manifest(SettingsModel):
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    @property
-    def particles(self) -> list[ScanSettings]:
-        """Deprecated name of :attr:`scans` (a manifest entry is a scan)."""
-        warnings.warn(
-            "Manifest.particles is deprecated; use Manifest.scans", DeprecationWarning, stacklevel=2
-        )
-        return self.scans
-
-    def particle(self, name: str) -> ScanSettings:
-        """Deprecated name of :meth:`scan`."""
-        warnings.warn(
-            "Manifest.particle() is deprecated; use Manifest.scan()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.scan(name)
-
-    def select_particles(self, names: list[str] | None, **kwargs: Any) -> list[str]:
-        """Deprecated name of :meth:`select_scans`."""
-        warnings.warn(
-            "Manifest.select_particles() is deprecated; use Manifest.select_scans()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.select_scans(names, **kwargs)
+    # the names from before a manifest entry was a scan
+    particles = renamed_attribute("Manifest", "particles", "scans")
+    particle = renamed_attribute("Manifest", "particle", "scan")
+    select_particles = renamed_attribute("Manifest", "select_particles", "select_scans")
 
     def scan(self, name: str) -> ScanSettings:
         """The scan called ``name``."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spndi_dask._deprecate import renamed_attribute
 from spndi_dask.init.options import InitError
 
 if TYPE_CHECKING:
@@ -51,15 +51,7 @@ class InitReport:
     guesses: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
-    @property
-    def particles(self) -> list[ScanFound]:
-        """Deprecated name of :attr:`scans` (a manifest entry is a scan)."""
-        warnings.warn(
-            "InitReport.particles is deprecated; use InitReport.scans",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.scans
+    particles = renamed_attribute("InitReport", "particles", "scans")  # the old name
 
     def format(self) -> str:
         """The table and the lists, as printed by ``spndi init``."""
