@@ -74,7 +74,7 @@ def _scorer(manifest: Any, sample: Any, k: int) -> Any:
     import dask.array as da
     from sklearn.metrics import adjusted_rand_score
 
-    from spndi_dask.cluster import assign, fit_kmeans, scaling
+    from spndi_dask.cluster import assign, fit_with_settings, scaling
 
     truth_dir = manifest.base_dir / "ground_truth"
     gt = {n: np.load(truth_dir / f"{n}.npz") for n in sample.scans}
@@ -87,16 +87,7 @@ def _scorer(manifest: Any, sample: Any, k: int) -> Any:
         z = da.from_array(latent.astype(np.float64), chunks=(-1, -1))
         offset, scale = scaling(z, c.standardize)
         zs = (z - offset) / scale
-        fit = fit_kmeans(
-            zs,
-            k,
-            init=c.init,
-            n_init=c.n_init,
-            seed=c.seed,
-            max_iter=c.max_iter,
-            tol=c.tol,
-            init_rounds=c.init_rounds,
-        )
+        fit = fit_with_settings(zs, k, c)
         labels = np.asarray(assign(zs, fit.centers).compute())
         return float(adjusted_rand_score(domain[inner], labels[inner]))
 

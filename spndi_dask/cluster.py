@@ -53,6 +53,7 @@ __all__ = [
     "elbow_k",
     "feature_array",
     "fit_kmeans",
+    "fit_with_settings",
     "inertia",
     "scaling",
 ]
@@ -190,7 +191,11 @@ def _options(settings: ClusterSettings) -> dict[str, Any]:
     }
 
 
-def _fit(x: da.Array, k: int, settings: ClusterSettings, n_init: int) -> KMeansFit:
+def fit_with_settings(
+    x: da.Array, k: int, settings: ClusterSettings, n_init: int | None = None
+) -> KMeansFit:
+    """:func:`fit_kmeans` of ``x`` with the ``[cluster]`` settings (``n_init`` theirs if None)."""
+    n_init = settings.n_init if n_init is None else n_init
     return fit_kmeans(x, k, n_init=n_init, seed=settings.seed, **_options(settings))
 
 
@@ -389,7 +394,7 @@ def cluster(
                 "particles; lower [cluster] k (or use k = 'auto')"
             )
         chosen = fixed
-        fits[chosen] = _fit(xs, chosen, settings, settings.n_init)
+        fits[chosen] = fit_with_settings(xs, chosen, settings)
         k_source = "argument" if k is not None else "manifest"
     best = fits[chosen]
     (labels,) = compute([assign(xs, best.centers)], progress)
